@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv with the CPU build of PyTorch and tdabench (editable) with every extra.
+# Idempotent: a second run only checks that everything is installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+.venv/bin/python -m pip install -q "torch==2.13.0" -e ".[data,pipeline,dev]"

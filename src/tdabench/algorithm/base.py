@@ -1,0 +1,105 @@
+"""Common machinery of every attributor.
+
+All attributors share one surface::
+
+    attributor = SomeAttributor(task, ..., layer_name=None, device="cpu")
+    attributor.cache(full_train_loader)            # where the method needs it
+    scores = attributor.attribute(train_loader, test_loader)   # (n_train, n_test)
+    self_scores = attributor.self_attribute(train_loader)      # (n_train,)
+
+Sign convention: a high score means the training sample *helps* the test sample (removing
+it would raise the test loss / lower the target). ``self_attribute(loader)`` equals the
+diagonal of ``attribute(loader, loader)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tdabench.errors import ConfigError, NotCachedError
+from tdabench.func.utils import Batch, batch_size_of, batch_to, iter_batches
+from tdabench.task import AttributionTask, LayerName
+
+__all__ = ["BaseAttributor"]
+
+logger = logging.getLogger(__name__)
+
+
+class BaseAttributor:
+    """Base class: validation, device handling and gradient streaming.
+
+    Args:
+        task: the :class:`~tdabench.task.AttributionTask`.
+        layer_name: restrict attribution to these parameters (a name, a module prefix or a
+            list of them); ``None`` uses every parameter.
+        device: where gradients and solves run (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...).
+    """
+
+    #: Whether ``attribute``/``self_attribute`` need ``cache()`` first.
+    requires_cache: bool = False
+
+    def __init__(self, task: AttributionTask, layer_name: LayerName = None, device: str | torch.device = "cpu") -> None:
+        if not isinstance(task, AttributionTask):
+            raise ConfigError(f"task must be an AttributionTask, got {type(task).__name__}")
+        self.task = task
+        self.layer_name = layer_name
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} requested but CUDA is not available; pass device='cpu'")
+        self.spec = task.param_spec(layer_name)  # raises for unknown layer names
+        self._cached = False
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.task.flat_params(0, self.layer_name).dtype
+
+    def _params(self, index: int = 0) -> Tensor:
+        return self.task.flat_params(index, self.layer_name, device=self.device)
+
+    def _require_cache(self) -> None:
+        if self.requires_cache and not self._cached:
+            raise NotCachedError(
+                f"{type(self).__name__}.attribute/self_attribute needs cache(full_train_loader) first; "
+                "call attributor.cache(train_loader)"
+            )
+
+    def _batches(self, loader: Iterable[Batch], what: str) -> Iterator[Batch]:
+        for batch in iter_batches(loader, what):
+            batch_size_of(batch)
+            yield batch_to(batch, self.device)
+
+    def _grads(self, loader: Iterable[Batch], which: str = "loss", index: int = 0, what: str = "data loader") -> Iterator[Tensor]:
+        """Per-sample gradients ``(B, d)`` of each batch of ``loader`` at checkpoint ``index``."""
+        flat = self._params(index)
+        for batch in self._batches(loader, what):
+            yield self.task.per_sample_grads(flat, batch, which=which, index=index, layer_name=self.layer_name)
+
+    def _all_grads(self, loader: Iterable[Batch], which: str = "loss", index: int = 0, what: str = "data loader") -> Tensor:
+        """Stacked per-sample gradients ``(n, d)`` of every sample in ``loader``."""
+        return torch.cat(list(self._grads(loader, which, index, what)), dim=0)
+
+    # ------------------------------------------------------------------ API
+    def cache(self, full_train_loader: Iterable[Batch]) -> None:  # pragma: no cover - overridden
+        """Precompute what the method needs from the full training set."""
+        self._cached = True
+
+    def attribute(self, train_loader: Iterable[Batch], test_loader: Iterable[Batch]) -> Tensor:
+        """Scores of shape ``(n_train, n_test)``."""
+        raise NotImplementedError
+
+    def self_attribute(self, train_loader: Iterable[Batch]) -> Tensor:
+        """Self-influence scores ``(n_train,)``: the diagonal of ``attribute(train, train)``."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layer_name={self.layer_name!r}, device={str(self.device)!r})"
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Resolved hyper-parameters, for provenance metadata."""
+        return {"method": type(self).__name__, "layer_name": self.layer_name}

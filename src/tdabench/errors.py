@@ -1,0 +1,61 @@
+"""Typed errors. Every message names the problem *and* the fix."""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "KeyMismatchError",
+    "MemoryLimitError",
+    "NonFiniteError",
+    "NotCachedError",
+    "ShapeError",
+    "StoreError",
+    "TdabenchError",
+    "UnsafeFileError",
+]
+
+
+class TdabenchError(Exception):
+    """Base class of every error raised on purpose by tdabench."""
+
+
+class ConfigError(TdabenchError, ValueError):
+    """A configuration value or argument is invalid."""
+
+
+class ShapeError(TdabenchError, ValueError):
+    """A tensor has the wrong shape."""
+
+
+class DataError(TdabenchError, ValueError):
+    """A data loader or data set is empty or malformed."""
+
+
+class CheckpointError(TdabenchError, ValueError):
+    """A checkpoint does not fit the model or cannot be read."""
+
+
+class NotCachedError(TdabenchError, RuntimeError):
+    """A method that needs ``cache()`` was called before it."""
+
+
+class NonFiniteError(TdabenchError, FloatingPointError):
+    """A loss, gradient or score is NaN or infinite."""
+
+
+class MemoryLimitError(TdabenchError, MemoryError):
+    """An operation would exceed a documented memory limit."""
+
+
+class UnsafeFileError(TdabenchError, ValueError):
+    """A file would need code execution (e.g. unpickling) to load; it is refused."""
+
+
+class StoreError(TdabenchError, RuntimeError):
+    """A result store is corrupted, truncated or inconsistent."""
+
+
+class KeyMismatchError(StoreError):
+    """A store was opened with a ground-truth key different from the one it holds."""

@@ -1,0 +1,269 @@
+"""Linear solvers on a batched matrix-vector product.
+
+Every solver here works on a *stacked* right-hand side ``V`` of shape ``(k, d)`` and a
+``matvec`` mapping ``(k, d) -> (k, d)`` (row-wise ``H v``), so ``k`` inverse-HVPs cost
+one solver run. They are shared by :mod:`tdabench.func.hessian`,
+:mod:`tdabench.func.fisher` and the influence-function attributors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tdabench.errors import ConfigError, MemoryLimitError, NonFiniteError, ShapeError
+
+__all__ = [
+    "DEFAULT_MAX_DENSE_BYTES",
+    "EigenBasis",
+    "arnoldi_basis",
+    "check_dense_size",
+    "conjugate_gradient",
+    "dense_from_matvec",
+    "lissa_recursion",
+    "solve_dense",
+]
+
+Matvec = Callable[[Tensor], Tensor]
+
+DEFAULT_MAX_DENSE_BYTES = 4 * 1024**3
+"""Largest dense ``d x d`` matrix the explicit solvers form (4 GiB), unless told otherwise."""
+
+
+def check_dense_size(d: int, dtype: torch.dtype, max_bytes: int | None = None, what: str = "Hessian") -> None:
+    """Refuse to form a dense ``d x d`` matrix larger than ``max_bytes``."""
+    limit = DEFAULT_MAX_DENSE_BYTES if max_bytes is None else int(max_bytes)
+    need = d * d * torch.empty((), dtype=dtype).element_size()
+    if need > limit:
+        raise MemoryLimitError(
+            f"the explicit {what} of {d} parameters needs {need / 2**30:.2f} GiB, over the "
+            f"{limit / 2**30:.2f} GiB limit; restrict parameters with layer_name=..., use an "
+            "iterative method (CG, LiSSA, Arnoldi), or raise max_dense_bytes"
+        )
+
+
+def _as_2d(v: Tensor, d: int | None = None) -> Tensor:
+    if v.dim() == 1:
+        v = v.unsqueeze(0)
+    if v.dim() != 2 or (d is not None and v.shape[1] != d):
+        raise ShapeError(
+            f"expected vectors of shape (k, {d if d is not None else 'd'}) (or ({d},)), got {tuple(v.shape)}"
+        )
+    return v
+
+
+def dense_from_matvec(matvec: Matvec, d: int, dtype: torch.dtype, device: torch.device | str | None = None,
+                      chunk: int = 256) -> Tensor:
+    """Materialise the ``d x d`` matrix of a symmetric ``matvec`` by applying it to the
+    identity in chunks of ``chunk`` rows."""
+    rows = []
+    for start in range(0, d, chunk):
+        stop = min(d, start + chunk)
+        eye = torch.zeros(stop - start, d, dtype=dtype, device=device)
+        eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+        rows.append(matvec(eye))
+    return torch.cat(rows, dim=0)
+
+
+def solve_dense(matrix: Tensor, V: Tensor, regularization: float = 0.0) -> Tensor:
+    """Rows of ``(matrix + regularization * I)^{-1} V^T``; ``V`` is ``(k, d)``, returns ``(k, d)``.
+
+    Uses a Cholesky factorisation when the regularised matrix is positive definite and an
+    LU solve otherwise; a singular matrix raises with the fix (add regularization).
+    """
+    d = matrix.shape[0]
+    if matrix.shape != (d, d):
+        raise ShapeError(f"expected a square matrix, got {tuple(matrix.shape)}")
+    V2 = _as_2d(V, d)
+    A = matrix + regularization * torch.eye(d, dtype=matrix.dtype, device=matrix.device) if regularization else matrix
+    A = 0.5 * (A + A.T)
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) == 0:
+        X = torch.cholesky_solve(V2.T.to(A.dtype), L).T
+    else:
+        try:
+            X = torch.linalg.solve(A, V2.T.to(A.dtype)).T
+        except RuntimeError as exc:
+            raise NonFiniteError(
+                f"the {d}x{d} matrix is singular ({exc}); pass regularization > 0 (e.g. 1e-3)"
+            ) from exc
+    if not bool(torch.isfinite(X).all()):
+        raise NonFiniteError("the dense solve produced NaN/inf: the matrix is (near) singular; pass regularization > 0")
+    return X.to(V.dtype)
+
+
+def conjugate_gradient(
+    matvec: Matvec,
+    B: Tensor,
+    max_iter: int = 10,
+    tol: float = 1e-7,
+    regularization: float = 0.0,
+    x0: Tensor | None = None,
+) -> Tensor:
+    """Solve ``(H + regularization I) x_j = b_j`` for every row ``b_j`` of ``B`` by CG.
+
+    Args:
+        matvec: batched ``H v``, ``(k, d) -> (k, d)``; ``H`` symmetric positive definite.
+        B: right-hand sides, ``(k, d)``.
+        max_iter: maximal number of CG iterations (each one batched ``matvec``).
+        tol: a row stops once its residual norm ``||b - A x||`` is at most
+            ``tol * ||b||`` (relative tolerance); CG stops when every row has.
+        regularization: ``λ`` added to the diagonal.
+        x0: optional start, ``(k, d)``; zeros by default.
+
+    Returns:
+        ``(k, d)`` approximate solutions.
+    """
+    if max_iter < 1:
+        raise ConfigError(f"max_iter must be >= 1, got {max_iter}")
+    if tol < 0:
+        raise ConfigError(f"tol must be >= 0, got {tol}")
+    B = _as_2d(B)
+
+    def A(v: Tensor) -> Tensor:
+        out = matvec(v)
+        return out + regularization * v if regularization else out
+
+    x = torch.zeros_like(B) if x0 is None else x0.clone()
+    r = B - A(x) if x0 is not None else B.clone()
+    p = r.clone()
+    rs = (r * r).sum(dim=1)
+    bnorm = B.norm(dim=1)
+    thresh = (tol * bnorm) ** 2
+    active = rs > thresh
+    tiny = torch.finfo(B.dtype).tiny
+    for _ in range(max_iter):
+        if not bool(active.any()):
+            break
+        Ap = A(p)
+        pAp = (p * Ap).sum(dim=1)
+        alpha = torch.where(active & (pAp.abs() > tiny), rs / pAp.where(pAp.abs() > tiny, torch.ones_like(pAp)),
+                            torch.zeros_like(rs))
+        x = x + alpha[:, None] * p
+        r = r - alpha[:, None] * Ap
+        rs_new = (r * r).sum(dim=1)
+        beta = torch.where(active & (rs > tiny), rs_new / rs.where(rs > tiny, torch.ones_like(rs)), torch.zeros_like(rs))
+        p = torch.where(active[:, None], r + beta[:, None] * p, p)
+        rs = torch.where(active, rs_new, rs)
+        active = active & (rs > thresh)
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError("CG diverged (NaN/inf): the Hessian is not positive definite; pass regularization > 0")
+    return x
+
+
+def lissa_recursion(
+    matvec_sampler: Callable[[int], Matvec],
+    V: Tensor,
+    recursion_depth: int = 5000,
+    damping: float = 0.0,
+    scaling: float = 50.0,
+    num_repeat: int = 1,
+) -> Tensor:
+    """LiSSA: stochastic Neumann-series estimate of inverse-HVPs.
+
+    With ``H_t`` the Hessian on the ``t``-th sampled mini-batch (``matvec_sampler(t)``)
+    and ``h_0 = v``, iterates ``h_t = v + (1 - damping) h_{t-1} - H_t h_{t-1} / scaling``
+    and returns ``h_T / scaling``, averaged over ``num_repeat`` independent runs. The
+    fixed point is ``(H + damping * scaling * I)^{-1} v``; it converges when the
+    eigenvalues of ``H / scaling + damping I`` lie in ``(0, 2)``, so ``scaling`` must
+    exceed half the largest Hessian eigenvalue.
+    """
+    if recursion_depth < 1 or num_repeat < 1:
+        raise ConfigError("recursion_depth and num_repeat must be >= 1")
+    if scaling <= 0:
+        raise ConfigError(f"scaling must be > 0, got {scaling}")
+    if not 0.0 <= damping < 1.0:
+        raise ConfigError(f"damping must be in [0, 1), got {damping}")
+    V = _as_2d(V)
+    total = torch.zeros_like(V)
+    step = 0
+    for _ in range(num_repeat):
+        h = V.clone()
+        for _t in range(recursion_depth):
+            mv = matvec_sampler(step)
+            step += 1
+            h = V + (1.0 - damping) * h - mv(h) / scaling
+        if not bool(torch.isfinite(h).all()):
+            raise NonFiniteError(
+                "LiSSA diverged (NaN/inf); raise scaling above half the largest Hessian eigenvalue "
+                "or add damping"
+            )
+        total = total + h / scaling
+    return total / num_repeat
+
+
+@dataclass
+class EigenBasis:
+    """Top eigenpairs of a symmetric operator: ``H ≈ U diag(values) Uᵀ``.
+
+    ``values`` ``(r,)``, ``vectors`` ``(d, r)`` with orthonormal columns.
+    """
+
+    values: Tensor
+    vectors: Tensor
+
+    def inverse_apply(self, V: Tensor, regularization: float = 0.0) -> Tensor:
+        """Rows of ``U diag(1 / (values + regularization)) Uᵀ v`` for each row ``v`` of ``V``."""
+        V2 = _as_2d(V, self.vectors.shape[0])
+        coeff = V2 @ self.vectors
+        return (coeff / (self.values + regularization)) @ self.vectors.T
+
+
+def arnoldi_basis(
+    matvec: Matvec,
+    d: int,
+    proj_dim: int = 100,
+    max_iter: int = 100,
+    tol: float = 1e-7,
+    norm_constant: float = 1.0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> EigenBasis:
+    """Arnoldi iteration: the ``proj_dim`` dominant eigenpairs of a symmetric ``H``.
+
+    Builds an orthonormal Krylov basis of ``max_iter`` vectors from a seeded random start
+    (with full re-orthogonalisation), stopping early when the next vector's norm falls
+    below ``tol`` (an invariant subspace was found), then diagonalises the projected
+    matrix. Eigenvalues whose magnitude is below ``tol * max|λ|`` are dropped so the
+    inverse is always finite. ``norm_constant`` divides ``H`` during the iteration for
+    numerical range and is undone on the returned eigenvalues.
+    """
+    if proj_dim < 1 or max_iter < 1:
+        raise ConfigError("proj_dim and max_iter must be >= 1")
+    if norm_constant <= 0:
+        raise ConfigError(f"norm_constant must be > 0, got {norm_constant}")
+    n_iter = min(max_iter, d)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    q = torch.randn(d, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+    Q = torch.zeros(n_iter + 1, d, dtype=dtype, device=device)
+    Hm = torch.zeros(n_iter + 1, n_iter, dtype=dtype, device=device)
+    Q[0] = q / q.norm()
+    k = n_iter
+    for i in range(n_iter):
+        w = matvec(Q[i : i + 1])[0] / norm_constant
+        # Gram-Schmidt twice for numerical orthogonality.
+        for _ in range(2):
+            h = Q[: i + 1] @ w
+            Hm[: i + 1, i] += h
+            w = w - Q[: i + 1].T @ h
+        nrm = w.norm()
+        Hm[i + 1, i] = nrm
+        if float(nrm) < tol:
+            k = i + 1
+            break
+        Q[i + 1] = w / nrm
+    T = Hm[:k, :k]
+    T = 0.5 * (T + T.T)
+    evals, evecs = torch.linalg.eigh(T)
+    order = torch.argsort(evals.abs(), descending=True)
+    evals, evecs = evals[order], evecs[:, order]
+    keep = evals.abs() > tol * evals.abs().max().clamp_min(torch.finfo(dtype).tiny)
+    evals, evecs = evals[keep][:proj_dim], evecs[:, keep][:, :proj_dim]
+    vectors = Q[:k].T @ evecs
+    if not bool(torch.isfinite(evals).all() and torch.isfinite(vectors).all()):
+        raise NonFiniteError("Arnoldi produced NaN/inf; check that the Hessian is finite (try float64)")
+    return EigenBasis(values=evals * norm_constant, vectors=vectors)

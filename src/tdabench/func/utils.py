@@ -1,0 +1,218 @@
+"""Parameter flattening and the one shared per-sample-gradient utility.
+
+Data convention: a *batch* is a tensor or a tuple/list of tensors whose first dimension
+is the batch dimension (what a ``DataLoader`` yields). User functions ``f(params, data)``
+receive a batch; per-sample functions here call them on batches of size one, so the
+same ``loss_func`` serves training (any batch size) and attribution (one sample).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import grad, vmap
+
+from tdabench.errors import ConfigError, DataError, NonFiniteError, ShapeError
+
+__all__ = [
+    "ParamSpec",
+    "batch_size_of",
+    "batch_to",
+    "check_finite",
+    "flatten_params",
+    "iter_batches",
+    "per_sample_grads",
+    "per_sample_values",
+    "select_param_names",
+    "unflatten_params",
+]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Names, shapes and offsets of a set of named parameters in one flat vector."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Tensor], names: Iterable[str] | None = None) -> ParamSpec:
+        names = tuple(params) if names is None else tuple(names)
+        return cls(names, tuple(params[n].shape for n in names))
+
+    @property
+    def numels(self) -> tuple[int, ...]:
+        return tuple(int(torch.Size(s).numel()) for s in self.shapes)
+
+    @property
+    def dim(self) -> int:
+        """Total number of scalar parameters ``d``."""
+        return sum(self.numels)
+
+    def flatten(self, params: Mapping[str, Tensor]) -> Tensor:
+        """Concatenate ``params[name]`` for every name into a vector of shape ``(d,)``."""
+        return torch.cat([params[n].reshape(-1) for n in self.names])
+
+    def unflatten(self, vec: Tensor) -> dict[str, Tensor]:
+        """Split a vector of shape ``(d,)`` into a ``{name: tensor}`` dict (views)."""
+        if vec.dim() != 1 or vec.shape[0] != self.dim:
+            raise ShapeError(
+                f"expected a flat parameter vector of shape ({self.dim},), got {tuple(vec.shape)}; "
+                "pass the vector returned by ParamSpec.flatten / AttributionTask.flat_params"
+            )
+        out: dict[str, Tensor] = {}
+        offset = 0
+        for name, shape, numel in zip(self.names, self.shapes, self.numels):
+            out[name] = vec[offset : offset + numel].view(shape)
+            offset += numel
+        return out
+
+    def offsets(self, name: str) -> tuple[int, int]:
+        """``(start, stop)`` of parameter ``name`` inside the flat vector."""
+        offset = 0
+        for n, numel in zip(self.names, self.numels):
+            if n == name:
+                return offset, offset + numel
+            offset += numel
+        raise KeyError(name)
+
+
+def flatten_params(params: Mapping[str, Tensor]) -> Tensor:
+    """Flatten a ``{name: tensor}`` dict into one vector (in dict order)."""
+    return ParamSpec.from_params(params).flatten(params)
+
+
+def unflatten_params(vec: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of :func:`flatten_params` given a dict with the target shapes."""
+    return ParamSpec.from_params(like).unflatten(vec)
+
+
+def select_param_names(all_names: Sequence[str], layer_name: str | Sequence[str] | None) -> list[str]:
+    """Resolve ``layer_name`` to parameter names.
+
+    ``None`` selects every parameter. A string (or each string of a list) matches a
+    parameter name exactly or a module prefix (``"fc2"`` selects ``fc2.weight`` and
+    ``fc2.bias``). Unknown names raise :class:`ConfigError` listing what exists.
+    """
+    if layer_name is None:
+        return list(all_names)
+    wanted = [layer_name] if isinstance(layer_name, str) else list(layer_name)
+    if not wanted:
+        raise ConfigError("layer_name is an empty list; pass None to use every parameter")
+    selected: list[str] = []
+    for w in wanted:
+        hits = [n for n in all_names if n == w or n.startswith(w + ".")]
+        if not hits:
+            raise ConfigError(
+                f"layer_name {w!r} matches no parameter of the model; "
+                f"available parameters: {list(all_names)}"
+            )
+        selected.extend(h for h in hits if h not in selected)
+    return [n for n in all_names if n in selected]  # keep model order
+
+
+Batch = Any  # Tensor | tuple[Tensor, ...] | list[Tensor]
+
+
+def _tensors(batch: Batch) -> list[Tensor]:
+    if isinstance(batch, Tensor):
+        return [batch]
+    if isinstance(batch, (tuple, list)):
+        return [t for t in batch if isinstance(t, Tensor)]
+    raise DataError(
+        f"a batch must be a tensor or a tuple/list of tensors, got {type(batch).__name__}; "
+        "make the DataLoader yield (inputs, labels) tensors"
+    )
+
+
+def batch_size_of(batch: Batch) -> int:
+    """Leading dimension shared by every tensor of ``batch``."""
+    ts = _tensors(batch)
+    if not ts:
+        raise DataError("a batch holds no tensor; make the DataLoader yield tensors")
+    sizes = {int(t.shape[0]) if t.dim() > 0 else -1 for t in ts}
+    if len(sizes) != 1 or -1 in sizes:
+        raise ShapeError(
+            f"every tensor of a batch needs the same leading (batch) dimension, got sizes {sorted(sizes)}"
+        )
+    return sizes.pop()
+
+
+def batch_to(batch: Batch, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Batch:
+    """Move a batch to ``device``; floating tensors are cast to ``dtype`` when given."""
+
+    def move(t: Any) -> Any:
+        if not isinstance(t, Tensor):
+            return t
+        if dtype is not None and t.is_floating_point():
+            return t.to(device=device, dtype=dtype)
+        return t.to(device=device)
+
+    if isinstance(batch, Tensor):
+        return move(batch)
+    return type(batch)(move(t) for t in batch) if isinstance(batch, tuple) else [move(t) for t in batch]
+
+
+def iter_batches(loader: Iterable[Batch], what: str = "data loader") -> Iterable[Batch]:
+    """Iterate over ``loader``, raising :class:`DataError` if it yields nothing."""
+    n = 0
+    for batch in loader:
+        n += 1
+        yield batch
+    if n == 0:
+        raise DataError(f"the {what} is empty; pass a DataLoader over at least one sample")
+
+
+def _in_dims(batch: Batch) -> Any:
+    if isinstance(batch, Tensor):
+        return 0
+    return type(batch)(0 if isinstance(t, Tensor) else None for t in batch) if isinstance(batch, tuple) else [
+        0 if isinstance(t, Tensor) else None for t in batch
+    ]
+
+
+def _as_batch_of_one(sample: Batch) -> Batch:
+    if isinstance(sample, Tensor):
+        return sample.unsqueeze(0)
+    out = [t.unsqueeze(0) if isinstance(t, Tensor) else t for t in sample]
+    return tuple(out) if isinstance(sample, tuple) else out
+
+
+def per_sample_values(func: Callable[[Tensor, Batch], Tensor], flat: Tensor, batch: Batch) -> Tensor:
+    """``func(flat, sample)`` for every sample of ``batch`` (each as a batch of one): ``(B,)``."""
+
+    def one(p: Tensor, sample: Batch) -> Tensor:
+        return func(p, _as_batch_of_one(sample)).reshape(())
+
+    return vmap(one, in_dims=(None, _in_dims(batch)), randomness="different")(flat, batch)
+
+
+def per_sample_grads(func: Callable[[Tensor, Batch], Tensor], flat: Tensor, batch: Batch) -> Tensor:
+    """Per-sample gradients of a scalar ``func(flat, sample)`` w.r.t. ``flat``.
+
+    Args:
+        func: scalar function of a flat parameter vector ``(d,)`` and a batch of one sample.
+        flat: parameters, shape ``(d,)``.
+        batch: a batch of ``B`` samples.
+
+    Returns:
+        Tensor of shape ``(B, d)``: row ``b`` is the gradient for sample ``b``.
+    """
+
+    def one(p: Tensor, sample: Batch) -> Tensor:
+        return func(p, _as_batch_of_one(sample)).reshape(())
+
+    return vmap(grad(one), in_dims=(None, _in_dims(batch)), randomness="different")(flat, batch)
+
+
+def check_finite(t: Tensor, what: str, fix: str = "check the model, the data and the learning rate") -> Tensor:
+    """Raise :class:`NonFiniteError` if ``t`` holds NaN/inf, naming the offending rows."""
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        bad = (~finite).reshape(t.shape[0], -1).any(dim=1).nonzero().flatten().tolist() if t.dim() > 0 else []
+        raise NonFiniteError(f"{what} contains NaN or inf (rows {bad[:10]}); {fix}")
+    return t

@@ -1,0 +1,1 @@
+"""tdabench.metric."""
