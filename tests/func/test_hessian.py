@@ -119,6 +119,28 @@ def test_explicit_matches_solve(problem, lam):
     torch.testing.assert_close(at(V[2]), ref[2], rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("factory", ["explicit", "arnoldi", "rev-rev-hvp"])
+def test_at_x_forms_precompute_once(problem, factory):
+    W, X, y, V, _ = problem
+    calls = []
+
+    def counted(W_, X_, y_):
+        calls.append(1)
+        return loss(W_, X_, y_)
+
+    if factory == "explicit":
+        f = ihvp_at_x_explicit(counted, W, X, y)
+    elif factory == "arnoldi":
+        f = ihvp_at_x_arnoldi(counted, W, X, y, max_iter=6, proj_dim=6)
+    else:
+        f = hvp_at_x(counted, (W, X, y))
+    before = len(calls)
+    assert before >= 1
+    first = f(V)
+    torch.testing.assert_close(f(V), first, rtol=0, atol=0)
+    assert len(calls) == before  # no new evaluation of func: nothing recomputed per call
+
+
 def test_explicit_indefinite_uses_lu_and_singular_raises():
     a = torch.tensor([2.0, -1.0, 0.5], dtype=DT)
 
@@ -234,7 +256,7 @@ def test_lissa_damping_fixed_point(problem):
 
 def test_lissa_stochastic_close_and_seeded(problem):
     W, X, y, V, H = problem
-    lo, hi = _hessian_eigs(H)
+    _, hi = _hessian_eigs(H)
     # Bias (1 - lo/scaling)^200 < 1e-5; the rest is sampling noise of 20-of-40 mini-batches.
     out = ihvp_at_x_lissa(loss, W, X, y, batch_size=20, recursion_depth=200, scaling=2.0 * hi, seed=3)(V)
     ref = solve(H, V)

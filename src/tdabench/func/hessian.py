@@ -414,7 +414,8 @@ def ihvp_at_x_arnoldi(
         seed: seed of the start vector.
 
     Returns:
-        ``f(v)``: ``(k, d)`` or ``(d,)`` -> same shape.
+        ``f(v)``: ``(k, d)`` or ``(d,)`` -> same shape. ``f.basis`` is the
+        :class:`tdabench.func.solvers.EigenBasis` (``values`` ``(r,)``, ``vectors`` ``(d, r)``).
     """
     _check_mode(mode)
     _check_nonneg("regularization", regularization)
