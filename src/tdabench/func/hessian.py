@@ -1,0 +1,601 @@
+"""Hessian-vector products and inverse-Hessian-vector products (IHVPs).
+
+Every function here follows one calling convention. ``func`` is a scalar function of
+several positional arguments, ``func(*x)``; ``argnums`` says which argument is the
+variable ``θ``; the Hessian ``H`` is the ``d x d`` Hessian of ``func`` with respect to
+``x[argnums]`` *flattened* (``d = x[argnums].numel()``, any shape of ``x[argnums]`` is
+allowed). Vectors ``v`` are ``(k, d)`` (``k`` right-hand sides, processed together:
+matvecs are batched with :func:`torch.func.vmap`) or ``(d,)``; results have the shape
+of ``v``, in the dtype and on the device of ``x[argnums]``.
+
+Two forms exist for every operation:
+
+* ``op(func, argnums=0, ...) -> f(x, v)`` where ``x`` is the *tuple* of ``func``'s
+  positional arguments (the point can change between calls);
+* ``op_at_x(func, *x, argnums=0, ...) -> f(v)`` (``hvp_at_x`` takes the tuple ``x``),
+  which precomputes what it can at the fixed point ``x`` (the dense Hessian and its
+  factorisation, the Arnoldi eigenbasis, the gradient graph of the HVP). The first form
+  delegates to the second, so both return identical numbers.
+
+``mode`` selects how an HVP is differentiated: ``"rev-rev"`` (reverse-over-reverse: a
+VJP of the gradient, graph built once per point) or ``"rev-fwd"`` (forward-over-reverse:
+a JVP of the gradient). Both give ``H v`` up to rounding.
+
+Example:
+    >>> import torch
+    >>> from tdabench.func.hessian import ihvp_at_x_explicit
+    >>> f = lambda w, a: 0.5 * (a * w * w).sum()    # H = diag(a)
+    >>> w, a = torch.ones(3, dtype=torch.float64), torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    >>> ihvp_at_x_explicit(f, w, a)(torch.ones(2, 3, dtype=torch.float64))
+    tensor([[1.0000, 0.5000, 0.2500],
+            [1.0000, 0.5000, 0.2500]], dtype=torch.float64)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp, vjp, vmap
+
+from tdabench.errors import ConfigError, NonFiniteError, ShapeError
+from tdabench.func.solvers import (
+    arnoldi_basis,
+    check_dense_size,
+    conjugate_gradient,
+    dense_from_matvec,
+    lissa_recursion,
+)
+
+__all__ = [
+    "MODES",
+    "hvp",
+    "hvp_at_x",
+    "ihvp_arnoldi",
+    "ihvp_at_x_arnoldi",
+    "ihvp_at_x_cg",
+    "ihvp_at_x_explicit",
+    "ihvp_at_x_lissa",
+    "ihvp_cg",
+    "ihvp_explicit",
+    "ihvp_lissa",
+]
+
+MODES = ("rev-rev", "rev-fwd")
+"""Supported differentiation modes of Hessian-vector products."""
+
+Matvec = Callable[[Tensor], Tensor]
+
+
+# ---------------------------------------------------------------------------- helpers
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ConfigError(f"unknown HVP mode {mode!r}; use one of {list(MODES)}")
+
+
+def _check_nonneg(name: str, value: float) -> None:
+    if not value >= 0:
+        raise ConfigError(f"{name} must be >= 0, got {value}")
+
+
+def _check_x_tuple(x: Any, fname: str) -> tuple[Any, ...]:
+    if not isinstance(x, (tuple, list)):
+        raise ShapeError(
+            f"{fname}: x must be the tuple of func's positional arguments, got a {type(x).__name__}; "
+            "call it as f((arg0, arg1, ...), v), e.g. f((x,), v) for a one-argument func"
+        )
+    return tuple(x)
+
+
+def _check_argnums(x: tuple[Any, ...], argnums: int) -> Tensor:
+    if not isinstance(argnums, int) or isinstance(argnums, bool):
+        raise ConfigError(f"argnums must be one int (the index of the variable in x), got {argnums!r}")
+    if not -len(x) <= argnums < len(x):
+        raise ConfigError(f"argnums={argnums} is out of range for x with {len(x)} arguments; pass 0..{len(x) - 1}")
+    theta = x[argnums]
+    if not isinstance(theta, Tensor) or not theta.is_floating_point():
+        raise ConfigError(
+            f"x[{argnums}] must be a floating-point tensor (the variable of the Hessian), got "
+            f"{type(theta).__name__ if not isinstance(theta, Tensor) else theta.dtype}; cast it with .double() or .float()"
+        )
+    if theta.numel() == 0:
+        raise ShapeError(f"x[{argnums}] is empty; the Hessian needs at least one variable")
+    return theta
+
+
+def _detach(x: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(a.detach() if isinstance(a, Tensor) else a for a in x)
+
+
+def _flat_function(func: Callable[..., Tensor], x: tuple[Any, ...], argnums: int) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+    """``g(flat)`` = ``func`` with ``x[argnums]`` replaced by ``flat.view(shape)``, and ``flat0``."""
+    theta = _check_argnums(x, argnums)
+    pos = argnums % len(x)
+    shape = theta.shape
+    xs = _detach(x)
+
+    def g(flat: Tensor) -> Tensor:
+        args = (*xs[:pos], flat.reshape(shape), *xs[pos + 1 :])
+        out = func(*args)
+        if not isinstance(out, Tensor) or out.numel() != 1:
+            raise ShapeError(
+                "func must return a scalar (a tensor with one element), got "
+                f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}; reduce it with .sum() or .mean()"
+            )
+        return out.reshape(())
+
+    return g, theta.detach().reshape(-1)
+
+
+def _as_rows(v: Any, d: int, like: Tensor) -> tuple[Tensor, bool]:
+    """``v`` as ``(k, d)`` rows in ``like``'s dtype/device, and whether it was a single vector."""
+    if not isinstance(v, Tensor):
+        raise ShapeError(f"v must be a tensor of shape (k, {d}) or ({d},), got {type(v).__name__}")
+    if v.dim() == 1 and v.shape[0] == d:
+        return v.to(dtype=like.dtype, device=like.device).unsqueeze(0), True
+    if v.dim() == 2 and v.shape[1] == d:
+        return v.to(dtype=like.dtype, device=like.device), False
+    raise ShapeError(
+        f"v has shape {tuple(v.shape)} but the variable has d={d} entries; pass v of shape (k, {d}) "
+        f"(k vectors) or ({d},), flattening each vector like x[argnums].reshape(-1)"
+    )
+
+
+def _out(rows: Tensor, single: bool) -> Tensor:
+    return rows[0] if single else rows
+
+
+def _matvec(g: Callable[[Tensor], Tensor], flat0: Tensor, mode: str) -> Matvec:
+    """Batched ``V (k, d) -> (k, d)``: rows of ``H v`` for the Hessian of ``g`` at ``flat0``."""
+    _check_mode(mode)
+    gradient = grad(g)
+    if mode == "rev-rev":
+        # The gradient's graph is built once; each product is one extra backward pass.
+        _, vjp_fn = vjp(gradient, flat0)
+
+        def one(v: Tensor) -> Tensor:
+            return vjp_fn(v)[0]
+
+    else:
+
+        def one(v: Tensor) -> Tensor:
+            return jvp(gradient, (flat0,), (v,))[1]
+
+    batched = vmap(one)
+
+    def mv(V: Tensor) -> Tensor:
+        return batched(V)
+
+    return mv
+
+
+class _DenseInverse:
+    """``(A + λI)^{-1}`` for a fixed symmetric ``A``, factorised once (Cholesky, else LU)."""
+
+    def __init__(self, A: Tensor, regularization: float, what: str = "Hessian") -> None:
+        d = A.shape[0]
+        A = 0.5 * (A + A.T)
+        if regularization:
+            A = A + regularization * torch.eye(d, dtype=A.dtype, device=A.device)
+        self.what = what
+        L, info = torch.linalg.cholesky_ex(A)
+        if int(info) == 0:
+            self.kind, self.factor, self.pivots = "cholesky", L, None
+            return
+        LU, pivots, info = torch.linalg.lu_factor_ex(A)
+        if int(info) != 0:
+            raise NonFiniteError(
+                f"the {d}x{d} {what} (+ regularization {regularization}) is singular; "
+                "pass regularization > 0 (e.g. 1e-3)"
+            )
+        self.kind, self.factor, self.pivots = "lu", LU, pivots
+
+    def __call__(self, V: Tensor) -> Tensor:
+        if self.kind == "cholesky":
+            X = torch.cholesky_solve(V.T, self.factor).T
+        else:
+            X = torch.linalg.lu_solve(self.factor, self.pivots, V.T).T
+        if not bool(torch.isfinite(X).all()):
+            raise NonFiniteError(
+                f"inverting the {self.what} produced NaN/inf: it is (near) singular; pass regularization > 0"
+            )
+        return X
+
+
+def _dense(mv: Matvec, flat0: Tensor, max_dense_bytes: int | None, what: str = "Hessian") -> Tensor:
+    d = flat0.numel()
+    check_dense_size(d, flat0.dtype, max_dense_bytes, what=what)
+    return dense_from_matvec(mv, d, dtype=flat0.dtype, device=flat0.device)
+
+
+# ---------------------------------------------------------------------------- HVP
+def hvp_at_x(
+    func: Callable[..., Tensor],
+    x: Sequence[Any],
+    argnums: int = 0,
+    mode: str = "rev-rev",
+    regularization: float = 0.0,
+) -> Callable[[Tensor], Tensor]:
+    """Hessian-vector products at the fixed point ``x``.
+
+    Args:
+        func: scalar function ``func(*x)``.
+        x: tuple of ``func``'s positional arguments.
+        argnums: index in ``x`` of the variable (any shape; ``d`` = its number of entries).
+        mode: ``"rev-rev"`` or ``"rev-fwd"``.
+        regularization: ``λ >= 0``; the product is ``(H + λI) v``.
+
+    Returns:
+        ``f(v)``: ``v`` ``(k, d)`` or ``(d,)`` -> ``(H + λI) v`` of the same shape.
+    """
+    _check_mode(mode)
+    _check_nonneg("regularization", regularization)
+    x = _check_x_tuple(x, "hvp_at_x")
+    g, flat0 = _flat_function(func, x, argnums)
+    mv = _matvec(g, flat0, mode)
+    d = flat0.numel()
+
+    def f(v: Tensor) -> Tensor:
+        V, single = _as_rows(v, d, flat0)
+        out = mv(V)
+        if regularization:
+            out = out + regularization * V
+        return _out(out, single)
+
+    return f
+
+
+def hvp(
+    func: Callable[..., Tensor],
+    argnums: int = 0,
+    mode: str = "rev-rev",
+    regularization: float = 0.0,
+) -> Callable[[Sequence[Any], Tensor], Tensor]:
+    """Hessian-vector products at any point: ``f(x, v) = (H(x) + λI) v``.
+
+    ``x`` is the tuple of ``func``'s positional arguments, ``v`` is ``(k, d)`` or ``(d,)``
+    with ``d = x[argnums].numel()``; the result has ``v``'s shape. See :func:`hvp_at_x`.
+    """
+    _check_mode(mode)
+    _check_nonneg("regularization", regularization)
+
+    def f(x: Sequence[Any], v: Tensor) -> Tensor:
+        return hvp_at_x(func, _check_x_tuple(x, "hvp"), argnums=argnums, mode=mode, regularization=regularization)(v)
+
+    return f
+
+
+# ---------------------------------------------------------------------------- explicit
+def ihvp_at_x_explicit(
+    func: Callable[..., Tensor],
+    *x: Any,
+    argnums: int = 0,
+    regularization: float = 0.0,
+    max_dense_bytes: int | None = None,
+) -> Callable[[Tensor], Tensor]:
+    """Exact IHVPs at ``x`` from the dense Hessian, formed and factorised once.
+
+    Args:
+        func: scalar function ``func(*x)``.
+        *x: ``func``'s positional arguments.
+        argnums: index of the variable in ``x``.
+        regularization: ``λ``; solves ``(H + λI) y = v``.
+        max_dense_bytes: refuse (``MemoryLimitError``) a ``d x d`` Hessian larger than this
+            (default :data:`tdabench.func.solvers.DEFAULT_MAX_DENSE_BYTES`).
+
+    Returns:
+        ``f(v)``: ``v`` ``(k, d)`` or ``(d,)`` -> ``(H + λI)^{-1} v`` of the same shape.
+        A positive-definite matrix is Cholesky-factorised, anything else LU-factorised;
+        a singular one raises ``NonFiniteError``.
+    """
+    _check_nonneg("regularization", regularization)
+    g, flat0 = _flat_function(func, tuple(x), argnums)
+    H = _dense(_matvec(g, flat0, "rev-rev"), flat0, max_dense_bytes)
+    inverse = _DenseInverse(H, regularization)
+    d = flat0.numel()
+
+    def f(v: Tensor) -> Tensor:
+        V, single = _as_rows(v, d, flat0)
+        return _out(inverse(V), single)
+
+    return f
+
+
+def ihvp_explicit(
+    func: Callable[..., Tensor],
+    argnums: int = 0,
+    regularization: float = 0.0,
+    max_dense_bytes: int | None = None,
+) -> Callable[[Sequence[Any], Tensor], Tensor]:
+    """``f(x, v) = (H(x) + λI)^{-1} v`` from the dense Hessian; see :func:`ihvp_at_x_explicit`."""
+    _check_nonneg("regularization", regularization)
+
+    def f(x: Sequence[Any], v: Tensor) -> Tensor:
+        x = _check_x_tuple(x, "ihvp_explicit")
+        return ihvp_at_x_explicit(func, *x, argnums=argnums, regularization=regularization,
+                                  max_dense_bytes=max_dense_bytes)(v)
+
+    return f
+
+
+# ---------------------------------------------------------------------------- CG
+def ihvp_at_x_cg(
+    func: Callable[..., Tensor],
+    *x: Any,
+    argnums: int = 0,
+    max_iter: int = 10,
+    tol: float = 1e-7,
+    mode: str = "rev-rev",
+    regularization: float = 0.0,
+) -> Callable[[Tensor], Tensor]:
+    """IHVPs at ``x`` by batched conjugate gradient on HVPs.
+
+    Args:
+        func, *x, argnums: as in :func:`ihvp_at_x_explicit`.
+        max_iter: at most this many CG iterations (one batched HVP each).
+        tol: relative tolerance: row ``j`` stops once ``||v_j - (H + λI) y_j|| <= tol ||v_j||``;
+            CG returns when every row has (or after ``max_iter``).
+        mode: HVP mode, ``"rev-rev"`` or ``"rev-fwd"``.
+        regularization: ``λ``; solves ``(H + λI) y = v``. ``H + λI`` should be positive definite.
+
+    Returns:
+        ``f(v)``: ``v`` ``(k, d)`` or ``(d,)`` -> approximate ``(H + λI)^{-1} v``, same shape.
+    """
+    _check_mode(mode)
+    _check_nonneg("regularization", regularization)
+    if max_iter < 1:
+        raise ConfigError(f"max_iter must be >= 1, got {max_iter}")
+    _check_nonneg("tol", tol)
+    g, flat0 = _flat_function(func, tuple(x), argnums)
+    mv = _matvec(g, flat0, mode)
+    d = flat0.numel()
+
+    def f(v: Tensor) -> Tensor:
+        V, single = _as_rows(v, d, flat0)
+        return _out(conjugate_gradient(mv, V, max_iter=max_iter, tol=tol, regularization=regularization), single)
+
+    return f
+
+
+def ihvp_cg(
+    func: Callable[..., Tensor],
+    argnums: int = 0,
+    max_iter: int = 10,
+    tol: float = 1e-7,
+    mode: str = "rev-rev",
+    regularization: float = 0.0,
+) -> Callable[[Sequence[Any], Tensor], Tensor]:
+    """``f(x, v)``: CG inverse-HVPs at any point; see :func:`ihvp_at_x_cg`."""
+    _check_mode(mode)
+    _check_nonneg("regularization", regularization)
+    if max_iter < 1:
+        raise ConfigError(f"max_iter must be >= 1, got {max_iter}")
+    _check_nonneg("tol", tol)
+
+    def f(x: Sequence[Any], v: Tensor) -> Tensor:
+        x = _check_x_tuple(x, "ihvp_cg")
+        return ihvp_at_x_cg(func, *x, argnums=argnums, max_iter=max_iter, tol=tol, mode=mode,
+                            regularization=regularization)(v)
+
+    return f
+
+
+# ---------------------------------------------------------------------------- Arnoldi
+def ihvp_at_x_arnoldi(
+    func: Callable[..., Tensor],
+    *x: Any,
+    argnums: int = 0,
+    max_iter: int = 100,
+    tol: float = 1e-7,
+    mode: str = "rev-fwd",
+    regularization: float = 0.0,
+    proj_dim: int = 100,
+    norm_constant: float = 1.0,
+    seed: int = 0,
+) -> Callable[[Tensor], Tensor]:
+    """IHVPs at ``x`` in the dominant eigenspace of ``H`` found by Arnoldi iteration.
+
+    The eigenbasis (``H ≈ U diag(λ) Uᵀ`` with at most ``proj_dim`` pairs, from a Krylov
+    space of ``min(max_iter, d)`` vectors started from a ``seed``-ed random vector) is
+    computed once, here. ``f(v) = U diag(1 / (λ + regularization)) Uᵀ v``: the component of
+    ``v`` outside the eigenspace is dropped. Eigenvalues below ``tol * max|λ|`` in
+    magnitude are discarded, so the result is finite (never NaN) for any finite Hessian.
+
+    Args:
+        func, *x, argnums: as in :func:`ihvp_at_x_explicit`.
+        max_iter: Krylov dimension (number of HVPs).
+        tol: breakdown / eigenvalue cut-off tolerance (see above).
+        mode: HVP mode.
+        regularization: ``λ`` added to each kept eigenvalue.
+        proj_dim: number of top eigenpairs kept.
+        norm_constant: ``H`` is divided by it during the iteration (numerical range only).
+        seed: seed of the start vector.
+
+    Returns:
+        ``f(v)``: ``(k, d)`` or ``(d,)`` -> same shape. ``f.basis`` is the
+        :class:`tdabench.func.solvers.EigenBasis` (``values`` ``(r,)``, ``vectors`` ``(d, r)``).
+    """
+    _check_mode(mode)
+    _check_nonneg("regularization", regularization)
+    g, flat0 = _flat_function(func, tuple(x), argnums)
+    d = flat0.numel()
+    basis = arnoldi_basis(
+        _matvec(g, flat0, mode), d, proj_dim=proj_dim, max_iter=max_iter, tol=tol,
+        norm_constant=norm_constant, seed=seed, dtype=flat0.dtype, device=flat0.device,
+    )
+
+    def f(v: Tensor) -> Tensor:
+        V, single = _as_rows(v, d, flat0)
+        out = basis.inverse_apply(V, regularization)
+        if not bool(torch.isfinite(out).all()):
+            raise NonFiniteError(
+                "Arnoldi IHVP is not finite: a kept eigenvalue plus regularization is 0; "
+                "change regularization or raise tol"
+            )
+        return _out(out, single)
+
+    f.basis = basis  # type: ignore[attr-defined]
+    return f
+
+
+def ihvp_arnoldi(
+    func: Callable[..., Tensor],
+    argnums: int = 0,
+    max_iter: int = 100,
+    tol: float = 1e-7,
+    mode: str = "rev-fwd",
+    regularization: float = 0.0,
+    proj_dim: int = 100,
+    norm_constant: float = 1.0,
+    seed: int = 0,
+) -> Callable[[Sequence[Any], Tensor], Tensor]:
+    """``f(x, v)``: Arnoldi IHVPs at any point (a new basis per call); see :func:`ihvp_at_x_arnoldi`."""
+    _check_mode(mode)
+    _check_nonneg("regularization", regularization)
+
+    def f(x: Sequence[Any], v: Tensor) -> Tensor:
+        x = _check_x_tuple(x, "ihvp_arnoldi")
+        return ihvp_at_x_arnoldi(func, *x, argnums=argnums, max_iter=max_iter, tol=tol, mode=mode,
+                                 regularization=regularization, proj_dim=proj_dim,
+                                 norm_constant=norm_constant, seed=seed)(v)
+
+    return f
+
+
+# ---------------------------------------------------------------------------- LiSSA
+def _num_samples(data: tuple[Any, ...]) -> int:
+    sizes = {int(t.shape[0]) for t in data if isinstance(t, Tensor) and t.dim() > 0}
+    bad = [type(t).__name__ for t in data if not isinstance(t, Tensor) or t.dim() == 0]
+    if bad or len(sizes) != 1:
+        raise ShapeError(
+            "LiSSA samples mini-batches from the data arguments (every argument but x[argnums]); "
+            f"they must be tensors with the same leading sample dimension, got sizes {sorted(sizes)} "
+            f"and non-tensors/scalars {bad}; bind constant arguments into func with a closure"
+        )
+    return sizes.pop()
+
+
+def ihvp_at_x_lissa(
+    func: Callable[..., Tensor],
+    *x: Any,
+    argnums: int = 0,
+    batch_size: int = 1,
+    num_repeat: int = 1,
+    recursion_depth: int = 5000,
+    damping: float = 0.0,
+    scaling: float = 50.0,
+    collate_fn: Callable[[tuple[Tensor, ...]], Any] | None = None,
+    mode: str = "rev-rev",
+    seed: int = 0,
+) -> Callable[[Tensor], Tensor]:
+    """Stochastic IHVPs at ``x`` by the LiSSA recursion.
+
+    ``x = (θ, *data)`` (``θ = x[argnums]``; the other arguments, in order, are data
+    tensors with a common leading sample dimension ``n``). ``func`` should be a *mean*
+    over the data it receives, so a mini-batch Hessian estimates the full one. Each
+    recursion step draws ``batch_size`` distinct samples (``torch.randperm`` with a
+    ``torch.Generator`` seeded by ``seed``, fresh at every call of ``f``, so ``f`` is
+    deterministic) and uses the HVP of ``func(θ, *data[idx])``; ``collate_fn``, if given,
+    maps the sampled tuple ``(d_1[idx], d_2[idx], ...)`` to the data arguments (a tuple,
+    or one object). With ``h_0 = v``: ``h_t = v + (1 - damping) h_{t-1} - H_t h_{t-1} /
+    scaling``, result ``h_T / scaling`` averaged over ``num_repeat`` runs; it converges to
+    ``(H + damping · scaling · I)^{-1} v`` when ``scaling`` exceeds the largest eigenvalue
+    of ``H`` (strictly: half of it) and ``H`` is positive definite.
+
+    Args:
+        func: scalar function ``func(*x)``.
+        *x: ``(θ, *data)`` with ``θ`` at position ``argnums``.
+        argnums: index of ``θ``.
+        batch_size: samples per step, ``1 <= batch_size <= n``; ``n`` makes it deterministic.
+        num_repeat: independent recursions averaged.
+        recursion_depth: steps per recursion.
+        damping: in ``[0, 1)``.
+        scaling: ``> 0``.
+        collate_fn: optional ``f(sampled_tuple) -> data args``.
+        mode: HVP mode.
+        seed: sampling seed.
+
+    Returns:
+        ``f(v)``: ``(k, d)`` or ``(d,)`` -> same shape. Works in any floating dtype.
+    """
+    _check_mode(mode)
+    x = tuple(x)
+    theta = _check_argnums(x, argnums)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if recursion_depth < 1 or num_repeat < 1:
+        raise ConfigError(f"recursion_depth and num_repeat must be >= 1, got {recursion_depth}, {num_repeat}")
+    if scaling <= 0:
+        raise ConfigError(f"scaling must be > 0 (above the largest Hessian eigenvalue), got {scaling}")
+    if not 0.0 <= damping < 1.0:
+        raise ConfigError(f"damping must be in [0, 1), got {damping}")
+    pos = argnums % len(x)
+    xs = _detach(x)
+    data = xs[:pos] + xs[pos + 1 :]
+    flat0 = theta.detach().reshape(-1)
+    d = flat0.numel()
+    shape = theta.shape
+    if data:
+        n = _num_samples(data)
+        if batch_size > n:
+            raise ConfigError(f"batch_size={batch_size} exceeds the {n} samples in the data arguments; pass batch_size <= {n}")
+    else:
+        n = 0
+
+    def step_func(data_args: tuple[Any, ...]) -> Callable[[Tensor], Tensor]:
+        def g(flat: Tensor) -> Tensor:
+            args = (*data_args[:pos], flat.reshape(shape), *data_args[pos:])
+            out = func(*args)
+            if not isinstance(out, Tensor) or out.numel() != 1:
+                raise ShapeError("func must return a scalar (one element); reduce it with .mean()")
+            return out.reshape(())
+
+        return g
+
+    full_mv = _matvec(step_func(data), flat0, mode) if not data else None
+
+    def f(v: Tensor) -> Tensor:
+        V, single = _as_rows(v, d, flat0)
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+
+        def sampler(_step: int) -> Matvec:
+            if full_mv is not None:
+                return full_mv
+            idx = torch.randperm(n, generator=gen)[:batch_size]
+            sampled = tuple(t[idx.to(t.device)] for t in data)
+            args = collate_fn(sampled) if collate_fn is not None else sampled
+            if not isinstance(args, tuple):
+                args = (args,)
+            return _matvec(step_func(args), flat0, mode)
+
+        out = lissa_recursion(sampler, V, recursion_depth=recursion_depth, damping=damping,
+                              scaling=scaling, num_repeat=num_repeat)
+        return _out(out, single)
+
+    return f
+
+
+def ihvp_lissa(
+    func: Callable[..., Tensor],
+    argnums: int = 0,
+    batch_size: int = 1,
+    num_repeat: int = 1,
+    recursion_depth: int = 5000,
+    damping: float = 0.0,
+    scaling: float = 50.0,
+    collate_fn: Callable[[tuple[Tensor, ...]], Any] | None = None,
+    mode: str = "rev-rev",
+    seed: int = 0,
+) -> Callable[[Sequence[Any], Tensor], Tensor]:
+    """``f(x, v)`` with ``x = (θ, *data)``: LiSSA IHVPs; see :func:`ihvp_at_x_lissa`."""
+    _check_mode(mode)
+
+    def f(x: Sequence[Any], v: Tensor) -> Tensor:
+        x = _check_x_tuple(x, "ihvp_lissa")
+        return ihvp_at_x_lissa(func, *x, argnums=argnums, batch_size=batch_size, num_repeat=num_repeat,
+                               recursion_depth=recursion_depth, damping=damping, scaling=scaling,
+                               collate_fn=collate_fn, mode=mode, seed=seed)(v)
+
+    return f
