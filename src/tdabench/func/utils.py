@@ -66,7 +66,7 @@ class ParamSpec:
             )
         out: dict[str, Tensor] = {}
         offset = 0
-        for name, shape, numel in zip(self.names, self.shapes, self.numels):
+        for name, shape, numel in zip(self.names, self.shapes, self.numels, strict=True):
             out[name] = vec[offset : offset + numel].view(shape)
             offset += numel
         return out
@@ -74,7 +74,7 @@ class ParamSpec:
     def offsets(self, name: str) -> tuple[int, int]:
         """``(start, stop)`` of parameter ``name`` inside the flat vector."""
         offset = 0
-        for n, numel in zip(self.names, self.numels):
+        for n, numel in zip(self.names, self.numels, strict=True):
             if n == name:
                 return offset, offset + numel
             offset += numel
