@@ -17,7 +17,12 @@ from tdabench.benchmark.models import (
     ResNet9,
     count_parameters,
 )
-from tdabench.benchmark.settings import RECIPE_DEFAULTS, BenchmarkSetting, get_setting, list_settings
+from tdabench.benchmark.settings import (
+    RECIPE_DEFAULTS,
+    BenchmarkSetting,
+    get_setting,
+    list_settings,
+)
 from tdabench.benchmark.targets import make_loss_func, make_target_func
 
 __all__ = [

@@ -227,7 +227,7 @@ class NanoGPT(nn.Module):
 
     def forward(self, idx: Tensor) -> Tensor:
         T = idx.shape[-1]
-        if T > self.block_size:
+        if self.block_size < T:
             raise ShapeError(f"sequence length {T} exceeds block_size {self.block_size}; crop the input")
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
@@ -272,12 +272,13 @@ class RelativeSelfAttention(nn.Module):
         self.max_len = max_len
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
-        self.Er = nn.Parameter(torch.randn(max_len, self.d_head) * self.d_head**-0.5)
+        self.Er = nn.Parameter(torch.empty(max_len, self.d_head))
+        nn.init.normal_(self.Er, std=self.d_head**-0.5)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, d = x.shape
-        if T > self.max_len:
+        if self.max_len < T:
             raise ShapeError(f"sequence length {T} exceeds max_len {self.max_len}; crop the input")
         q, k, v = self.qkv(x).split(d, dim=-1)
         q, k, v = (t.view(B, T, self.n_head, self.d_head).transpose(1, 2) for t in (q, k, v))

@@ -17,8 +17,8 @@ from tdabench.errors import ConfigError, DataError, ShapeError
 
 __all__ = [
     "BenchmarkData",
-    "flip_labels",
     "describe_files",
+    "flip_labels",
     "require_path",
     "sha256_file",
     "sha256_tensors",
