@@ -37,6 +37,8 @@ def test_registry_names_and_fields() -> None:
         assert set(s.recipe) == CONTRACT_RECIPE_KEYS == set(RECIPE_DEFAULTS)
         assert s.kind in ("classification", "sequence") and s.metrics
         json.dumps(s.to_dict())
+        assert hash(s) == hash(get_setting(name)) and s == get_setting(name)
+    assert len({get_setting(n) for n in list_settings()}) == len(list_settings())
 
 
 def test_recipes_and_metrics_follow_the_reference() -> None:

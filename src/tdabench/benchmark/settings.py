@@ -251,6 +251,9 @@ class BenchmarkSetting:
         """JSON-able dict of every field (for provenance keys)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
+    def __hash__(self) -> int:  # the dict fields are not hashable; hash the JSON form
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
 
 def _classification(name: str, **kw: Any) -> BenchmarkSetting:
     return BenchmarkSetting(name=name, kind="classification", **kw)
