@@ -1,5 +1,6 @@
 """Functional building blocks: flattening, per-sample gradients, solvers, Hessians."""
 
+from tdabench.func.projection import Projector, make_projector
 from tdabench.func.solvers import (
     EigenBasis,
     arnoldi_basis,
@@ -19,11 +20,13 @@ from tdabench.func.utils import (
 __all__ = [
     "EigenBasis",
     "ParamSpec",
+    "Projector",
     "arnoldi_basis",
     "conjugate_gradient",
     "dense_from_matvec",
     "flatten_params",
     "lissa_recursion",
+    "make_projector",
     "per_sample_grads",
     "per_sample_values",
     "solve_dense",
