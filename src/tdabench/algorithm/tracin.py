@@ -102,7 +102,9 @@ class TracInAttributor(BaseAttributor):
 
     # ------------------------------------------------------------------ helpers
     def _projector(self, index: int) -> Projector | None:
-        return projector_from_kwargs(self.projector_kwargs, self.spec.dim, index, self.device, self.dtype)
+        return projector_from_kwargs(
+            self.projector_kwargs, self.spec.dim, index, self.device, self.dtype
+        )
 
     def _transform(self, g: Tensor, projector: Projector | None) -> Tensor:
         if projector is not None:
@@ -111,8 +113,12 @@ class TracInAttributor(BaseAttributor):
             g = g / g.norm(dim=1, keepdim=True).clamp_min(_EPS_NORM)
         return g
 
-    def _features(self, flat: Tensor, batch: Batch, which: str, index: int, projector: Projector | None) -> Tensor:
-        g = self.task.per_sample_grads(flat, batch, which=which, index=index, layer_name=self.layer_name)
+    def _features(
+        self, flat: Tensor, batch: Batch, which: str, index: int, projector: Projector | None
+    ) -> Tensor:
+        g = self.task.per_sample_grads(
+            flat, batch, which=which, index=index, layer_name=self.layer_name
+        )
         return self._transform(g, projector)
 
     def _target_is_loss(self) -> bool:
@@ -134,16 +140,24 @@ class TracInAttributor(BaseAttributor):
             Tensor ``(n_train, n_test)`` on ``device``; high = the training sample helps.
         """
         scores: Tensor | None = None
-        for w, index in zip(self.weights, self.checkpoint_indices):
+        for w, index in zip(self.weights, self.checkpoint_indices, strict=True):
             projector = self._projector(index)
             flat = self._params(index)
             test = torch.cat(
-                [self._features(flat, b, "target", index, projector) for b in self._batches(test_loader, "test loader")]
+                [
+                    self._features(flat, b, "target", index, projector)
+                    for b in self._batches(test_loader, "test loader")
+                ]
             )
             batches = tqdm(
-                self._batches(train_loader, "train loader"), desc=f"TracIn ckpt {index}", disable=None, leave=False
+                self._batches(train_loader, "train loader"),
+                desc=f"TracIn ckpt {index}",
+                disable=None,
+                leave=False,
             )
-            term = torch.cat([self._features(flat, b, "loss", index, projector) @ test.T for b in batches]).mul_(w)
+            term = torch.cat(
+                [self._features(flat, b, "loss", index, projector) @ test.T for b in batches]
+            ).mul_(w)
             if scores is None:
                 scores = term
             elif scores.shape != term.shape:
@@ -164,17 +178,23 @@ class TracInAttributor(BaseAttributor):
             Tensor ``(n_train,)`` on ``device``.
         """
         total: Tensor | None = None
-        for w, index in zip(self.weights, self.checkpoint_indices):
+        for w, index in zip(self.weights, self.checkpoint_indices, strict=True):
             projector = self._projector(index)
             flat = self._params(index)
             parts = []
             for batch in self._batches(train_loader, "train loader"):
                 g = self._features(flat, batch, "loss", index, projector)
-                t = g if self._target_is_loss() else self._features(flat, batch, "target", index, projector)
+                t = (
+                    g
+                    if self._target_is_loss()
+                    else self._features(flat, batch, "target", index, projector)
+                )
                 parts.append((g * t).sum(dim=1).mul_(w))
             values = torch.cat(parts)
             if total is not None and total.shape != values.shape:
-                raise DataError("the train loader yielded a different number of samples on a later checkpoint; fix its order/size")
+                raise DataError(
+                    "the train loader yielded a different number of samples on a later checkpoint; fix its order/size"
+                )
             total = values if total is None else total + values
         assert total is not None
         return check_finite(total, "TracIn self-influence")
@@ -192,8 +212,14 @@ class TracInAttributor(BaseAttributor):
 
 def _resolve_index(task: AttributionTask, checkpoint_index: int) -> int:
     n = task.num_checkpoints
-    if isinstance(checkpoint_index, bool) or not isinstance(checkpoint_index, int) or not -n <= checkpoint_index < n:
-        raise ConfigError(f"checkpoint_index must be an integer in [{-n}, {n - 1}], got {checkpoint_index!r}")
+    if (
+        isinstance(checkpoint_index, bool)
+        or not isinstance(checkpoint_index, int)
+        or not -n <= checkpoint_index < n
+    ):
+        raise ConfigError(
+            f"checkpoint_index must be an integer in [{-n}, {n - 1}], got {checkpoint_index!r}"
+        )
     return checkpoint_index % n
 
 
@@ -221,7 +247,9 @@ class GradDotAttributor(TracInAttributor):
         checkpoint_index: int = -1,
     ) -> None:
         BaseAttributor.__init__(self, task, layer_name, device)
-        self._setup([_resolve_index(task, checkpoint_index)], [1.0], self._normalized, projector_kwargs)
+        self._setup(
+            [_resolve_index(task, checkpoint_index)], [1.0], self._normalized, projector_kwargs
+        )
 
 
 class GradCosAttributor(GradDotAttributor):

@@ -78,9 +78,13 @@ class TRAKAttributor(BaseAttributor):
         try:
             reg = float(regularization)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"regularization must be a number >= 0, got {regularization!r}") from exc
+            raise ConfigError(
+                f"regularization must be a number >= 0, got {regularization!r}"
+            ) from exc
         if not reg >= 0.0 or reg == float("inf"):
-            raise ConfigError(f"regularization must be a finite number >= 0, got {regularization!r}")
+            raise ConfigError(
+                f"regularization must be a finite number >= 0, got {regularization!r}"
+            )
         self.correct_probability_func = correct_probability_func
         self.regularization = reg
         self.projector_kwargs = resolve_projector_kwargs(projector_kwargs, TRAK_DEFAULT_PROJECTOR)
@@ -89,13 +93,19 @@ class TRAKAttributor(BaseAttributor):
 
     # ------------------------------------------------------------------ helpers
     def _projector(self, index: int) -> Projector:
-        proj = projector_from_kwargs(self.projector_kwargs, self.spec.dim, index, self.device, self.dtype)
+        proj = projector_from_kwargs(
+            self.projector_kwargs, self.spec.dim, index, self.device, self.dtype
+        )
         assert proj is not None
         return proj
 
     def _prob_func(self, index: int) -> Callable[[Tensor, Batch], Tensor]:
         spec = self.spec
-        fixed = {n: t.to(self.device) for n, t in self.task.get_params(index).items() if n not in spec.names}
+        fixed = {
+            n: t.to(self.device)
+            for n, t in self.task.get_params(index).items()
+            if n not in spec.names
+        }
         user = self.correct_probability_func
 
         def f(flat: Tensor, data: Batch) -> Tensor:
@@ -106,12 +116,16 @@ class TRAKAttributor(BaseAttributor):
         return f
 
     def _phi(self, flat: Tensor, batch: Batch, index: int, projector: Projector) -> Tensor:
-        g = self.task.per_sample_grads(flat, batch, which="target", index=index, layer_name=self.layer_name)
+        g = self.task.per_sample_grads(
+            flat, batch, which="target", index=index, layer_name=self.layer_name
+        )
         return projector.project(g)
 
     def _one_minus_p(self, flat: Tensor, batch: Batch, index: int) -> Tensor:
         p = per_sample_values(self._prob_func(index), flat, batch)
-        check_finite(p, "correct_probability_func output", "return finite probabilities of the true class")
+        check_finite(
+            p, "correct_probability_func output", "return finite probabilities of the true class"
+        )
         if bool(((p < -_PROB_TOL) | (p > 1 + _PROB_TOL)).any()):
             raise ConfigError(
                 f"correct_probability_func returned values outside [0, 1] (min {float(p.min()):.4g}, "
@@ -122,32 +136,46 @@ class TRAKAttributor(BaseAttributor):
     def _train_terms(self, loader: Iterable[Batch], index: int, projector: Projector, what: str):
         """Yield ``(phi (B, k), 1 - p (B,))`` per batch of ``loader`` at checkpoint ``index``."""
         flat = self._params(index)
-        batches = tqdm(self._batches(loader, what), desc=f"TRAK ckpt {index}", disable=None, leave=False)
+        batches = tqdm(
+            self._batches(loader, what), desc=f"TRAK ckpt {index}", disable=None, leave=False
+        )
         for batch in batches:
             yield self._phi(flat, batch, index, projector), self._one_minus_p(flat, batch, index)
 
     # ------------------------------------------------------------------ API
     def cache(self, full_train_loader: Iterable[Batch]) -> None:
         """Compute ``(Phi_k^T Phi_k + lambda I)^{-1}`` for every checkpoint from the full
-        training set (``proj_dim x proj_dim`` each)."""
+        training set (``proj_dim x proj_dim`` each, accumulated and inverted in float64 by
+        Cholesky; kernels are applied in float64 and scores cast back to the model dtype).
+
+        Raises:
+            ConfigError: if a kernel is singular to float64 precision (its Cholesky pivots
+                span more than ``1 / (proj_dim * eps)``): set ``regularization > 0`` or lower ``proj_dim``.
+        """
         inverses = []
         n = None
         for index in range(self.task.num_checkpoints):
             projector = self._projector(index)
             flat = self._params(index)
             k = projector.proj_dim
-            xtx = torch.zeros(k, k, dtype=self.dtype, device=self.device)
+            xtx = torch.zeros(k, k, dtype=torch.float64, device=self.device)
             count = 0
             for batch in self._batches(full_train_loader, "full train loader"):
-                phi = self._phi(flat, batch, index, projector)
+                phi = self._phi(flat, batch, index, projector).to(torch.float64)
                 xtx.addmm_(phi.T, phi)
                 count += phi.shape[0]
             if n is not None and count != n:
-                raise DataError("the full train loader yielded a different number of samples on a later pass; fix its size")
+                raise DataError(
+                    "the full train loader yielded a different number of samples on a later pass; fix its size"
+                )
             n = count
             xtx.diagonal().add_(self.regularization)
             chol, info = torch.linalg.cholesky_ex(xtx)
-            if int(info) != 0:
+            diag = chol.diagonal()
+            if (
+                int(info) != 0
+                or float(diag.min() / diag.max()) ** 2 < k * torch.finfo(torch.float64).eps
+            ):
                 raise ConfigError(
                     f"Phi^T Phi + {self.regularization} I of checkpoint {index} is singular ({count} training "
                     f"samples, {k} projected dimensions); set regularization > 0 or use proj_dim < {count}"
@@ -181,23 +209,32 @@ class TRAKAttributor(BaseAttributor):
         for index, inv in enumerate(self._xtx_inv):
             projector = self._projector(index)
             flat = self._params(index)
-            test = torch.cat([self._phi(flat, b, index, projector) for b in self._batches(test_loader, "test loader")])
+            test = torch.cat(
+                [
+                    self._phi(flat, b, index, projector)
+                    for b in self._batches(test_loader, "test loader")
+                ]
+            )
+            test = test.to(torch.float64)
             test_x = test @ inv  # (n_test, k); inv is symmetric
             ks, qs = [], []
             for phi, q in self._train_terms(train_loader, index, projector, "train loader"):
-                ks.append(phi @ test_x.T)
+                ks.append(phi.to(torch.float64) @ test_x.T)
                 qs.append(q)
             k_term, q_term = torch.cat(ks), torch.cat(qs)
             if kernel is None:
                 kernel, q_sum = k_term, q_term
             elif kernel.shape != k_term.shape:
-                raise DataError("the loaders yielded a different number of samples on a later checkpoint; fix their order/size")
+                raise DataError(
+                    "the loaders yielded a different number of samples on a later checkpoint; fix their order/size"
+                )
             else:
                 kernel += k_term
                 q_sum += q_term
         assert kernel is not None and q_sum is not None
         m = len(self._xtx_inv)
-        return check_finite(kernel.div_(m).mul_((q_sum / m).unsqueeze(1)), "TRAK scores")
+        scores = kernel.div_(m).mul_((q_sum.to(torch.float64) / m).unsqueeze(1))
+        return check_finite(scores.to(self.dtype), "TRAK scores")
 
     def self_attribute(self, train_loader: Iterable[Batch]) -> Tensor:
         """``mean_k phi_k(i) X_k phi_k(i)  *  mean_k (1 - p_k(i))``: the diagonal of
@@ -209,19 +246,23 @@ class TRAKAttributor(BaseAttributor):
             projector = self._projector(index)
             ks, qs = [], []
             for phi, q in self._train_terms(train_loader, index, projector, "train loader"):
+                phi = phi.to(torch.float64)
                 ks.append(((phi @ inv) * phi).sum(dim=1))
                 qs.append(q)
             k_term, q_term = torch.cat(ks), torch.cat(qs)
             if kernel is None:
                 kernel, q_sum = k_term, q_term
             elif kernel.shape != k_term.shape:
-                raise DataError("the train loader yielded a different number of samples on a later checkpoint")
+                raise DataError(
+                    "the train loader yielded a different number of samples on a later checkpoint"
+                )
             else:
                 kernel += k_term
                 q_sum += q_term
         assert kernel is not None and q_sum is not None
         m = len(self._xtx_inv)
-        return check_finite(kernel.div_(m).mul_(q_sum / m), "TRAK self-influence")
+        scores = kernel.div_(m).mul_(q_sum.to(torch.float64) / m)
+        return check_finite(scores.to(self.dtype), "TRAK self-influence")
 
     def hyperparameters(self) -> dict[str, Any]:
         out = super().hyperparameters()

@@ -120,7 +120,9 @@ class Projector:
         self.dtype = dtype
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device {str(device)!r} requested but CUDA is not available; pass device='cpu'")
+            raise ConfigError(
+                f"device {str(device)!r} requested but CUDA is not available; pass device='cpu'"
+            )
         self.peak_chunk_bytes = 0
         self._matrix: Tensor | None = None
         if proj_type == "identity":
@@ -136,7 +138,9 @@ class Projector:
             raise ConfigError(f"a {proj_type} projector needs proj_dim (an integer >= 1), got None")
         self.proj_dim = _check_int(proj_dim, "proj_dim", 1)
         self.block_rows = (
-            default_block_rows(self.proj_dim) if block_rows is None else _check_int(block_rows, "block_rows", 1)
+            default_block_rows(self.proj_dim)
+            if block_rows is None
+            else _check_int(block_rows, "block_rows", 1)
         )
         item = torch.empty((), dtype=dtype).element_size()
         row_bytes = self.proj_dim * item
@@ -149,7 +153,9 @@ class Projector:
                 f"with its float64 scratch); raise max_chunk_bytes to at least {one_block} or lower proj_dim"
             )
         n_blocks = math.ceil(self.feature_dim / self.block_rows)
-        per_chunk = max(1, min(n_blocks, (self.max_chunk_bytes - scratch) // (self.block_rows * row_bytes)))
+        per_chunk = max(
+            1, min(n_blocks, (self.max_chunk_bytes - scratch) // (self.block_rows * row_bytes))
+        )
         self.chunk_rows = min(self.feature_dim, per_chunk * self.block_rows)
         self._generator = torch.Generator(device=self.device)
 
@@ -169,9 +175,13 @@ class Projector:
         shape = (rows, self.proj_dim)
         scale = 1.0 / math.sqrt(self.proj_dim)
         if self.proj_type == "gaussian":
-            out = torch.randn(shape, generator=self._generator, dtype=torch.float64, device=self.device)
+            out = torch.randn(
+                shape, generator=self._generator, dtype=torch.float64, device=self.device
+            )
             return out.mul_(scale)
-        out = torch.empty(shape, dtype=torch.float64, device=self.device).bernoulli_(0.5, generator=self._generator)
+        out = torch.empty(shape, dtype=torch.float64, device=self.device).bernoulli_(
+            0.5, generator=self._generator
+        )
         return out.mul_(2.0 * scale).sub_(scale)
 
     def _make_chunk(self, start: int, stop: int) -> Tensor:
@@ -208,7 +218,9 @@ class Projector:
         if self.proj_type == "identity":
             return torch.eye(self.feature_dim, dtype=self.dtype, device=self.device)
         if self.chunk_rows < self.feature_dim:
-            need = self.feature_dim * self.proj_dim * torch.empty((), dtype=self.dtype).element_size()
+            need = (
+                self.feature_dim * self.proj_dim * torch.empty((), dtype=self.dtype).element_size()
+            )
             raise MemoryLimitError(
                 f"the {self.feature_dim} x {self.proj_dim} projection matrix needs {need} bytes, over "
                 f"max_chunk_bytes={self.max_chunk_bytes}; use project() (which works chunk by chunk) "
@@ -219,8 +231,14 @@ class Projector:
     # ------------------------------------------------------------------ projection
     def project(self, features: Tensor) -> Tensor:
         """Project ``features`` of shape ``(B, d)`` to ``(B, k)`` (in ``dtype`` on ``device``)."""
-        if not isinstance(features, Tensor) or features.dim() != 2 or features.shape[1] != self.feature_dim:
-            shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+        if (
+            not isinstance(features, Tensor)
+            or features.dim() != 2
+            or features.shape[1] != self.feature_dim
+        ):
+            shape = (
+                tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+            )
             raise ShapeError(
                 f"the projector expects features of shape (B, {self.feature_dim}), got {shape}; "
                 "flatten per-sample gradients to one row per sample"
@@ -283,7 +301,9 @@ def make_projector(
     Raises:
         ConfigError: for a bad type, dimension or seed, or a budget below one block.
     """
-    return Projector(feature_dim, proj_dim, seed, proj_type, device, dtype, max_chunk_bytes, block_rows)
+    return Projector(
+        feature_dim, proj_dim, seed, proj_type, device, dtype, max_chunk_bytes, block_rows
+    )
 
 
 def resolve_projector_kwargs(
@@ -303,14 +323,21 @@ def resolve_projector_kwargs(
     if projector_kwargs is None and defaults is None:
         return None
     if not isinstance(projector_kwargs, (Mapping, type(None))):
-        raise ConfigError(f"projector_kwargs must be a dict or None, got {type(projector_kwargs).__name__}")
+        raise ConfigError(
+            f"projector_kwargs must be a dict or None, got {type(projector_kwargs).__name__}"
+        )
     given = dict(projector_kwargs or {})
     unknown = sorted(set(given) - set(PROJECTOR_KWARGS))
     if unknown:
         raise ConfigError(
             f"unknown projector_kwargs {unknown}; accepted keys are {list(PROJECTOR_KWARGS)}"
         )
-    base = {"proj_dim": 512, "proj_type": "gaussian", "seed": 0, "max_chunk_bytes": DEFAULT_MAX_CHUNK_BYTES}
+    base = {
+        "proj_dim": 512,
+        "proj_type": "gaussian",
+        "seed": 0,
+        "max_chunk_bytes": DEFAULT_MAX_CHUNK_BYTES,
+    }
     base.update(defaults or {})
     if given.get("proj_type", base["proj_type"]) == "identity" and "proj_dim" not in given:
         base["proj_dim"] = None
