@@ -167,3 +167,16 @@ def test_bad_input():
         RPSAttributor(task, "fc2", l2_strength=0.0)
     with pytest.raises(ConfigError, match="epoch"):
         RPSAttributor(task, "fc2", epoch=0)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    _, task, train, test, _, _ = _setup()
+    tr, te = DataLoader(train, batch_size=8), DataLoader(test, batch_size=8)
+    cpu = RPSAttributor(task, "fc2", l2_strength=LAM, epoch=300)
+    gpu = RPSAttributor(task, "fc2", l2_strength=LAM, epoch=300, device="cuda")
+    cpu.cache(tr)
+    gpu.cache(tr)
+    torch.testing.assert_close(
+        gpu.attribute(tr, te).cpu(), cpu.attribute(tr, te), rtol=1e-8, atol=1e-10
+    )

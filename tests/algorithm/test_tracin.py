@@ -218,3 +218,20 @@ def test_bad_input():
         GradCosAttributor(task, checkpoint_index=3)
     with pytest.raises(ConfigError, match="layer_name"):
         GradDotAttributor(task, layer_name="fc9")
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    model, ckpts, train, test = _setup(num_ckpt=2)
+    task = AttributionTask(_loss(model), model, ckpts)
+    tr, te = _loaders(train, test)
+    cpu = TracInAttributor(task, [0.5, 0.5]).attribute(tr, te)
+    gpu = TracInAttributor(task, [0.5, 0.5], device="cuda").attribute(tr, te)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-10, atol=1e-12)
+    # a projected run on CUDA is deterministic across memory budgets
+    kw = {"proj_dim": 5, "seed": 1}
+    a = TracInAttributor(task, [0.5, 0.5], projector_kwargs=kw, device="cuda").attribute(tr, te)
+    b = TracInAttributor(
+        task, [0.5, 0.5], projector_kwargs={**kw, "max_chunk_bytes": 10**6}, device="cuda"
+    )
+    torch.testing.assert_close(b.attribute(tr, te), a, rtol=1e-10, atol=1e-12)

@@ -184,3 +184,53 @@ def test_bad_input():
     bad.cache(tr)
     with pytest.raises(ConfigError, match=r"\[0, 1\]"):
         bad.attribute(tr, te)
+
+
+def test_float32_model_agrees_with_float64_and_settings_do_not_leak():
+    _, ckpts, task64, prob64, train, test = _setup(num_ckpt=2, hidden=True)
+    torch.manual_seed(0)
+    model32 = _model(True).float()
+
+    def margin32(params, data):
+        logp = torch.log_softmax(functional_call(model32, params, (data[0],)), 1).gather(
+            1, data[1][:, None]
+        )
+        return (logp - torch.log1p(-torch.exp(logp))).mean()
+
+    def prob32(params, data):
+        logits = functional_call(model32, params, (data[0],))
+        return torch.softmax(logits, 1).gather(1, data[1][:, None]).mean()
+
+    ckpts32 = [{k: v.float() for k, v in c.items()} for c in ckpts]
+    task32 = AttributionTask(margin32, model32, ckpts32, target_func=margin32)
+    kw = {"proj_dim": 6, "seed": 2}
+    a64 = TRAKAttributor(task64, prob64, projector_kwargs=kw)
+    a32 = TRAKAttributor(task32, prob32, projector_kwargs=kw)
+    tr, te = _loaders(train, test)
+    a64.cache(tr)
+    tr32 = DataLoader(TensorDataset(train.tensors[0].float(), train.tensors[1]), batch_size=7)
+    te32 = DataLoader(TensorDataset(test.tensors[0].float(), test.tensors[1]), batch_size=2)
+    a32.cache(tr32)
+    s64, s32 = a64.attribute(tr, te), a32.attribute(tr32, te32)
+    assert s32.dtype == torch.float32
+    torch.testing.assert_close(s32.double(), s64, rtol=1e-3, atol=1e-3 * float(s64.abs().max()))
+    # per-instance projector settings: a later attributor gets the defaults, not kw
+    assert TRAKAttributor(task64, prob64).projector_kwargs["proj_dim"] == 512
+    assert kw == {"proj_dim": 6, "seed": 2}
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu_identity_projection():
+    _, _ckpts, task, prob, train, test = _setup(num_ckpt=2, hidden=True)
+    tr, te = _loaders(train, test)
+    kw = {"proj_type": "identity"}
+    cpu = TRAKAttributor(task, prob, projector_kwargs=kw, regularization=0.1)
+    gpu = TRAKAttributor(task, prob, projector_kwargs=kw, regularization=0.1, device="cuda")
+    cpu.cache(tr)
+    gpu.cache(tr)
+    torch.testing.assert_close(
+        gpu.attribute(tr, te).cpu(), cpu.attribute(tr, te), rtol=1e-8, atol=1e-10
+    )
+    torch.testing.assert_close(
+        gpu.self_attribute(tr).cpu(), cpu.self_attribute(tr), rtol=1e-8, atol=1e-10
+    )
