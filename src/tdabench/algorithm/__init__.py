@@ -2,5 +2,17 @@
 ``self_attribute(train) -> (n_train,)``."""
 
 from tdabench.algorithm.base import BaseAttributor
+from tdabench.algorithm.influence_function import (
+    IFAttributorArnoldi,
+    IFAttributorCG,
+    IFAttributorExplicit,
+    IFAttributorLiSSA,
+)
 
-__all__ = ["BaseAttributor"]
+__all__ = [
+    "BaseAttributor",
+    "IFAttributorArnoldi",
+    "IFAttributorCG",
+    "IFAttributorExplicit",
+    "IFAttributorLiSSA",
+]
