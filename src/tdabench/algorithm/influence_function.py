@@ -6,14 +6,21 @@ Every class here computes, for each checkpoint of the task and then averaged ove
 
     \\text{score}[i, j] = \\nabla_\\theta t(z^{test}_j)^\\top (H + \\lambda I)^{-1} \\nabla_\\theta \\ell(z^{train}_i)
 
-where ``t`` is the task's target function, ``ℓ`` its loss function and ``H`` the Hessian of
+where ``t`` is the task's target function, ``L`` its loss function and ``H`` the Hessian of
 the **mean** training loss over every sample of the loader passed to :meth:`cache`
-(``H = (1/n) Σ_i ∇²ℓ(z_i)``). Each sample's loss is evaluated as a batch of one, so ``H``
+(``H = (1/n) Σ_i ∇²L(z_i)``). Each sample's loss is evaluated as a batch of one, so ``H``
 does not depend on how the loss function reduces a batch or on how the cache loader is
 batched. A high score means the training sample helps the test sample: removing
-``z_i`` from a mean objective ``(1/n) Σ ℓ + R(θ)`` raises the test target by about
-``score[i, j] / n``. To include an L2 penalty ``(λ/2)||θ||²`` of the training objective,
-pass ``regularization=λ`` (or put the penalty in ``loss_func``; both give the same ``H``).
+``z_i`` from a mean objective ``(1/n) Σ L + R(θ)`` raises the test target by about
+``score[i, j] / n``.
+
+An L2 penalty ``(λ/2)||θ||²`` of the training objective ``(1/n) Σ L + (λ/2)||θ||²`` belongs
+in ``H``: pass ``regularization=λ`` with a ``loss_func`` that is the data loss only (the
+usual choice), or put the penalty inside ``loss_func`` (``L_i + (λ/2)||θ||²``, same ``H``).
+The second route also adds ``λθ`` to every training gradient, i.e. it models removing a
+sample *together with its 1/n share of the penalty*; that shifts each test column by the
+constant ``∇t(z_j)ᵀ(H + λI)^{-1} λθ``, which leaves per-test rankings, LOO and LDS
+correlations unchanged. Keep the penalty out of ``target_func`` in either case.
 
 The methods differ only in how they apply ``(H + λI)^{-1}``:
 
@@ -25,7 +32,9 @@ The methods differ only in how they apply ``(H + λI)^{-1}``:
 
 :meth:`attribute` transforms the test side once per checkpoint (all test gradients go
 through one batched solve, in chunks of :attr:`rhs_chunk_size` rows), then streams over
-the training batches computing ``G_train @ X_testᵀ``.
+the training batches computing ``G_train @ X_testᵀ``. ``self_attribute`` uses the target
+gradient on the "test" side too, so it is exactly the diagonal of
+``attribute(train, train)``.
 """
 
 from __future__ import annotations
@@ -73,12 +82,20 @@ Matvec = Callable[[Tensor], Tensor]
 # ---------------------------------------------------------------------- validation helpers
 def _check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}; pass e.g. {name}={max(minimum, 1)}")
+        raise ConfigError(
+            f"{name} must be an integer >= {minimum}, got {value!r}; pass e.g. {name}={max(minimum, 1)}"
+        )
     return int(value)
 
 
-def _check_float(name: str, value: Any, minimum: float = 0.0, strict: bool = False, fix: str = "") -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+def _check_float(
+    name: str, value: Any, minimum: float = 0.0, strict: bool = False, fix: str = ""
+) -> float:
+    ok = (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+    )
     if ok:
         ok = float(value) > minimum if strict else float(value) >= minimum
     if not ok:
@@ -91,7 +108,9 @@ def _check_float(name: str, value: Any, minimum: float = 0.0, strict: bool = Fal
 
 def _check_mode(mode: Any) -> str:
     if mode not in HVP_MODES:
-        raise ConfigError(f"mode must be one of {HVP_MODES} (how Hessian-vector products are computed), got {mode!r}")
+        raise ConfigError(
+            f"mode must be one of {HVP_MODES} (how Hessian-vector products are computed), got {mode!r}"
+        )
     return str(mode)
 
 
@@ -156,17 +175,30 @@ class _IFAttributorBase(BaseAttributor):
 
     requires_cache = True
 
-    #: Largest number of right-hand sides pushed through one solver run; more test (or
-    #: train) gradients are solved in chunks of this many rows.
-    rhs_chunk_size: int = 256
+    #: Largest number of right-hand sides pushed through one iterative solver run; more
+    #: test (or train) gradients are solved in chunks of this many rows. ``None`` (default)
+    #: picks as many rows as keep the solver's vectors (about 6 per row, ``d`` entries each)
+    #: within :attr:`solver_memory_bytes`, between 1 and 1024. Lower it if the batched
+    #: Hessian-vector products run out of memory (each row also carries activations).
+    rhs_chunk_size: int | None = None
+    #: Memory budget of the solver state used when ``rhs_chunk_size`` is ``None`` (1 GiB).
+    solver_memory_bytes: int = 2**30
 
-    def __init__(self, task: AttributionTask, layer_name: LayerName = None, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        task: AttributionTask,
+        layer_name: LayerName = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
         super().__init__(task, layer_name=layer_name, device=device)
         self._train_batches: list[Batch] = []
         self._n_cached = 0
+        self._pool: Batch | None = None
 
     # ----------------------------------------------------------------- operators
-    def _hvp_mean(self, index: int, batches: Iterable[Batch], n: int, mode: str, V: Tensor) -> Tensor:
+    def _hvp_mean(
+        self, index: int, batches: Iterable[Batch], n: int, mode: str, V: Tensor
+    ) -> Tensor:
         """``H V`` row-wise for the Hessian of the mean loss over ``batches`` (``n`` samples)."""
         flat = self._params(index)
         out = torch.zeros_like(V)
@@ -185,14 +217,21 @@ class _IFAttributorBase(BaseAttributor):
 
     def _ihvp(self, index: int, V: Tensor) -> Tensor:
         """:meth:`_solve` in chunks of :attr:`rhs_chunk_size` rows; checks finiteness."""
-        chunk = max(1, int(self.rhs_chunk_size))
+        chunk = self._chunk_rows()
         parts = [self._solve(index, V[s : s + chunk]) for s in range(0, V.shape[0], chunk)]
         X = torch.cat(parts, dim=0)
         return check_finite(
-            X, f"inverse-Hessian-vector product ({type(self).__name__}, checkpoint {index})",
+            X,
+            f"inverse-Hessian-vector product ({type(self).__name__}, checkpoint {index})",
             fix="the Hessian is (near) singular or the solver diverged: pass regularization > 0 "
             "(LiSSA: raise scaling or damping)",
         )
+
+    def _chunk_rows(self) -> int:
+        if self.rhs_chunk_size is not None:
+            return max(1, int(self.rhs_chunk_size))
+        per_row = 6 * self.spec.dim * torch.empty((), dtype=self.dtype).element_size()
+        return int(min(1024, max(1, self.solver_memory_bytes // max(per_row, 1))))
 
     # ----------------------------------------------------------------- API
     def cache(self, full_train_loader: Iterable[Batch]) -> None:
@@ -213,8 +252,12 @@ class _IFAttributorBase(BaseAttributor):
         self._cached = False
         batches: list[Batch] = []
         n = 0
-        for batch in tqdm(self._batches(full_train_loader, "cache (full training) loader"), desc="IF cache: data",
-                          disable=None, leave=False):
+        for batch in tqdm(
+            self._batches(full_train_loader, "cache (full training) loader"),
+            desc="IF cache: data",
+            disable=None,
+            leave=False,
+        ):
             _check_tensor_batch(batch)
             b = batch_size_of(batch)
             if b == 0:
@@ -222,20 +265,31 @@ class _IFAttributorBase(BaseAttributor):
             batches.append(batch)
             n += b
         if n == 0:
-            raise DataError("the cache (full training) loader holds no sample; pass a DataLoader over the training set")
+            raise DataError(
+                "the cache (full training) loader holds no sample; pass a DataLoader over the training set"
+            )
         self._train_batches = batches
         self._n_cached = n
-        self._pool: Batch | None = None
+        self._pool = None
         for k in range(self.task.num_checkpoints):
             flat = self._params(k)
             for bi, batch in enumerate(batches):
                 vals = self.task.per_sample_values(flat, batch, "loss", k, self.layer_name)
-                check_finite(vals, f"training loss at checkpoint {k}, cache batch {bi}",
-                             fix="check the checkpoint, the data (NaN inputs?) and the loss function")
+                check_finite(
+                    vals,
+                    f"training loss at checkpoint {k}, cache batch {bi}",
+                    fix="check the checkpoint, the data (NaN inputs?) and the loss function",
+                )
             self._prepare(k)
         self._cached = True
-        logger.info("%s cached %d samples in %d batches for %d checkpoint(s) in %.2fs", type(self).__name__, n,
-                    len(batches), self.task.num_checkpoints, time.perf_counter() - start)
+        logger.info(
+            "%s cached %d samples in %d batches for %d checkpoint(s) in %.2fs",
+            type(self).__name__,
+            n,
+            len(batches),
+            self.task.num_checkpoints,
+            time.perf_counter() - start,
+        )
 
     def attribute(self, train_loader: Iterable[Batch], test_loader: Iterable[Batch]) -> Tensor:
         """Influence scores of every training sample on every test sample.
@@ -259,8 +313,12 @@ class _IFAttributorBase(BaseAttributor):
             x_test = self._ihvp(k, g_test)
             blocks = [
                 g_train @ x_test.T
-                for g_train in tqdm(self._grads(train_loader, "loss", k, "train loader"),
-                                    desc=f"IF attribute (ckpt {k})", disable=None, leave=False)
+                for g_train in tqdm(
+                    self._grads(train_loader, "loss", k, "train loader"),
+                    desc=f"IF attribute (ckpt {k})",
+                    disable=None,
+                    leave=False,
+                )
             ]
             scores = torch.cat(blocks, dim=0)
             total = self._accumulate(total, scores, "train loader")
@@ -268,7 +326,7 @@ class _IFAttributorBase(BaseAttributor):
         return total / K
 
     def self_attribute(self, train_loader: Iterable[Batch]) -> Tensor:
-        """Self-influence ``∇t(z_i)ᵀ (H + λI)^{-1} ∇ℓ(z_i)`` of each training sample.
+        """Self-influence ``∇t(z_i)ᵀ (H + λI)^{-1} ∇L(z_i)`` of each training sample.
 
         Equals the diagonal of ``attribute(train_loader, train_loader)`` (the target
         gradient plays the test side, as there). Works batch by batch, so any number of
@@ -284,10 +342,18 @@ class _IFAttributorBase(BaseAttributor):
         for k in range(K):
             flat = self._params(k)
             parts = []
-            for batch in tqdm(self._batches(train_loader, "train loader"), desc=f"IF self-attribute (ckpt {k})",
-                              disable=None, leave=False):
+            for batch in tqdm(
+                self._batches(train_loader, "train loader"),
+                desc=f"IF self-attribute (ckpt {k})",
+                disable=None,
+                leave=False,
+            ):
                 g_loss = self.task.per_sample_grads(flat, batch, "loss", k, self.layer_name)
-                g_tgt = g_loss if same else self.task.per_sample_grads(flat, batch, "target", k, self.layer_name)
+                g_tgt = (
+                    g_loss
+                    if same
+                    else self.task.per_sample_grads(flat, batch, "target", k, self.layer_name)
+                )
                 parts.append((g_loss * self._ihvp(k, g_tgt)).sum(dim=1))
             total = self._accumulate(total, torch.cat(parts), "train loader")
         assert total is not None
@@ -354,11 +420,20 @@ class IFAttributorExplicit(_IFAttributorBase):
         check_dense_size(d, self.dtype, self.max_dense_bytes)
         flat = self._params(index)
         H = torch.zeros(d, d, dtype=flat.dtype, device=self.device)
-        for batch in tqdm(self._train_batches, desc=f"IF explicit Hessian (ckpt {index})", disable=None, leave=False):
+        for batch in tqdm(
+            self._train_batches,
+            desc=f"IF explicit Hessian (ckpt {index})",
+            disable=None,
+            leave=False,
+        ):
             f = self.task.summed_loss(batch, index, self.layer_name, device=self.device)
             H += dense_from_matvec(_batch_hvp(f, flat, "rev-rev"), d, flat.dtype, self.device)
         H /= self._n_cached
-        check_finite(H, f"explicit Hessian at checkpoint {index}", fix="check the model and data (float64 helps)")
+        check_finite(
+            H,
+            f"explicit Hessian at checkpoint {index}",
+            fix="check the model and data (float64 helps)",
+        )
         H = 0.5 * (H + H.T)
         if self.regularization:
             H.diagonal().add_(self.regularization)
@@ -370,7 +445,9 @@ class IFAttributorExplicit(_IFAttributorBase):
         del L
         logger.warning(
             "H + %.3g I at checkpoint %d is not positive definite; using an LU solve (raise regularization "
-            "for a convex local model)", self.regularization, index,
+            "for a convex local model)",
+            self.regularization,
+            index,
         )
         LU, piv, info = torch.linalg.lu_factor_ex(H)
         if int(info) != 0:
@@ -390,7 +467,9 @@ class IFAttributorExplicit(_IFAttributorBase):
         out = super().hyperparameters()
         out.update(
             regularization=self.regularization,
-            max_dense_bytes=self.max_dense_bytes if self.max_dense_bytes is not None else DEFAULT_MAX_DENSE_BYTES,
+            max_dense_bytes=self.max_dense_bytes
+            if self.max_dense_bytes is not None
+            else DEFAULT_MAX_DENSE_BYTES,
         )
         return out
 
@@ -438,11 +517,15 @@ class IFAttributorCG(_IFAttributorBase):
         def matvec(P: Tensor) -> Tensor:
             return self._hvp_mean(index, self._train_batches, self._n_cached, self.mode, P)
 
-        return conjugate_gradient(matvec, V, max_iter=self.max_iter, tol=self.tol, regularization=self.regularization)
+        return conjugate_gradient(
+            matvec, V, max_iter=self.max_iter, tol=self.tol, regularization=self.regularization
+        )
 
     def hyperparameters(self) -> dict[str, Any]:
         out = super().hyperparameters()
-        out.update(max_iter=self.max_iter, tol=self.tol, mode=self.mode, regularization=self.regularization)
+        out.update(
+            max_iter=self.max_iter, tol=self.tol, mode=self.mode, regularization=self.regularization
+        )
         return out
 
 
@@ -489,9 +572,16 @@ class IFAttributorLiSSA(_IFAttributorBase):
         self.recursion_depth = _check_int("recursion_depth", recursion_depth, 1)
         self.damping = _check_float("damping", damping, 0.0)
         if self.damping >= 1.0:
-            raise ConfigError(f"damping must be in [0, 1), got {damping!r}; pass e.g. damping=0.001")
-        self.scaling = _check_float("scaling", scaling, 0.0, strict=True,
-                                    fix="pass a value above half the largest Hessian eigenvalue, e.g. scaling=50")
+            raise ConfigError(
+                f"damping must be in [0, 1), got {damping!r}; pass e.g. damping=0.001"
+            )
+        self.scaling = _check_float(
+            "scaling",
+            scaling,
+            0.0,
+            strict=True,
+            fix="pass a value above half the largest Hessian eigenvalue, e.g. scaling=50",
+        )
         self.mode = _check_mode(mode)
         self.seed = _check_int("seed", seed, 0)
 
@@ -505,7 +595,7 @@ class IFAttributorLiSSA(_IFAttributorBase):
             self._pool = _concat(self._train_batches)
 
     def _solve(self, index: int, V: Tensor) -> Tensor:
-        gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + index)
+        gen = torch.Generator(device="cpu").manual_seed((self.seed * 1_000_003 + index) % 2**63)
         pool = self._pool
         n, b = self._n_cached, self.batch_size
 
@@ -514,13 +604,26 @@ class IFAttributorLiSSA(_IFAttributorBase):
             batch = _take(pool, idx)
             return lambda P: self._hvp_mean(index, [batch], b, self.mode, P)
 
-        return lissa_recursion(sampler, V, recursion_depth=self.recursion_depth, damping=self.damping,
-                               scaling=self.scaling, num_repeat=self.num_repeat)
+        return lissa_recursion(
+            sampler,
+            V,
+            recursion_depth=self.recursion_depth,
+            damping=self.damping,
+            scaling=self.scaling,
+            num_repeat=self.num_repeat,
+        )
 
     def hyperparameters(self) -> dict[str, Any]:
         out = super().hyperparameters()
-        out.update(batch_size=self.batch_size, num_repeat=self.num_repeat, recursion_depth=self.recursion_depth,
-                   damping=self.damping, scaling=self.scaling, mode=self.mode, seed=self.seed)
+        out.update(
+            batch_size=self.batch_size,
+            num_repeat=self.num_repeat,
+            recursion_depth=self.recursion_depth,
+            damping=self.damping,
+            scaling=self.scaling,
+            mode=self.mode,
+            seed=self.seed,
+        )
         return out
 
 
@@ -563,7 +666,9 @@ class IFAttributorArnoldi(_IFAttributorBase):
         super().__init__(task, layer_name=layer_name, device=device)
         r = _check_float("precompute_data_ratio", precompute_data_ratio, 0.0, strict=True)
         if r > 1.0:
-            raise ConfigError(f"precompute_data_ratio must be in (0, 1], got {precompute_data_ratio!r}; pass e.g. 1.0")
+            raise ConfigError(
+                f"precompute_data_ratio must be in (0, 1], got {precompute_data_ratio!r}; pass e.g. 1.0"
+            )
         self.precompute_data_ratio = r
         self.proj_dim = _check_int("proj_dim", proj_dim, 1)
         self.max_iter = _check_int("max_iter", max_iter, 1)
@@ -572,12 +677,16 @@ class IFAttributorArnoldi(_IFAttributorBase):
         self.regularization = _check_float("regularization", regularization, 0.0)
         self.seed = _check_int("seed", seed, 0)
         if self.max_iter < self.proj_dim:
-            logger.warning("IFAttributorArnoldi: max_iter=%d < proj_dim=%d keeps at most %d eigenpairs",
-                           self.max_iter, self.proj_dim, self.max_iter)
+            logger.warning(
+                "IFAttributorArnoldi: max_iter=%d < proj_dim=%d keeps at most %d eigenpairs",
+                self.max_iter,
+                self.proj_dim,
+                self.max_iter,
+            )
         self._bases: dict[int, EigenBasis] = {}
 
     def _precompute_batches(self) -> tuple[list[Batch], int]:
-        m = max(1, int(math.floor(self.precompute_data_ratio * self._n_cached + 1e-9)))
+        m = max(1, math.floor(self.precompute_data_ratio * self._n_cached + 1e-9))
         out: list[Batch] = []
         seen = 0
         for batch in self._train_batches:
@@ -595,19 +704,43 @@ class IFAttributorArnoldi(_IFAttributorBase):
         def matvec(P: Tensor) -> Tensor:
             return self._hvp_mean(index, batches, m, "rev-fwd", P)
 
-        basis = arnoldi_basis(matvec, self.spec.dim, proj_dim=self.proj_dim, max_iter=self.max_iter, tol=self.tol,
-                              norm_constant=self.norm_constant, seed=self.seed, dtype=self.dtype, device=self.device)
+        basis = arnoldi_basis(
+            matvec,
+            self.spec.dim,
+            proj_dim=self.proj_dim,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            norm_constant=self.norm_constant,
+            seed=self.seed,
+            dtype=self.dtype,
+            device=self.device,
+        )
         if bool((basis.values + self.regularization <= 0).any()):
-            logger.warning("Arnoldi basis at checkpoint %d has eigenvalues <= -regularization; the inverse is "
-                           "indefinite or unbounded: raise regularization", index)
+            logger.warning(
+                "Arnoldi basis at checkpoint %d has eigenvalues <= -regularization; the inverse is "
+                "indefinite or unbounded: raise regularization",
+                index,
+            )
         self._bases[index] = basis
-        logger.info("Arnoldi checkpoint %d: kept %d eigenpairs from %d samples", index, basis.values.numel(), m)
+        logger.info(
+            "Arnoldi checkpoint %d: kept %d eigenpairs from %d samples",
+            index,
+            basis.values.numel(),
+            m,
+        )
 
     def _solve(self, index: int, V: Tensor) -> Tensor:
         return self._bases[index].inverse_apply(V, self.regularization)
 
     def hyperparameters(self) -> dict[str, Any]:
         out = super().hyperparameters()
-        out.update(precompute_data_ratio=self.precompute_data_ratio, proj_dim=self.proj_dim, max_iter=self.max_iter,
-                   norm_constant=self.norm_constant, tol=self.tol, regularization=self.regularization, seed=self.seed)
+        out.update(
+            precompute_data_ratio=self.precompute_data_ratio,
+            proj_dim=self.proj_dim,
+            max_iter=self.max_iter,
+            norm_constant=self.norm_constant,
+            tol=self.tol,
+            regularization=self.regularization,
+            seed=self.seed,
+        )
         return out
