@@ -4,7 +4,7 @@ Every class here computes, for each checkpoint of the task and then averaged ove
 
 .. math::
 
-    \\text{score}[i, j] = \\nabla_\\theta t(z^{test}_j)^\\top (H + \\lambda I)^{-1} \\nabla_\\theta \\ell(z^{train}_i)
+    \\text{score}[i, j] = \\nabla_\\theta t(z^{test}_j)^\\top (H + \\lambda I)^{-1} \\nabla_\\theta L(z^{train}_i)
 
 where ``t`` is the task's target function, ``L`` its loss function and ``H`` the Hessian of
 the **mean** training loss over every sample of the loader passed to :meth:`cache`
