@@ -51,7 +51,6 @@ from tdabench.groundtruth.key import (
 from tdabench.groundtruth.store import (
     TARGET_PREFIX,
     GroundTruthStore,
-    clean_stale_temporaries,
     read_table_checked,
     write_table,
 )
@@ -231,8 +230,7 @@ def run_shard(
     if not force and store.shard_problem(shard_id, rows, checkpoint=spec.keep_checkpoints) is None:
         logger.info("shard %d of %s is complete; skipping", shard_id, store.path)
         return store.shard_path(shard_id)
-    clean_stale_temporaries(store.shards_dir)
-    clean_stale_temporaries(store.checkpoints_dir)
+    store.clean_temporaries()
     what = f"shard {shard_id} ({store.shard_name(shard_id)})"
     stacked, values, seeds, subsets = _train_rows(store, trainer, rows, n_train, what)
     table = _build_table(store.kind, rows, seeds, subsets, values)
@@ -257,6 +255,7 @@ def run_shards(
         StoreError: after all shards were attempted, if any failed and ``raise_on_error``.
     """
     n_train = _check_store(store, spec, trainer)
+    store.clean_temporaries()
     todo = list(shard_ids) if shard_ids is not None else spec.shard_ids(n_train)
     missing = set(missing_shards(store, spec, n_train))
     report: dict[str, Any] = {"done": [], "skipped": [], "failed": {}}

@@ -487,6 +487,10 @@ class GroundTruthStore:
                     out.append((start // self.shard_size, p))
         return sorted(out)
 
+    def clean_temporaries(self) -> list[Path]:
+        """Remove this host's temporary files left by writers that no longer run (e.g. killed jobs)."""
+        return clean_stale_temporaries(self.shards_dir) + clean_stale_temporaries(self.checkpoints_dir) + clean_stale_temporaries(self.path)
+
     # -- shards ---------------------------------------------------------------------------
     def read_shard(self, shard_id: int) -> tuple[pa.Table, dict[str, str]]:
         """The verified table and metadata of a shard (StoreError if absent or invalid)."""
