@@ -7,7 +7,6 @@ import os
 import pickle
 import shutil
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -321,7 +320,7 @@ def test_bad_shard_and_spec_input(tmp_path, data):
 
 
 def test_verify_and_noise_ceiling(tmp_path, data):
-    t, spec, store = _complete_store(tmp_path, data, num_runs=2, targets=("margin",))
+    t, _, store = _complete_store(tmp_path, data, num_runs=2, targets=("margin",))
     rep = verify(store, t, k=4, seed=0)
     assert rep.ok and len(rep.checked) == 4 and rep.max_abs_diff == 0.0
     assert verify(store, t, k=3, seed=1, whole_shards=False).ok
@@ -347,7 +346,7 @@ def test_stale_temporaries_are_cleaned(tmp_path, data):
     t, spec, store = _complete_store(tmp_path, data)
     import socket
 
-    stale = store.shards_dir / f".{store.shard_path(0).name}.{socket.gethostname()}.999999999.tmp"
+    stale = store.shards_dir / f".{store.shard_path(0).name}.{socket.gethostname().replace('.', '_')}.999999999.tmp"
     stale.write_bytes(b"partial")
     store.shard_path(0).unlink()
     run_shard(store, spec, t, 0)

@@ -10,10 +10,21 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tdabench.errors import ConfigError, KeyMismatchError, NonFiniteError, ShapeError, UnsafeFileError
+from tdabench.errors import (
+    ConfigError,
+    KeyMismatchError,
+    NonFiniteError,
+    ShapeError,
+    UnsafeFileError,
+)
 from tdabench.groundtruth import model_seed, sampling_key, subset_indices
 from tdabench.metric import calculate_lds_ground_truth, calculate_loo_ground_truth, lds, loo_corr
-from tdabench.model_util.retrain import list_retrained, load_retrained_state, retrain_lds, retrain_loo
+from tdabench.model_util.retrain import (
+    list_retrained,
+    load_retrained_state,
+    retrain_lds,
+    retrain_loo,
+)
 
 N, D = 24, 3
 
@@ -70,7 +81,7 @@ def test_retrain_lds_subsets_seeds_resume_and_ground_truth(tmp_path, loaders):
     assert manifest["sampling_key"] == skey
     # Each model saw exactly its subset (3 epochs) and got its derived seed.
     x0 = train.dataset.tensors[0][:, 0]
-    for (seed, rows), (i, r, _) in zip(f.seen, models):
+    for (seed, rows), (i, r, _) in zip(f.seen, models, strict=True):
         assert seed == model_seed(skey, i, r)
         expected = sorted(x0[torch.from_numpy(subset_indices(skey, i, N, 0.5))].tolist() * 3)
         assert sorted(rows) == expected
@@ -86,6 +97,8 @@ def test_retrain_lds_subsets_seeds_resume_and_ground_truth(tmp_path, loaders):
     pos, _ = calculate_lds_ground_truth(target_func, tmp_path, test, negate=False)
     assert torch.equal(pos, -gt)
     assert lds(torch.randn(N, 5, dtype=torch.float64), (gt, subsets))[0].shape == (5,)
+    runs, _ = calculate_lds_ground_truth(target_func, tmp_path, test, return_runs=True)
+    assert runs.shape == (4, 2, 5) and torch.allclose(runs.mean(1), gt, rtol=0, atol=1e-15)
 
 
 def test_slices_reproduce_one_global_set(tmp_path, loaders):
@@ -96,7 +109,7 @@ def test_slices_reproduce_one_global_set(tmp_path, loaders):
     _, a = list_retrained(tmp_path / "one")
     _, b = list_retrained(tmp_path / "two")
     assert [(i, r) for i, r, _ in a] == [(i, r) for i, r, _ in b]
-    for (_, _, pa), (_, _, pb) in zip(a, b):
+    for (_, _, pa), (_, _, pb) in zip(a, b, strict=True):
         sa, sb = load_retrained_state(pa), load_retrained_state(pb)
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     with pytest.raises(ConfigError):
@@ -108,7 +121,7 @@ def test_retrain_loo_and_ground_truth(tmp_path, loaders):
     f = Recorder()
     retrain_loo(f, train, tmp_path, indices=[5, 2, 9], seed=0)
     x0 = train.dataset.tensors[0][:, 0]
-    assert all(x0[i].item() not in rows and len(rows) == 3 * (N - 1) for (_, rows), i in zip(f.seen, [5, 2, 9]))
+    assert all(x0[i].item() not in rows and len(rows) == 3 * (N - 1) for (_, rows), i in zip(f.seen, [5, 2, 9], strict=True))
     gt, removed = calculate_loo_ground_truth(target_func, tmp_path, test)
     assert removed.tolist() == [2, 5, 9] and gt.shape == (3, 5)
     _, models = list_retrained(tmp_path)
@@ -132,7 +145,7 @@ def test_retrain_bad_input(tmp_path, loaders):
     retrain_lds(Recorder(), train, tmp_path / "c", num_subsets=1)
     with pytest.raises(ShapeError):
         retrain_lds(Recorder(out_dim=2), train, tmp_path / "c", num_subsets=2)
-    with pytest.raises(KeyMismatchError, match="train_kwargs.lr"):
+    with pytest.raises(KeyMismatchError, match=r"train_kwargs\.lr"):
         retrain_lds(Recorder(), train, tmp_path / "c", num_subsets=2, lr=0.5)
     with pytest.raises(NonFiniteError, match="lds model 0"):
         retrain_lds(Recorder(nan=True), train, tmp_path / "d", num_subsets=2)

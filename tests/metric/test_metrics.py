@@ -162,7 +162,7 @@ def test_aggregation_helpers():
     assert lo <= 0.4 <= hi and (lo, hi) == bootstrap_ci(v, num_resamples=500, seed=3)
     assert (lo, hi) != bootstrap_ci(v, num_resamples=500, seed=4)
     # Oracle: the bootstrap distribution of the mean of 3 values is discrete; check bounds.
-    assert 0.2 <= lo and hi <= 0.6
+    assert lo >= 0.2 and hi <= 0.6
     s = summarize(torch.tensor(v))
     assert s["n_test"] == 5 and s["n_valid"] == 3 and s["value"] == pytest.approx(0.4)
     with pytest.raises(ConfigError):

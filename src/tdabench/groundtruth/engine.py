@@ -54,7 +54,13 @@ from tdabench.groundtruth.store import (
     read_table_checked,
     write_table,
 )
-from tdabench.groundtruth.subsets import model_seed, removal_mask, sampling_key, subset_indices, subset_mask
+from tdabench.groundtruth.subsets import (
+    model_seed,
+    removal_mask,
+    sampling_key,
+    subset_indices,
+    subset_mask,
+)
 
 __all__ = [
     "VerifyReport",
@@ -469,7 +475,7 @@ def verify(
     all_rows = [
         (sid, i, int(e), int(r))
         for sid, t in shard_tables.items()
-        for i, (e, r) in enumerate(zip(t.column("entry").to_pylist(), t.column("run").to_pylist()))
+        for i, (e, r) in enumerate(zip(t.column("entry").to_pylist(), t.column("run").to_pylist(), strict=True))
     ]
     rng = np.random.Generator(np.random.PCG64(seed))
     pick = sorted(rng.choice(len(all_rows), size=min(k, len(all_rows)), replace=False).tolist())
@@ -479,7 +485,7 @@ def verify(
     if whole_shards:
         for sid in sorted({c[0] for c in chosen}):
             t = shard_tables[sid]
-            rows = list(zip(t.column("entry").to_pylist(), t.column("run").to_pylist()))
+            rows = list(zip(t.column("entry").to_pylist(), t.column("run").to_pylist(), strict=True))
             groups.append((rows, [c for c in chosen if c[0] == sid]))
     else:
         groups.append(([(e, r) for _, _, e, r in chosen], chosen))

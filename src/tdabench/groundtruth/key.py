@@ -39,8 +39,8 @@ __all__ = [
     "GroundTruthSpec",
     "canonical_json",
     "config_diff",
-    "ground_truth_config",
     "describe_diff",
+    "ground_truth_config",
     "ground_truth_key",
 ]
 
@@ -160,10 +160,16 @@ class GroundTruthSpec:
             )
 
     def resolve_n_train(self, trainer: Any = None) -> int:
-        """``n_train`` from the spec, else from ``trainer.n_train``; validated."""
+        """``n_train`` from the spec, else ``trainer.n_train``, else ``len(trainer.data.train[0])``; validated."""
         n = self.n_train if self.n_train is not None else getattr(trainer, "n_train", None)
+        if n is None:  # a trainer holding BenchmarkData (``trainer.data.train[0]``)
+            train = getattr(getattr(trainer, "data", None), "train", None)
+            if isinstance(train, (tuple, list)) and train and hasattr(train[0], "shape"):
+                n = int(train[0].shape[0])
         if n is None:
-            raise ConfigError("n_train is unknown: set GroundTruthSpec(n_train=...) or give the trainer an n_train attribute")
+            raise ConfigError(
+                "n_train is unknown: set GroundTruthSpec(n_train=...) or give the trainer an n_train attribute"
+            )
         self.validate(int(n))
         return int(n)
 

@@ -53,7 +53,13 @@ import torch
 from torch import Tensor
 
 from tdabench.errors import ConfigError, KeyMismatchError, StoreError, UnsafeFileError
-from tdabench.groundtruth.key import STORE_FORMAT, canonical_json, config_diff, describe_diff, ground_truth_key
+from tdabench.groundtruth.key import (
+    STORE_FORMAT,
+    canonical_json,
+    config_diff,
+    describe_diff,
+    ground_truth_key,
+)
 
 __all__ = [
     "GroundTruthStore",
@@ -103,8 +109,12 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _host() -> str:
+    return socket.gethostname().replace(".", "_") or "host"
+
+
 def _tmp_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    return final.with_name(f".{final.name}.{_host()}.{os.getpid()}.tmp")
 
 
 def _fsync_replace(tmp: Path, final: Path) -> None:
@@ -135,7 +145,7 @@ def clean_stale_temporaries(directory: Path) -> list[Path]:
     removed = []
     if not directory.is_dir():
         return removed
-    host = socket.gethostname()
+    host = _host()
     for p in directory.glob(".*.tmp"):
         parts = p.name.rsplit(".", 3)  # [".<name>", host, pid, "tmp"]
         if len(parts) != 4 or parts[1] != host or not parts[2].isdigit():
@@ -519,7 +529,7 @@ class GroundTruthStore:
         except StoreError as exc:
             return f"invalid: {exc}"
         if rows is not None:
-            have = set(zip(table.column("entry").to_pylist(), table.column("run").to_pylist()))
+            have = set(zip(table.column("entry").to_pylist(), table.column("run").to_pylist(), strict=True))
             lacking = [r for r in rows if tuple(r) not in have]
             if lacking:
                 return f"incomplete: lacks {len(lacking)} of {len(rows)} (entry, run) rows"

@@ -121,7 +121,7 @@ class ToySoftmaxTrainer:
             raise ShapeError(f"masks must be bool (m, n_train={self.n_train}), got {masks.dtype} {tuple(masks.shape)}")
         if len(seeds) != masks.shape[0]:
             raise ConfigError(f"got {len(seeds)} seeds for {masks.shape[0]} masks")
-        ws, bs = zip(*(self._train_one(m, s) for m, s in zip(masks, seeds)))
+        ws, bs = zip(*(self._train_one(m, s) for m, s in zip(masks, seeds, strict=True)), strict=True)
         return {"weight": torch.stack(ws), "bias": torch.stack(bs)}
 
     def evaluate(self, stacked: Mapping[str, Tensor], target: str | Callable[..., Tensor]) -> Tensor:

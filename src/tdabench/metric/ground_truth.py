@@ -68,6 +68,7 @@ def calculate_lds_ground_truth(
     retrain_dir: str | os.PathLike,
     test_dataloader: Any,
     negate: bool = True,
+    return_runs: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """LDS ground truth from a :func:`~tdabench.model_util.retrain.retrain_lds` directory.
 
@@ -79,6 +80,8 @@ def calculate_lds_ground_truth(
         negate: return ``-target`` (default, as dattri: the loss becomes a
             higher-is-better target). Pass ``False`` when ``target_func`` already returns a
             higher-is-better value such as the margin.
+        return_runs: return every run, ``(n_subsets, num_runs, n_test)``, instead of the
+            mean (for :func:`tdabench.metric.noise_ceiling`).
 
     Returns:
         ``(gt_values, subset_indices)``: ``gt_values`` float64 ``(n_subsets, n_test)``, the
@@ -118,7 +121,8 @@ def calculate_lds_ground_truth(
             v = _evaluate(target_func, path, test_dataloader, n_test)
             n_test = v.numel()
             vals.append(v)
-        mean = torch.stack(vals).mean(dim=0)
-        gt.append(-mean if negate else mean)
+        per_run = torch.stack(vals)
+        per_run = -per_run if negate else per_run
+        gt.append(per_run if return_runs else per_run.mean(dim=0))
         subsets.append(torch.from_numpy(expected))
     return torch.stack(gt), torch.stack(subsets)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ __all__ = [
     "summarize",
 ]
 
-ArrayLike = Union[Tensor, np.ndarray, Sequence[Any]]
+ArrayLike = Tensor | np.ndarray | Sequence[Any]
 
 
 def _np(x: ArrayLike, what: str, dtype: Any = np.float64) -> np.ndarray:
@@ -141,7 +141,7 @@ def _as_torch(a: np.ndarray) -> Tensor:
 
 def _subset_masks(subsets: ArrayLike, n_train: int, num_subsets: int) -> np.ndarray:
     """Turn ``(S, k)`` index lists or a ``(S, n_train)`` bool mask into a float mask."""
-    if isinstance(subsets, Tensor) and subsets.dtype == torch.bool or isinstance(subsets, np.ndarray) and subsets.dtype == np.bool_:
+    if (isinstance(subsets, Tensor) and subsets.dtype == torch.bool) or (isinstance(subsets, np.ndarray) and subsets.dtype == np.bool_):
         m = _np(subsets, "subset mask", dtype=np.bool_)
         if m.shape != (num_subsets, n_train):
             raise ShapeError(
@@ -288,7 +288,7 @@ def mislabel_detection_auc(score: ArrayLike, noise_index: ArrayLike) -> tuple[fl
     if not np.all(np.isfinite(s)):
         raise DataError("self-influence scores contain NaN or inf; fix the attributor (e.g. add regularization)")
     n = s.size
-    if isinstance(noise_index, Tensor) and noise_index.dtype == torch.bool or (
+    if (isinstance(noise_index, Tensor) and noise_index.dtype == torch.bool) or (
         isinstance(noise_index, np.ndarray) and noise_index.dtype == np.bool_
     ):
         y = _np(noise_index, "noise mask", dtype=np.bool_).reshape(-1)
@@ -415,7 +415,7 @@ def noise_ceiling(values: ArrayLike) -> NoiseCeiling:
     v = _np(values, "values")
     if v.ndim != 3:
         raise ShapeError(f"values must have shape (S, R, n_test), got {tuple(v.shape)}; use load_runs()")
-    s, r, n = v.shape
+    s, r, _ = v.shape
     if r < 2:
         raise ConfigError(f"the noise ceiling needs num_runs >= 2 independent runs per subset, got {r}")
     if s < 3:

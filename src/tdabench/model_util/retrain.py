@@ -51,7 +51,12 @@ from tdabench.errors import (
     UnsafeFileError,
 )
 from tdabench.groundtruth.key import canonical_json, config_diff, describe_diff
-from tdabench.groundtruth.store import _safetensors_header, atomic_write_bytes, read_safetensors_checked, write_safetensors
+from tdabench.groundtruth.store import (
+    _safetensors_header,
+    atomic_write_bytes,
+    read_safetensors_checked,
+    write_safetensors,
+)
 from tdabench.groundtruth.subsets import model_seed, sampling_key, subset_indices, subset_size
 
 __all__ = ["RETRAIN_FORMAT", "list_retrained", "load_retrained_state", "retrain_lds", "retrain_loo"]
