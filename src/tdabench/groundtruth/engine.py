@@ -59,7 +59,6 @@ from tdabench.groundtruth.subsets import (
     removal_mask,
     sampling_key,
     subset_indices,
-    subset_mask,
 )
 
 __all__ = [
@@ -153,7 +152,9 @@ def _train_rows(
         if cfg["kind"] == "lds":
             idx = subset_indices(skey, e, n_train, float(cfg["subset_ratio"]))
             subsets.append(idx)
-            masks.append(subset_mask(skey, e, n_train, float(cfg["subset_ratio"])))
+            mask = torch.zeros(n_train, dtype=torch.bool)
+            mask[torch.from_numpy(idx)] = True
+            masks.append(mask)
         else:
             subsets.append(int(e))
             masks.append(removal_mask(e, n_train))
