@@ -28,6 +28,7 @@ from tdabench.groundtruth import (
     make_toy_data,
     merge,
     missing_shards,
+    entry_model_seed,
     model_seed,
     noise_ceiling,
     open_store,
@@ -147,7 +148,7 @@ def test_loo_store(tmp_path, data):
     mask = torch.ones(40, dtype=torch.bool)
     mask[17] = False
     skey = spec.sampling_key(40)
-    st = t.train(mask[None], [model_seed(skey, 17, 0)])
+    st = t.train(mask[None], [entry_model_seed("loo", skey, 17, 0)])
     assert torch.equal(gt[2], t.evaluate(st, "loss")[0])
     more = GroundTruthSpec(kind="loo", indices=[3, 4, 5, 17, 30], shard_size=4)
     assert open_store(tmp_path, more, t).key == store.key

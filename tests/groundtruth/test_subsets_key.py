@@ -126,3 +126,14 @@ def test_canonical_json_rejects_what_cannot_be_keyed():
         canonical_json({"x": float("nan")})
     with pytest.raises(ConfigError):
         canonical_json({"x": torch.zeros(2)})
+
+
+def test_loo_models_of_a_run_share_their_seed_lds_do_not():
+    from tdabench.groundtruth.subsets import entry_model_seed
+
+    k = "k" * 64
+    assert entry_model_seed("loo", k, 3, 0) == entry_model_seed("loo", k, 7, 0)
+    assert entry_model_seed("loo", k, 3, 0) != entry_model_seed("loo", k, 3, 1)
+    assert entry_model_seed("lds", k, 3, 0) != entry_model_seed("lds", k, 7, 0)
+    with pytest.raises(ConfigError):
+        entry_model_seed("loo", k, 3, -1)

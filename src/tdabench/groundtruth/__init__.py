@@ -43,6 +43,7 @@ from tdabench.groundtruth.key import (
 from tdabench.groundtruth.store import GroundTruthStore, table_digest
 from tdabench.groundtruth.subsets import (
     derive_seed,
+    entry_model_seed,
     model_seed,
     removal_mask,
     sampling_key,
@@ -67,6 +68,7 @@ __all__ = [
     "make_toy_data",
     "merge",
     "missing_shards",
+    "entry_model_seed",
     "model_seed",
     "noise_ceiling",
     "open_store",

@@ -55,7 +55,7 @@ from tdabench.groundtruth.store import (
     write_table,
 )
 from tdabench.groundtruth.subsets import (
-    model_seed,
+    entry_model_seed,
     removal_mask,
     sampling_key,
     subset_indices,
@@ -158,7 +158,7 @@ def _train_rows(
         else:
             subsets.append(int(e))
             masks.append(removal_mask(e, n_train))
-        seeds.append(model_seed(skey, e, r))
+        seeds.append(entry_model_seed(cfg["kind"], skey, e, r))
     m = len(rows)
     stacked = _validate_stacked(trainer.train(torch.stack(masks), seeds), m)
     bad = _nonfinite_rows(stacked, m)

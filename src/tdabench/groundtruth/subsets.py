@@ -33,6 +33,7 @@ from tdabench.errors import ConfigError
 
 __all__ = [
     "derive_seed",
+    "entry_model_seed",
     "model_seed",
     "removal_mask",
     "sampling_key",
@@ -148,8 +149,27 @@ def removal_mask(i: int, n_train: int) -> torch.Tensor:
     return m
 
 
+def _valid_run(run: int) -> bool:
+    if isinstance(run, bool) or not isinstance(run, (int, np.integer)) or run < 0:
+        raise ConfigError(f"run must be an int >= 0, got {run!r}")
+    return True
+
+
 def model_seed(key: str, index: int, run: int) -> int:
     """Seed (in ``[0, 2**63)``) of the model trained for entry ``index``, run ``run``."""
     if isinstance(run, bool) or not isinstance(run, (int, np.integer)) or run < 0:
         raise ConfigError(f"run must be an int >= 0, got {run!r}")
     return derive_seed(key, "model", int(index), int(run))
+
+
+def entry_model_seed(kind: str, key: str, index: int, run: int) -> int:
+    """Seed of the model for entry ``index``, run ``run`` of a ``kind`` ground truth.
+
+    LOO models of one run share one seed (independent of ``index``): with the trainers'
+    shared minibatch stream, two LOO models then differ only by the removed sample, so the
+    ground truth measures the removal and not a change of initialisation. LDS subsets are
+    independent draws and get independent seeds, :func:`model_seed` of ``(index, run)``.
+    """
+    if kind == "loo":
+        return derive_seed(key, "loo-model", int(run)) if _valid_run(run) else 0
+    return model_seed(key, index, run)

@@ -17,7 +17,7 @@ Directory layout::
 Determinism: LDS subset ``i`` is ``subset_indices(sampling_key("lds", seed, n_train,
 subset_ratio), i, n_train, subset_ratio)`` -- a pure function of (seed, i, n_train, ratio),
 identical to the subsets of a :mod:`tdabench.groundtruth` store with the same seed -- and the
-model seed of (index ``i``, run ``r``) is ``model_seed(sampling_key, i, r)``. Before each
+model seed of (index ``i``, run ``r``) is ``entry_model_seed(kind, sampling_key, i, r)`` (shared by the LOO models of a run). Before each
 call of ``train_func`` the global torch RNG is seeded with that model seed, and the seed is
 passed as ``seed=``. The dataloader handed to ``train_func`` holds the subset (or the
 training set without the removed sample) with the original batch size, collate function and
@@ -57,7 +57,7 @@ from tdabench.groundtruth.store import (
     read_safetensors_checked,
     write_safetensors,
 )
-from tdabench.groundtruth.subsets import model_seed, sampling_key, subset_indices, subset_size
+from tdabench.groundtruth.subsets import entry_model_seed, sampling_key, subset_indices, subset_size
 
 __all__ = ["RETRAIN_FORMAT", "list_retrained", "load_retrained_state", "retrain_lds", "retrain_loo"]
 
@@ -176,7 +176,7 @@ def _train_and_save(
     ref_shapes: dict[str, list[int]] | None,
     kwargs: Mapping[str, Any],
 ) -> dict[str, list[int]]:
-    seed = model_seed(skey, index, run)
+    seed = entry_model_seed(kind, skey, index, run)
     torch.manual_seed(seed)
     out = train_func(_subset_loader(dataloader, keep, seed), seed=seed, **kwargs)
     if isinstance(out, nn.Module):
