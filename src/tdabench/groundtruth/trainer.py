@@ -67,7 +67,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
-from tdabench.errors import ConfigError, NonFiniteError, ShapeError
+from tdabench.errors import ConfigError, DataError, NonFiniteError, ShapeError
 from tdabench.groundtruth.optim import (
     FunctionalOptimizer,
     clip_grad_norms_,
@@ -211,6 +211,12 @@ class _TrainerBase:
         if len(n) != 1 or 0 in n:
             raise ShapeError(f"{what} tensors must share a non-empty leading dimension, got "
                              f"{[tuple(t.shape) for t in data]}")
+        for t in data:
+            if t.is_floating_point():
+                bad = (~torch.isfinite(t.reshape(t.shape[0], -1))).any(1).nonzero().flatten()
+                if len(bad):
+                    raise DataError(f"{what} samples {bad[:10].tolist()} contain NaN/inf; clean or drop them "
+                                    "(one non-finite input poisons every model trained on the shared stream)")
         out = [t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device) for t in data]
         labels = out[-1]
         if labels.is_floating_point():
