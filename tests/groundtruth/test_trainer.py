@@ -71,13 +71,14 @@ RECIPES = {
 }
 
 
+@pytest.mark.parametrize("compact", [False, True], ids=["shared", "compact"])
 @pytest.mark.parametrize("build", [lr_model, mlp_model], ids=["lr", "mlp"])
 @pytest.mark.parametrize("rname", list(RECIPES))
-def test_batched_matches_sequential(data, build, rname):
+def test_batched_matches_sequential(data, build, rname, compact):
     train, test = data
     masks, seeds = half_masks(5), [3, 1, 4, 1, 5]
     seq = SequentialTrainer(build, train, test, RECIPES[rname], **F64)
-    bat = BatchedTrainer(build, train, test, RECIPES[rname], **F64)
+    bat = BatchedTrainer(build, train, test, RECIPES[rname], compact=compact, **F64)
     a, b = seq.train(masks, seeds), bat.train(masks, seeds)
     assert set(a) == set(b) == set(build().state_dict())
     assert rel_err(b, a) <= 1e-8
@@ -135,14 +136,15 @@ def test_chunking_and_grouping_do_not_change_results(data):
     train, test = data
     recipe = RECIPES["adam"]
     masks, seeds = half_masks(5), [10, 11, 12, 13, 14]
-    full = BatchedTrainer(mlp_model, train, test, recipe, **F64).train(masks, seeds)
-    chunked = BatchedTrainer(mlp_model, train, test, recipe, max_models_per_batch=2, **F64).train(masks, seeds)
+    full = BatchedTrainer(mlp_model, train, test, recipe, compact=True, **F64).train(masks, seeds)
+    chunked = BatchedTrainer(mlp_model, train, test, recipe, max_models_per_batch=2, compact=True,
+                             **F64).train(masks, seeds)
     alone = BatchedTrainer(mlp_model, train, test, recipe, **F64).train(masks[3:4], seeds[3:4])
     for k in full:
         torch.testing.assert_close(chunked[k], full[k], rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(alone[k][0], full[k][3], rtol=1e-12, atol=1e-14)
     # deterministic: same call, same bits
-    again = BatchedTrainer(mlp_model, train, test, recipe, **F64).train(masks, seeds)
+    again = BatchedTrainer(mlp_model, train, test, recipe, compact=True, **F64).train(masks, seeds)
     assert all(torch.equal(again[k], full[k]) for k in full)
 
 
@@ -393,3 +395,33 @@ def test_dropout_models_are_deterministic(data):
     # the dropout masks differ between models inside vmap: identical masks and seeds give different models
     c = BatchedTrainer(drop_mlp, train, test, RECIPES["sgd_momentum"], **F64).train(masks[[0, 0]], [0, 0])
     assert not torch.equal(c["0.weight"][0], c["0.weight"][1])
+
+
+@pytest.mark.parametrize("width", [3, 60], ids=["gemm", "bmm"])
+def test_stacked_linear_matches_linear_under_vmap(width):
+    from tdabench.groundtruth._vmap_linear import GEMM_MAX_OUT, StackedLinear
+
+    assert width <= GEMM_MAX_OUT < 60
+    g = torch.Generator().manual_seed(0)
+    m, B = 4, 5
+    kw = dict(generator=g, dtype=torch.float64)
+    x, xb = torch.randn(B, 7, **kw), torch.randn(m, B, 7, **kw)
+    y = torch.randint(0, 3, (B,), generator=g)
+    p = dict(W1=torch.randn(m, width, 7, **kw), b1=torch.randn(m, width, **kw),
+             W2=torch.randn(m, 3, width, **kw), b2=torch.randn(m, 3, **kw))
+    shared_b = torch.randn(width, **kw)
+
+    def loss(q, inp, lin, bias1):
+        h = torch.tanh(lin(inp, q["W1"], q["b1"] if bias1 is None else bias1))
+        return F.cross_entropy(lin(h, q["W2"], q["b2"]), y)
+
+    for inp, dims in ((x, None), (xb, 0)):
+        for bias1 in (None, shared_b):
+            ref = torch.func.vmap(torch.func.grad(loss), in_dims=(0, dims, None, None))(p, inp, F.linear, bias1)
+            got = torch.func.vmap(torch.func.grad(loss), in_dims=(0, dims, None, None))(p, inp, StackedLinear.apply,
+                                                                                      bias1)
+            for k in ref:
+                torch.testing.assert_close(got[k], ref[k], rtol=1e-12, atol=1e-14)
+    # forward with a shared weight and batched input
+    out = torch.func.vmap(StackedLinear.apply, in_dims=(0, None, None))(xb, p["W1"][0], p["b1"][0])
+    torch.testing.assert_close(out, F.linear(xb, p["W1"][0], p["b1"][0]))

@@ -194,7 +194,7 @@ class FunctionalOptimizer:
 
         Args:
             params: stacked parameters ``{name: (m, ...)}`` (updated in place).
-            grads: stacked gradients of the same shapes (may be modified).
+            grads: stacked gradients of the same shapes (may be overwritten).
             state: the dict from :meth:`init` (updated in place).
             lr: learning rate of this step.
             active: bool ``(m,)``; models where it is False keep parameters and state unchanged.
@@ -217,6 +217,13 @@ class FunctionalOptimizer:
         wd, mu = self.recipe["weight_decay"], self.recipe["momentum"]
         for k, p in params.items():
             g = grads[k]
+            if active is None:  # fast path: every model steps, update in place
+                if wd != 0.0:
+                    g = g.add_(p, alpha=wd)
+                if mu != 0.0:
+                    g = state["buf"][k].mul_(mu).add_(g)
+                p.add_(g, alpha=-lr)
+                continue
             if wd != 0.0:
                 g = g.add(p, alpha=wd)
             if mu != 0.0:

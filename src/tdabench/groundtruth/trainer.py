@@ -67,6 +67,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
+from tdabench.groundtruth._vmap_linear import patch_linear_layers
 from tdabench.errors import ConfigError, DataError, NonFiniteError, ShapeError
 from tdabench.groundtruth.optim import (
     FunctionalOptimizer,
@@ -91,6 +92,8 @@ logger = logging.getLogger(__name__)
 TRAINER_VERSION = "1"
 
 _TARGETS = ("loss", "margin", "neg_loss")
+_COMPACT_MIN_PARAMS = 20_000
+_COMPACT_MAX_FILL = 0.8
 _KINDS = ("classification", "sequence")
 
 
@@ -500,6 +503,14 @@ class BatchedTrainer(_TrainerBase):
     Args:
         max_models_per_batch: train at most this many models at once (``None`` = all); the
             results do not depend on it because the minibatch stream is shared.
+        fast_linear: route ``nn.Linear`` layers through
+            :class:`tdabench.groundtruth._vmap_linear.StackedLinear` during training (one GEMM
+            for all models where the layer input is shared; same numbers up to rounding).
+        compact: feed each model only its own members of a stream batch, padded to the largest
+            member count of the chunk (zero weight), instead of the whole stream batch; used on a
+            step when that count is at most 80% of ``B_stream``. Saves compute when subsets are
+            small; same numbers up to rounding. ``None`` = on for models with at least
+            20,000 parameters (where compute dominates).
 
     Raises:
         ConfigError: the model has BatchNorm-style running statistics (use
@@ -508,8 +519,13 @@ class BatchedTrainer(_TrainerBase):
 
     name = "batched"
 
-    def __init__(self, *args: Any, max_models_per_batch: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_models_per_batch: int | None = None, fast_linear: bool = True,
+                 compact: bool | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.fast_linear = bool(fast_linear)
+        if compact is None:  # auto: worth it for compute-heavy models only
+            compact = sum(p.numel() for p in self._template.parameters()) >= _COMPACT_MIN_PARAMS
+        self.compact = bool(compact)
         if max_models_per_batch is not None and int(max_models_per_batch) < 1:
             raise ConfigError(f"max_models_per_batch must be a positive int or None, got {max_models_per_batch}")
         self.max_models_per_batch = None if max_models_per_batch is None else int(max_models_per_batch)
@@ -517,13 +533,18 @@ class BatchedTrainer(_TrainerBase):
             raise ConfigError(
                 "BatchedTrainer cannot train models with BatchNorm running statistics; use "
                 "SequentialTrainer (make_trainer(..., batched=False)) or a norm without running stats")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self._train_template = self._build()
+        if self.fast_linear:
+            patch_linear_layers(self._train_template)
 
     def _eval_models_per_chunk(self) -> int:
         return self.max_models_per_batch or 64
 
     def _masked_loss(self, p: dict[str, Tensor], b: dict[str, Tensor], inputs: tuple[Tensor, ...],
                      labels: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-        out = functional_call(self._template, (p, b), inputs)
+        out = functional_call(self._train_template, (p, b), inputs)
         per = self._per_sample_loss(out, labels)
         loss = (w * per).sum() / w.sum().clamp(min=1.0)
         return loss, loss.detach()
@@ -552,12 +573,14 @@ class BatchedTrainer(_TrainerBase):
                        for n in self._buffer_names}
             del models
             torch.manual_seed(_mix("dropout", self.stream_seed, seeds))
-            self._template.train()
+            self._train_template.train()
             weights = masks.to(self.device, self.dtype)  # (mc, n_train)
             opt = FunctionalOptimizer(self.recipe)
             state = opt.init(params)
             step_fn = vmap(grad(self._masked_loss, has_aux=True), in_dims=(0, 0, None, None, 0),
                            randomness="different")
+            compact_fn = vmap(grad(self._masked_loss, has_aux=True), in_dims=(0, 0, 0, 0, 0),
+                              randomness="different")
             inputs, labels = self._train[:-1], self._train[-1]
             clip = self.recipe["grad_clip"]
             bad = torch.zeros(len(seeds), dtype=torch.bool, device=self.device)
@@ -566,11 +589,20 @@ class BatchedTrainer(_TrainerBase):
                 if epoch != last_epoch:
                     self._check_bad(bad, offset, f"(epoch {last_epoch})")
                     last_epoch = epoch
-                act = masks[:, idx].any(1)
+                member = masks[:, idx]  # (mc, B) bool, CPU
+                act = member.any(1)
                 active = None if bool(act.all()) else act.to(self.device)
-                idx_d = idx.to(self.device)
-                grads, losses = step_fn(params, buffers, tuple(t[idx_d] for t in inputs), labels[idx_d],
-                                        weights[:, idx_d])
+                k_max = int(member.sum(1).max())
+                if self.compact and k_max <= _COMPACT_MAX_FILL * len(idx):
+                    # members first (stream order kept), padded with zero-weight non-members
+                    order = torch.argsort((~member).to(torch.uint8), dim=1, stable=True)[:, :k_max]
+                    sel = idx[order].to(self.device)  # (mc, k_max)
+                    w = member.gather(1, order).to(self.device, self.dtype)
+                    grads, losses = compact_fn(params, buffers, tuple(t[sel] for t in inputs), labels[sel], w)
+                else:
+                    idx_d = idx.to(self.device)
+                    grads, losses = step_fn(params, buffers, tuple(t[idx_d] for t in inputs), labels[idx_d],
+                                            weights[:, idx_d])
                 bad |= ~torch.isfinite(losses)
                 if clip is not None:
                     clip_grad_norms_(grads, clip)
