@@ -211,10 +211,10 @@ def test_clip_grad_norms_matches_torch():
     clip_grad_norms_(grads, 1.0)
     for r in range(3):
         ps = [torch.zeros(ref[k][r].shape, dtype=torch.float64, requires_grad=True) for k in ref]
-        for p, k in zip(ps, ref):
+        for p, k in zip(ps, ref, strict=True):
             p.grad = ref[k][r].clone()
         torch.nn.utils.clip_grad_norm_(ps, 1.0)
-        for p, k in zip(ps, ref):
+        for p, k in zip(ps, ref, strict=True):
             torch.testing.assert_close(grads[k][r], p.grad, rtol=1e-14, atol=0)
 
 
