@@ -1,7 +1,7 @@
 """Black-box runner for dattri 0.3.0 ``retrain_lds`` (run with the dattri virtualenv's python).
 
 Called by ``benchmarks/retrain_throughput.py``; it only imports dattri's public API and
-writes one JSON line with the wall and CPU time of the ``retrain_lds`` call to stdout.
+writes one JSON line with the wall and CPU time of an untimed warm-up and then the ``retrain_lds`` call to stdout.
 
 Usage:
     .peer-venvs/dattri/bin/python benchmarks/peers/dattri_retrain.py \
@@ -60,11 +60,16 @@ def main() -> None:
     arrays = np.load(args.data)
     dataset = torch.utils.data.TensorDataset(torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"]))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True)
+    # untimed warm-up (first optimiser step / lazy torch imports), as for our trainers
+    w0 = time.perf_counter()
+    retrain_lds(train_func, loader, os.path.join(args.out, "warmup"), num_subsets=1,
+                subset_ratio=args.subset_ratio, seed=args.seed + 10_000, epoch_num=1)
+    warmup = time.perf_counter() - w0
     t0, c0 = time.perf_counter(), time.process_time()
     retrain_lds(train_func, loader, args.out, num_subsets=args.num_models, subset_ratio=args.subset_ratio,
                 seed=args.seed, epoch_num=args.epochs)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    print(json.dumps({"wall_s": wall, "cpu_s": cpu, "num_models": args.num_models, "torch": torch.__version__,
+    print(json.dumps({"wall_s": wall, "cpu_s": cpu, "warmup_s": warmup, "num_models": args.num_models, "torch": torch.__version__,
                       "threads": torch.get_num_threads(), "pid": os.getpid()}))
 
 

@@ -398,19 +398,23 @@ class _TrainerBase:
         model.eval()
         out = torch.empty(m, self.n_test, dtype=self.dtype)
         chunk_m = max(1, min(m, self._eval_models_per_chunk()))
+        # eval_batch_size counts samples (classification) or tokens (sequence) per forward pass
+        chunk_n = self.eval_batch_size
+        if self.kind == "sequence":
+            chunk_n = max(1, chunk_n // max(1, self._test[-1].shape[1]))
         try:
             for a in range(0, m, chunk_m):
                 p = {k: v[a:a + chunk_m] for k, v in params.items()}
                 b = {k: v[a:a + chunk_m] for k, v in buffers.items()}
-                for s in range(0, self.n_test, self.eval_batch_size):
-                    batch = tuple(t[s:s + self.eval_batch_size] for t in self._test)
+                for s in range(0, self.n_test, chunk_n):
+                    batch = tuple(t[s:s + chunk_n] for t in self._test)
                     out[a:a + chunk_m, s:s + batch[0].shape[0]] = self._eval_chunk(p, b, batch, target).cpu()
         finally:
             model.train(was_training)
         return out
 
     def _eval_models_per_chunk(self) -> int:
-        return 64
+        return 1  # the sequential trainer is the one used for large models
 
     def _eval_chunk(self, p: dict[str, Tensor], b: dict[str, Tensor], batch: tuple[Tensor, ...],
                     target: str | Callable) -> Tensor:
@@ -449,7 +453,9 @@ class SequentialTrainer(_TrainerBase):
         device: torch device (``"auto"`` = CUDA when available).
         model_name: name recorded in the fingerprint (e.g. the benchmark setting).
         data_meta: JSON-able data identity recorded in the fingerprint.
-        eval_batch_size: test samples per forward pass in :meth:`evaluate`.
+        eval_batch_size: test samples (classification) or tokens (sequence) per forward pass
+            in :meth:`evaluate`; the batched trainer evaluates up to ``max_models_per_batch``
+            (default 64) models at once, the sequential trainer one.
     """
 
     name = "sequential"
