@@ -16,6 +16,7 @@ set -euo pipefail
 DIR=${TDABENCH_SLURM_DIR:-/tmp/tdabench-slurm}
 CLUSTER=${TDABENCH_SLURM_CLUSTER:-tdabench}
 PARTITION=${TDABENCH_SLURM_PARTITION:-debug}
+ACCOUNT=${TDABENCH_SLURM_ACCOUNT:-tdabench}
 DB_PORT=${TDABENCH_SLURM_DB_PORT:-3307}
 MARK="# written by tdabench tests/slurm/cluster.sh"
 ETC=/etc/slurm
@@ -179,6 +180,14 @@ start_slurmdbd() {
   fi
 }
 
+add_account() {  # an account for the tests (profiles pass --account); needs slurmctld registered
+  if ! sacctmgr -n -P list account format=account | grep -qx "$ACCOUNT"; then
+    sacctmgr -i add account "$ACCOUNT" cluster="$CLUSTER" >/dev/null
+    sacctmgr -i add user "$(id -un)" account="$ACCOUNT" cluster="$CLUSTER" >/dev/null
+    log "added account $ACCOUNT for $(id -un)"
+  fi
+}
+
 node_ready() { sinfo -h -N -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; }
 
 start_slurm() {
@@ -206,7 +215,8 @@ cmd_start() {
   start_mariadb
   start_slurmdbd
   start_slurm
-  log "cluster '$CLUSTER' ready in $((SECONDS - t0)) s: partition '$PARTITION', $(nproc) CPUs"
+  add_account
+  log "cluster '$CLUSTER' ready in $((SECONDS - t0)) s: partition '$PARTITION', account '$ACCOUNT', $(nproc) CPUs"
   sinfo
 }
 

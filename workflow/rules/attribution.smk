@@ -32,7 +32,7 @@ rule evaluate:
         noisy=pulled(lambda w: P[w.b]["noisy"]),
         gt=pulled(lambda w: [g["merged"] for g in P[w.b]["groundtruth"].values()]),
     output:
-        metrics=f"{R}/{{b}}/metrics/{{method}}.json",
+        metrics=f"{R}/metrics/{{b}}/{{method}}.json",
         curves=f"{R}/{{b}}/plots/{{method}}.json",
     params:
         spec=spec("evaluate", method="method"),

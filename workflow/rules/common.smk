@@ -20,6 +20,18 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(Path(workflow.basedir) / "src")] + [p for p in [os.environ.get("PYTHONPATH")] if p]
 )
 os.environ["TDABENCH_LAUNCHER"] = json.dumps(CFG["launcher"])
+_L, _S = CFG["launcher"], CFG["launcher"]["slurm"]
+LAUNCHER_RESOURCES = dict(
+    launcher=_L["kind"],
+    launcher_parallelism=_L["array_parallelism"],
+    launcher_retries=_L["max_retries"],
+    shard_partition=_S["partition"] or "",
+    shard_account=_S["account"] or "",
+    shard_gpus=_S["gpus_per_node"],
+    shard_cpus=_S["cpus_per_task"],
+    shard_mem_mb=int(_S["mem_gb"] * 1024),
+    shard_runtime=_S["timeout_min"],
+)
 TDABENCH = f"{sys.executable} -m tdabench.pipeline"
 
 REPORT = [f"{R}/report.md", f"{R}/report.html", f"{R}/summary.csv"]

@@ -17,8 +17,9 @@ the rules call it) or derives them from the configuration (``--config`` + ``--be
 ``python -m tdabench.pipeline`` is the same program. ``--log FILE`` writes the stage's log there
 (and to stderr). ``TDABENCH_STAGES`` selects the module with the stage bodies (default
 ``tdabench.pipeline.stages``; ``tdabench.pipeline.toy`` for the pipeline's own tests).
-``TDABENCH_LAUNCHER`` (JSON) overrides the config's ``launcher`` block: the Snakefile passes the
-profile's launcher settings this way, so where shards run never changes what a rule computes.
+``TDABENCH_LAUNCHER`` (JSON) replaces the config's ``launcher`` block and ``--launcher-set``
+overrides single settings: the Snakefile passes the launcher this way (from the config and the
+profile's resources), never as params, so where shards run never changes what a rule computes.
 """
 
 from __future__ import annotations
@@ -73,6 +74,33 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _launcher_sets(items: list[str]) -> dict[str, Any]:
+    """``--launcher-set slurm.mem_gb=2048/1024``: dotted key, YAML value; '' = None; a/b divides."""
+    import yaml
+
+    from tdabench.errors import ConfigError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--launcher-set {item!r}: expected KEY=VALUE (e.g. slurm.partition=gpu)")
+        key, text = item.split("=", 1)
+        value: Any
+        if text == "":
+            value = None
+        elif "/" in text and all(p.strip().replace(".", "", 1).isdigit() for p in text.split("/", 1)):
+            num, den = text.split("/", 1)
+            value = float(num) / float(den)
+        else:
+            value = yaml.safe_load(text)
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
 class _Ctx:
     """Lazily loaded configuration (only when a stage is run by hand)."""
 
@@ -112,10 +140,11 @@ class _Ctx:
         return paths(self.cfg, self.need("benchmark"))
 
     def launcher(self) -> dict[str, Any]:
+        from tdabench.pipeline.config import deep_merge
+
         env = os.environ.get("TDABENCH_LAUNCHER")
-        if env:
-            return json.loads(env)
-        return self.cfg["launcher"]
+        base = json.loads(env) if env else self.cfg["launcher"]
+        return deep_merge(base, _launcher_sets(self.args.launcher_set))
 
 
 def _or(value: Any, default: Any) -> Any:
@@ -195,7 +224,7 @@ def cmd_evaluate(ctx: _Ctx) -> int:
     gt = dict(item.split("=", 1) for item in a.gt) if a.gt else {
         k: v["merged"] for k, v in p["groundtruth"].items()}
     out = _or(a.out, lambda: p["metrics"][method])
-    curves = _or(a.curves_out, lambda: str(Path(out).parent.parent / "plots" / f"{method}.json"))
+    curves = _or(a.curves_out, lambda: str(Path(p["root"]) / "plots" / f"{method}.json"))
     _stages().evaluate(
         spec, ctx.need("benchmark"), _or(a.scores, lambda: p["scores"][method]),
         _or(a.self_scores, lambda: p["self_scores"][method]), gt,
@@ -270,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store", help="ground-truth store directory")
     s.add_argument("--out", help="complete-<n>.json, written when every shard is done")
     s.add_argument("--device", default="auto")
+    s.add_argument("--launcher-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a launcher setting (e.g. kind=slurm, slurm.partition=gpu)")
     s = stage("merge", cmd_merge, "merge a store's shards into one Parquet file")
     s.add_argument("--kind", choices=["lds", "loo"])
     s.add_argument("--complete")

@@ -374,7 +374,8 @@ def paths(cfg: Mapping[str, Any], benchmark: str) -> dict[str, Any]:
         results/<b>/groundtruth/<kind>/<h>/complete-<n>.json     all n removals/subsets done
         results/<b>/groundtruth/<kind>/<h>/merged-<n>.parquet    merge
         results/<b>/scores/<method>/<h>/scores.parquet, self.parquet   attribute
-        results/<b>/metrics/<method>.json                        evaluate (stable name for dvc metrics)
+        results/metrics/<b>/<method>.json                        evaluate (stable name for dvc metrics)
+        results/<b>/plots/<method>.json                          evaluate (ROC / LOO scatter data)
     """
     R = cfg["results_dir"]
     b = cfg["benchmark_configs"][benchmark]
@@ -404,5 +405,5 @@ def paths(cfg: Mapping[str, Any], benchmark: str) -> dict[str, Any]:
         h = spec_hash(stage_spec(cfg, "attribute", benchmark, method=m))
         out["scores"][m] = f"{root}/scores/{m}/{h}/scores.parquet"
         out["self_scores"][m] = f"{root}/scores/{m}/{h}/self.parquet"
-        out["metrics"][m] = f"{root}/metrics/{m}.json"
+        out["metrics"][m] = f"{R}/metrics/{benchmark}/{m}.json"
     return out

@@ -23,11 +23,12 @@ retraining shards that run on cluster nodes. It
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,8 +226,33 @@ def _submit(executor: Any, call: ShardCall, shard_ids: Sequence[int], folder: Pa
 
     # Submitting from inside a SLURM job (e.g. under Snakemake's slurm executor) must not pass that
     # job's SLURM_* variables on to the array: clean_env hides them during submission.
-    with submitit.helpers.clean_env():
+    with submitit.helpers.clean_env(), _importable_tdabench():
         return list(executor.map_array(call, list(shard_ids)))
+
+
+@contextlib.contextmanager
+def _importable_tdabench() -> Iterator[None]:
+    """Make the tasks import the same tdabench as this process, installed or not.
+
+    The submitted environment is captured at submission; this puts the directory holding this
+    ``tdabench`` package first on the tasks' PYTHONPATH for that moment only.
+    """
+    import tdabench
+
+    root = str(Path(tdabench.__file__).resolve().parents[1])
+    old = os.environ.get("PYTHONPATH")
+    parts = [p for p in (old or "").split(os.pathsep) if p]
+    if parts[:1] == [root]:
+        yield
+        return
+    os.environ["PYTHONPATH"] = os.pathsep.join([root, *parts])
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
 
 
 def _log_paths(job: Any) -> str:

@@ -24,7 +24,10 @@ def render_slurm_profile(
         if not value or any(c.isspace() or c in "\"'{}:," for c in value):
             raise ConfigError(f"--{name} {value!r} is not a valid SLURM name; pass e.g. --{name} mylab")
     mem_mb = int(mem_gb * 1024)
-    gpu = f"\n    gpu: {gpus_per_node}" if gpus_per_node else ""
+    gpu_rules = (
+        f"  train:\n    gpu: {gpus_per_node}\n  attribute:\n    gpu: {gpus_per_node}\n"
+        if gpus_per_node else ""
+    )
     return f"""\
 # Snakemake profile "slurm" for tdabench (installed by `tdabench install-profile`).
 # GPU-bound rules run as SLURM jobs (snakemake-executor-plugin-slurm); the ground-truth rule runs
@@ -43,11 +46,16 @@ default-resources:
   mem_mb: {mem_mb}
   cpus_per_task: {cpus_per_task}
 set-resources:
-  train:{gpu or " {}"}
-  attribute:{gpu or " {}"}
-config:
-  - "launcher={{kind: slurm, array_parallelism: {array_parallelism}, poll_s: 30, slurm: {{account: {account}, partition: {partition}, gpus_per_node: {gpus_per_node}, cpus_per_task: {cpus_per_task}, mem_gb: {mem_gb}, timeout_min: {timeout_min}}}}}"
-"""
+  groundtruth:              # local job; its retraining shards go out as one submitit job array
+    launcher: slurm
+    launcher_parallelism: {array_parallelism}
+    shard_account: "{account}"
+    shard_partition: "{partition}"
+    shard_gpus: {gpus_per_node}
+    shard_cpus: {cpus_per_task}
+    shard_mem_mb: {mem_mb}
+    shard_runtime: {timeout_min}
+{gpu_rules}"""
 
 
 def install_profile(

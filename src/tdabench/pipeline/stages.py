@@ -442,14 +442,15 @@ def report(spec: Mapping[str, Any], metrics: Mapping[str, Mapping[str, str]], ou
     """Table (method x benchmark: LDS +- CI, noise ceiling, LOO, AUC, time) and PNG plots.
 
     Args:
-        metrics: ``{benchmark: {method: path of metrics/<method>.json}}`` (curves are read from
-            the sibling ``plots/<method>.json``).
+        metrics: ``{benchmark: {method: path of results/metrics/<b>/<method>.json}}`` (curves are
+            read from ``results/<b>/plots/<method>.json``).
     """
     rows = []
     for b, per_method in metrics.items():
         for m, path in per_method.items():
             r = read_json(path)
-            curves_path = Path(path).parent.parent / "plots" / f"{m}.json"
+            # results/metrics/<b>/<m>.json -> results/<b>/plots/<m>.json
+            curves_path = Path(path).parents[2] / b / "plots" / f"{m}.json"
             r["_curves"] = read_json(curves_path) if curves_path.exists() else {}
             rows.append(r)
 
