@@ -47,7 +47,7 @@ def toy_env(monkeypatch, tmp_path):
 def make_workspace(dest: Path, attributors=("grad_dot",), lds_subsets=6, loo_indices=4, lr=None) -> Path:
     """A copy of the workflow with a tiny configuration (one benchmark, toy-sized ground truth)."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("Snakefile", "dvc.yaml"):
+    for name in ("Snakefile", "dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / name, dest / name)
     shutil.copytree(REPO / "workflow", dest / "workflow", dirs_exist_ok=True)
     shutil.copytree(REPO / "configs", dest / "configs", dirs_exist_ok=True)
