@@ -46,11 +46,17 @@ def test_shipped_configs_are_valid():
 
 
 def test_unknown_key_names_key_and_file(configs):
-    _edit(configs / "benchmarks/mnist_lr.yaml", lambda d: d["groundtruth"]["lds"].update(num_subset=3))
+    _edit(
+        configs / "benchmarks/mnist_lr.yaml", lambda d: d["groundtruth"]["lds"].update(num_subset=3)
+    )
     with pytest.raises(ConfigError) as e:
         _load(configs)
     msg = str(e.value)
-    assert "benchmarks/mnist_lr.yaml" in msg and "groundtruth.lds.num_subset" in msg and "unknown key" in msg
+    assert (
+        "benchmarks/mnist_lr.yaml" in msg
+        and "groundtruth.lds.num_subset" in msg
+        and "unknown key" in msg
+    )
 
 
 def test_unknown_top_level_key(configs):
@@ -60,29 +66,42 @@ def test_unknown_top_level_key(configs):
 
 
 def test_wrong_type_names_key_and_file(configs):
-    _edit(configs / "benchmarks/mnist_lr.yaml", lambda d: d["groundtruth"]["lds"].update(num_subsets="fifty"))
-    with pytest.raises(ConfigError, match=r"mnist_lr.yaml.*'groundtruth.lds.num_subsets'.*'fifty'.*integer"):
+    _edit(
+        configs / "benchmarks/mnist_lr.yaml",
+        lambda d: d["groundtruth"]["lds"].update(num_subsets="fifty"),
+    )
+    with pytest.raises(
+        ConfigError, match=r"mnist_lr.yaml.*'groundtruth.lds.num_subsets'.*'fifty'.*integer"
+    ):
         _load(configs)
 
 
 def test_unknown_method_names_file(configs):
     _edit(configs / "attributors/if_cg.yaml", lambda d: d.update(method="IFAttributorMagic"))
-    with pytest.raises(ConfigError, match=r"attributors/if_cg.yaml.*unknown method 'IFAttributorMagic'"):
+    with pytest.raises(
+        ConfigError, match=r"attributors/if_cg.yaml.*unknown method 'IFAttributorMagic'"
+    ):
         _load(configs)
 
 
 def test_unknown_benchmark_and_attributor_names(configs):
     _edit(configs / "default.yaml", lambda d: d.update(attributors=["if_cg", "nope"]))
-    with pytest.raises(ConfigError, match=r"no file .*attributors/nope.yaml.*known attributors: .*if_cg"):
+    with pytest.raises(
+        ConfigError, match=r"no file .*attributors/nope.yaml.*known attributors: .*if_cg"
+    ):
         _load(configs)
-    _edit(configs / "default.yaml", lambda d: d.update(attributors=["if_cg"], benchmarks=["mnist_xx"]))
+    _edit(
+        configs / "default.yaml", lambda d: d.update(attributors=["if_cg"], benchmarks=["mnist_xx"])
+    )
     with pytest.raises(ConfigError, match=r"benchmark 'mnist_xx'.*known benchmarks: .*mnist_lr"):
         _load(configs)
 
 
 def test_ensemble_too_small_for_trak(configs):
     _edit(configs / "benchmarks/mnist_lr.yaml", lambda d: d["train"].update(ensemble=2))
-    with pytest.raises(ConfigError, match=r"mnist_lr.yaml.*'train.ensemble' is 2 but an attributor needs 10"):
+    with pytest.raises(
+        ConfigError, match=r"mnist_lr.yaml.*'train.ensemble' is 2 but an attributor needs 10"
+    ):
         _load(configs)
 
 
@@ -111,7 +130,10 @@ def test_spec_hashes_extend_or_separate_stores():
     reg = load_config(REPO / "configs/default.yaml")
     reg["attributor_configs"]["if_cg"]["params"]["regularization"] = 0.1
     p2 = paths(reg, "mnist_lr")
-    assert p2["scores"]["if_cg"] != p0["scores"]["if_cg"] and p2["scores"]["grad_dot"] == p0["scores"]["grad_dot"]
+    assert (
+        p2["scores"]["if_cg"] != p0["scores"]["if_cg"]
+        and p2["scores"]["grad_dot"] == p0["scores"]["grad_dot"]
+    )
     assert p2["metrics"]["if_cg"] == p0["metrics"]["if_cg"] == "results/metrics/mnist_lr/if_cg.json"
 
 

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import pytest
-
 import shutil
 
-from tests.pipeline.conftest import BIN, REPO, jobs_scheduled, make_workspace, run, trace_lines
+import pytest
+from pipeline_helpers import BIN, REPO, jobs_scheduled, make_workspace, run, trace_lines
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def git_env(monkeypatch):
-    for k, v in {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@x", "GIT_COMMITTER_NAME": "t",
-                 "GIT_COMMITTER_EMAIL": "t@x"}.items():
+    for k, v in {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@x",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@x",
+    }.items():
         monkeypatch.setenv(k, v)
 
 
@@ -22,7 +25,9 @@ def test_push_pull_then_nothing_to_do(tmp_path, toy_env, git_env):
     dvc = str(BIN / "dvc")
     a = make_workspace(tmp_path / "a")
     run(["git", "init", "-q", "."], a)
-    shutil.copytree(REPO / ".dvc", a / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
+    shutil.copytree(
+        REPO / ".dvc", a / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local")
+    )
     run([dvc, "remote", "add", "-d", "lab", str(tmp_path / "remote")], a)
     run(["git", "add", "-A"], a)
     run(["git", "commit", "-qm", "pipeline"], a)

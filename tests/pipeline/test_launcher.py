@@ -58,8 +58,12 @@ def test_local_processes_retry(tmp_path):
     fail.mkdir()
     (fail / "fail-1").touch()
     shard = ToyShard(str(tmp_path / "out"), seed=1, fail_dir=str(fail))
-    rep = launch_shards(shard, [0, 1], shard.is_complete,
-                        settings=_settings(tmp_path, kind="local", array_parallelism=2))
+    rep = launch_shards(
+        shard,
+        [0, 1],
+        shard.is_complete,
+        settings=_settings(tmp_path, kind="local", array_parallelism=2),
+    )
     assert rep.completed == [0, 1] and rep.attempts == {0: 1, 1: 2}
     assert len(read_toy_shards(tmp_path / "out")) == 8
     # logs of the subprocesses are under the folder, one directory per job
@@ -67,11 +71,13 @@ def test_local_processes_retry(tmp_path):
 
 
 def test_settings_validation():
-    with pytest.raises(ConfigError, match="launcher.kind='cloud'"):
+    with pytest.raises(ConfigError, match=r"launcher\.kind='cloud'"):
         LauncherSettings(kind="cloud")
     with pytest.raises(ConfigError, match=r"unknown launcher.slurm setting\(s\) \['partion'\]"):
         LauncherSettings.from_dict({"slurm": {"partion": "gpu"}})
-    s = LauncherSettings.from_dict({"kind": "slurm", "slurm": {"partition": "gpu", "setup": ["module load x"]}})
+    s = LauncherSettings.from_dict(
+        {"kind": "slurm", "slurm": {"partition": "gpu", "setup": ["module load x"]}}
+    )
     assert s.slurm.partition == "gpu" and s.slurm.setup == ("module load x",)
 
 

@@ -12,16 +12,18 @@ import threading
 import time
 
 import pytest
+from pipeline_helpers import BIN, jobs_scheduled, make_workspace, run, trace_lines
 
 from tdabench.pipeline.launcher import launch_shards
 from tdabench.pipeline.toy import ToyShard, read_toy_shards
-from tests.pipeline.conftest import BIN, jobs_scheduled, make_workspace, run, trace_lines
 
 pytestmark = pytest.mark.slurm
 
 
 def _squeue(fmt: str) -> list[str]:
-    out = subprocess.run(["squeue", "-h", "-r", "-o", fmt], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["squeue", "-h", "-r", "-o", fmt], capture_output=True, text=True, check=True
+    )
     return out.stdout.split()
 
 
@@ -49,8 +51,14 @@ def test_job_array_skip_and_scancel_resubmit(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shard = ToyShard(str(tmp_path / "out"), seed=7, sleep_s=8)
     ToyShard(str(tmp_path / "out"), seed=7)(0)  # shard 0 complete before the launch
-    settings = {"kind": "slurm", "folder": str(tmp_path / "logs"), "poll_s": 1, "array_parallelism": 2,
-                "max_retries": 2, "slurm": {"mem_gb": 0.25, "timeout_min": 5, "cpus_per_task": 1}}
+    settings = {
+        "kind": "slurm",
+        "folder": str(tmp_path / "logs"),
+        "poll_s": 1,
+        "array_parallelism": 2,
+        "max_retries": 2,
+        "slurm": {"mem_gb": 0.25, "timeout_min": 5, "cpus_per_task": 1},
+    }
     cancel: dict = {}
     detected: dict = {}
 
@@ -78,16 +86,37 @@ def test_groundtruth_stage_scancel_matches_undisturbed(tmp_path, toy_env, monkey
     ws = make_workspace(tmp_path / "ws", lds_subsets=9)
     py = str(BIN / "python")
     monkeypatch.setenv("TDABENCH_TOY_SLEEP", "6")
-    cmd = [py, "-m", "tdabench.pipeline", "groundtruth", "--benchmark", "mnist_lr", "--kind", "lds",
-           "--set", "launcher.kind=slurm", "--set", "launcher.poll_s=1",
-           "--set", "launcher.slurm.mem_gb=0.25", "--set", "launcher.array_parallelism=2"]
-    proc = subprocess.Popen(cmd, cwd=ws, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [
+        py,
+        "-m",
+        "tdabench.pipeline",
+        "groundtruth",
+        "--benchmark",
+        "mnist_lr",
+        "--kind",
+        "lds",
+        "--set",
+        "launcher.kind=slurm",
+        "--set",
+        "launcher.poll_s=1",
+        "--set",
+        "launcher.slurm.mem_gb=0.25",
+        "--set",
+        "launcher.array_parallelism=2",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ws, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         # find the array's task 1 and cancel it while it runs
         end = time.time() + 120
         task = None
         while time.time() < end and task is None:
-            ids = [i for i in _squeue("%i:%j") if i.endswith(":tdabench-shards") or i.endswith(":gt-lds")]
+            ids = [
+                i
+                for i in _squeue("%i:%j")
+                if i.endswith(":tdabench-shards") or i.endswith(":gt-lds")
+            ]
             task = next((i.split(":")[0] for i in ids if i.split(":")[0].endswith("_1")), None)
             time.sleep(0.3)
         assert task, "the array never appeared in squeue"
@@ -106,8 +135,21 @@ def test_groundtruth_stage_scancel_matches_undisturbed(tmp_path, toy_env, monkey
     ref = make_workspace(tmp_path / "ref", lds_subsets=9)
     monkeypatch.setenv("TDABENCH_TOY_SLEEP", "0")
     for stage in ("groundtruth", "merge"):
-        run([py, "-m", "tdabench.pipeline", stage, "--benchmark", "mnist_lr", "--kind", "lds",
-             "--set", "launcher.kind=debug"], ref)
+        run(
+            [
+                py,
+                "-m",
+                "tdabench.pipeline",
+                stage,
+                "--benchmark",
+                "mnist_lr",
+                "--kind",
+                "lds",
+                "--set",
+                "launcher.kind=debug",
+            ],
+            ref,
+        )
     import pyarrow.parquet as pq
 
     (m1,) = ws.glob("results/mnist_lr/groundtruth/lds/*/merged-9.parquet")
@@ -122,10 +164,31 @@ def test_snakemake_profile_slurm(tmp_path, toy_env, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     ws = make_workspace(tmp_path / "ws")
     py = str(BIN / "python")
-    run([py, "-m", "tdabench.pipeline", "install-profile", "--account", "tdabench", "--partition",
-         os.environ.get("TDABENCH_SLURM_PARTITION", "debug"), "--gpus-per-node", "0",
-         "--cpus-per-task", "1", "--mem-gb", "0.25", "--timeout-min", "10", "--jobs", "4",
-         "--array-parallelism", "2"], ws)
+    run(
+        [
+            py,
+            "-m",
+            "tdabench.pipeline",
+            "install-profile",
+            "--account",
+            "tdabench",
+            "--partition",
+            os.environ.get("TDABENCH_SLURM_PARTITION", "debug"),
+            "--gpus-per-node",
+            "0",
+            "--cpus-per-task",
+            "1",
+            "--mem-gb",
+            "0.25",
+            "--timeout-min",
+            "10",
+            "--jobs",
+            "4",
+            "--array-parallelism",
+            "2",
+        ],
+        ws,
+    )
     prof = tmp_path / "home/.config/snakemake/slurm/config.yaml"
     # poll SLURM sooner than a lab would (the plugin's default first check is after 40 s)
     prof.write_text(prof.read_text().replace("status-checks: 20", "status-checks: 3"))

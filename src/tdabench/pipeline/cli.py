@@ -83,12 +83,16 @@ def _launcher_sets(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise ConfigError(f"--launcher-set {item!r}: expected KEY=VALUE (e.g. slurm.partition=gpu)")
+            raise ConfigError(
+                f"--launcher-set {item!r}: expected KEY=VALUE (e.g. slurm.partition=gpu)"
+            )
         key, text = item.split("=", 1)
         value: Any
         if text == "":
             value = None
-        elif "/" in text and all(p.strip().replace(".", "", 1).isdigit() for p in text.split("/", 1)):
+        elif "/" in text and all(
+            p.strip().replace(".", "", 1).isdigit() for p in text.split("/", 1)
+        ):
             num, den = text.split("/", 1)
             value = float(num) / float(den)
         else:
@@ -159,10 +163,14 @@ def cmd_check_config(ctx: _Ctx) -> int:
     for b in cfg["benchmarks"]:
         bc = cfg["benchmark_configs"][b]
         p = paths(cfg, b)
-        gt = ", ".join(f"{k}: {p['groundtruth'][k]['count']} in {p['groundtruth'][k]['dir']}"
-                       for k in groundtruth_kinds(cfg, b))
-        print(f"  {b} (setting {bc['setting']}; metrics {', '.join(bc['metrics'])}; "
-              f"{len(bc['attributors'])} attributors; ground truth {gt or 'none'})")
+        gt = ", ".join(
+            f"{k}: {p['groundtruth'][k]['count']} in {p['groundtruth'][k]['dir']}"
+            for k in groundtruth_kinds(cfg, b)
+        )
+        print(
+            f"  {b} (setting {bc['setting']}; metrics {', '.join(bc['metrics'])}; "
+            f"{len(bc['attributors'])} attributors; ground truth {gt or 'none'})"
+        )
     print(f"  launcher: kind={cfg['launcher']['kind']}")
     return 0
 
@@ -175,8 +183,12 @@ def cmd_prepare(ctx: _Ctx) -> int:
 
 def cmd_train(ctx: _Ctx) -> int:
     a = ctx.args
-    _stages().train(ctx.spec("train"), _or(a.data, lambda: ctx.paths()["data"]),
-                    _or(a.out_dir, lambda: ctx.paths()["models"]), device=a.device)
+    _stages().train(
+        ctx.spec("train"),
+        _or(a.data, lambda: ctx.paths()["data"]),
+        _or(a.out_dir, lambda: ctx.paths()["models"]),
+        device=a.device,
+    )
     return 0
 
 
@@ -206,11 +218,17 @@ def cmd_attribute(ctx: _Ctx) -> int:
     method = ctx.need("method") if not a.spec else None
     spec = ctx.spec("attribute", method=method)
     p = None if a.spec and a.out else ctx.paths()
-    metrics = a.metrics.split(",") if a.metrics else ctx.cfg["benchmark_configs"][a.benchmark]["metrics"]
+    metrics = (
+        a.metrics.split(",") if a.metrics else ctx.cfg["benchmark_configs"][a.benchmark]["metrics"]
+    )
     _stages().attribute(
-        spec, _or(a.data, lambda: p["data"]), _or(a.models, lambda: p["models"]),
-        _or(a.out, lambda: p["scores"][method]), _or(a.out_self, lambda: p["self_scores"][method]),
-        metrics=metrics, device=a.device,
+        spec,
+        _or(a.data, lambda: p["data"]),
+        _or(a.models, lambda: p["models"]),
+        _or(a.out, lambda: p["scores"][method]),
+        _or(a.out_self, lambda: p["self_scores"][method]),
+        metrics=metrics,
+        device=a.device,
     )
     return 0
 
@@ -221,14 +239,22 @@ def cmd_evaluate(ctx: _Ctx) -> int:
     spec = ctx.spec("evaluate", method=method)
     method = spec["method"]
     p = None if a.spec and a.out else ctx.paths()
-    gt = dict(item.split("=", 1) for item in a.gt) if a.gt else {
-        k: v["merged"] for k, v in p["groundtruth"].items()}
+    gt = (
+        dict(item.split("=", 1) for item in a.gt)
+        if a.gt
+        else {k: v["merged"] for k, v in p["groundtruth"].items()}
+    )
     out = _or(a.out, lambda: p["metrics"][method])
     curves = _or(a.curves_out, lambda: str(Path(p["root"]) / "plots" / f"{method}.json"))
     _stages().evaluate(
-        spec, ctx.need("benchmark"), _or(a.scores, lambda: p["scores"][method]),
-        _or(a.self_scores, lambda: p["self_scores"][method]), gt,
-        _or(a.noisy, lambda: p["noisy"]), out, curves,
+        spec,
+        ctx.need("benchmark"),
+        _or(a.scores, lambda: p["scores"][method]),
+        _or(a.self_scores, lambda: p["self_scores"][method]),
+        gt,
+        _or(a.noisy, lambda: p["noisy"]),
+        out,
+        curves,
     )
     return 0
 
@@ -248,7 +274,9 @@ def cmd_report(ctx: _Ctx) -> int:
         metrics = {b: paths(ctx.cfg, b)["metrics"] for b in ctx.cfg["benchmarks"]}
     results = Path(a.out_md).parent if a.out_md else Path(ctx.cfg["results_dir"])
     _stages().report(
-        spec, metrics, _or(a.out_md, lambda: str(results / "report.md")),
+        spec,
+        metrics,
+        _or(a.out_md, lambda: str(results / "report.md")),
         _or(a.out_html, lambda: str(results / "report.html")),
         _or(a.plots_dir, lambda: str(results / "plots")),
         _or(a.summary, lambda: str(results / "summary.csv")),
@@ -261,9 +289,16 @@ def cmd_install_profile(ctx: _Ctx) -> int:
 
     a = ctx.args
     dest = install_profile(
-        account=a.account, partition=a.partition, dest=a.dest, gpus_per_node=a.gpus_per_node,
-        cpus_per_task=a.cpus_per_task, mem_gb=a.mem_gb, timeout_min=a.timeout_min,
-        array_parallelism=a.array_parallelism, jobs=a.jobs, force=a.force,
+        account=a.account,
+        partition=a.partition,
+        dest=a.dest,
+        gpus_per_node=a.gpus_per_node,
+        cpus_per_task=a.cpus_per_task,
+        mem_gb=a.mem_gb,
+        timeout_min=a.timeout_min,
+        array_parallelism=a.array_parallelism,
+        jobs=a.jobs,
+        force=a.force,
     )
     print(f"installed the slurm profile in {dest}; run: snakemake --profile slurm")
     return 0
@@ -277,8 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
     def stage(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help)
         s.add_argument("--config", default="configs/default.yaml", help="run configuration file")
-        s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value (dotted key, YAML value); repeatable")
+        s.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value (dotted key, YAML value); repeatable",
+        )
         s.add_argument("--spec", help="the stage spec as JSON (or @file); the rules pass it")
         s.add_argument("--benchmark", help="benchmark name (configs/benchmarks/<name>.yaml)")
         s.add_argument("--log", help="also write the log to this file")
@@ -289,7 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     stage("check-config", cmd_check_config, "validate the configuration and print what it computes")
     s = stage("prepare", cmd_prepare, "load the split, record its identity, flip labels for AUC")
     s.add_argument("--out-dir")
-    s = stage("train", cmd_train, "train the reference models (ensemble, checkpoints, noisy-label model)")
+    s = stage(
+        "train", cmd_train, "train the reference models (ensemble, checkpoints, noisy-label model)"
+    )
     s.add_argument("--data")
     s.add_argument("--out-dir")
     s.add_argument("--device", default="auto")
@@ -299,8 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store", help="ground-truth store directory")
     s.add_argument("--out", help="complete-<n>.json, written when every shard is done")
     s.add_argument("--device", default="auto")
-    s.add_argument("--launcher-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a launcher setting (e.g. kind=slurm, slurm.partition=gpu)")
+    s.add_argument(
+        "--launcher-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a launcher setting (e.g. kind=slurm, slurm.partition=gpu)",
+    )
     s = stage("merge", cmd_merge, "merge a store's shards into one Parquet file")
     s.add_argument("--kind", choices=["lds", "loo"])
     s.add_argument("--complete")
@@ -317,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method")
     s.add_argument("--scores")
     s.add_argument("--self-scores")
-    s.add_argument("--gt", action="append", metavar="KIND=PATH", help="merged ground truth; repeatable")
+    s.add_argument(
+        "--gt", action="append", metavar="KIND=PATH", help="merged ground truth; repeatable"
+    )
     s.add_argument("--noisy")
     s.add_argument("--out")
     s.add_argument("--curves-out")
@@ -327,8 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-html")
     s.add_argument("--plots-dir")
     s.add_argument("--summary")
-    s = stage("install-profile", cmd_install_profile,
-              "install the slurm Snakemake profile for your lab into ~/.config/snakemake/slurm")
+    s = stage(
+        "install-profile",
+        cmd_install_profile,
+        "install the slurm Snakemake profile for your lab into ~/.config/snakemake/slurm",
+    )
     s.add_argument("--account", required=True)
     s.add_argument("--partition", required=True)
     s.add_argument("--dest", help="default: ~/.config/snakemake/slurm")

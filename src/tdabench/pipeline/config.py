@@ -90,7 +90,9 @@ def load_yaml(path: str | os.PathLike[str]) -> Any:
 
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist; create it or fix the name that points to it.")
+        raise ConfigError(
+            f"config file {p} does not exist; create it or fix the name that points to it."
+        )
     try:
         with p.open() as f:
             data = yaml.safe_load(f)
@@ -157,9 +159,13 @@ def validate(instance: Any, schema_name: str, source: str) -> dict[str, Any]:
 
     schema = _schema(schema_name)
     if not isinstance(instance, dict):
-        raise ConfigError(f"{source}: expected a mapping of keys at the top level, got {type(instance).__name__}.")
+        raise ConfigError(
+            f"{source}: expected a mapping of keys at the top level, got {type(instance).__name__}."
+        )
     validator_cls = jsonschema.validators.validator_for(schema)
-    errors = sorted(validator_cls(schema).iter_errors(instance), key=lambda e: list(e.absolute_path))
+    errors = sorted(
+        validator_cls(schema).iter_errors(instance), key=lambda e: list(e.absolute_path)
+    )
     if errors:
         raise ConfigError(f"{source}: " + "; ".join(_explain(e) for e in errors))
     return _fill_defaults(copy.deepcopy(instance), schema, schema)
@@ -170,17 +176,19 @@ def _explain(error: Any) -> str:
     if error.validator == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
         unknown = sorted(set(error.instance) - set(allowed))
-        keys = ", ".join(
-            repr(f"{where}.{k}" if error.absolute_path else k) for k in unknown
-        )
+        keys = ", ".join(repr(f"{where}.{k}" if error.absolute_path else k) for k in unknown)
         return f"unknown key {keys} (allowed here: {', '.join(allowed)}); remove or rename it"
     if error.validator == "enum":
         what = "method" if where == "method" else ("setting" if where == "setting" else "value")
-        return (f"key '{where}': unknown {what} {error.instance!r}; "
-                f"use one of {', '.join(map(str, error.validator_value))}")
+        return (
+            f"key '{where}': unknown {what} {error.instance!r}; "
+            f"use one of {', '.join(map(str, error.validator_value))}"
+        )
     if error.validator == "type":
-        return (f"key '{where}': {error.instance!r} is not of type "
-                f"{error.validator_value!r}; fix its value")
+        return (
+            f"key '{where}': {error.instance!r} is not of type "
+            f"{error.validator_value!r}; fix its value"
+        )
     if error.validator == "required":
         return f"{error.message} (key missing at {where}); add it"
     return f"key '{where}': {error.message}"
@@ -198,7 +206,9 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
 
 
 def resolve_config(
-    raw: Mapping[str, Any], source: str = "configs/default.yaml", base_dir: str | os.PathLike[str] = "."
+    raw: Mapping[str, Any],
+    source: str = "configs/default.yaml",
+    base_dir: str | os.PathLike[str] = ".",
 ) -> dict[str, Any]:
     """Validate the run config and load every benchmark / attributor file it names.
 
@@ -230,7 +240,9 @@ def resolve_config(
             b["attributors"] = list(cfg["attributors"])
         benches[name] = b
     attrs: dict[str, Any] = {}
-    for name in sorted({a for b in benches.values() for a in b["attributors"]} | set(cfg["attributors"])):
+    for name in sorted(
+        {a for b in benches.values() for a in b["attributors"]} | set(cfg["attributors"])
+    ):
         path = configs_dir / "attributors" / f"{name}.yaml"
         if not path.is_file():
             known = sorted(p.stem for p in (configs_dir / "attributors").glob("*.yaml"))
@@ -240,15 +252,27 @@ def resolve_config(
             )
         attrs[name] = validate(load_yaml(path), "attributor", str(path))
     for bname, b in benches.items():
-        need = max((a["checkpoints"]["count"] for n, a in attrs.items()
-                    if n in b["attributors"] and a["checkpoints"]["kind"] == "final"), default=1)
+        need = max(
+            (
+                a["checkpoints"]["count"]
+                for n, a in attrs.items()
+                if n in b["attributors"] and a["checkpoints"]["kind"] == "final"
+            ),
+            default=1,
+        )
         if need > b["train"]["ensemble"]:
             raise ConfigError(
                 f"{configs_dir / 'benchmarks' / (bname + '.yaml')}: key 'train.ensemble' is "
                 f"{b['train']['ensemble']} but an attributor needs {need} final models; raise it."
             )
-        need = max((a["checkpoints"]["count"] for n, a in attrs.items()
-                    if n in b["attributors"] and a["checkpoints"]["kind"] == "epochs"), default=1)
+        need = max(
+            (
+                a["checkpoints"]["count"]
+                for n, a in attrs.items()
+                if n in b["attributors"] and a["checkpoints"]["kind"] == "epochs"
+            ),
+            default=1,
+        )
         if need > b["train"]["checkpoints"]:
             raise ConfigError(
                 f"{configs_dir / 'benchmarks' / (bname + '.yaml')}: key 'train.checkpoints' is "
@@ -261,7 +285,8 @@ def resolve_config(
 
 
 def load_config(
-    path: str | os.PathLike[str] = "configs/default.yaml", overrides: Mapping[str, Any] | None = None
+    path: str | os.PathLike[str] = "configs/default.yaml",
+    overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Read the run configuration file, apply ``overrides`` (deep merge) and resolve it.
 
@@ -312,13 +337,22 @@ def stage_spec(
         return {
             "stage": "report",
             "benchmarks": list(cfg["benchmarks"]),
-            "attributors": {b: cfg["benchmark_configs"][b]["attributors"] for b in cfg["benchmarks"]},
+            "attributors": {
+                b: cfg["benchmark_configs"][b]["attributors"] for b in cfg["benchmarks"]
+            },
             "report": cfg["report"],
         }
     if benchmark not in cfg["benchmark_configs"]:
-        raise ConfigError(f"benchmark {benchmark!r} is not in this run's list {list(cfg['benchmarks'])}")
+        raise ConfigError(
+            f"benchmark {benchmark!r} is not in this run's list {list(cfg['benchmarks'])}"
+        )
     b = cfg["benchmark_configs"][benchmark]
-    prepare = {"stage": "prepare", "format": _FORMAT_VERSION, **_bench_core(b, cfg), "auc": b["auc"]}
+    prepare = {
+        "stage": "prepare",
+        "format": _FORMAT_VERSION,
+        **_bench_core(b, cfg),
+        "auc": b["auc"],
+    }
     if stage == "prepare":
         return prepare
     if stage == "train":
@@ -340,7 +374,9 @@ def stage_spec(
         }
     if stage == "attribute":
         if method not in cfg["attributor_configs"]:
-            raise ConfigError(f"attributor {method!r} is not configured; add configs/attributors/{method}.yaml")
+            raise ConfigError(
+                f"attributor {method!r} is not configured; add configs/attributors/{method}.yaml"
+            )
         return {
             "stage": "attribute",
             "train": stage_spec(cfg, "train", benchmark),

@@ -41,7 +41,9 @@ class atomic_path:
 
     def __enter__(self) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        fd, name = tempfile.mkstemp(
+            prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
+        )
         os.close(fd)
         self.tmp = Path(name)
         return self.tmp
@@ -63,7 +65,9 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def write_table(path: str | os.PathLike[str], table: Any, meta: Mapping[str, Any] | None = None) -> None:
+def write_table(
+    path: str | os.PathLike[str], table: Any, meta: Mapping[str, Any] | None = None
+) -> None:
     """Write a ``pyarrow.Table`` to Parquet atomically, with ``meta`` as JSON key-value metadata."""
     import pyarrow.parquet as pq
 
@@ -91,12 +95,16 @@ def write_scores(path: str | os.PathLike[str], scores: Any, meta: Mapping[str, A
     if s.ndim != 2:
         from tdabench.errors import ShapeError
 
-        raise ShapeError(f"scores must be (n_train, n_test), got shape {s.shape}; pass the full matrix.")
+        raise ShapeError(
+            f"scores must be (n_train, n_test), got shape {s.shape}; pass the full matrix."
+        )
     n_train, n_test = s.shape
-    table = pa.table({
-        "train_index": pa.array(np.arange(n_train), pa.int64()),
-        "scores": pa.FixedSizeListArray.from_arrays(pa.array(s.ravel(), pa.float32()), n_test),
-    })
+    table = pa.table(
+        {
+            "train_index": pa.array(np.arange(n_train), pa.int64()),
+            "scores": pa.FixedSizeListArray.from_arrays(pa.array(s.ravel(), pa.float32()), n_test),
+        }
+    )
     write_table(path, table, {**meta, "n_train": n_train, "n_test": n_test})
 
 
@@ -106,8 +114,12 @@ def write_self_scores(path: str | os.PathLike[str], scores: Any, meta: Mapping[s
     import pyarrow as pa
 
     s = np.asarray(scores.detach().cpu() if hasattr(scores, "detach") else scores, dtype=np.float32)
-    table = pa.table({"train_index": pa.array(np.arange(len(s)), pa.int64()),
-                      "score": pa.array(s.ravel(), pa.float32())})
+    table = pa.table(
+        {
+            "train_index": pa.array(np.arange(len(s)), pa.int64()),
+            "score": pa.array(s.ravel(), pa.float32()),
+        }
+    )
     write_table(path, table, dict(meta))
 
 
@@ -119,4 +131,6 @@ def read_scores(path: str | os.PathLike[str]) -> Any:
     t = pq.read_table(path)
     col = t.column("scores").combine_chunks()
     n_test = col.type.list_size
-    return np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, n_test)
+    return np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(
+        -1, n_test
+    )

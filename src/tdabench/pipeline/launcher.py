@@ -102,7 +102,9 @@ class LauncherSettings:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ConfigError(f"launcher.kind={self.kind!r} is not one of {KINDS}; pick one of them.")
+            raise ConfigError(
+                f"launcher.kind={self.kind!r} is not one of {KINDS}; pick one of them."
+            )
         if self.max_retries < 0:
             raise ConfigError(f"launcher.max_retries={self.max_retries} must be >= 0.")
         if self.array_parallelism < 1:
@@ -325,7 +327,11 @@ def launch_shards(
     report = LaunchReport(skipped=skipped, completed=[], attempts={}, job_ids=[], seconds=0.0)
     logger.info(
         "%s: %d shards, %d already complete, %d to run (launcher kind=%s)",
-        name, len(ids), len(skipped), len(todo), settings.kind,
+        name,
+        len(ids),
+        len(skipped),
+        len(todo),
+        settings.kind,
     )
     if not todo:
         report.seconds = time.perf_counter() - t0
@@ -349,7 +355,7 @@ def launch_shards(
             return
         del queue[: len(chunk)]
         jobs = _submit(executor, call, chunk, folder)
-        for shard_id, job in zip(chunk, jobs):
+        for shard_id, job in zip(chunk, jobs, strict=True):
             running[shard_id] = last_job[shard_id] = job
             report.attempts[shard_id] = report.attempts.get(shard_id, 0) + 1
         array_ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
@@ -376,7 +382,12 @@ def launch_shards(
                 tries = report.attempts[shard_id]
                 logger.warning(
                     "%s: shard %d did not complete (job %s, state %s, attempt %d/%d); log: %s",
-                    name, shard_id, job.job_id, state, tries, settings.max_retries + 1,
+                    name,
+                    shard_id,
+                    job.job_id,
+                    state,
+                    tries,
+                    settings.max_retries + 1,
                     _log_paths(job),
                 )
                 if tries <= settings.max_retries:

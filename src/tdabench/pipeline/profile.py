@@ -11,8 +11,14 @@ __all__ = ["install_profile", "render_slurm_profile"]
 
 
 def render_slurm_profile(
-    account: str, partition: str, gpus_per_node: int = 1, cpus_per_task: int = 4, mem_gb: float = 16,
-    timeout_min: int = 240, array_parallelism: int = 32, jobs: int = 50,
+    account: str,
+    partition: str,
+    gpus_per_node: int = 1,
+    cpus_per_task: int = 4,
+    mem_gb: float = 16,
+    timeout_min: int = 240,
+    array_parallelism: int = 32,
+    jobs: int = 50,
 ) -> str:
     """Text of a ``config.yaml`` for ``snakemake --profile slurm`` with the lab's settings.
 
@@ -22,11 +28,14 @@ def render_slurm_profile(
     """
     for name, value in (("account", account), ("partition", partition)):
         if not value or any(c.isspace() or c in "\"'{}:," for c in value):
-            raise ConfigError(f"--{name} {value!r} is not a valid SLURM name; pass e.g. --{name} mylab")
+            raise ConfigError(
+                f"--{name} {value!r} is not a valid SLURM name; pass e.g. --{name} mylab"
+            )
     mem_mb = int(mem_gb * 1024)
     gpu_rules = (
         f"  train:\n    gpu: {gpus_per_node}\n  attribute:\n    gpu: {gpus_per_node}\n"
-        if gpus_per_node else ""
+        if gpus_per_node
+        else ""
     )
     return f"""\
 # Snakemake profile "slurm" for tdabench (installed by `tdabench install-profile`).
@@ -59,14 +68,20 @@ set-resources:
 
 
 def install_profile(
-    account: str, partition: str, dest: str | os.PathLike[str] | None = None, *, force: bool = False,
+    account: str,
+    partition: str,
+    dest: str | os.PathLike[str] | None = None,
+    *,
+    force: bool = False,
     **settings: object,
 ) -> Path:
     """Write ``<dest>/config.yaml`` (default ``~/.config/snakemake/slurm``); returns ``dest``."""
     target = Path(dest) if dest else Path.home() / ".config" / "snakemake" / "slurm"
     path = target / "config.yaml"
     if path.exists() and not force:
-        raise ConfigError(f"{path} exists; pass --force to overwrite it (or --dest for another place)")
+        raise ConfigError(
+            f"{path} exists; pass --force to overwrite it (or --dest for another place)"
+        )
     target.mkdir(parents=True, exist_ok=True)
     text = render_slurm_profile(account, partition, **settings)  # type: ignore[arg-type]
     tmp = path.with_name(".config.yaml.tmp")

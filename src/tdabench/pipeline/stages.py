@@ -13,6 +13,7 @@ points. :mod:`tdabench.pipeline.toy` provides stand-ins with the same signatures
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -59,13 +60,17 @@ def provenance() -> dict[str, Any]:
     import tdabench
 
     rev = "unknown"
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        pass
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        rev = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=Path(__file__).resolve().parent,
+            ).stdout.strip()
+            or "unknown"
+        )
     return {
         "tdabench_version": tdabench.__version__,
         "code_revision": rev,
@@ -117,7 +122,9 @@ def run_shards(
     ``out`` is written only when every shard succeeded (the launcher raises otherwise), so
     Snakemake sees the ground truth as done exactly when it is.
     """
-    settings = launcher if isinstance(launcher, LauncherSettings) else LauncherSettings.from_dict(launcher)
+    settings = (
+        launcher if isinstance(launcher, LauncherSettings) else LauncherSettings.from_dict(launcher)
+    )
     ids = list(range(num_shards(count, shard_size)))
     rep = launch_shards(fn, ids, is_complete, settings=settings, name=name)
     summary = {
@@ -188,14 +195,21 @@ def prepare(spec: Mapping[str, Any], out_dir: str) -> None:
     )
     mask = np.zeros(len(labels), dtype=bool)
     mask[np.asarray(flipped)] = True
-    table = pa.table({
-        "train_index": pa.array(np.arange(len(labels)), pa.int64()),
-        "label": pa.array(np.asarray(labels), pa.int64()),
-        "noisy_label": pa.array(np.asarray(noisy), pa.int64()),
-        "flipped": pa.array(mask),
-    })
-    meta = {"spec": dict(spec), "data": data.meta, "n_train": len(labels),
-            "n_test": len(data.test[1]), **provenance()}
+    table = pa.table(
+        {
+            "train_index": pa.array(np.arange(len(labels)), pa.int64()),
+            "label": pa.array(np.asarray(labels), pa.int64()),
+            "noisy_label": pa.array(np.asarray(noisy), pa.int64()),
+            "flipped": pa.array(mask),
+        }
+    )
+    meta = {
+        "spec": dict(spec),
+        "data": data.meta,
+        "n_train": len(labels),
+        "n_test": len(data.test[1]),
+        **provenance(),
+    }
     write_table(Path(out_dir) / "noisy.parquet", table, meta)
     write_json(Path(out_dir) / "meta.json", meta)
 
@@ -230,7 +244,9 @@ def train(spec: Mapping[str, Any], data_dir: str, out_dir: str, device: str = "a
     _check_data(spec, data, data_dir)
     import pyarrow.parquet as pq
 
-    noisy_labels = torch.as_tensor(pq.read_table(Path(data_dir) / "noisy.parquet").column("noisy_label").to_numpy())
+    noisy_labels = torch.as_tensor(
+        pq.read_table(Path(data_dir) / "noisy.parquet").column("noisy_label").to_numpy()
+    )
     t = spec["train"]
     n_train = len(data.train[1])
     masks = torch.ones(t["ensemble"], n_train, dtype=torch.bool)
@@ -239,53 +255,85 @@ def train(spec: Mapping[str, Any], data_dir: str, out_dir: str, device: str = "a
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, list[list[str]]] = {"clean": [], "noisy": []}
     epochs = setting.recipe.get("epochs", 1)
-    stops = sorted({max(1, round(epochs * (j + 1) / t["checkpoints"])) for j in range(t["checkpoints"])})
+    stops = sorted(
+        {max(1, round(epochs * (j + 1) / t["checkpoints"])) for j in range(t["checkpoints"])}
+    )
     for variant in ("clean", "noisy"):
         d = data
         if variant == "noisy":
-            d = type(data)(train=(data.train[0], noisy_labels, *data.train[2:]), test=data.test, meta=data.meta)
+            d = type(data)(
+                train=(data.train[0], noisy_labels, *data.train[2:]), test=data.test, meta=data.meta
+            )
         per_model: list[list[str]] = [[] for _ in range(t["ensemble"])]
         for j, stop in enumerate(stops):
             s = _setting({**spec, "recipe": {**spec["recipe"], "epochs": stop}})
             trainer = make_trainer(s, d, batched=True, device=_device(device))  # LIBRARY
-            stacked = trainer.train(masks if variant == "clean" else masks[:1], seeds if variant == "clean" else seeds[:1])  # LIBRARY
+            stacked = trainer.train(
+                masks if variant == "clean" else masks[:1],
+                seeds if variant == "clean" else seeds[:1],
+            )  # LIBRARY
             for k in range(len(per_model) if variant == "clean" else 1):
                 name = f"{variant}-{k}-ckpt{j}.safetensors"
                 tmp = out / f".{name}.tmp"
-                save_file({n: v.contiguous().cpu() for n, v in unstack(stacked, k).items()}, str(tmp),
-                          metadata={"spec": str(dict(spec)), "epochs": str(stop)})
+                save_file(
+                    {n: v.contiguous().cpu() for n, v in unstack(stacked, k).items()},
+                    str(tmp),
+                    metadata={"spec": str(dict(spec)), "epochs": str(stop)},
+                )
                 os.replace(tmp, out / name)
                 per_model[k].append(name)
         files[variant] = [p for p in per_model if p]
-    write_json(out / "manifest.json", {"spec": dict(spec), "epochs": stops, "files": files,
-                                       "seeds": seeds, **provenance()})
+    write_json(
+        out / "manifest.json",
+        {"spec": dict(spec), "epochs": stops, "files": files, "seeds": seeds, **provenance()},
+    )
 
 
 class GroundTruthShard:
     """Picklable shard task: rebuilds setting, data, trainer and store in the worker, runs one shard."""
 
-    def __init__(self, spec: Mapping[str, Any], count: int, store_dir: str, device: str = "auto") -> None:
+    def __init__(
+        self, spec: Mapping[str, Any], count: int, store_dir: str, device: str = "auto"
+    ) -> None:
         self.spec = dict(spec)
         self.count = count
         self.store_dir = store_dir
         self.device = device
 
     def _objects(self) -> tuple[Any, Any, Any]:
-        from tdabench.groundtruth import GroundTruthSpec, GroundTruthStore, ground_truth_key  # LIBRARY
+        from tdabench.groundtruth import (  # LIBRARY
+            GroundTruthSpec,
+            GroundTruthStore,
+            ground_truth_key,
+        )
         from tdabench.groundtruth.trainer import make_trainer  # LIBRARY
 
         setting, data = _load(self.spec)
         trainer = make_trainer(setting, data, batched=True, device=_device(self.device))  # LIBRARY
         g = self.spec["spec"]
         if self.spec["kind"] == "lds":
-            gspec = GroundTruthSpec(kind="lds", num_subsets=self.count, subset_ratio=g["subset_ratio"],  # LIBRARY
-                                    num_runs=g["num_runs_per_subset"], seed=self.spec["seed"],
-                                    shard_size=g["shard_size"], targets=(g["target"],))
+            gspec = GroundTruthSpec(
+                kind="lds",
+                num_subsets=self.count,
+                subset_ratio=g["subset_ratio"],  # LIBRARY
+                num_runs=g["num_runs_per_subset"],
+                seed=self.spec["seed"],
+                shard_size=g["shard_size"],
+                targets=(g["target"],),
+            )
         else:
-            gspec = GroundTruthSpec(kind="loo", indices=list(range(self.count)), num_runs=g["num_runs"],  # LIBRARY
-                                    seed=self.spec["seed"], shard_size=g["shard_size"], targets=(g["target"],))
+            gspec = GroundTruthSpec(
+                kind="loo",
+                indices=list(range(self.count)),
+                num_runs=g["num_runs"],  # LIBRARY
+                seed=self.spec["seed"],
+                shard_size=g["shard_size"],
+                targets=(g["target"],),
+            )
         key = ground_truth_key(trainer.fingerprint(), gspec)  # LIBRARY
-        store = GroundTruthStore(self.store_dir, key, config={"pipeline_spec": self.spec})  # LIBRARY
+        store = GroundTruthStore(
+            self.store_dir, key, config={"pipeline_spec": self.spec}
+        )  # LIBRARY
         return gspec, trainer, store
 
     def __call__(self, shard_id: int) -> None:
@@ -297,8 +345,12 @@ class GroundTruthShard:
 
 
 def groundtruth(
-    spec: Mapping[str, Any], count: int, store_dir: str, out: str,
-    launcher: Mapping[str, Any] | None = None, device: str = "auto",
+    spec: Mapping[str, Any],
+    count: int,
+    store_dir: str,
+    out: str,
+    launcher: Mapping[str, Any] | None = None,
+    device: str = "auto",
 ) -> None:
     """Retrain every missing shard of the store through the launcher; write ``out`` when all are done."""
     from tdabench.groundtruth import missing_shards  # LIBRARY
@@ -309,8 +361,17 @@ def groundtruth(
     def is_complete(shard_id: int) -> bool:
         return shard_id not in set(missing_shards(store, gspec))  # LIBRARY
 
-    run_shards(task, count, spec["spec"]["shard_size"], is_complete, store_dir, out, launcher,
-               key=getattr(store, "key", ""), name=f"gt-{spec['kind']}")
+    run_shards(
+        task,
+        count,
+        spec["spec"]["shard_size"],
+        is_complete,
+        store_dir,
+        out,
+        launcher,
+        key=getattr(store, "key", ""),
+        name=f"gt-{spec['kind']}",
+    )
 
 
 def merge(spec: Mapping[str, Any], complete: str, out: str) -> None:
@@ -328,8 +389,13 @@ def merge(spec: Mapping[str, Any], complete: str, out: str) -> None:
 
 
 def attribute(
-    spec: Mapping[str, Any], data_dir: str, models_dir: str, out: str, out_self: str,
-    metrics: list[str] | None = None, device: str = "auto",
+    spec: Mapping[str, Any],
+    data_dir: str,
+    models_dir: str,
+    out: str,
+    out_self: str,
+    metrics: list[str] | None = None,
+    device: str = "auto",
 ) -> None:
     """Run one attributor: ``(n_train, n_test)`` scores on the clean models, and self-scores on the
     noisy-label model when AUC is evaluated. Timings go into the Parquet metadata."""
@@ -351,7 +417,11 @@ def attribute(
     def checkpoints(variant: str) -> list[str]:
         per_model = manifest["files"][variant]
         c = a["checkpoints"]
-        names = [m[-1] for m in per_model[: c["count"]]] if c["kind"] == "final" else per_model[0][-c["count"]:]
+        names = (
+            [m[-1] for m in per_model[: c["count"]]]
+            if c["kind"] == "final"
+            else per_model[0][-c["count"] :]
+        )
         return [str(Path(models_dir) / n) for n in names]
 
     def run(variant: str, labels: Any, self_only: bool) -> tuple[Any, float]:
@@ -381,7 +451,9 @@ def attribute(
     if metrics is None or "auc" in metrics:
         import pyarrow.parquet as pq
 
-        noisy = torch.as_tensor(pq.read_table(Path(data_dir) / "noisy.parquet").column("noisy_label").to_numpy())
+        noisy = torch.as_tensor(
+            pq.read_table(Path(data_dir) / "noisy.parquet").column("noisy_label").to_numpy()
+        )
         self_scores, s_seconds = run("noisy", noisy, self_only=True)
     else:
         self_scores, s_seconds = torch.zeros(0), 0.0
@@ -389,8 +461,14 @@ def attribute(
 
 
 def evaluate(
-    spec: Mapping[str, Any], benchmark: str, scores: str, self_scores: str,
-    groundtruth: Mapping[str, str], noisy: str, out: str, curves_out: str,
+    spec: Mapping[str, Any],
+    benchmark: str,
+    scores: str,
+    self_scores: str,
+    groundtruth: Mapping[str, str],
+    noisy: str,
+    out: str,
+    curves_out: str,
 ) -> None:
     """LDS (bootstrap CI + noise ceiling), LOO correlation and mislabel AUC of one method."""
     import numpy as np
@@ -403,8 +481,11 @@ def evaluate(
     ev = spec["evaluate"]
     s = torch.as_tensor(read_scores(scores))
     meta = read_parquet_meta(scores)
-    result: dict[str, Any] = {"benchmark": benchmark, "method": spec["method"],
-                              "attribution_seconds": round(float(meta.get("seconds", float("nan"))), 3)}
+    result: dict[str, Any] = {
+        "benchmark": benchmark,
+        "method": spec["method"],
+        "attribution_seconds": round(float(meta.get("seconds", float("nan"))), 3),
+    }
     curves: dict[str, Any] = {}
     for kind in ("lds", "loo"):
         if kind not in spec["metrics"]:
@@ -419,15 +500,19 @@ def evaluate(
             entry["noise_ceiling"] = float(noise_ceiling(groundtruth[kind]))  # LIBRARY
         else:
             k = int(index[0]) if len(index) else 0
-            curves["loo_scatter"] = {"score": s[index, 0].tolist() if len(index) else [],
-                                     "loo_effect": values[:, 0].tolist(), "test_index": 0, "first_removed": k}
+            curves["loo_scatter"] = {
+                "score": s[index, 0].tolist() if len(index) else [],
+                "loo_effect": values[:, 0].tolist(),
+                "test_index": 0,
+                "first_removed": k,
+            }
         result[kind] = entry
     if "auc" in spec["metrics"]:
         self_s = torch.as_tensor(pq.read_table(self_scores).column("score").to_numpy())
         flipped = np.flatnonzero(pq.read_table(noisy).column("flipped").to_numpy())
         # a mislabelled point has unusually high self-influence: rank by self-score
         auc, (fpr, tpr, _thr) = mislabel_detection_auc(self_s, torch.as_tensor(flipped))  # LIBRARY
-        result["auc"] = {"value": float(auc), "num_flipped": int(len(flipped))}
+        result["auc"] = {"value": float(auc), "num_flipped": len(flipped)}
         curves["roc"] = {"fpr": [float(x) for x in fpr], "tpr": [float(x) for x in tpr]}
     write_json(curves_out, curves)
     write_json(out, result)
@@ -437,8 +522,14 @@ def evaluate(
 # report (generic: reads the metrics JSON files)
 
 
-def report(spec: Mapping[str, Any], metrics: Mapping[str, Mapping[str, str]], out_md: str,
-           out_html: str, plots_dir: str, summary_csv: str) -> None:
+def report(
+    spec: Mapping[str, Any],
+    metrics: Mapping[str, Mapping[str, str]],
+    out_md: str,
+    out_html: str,
+    plots_dir: str,
+    summary_csv: str,
+) -> None:
     """Table (method x benchmark: LDS +- CI, noise ceiling, LOO, AUC, time) and PNG plots.
 
     Args:
@@ -455,7 +546,7 @@ def report(spec: Mapping[str, Any], metrics: Mapping[str, Mapping[str, str]], ou
             rows.append(r)
 
     def fmt(x: Any, nd: int = 3) -> str:
-        return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
     header = "| benchmark | method | LDS | 95% CI | noise ceiling | LOO corr | AUC | time (s) |"
     lines = ["# tdabench report", "", header, "|" + "---|" * 8]
@@ -468,10 +559,22 @@ def report(spec: Mapping[str, Any], metrics: Mapping[str, Mapping[str, str]], ou
             f"{fmt(lds_e.get('noise_ceiling'))} | {fmt(loo_e.get('value'))} | "
             f"{fmt(auc_e.get('value'))} | {fmt(r.get('attribution_seconds'), 1)} |"
         )
-        csv.append(",".join(str(x) for x in (
-            r["benchmark"], r["method"], lds_e.get("value", ""), lds_e.get("ci_low", ""),
-            lds_e.get("ci_high", ""), lds_e.get("noise_ceiling", ""), loo_e.get("value", ""),
-            auc_e.get("value", ""), r.get("attribution_seconds", ""))))
+        csv.append(
+            ",".join(
+                str(x)
+                for x in (
+                    r["benchmark"],
+                    r["method"],
+                    lds_e.get("value", ""),
+                    lds_e.get("ci_low", ""),
+                    lds_e.get("ci_high", ""),
+                    lds_e.get("noise_ceiling", ""),
+                    loo_e.get("value", ""),
+                    auc_e.get("value", ""),
+                    r.get("attribution_seconds", ""),
+                )
+            )
+        )
     plots = Path(plots_dir)
     plots.mkdir(parents=True, exist_ok=True)
     images = _plots(rows, plots) if spec.get("report", {}).get("plots", True) else []
@@ -502,13 +605,19 @@ def _plots(rows: list[dict[str, Any]], plots: Path) -> list[Path]:
         if not data:
             continue
         fig, axes = plt.subplots(1, len(benches), figsize=(4.5 * len(benches), 3.5), squeeze=False)
-        for ax, b in zip(axes[0], benches):
+        for ax, b in zip(axes[0], benches, strict=False):
             rs = [r for r in data if r["benchmark"] == b]
             vals = [r[metric]["value"] for r in rs]
-            err = [[r[metric]["value"] - r[metric]["ci_low"] for r in rs],
-                   [r[metric]["ci_high"] - r[metric]["value"] for r in rs]]
+            err = [
+                [r[metric]["value"] - r[metric]["ci_low"] for r in rs],
+                [r[metric]["ci_high"] - r[metric]["value"] for r in rs],
+            ]
             ax.bar([r["method"] for r in rs], vals, yerr=err, capsize=3, color="tab:blue")
-            ceil = [r[metric].get("noise_ceiling") for r in rs if r[metric].get("noise_ceiling") is not None]
+            ceil = [
+                r[metric].get("noise_ceiling")
+                for r in rs
+                if r[metric].get("noise_ceiling") is not None
+            ]
             if ceil:
                 ax.axhline(ceil[0], color="k", ls="--", lw=1, label="noise ceiling")
                 ax.legend(fontsize=7)
@@ -523,10 +632,14 @@ def _plots(rows: list[dict[str, Any]], plots: Path) -> list[Path]:
     roc = [r for r in rows if "roc" in r["_curves"]]
     if roc:
         fig, axes = plt.subplots(1, len(benches), figsize=(4.5 * len(benches), 3.5), squeeze=False)
-        for ax, b in zip(axes[0], benches):
+        for ax, b in zip(axes[0], benches, strict=False):
             for r in (r for r in roc if r["benchmark"] == b):
-                ax.plot(r["_curves"]["roc"]["fpr"], r["_curves"]["roc"]["tpr"], lw=1,
-                        label=f"{r['method']} ({r['auc']['value']:.2f})")
+                ax.plot(
+                    r["_curves"]["roc"]["fpr"],
+                    r["_curves"]["roc"]["tpr"],
+                    lw=1,
+                    label=f"{r['method']} ({r['auc']['value']:.2f})",
+                )
             ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
             ax.set_xlabel("false positive rate")
             ax.set_ylabel("true positive rate")
@@ -541,9 +654,10 @@ def _plots(rows: list[dict[str, Any]], plots: Path) -> list[Path]:
     if scatter:
         n = len(scatter)
         cols = min(n, 5)
-        fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(3 * cols, 2.8 * math.ceil(n / cols)),
-                                 squeeze=False)
-        for ax, r in zip(axes.ravel(), scatter):
+        fig, axes = plt.subplots(
+            math.ceil(n / cols), cols, figsize=(3 * cols, 2.8 * math.ceil(n / cols)), squeeze=False
+        )
+        for ax, r in zip(axes.ravel(), scatter, strict=False):
             c = r["_curves"]["loo_scatter"]
             ax.scatter(c["score"], c["loo_effect"], s=6)
             ax.set_title(f"{r['benchmark']}/{r['method']}", fontsize=8)
@@ -565,13 +679,30 @@ def _html(rows: list[dict[str, Any]], images: list[Path], base: Path, fmt: Any) 
     cells = []
     for r in rows:
         lds_e, loo_e, auc_e = r.get("lds", {}), r.get("loo", {}), r.get("auc", {})
-        vals = [r["benchmark"], r["method"], fmt(lds_e.get("value")),
-                f"[{fmt(lds_e.get('ci_low'))}, {fmt(lds_e.get('ci_high'))}]",
-                fmt(lds_e.get("noise_ceiling")), fmt(loo_e.get("value")), fmt(auc_e.get("value")),
-                fmt(r.get("attribution_seconds"), 1)]
+        vals = [
+            r["benchmark"],
+            r["method"],
+            fmt(lds_e.get("value")),
+            f"[{fmt(lds_e.get('ci_low'))}, {fmt(lds_e.get('ci_high'))}]",
+            fmt(lds_e.get("noise_ceiling")),
+            fmt(loo_e.get("value")),
+            fmt(auc_e.get("value")),
+            fmt(r.get("attribution_seconds"), 1),
+        ]
         cells.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in vals) + "</tr>")
-    head = "".join(f"<th>{h}</th>" for h in ("benchmark", "method", "LDS", "95% CI", "noise ceiling",
-                                              "LOO corr", "AUC", "time (s)"))
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in (
+            "benchmark",
+            "method",
+            "LDS",
+            "95% CI",
+            "noise ceiling",
+            "LOO corr",
+            "AUC",
+            "time (s)",
+        )
+    )
     imgs = "".join(f'<p><img src="{html.escape(os.path.relpath(p, base))}"></p>' for p in images)
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>tdabench report</title>"

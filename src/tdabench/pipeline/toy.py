@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from tdabench.pipeline import stages as _real
-from tdabench.pipeline.io import read_json, read_scores, write_json, write_scores, write_self_scores, write_table
+from tdabench.pipeline.io import (
+    read_json,
+    read_scores,
+    write_json,
+    write_scores,
+    write_self_scores,
+    write_table,
+)
 
 __all__ = [
     "ToyShard",
@@ -111,12 +118,24 @@ class ToyShard:
             time.sleep(self.sleep_s)
         start, stop = self._rows(shard_id)
         rows = np.arange(start, stop)
-        values = np.stack([np.random.default_rng([self.seed, int(r)]).standard_normal(self.n_test)
-                           for r in rows]) if len(rows) else np.zeros((0, self.n_test))
-        table = pa.table({
-            "row": pa.array(rows, pa.int64()),
-            "values": pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), pa.float64()), self.n_test),
-        })
+        values = (
+            np.stack(
+                [
+                    np.random.default_rng([self.seed, int(r)]).standard_normal(self.n_test)
+                    for r in rows
+                ]
+            )
+            if len(rows)
+            else np.zeros((0, self.n_test))
+        )
+        table = pa.table(
+            {
+                "row": pa.array(rows, pa.int64()),
+                "values": pa.FixedSizeListArray.from_arrays(
+                    pa.array(values.ravel(), pa.float64()), self.n_test
+                ),
+            }
+        )
         path = self.path(shard_id)
         write_table(path, table, {"seed": self.seed, "shard": shard_id})
         return path
@@ -126,14 +145,16 @@ class ToyShard:
         return self.path(shard_id).exists()
 
 
-def read_toy_shards(out_dir: str | os.PathLike[str], count: int | None = None) -> dict[int, list[float]]:
+def read_toy_shards(
+    out_dir: str | os.PathLike[str], count: int | None = None
+) -> dict[int, list[float]]:
     """``{row: values}`` of the toy shards under ``out_dir`` (rows < ``count`` when given)."""
     import pyarrow.parquet as pq
 
     out: dict[int, list[float]] = {}
     for path in sorted(Path(out_dir).glob("shard-*.parquet")):
         t = pq.read_table(path).to_pydict()
-        for r, v in zip(t["row"], t["values"]):
+        for r, v in zip(t["row"], t["values"], strict=True):
             if count is None or r < count:
                 out[int(r)] = list(v)
     return out
@@ -150,32 +171,66 @@ def prepare(spec: Mapping[str, Any], out_dir: str) -> None:
     rng = np.random.default_rng(_seed(spec))
     labels = rng.integers(0, 10, N_TRAIN)
     flipped = np.zeros(N_TRAIN, bool)
-    flipped[rng.choice(N_TRAIN, max(1, int(spec["auc"]["noise_fraction"] * N_TRAIN)), replace=False)] = True
+    flipped[
+        rng.choice(N_TRAIN, max(1, int(spec["auc"]["noise_fraction"] * N_TRAIN)), replace=False)
+    ] = True
     noisy = np.where(flipped, (labels + 1) % 10, labels)
     meta = {"spec": dict(spec), "data": {"source": "toy"}, "n_train": N_TRAIN, "n_test": N_TEST}
-    write_table(Path(out_dir) / "noisy.parquet", pa.table({
-        "train_index": np.arange(N_TRAIN), "label": labels, "noisy_label": noisy, "flipped": flipped}), meta)
+    write_table(
+        Path(out_dir) / "noisy.parquet",
+        pa.table(
+            {
+                "train_index": np.arange(N_TRAIN),
+                "label": labels,
+                "noisy_label": noisy,
+                "flipped": flipped,
+            }
+        ),
+        meta,
+    )
     write_json(Path(out_dir) / "meta.json", meta)
 
 
 def train(spec: Mapping[str, Any], data_dir: str, out_dir: str, device: str = "auto") -> None:
     _trace("train", spec["prepare"]["setting"])
     read_json(Path(data_dir) / "meta.json")
-    write_json(Path(out_dir) / "manifest.json", {"spec": dict(spec), "files": {"clean": [], "noisy": []}})
+    write_json(
+        Path(out_dir) / "manifest.json", {"spec": dict(spec), "files": {"clean": [], "noisy": []}}
+    )
 
 
 def _toy_shard(spec: Mapping[str, Any], count: int, store_dir: str) -> ToyShard:
-    return ToyShard(str(Path(store_dir) / "shards"), seed=_seed(spec) % 2**31,
-                    rows_per_shard=spec["spec"]["shard_size"], count=count, n_test=N_TEST,
-                    sleep_s=float(os.environ.get("TDABENCH_TOY_SLEEP", "0")))
+    return ToyShard(
+        str(Path(store_dir) / "shards"),
+        seed=_seed(spec) % 2**31,
+        rows_per_shard=spec["spec"]["shard_size"],
+        count=count,
+        n_test=N_TEST,
+        sleep_s=float(os.environ.get("TDABENCH_TOY_SLEEP", "0")),
+    )
 
 
-def groundtruth(spec: Mapping[str, Any], count: int, store_dir: str, out: str,
-                launcher: Mapping[str, Any] | None = None, device: str = "auto") -> None:
+def groundtruth(
+    spec: Mapping[str, Any],
+    count: int,
+    store_dir: str,
+    out: str,
+    launcher: Mapping[str, Any] | None = None,
+    device: str = "auto",
+) -> None:
     _trace("groundtruth", spec["setting"], spec["kind"], count)
     shard = _toy_shard(spec, count, store_dir)
-    _real.run_shards(shard, count, spec["spec"]["shard_size"], shard.is_complete, store_dir, out,
-                     launcher, key=f"toy-{_seed(spec):08x}", name=f"gt-{spec['kind']}")
+    _real.run_shards(
+        shard,
+        count,
+        spec["spec"]["shard_size"],
+        shard.is_complete,
+        store_dir,
+        out,
+        launcher,
+        key=f"toy-{_seed(spec):08x}",
+        name=f"gt-{spec['kind']}",
+    )
 
 
 def merge(spec: Mapping[str, Any], complete: str, out: str) -> None:
@@ -190,14 +245,29 @@ def merge(spec: Mapping[str, Any], complete: str, out: str) -> None:
 
         raise StoreError(f"toy store {c['store']} misses rows; rerun the groundtruth stage")
     values = np.array([rows[i] for i in range(c["count"])])
-    write_table(out, pa.table({
-        "row": pa.array(np.arange(c["count"]), pa.int64()),
-        "values": pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), pa.float64()), N_TEST),
-    }), {"key": c["key"], "count": c["count"]})
+    write_table(
+        out,
+        pa.table(
+            {
+                "row": pa.array(np.arange(c["count"]), pa.int64()),
+                "values": pa.FixedSizeListArray.from_arrays(
+                    pa.array(values.ravel(), pa.float64()), N_TEST
+                ),
+            }
+        ),
+        {"key": c["key"], "count": c["count"]},
+    )
 
 
-def attribute(spec: Mapping[str, Any], data_dir: str, models_dir: str, out: str, out_self: str,
-              metrics: list[str] | None = None, device: str = "auto") -> None:
+def attribute(
+    spec: Mapping[str, Any],
+    data_dir: str,
+    models_dir: str,
+    out: str,
+    out_self: str,
+    metrics: list[str] | None = None,
+    device: str = "auto",
+) -> None:
     import numpy as np
 
     _trace("attribute", spec["train"]["prepare"]["setting"], spec["method"])
@@ -205,21 +275,39 @@ def attribute(spec: Mapping[str, Any], data_dir: str, models_dir: str, out: str,
     rng = np.random.default_rng(_seed(spec))
     t0 = time.perf_counter()
     scores = rng.standard_normal((N_TRAIN, N_TEST))
-    self_scores = rng.standard_normal(N_TRAIN) if metrics is None or "auc" in metrics else np.zeros(0)
-    meta = {"spec": dict(spec), "method": spec["attributor"]["method"], "seconds": time.perf_counter() - t0}
+    self_scores = (
+        rng.standard_normal(N_TRAIN) if metrics is None or "auc" in metrics else np.zeros(0)
+    )
+    meta = {
+        "spec": dict(spec),
+        "method": spec["attributor"]["method"],
+        "seconds": time.perf_counter() - t0,
+    }
     write_scores(out, scores, meta)
     write_self_scores(out_self, self_scores, meta)
 
 
-def evaluate(spec: Mapping[str, Any], benchmark: str, scores: str, self_scores: str,
-             groundtruth: Mapping[str, str], noisy: str, out: str, curves_out: str) -> None:
+def evaluate(
+    spec: Mapping[str, Any],
+    benchmark: str,
+    scores: str,
+    self_scores: str,
+    groundtruth: Mapping[str, str],
+    noisy: str,
+    out: str,
+    curves_out: str,
+) -> None:
     import numpy as np
     import pyarrow.parquet as pq
 
     _trace("evaluate", benchmark, spec["method"])
     s = read_scores(scores)
     ev = spec["evaluate"]
-    result: dict[str, Any] = {"benchmark": benchmark, "method": spec["method"], "attribution_seconds": 0.0}
+    result: dict[str, Any] = {
+        "benchmark": benchmark,
+        "method": spec["method"],
+        "attribution_seconds": 0.0,
+    }
     for kind in ("lds", "loo"):
         if kind in spec["metrics"]:
             v = np.array(pq.read_table(groundtruth[kind]).column("values").to_pylist())
