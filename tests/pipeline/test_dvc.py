@@ -51,4 +51,6 @@ def test_push_pull_then_nothing_to_do(tmp_path, toy_env, git_env):
     assert "up to date" in run([dvc, "status"], b).stdout
     shown = run([dvc, "metrics", "show"], b).stdout
     assert "results/metrics/mnist_lr/grad_dot.json" in shown and "lds.value" in shown
+    plots = run([dvc, "plots", "show"], b)
+    assert "failed" not in plots.stdout + plots.stderr and (b / "dvc_plots/index.html").exists()
     assert trace_lines(toy_env) == []
