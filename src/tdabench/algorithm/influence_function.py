@@ -169,6 +169,36 @@ def _batch_hvp(func: Callable[[Tensor], Tensor], flat: Tensor, mode: str) -> Mat
     return vmap(one, randomness="same")
 
 
+def _rechunk(batches: list[Batch], size: int) -> list[Batch]:
+    """The samples of ``batches`` regrouped into consecutive chunks of at most ``size``."""
+    pool = _concat(batches)
+    n = sum(batch_size_of(b) for b in batches)
+    return [_take(pool, slice(s, min(n, s + size))) for s in range(0, n, size)]
+
+
+class _MeanHessian:
+    """``V -> H V`` for the Hessian of the mean training loss over fixed chunks of samples.
+
+    In ``rev-rev`` mode each chunk's gradient is linearised once (``vjp`` of ``grad``, its
+    graph kept) and replayed for every product, so iterative solvers (CG, Arnoldi) pay the
+    forward/backward of the training set once per checkpoint instead of once per iteration.
+    """
+
+    def __init__(self, attributor: _IFAttributorBase, index: int, chunks: list[Batch], n: int, mode: str) -> None:
+        flat = attributor._params(index)
+        self.n = n
+        self.ops = [
+            _batch_hvp(attributor.task.summed_loss(c, index, attributor.layer_name, device=attributor.device), flat, mode)
+            for c in chunks
+        ]
+
+    def __call__(self, V: Tensor) -> Tensor:
+        out = self.ops[0](V)
+        for op in self.ops[1:]:
+            out = out + op(V)
+        return out / self.n
+
+
 # ---------------------------------------------------------------------- base class
 class _IFAttributorBase(BaseAttributor):
     """Shared machinery: caching the training data, per-checkpoint operators, streaming."""
@@ -183,6 +213,10 @@ class _IFAttributorBase(BaseAttributor):
     rhs_chunk_size: int | None = None
     #: Memory budget of the solver state used when ``rhs_chunk_size`` is ``None`` (1 GiB).
     solver_memory_bytes: int = 2**30
+    #: Training samples per Hessian-vector-product chunk: the cached batches are regrouped
+    #: into chunks of this size whatever the loader's batch size (fewer, larger products).
+    #: Lower it if the products run out of memory.
+    hvp_batch_size: int = 1024
 
     def __init__(
         self,
@@ -194,6 +228,7 @@ class _IFAttributorBase(BaseAttributor):
         self._train_batches: list[Batch] = []
         self._n_cached = 0
         self._pool: Batch | None = None
+        self._hessians: dict[int, _MeanHessian] = {}
 
     # ----------------------------------------------------------------- operators
     def _hvp_mean(
@@ -206,6 +241,15 @@ class _IFAttributorBase(BaseAttributor):
             f = self.task.summed_loss(batch, index, self.layer_name, device=self.device)
             out = out + _batch_hvp(f, flat, mode)(V)
         return out / n
+
+    def _mean_hessian(self, index: int) -> _MeanHessian:
+        """The linearised mean-loss Hessian of checkpoint ``index`` over all cached samples
+        (only the current checkpoint's graphs are kept)."""
+        if index not in self._hessians:
+            self._hessians = {
+                index: _MeanHessian(self, index, self._train_batches, self._n_cached, getattr(self, "mode", "rev-rev"))
+            }
+        return self._hessians[index]
 
     def _prepare(self, index: int) -> None:  # pragma: no cover - overridden
         """Build the inverse-Hessian operator of checkpoint ``index`` from the cached data."""
@@ -268,9 +312,10 @@ class _IFAttributorBase(BaseAttributor):
             raise DataError(
                 "the cache (full training) loader holds no sample; pass a DataLoader over the training set"
             )
-        self._train_batches = batches
+        self._train_batches = _rechunk(batches, max(1, int(self.hvp_batch_size)))
         self._n_cached = n
         self._pool = None
+        self._hessians: dict[int, _MeanHessian] = {}
         for k in range(self.task.num_checkpoints):
             flat = self._params(k)
             for bi, batch in enumerate(batches):
@@ -515,7 +560,7 @@ class IFAttributorCG(_IFAttributorBase):
 
     def _solve(self, index: int, V: Tensor) -> Tensor:
         def matvec(P: Tensor) -> Tensor:
-            return self._hvp_mean(index, self._train_batches, self._n_cached, self.mode, P)
+            return self._mean_hessian(index)(P)
 
         return conjugate_gradient(
             matvec, V, max_iter=self.max_iter, tol=self.tol, regularization=self.regularization
@@ -700,9 +745,7 @@ class IFAttributorArnoldi(_IFAttributorBase):
 
     def _prepare(self, index: int) -> None:
         batches, m = self._precompute_batches()
-
-        def matvec(P: Tensor) -> Tensor:
-            return self._hvp_mean(index, batches, m, "rev-fwd", P)
+        matvec = _MeanHessian(self, index, batches, m, "rev-rev")
 
         basis = arnoldi_basis(
             matvec,

@@ -24,7 +24,7 @@ from torch.func import functional_call
 
 from tdabench.errors import ConfigError, ShapeError
 
-__all__ = ["KINDS", "TARGETS", "make_loss_func", "make_target_func", "margin_from_logits"]
+__all__ = ["KINDS", "TARGETS", "make_loss_func", "make_probability_func", "make_target_func", "margin_from_logits"]
 
 KINDS = ("classification", "sequence")
 TARGETS = ("loss", "margin", "neg_loss")
@@ -65,7 +65,8 @@ def _token_ce(logits: Tensor, labels: Tensor, kind: str) -> Tensor:
 def margin_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     """``z_y - logsumexp_{c != y} z_c`` per row: logits ``(..., C)``, labels ``(...)`` -> ``(...)``."""
     true = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    is_true = F.one_hot(labels, logits.shape[-1]).to(torch.bool)
+    # (no F.one_hot: it inspects label values, which torch.func.vmap cannot)
+    is_true = torch.arange(logits.shape[-1], device=logits.device) == labels.unsqueeze(-1)
     others = logits.masked_fill(is_true, float("-inf")).logsumexp(dim=-1)
     return true - others
 
@@ -105,3 +106,28 @@ def make_target_func(model: nn.Module, kind: str, name: str) -> Func:
         return margin_from_logits(_logits(model, params, inputs), labels).mean()
 
     return margin
+
+
+def make_probability_func(model: nn.Module, kind: str) -> Func:
+    """``f(params, data) -> scalar``: mean probability of the correct class (classification) or
+    ``exp(-mean token cross-entropy)`` (sequence) -- TRAK's ``correct_probability_func``.
+
+    Consistent with the ``"margin"`` target: for a single sample,
+    ``margin = log(p / (1 - p))``.
+    """
+    _check_kind(kind)
+    loss = make_loss_func(model, kind)
+
+    if kind == "sequence":
+
+        def seq_prob(params: Mapping[str, Tensor], data: Any) -> Tensor:
+            return torch.exp(-loss(params, data))
+
+        return seq_prob
+
+    def prob(params: Mapping[str, Tensor], data: Any) -> Tensor:
+        inputs, labels = _split(data)
+        logp = torch.log_softmax(_logits(model, params, inputs), dim=-1)
+        return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1).exp().mean()
+
+    return prob

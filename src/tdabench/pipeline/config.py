@@ -389,6 +389,7 @@ def stage_spec(
         "stage": "evaluate",
         "method": method,
         "metrics": b["metrics"],
+        "targets": {k: b["groundtruth"][k]["target"] for k in ("lds", "loo")},
         "evaluate": cfg["evaluate"],
     }
 

@@ -245,7 +245,7 @@ def train(spec: Mapping[str, Any], data_dir: str, out_dir: str, device: str = "a
     import pyarrow.parquet as pq
 
     noisy_labels = torch.as_tensor(
-        pq.read_table(Path(data_dir) / "noisy.parquet").column("noisy_label").to_numpy()
+        pq.read_table(Path(data_dir) / "noisy.parquet").column("noisy_label").to_numpy().copy()
     )
     t = spec["train"]
     n_train = len(data.train[1])
@@ -301,43 +301,35 @@ class GroundTruthShard:
         self.device = device
 
     def _objects(self) -> tuple[Any, Any, Any]:
-        from tdabench.groundtruth import (  # LIBRARY
-            GroundTruthSpec,
-            GroundTruthStore,
-            ground_truth_key,
-        )
-        from tdabench.groundtruth.trainer import make_trainer  # LIBRARY
+        from tdabench.groundtruth import GroundTruthSpec, open_store
+        from tdabench.groundtruth.trainer import make_trainer
 
         setting, data = _load(self.spec)
-        trainer = make_trainer(setting, data, batched=True, device=_device(self.device))  # LIBRARY
+        trainer = make_trainer(setting, data, batched=True, device=_device(self.device))
         g = self.spec["spec"]
+        common = {
+            "seed": self.spec["seed"],
+            "shard_size": g["shard_size"],
+            "targets": (g["target"],),
+            "n_train": trainer.n_train,
+        }
         if self.spec["kind"] == "lds":
             gspec = GroundTruthSpec(
                 kind="lds",
                 num_subsets=self.count,
-                subset_ratio=g["subset_ratio"],  # LIBRARY
+                subset_ratio=g["subset_ratio"],
                 num_runs=g["num_runs_per_subset"],
-                seed=self.spec["seed"],
-                shard_size=g["shard_size"],
-                targets=(g["target"],),
+                **common,
             )
         else:
             gspec = GroundTruthSpec(
-                kind="loo",
-                indices=list(range(self.count)),
-                num_runs=g["num_runs"],  # LIBRARY
-                seed=self.spec["seed"],
-                shard_size=g["shard_size"],
-                targets=(g["target"],),
+                kind="loo", indices=tuple(range(self.count)), num_runs=g["num_runs"], **common
             )
-        key = ground_truth_key(trainer.fingerprint(), gspec)  # LIBRARY
-        store = GroundTruthStore(
-            self.store_dir, key, config={"pipeline_spec": self.spec}
-        )  # LIBRARY
+        store = open_store(self.store_dir, gspec, trainer, data={"meta": data.meta})
         return gspec, trainer, store
 
     def __call__(self, shard_id: int) -> None:
-        from tdabench.groundtruth import run_shard  # LIBRARY
+        from tdabench.groundtruth import run_shard
 
         _threads()
         gspec, trainer, store = self._objects()
@@ -353,13 +345,16 @@ def groundtruth(
     device: str = "auto",
 ) -> None:
     """Retrain every missing shard of the store through the launcher; write ``out`` when all are done."""
-    from tdabench.groundtruth import missing_shards  # LIBRARY
+    from tdabench.groundtruth import missing_shards
 
     task = GroundTruthShard(spec, count, store_dir, device)
     gspec, _trainer, store = task._objects()
+    missing = set(missing_shards(store, gspec))
 
     def is_complete(shard_id: int) -> bool:
-        return shard_id not in set(missing_shards(store, gspec))  # LIBRARY
+        if shard_id in missing:  # re-check: another worker may have finished it meanwhile
+            return shard_id not in set(missing_shards(store, gspec))
+        return True
 
     run_shards(
         task,
@@ -378,14 +373,53 @@ def merge(spec: Mapping[str, Any], complete: str, out: str) -> None:
     """Merge the store's shards into one Parquet file at ``out``."""
     import shutil
 
-    from tdabench.groundtruth import merge as merge_store  # LIBRARY
+    from tdabench.groundtruth import merge as merge_store
 
     task = GroundTruthShard(spec, read_json(complete)["count"], read_json(complete)["store"])
-    _gspec, _trainer, store = task._objects()
-    merged = Path(merge_store(store))  # LIBRARY
+    gspec, _trainer, store = task._objects()
+    merged = Path(merge_store(store, gspec))
     tmp = Path(out).with_name(f".{Path(out).name}.tmp")
     shutil.copyfile(merged, tmp)
     os.replace(tmp, out)
+
+
+_PROJECTOR_KEYS = ("proj_dim", "proj_type", "seed", "max_chunk_bytes")
+
+
+def _make_attributor(
+    a: Mapping[str, Any], task: Any, model: Any, setting: Any, num_ckpts: int, device: str
+) -> Any:
+    """Instantiate ``a["method"]`` from its config, supplying what a config cannot hold:
+    TracIn's per-checkpoint weights (the recipe's learning rate), TRAK's probability
+    function, RPS's final layer (the model's last ``nn.Linear``), and projector settings."""
+    from torch import nn
+
+    import tdabench.algorithm as algorithm
+    from tdabench.benchmark.targets import make_probability_func
+    from tdabench.errors import ConfigError
+
+    name = a["method"]
+    cls = getattr(algorithm, name, None)
+    if cls is None or not isinstance(cls, type):
+        raise ConfigError(f"unknown attributor method {name!r}; use a class of tdabench.algorithm")
+    params = dict(a["params"])
+    kwargs: dict[str, Any] = {"device": device}
+    if name in ("TracInAttributor", "GradDotAttributor", "GradCosAttributor", "TRAKAttributor"):
+        proj = {k: params.pop(k) for k in _PROJECTOR_KEYS if k in params}
+        if proj:
+            kwargs["projector_kwargs"] = proj
+    if name == "TracInAttributor":
+        params.setdefault("weight_list", [float(setting.recipe["lr"])] * num_ckpts)
+    if name == "TRAKAttributor":
+        kwargs["correct_probability_func"] = make_probability_func(model, setting.kind)
+    if name == "RPSAttributor":
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ConfigError(f"RPS needs a final nn.Linear layer; {type(model).__name__} has none")
+        kwargs["final_linear_layer_name"] = a["layer_name"] or linears[-1]
+    else:
+        kwargs["layer_name"] = a["layer_name"]
+    return cls(task, **kwargs, **params)
 
 
 def attribute(
@@ -402,8 +436,7 @@ def attribute(
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    import tdabench.algorithm as algorithm  # LIBRARY
-    from tdabench.benchmark.targets import make_loss_func, make_target_func  # LIBRARY
+    from tdabench.benchmark.targets import make_loss_func, make_target_func
     from tdabench.task import AttributionTask
 
     _threads()
@@ -426,24 +459,23 @@ def attribute(
 
     def run(variant: str, labels: Any, self_only: bool) -> tuple[Any, float]:
         model = setting.build_model()
+        ckpts = checkpoints(variant)
         task = AttributionTask(
-            loss_func=make_loss_func(model, setting.kind),  # LIBRARY
+            loss_func=make_loss_func(model, setting.kind),
             model=model,
-            checkpoints=checkpoints(variant),
-            target_func=make_target_func(model, setting.kind, a["target"]),  # LIBRARY
+            checkpoints=ckpts,
+            target_func=make_target_func(model, setting.kind, a["target"]),
         )
-        cls = getattr(algorithm, a["method"])
-        attributor = cls(task=task, layer_name=a["layer_name"], device=dev, **a["params"])
+        attributor = _make_attributor(a, task, model, setting, len(ckpts), dev)
         train_x = (data.train[0], labels)
         n_test = spec["num_test"] or len(data.test[1])
         test_x = (data.test[0][:n_test], data.test[1][:n_test])
         tl = DataLoader(TensorDataset(*train_x), batch_size=a["batch_size"], shuffle=False)
         vl = DataLoader(TensorDataset(*test_x), batch_size=a["batch_size"], shuffle=False)
         t0 = time.perf_counter()
-        if attributor.requires_cache if hasattr(attributor, "requires_cache") else True:
-            attributor.cache(tl, **a["cache_params"])
+        attributor.cache(tl)
         result = attributor.self_attribute(tl) if self_only else attributor.attribute(tl, vl)
-        return result, time.perf_counter() - t0
+        return result.detach().cpu(), time.perf_counter() - t0
 
     meta = {"spec": dict(spec), "method": a["method"], **provenance()}
     scores, seconds = run("clean", data.train[1], self_only=False)
@@ -452,7 +484,7 @@ def attribute(
         import pyarrow.parquet as pq
 
         noisy = torch.as_tensor(
-            pq.read_table(Path(data_dir) / "noisy.parquet").column("noisy_label").to_numpy()
+            pq.read_table(Path(data_dir) / "noisy.parquet").column("noisy_label").to_numpy().copy()
         )
         self_scores, s_seconds = run("noisy", noisy, self_only=True)
     else:
@@ -475,8 +507,8 @@ def evaluate(
     import pyarrow.parquet as pq
     import torch
 
-    from tdabench.groundtruth import load_ground_truth, noise_ceiling  # LIBRARY
-    from tdabench.metric import lds, loo_corr, mislabel_detection_auc  # LIBRARY
+    from tdabench.groundtruth import load_ground_truth, noise_ceiling
+    from tdabench.metric import lds, loo_corr, mislabel_detection_auc
 
     ev = spec["evaluate"]
     s = torch.as_tensor(read_scores(scores))
@@ -490,14 +522,24 @@ def evaluate(
     for kind in ("lds", "loo"):
         if kind not in spec["metrics"]:
             continue
-        values, index = load_ground_truth(groundtruth[kind], target=None)  # LIBRARY
+        target = spec["targets"][kind]
+        values, index = load_ground_truth(groundtruth[kind], target)
         n = min(s.shape[1], values.shape[-1])
         fn = lds if kind == "lds" else loo_corr
-        corr, _p = fn(s[:, :n], (values[..., :n], index))  # LIBRARY
+        corr, _p = fn(s[:, :n], (values[..., :n], index))
         mean, lo, hi = bootstrap_ci(corr.numpy(), ev["bootstrap"], ev["confidence"], ev["seed"])
         entry = {"value": mean, "ci_low": lo, "ci_high": hi, "n_test": int(n)}
         if kind == "lds":
-            entry["noise_ceiling"] = float(noise_ceiling(groundtruth[kind]))  # LIBRARY
+            from tdabench.errors import ConfigError as _NeedRuns
+
+            try:  # needs num_runs_per_subset >= 2
+                nc = noise_ceiling(groundtruth[kind], target)
+            except _NeedRuns:
+                entry["noise_ceiling"] = None
+            else:
+                entry["noise_ceiling"] = float(np.nanmean(np.asarray(nc.ceiling)))
+                entry["run_corr"] = float(np.nanmean(np.asarray(nc.run_corr)))
+                entry["num_runs"] = int(nc.num_runs)
         else:
             k = int(index[0]) if len(index) else 0
             curves["loo_scatter"] = {
@@ -508,10 +550,10 @@ def evaluate(
             }
         result[kind] = entry
     if "auc" in spec["metrics"]:
-        self_s = torch.as_tensor(pq.read_table(self_scores).column("score").to_numpy())
+        self_s = torch.as_tensor(pq.read_table(self_scores).column("score").to_numpy().copy())
         flipped = np.flatnonzero(pq.read_table(noisy).column("flipped").to_numpy())
         # a mislabelled point has unusually high self-influence: rank by self-score
-        auc, (fpr, tpr, _thr) = mislabel_detection_auc(self_s, torch.as_tensor(flipped))  # LIBRARY
+        auc, (fpr, tpr, _thr) = mislabel_detection_auc(self_s, torch.as_tensor(flipped))
         result["auc"] = {"value": float(auc), "num_flipped": len(flipped)}
         curves["roc"] = {"fpr": [float(x) for x in fpr], "tpr": [float(x) for x in tpr]}
     write_json(curves_out, curves)
