@@ -267,12 +267,13 @@ def train(spec: Mapping[str, Any], data_dir: str, out_dir: str, device: str = "a
         per_model: list[list[str]] = [[] for _ in range(t["ensemble"])]
         for j, stop in enumerate(stops):
             s = _setting({**spec, "recipe": {**spec["recipe"], "epochs": stop}})
-            trainer = make_trainer(s, d, batched=True, device=_device(device))  # LIBRARY
-            stacked = trainer.train(
-                masks if variant == "clean" else masks[:1],
-                seeds if variant == "clean" else seeds[:1],
-            )  # LIBRARY
-            for k in range(len(per_model) if variant == "clean" else 1):
+            trainer = make_trainer(s, d, batched=True, device=_device(device))
+            # Intermediate checkpoints (TracIn) are needed of model 0 only; the whole ensemble
+            # (TRAK) only at the final epoch. Models do not depend on which others train with
+            # them (shared minibatch stream), so model 0 is the same run in both calls.
+            m = t["ensemble"] if variant == "clean" and j == len(stops) - 1 else 1
+            stacked = trainer.train(masks[:m], seeds[:m])
+            for k in range(m):
                 name = f"{variant}-{k}-ckpt{j}.safetensors"
                 tmp = out / f".{name}.tmp"
                 save_file(
