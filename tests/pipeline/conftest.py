@@ -44,3 +44,15 @@ def toy_env(monkeypatch, tmp_path):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PATH", os.pathsep.join([str(BIN), os.environ["PATH"]]))
     return trace
+
+
+@pytest.fixture
+def real_env(monkeypatch, tmp_path):
+    """Environment for subprocesses running the REAL stages (library code, real MNIST digits)."""
+    monkeypatch.delenv("TDABENCH_STAGES", raising=False)
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])
+    )
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PATH", os.pathsep.join([str(BIN), os.environ["PATH"]]))

@@ -14,7 +14,7 @@ BIN = Path(sys.executable).parent
 
 
 def make_workspace(
-    dest: Path, attributors=("grad_dot",), lds_subsets=6, loo_indices=4, lr=None
+    dest: Path, attributors=("grad_dot",), lds_subsets=6, loo_indices=4, lr=None, small=True
 ) -> Path:
     """A copy of the workflow with a tiny configuration (one benchmark, toy-sized ground truth)."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -27,12 +27,15 @@ def make_workspace(
     if not (dest / "src" / "tdabench").exists():
         (dest / "src" / "tdabench").symlink_to(REPO / "src" / "tdabench")
     set_config(
-        dest, attributors=attributors, lds_subsets=lds_subsets, loo_indices=loo_indices, lr=lr
+        dest, attributors=attributors, lds_subsets=lds_subsets, loo_indices=loo_indices, lr=lr,
+        small=small,
     )
     return dest
 
 
-def set_config(ws: Path, attributors=("grad_dot",), lds_subsets=6, loo_indices=4, lr=None) -> None:
+def set_config(
+    ws: Path, attributors=("grad_dot",), lds_subsets=6, loo_indices=4, lr=None, small=True
+) -> None:
     d = yaml.safe_load((ws / "configs/default.yaml").read_text())
     d.update(benchmarks=["mnist_lr"], attributors=list(attributors))
     d["launcher"].update(kind="debug", poll_s=0.2)
@@ -43,6 +46,9 @@ def set_config(ws: Path, attributors=("grad_dot",), lds_subsets=6, loo_indices=4
     b["groundtruth"]["loo"].update(num_indices=loo_indices, shard_size=2)
     b["train"]["ensemble"] = 10
     b["recipe"] = {} if lr is None else {"lr": lr}
+    if small:  # real stages: 600 real digits, 3 epochs (seconds per job)
+        b["overrides"] = {"n_train": 600, "n_test": 30}
+        b["recipe"]["epochs"] = 3
     (ws / "configs/benchmarks/mnist_lr.yaml").write_text(yaml.safe_dump(b, sort_keys=False))
 
 
