@@ -64,4 +64,9 @@ def test_import_has_no_side_effects():
         "bad=[m for m in ('submitit','dvc','snakemake') if m in sys.modules];"
         "assert not bad, bad; assert not logging.getLogger().handlers"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    import os
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
