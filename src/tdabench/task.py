@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,8 +28,8 @@ from tdabench.func.utils import (
 
 __all__ = ["AttributionTask", "load_state_dict"]
 
-Checkpoint = Union[Mapping[str, Tensor], str, os.PathLike]
-LayerName = Union[str, Sequence[str], None]
+Checkpoint = Mapping[str, Tensor] | str | os.PathLike
+LayerName = str | Sequence[str] | None
 
 _PICKLE_MAGIC = (b"\x80",)  # protocol 2+ pickles start with PROTO opcode
 

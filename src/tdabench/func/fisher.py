@@ -32,6 +32,7 @@ from torch import Tensor
 from tdabench.errors import ConfigError
 from tdabench.func.hessian import (
     _as_rows,
+    _at_any_x,
     _check_argnums,
     _check_nonneg,
     _check_x_tuple,
@@ -159,12 +160,7 @@ def ifvp_explicit(
     """``f(x, v) = (F(x) + λI)^{-1} v`` with ``x = (θ, *data)``; see :func:`ifvp_at_x_explicit`."""
     _check_nonneg("regularization", regularization)
 
-    def f(x: Sequence[Any], v: Tensor) -> Tensor:
-        x = _check_x_tuple(x, "ifvp_explicit")
-        return ifvp_at_x_explicit(func, *x, argnums=argnums, regularization=regularization,
-                                  max_dense_bytes=max_dense_bytes)(v)
-
-    return f
+    return _at_any_x(ifvp_at_x_explicit, func, "ifvp_explicit", argnums=argnums, regularization=regularization, max_dense_bytes=max_dense_bytes)
 
 
 def ifvp_at_x_cg(
@@ -206,9 +202,4 @@ def ifvp_cg(
     """``f(x, v)``: CG inverse-Fisher-vector products at any point; see :func:`ifvp_at_x_cg`."""
     _check_nonneg("regularization", regularization)
 
-    def f(x: Sequence[Any], v: Tensor) -> Tensor:
-        x = _check_x_tuple(x, "ifvp_cg")
-        return ifvp_at_x_cg(func, *x, argnums=argnums, max_iter=max_iter, tol=tol,
-                            regularization=regularization)(v)
-
-    return f
+    return _at_any_x(ifvp_at_x_cg, func, "ifvp_cg", argnums=argnums, max_iter=max_iter, tol=tol, regularization=regularization)

@@ -89,6 +89,16 @@ def _check_x_tuple(x: Any, fname: str) -> tuple[Any, ...]:
     return tuple(x)
 
 
+def _at_any_x(at_x: Callable[..., Callable[[Tensor], Tensor]], func: Callable[..., Tensor], name: str,
+              **kwargs: Any) -> Callable[[Sequence[Any], Tensor], Tensor]:
+    """The dattri "any point" form ``f(x, v) = at_x(func, *x, **kwargs)(v)`` of an ``*_at_x`` factory."""
+
+    def f(x: Sequence[Any], v: Tensor) -> Tensor:
+        return at_x(func, *_check_x_tuple(x, name), **kwargs)(v)
+
+    return f
+
+
 def _check_argnums(x: tuple[Any, ...], argnums: int) -> Tensor:
     if not isinstance(argnums, int) or isinstance(argnums, bool):
         raise ConfigError(f"argnums must be one int (the index of the variable in x), got {argnums!r}")
@@ -312,12 +322,7 @@ def ihvp_explicit(
     """``f(x, v) = (H(x) + λI)^{-1} v`` from the dense Hessian; see :func:`ihvp_at_x_explicit`."""
     _check_nonneg("regularization", regularization)
 
-    def f(x: Sequence[Any], v: Tensor) -> Tensor:
-        x = _check_x_tuple(x, "ihvp_explicit")
-        return ihvp_at_x_explicit(func, *x, argnums=argnums, regularization=regularization,
-                                  max_dense_bytes=max_dense_bytes)(v)
-
-    return f
+    return _at_any_x(ihvp_at_x_explicit, func, "ihvp_explicit", argnums=argnums, regularization=regularization, max_dense_bytes=max_dense_bytes)
 
 
 # ---------------------------------------------------------------------------- CG
@@ -374,12 +379,7 @@ def ihvp_cg(
         raise ConfigError(f"max_iter must be >= 1, got {max_iter}")
     _check_nonneg("tol", tol)
 
-    def f(x: Sequence[Any], v: Tensor) -> Tensor:
-        x = _check_x_tuple(x, "ihvp_cg")
-        return ihvp_at_x_cg(func, *x, argnums=argnums, max_iter=max_iter, tol=tol, mode=mode,
-                            regularization=regularization)(v)
-
-    return f
+    return _at_any_x(ihvp_at_x_cg, func, "ihvp_cg", argnums=argnums, max_iter=max_iter, tol=tol, mode=mode, regularization=regularization)
 
 
 # ---------------------------------------------------------------------------- Arnoldi
@@ -455,13 +455,7 @@ def ihvp_arnoldi(
     _check_mode(mode)
     _check_nonneg("regularization", regularization)
 
-    def f(x: Sequence[Any], v: Tensor) -> Tensor:
-        x = _check_x_tuple(x, "ihvp_arnoldi")
-        return ihvp_at_x_arnoldi(func, *x, argnums=argnums, max_iter=max_iter, tol=tol, mode=mode,
-                                 regularization=regularization, proj_dim=proj_dim,
-                                 norm_constant=norm_constant, seed=seed)(v)
-
-    return f
+    return _at_any_x(ihvp_at_x_arnoldi, func, "ihvp_arnoldi", argnums=argnums, max_iter=max_iter, tol=tol, mode=mode, regularization=regularization, proj_dim=proj_dim, norm_constant=norm_constant, seed=seed)
 
 
 # ---------------------------------------------------------------------------- LiSSA
@@ -592,10 +586,4 @@ def ihvp_lissa(
     """``f(x, v)`` with ``x = (θ, *data)``: LiSSA IHVPs; see :func:`ihvp_at_x_lissa`."""
     _check_mode(mode)
 
-    def f(x: Sequence[Any], v: Tensor) -> Tensor:
-        x = _check_x_tuple(x, "ihvp_lissa")
-        return ihvp_at_x_lissa(func, *x, argnums=argnums, batch_size=batch_size, num_repeat=num_repeat,
-                               recursion_depth=recursion_depth, damping=damping, scaling=scaling,
-                               collate_fn=collate_fn, mode=mode, seed=seed)(v)
-
-    return f
+    return _at_any_x(ihvp_at_x_lissa, func, "ihvp_lissa", argnums=argnums, batch_size=batch_size, num_repeat=num_repeat, recursion_depth=recursion_depth, damping=damping, scaling=scaling, collate_fn=collate_fn, mode=mode, seed=seed)
