@@ -93,7 +93,7 @@ METHODS: dict[str, dict[str, Any]] = {
     },
     "if_arnoldi": {
         "kind": "if_arnoldi",
-        "hparams": {"precompute_data_ratio": 1.0, "proj_dim": 100, "max_iter": 100, "norm_constant": 1.0, "tol": 1e-7, "regularization": 1e-3, "seed": 0},
+        "hparams": {"precompute_data_ratio": 1.0, "proj_dim": 100, "max_iter": 100, "norm_constant": 1e3, "tol": 1e-7, "regularization": 1e-3, "seed": 0},
         "layer": {"lr": None, "mlp": "last"}, "checkpoints": "final",
         "batches": {"cache": N_TRAIN, "train": N_TRAIN, "test": N_TEST},
     },
@@ -181,7 +181,7 @@ def make_loss_func(model: nn.Module) -> Callable:
 
     def loss_func(params: Mapping[str, Tensor], data: Sequence[Tensor]) -> Tensor:
         x, y = data[0], data[1]
-        return F.cross_entropy(_logits(model, params, x), y.reshape(-1))
+        return F.cross_entropy(_logits(model, params, x), y.reshape(-1).long())
 
     return loss_func
 
@@ -191,7 +191,7 @@ def make_margin_func(model: nn.Module) -> Callable:
 
     def margin_func(params: Mapping[str, Tensor], data: Sequence[Tensor]) -> Tensor:
         x, y = data[0], data[1]
-        logp = -F.cross_entropy(_logits(model, params, x), y.reshape(-1), reduction="none")
+        logp = -F.cross_entropy(_logits(model, params, x), y.reshape(-1).long(), reduction="none")
         return (logp - torch.log1p(-torch.exp(logp).clamp(max=1 - 1e-7))).mean()
 
     return margin_func
@@ -202,7 +202,7 @@ def make_prob_func(model: nn.Module) -> Callable:
 
     def prob_func(params: Mapping[str, Tensor], data: Sequence[Tensor]) -> Tensor:
         x, y = data[0], data[1]
-        return torch.exp(-F.cross_entropy(_logits(model, params, x), y.reshape(-1), reduction="none")).mean()
+        return torch.exp(-F.cross_entropy(_logits(model, params, x), y.reshape(-1).long(), reduction="none")).mean()
 
     return prob_func
 
