@@ -21,7 +21,7 @@ from tdabench.func.utils import (
     Batch,
     ParamSpec,
     check_finite,
-    per_sample_grads,
+    per_sample_grads_named,
     per_sample_values,
     select_param_names,
 )
@@ -222,8 +222,16 @@ class AttributionTask:
         layer_name: LayerName = None,
     ) -> Tensor:
         """Per-sample gradients ``(B, d)`` of the loss/target at ``flat`` (checks finiteness)."""
-        func = self.flat_func(which, index, layer_name, device=flat.device)
-        g = per_sample_grads(func, flat, batch)
+        if which not in ("loss", "target"):
+            raise ConfigError(f"which must be 'loss' or 'target', got {which!r}")
+        user = self.loss_func if which == "loss" else self.target_func
+        spec = self.param_spec(layer_name)
+        fixed = {n: t.to(flat.device) for n, t in self.get_params(index).items() if n not in spec.names}
+
+        def f(selected: dict[str, Tensor], data: Batch) -> Tensor:
+            return user({**fixed, **selected}, data)
+
+        g = per_sample_grads_named(f, spec.unflatten(flat), batch)
         return check_finite(g, f"per-sample gradient of the {which}")
 
     def per_sample_values(

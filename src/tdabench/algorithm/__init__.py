@@ -1,6 +1,29 @@
 """Attributors. Every one: ``cache(train)``, ``attribute(train, test) -> (n_train, n_test)``,
-``self_attribute(train) -> (n_train,)``."""
+``self_attribute(train) -> (n_train,)``.
+
+Score convention: a high score means the training sample helps the test sample (removing it
+would raise the test loss)."""
 
 from tdabench.algorithm.base import BaseAttributor
+from tdabench.algorithm.influence_function import (
+    IFAttributorArnoldi,
+    IFAttributorCG,
+    IFAttributorExplicit,
+    IFAttributorLiSSA,
+)
+from tdabench.algorithm.rps import RPSAttributor
+from tdabench.algorithm.tracin import GradCosAttributor, GradDotAttributor, TracInAttributor
+from tdabench.algorithm.trak import TRAKAttributor
 
-__all__ = ["BaseAttributor"]
+__all__ = [
+    "BaseAttributor",
+    "GradCosAttributor",
+    "GradDotAttributor",
+    "IFAttributorArnoldi",
+    "IFAttributorCG",
+    "IFAttributorExplicit",
+    "IFAttributorLiSSA",
+    "RPSAttributor",
+    "TRAKAttributor",
+    "TracInAttributor",
+]

@@ -20,6 +20,7 @@ from tdabench.func.hessian import (
     ihvp_explicit,
     ihvp_lissa,
 )
+from tdabench.func.projection import Projector, make_projector
 from tdabench.func.solvers import (
     EigenBasis,
     arnoldi_basis,
@@ -39,6 +40,7 @@ from tdabench.func.utils import (
 __all__ = [
     "EigenBasis",
     "ParamSpec",
+    "Projector",
     "arnoldi_basis",
     "conjugate_gradient",
     "dense_from_matvec",
@@ -60,6 +62,7 @@ __all__ = [
     "ihvp_explicit",
     "ihvp_lissa",
     "lissa_recursion",
+    "make_projector",
     "per_sample_grads",
     "per_sample_values",
     "solve_dense",

@@ -1,1 +1,35 @@
-"""tdabench.metric."""
+"""tdabench.metric: LDS, LOO correlation, mislabel-detection AUC and their aggregation.
+
+See :mod:`tdabench.metric.metrics` for the exact definitions.
+"""
+
+from __future__ import annotations
+
+from tdabench.metric.ground_truth import calculate_lds_ground_truth, calculate_loo_ground_truth
+from tdabench.metric.metrics import (
+    NoiseCeiling,
+    bootstrap_ci,
+    lds,
+    loo_corr,
+    mean_dropna,
+    mislabel_detection_auc,
+    noise_ceiling,
+    pearson_columns,
+    spearman_columns,
+    summarize,
+)
+
+__all__ = [
+    "NoiseCeiling",
+    "bootstrap_ci",
+    "calculate_lds_ground_truth",
+    "calculate_loo_ground_truth",
+    "lds",
+    "loo_corr",
+    "mean_dropna",
+    "mislabel_detection_auc",
+    "noise_ceiling",
+    "pearson_columns",
+    "spearman_columns",
+    "summarize",
+]

@@ -1,0 +1,275 @@
+"""TRAK: attribution with randomly projected after-kernel features (Park et al., 2023).
+
+For every checkpoint ``k`` of the task (an ensemble of independently trained models, or
+one model), with ``f`` the task's ``target_func`` (the "model output function", e.g. the
+margin ``log p / (1 - p)``) and ``P_k`` a random projection with seed ``seed + k``:
+
+- ``Phi_k``: rows ``P_k grad f(train_i)`` for the *full* training set (``cache``),
+- ``X_k = (Phi_k^T Phi_k + lambda I)^{-1}``  (``proj_dim x proj_dim``),
+- ``Q_k = diag(1 - p_k(train_i))`` with ``p`` from ``correct_probability_func``.
+
+Scores, following Algorithm 1 of the TRAK paper (and the reference library), average the
+kernel term and the ``Q`` term over checkpoints separately::
+
+    score[i, j] = [ mean_k  phi_k(train_i) X_k phi_k(test_j) ]  *  [ mean_k (1 - p_k(train_i)) ]
+
+(With one checkpoint this is exactly ``Phi_test X Phi_train^T Q`` transposed.) The result
+is returned as ``(n_train, n_test)``: unlike the reference's TRAK, ``attribute`` takes
+``(train_loader, test_loader)`` in that order, like every attributor here. A positive
+score means the training sample raises the test sample's output ``f`` (helps it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tdabench.algorithm.base import BaseAttributor
+from tdabench.errors import ConfigError, DataError, NonFiniteError
+from tdabench.func.projection import Projector, projector_from_kwargs, resolve_projector_kwargs
+from tdabench.func.utils import Batch, check_finite, per_sample_values
+from tdabench.task import AttributionTask, LayerName
+
+__all__ = ["TRAKAttributor"]
+
+logger = logging.getLogger(__name__)
+
+TRAK_DEFAULT_PROJECTOR = {"proj_dim": 512, "proj_type": "gaussian", "seed": 0}
+_PROB_TOL = 1e-6
+
+
+class TRAKAttributor(BaseAttributor):
+    """TRAK with a random projection per checkpoint.
+
+    Args:
+        task: the task; ``target_func`` is the model output function ``f`` whose
+            gradients are projected (train and test side); each checkpoint is one model of
+            the ensemble.
+        correct_probability_func: ``p(params, data) -> scalar``, the probability of the
+            true class (evaluated per sample, like ``loss_func``); must lie in ``[0, 1]``.
+        projector_kwargs: keys among ``proj_dim`` (default 512), ``proj_type`` (default
+            ``"gaussian"``; ``"identity"`` for no projection), ``seed`` (default 0;
+            checkpoint ``k`` uses ``seed + k``), ``max_chunk_bytes``. ``None`` uses the defaults.
+        layer_name: restrict gradients to these parameters.
+        device: where gradients, solves and scores live (scores are returned there).
+        regularization: ``lambda >= 0`` added to ``Phi^T Phi``. With ``lambda = 0`` the
+            training set must have at least ``proj_dim`` samples of independent features.
+    """
+
+    requires_cache = True
+
+    def __init__(
+        self,
+        task: AttributionTask,
+        correct_probability_func: Callable[[dict[str, Tensor], Batch], Tensor],
+        projector_kwargs: Mapping[str, Any] | None = None,
+        layer_name: LayerName = None,
+        device: str | torch.device = "cpu",
+        regularization: float = 0.0,
+    ) -> None:
+        super().__init__(task, layer_name, device)
+        if not callable(correct_probability_func):
+            raise ConfigError("correct_probability_func must be callable as p(params, data)")
+        try:
+            reg = float(regularization)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"regularization must be a number >= 0, got {regularization!r}"
+            ) from exc
+        if not reg >= 0.0 or reg == float("inf"):
+            raise ConfigError(
+                f"regularization must be a finite number >= 0, got {regularization!r}"
+            )
+        self.correct_probability_func = correct_probability_func
+        self.regularization = reg
+        self.projector_kwargs = resolve_projector_kwargs(projector_kwargs, TRAK_DEFAULT_PROJECTOR)
+        self._xtx_inv: list[Tensor] = []
+        self.num_cached_train = 0
+
+    # ------------------------------------------------------------------ helpers
+    def _projector(self, index: int) -> Projector:
+        proj = projector_from_kwargs(
+            self.projector_kwargs, self.spec.dim, index, self.device, self.dtype
+        )
+        assert proj is not None
+        return proj
+
+    def _prob_func(self, index: int) -> Callable[[Tensor, Batch], Tensor]:
+        spec = self.spec
+        fixed = {
+            n: t.to(self.device)
+            for n, t in self.task.get_params(index).items()
+            if n not in spec.names
+        }
+        user = self.correct_probability_func
+
+        def f(flat: Tensor, data: Batch) -> Tensor:
+            params = dict(fixed)
+            params.update(spec.unflatten(flat))
+            return user(params, data)
+
+        return f
+
+    def _phi(self, flat: Tensor, batch: Batch, index: int, projector: Projector) -> Tensor:
+        g = self.task.per_sample_grads(
+            flat, batch, which="target", index=index, layer_name=self.layer_name
+        )
+        return projector.project(g)
+
+    def _one_minus_p(self, flat: Tensor, batch: Batch, index: int) -> Tensor:
+        p = per_sample_values(self._prob_func(index), flat, batch)
+        check_finite(
+            p, "correct_probability_func output", "return finite probabilities of the true class"
+        )
+        if bool(((p < -_PROB_TOL) | (p > 1 + _PROB_TOL)).any()):
+            raise ConfigError(
+                f"correct_probability_func returned values outside [0, 1] (min {float(p.min()):.4g}, "
+                f"max {float(p.max()):.4g}); it must return the probability of the true class, not a logit"
+            )
+        return (1.0 - p).to(self.dtype)
+
+    def _train_terms(self, loader: Iterable[Batch], index: int, projector: Projector, what: str):
+        """Yield ``(phi (B, k), 1 - p (B,))`` per batch of ``loader`` at checkpoint ``index``."""
+        flat = self._params(index)
+        batches = tqdm(
+            self._batches(loader, what), desc=f"TRAK ckpt {index}", disable=None, leave=False
+        )
+        for batch in batches:
+            yield self._phi(flat, batch, index, projector), self._one_minus_p(flat, batch, index)
+
+    # ------------------------------------------------------------------ API
+    def cache(self, full_train_loader: Iterable[Batch]) -> None:
+        """Compute ``(Phi_k^T Phi_k + lambda I)^{-1}`` for every checkpoint from the full
+        training set (``proj_dim x proj_dim`` each, accumulated and inverted in float64 by
+        Cholesky; kernels are applied in float64 and scores cast back to the model dtype).
+
+        Raises:
+            ConfigError: if a kernel is singular to float64 precision (its Cholesky pivots
+                span more than ``1 / (proj_dim * eps)``): set ``regularization > 0`` or lower ``proj_dim``.
+        """
+        inverses = []
+        n = None
+        for index in range(self.task.num_checkpoints):
+            projector = self._projector(index)
+            flat = self._params(index)
+            k = projector.proj_dim
+            xtx = torch.zeros(k, k, dtype=torch.float64, device=self.device)
+            count = 0
+            for batch in self._batches(full_train_loader, "full train loader"):
+                phi = self._phi(flat, batch, index, projector).to(torch.float64)
+                xtx.addmm_(phi.T, phi)
+                count += phi.shape[0]
+            if n is not None and count != n:
+                raise DataError(
+                    "the full train loader yielded a different number of samples on a later pass; fix its size"
+                )
+            n = count
+            xtx.diagonal().add_(self.regularization)
+            chol, info = torch.linalg.cholesky_ex(xtx)
+            diag = chol.diagonal()
+            if (
+                int(info) != 0
+                or float(diag.min() / diag.max()) ** 2 < k * torch.finfo(torch.float64).eps
+            ):
+                raise ConfigError(
+                    f"Phi^T Phi + {self.regularization} I of checkpoint {index} is singular ({count} training "
+                    f"samples, {k} projected dimensions); set regularization > 0 or use proj_dim < {count}"
+                )
+            inv = torch.cholesky_inverse(chol)
+            if not bool(torch.isfinite(inv).all()):
+                raise NonFiniteError(
+                    f"the TRAK kernel inverse of checkpoint {index} is not finite; set regularization > 0"
+                )
+            inverses.append(inv)
+        self._xtx_inv = inverses
+        self.num_cached_train = int(n or 0)
+        self._cached = True
+
+    def attribute(self, train_loader: Iterable[Batch], test_loader: Iterable[Batch]) -> Tensor:
+        """TRAK scores.
+
+        Args:
+            train_loader: training samples to score (fixed order; any subset of the cached set).
+            test_loader: test samples.
+
+        Returns:
+            Tensor ``(n_train, n_test)`` on ``device``.
+
+        Raises:
+            NotCachedError: before :meth:`cache`.
+        """
+        self._require_cache()
+        kernel: Tensor | None = None
+        q_sum: Tensor | None = None
+        for index, inv in enumerate(self._xtx_inv):
+            projector = self._projector(index)
+            flat = self._params(index)
+            test = torch.cat(
+                [
+                    self._phi(flat, b, index, projector)
+                    for b in self._batches(test_loader, "test loader")
+                ]
+            )
+            test = test.to(torch.float64)
+            test_x = test @ inv  # (n_test, k); inv is symmetric
+            ks, qs = [], []
+            for phi, q in self._train_terms(train_loader, index, projector, "train loader"):
+                ks.append(phi.to(torch.float64) @ test_x.T)
+                qs.append(q)
+            k_term, q_term = torch.cat(ks), torch.cat(qs)
+            if kernel is None:
+                kernel, q_sum = k_term, q_term
+            elif kernel.shape != k_term.shape:
+                raise DataError(
+                    "the loaders yielded a different number of samples on a later checkpoint; fix their order/size"
+                )
+            else:
+                kernel += k_term
+                q_sum += q_term
+        assert kernel is not None and q_sum is not None
+        m = len(self._xtx_inv)
+        scores = kernel.div_(m).mul_((q_sum.to(torch.float64) / m).unsqueeze(1))
+        return check_finite(scores.to(self.dtype), "TRAK scores")
+
+    def self_attribute(self, train_loader: Iterable[Batch]) -> Tensor:
+        """``mean_k phi_k(i) X_k phi_k(i)  *  mean_k (1 - p_k(i))``: the diagonal of
+        ``attribute(train, train)``; ``(n_train,)`` on ``device``."""
+        self._require_cache()
+        kernel: Tensor | None = None
+        q_sum: Tensor | None = None
+        for index, inv in enumerate(self._xtx_inv):
+            projector = self._projector(index)
+            ks, qs = [], []
+            for phi, q in self._train_terms(train_loader, index, projector, "train loader"):
+                phi = phi.to(torch.float64)
+                ks.append(((phi @ inv) * phi).sum(dim=1))
+                qs.append(q)
+            k_term, q_term = torch.cat(ks), torch.cat(qs)
+            if kernel is None:
+                kernel, q_sum = k_term, q_term
+            elif kernel.shape != k_term.shape:
+                raise DataError(
+                    "the train loader yielded a different number of samples on a later checkpoint"
+                )
+            else:
+                kernel += k_term
+                q_sum += q_term
+        assert kernel is not None and q_sum is not None
+        m = len(self._xtx_inv)
+        scores = kernel.div_(m).mul_(q_sum.to(torch.float64) / m)
+        return check_finite(scores.to(self.dtype), "TRAK self-influence")
+
+    def hyperparameters(self) -> dict[str, Any]:
+        out = super().hyperparameters()
+        out.update(
+            projector_kwargs=dict(self.projector_kwargs or {}),
+            regularization=self.regularization,
+            num_checkpoints=self.task.num_checkpoints,
+            ensemble="mean kernel x mean (1 - p)",
+        )
+        return out

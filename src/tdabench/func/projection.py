@@ -1,0 +1,375 @@
+"""Seeded random projections from ``d`` to ``k`` dimensions under a memory budget.
+
+A :class:`Projector` maps features ``(B, d)`` to ``(B, k)`` by ``features @ P`` with a
+random matrix ``P`` of shape ``(d, k)``:
+
+- ``"gaussian"``: entries i.i.d. ``N(0, 1/k)``;
+- ``"rademacher"``: entries i.i.d. ``±1/sqrt(k)`` with probability 1/2 each;
+- ``"identity"``: ``P = I`` (``k = d``, no randomness, no copy of a matrix).
+
+Both random kinds satisfy ``E[P P^T] = I``, so ``E ||x P||^2 = ||x||^2`` and
+``E <x P, y P> = <x, y>`` (Johnson-Lindenstrauss).
+
+**Determinism.** ``P`` is defined block by block: rows ``[b * block_rows, (b + 1) * block_rows)``
+are drawn (in float64, then cast to ``dtype``) from a ``torch.Generator`` seeded with a
+64-bit mix of ``(seed, b)``. The block size depends only on ``proj_dim`` (about 2^18
+entries per block, see :func:`default_block_rows`), never on the memory budget, so the
+projection is *identical whatever* ``max_chunk_bytes`` is. The generator lives on the
+projector's device: on CPU a CPU generator, on CUDA a CUDA generator (fast, no host
+transfer). Each is deterministic, but a CPU projector and a CUDA projector with the same
+seed draw *different* (equally distributed) matrices; compare CPU with CPU and GPU with GPU.
+float32 and float64 projectors on the same device type draw the same matrix up to rounding.
+
+**Memory.** A projector never holds a piece of ``P`` larger than ``max_chunk_bytes``
+(counting the float64 scratch block used while drawing). When the whole ``P`` fits, it is
+drawn once and kept (``cached_matrix_bytes``); otherwise it is regenerated, chunk by chunk,
+at every :meth:`Projector.project` call. If not even one block fits, construction raises
+:class:`~tdabench.errors.ConfigError`.
+
+Settings are per instance: nothing here reads or mutates module-level state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tdabench.errors import ConfigError, MemoryLimitError, ShapeError
+
+__all__ = [
+    "DEFAULT_MAX_CHUNK_BYTES",
+    "PROJECTOR_KWARGS",
+    "PROJ_TYPES",
+    "Projector",
+    "default_block_rows",
+    "make_projector",
+    "projector_from_kwargs",
+    "resolve_projector_kwargs",
+]
+
+DEFAULT_MAX_CHUNK_BYTES = 256 * 2**20
+"""Default memory budget of one piece of the projection matrix (256 MiB)."""
+
+PROJ_TYPES = ("gaussian", "rademacher", "identity")
+PROJECTOR_KWARGS = ("proj_dim", "proj_type", "seed", "max_chunk_bytes")
+"""Keys accepted in an attributor's ``projector_kwargs``."""
+
+_BLOCK_ENTRIES = 2**18
+_MASK64 = (1 << 64) - 1
+
+
+def default_block_rows(proj_dim: int) -> int:
+    """Rows of ``P`` per generator block: ``max(1, 2**18 // proj_dim)`` (about 2 MiB in float64)."""
+    return max(1, _BLOCK_ENTRIES // int(proj_dim))
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64 finaliser: a bijective 64-bit mix (decorrelates nearby seeds)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _block_seed(seed: int, block: int) -> int:
+    return _mix64(_mix64(seed & _MASK64) ^ block) & ((1 << 63) - 1)
+
+
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+class Projector:
+    """A seeded projection ``(B, d) -> (B, k)``; build it with :func:`make_projector`.
+
+    Attributes:
+        feature_dim: ``d``.
+        proj_dim: ``k`` (``d`` for the identity).
+        proj_type: ``"gaussian"``, ``"rademacher"`` or ``"identity"``.
+        seed: the seed of the matrix.
+        block_rows: rows per generator block (part of the matrix's definition).
+        chunk_rows: rows of ``P`` materialised at once (a multiple of ``block_rows``).
+        peak_chunk_bytes: the largest piece of ``P`` (plus scratch) held so far, in bytes.
+    """
+
+    def __init__(
+        self,
+        feature_dim: int,
+        proj_dim: int | None,
+        seed: int = 0,
+        proj_type: str = "gaussian",
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+        block_rows: int | None = None,
+    ) -> None:
+        self.feature_dim = _check_int(feature_dim, "feature_dim", 1)
+        if proj_type not in PROJ_TYPES:
+            raise ConfigError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
+        self.proj_type = proj_type
+        self.seed = _check_int(seed, "seed", 0)
+        self.max_chunk_bytes = _check_int(max_chunk_bytes, "max_chunk_bytes", 1)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ConfigError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        self.dtype = dtype
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(
+                f"device {str(device)!r} requested but CUDA is not available; pass device='cpu'"
+            )
+        self.peak_chunk_bytes = 0
+        self._matrix: Tensor | None = None
+        if proj_type == "identity":
+            if proj_dim is not None and proj_dim != feature_dim:
+                raise ConfigError(
+                    f"an identity projector keeps the dimension: proj_dim must be None or {feature_dim}, "
+                    f"got {proj_dim!r}; drop proj_dim or use proj_type='gaussian'"
+                )
+            self.proj_dim = self.feature_dim
+            self.block_rows = self.chunk_rows = self.feature_dim
+            return
+        if proj_dim is None:
+            raise ConfigError(f"a {proj_type} projector needs proj_dim (an integer >= 1), got None")
+        self.proj_dim = _check_int(proj_dim, "proj_dim", 1)
+        self.block_rows = (
+            default_block_rows(self.proj_dim)
+            if block_rows is None
+            else _check_int(block_rows, "block_rows", 1)
+        )
+        item = torch.empty((), dtype=dtype).element_size()
+        row_bytes = self.proj_dim * item
+        scratch = min(self.block_rows, self.feature_dim) * self.proj_dim * 8  # float64 draw
+        one_block = min(self.block_rows, self.feature_dim) * row_bytes + scratch
+        if one_block > self.max_chunk_bytes:
+            raise ConfigError(
+                f"max_chunk_bytes={self.max_chunk_bytes} cannot hold one generator block of "
+                f"{min(self.block_rows, self.feature_dim)} x {self.proj_dim} entries ({one_block} bytes "
+                f"with its float64 scratch); raise max_chunk_bytes to at least {one_block} or lower proj_dim"
+            )
+        n_blocks = math.ceil(self.feature_dim / self.block_rows)
+        per_chunk = max(
+            1, min(n_blocks, (self.max_chunk_bytes - scratch) // (self.block_rows * row_bytes))
+        )
+        self.chunk_rows = min(self.feature_dim, per_chunk * self.block_rows)
+        self._generator = torch.Generator(device=self.device)
+
+    # ------------------------------------------------------------------ matrix
+    @property
+    def num_blocks(self) -> int:
+        return math.ceil(self.feature_dim / self.block_rows)
+
+    @property
+    def cached_matrix_bytes(self) -> int:
+        """Bytes of ``P`` kept between calls (0 unless the whole matrix fits the budget)."""
+        return 0 if self._matrix is None else self._matrix.numel() * self._matrix.element_size()
+
+    def _draw_block(self, block: int, rows: int) -> Tensor:
+        """Rows ``[block*block_rows, block*block_rows + rows)`` of ``P``, float64 ``(rows, k)``."""
+        self._generator.manual_seed(_block_seed(self.seed, block))
+        shape = (rows, self.proj_dim)
+        scale = 1.0 / math.sqrt(self.proj_dim)
+        if self.proj_type == "gaussian":
+            out = torch.randn(
+                shape, generator=self._generator, dtype=torch.float64, device=self.device
+            )
+            return out.mul_(scale)
+        out = torch.empty(shape, dtype=torch.float64, device=self.device).bernoulli_(
+            0.5, generator=self._generator
+        )
+        return out.mul_(2.0 * scale).sub_(scale)
+
+    def _make_chunk(self, start: int, stop: int) -> Tensor:
+        chunk = torch.empty(stop - start, self.proj_dim, dtype=self.dtype, device=self.device)
+        peak = chunk.numel() * chunk.element_size()
+        for block in range(start // self.block_rows, math.ceil(stop / self.block_rows)):
+            b0 = block * self.block_rows
+            rows = min(self.block_rows, self.feature_dim - b0)
+            drawn = self._draw_block(block, rows)
+            self.peak_chunk_bytes = max(self.peak_chunk_bytes, peak + drawn.numel() * 8)
+            chunk[b0 - start : b0 - start + rows].copy_(drawn)
+            del drawn
+        return chunk
+
+    def _chunks(self) -> Iterator[tuple[int, int, Tensor]]:
+        """``(start, stop, P[start:stop])`` over the rows of ``P``, within the memory budget."""
+        if self._matrix is not None:
+            yield 0, self.feature_dim, self._matrix
+            return
+        if self.chunk_rows >= self.feature_dim:
+            self._matrix = self._make_chunk(0, self.feature_dim)
+            yield 0, self.feature_dim, self._matrix
+            return
+        for start in range(0, self.feature_dim, self.chunk_rows):
+            stop = min(self.feature_dim, start + self.chunk_rows)
+            yield start, stop, self._make_chunk(start, stop)
+
+    def matrix(self) -> Tensor:
+        """The whole ``(d, k)`` matrix ``P`` (for small problems and tests).
+
+        Raises:
+            MemoryLimitError: if ``P`` does not fit in ``max_chunk_bytes``.
+        """
+        if self.proj_type == "identity":
+            return torch.eye(self.feature_dim, dtype=self.dtype, device=self.device)
+        if self.chunk_rows < self.feature_dim:
+            need = (
+                self.feature_dim * self.proj_dim * torch.empty((), dtype=self.dtype).element_size()
+            )
+            raise MemoryLimitError(
+                f"the {self.feature_dim} x {self.proj_dim} projection matrix needs {need} bytes, over "
+                f"max_chunk_bytes={self.max_chunk_bytes}; use project() (which works chunk by chunk) "
+                "or raise max_chunk_bytes"
+            )
+        return next(self._chunks())[2]
+
+    # ------------------------------------------------------------------ projection
+    def project(self, features: Tensor) -> Tensor:
+        """Project ``features`` of shape ``(B, d)`` to ``(B, k)`` (in ``dtype`` on ``device``)."""
+        if (
+            not isinstance(features, Tensor)
+            or features.dim() != 2
+            or features.shape[1] != self.feature_dim
+        ):
+            shape = (
+                tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+            )
+            raise ShapeError(
+                f"the projector expects features of shape (B, {self.feature_dim}), got {shape}; "
+                "flatten per-sample gradients to one row per sample"
+            )
+        x = features.to(device=self.device, dtype=self.dtype)
+        if self.proj_type == "identity":
+            return x
+        out = torch.zeros(x.shape[0], self.proj_dim, dtype=self.dtype, device=self.device)
+        for start, stop, chunk in self._chunks():
+            out.addmm_(x[:, start:stop], chunk)
+        return out
+
+    __call__ = project
+
+    def settings(self) -> dict[str, Any]:
+        """JSON-able settings that define the matrix (for provenance)."""
+        return {
+            "feature_dim": self.feature_dim,
+            "proj_dim": self.proj_dim,
+            "proj_type": self.proj_type,
+            "seed": self.seed,
+            "block_rows": self.block_rows,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "device_type": self.device.type,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"Projector(d={self.feature_dim}, k={self.proj_dim}, type={self.proj_type!r}, seed={self.seed}, "
+            f"device={str(self.device)!r}, chunk_rows={self.chunk_rows})"
+        )
+
+
+def make_projector(
+    feature_dim: int,
+    proj_dim: int | None,
+    seed: int = 0,
+    proj_type: str = "gaussian",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    block_rows: int | None = None,
+) -> Projector:
+    """Build a seeded projector from ``feature_dim`` to ``proj_dim`` dimensions.
+
+    Args:
+        feature_dim: input dimension ``d``.
+        proj_dim: output dimension ``k``; ``None`` (or ``d``) for ``proj_type="identity"``.
+        seed: non-negative integer seed of the matrix.
+        proj_type: ``"gaussian"`` (``N(0, 1/k)``), ``"rademacher"`` (``±1/sqrt(k)``) or ``"identity"``.
+        device: where the matrix is drawn and the projection runs.
+        dtype: dtype of the matrix and of the projected features.
+        max_chunk_bytes: largest piece of the ``(d, k)`` matrix held at once, in bytes.
+        block_rows: rows per generator block; ``None`` uses :func:`default_block_rows`.
+            Changing it changes the matrix (unlike ``max_chunk_bytes``).
+
+    Returns:
+        A :class:`Projector`; ``projector.project(features (B, d)) -> (B, k)``.
+
+    Raises:
+        ConfigError: for a bad type, dimension or seed, or a budget below one block.
+    """
+    return Projector(
+        feature_dim, proj_dim, seed, proj_type, device, dtype, max_chunk_bytes, block_rows
+    )
+
+
+def resolve_projector_kwargs(
+    projector_kwargs: Mapping[str, Any] | None, defaults: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """Validate an attributor's ``projector_kwargs`` and fill in defaults.
+
+    Args:
+        projector_kwargs: ``None`` or a mapping with keys among :data:`PROJECTOR_KWARGS`.
+        defaults: values used for missing keys (``None``: no projection when
+            ``projector_kwargs`` is ``None``).
+
+    Returns:
+        ``None`` (no projection) or a fresh dict with every key of :data:`PROJECTOR_KWARGS`
+        (``proj_dim`` is ``None`` for the identity unless given). Never aliases its inputs.
+    """
+    if projector_kwargs is None and defaults is None:
+        return None
+    if not isinstance(projector_kwargs, (Mapping, type(None))):
+        raise ConfigError(
+            f"projector_kwargs must be a dict or None, got {type(projector_kwargs).__name__}"
+        )
+    given = dict(projector_kwargs or {})
+    unknown = sorted(set(given) - set(PROJECTOR_KWARGS))
+    if unknown:
+        raise ConfigError(
+            f"unknown projector_kwargs {unknown}; accepted keys are {list(PROJECTOR_KWARGS)}"
+        )
+    base = {
+        "proj_dim": 512,
+        "proj_type": "gaussian",
+        "seed": 0,
+        "max_chunk_bytes": DEFAULT_MAX_CHUNK_BYTES,
+    }
+    base.update(defaults or {})
+    if given.get("proj_type", base["proj_type"]) == "identity" and "proj_dim" not in given:
+        base["proj_dim"] = None
+    base.update(given)
+    if base["proj_type"] not in PROJ_TYPES:
+        raise ConfigError(f"proj_type must be one of {PROJ_TYPES}, got {base['proj_type']!r}")
+    if base["proj_dim"] is not None:
+        _check_int(base["proj_dim"], "proj_dim", 1)
+    _check_int(base["seed"], "seed", 0)
+    _check_int(base["max_chunk_bytes"], "max_chunk_bytes", 1)
+    return base
+
+
+def projector_from_kwargs(
+    resolved: Mapping[str, Any] | None,
+    feature_dim: int,
+    seed_offset: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Projector | None:
+    """The projector described by resolved ``projector_kwargs`` (``None`` -> ``None``).
+
+    ``seed_offset`` is added to the seed: attributors use ``seed + k`` for checkpoint ``k``.
+    """
+    if resolved is None:
+        return None
+    return make_projector(
+        feature_dim,
+        resolved["proj_dim"],
+        seed=resolved["seed"] + seed_offset,
+        proj_type=resolved["proj_type"],
+        device=device,
+        dtype=dtype,
+        max_chunk_bytes=resolved["max_chunk_bytes"],
+    )

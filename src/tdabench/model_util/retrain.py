@@ -1,0 +1,357 @@
+"""Notebook-level retraining for LOO and LDS ground truth (dattri-compatible call shapes).
+
+``retrain_loo`` / ``retrain_lds`` call a user ``train_func(dataloader, seed=..., **kwargs)``
+once per model and save each model's state dict as safetensors (never a pickle) together
+with its metadata, one file per model, as soon as it is trained. Rerunning the same call
+skips the models already saved, so an interrupted loop resumes where it stopped; many jobs
+can each produce a slice (``start_id``) of one global, reproducible set of subsets.
+
+Directory layout::
+
+    <path>/manifest.json     {"format", "kind", "seed", "n_train", "subset_ratio",
+                              "num_runs_per_subset", "sampling_key", "train_func", "train_kwargs"}
+    <path>/models/<kind>-<index:07d>-run<r>.safetensors
+        metadata: "index", "run", "seed", "subset" (LDS, JSON list of sorted training
+        indices) or "removed" (LOO), "sampling_key", "tensors_sha256"
+
+Determinism: LDS subset ``i`` is ``subset_indices(sampling_key("lds", seed, n_train,
+subset_ratio), i, n_train, subset_ratio)`` -- a pure function of (seed, i, n_train, ratio),
+identical to the subsets of a :mod:`tdabench.groundtruth` store with the same seed -- and the
+model seed of (index ``i``, run ``r``) is ``entry_model_seed(kind, sampling_key, i, r)`` (shared by the LOO models of a run). Before each
+call of ``train_func`` the global torch RNG is seeded with that model seed, and the seed is
+passed as ``seed=``. The dataloader handed to ``train_func`` holds the subset (or the
+training set without the removed sample) with the original batch size, collate function and
+``drop_last``; if the original loader shuffles, the subset loader shuffles with a generator
+seeded by the model seed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, RandomSampler, Subset
+
+from tdabench.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    KeyMismatchError,
+    NonFiniteError,
+    ShapeError,
+    StoreError,
+    UnsafeFileError,
+)
+from tdabench.groundtruth.key import canonical_json, config_diff, describe_diff
+from tdabench.groundtruth.store import (
+    _safetensors_header,
+    atomic_write_bytes,
+    read_safetensors_checked,
+    write_safetensors,
+)
+from tdabench.groundtruth.subsets import entry_model_seed, sampling_key, subset_indices, subset_size
+
+__all__ = ["RETRAIN_FORMAT", "list_retrained", "load_retrained_state", "retrain_lds", "retrain_loo"]
+
+logger = logging.getLogger(__name__)
+
+RETRAIN_FORMAT = "tdabench-retrain/1"
+_MODEL_RE = re.compile(r"^(loo|lds)-(\d{7,})-run(\d+)\.safetensors$")
+
+
+def _n_train(dataloader: Any) -> int:
+    ds = getattr(dataloader, "dataset", None)
+    if ds is None:
+        raise DataError("dataloader must be a torch DataLoader with a .dataset (it is subset per retrained model)")
+    try:
+        n = len(ds)
+    except TypeError as exc:
+        raise DataError("the dataloader's dataset has no len(); use a map-style dataset") from exc
+    if n < 2:
+        raise DataError(f"the training set has {n} samples; retraining needs at least 2")
+    return n
+
+
+def _jsonable_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in sorted(kwargs.items()):
+        try:
+            out[k] = json.loads(canonical_json(v))
+        except Exception:
+            out[k] = f"<{type(v).__module__}.{type(v).__qualname__}>"
+    return out
+
+
+def _func_name(f: Callable[..., Any]) -> str:
+    return f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', type(f).__qualname__)}"
+
+
+def _open_dir(path: str | os.PathLike, manifest: dict[str, Any]) -> Path:
+    root = Path(path)
+    mpath = root / "manifest.json"
+    if mpath.exists():
+        try:
+            old = json.loads(mpath.read_text())
+        except Exception as exc:
+            raise StoreError(f"{str(mpath)!r} is unreadable ({exc}); restore it or use a new directory") from exc
+        diff = config_diff({k: v for k, v in old.items() if k != "created"}, manifest)
+        if diff:
+            raise KeyMismatchError(
+                f"{str(root)!r} already holds models of another configuration; differing fields: {describe_diff(diff)}. "
+                "Use another directory, or call with the original arguments to resume"
+            )
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(mpath, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    (root / "models").mkdir(exist_ok=True)
+    return root
+
+
+def _model_path(root: Path, kind: str, index: int, run: int) -> Path:
+    return root / "models" / f"{kind}-{index:07d}-run{run}.safetensors"
+
+
+def _saved_ok(p: Path) -> dict[str, Any] | None:
+    """Header of a complete, valid model file; None (and a warning) if it must be redone."""
+    if not p.exists():
+        return None
+    try:
+        header, _ = _safetensors_header(p, CheckpointError)
+        return header
+    except (CheckpointError, UnsafeFileError) as exc:
+        logger.warning("retraining %s: %s", p.name, exc)
+        return None
+
+
+def _shapes(header_or_state: Mapping[str, Any]) -> dict[str, list[int]]:
+    out = {}
+    for k, v in header_or_state.items():
+        if k == "__metadata__":
+            continue
+        out[k] = list(v.shape) if isinstance(v, Tensor) else list(v["shape"])
+    return out
+
+
+def _reference_shapes(root: Path) -> dict[str, list[int]] | None:
+    for p in sorted((root / "models").glob("*.safetensors")):
+        header = _saved_ok(p)
+        if header is not None:
+            return _shapes(header)
+    return None
+
+
+def _subset_loader(dataloader: DataLoader, indices: np.ndarray, seed: int) -> DataLoader:
+    shuffle = isinstance(getattr(dataloader, "sampler", None), RandomSampler)
+    if dataloader.batch_size is None:
+        raise ConfigError("the dataloader must use batch_size= (not a custom batch_sampler) so it can be subset")
+    return DataLoader(
+        Subset(dataloader.dataset, indices.tolist()),
+        batch_size=dataloader.batch_size,
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        collate_fn=dataloader.collate_fn,
+        drop_last=dataloader.drop_last,
+        num_workers=dataloader.num_workers,
+    )
+
+
+def _train_and_save(
+    train_func: Callable[..., Any],
+    dataloader: DataLoader,
+    root: Path,
+    kind: str,
+    index: int,
+    run: int,
+    keep: np.ndarray,
+    skey: str,
+    meta: dict[str, str],
+    ref_shapes: dict[str, list[int]] | None,
+    kwargs: Mapping[str, Any],
+) -> dict[str, list[int]]:
+    seed = entry_model_seed(kind, skey, index, run)
+    torch.manual_seed(seed)
+    out = train_func(_subset_loader(dataloader, keep, seed), seed=seed, **kwargs)
+    if isinstance(out, nn.Module):
+        state = out.state_dict()
+    elif isinstance(out, Mapping):
+        state = dict(out)
+    else:
+        raise ConfigError(f"train_func must return an nn.Module (or a state dict), got {type(out).__name__}")
+    if not state or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ConfigError("train_func returned a model without tensors in its state dict")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise NonFiniteError(
+            f"{kind} model {index} run {run}: NaN/inf in {bad[:5]} after training; lower the learning rate. "
+            "Models already saved are kept; nothing was saved for this one"
+        )
+    shapes = _shapes(state)
+    if ref_shapes is not None and shapes != ref_shapes:
+        diff = describe_diff(config_diff(ref_shapes, shapes))
+        raise ShapeError(
+            f"train_func returned a model of a different shape for {kind} index {index} ({diff}) than the models "
+            "already saved; every retrained model must have the same architecture"
+        )
+    write_safetensors(_model_path(root, kind, index, run), state, {**meta, "run": str(run), "seed": str(seed)})
+    return shapes
+
+
+def retrain_loo(
+    train_func: Callable[..., Any],
+    dataloader: DataLoader,
+    path: str | os.PathLike,
+    indices: Sequence[int] | None = None,
+    seed: int = 0,
+    **kwargs: Any,
+) -> None:
+    """Retrain one model per removed training sample and save each (resumable).
+
+    Args:
+        train_func: ``train_func(dataloader, seed=int, **kwargs) -> nn.Module`` trains a
+            model on the given loader.
+        dataloader: loader of the full training set (its ``dataset`` is subset).
+        path: output directory (see the module docstring for its layout).
+        indices: training indices to leave out (default: all).
+        seed: base seed; model seeds derive from ``(seed, index)``.
+        **kwargs: passed to ``train_func`` and recorded in the manifest.
+
+    Raises:
+        ConfigError: empty, duplicated or out-of-range ``indices``.
+        KeyMismatchError: ``path`` holds models of another configuration.
+        ShapeError / NonFiniteError: a model of another architecture / with NaN weights.
+    """
+    n = _n_train(dataloader)
+    if indices is None:
+        idx = list(range(n))
+    else:
+        idx = [int(i) for i in np.asarray(list(indices), dtype=np.int64).reshape(-1)]
+        if not idx:
+            raise ConfigError("indices is empty; pass None to leave out every sample, or at least one index")
+        if len(set(idx)) != len(idx):
+            raise ConfigError("indices contain duplicates; list each left-out sample once")
+        if min(idx) < 0 or max(idx) >= n:
+            raise ConfigError(f"indices must lie in [0, {n}), got range [{min(idx)}, {max(idx)}]")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ConfigError(f"seed must be an int, got {seed!r}")
+    skey = sampling_key("loo", int(seed), n)
+    manifest = {
+        "format": RETRAIN_FORMAT,
+        "kind": "loo",
+        "seed": int(seed),
+        "n_train": n,
+        "subset_ratio": None,
+        "num_runs_per_subset": 1,
+        "sampling_key": skey,
+        "train_func": _func_name(train_func),
+        "train_kwargs": _jsonable_kwargs(kwargs),
+    }
+    root = _open_dir(path, manifest)
+    ref = _reference_shapes(root)
+    everything = np.arange(n)
+    for i in idx:
+        if _saved_ok(_model_path(root, "loo", i, 0)) is not None:
+            continue
+        meta = {"format": RETRAIN_FORMAT, "kind": "loo", "index": str(i), "removed": str(i), "sampling_key": skey}
+        ref = _train_and_save(train_func, dataloader, root, "loo", i, 0, everything[everything != i], skey, meta, ref, kwargs)
+
+
+def retrain_lds(
+    train_func: Callable[..., Any],
+    dataloader: DataLoader,
+    path: str | os.PathLike,
+    num_subsets: int = 100,
+    subset_ratio: float = 0.5,
+    num_runs_per_subset: int = 1,
+    start_id: int = 0,
+    total_num_subsets: int = 0,
+    seed: int = 0,
+    **kwargs: Any,
+) -> None:
+    """Retrain models on random subsets for the LDS ground truth and save each (resumable).
+
+    Args:
+        train_func: ``train_func(dataloader, seed=int, **kwargs) -> nn.Module``.
+        dataloader: loader of the full training set.
+        path: output directory (see the module docstring).
+        num_subsets: number of subsets this call produces: indices
+            ``start_id .. start_id + num_subsets - 1``.
+        subset_ratio: fraction of the training set per subset, in (0, 1).
+        num_runs_per_subset: independent models per subset (``>= 2`` gives a noise ceiling).
+        start_id: first subset index of this call (for splitting one set across jobs).
+        total_num_subsets: size of the global set (``0``: no limit). When ``> 0``,
+            ``start_id + num_subsets`` must not exceed it.
+        seed: base seed; subset ``i`` depends only on ``(seed, i, n_train, subset_ratio)``.
+        **kwargs: passed to ``train_func`` and recorded in the manifest.
+    """
+    n = _n_train(dataloader)
+    for name, v, lo in (("num_subsets", num_subsets, 1), ("num_runs_per_subset", num_runs_per_subset, 1), ("start_id", start_id, 0), ("total_num_subsets", total_num_subsets, 0)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+            raise ConfigError(f"{name} must be an int >= {lo}, got {v!r}")
+    if total_num_subsets and start_id + num_subsets > total_num_subsets:
+        raise ConfigError(
+            f"start_id {start_id} + num_subsets {num_subsets} exceeds total_num_subsets {total_num_subsets}; "
+            "each job must produce a slice of the global set"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ConfigError(f"seed must be an int, got {seed!r}")
+    subset_size(n, subset_ratio)  # validates the ratio
+    skey = sampling_key("lds", int(seed), n, float(subset_ratio))
+    manifest = {
+        "format": RETRAIN_FORMAT,
+        "kind": "lds",
+        "seed": int(seed),
+        "n_train": n,
+        "subset_ratio": float(subset_ratio),
+        "num_runs_per_subset": int(num_runs_per_subset),
+        "sampling_key": skey,
+        "train_func": _func_name(train_func),
+        "train_kwargs": _jsonable_kwargs(kwargs),
+    }
+    root = _open_dir(path, manifest)
+    ref = _reference_shapes(root)
+    for i in range(int(start_id), int(start_id) + int(num_subsets)):
+        sub = subset_indices(skey, i, n, float(subset_ratio))
+        meta = {"format": RETRAIN_FORMAT, "kind": "lds", "index": str(i), "subset": json.dumps(sub.tolist()), "sampling_key": skey}
+        for r in range(int(num_runs_per_subset)):
+            if _saved_ok(_model_path(root, "lds", i, r)) is not None:
+                continue
+            ref = _train_and_save(train_func, dataloader, root, "lds", i, r, sub, skey, meta, ref, kwargs)
+
+
+def load_retrained_state(ckpt_path: str | os.PathLike, verify: bool = True) -> dict[str, Tensor]:
+    """Load a model saved by :func:`retrain_loo`/:func:`retrain_lds` (safetensors only).
+
+    Use it inside a ``target_func(ckpt_path, dataloader)``:
+    ``model.load_state_dict(load_retrained_state(ckpt_path))``.
+
+    Raises:
+        UnsafeFileError: not a safetensors file (e.g. a pickle); it is never unpickled.
+        CheckpointError: truncated or altered.
+    """
+    return read_safetensors_checked(ckpt_path, error_cls=CheckpointError, verify=verify)[0]
+
+
+def list_retrained(retrain_dir: str | os.PathLike) -> tuple[dict[str, Any], list[tuple[int, int, Path]]]:
+    """The manifest and the ``(index, run, path)`` of every saved model, sorted."""
+    root = Path(retrain_dir)
+    mpath = root / "manifest.json"
+    if not mpath.exists():
+        raise StoreError(f"{str(root)!r} has no manifest.json; it was not written by retrain_loo/retrain_lds")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except Exception as exc:
+        raise StoreError(f"{str(mpath)!r} is unreadable ({exc})") from exc
+    models = []
+    for p in (root / "models").glob("*.safetensors"):
+        m = _MODEL_RE.match(p.name)
+        if m and m.group(1) == manifest.get("kind"):
+            models.append((int(m.group(2)), int(m.group(3)), p))
+    return manifest, sorted(models)

@@ -1,0 +1,414 @@
+"""The ``tdabench`` stage CLI: the only command the Snakemake rules run.
+
+Every stage takes its spec and paths explicitly (``--spec JSON`` + path options, which is how
+the rules call it) or derives them from the configuration (``--config`` + ``--benchmark`` /
+``--method`` / ``--kind``, for running one stage by hand); both give the same result::
+
+    tdabench check-config [--config configs/default.yaml] [--set launcher.kind=debug]
+    tdabench prepare     --benchmark mnist_lr
+    tdabench train       --benchmark mnist_lr
+    tdabench groundtruth --benchmark mnist_lr --kind lds      # shards through the launcher
+    tdabench merge       --benchmark mnist_lr --kind lds
+    tdabench attribute   --benchmark mnist_lr --method if_cg
+    tdabench evaluate    --benchmark mnist_lr --method if_cg
+    tdabench report
+    tdabench install-profile --account LAB --partition gpu    # ~/.config/snakemake/slurm/
+
+``python -m tdabench.pipeline`` is the same program. ``--log FILE`` writes the stage's log there
+(and to stderr). ``TDABENCH_STAGES`` selects the module with the stage bodies (default
+``tdabench.pipeline.stages``; ``tdabench.pipeline.toy`` for the pipeline's own tests).
+``TDABENCH_LAUNCHER`` (JSON) replaces the config's ``launcher`` block and ``--launcher-set``
+overrides single settings: the Snakefile passes the launcher this way (from the config and the
+profile's resources), never as params, so where shards run never changes what a rule computes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+logger = logging.getLogger("tdabench.pipeline.cli")
+
+
+def _stages() -> Any:
+    return importlib.import_module(os.environ.get("TDABENCH_STAGES", "tdabench.pipeline.stages"))
+
+
+def _setup_logging(log: str | None, verbose: bool) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log:
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log, mode="w"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    from tdabench.errors import ConfigError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. launcher.kind=debug)")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def _launcher_sets(items: list[str]) -> dict[str, Any]:
+    """``--launcher-set slurm.mem_gb=2048/1024``: dotted key, YAML value; '' = None; a/b divides."""
+    import yaml
+
+    from tdabench.errors import ConfigError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(
+                f"--launcher-set {item!r}: expected KEY=VALUE (e.g. slurm.partition=gpu)"
+            )
+        key, text = item.split("=", 1)
+        value: Any
+        if text == "":
+            value = None
+        elif "/" in text and all(
+            p.strip().replace(".", "", 1).isdigit() for p in text.split("/", 1)
+        ):
+            num, den = text.split("/", 1)
+            value = float(num) / float(den)
+        else:
+            value = yaml.safe_load(text)
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+class _Ctx:
+    """Lazily loaded configuration (only when a stage is run by hand)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self._cfg: dict[str, Any] | None = None
+
+    @property
+    def cfg(self) -> dict[str, Any]:
+        if self._cfg is None:
+            from tdabench.pipeline.config import load_config
+
+            self._cfg = load_config(self.args.config, _parse_set(self.args.set))
+        return self._cfg
+
+    def need(self, name: str) -> str:
+        from tdabench.errors import ConfigError
+
+        value = getattr(self.args, name, None)
+        if value is None:
+            raise ConfigError(f"--{name.replace('_', '-')} is required when --spec is not given")
+        return value
+
+    def spec(self, stage: str, **sel: Any) -> dict[str, Any]:
+        if self.args.spec:
+            text = self.args.spec
+            if text.startswith("@"):
+                text = Path(text[1:]).read_text()
+            return json.loads(text)
+        from tdabench.pipeline.config import stage_spec
+
+        return stage_spec(self.cfg, stage, self.args.benchmark, **sel)
+
+    def paths(self) -> dict[str, Any]:
+        from tdabench.pipeline.config import paths
+
+        return paths(self.cfg, self.need("benchmark"))
+
+    def launcher(self) -> dict[str, Any]:
+        from tdabench.pipeline.config import deep_merge
+
+        env = os.environ.get("TDABENCH_LAUNCHER")
+        base = json.loads(env) if env else self.cfg["launcher"]
+        return deep_merge(base, _launcher_sets(self.args.launcher_set))
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default() if value is None else value
+
+
+def cmd_check_config(ctx: _Ctx) -> int:
+    from tdabench.pipeline.config import groundtruth_kinds, paths
+
+    cfg = ctx.cfg
+    print(f"{ctx.args.config}: OK")
+    for b in cfg["benchmarks"]:
+        bc = cfg["benchmark_configs"][b]
+        p = paths(cfg, b)
+        gt = ", ".join(
+            f"{k}: {p['groundtruth'][k]['count']} in {p['groundtruth'][k]['dir']}"
+            for k in groundtruth_kinds(cfg, b)
+        )
+        print(
+            f"  {b} (setting {bc['setting']}; metrics {', '.join(bc['metrics'])}; "
+            f"{len(bc['attributors'])} attributors; ground truth {gt or 'none'})"
+        )
+    print(f"  launcher: kind={cfg['launcher']['kind']}")
+    return 0
+
+
+def cmd_prepare(ctx: _Ctx) -> int:
+    out = _or(ctx.args.out_dir, lambda: ctx.paths()["data"])
+    _stages().prepare(ctx.spec("prepare"), out)
+    return 0
+
+
+def cmd_train(ctx: _Ctx) -> int:
+    a = ctx.args
+    _stages().train(
+        ctx.spec("train"),
+        _or(a.data, lambda: ctx.paths()["data"]),
+        _or(a.out_dir, lambda: ctx.paths()["models"]),
+        device=a.device,
+    )
+    return 0
+
+
+def cmd_groundtruth(ctx: _Ctx) -> int:
+    a = ctx.args
+    kind = ctx.need("kind") if not a.spec else None
+    spec = ctx.spec("groundtruth", kind=kind)
+    gt = None if a.spec else ctx.paths()["groundtruth"][kind]
+    count = _or(a.count, lambda: gt["count"])
+    store = _or(a.store, lambda: gt["dir"])
+    out = _or(a.out, lambda: gt["complete"])
+    _stages().groundtruth(spec, int(count), store, out, launcher=ctx.launcher(), device=a.device)
+    return 0
+
+
+def cmd_merge(ctx: _Ctx) -> int:
+    a = ctx.args
+    kind = ctx.need("kind") if not a.spec else None
+    spec = ctx.spec("merge", kind=kind)
+    gt = None if a.spec else ctx.paths()["groundtruth"][kind]
+    _stages().merge(spec, _or(a.complete, lambda: gt["complete"]), _or(a.out, lambda: gt["merged"]))
+    return 0
+
+
+def cmd_attribute(ctx: _Ctx) -> int:
+    a = ctx.args
+    method = ctx.need("method") if not a.spec else None
+    spec = ctx.spec("attribute", method=method)
+    p = None if a.spec and a.out else ctx.paths()
+    metrics = (
+        a.metrics.split(",") if a.metrics else ctx.cfg["benchmark_configs"][a.benchmark]["metrics"]
+    )
+    _stages().attribute(
+        spec,
+        _or(a.data, lambda: p["data"]),
+        _or(a.models, lambda: p["models"]),
+        _or(a.out, lambda: p["scores"][method]),
+        _or(a.out_self, lambda: p["self_scores"][method]),
+        metrics=metrics,
+        device=a.device,
+    )
+    return 0
+
+
+def cmd_evaluate(ctx: _Ctx) -> int:
+    a = ctx.args
+    method = ctx.need("method") if not a.spec else None
+    spec = ctx.spec("evaluate", method=method)
+    method = spec["method"]
+    p = None if a.spec and a.out else ctx.paths()
+    gt = (
+        dict(item.split("=", 1) for item in a.gt)
+        if a.gt
+        else {k: v["merged"] for k, v in p["groundtruth"].items()}
+    )
+    out = _or(a.out, lambda: p["metrics"][method])
+    curves = _or(a.curves_out, lambda: str(Path(p["root"]) / "plots" / f"{method}.json"))
+    _stages().evaluate(
+        spec,
+        ctx.need("benchmark"),
+        _or(a.scores, lambda: p["scores"][method]),
+        _or(a.self_scores, lambda: p["self_scores"][method]),
+        gt,
+        _or(a.noisy, lambda: p["noisy"]),
+        out,
+        curves,
+    )
+    return 0
+
+
+def cmd_report(ctx: _Ctx) -> int:
+    a = ctx.args
+    spec = ctx.spec("report")
+    if a.metrics:
+        metrics: dict[str, dict[str, str]] = {}
+        for item in a.metrics:
+            key, path = item.split("=", 1)
+            b, m = key.split(":", 1)
+            metrics.setdefault(b, {})[m] = path
+    else:
+        from tdabench.pipeline.config import paths
+
+        metrics = {b: paths(ctx.cfg, b)["metrics"] for b in ctx.cfg["benchmarks"]}
+    results = Path(a.out_md).parent if a.out_md else Path(ctx.cfg["results_dir"])
+    _stages().report(
+        spec,
+        metrics,
+        _or(a.out_md, lambda: str(results / "report.md")),
+        _or(a.out_html, lambda: str(results / "report.html")),
+        _or(a.plots_dir, lambda: str(results / "plots")),
+        _or(a.summary, lambda: str(results / "summary.csv")),
+    )
+    return 0
+
+
+def cmd_install_profile(ctx: _Ctx) -> int:
+    from tdabench.pipeline.profile import install_profile
+
+    a = ctx.args
+    dest = install_profile(
+        account=a.account,
+        partition=a.partition,
+        dest=a.dest,
+        gpus_per_node=a.gpus_per_node,
+        cpus_per_task=a.cpus_per_task,
+        mem_gb=a.mem_gb,
+        timeout_min=a.timeout_min,
+        array_parallelism=a.array_parallelism,
+        jobs=a.jobs,
+        force=a.force,
+    )
+    print(f"installed the slurm profile in {dest}; run: snakemake --profile slurm")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``tdabench`` (one sub-command per stage)."""
+    p = argparse.ArgumentParser(prog="tdabench", description="tdabench pipeline stages")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def stage(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help)
+        s.add_argument("--config", default="configs/default.yaml", help="run configuration file")
+        s.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value (dotted key, YAML value); repeatable",
+        )
+        s.add_argument("--spec", help="the stage spec as JSON (or @file); the rules pass it")
+        s.add_argument("--benchmark", help="benchmark name (configs/benchmarks/<name>.yaml)")
+        s.add_argument("--log", help="also write the log to this file")
+        s.add_argument("--verbose", action="store_true")
+        s.set_defaults(fn=fn)
+        return s
+
+    stage("check-config", cmd_check_config, "validate the configuration and print what it computes")
+    s = stage("prepare", cmd_prepare, "load the split, record its identity, flip labels for AUC")
+    s.add_argument("--out-dir")
+    s = stage(
+        "train", cmd_train, "train the reference models (ensemble, checkpoints, noisy-label model)"
+    )
+    s.add_argument("--data")
+    s.add_argument("--out-dir")
+    s.add_argument("--device", default="auto")
+    s = stage("groundtruth", cmd_groundtruth, "retrain LOO/LDS shards through the launcher")
+    s.add_argument("--kind", choices=["lds", "loo"])
+    s.add_argument("--count", type=int, help="removals (loo) or subsets (lds)")
+    s.add_argument("--store", help="ground-truth store directory")
+    s.add_argument("--out", help="complete-<n>.json, written when every shard is done")
+    s.add_argument("--device", default="auto")
+    s.add_argument(
+        "--launcher-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a launcher setting (e.g. kind=slurm, slurm.partition=gpu)",
+    )
+    s = stage("merge", cmd_merge, "merge a store's shards into one Parquet file")
+    s.add_argument("--kind", choices=["lds", "loo"])
+    s.add_argument("--complete")
+    s.add_argument("--out")
+    s = stage("attribute", cmd_attribute, "run one attributor on one benchmark")
+    s.add_argument("--method", help="attributor name (configs/attributors/<name>.yaml)")
+    s.add_argument("--data")
+    s.add_argument("--models")
+    s.add_argument("--out")
+    s.add_argument("--out-self")
+    s.add_argument("--metrics", help="comma-separated metrics (self-scores only when auc is in it)")
+    s.add_argument("--device", default="auto")
+    s = stage("evaluate", cmd_evaluate, "LDS / LOO / AUC of one attributor on one benchmark")
+    s.add_argument("--method")
+    s.add_argument("--scores")
+    s.add_argument("--self-scores")
+    s.add_argument(
+        "--gt", action="append", metavar="KIND=PATH", help="merged ground truth; repeatable"
+    )
+    s.add_argument("--noisy")
+    s.add_argument("--out")
+    s.add_argument("--curves-out")
+    s = stage("report", cmd_report, "results/report.md + report.html + plots")
+    s.add_argument("--metrics", action="append", metavar="BENCH:METHOD=PATH")
+    s.add_argument("--out-md")
+    s.add_argument("--out-html")
+    s.add_argument("--plots-dir")
+    s.add_argument("--summary")
+    s = stage(
+        "install-profile",
+        cmd_install_profile,
+        "install the slurm Snakemake profile for your lab into ~/.config/snakemake/slurm",
+    )
+    s.add_argument("--account", required=True)
+    s.add_argument("--partition", required=True)
+    s.add_argument("--dest", help="default: ~/.config/snakemake/slurm")
+    s.add_argument("--gpus-per-node", type=int, default=1)
+    s.add_argument("--cpus-per-task", type=int, default=4)
+    s.add_argument("--mem-gb", type=float, default=16)
+    s.add_argument("--timeout-min", type=int, default=240)
+    s.add_argument("--array-parallelism", type=int, default=32)
+    s.add_argument("--jobs", type=int, default=50, help="concurrent Snakemake jobs")
+    s.add_argument("--force", action="store_true", help="overwrite an existing profile")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``tdabench`` console script."""
+    from tdabench.errors import TdabenchError
+
+    args = build_parser().parse_args(argv)
+    _setup_logging(getattr(args, "log", None), getattr(args, "verbose", False))
+    t0 = time.perf_counter()
+    try:
+        rc = args.fn(_Ctx(args))
+    except TdabenchError as exc:
+        logger.error("%s: %s", type(exc).__name__, exc)
+        return 2
+    logger.info("tdabench %s done in %.1f s", args.command, time.perf_counter() - t0)
+    return rc
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,712 @@
+"""Stage bodies: thin calls into the tdabench library, one function per ``tdabench <stage>``.
+
+Each function receives the stage's spec (see :func:`tdabench.pipeline.config.stage_spec`) and
+explicit input/output paths, calls the library, and writes its outputs atomically. Everything that
+is not a library call (atomic I/O, the shard launcher, bootstrap CIs, the report) is generic code
+here or in :mod:`tdabench.pipeline.io` / :mod:`tdabench.pipeline.launcher`.
+
+The library APIs used are those of CONTRACTS.md (``tdabench.benchmark``, ``tdabench.groundtruth``,
+``tdabench.algorithm``, ``tdabench.metric``); the call sites marked ``# LIBRARY`` are the wiring
+points. :mod:`tdabench.pipeline.toy` provides stand-ins with the same signatures, selected with
+``TDABENCH_STAGES=tdabench.pipeline.toy``, used by the pipeline's own tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tdabench.pipeline.io import (
+    read_json,
+    read_parquet_meta,
+    read_scores,
+    write_json,
+    write_scores,
+    write_self_scores,
+    write_table,
+)
+from tdabench.pipeline.launcher import LauncherSettings, launch_shards
+
+__all__ = [
+    "attribute",
+    "bootstrap_ci",
+    "evaluate",
+    "groundtruth",
+    "merge",
+    "num_shards",
+    "prepare",
+    "provenance",
+    "report",
+    "run_shards",
+    "train",
+]
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# generic helpers (no library calls)
+
+
+def provenance() -> dict[str, Any]:
+    """tdabench version, code revision and creation time (goes into every output's metadata)."""
+    import tdabench
+
+    rev = "unknown"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        rev = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=Path(__file__).resolve().parent,
+            ).stdout.strip()
+            or "unknown"
+        )
+    return {
+        "tdabench_version": tdabench.__version__,
+        "code_revision": rev,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def num_shards(count: int, shard_size: int) -> int:
+    """Shards covering ``count`` removals/subsets: shard ``i`` holds ``[i*size, (i+1)*size)``."""
+    return math.ceil(count / shard_size)
+
+
+def bootstrap_ci(
+    values: Any, num_resamples: int, confidence: float, seed: int
+) -> tuple[float, float, float]:
+    """Mean of ``values`` (one per test point; NaNs dropped) and its percentile bootstrap CI.
+
+    Returns:
+        ``(mean, low, high)``; low = high = mean when ``num_resamples`` is 0 or one value is left.
+    """
+    import numpy as np
+
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(v.mean())
+    if num_resamples == 0 or v.size == 1:
+        return mean, mean, mean
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(num_resamples, v.size))].mean(axis=1)
+    alpha = (1.0 - confidence) / 2.0
+    return mean, float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))
+
+
+def run_shards(
+    fn: Any,
+    count: int,
+    shard_size: int,
+    is_complete: Any,
+    store_dir: str,
+    out: str,
+    launcher: Mapping[str, Any] | LauncherSettings | None,
+    key: str,
+    name: str,
+) -> dict[str, Any]:
+    """Launch every incomplete shard of a store, then write ``out`` (complete-<n>.json).
+
+    ``out`` is written only when every shard succeeded (the launcher raises otherwise), so
+    Snakemake sees the ground truth as done exactly when it is.
+    """
+    settings = (
+        launcher if isinstance(launcher, LauncherSettings) else LauncherSettings.from_dict(launcher)
+    )
+    ids = list(range(num_shards(count, shard_size)))
+    rep = launch_shards(fn, ids, is_complete, settings=settings, name=name)
+    summary = {
+        "key": key,
+        "count": count,
+        "shard_size": shard_size,
+        "num_shards": len(ids),
+        "store": str(store_dir),
+        "skipped": rep.skipped,
+        "ran": rep.completed,
+        "attempts": {str(k): v for k, v in rep.attempts.items()},
+        "job_ids": rep.job_ids,
+        "launcher_kind": settings.kind,
+        "seconds": round(rep.seconds, 3),
+        **provenance(),
+    }
+    write_json(out, summary)
+    return summary
+
+
+def _threads() -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _device(requested: str | None) -> str:
+    import torch
+
+    if requested in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+# ----------------------------------------------------------------------------------------------
+# library-backed stages
+
+
+def _setting(spec: Mapping[str, Any]) -> Any:
+    from tdabench.benchmark import get_setting  # LIBRARY
+
+    core = spec.get("prepare", spec)  # train/attribute specs nest the prepare spec
+    recipe = spec.get("recipe") or {}
+    return get_setting(core["setting"], **core["overrides"], **recipe)
+
+
+def _load(spec: Mapping[str, Any]) -> tuple[Any, Any]:
+    core = spec.get("prepare", spec)
+    setting = _setting(spec)
+    data = setting.load(data_root=core["data_root"], seed=core["data"]["seed"])  # LIBRARY
+    return setting, data
+
+
+def prepare(spec: Mapping[str, Any], out_dir: str) -> None:
+    """Load the split, record its identity, and flip labels for mislabel detection.
+
+    Writes ``<out_dir>/noisy.parquet`` (train_index, label, noisy_label, flipped) and
+    ``<out_dir>/meta.json`` (the data identity from ``BenchmarkData.meta`` + the spec).
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    from tdabench.benchmark import flip_labels  # LIBRARY
+
+    _threads()
+    setting, data = _load(spec)
+    labels = data.train[1]
+    noisy, flipped = flip_labels(  # LIBRARY
+        labels, spec["auc"]["noise_fraction"], setting.num_classes, seed=spec["auc"]["seed"]
+    )
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[np.asarray(flipped)] = True
+    table = pa.table(
+        {
+            "train_index": pa.array(np.arange(len(labels)), pa.int64()),
+            "label": pa.array(np.asarray(labels), pa.int64()),
+            "noisy_label": pa.array(np.asarray(noisy), pa.int64()),
+            "flipped": pa.array(mask),
+        }
+    )
+    meta = {
+        "spec": dict(spec),
+        "data": data.meta,
+        "n_train": len(labels),
+        "n_test": len(data.test[1]),
+        **provenance(),
+    }
+    write_table(Path(out_dir) / "noisy.parquet", table, meta)
+    write_json(Path(out_dir) / "meta.json", meta)
+
+
+def _check_data(spec: Mapping[str, Any], data: Any, data_dir: str) -> None:
+    """Refuse to continue when the data loaded now differs from what ``prepare`` recorded."""
+    from tdabench.errors import DataError
+
+    recorded = read_json(Path(data_dir) / "meta.json")["data"]
+    if recorded != data.meta:
+        raise DataError(
+            f"the data loaded now differs from {data_dir}/meta.json (its identity changed); "
+            "delete that directory to re-run prepare, or restore the original data files."
+        )
+
+
+def train(spec: Mapping[str, Any], data_dir: str, out_dir: str, device: str = "auto") -> None:
+    """Train the reference models: ``ensemble`` clean models with ``checkpoints`` snapshots each,
+    plus the same recipe on the noisy labels (for mislabel detection).
+
+    Writes ``<out_dir>/{clean,noisy}-<k>-ckpt<j>.safetensors`` (j = 0..checkpoints-1, last = final)
+    and ``<out_dir>/manifest.json``. Intermediate checkpoints come from training with the recipe's
+    epoch count truncated to evenly spaced fractions (same seed, so they are prefixes of the run).
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from tdabench.groundtruth.trainer import make_trainer, unstack  # LIBRARY
+
+    _threads()
+    setting, data = _load(spec)
+    _check_data(spec, data, data_dir)
+    import pyarrow.parquet as pq
+
+    noisy_labels = torch.as_tensor(
+        pq.read_table(Path(data_dir) / "noisy.parquet").column("noisy_label").to_numpy()
+    )
+    t = spec["train"]
+    n_train = len(data.train[1])
+    masks = torch.ones(t["ensemble"], n_train, dtype=torch.bool)
+    seeds = [t["seed"] * 1000 + k for k in range(t["ensemble"])]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, list[list[str]]] = {"clean": [], "noisy": []}
+    epochs = setting.recipe.get("epochs", 1)
+    stops = sorted(
+        {max(1, round(epochs * (j + 1) / t["checkpoints"])) for j in range(t["checkpoints"])}
+    )
+    for variant in ("clean", "noisy"):
+        d = data
+        if variant == "noisy":
+            d = type(data)(
+                train=(data.train[0], noisy_labels, *data.train[2:]), test=data.test, meta=data.meta
+            )
+        per_model: list[list[str]] = [[] for _ in range(t["ensemble"])]
+        for j, stop in enumerate(stops):
+            s = _setting({**spec, "recipe": {**spec["recipe"], "epochs": stop}})
+            trainer = make_trainer(s, d, batched=True, device=_device(device))  # LIBRARY
+            stacked = trainer.train(
+                masks if variant == "clean" else masks[:1],
+                seeds if variant == "clean" else seeds[:1],
+            )  # LIBRARY
+            for k in range(len(per_model) if variant == "clean" else 1):
+                name = f"{variant}-{k}-ckpt{j}.safetensors"
+                tmp = out / f".{name}.tmp"
+                save_file(
+                    {n: v.contiguous().cpu() for n, v in unstack(stacked, k).items()},
+                    str(tmp),
+                    metadata={"spec": str(dict(spec)), "epochs": str(stop)},
+                )
+                os.replace(tmp, out / name)
+                per_model[k].append(name)
+        files[variant] = [p for p in per_model if p]
+    write_json(
+        out / "manifest.json",
+        {"spec": dict(spec), "epochs": stops, "files": files, "seeds": seeds, **provenance()},
+    )
+
+
+class GroundTruthShard:
+    """Picklable shard task: rebuilds setting, data, trainer and store in the worker, runs one shard."""
+
+    def __init__(
+        self, spec: Mapping[str, Any], count: int, store_dir: str, device: str = "auto"
+    ) -> None:
+        self.spec = dict(spec)
+        self.count = count
+        self.store_dir = store_dir
+        self.device = device
+
+    def _objects(self) -> tuple[Any, Any, Any]:
+        from tdabench.groundtruth import (  # LIBRARY
+            GroundTruthSpec,
+            GroundTruthStore,
+            ground_truth_key,
+        )
+        from tdabench.groundtruth.trainer import make_trainer  # LIBRARY
+
+        setting, data = _load(self.spec)
+        trainer = make_trainer(setting, data, batched=True, device=_device(self.device))  # LIBRARY
+        g = self.spec["spec"]
+        if self.spec["kind"] == "lds":
+            gspec = GroundTruthSpec(
+                kind="lds",
+                num_subsets=self.count,
+                subset_ratio=g["subset_ratio"],  # LIBRARY
+                num_runs=g["num_runs_per_subset"],
+                seed=self.spec["seed"],
+                shard_size=g["shard_size"],
+                targets=(g["target"],),
+            )
+        else:
+            gspec = GroundTruthSpec(
+                kind="loo",
+                indices=list(range(self.count)),
+                num_runs=g["num_runs"],  # LIBRARY
+                seed=self.spec["seed"],
+                shard_size=g["shard_size"],
+                targets=(g["target"],),
+            )
+        key = ground_truth_key(trainer.fingerprint(), gspec)  # LIBRARY
+        store = GroundTruthStore(
+            self.store_dir, key, config={"pipeline_spec": self.spec}
+        )  # LIBRARY
+        return gspec, trainer, store
+
+    def __call__(self, shard_id: int) -> None:
+        from tdabench.groundtruth import run_shard  # LIBRARY
+
+        _threads()
+        gspec, trainer, store = self._objects()
+        run_shard(store, gspec, trainer, shard_id)  # LIBRARY
+
+
+def groundtruth(
+    spec: Mapping[str, Any],
+    count: int,
+    store_dir: str,
+    out: str,
+    launcher: Mapping[str, Any] | None = None,
+    device: str = "auto",
+) -> None:
+    """Retrain every missing shard of the store through the launcher; write ``out`` when all are done."""
+    from tdabench.groundtruth import missing_shards  # LIBRARY
+
+    task = GroundTruthShard(spec, count, store_dir, device)
+    gspec, _trainer, store = task._objects()
+
+    def is_complete(shard_id: int) -> bool:
+        return shard_id not in set(missing_shards(store, gspec))  # LIBRARY
+
+    run_shards(
+        task,
+        count,
+        spec["spec"]["shard_size"],
+        is_complete,
+        store_dir,
+        out,
+        launcher,
+        key=getattr(store, "key", ""),
+        name=f"gt-{spec['kind']}",
+    )
+
+
+def merge(spec: Mapping[str, Any], complete: str, out: str) -> None:
+    """Merge the store's shards into one Parquet file at ``out``."""
+    import shutil
+
+    from tdabench.groundtruth import merge as merge_store  # LIBRARY
+
+    task = GroundTruthShard(spec, read_json(complete)["count"], read_json(complete)["store"])
+    _gspec, _trainer, store = task._objects()
+    merged = Path(merge_store(store))  # LIBRARY
+    tmp = Path(out).with_name(f".{Path(out).name}.tmp")
+    shutil.copyfile(merged, tmp)
+    os.replace(tmp, out)
+
+
+def attribute(
+    spec: Mapping[str, Any],
+    data_dir: str,
+    models_dir: str,
+    out: str,
+    out_self: str,
+    metrics: list[str] | None = None,
+    device: str = "auto",
+) -> None:
+    """Run one attributor: ``(n_train, n_test)`` scores on the clean models, and self-scores on the
+    noisy-label model when AUC is evaluated. Timings go into the Parquet metadata."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import tdabench.algorithm as algorithm  # LIBRARY
+    from tdabench.benchmark.targets import make_loss_func, make_target_func  # LIBRARY
+    from tdabench.task import AttributionTask
+
+    _threads()
+    train_spec = spec["train"]
+    setting, data = _load(train_spec)
+    _check_data(train_spec, data, data_dir)
+    a = spec["attributor"]
+    manifest = read_json(Path(models_dir) / "manifest.json")
+    dev = _device(device)
+
+    def checkpoints(variant: str) -> list[str]:
+        per_model = manifest["files"][variant]
+        c = a["checkpoints"]
+        names = (
+            [m[-1] for m in per_model[: c["count"]]]
+            if c["kind"] == "final"
+            else per_model[0][-c["count"] :]
+        )
+        return [str(Path(models_dir) / n) for n in names]
+
+    def run(variant: str, labels: Any, self_only: bool) -> tuple[Any, float]:
+        model = setting.build_model()
+        task = AttributionTask(
+            loss_func=make_loss_func(model, setting.kind),  # LIBRARY
+            model=model,
+            checkpoints=checkpoints(variant),
+            target_func=make_target_func(model, setting.kind, a["target"]),  # LIBRARY
+        )
+        cls = getattr(algorithm, a["method"])
+        attributor = cls(task=task, layer_name=a["layer_name"], device=dev, **a["params"])
+        train_x = (data.train[0], labels)
+        n_test = spec["num_test"] or len(data.test[1])
+        test_x = (data.test[0][:n_test], data.test[1][:n_test])
+        tl = DataLoader(TensorDataset(*train_x), batch_size=a["batch_size"], shuffle=False)
+        vl = DataLoader(TensorDataset(*test_x), batch_size=a["batch_size"], shuffle=False)
+        t0 = time.perf_counter()
+        if attributor.requires_cache if hasattr(attributor, "requires_cache") else True:
+            attributor.cache(tl, **a["cache_params"])
+        result = attributor.self_attribute(tl) if self_only else attributor.attribute(tl, vl)
+        return result, time.perf_counter() - t0
+
+    meta = {"spec": dict(spec), "method": a["method"], **provenance()}
+    scores, seconds = run("clean", data.train[1], self_only=False)
+    write_scores(out, scores, {**meta, "seconds": seconds})
+    if metrics is None or "auc" in metrics:
+        import pyarrow.parquet as pq
+
+        noisy = torch.as_tensor(
+            pq.read_table(Path(data_dir) / "noisy.parquet").column("noisy_label").to_numpy()
+        )
+        self_scores, s_seconds = run("noisy", noisy, self_only=True)
+    else:
+        self_scores, s_seconds = torch.zeros(0), 0.0
+    write_self_scores(out_self, self_scores, {**meta, "seconds": s_seconds})
+
+
+def evaluate(
+    spec: Mapping[str, Any],
+    benchmark: str,
+    scores: str,
+    self_scores: str,
+    groundtruth: Mapping[str, str],
+    noisy: str,
+    out: str,
+    curves_out: str,
+) -> None:
+    """LDS (bootstrap CI + noise ceiling), LOO correlation and mislabel AUC of one method."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    from tdabench.groundtruth import load_ground_truth, noise_ceiling  # LIBRARY
+    from tdabench.metric import lds, loo_corr, mislabel_detection_auc  # LIBRARY
+
+    ev = spec["evaluate"]
+    s = torch.as_tensor(read_scores(scores))
+    meta = read_parquet_meta(scores)
+    result: dict[str, Any] = {
+        "benchmark": benchmark,
+        "method": spec["method"],
+        "attribution_seconds": round(float(meta.get("seconds", float("nan"))), 3),
+    }
+    curves: dict[str, Any] = {}
+    for kind in ("lds", "loo"):
+        if kind not in spec["metrics"]:
+            continue
+        values, index = load_ground_truth(groundtruth[kind], target=None)  # LIBRARY
+        n = min(s.shape[1], values.shape[-1])
+        fn = lds if kind == "lds" else loo_corr
+        corr, _p = fn(s[:, :n], (values[..., :n], index))  # LIBRARY
+        mean, lo, hi = bootstrap_ci(corr.numpy(), ev["bootstrap"], ev["confidence"], ev["seed"])
+        entry = {"value": mean, "ci_low": lo, "ci_high": hi, "n_test": int(n)}
+        if kind == "lds":
+            entry["noise_ceiling"] = float(noise_ceiling(groundtruth[kind]))  # LIBRARY
+        else:
+            k = int(index[0]) if len(index) else 0
+            curves["loo_scatter"] = {
+                "score": s[index, 0].tolist() if len(index) else [],
+                "loo_effect": values[:, 0].tolist(),
+                "test_index": 0,
+                "first_removed": k,
+            }
+        result[kind] = entry
+    if "auc" in spec["metrics"]:
+        self_s = torch.as_tensor(pq.read_table(self_scores).column("score").to_numpy())
+        flipped = np.flatnonzero(pq.read_table(noisy).column("flipped").to_numpy())
+        # a mislabelled point has unusually high self-influence: rank by self-score
+        auc, (fpr, tpr, _thr) = mislabel_detection_auc(self_s, torch.as_tensor(flipped))  # LIBRARY
+        result["auc"] = {"value": float(auc), "num_flipped": len(flipped)}
+        curves["roc"] = {"fpr": [float(x) for x in fpr], "tpr": [float(x) for x in tpr]}
+    write_json(curves_out, curves)
+    write_json(out, result)
+
+
+# ----------------------------------------------------------------------------------------------
+# report (generic: reads the metrics JSON files)
+
+
+def report(
+    spec: Mapping[str, Any],
+    metrics: Mapping[str, Mapping[str, str]],
+    out_md: str,
+    out_html: str,
+    plots_dir: str,
+    summary_csv: str,
+) -> None:
+    """Table (method x benchmark: LDS +- CI, noise ceiling, LOO, AUC, time) and PNG plots.
+
+    Args:
+        metrics: ``{benchmark: {method: path of results/metrics/<b>/<method>.json}}`` (curves are
+            read from ``results/<b>/plots/<method>.json``).
+    """
+    rows = []
+    for b, per_method in metrics.items():
+        for m, path in per_method.items():
+            r = read_json(path)
+            # results/metrics/<b>/<m>.json -> results/<b>/plots/<m>.json
+            curves_path = Path(path).parents[2] / b / "plots" / f"{m}.json"
+            r["_curves"] = read_json(curves_path) if curves_path.exists() else {}
+            rows.append(r)
+
+    def fmt(x: Any, nd: int = 3) -> str:
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+    header = "| benchmark | method | LDS | 95% CI | noise ceiling | LOO corr | AUC | time (s) |"
+    lines = ["# tdabench report", "", header, "|" + "---|" * 8]
+    csv = ["benchmark,method,lds,lds_ci_low,lds_ci_high,noise_ceiling,loo,auc,seconds"]
+    for r in rows:
+        lds_e, loo_e, auc_e = r.get("lds", {}), r.get("loo", {}), r.get("auc", {})
+        lines.append(
+            f"| {r['benchmark']} | {r['method']} | {fmt(lds_e.get('value'))} | "
+            f"[{fmt(lds_e.get('ci_low'))}, {fmt(lds_e.get('ci_high'))}] | "
+            f"{fmt(lds_e.get('noise_ceiling'))} | {fmt(loo_e.get('value'))} | "
+            f"{fmt(auc_e.get('value'))} | {fmt(r.get('attribution_seconds'), 1)} |"
+        )
+        csv.append(
+            ",".join(
+                str(x)
+                for x in (
+                    r["benchmark"],
+                    r["method"],
+                    lds_e.get("value", ""),
+                    lds_e.get("ci_low", ""),
+                    lds_e.get("ci_high", ""),
+                    lds_e.get("noise_ceiling", ""),
+                    loo_e.get("value", ""),
+                    auc_e.get("value", ""),
+                    r.get("attribution_seconds", ""),
+                )
+            )
+        )
+    plots = Path(plots_dir)
+    plots.mkdir(parents=True, exist_ok=True)
+    images = _plots(rows, plots) if spec.get("report", {}).get("plots", True) else []
+    lines += ["", *[f"![{p.stem}]({os.path.relpath(p, Path(out_md).parent)})" for p in images], ""]
+    md = "\n".join(lines)
+    with_tmp = Path(out_md)
+    from tdabench.pipeline.io import atomic_path
+
+    with atomic_path(with_tmp) as tmp:
+        tmp.write_text(md)
+    with atomic_path(summary_csv) as tmp:
+        tmp.write_text("\n".join(csv) + "\n")
+    html = _html(rows, images, Path(out_html).parent, fmt)
+    with atomic_path(out_html) as tmp:
+        tmp.write_text(html)
+
+
+def _plots(rows: list[dict[str, Any]], plots: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made: list[Path] = []
+    benches = sorted({r["benchmark"] for r in rows})
+    for metric, title in (("lds", "Linear datamodeling score"), ("loo", "LOO correlation")):
+        data = [r for r in rows if metric in r]
+        if not data:
+            continue
+        fig, axes = plt.subplots(1, len(benches), figsize=(4.5 * len(benches), 3.5), squeeze=False)
+        for ax, b in zip(axes[0], benches, strict=False):
+            rs = [r for r in data if r["benchmark"] == b]
+            vals = [r[metric]["value"] for r in rs]
+            err = [
+                [r[metric]["value"] - r[metric]["ci_low"] for r in rs],
+                [r[metric]["ci_high"] - r[metric]["value"] for r in rs],
+            ]
+            ax.bar([r["method"] for r in rs], vals, yerr=err, capsize=3, color="tab:blue")
+            ceil = [
+                r[metric].get("noise_ceiling")
+                for r in rs
+                if r[metric].get("noise_ceiling") is not None
+            ]
+            if ceil:
+                ax.axhline(ceil[0], color="k", ls="--", lw=1, label="noise ceiling")
+                ax.legend(fontsize=7)
+            ax.set_title(b)
+            ax.tick_params(axis="x", rotation=60, labelsize=7)
+        fig.suptitle(title)
+        fig.tight_layout()
+        p = plots / f"{metric}_bars.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        made.append(p)
+    roc = [r for r in rows if "roc" in r["_curves"]]
+    if roc:
+        fig, axes = plt.subplots(1, len(benches), figsize=(4.5 * len(benches), 3.5), squeeze=False)
+        for ax, b in zip(axes[0], benches, strict=False):
+            for r in (r for r in roc if r["benchmark"] == b):
+                ax.plot(
+                    r["_curves"]["roc"]["fpr"],
+                    r["_curves"]["roc"]["tpr"],
+                    lw=1,
+                    label=f"{r['method']} ({r['auc']['value']:.2f})",
+                )
+            ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
+            ax.set_xlabel("false positive rate")
+            ax.set_ylabel("true positive rate")
+            ax.set_title(f"{b}: mislabel detection")
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        p = plots / "mislabel_roc.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        made.append(p)
+    scatter = [r for r in rows if "loo_scatter" in r["_curves"]]
+    if scatter:
+        n = len(scatter)
+        cols = min(n, 5)
+        fig, axes = plt.subplots(
+            math.ceil(n / cols), cols, figsize=(3 * cols, 2.8 * math.ceil(n / cols)), squeeze=False
+        )
+        for ax, r in zip(axes.ravel(), scatter, strict=False):
+            c = r["_curves"]["loo_scatter"]
+            ax.scatter(c["score"], c["loo_effect"], s=6)
+            ax.set_title(f"{r['benchmark']}/{r['method']}", fontsize=8)
+            ax.set_xlabel("score", fontsize=7)
+            ax.set_ylabel("LOO effect", fontsize=7)
+        for ax in axes.ravel()[n:]:
+            ax.axis("off")
+        fig.tight_layout()
+        p = plots / "loo_scatter.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        made.append(p)
+    return made
+
+
+def _html(rows: list[dict[str, Any]], images: list[Path], base: Path, fmt: Any) -> str:
+    import html
+
+    cells = []
+    for r in rows:
+        lds_e, loo_e, auc_e = r.get("lds", {}), r.get("loo", {}), r.get("auc", {})
+        vals = [
+            r["benchmark"],
+            r["method"],
+            fmt(lds_e.get("value")),
+            f"[{fmt(lds_e.get('ci_low'))}, {fmt(lds_e.get('ci_high'))}]",
+            fmt(lds_e.get("noise_ceiling")),
+            fmt(loo_e.get("value")),
+            fmt(auc_e.get("value")),
+            fmt(r.get("attribution_seconds"), 1),
+        ]
+        cells.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in vals) + "</tr>")
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in (
+            "benchmark",
+            "method",
+            "LDS",
+            "95% CI",
+            "noise ceiling",
+            "LOO corr",
+            "AUC",
+            "time (s)",
+        )
+    )
+    imgs = "".join(f'<p><img src="{html.escape(os.path.relpath(p, base))}"></p>' for p in images)
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>tdabench report</title>"
+        "<style>table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}</style>"
+        f"</head><body><h1>tdabench report</h1><table><tr>{head}</tr>{''.join(cells)}</table>{imgs}"
+        "</body></html>\n"
+    )

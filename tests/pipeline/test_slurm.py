@@ -1,0 +1,202 @@
+"""Integration tests on the real single-node SLURM cluster (bash tests/slurm/cluster.sh start).
+
+Skipped automatically when `sinfo` does not answer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+from pipeline_helpers import BIN, jobs_scheduled, make_workspace, run, trace_lines
+
+from tdabench.pipeline.launcher import launch_shards
+from tdabench.pipeline.toy import ToyShard, read_toy_shards
+
+pytestmark = pytest.mark.slurm
+
+
+def _squeue(fmt: str) -> list[str]:
+    out = subprocess.run(
+        ["squeue", "-h", "-r", "-o", fmt], capture_output=True, text=True, check=True
+    )
+    return out.stdout.split()
+
+
+def _cancel_when_running(job_id: str, info: dict | None = None, timeout: float = 120) -> dict:
+    """Background thread: wait until `job_id` runs, scancel it, note when (in ``info``)."""
+    info = {} if info is None else info
+
+    def go():
+        end = time.time() + timeout
+        while time.time() < end:
+            if f"{job_id}:RUNNING" in _squeue("%i:%T"):
+                time.sleep(1.0)
+                subprocess.run(["scancel", job_id], check=True)
+                info["cancelled_at"] = time.time()
+                return
+            time.sleep(0.3)
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    info["thread"] = t
+    return info
+
+
+def test_job_array_skip_and_scancel_resubmit(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shard = ToyShard(str(tmp_path / "out"), seed=7, sleep_s=8)
+    ToyShard(str(tmp_path / "out"), seed=7)(0)  # shard 0 complete before the launch
+    settings = {
+        "kind": "slurm",
+        "folder": str(tmp_path / "logs"),
+        "poll_s": 1,
+        "array_parallelism": 2,
+        "max_retries": 2,
+        "slurm": {"mem_gb": 0.25, "timeout_min": 5, "cpus_per_task": 1},
+    }
+    cancel: dict = {}
+    detected: dict = {}
+
+    def on_submit(jobs):
+        if not cancel:  # first submission: one array; cancel its second task once it runs
+            assert len({j.job_id.split("_")[0] for j in jobs}) == 1, "expected ONE job array"
+            _cancel_when_running(jobs[1].job_id, cancel)
+        elif "at" not in detected:
+            detected["at"] = time.time()
+
+    rep = launch_shards(shard, range(4), shard.is_complete, settings=settings, on_submit=on_submit)
+    assert rep.skipped == [0] and rep.completed == [1, 2, 3]
+    assert rep.attempts[2] == 2 and rep.attempts[1] == 1 and rep.attempts[3] == 1
+    assert "cancelled_at" in cancel
+    print(f"scancel -> resubmission: {detected['at'] - cancel['cancelled_at']:.1f} s")
+    # the disturbed run equals an undisturbed one
+    clean = ToyShard(str(tmp_path / "clean"), seed=7)
+    for i in range(4):
+        clean(i)
+    assert read_toy_shards(tmp_path / "out") == read_toy_shards(tmp_path / "clean")
+
+
+def test_groundtruth_stage_scancel_matches_undisturbed(tmp_path, toy_env, monkeypatch):
+    """`tdabench groundtruth` (toy shards) through submitit on SLURM; one array task cancelled."""
+    ws = make_workspace(tmp_path / "ws", lds_subsets=9)
+    py = str(BIN / "python")
+    monkeypatch.setenv("TDABENCH_TOY_SLEEP", "6")
+    cmd = [
+        py,
+        "-m",
+        "tdabench.pipeline",
+        "groundtruth",
+        "--benchmark",
+        "mnist_lr",
+        "--kind",
+        "lds",
+        "--set",
+        "launcher.kind=slurm",
+        "--set",
+        "launcher.poll_s=1",
+        "--set",
+        "launcher.slurm.mem_gb=0.25",
+        "--set",
+        "launcher.array_parallelism=2",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ws, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        # find the array's task 1 and cancel it while it runs
+        end = time.time() + 120
+        task = None
+        while time.time() < end and task is None:
+            ids = [
+                i
+                for i in _squeue("%i:%j")
+                if i.endswith(":tdabench-shards") or i.endswith(":gt-lds")
+            ]
+            task = next((i.split(":")[0] for i in ids if i.split(":")[0].endswith("_1")), None)
+            time.sleep(0.3)
+        assert task, "the array never appeared in squeue"
+        info = _cancel_when_running(task)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "cancelled_at" in info
+    (complete,) = ws.glob("results/mnist_lr/groundtruth/lds/*/complete-9.json")
+    summary = json.loads(complete.read_text())
+    assert summary["ran"] == [0, 1, 2] and summary["attempts"]["1"] == 2, summary
+    # merge, then compare with an undisturbed in-process run of the same stage
+    run([py, "-m", "tdabench.pipeline", "merge", "--benchmark", "mnist_lr", "--kind", "lds"], ws)
+    ref = make_workspace(tmp_path / "ref", lds_subsets=9)
+    monkeypatch.setenv("TDABENCH_TOY_SLEEP", "0")
+    for stage in ("groundtruth", "merge"):
+        run(
+            [
+                py,
+                "-m",
+                "tdabench.pipeline",
+                stage,
+                "--benchmark",
+                "mnist_lr",
+                "--kind",
+                "lds",
+                "--set",
+                "launcher.kind=debug",
+            ],
+            ref,
+        )
+    import pyarrow.parquet as pq
+
+    (m1,) = ws.glob("results/mnist_lr/groundtruth/lds/*/merged-9.parquet")
+    (m2,) = ref.glob("results/mnist_lr/groundtruth/lds/*/merged-9.parquet")
+    assert m1.relative_to(ws) == m2.relative_to(ref)
+    assert pq.read_table(m1).equals(pq.read_table(m2))
+
+
+@pytest.mark.slow
+def test_snakemake_profile_slurm(tmp_path, toy_env, monkeypatch):
+    """`tdabench install-profile` + `snakemake --profile slurm`, exactly as documented."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    ws = make_workspace(tmp_path / "ws")
+    py = str(BIN / "python")
+    run(
+        [
+            py,
+            "-m",
+            "tdabench.pipeline",
+            "install-profile",
+            "--account",
+            "tdabench",
+            "--partition",
+            os.environ.get("TDABENCH_SLURM_PARTITION", "debug"),
+            "--gpus-per-node",
+            "0",
+            "--cpus-per-task",
+            "1",
+            "--mem-gb",
+            "0.25",
+            "--timeout-min",
+            "10",
+            "--jobs",
+            "4",
+            "--array-parallelism",
+            "2",
+        ],
+        ws,
+    )
+    prof = tmp_path / "home/.config/snakemake/slurm/config.yaml"
+    # poll SLURM sooner than a lab would (the plugin's default first check is after 40 s)
+    prof.write_text(prof.read_text().replace("status-checks: 20", "status-checks: 3"))
+    t0 = time.time()
+    run([str(BIN / "snakemake"), "--profile", "slurm"], ws, timeout=600)
+    print(f"snakemake --profile slurm (toy): {time.time() - t0:.0f} s")
+    ran = trace_lines(toy_env)
+    assert "report" in ran and any(r.startswith("groundtruth") for r in ran)
+    log = next(ws.glob("logs/mnist_lr/groundtruth-lds-*.log")).read_text()
+    assert "launcher kind=slurm" in log
+    assert jobs_scheduled(ws) == {}

@@ -1,0 +1,48 @@
+"""Generic stage helpers: bootstrap CI vs a brute-force loop, Parquet round trips, atomic writes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tdabench.errors import ShapeError
+from tdabench.pipeline.io import atomic_path, read_parquet_meta, read_scores, write_scores
+from tdabench.pipeline.stages import bootstrap_ci, num_shards
+
+
+def test_bootstrap_ci_matches_loop():
+    v = np.random.default_rng(0).standard_normal(30)
+    v[3] = np.nan  # dropped
+    mean, lo, hi = bootstrap_ci(v, 200, 0.9, seed=5)
+    w = v[np.isfinite(v)]
+    rng = np.random.default_rng(5)
+    idx = rng.integers(0, w.size, size=(200, w.size))
+    means = [w[row].mean() for row in idx]
+    assert mean == pytest.approx(w.mean())
+    assert lo == pytest.approx(np.quantile(means, 0.05)) and hi == pytest.approx(np.quantile(means, 0.95))
+    assert lo < mean < hi
+    assert bootstrap_ci([0.5], 100, 0.95, 0) == (0.5, 0.5, 0.5)
+    assert bootstrap_ci(v, 0, 0.95, 0)[1] == pytest.approx(w.mean())
+
+
+def test_scores_round_trip_and_metadata(tmp_path):
+    s = np.arange(12, dtype=np.float32).reshape(4, 3)
+    write_scores(tmp_path / "s.parquet", s, {"method": "X"})
+    np.testing.assert_array_equal(read_scores(tmp_path / "s.parquet"), s)
+    assert read_parquet_meta(tmp_path / "s.parquet") == {"method": "X", "n_train": 4, "n_test": 3}
+    with pytest.raises(ShapeError, match=r"\(n_train, n_test\)"):
+        write_scores(tmp_path / "bad.parquet", s[0], {})
+    assert not (tmp_path / "bad.parquet").exists()
+
+
+def test_atomic_path_keeps_old_file_on_error(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash")
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_num_shards():
+    assert [num_shards(n, 10) for n in (1, 10, 11, 50, 60)] == [1, 1, 2, 5, 6]

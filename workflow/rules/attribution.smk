@@ -1,0 +1,45 @@
+# attribute (one job per attributor x benchmark) and evaluate (LDS / LOO / AUC of its scores).
+
+
+rule attribute:
+    input:
+        meta=pulled(lambda w: P[w.b]["meta"]),
+        noisy=pulled(lambda w: P[w.b]["noisy"]),
+        models=pulled(lambda w: P[w.b]["models"]),
+    output:
+        scores=f"{R}/{{b}}/scores/{{method}}/{{h}}/scores.parquet",
+        self_scores=f"{R}/{{b}}/scores/{{method}}/{{h}}/self.parquet",
+    params:
+        spec=spec("attribute", method="method"),
+        data=lambda w, input: os.path.dirname(input.meta),
+        metrics=lambda w: ",".join(CFG["benchmark_configs"][w.b]["metrics"]),
+    log:
+        f"{LOGS}/{{b}}/attribute-{{method}}-{{h}}.log",
+    shell:
+        "{TDABENCH} attribute --benchmark {wildcards.b} --spec {params.spec:q} "
+        "--data {params.data} --models {input.models} --metrics {params.metrics} "
+        "--out {output.scores} --out-self {output.self_scores} --log {log}"
+
+
+def _gt_args(w):
+    return " ".join(f"--gt {k}={g['merged']}" for k, g in P[w.b]["groundtruth"].items())
+
+
+rule evaluate:
+    input:
+        scores=pulled(lambda w: P[w.b]["scores"][w.method]),
+        self_scores=pulled(lambda w: P[w.b]["self_scores"][w.method]),
+        noisy=pulled(lambda w: P[w.b]["noisy"]),
+        gt=pulled(lambda w: [g["merged"] for g in P[w.b]["groundtruth"].values()]),
+    output:
+        metrics=f"{R}/metrics/{{b}}/{{method}}.json",
+        curves=f"{R}/{{b}}/plots/{{method}}.json",
+    params:
+        spec=spec("evaluate", method="method"),
+        gt=_gt_args,
+    log:
+        f"{LOGS}/{{b}}/evaluate-{{method}}.log",
+    shell:
+        "{TDABENCH} evaluate --benchmark {wildcards.b} --spec {params.spec:q} "
+        "--scores {input.scores} --self-scores {input.self_scores} {params.gt} "
+        "--noisy {input.noisy} --out {output.metrics} --curves-out {output.curves} --log {log}"

@@ -1,0 +1,92 @@
+# Shared definitions: the resolved configuration, output paths, and the stage command.
+import json
+import os
+import sys
+
+from tdabench.pipeline.config import paths, resolve_config, spec_hash, stage_spec
+
+# Validate configs/default.yaml (+ --config / --configfile overrides) and every benchmark and
+# attributor file it names, against workflow/schemas/, before any job is scheduled.
+CFG = resolve_config(config, source="configs/default.yaml (with --config/--configfile overrides)")
+BENCHMARKS = CFG["benchmarks"]
+R = CFG["results_dir"]
+LOGS = CFG["logs_dir"]
+P = {b: paths(CFG, b) for b in BENCHMARKS}
+
+# Jobs run this checkout's code with this interpreter (installed or not). Where shards run is not a
+# property of any result, so the launcher settings reach the ground-truth stage through the
+# environment instead of params: changing partition or account never reruns a job.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(Path(workflow.basedir) / "src")] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+)
+os.environ["TDABENCH_LAUNCHER"] = json.dumps(CFG["launcher"])
+_L, _S = CFG["launcher"], CFG["launcher"]["slurm"]
+LAUNCHER_RESOURCES = dict(
+    launcher=_L["kind"],
+    launcher_parallelism=_L["array_parallelism"],
+    launcher_retries=_L["max_retries"],
+    shard_partition=_S["partition"] or "",
+    shard_account=_S["account"] or "",
+    shard_gpus=_S["gpus_per_node"],
+    shard_cpus=_S["cpus_per_task"],
+    shard_mem_mb=int(_S["mem_gb"] * 1024),
+    shard_runtime=_S["timeout_min"],
+)
+TDABENCH = f"{sys.executable} -m tdabench.pipeline"
+
+REPORT = [f"{R}/report.md", f"{R}/report.html", f"{R}/summary.csv"]
+
+
+wildcard_constraints:
+    b="|".join(BENCHMARKS),
+    h="[0-9a-f]{12}",
+    kind="lds|loo",
+    method="[A-Za-z0-9_.-]+",
+    n="[0-9]+",
+
+
+def spec(stage, **sel):
+    """Params function: the stage's spec as JSON, checked against the hash in the output path.
+
+    Every output directory is named by the hash of the spec that made it, so a changed parameter
+    gives a new path (built with or without Snakemake's metadata, e.g. right after `dvc pull`).
+    """
+
+    def get(wildcards):
+        kw = {k: getattr(wildcards, v) for k, v in sel.items()}
+        s = stage_spec(CFG, stage, wildcards.b, **kw)
+        if "h" in wildcards.keys() and spec_hash(s) != wildcards.h:
+            raise ValueError(
+                f"{stage} output for hash {wildcards.h} was requested but the configuration gives "
+                f"{spec_hash(s)}; request the current paths (snakemake without explicit file targets)"
+            )
+        return json.dumps(s, sort_keys=True)
+
+    return get
+
+
+def pulled(fn):
+    """Inputs that may come from `dvc pull`: DVC does not keep mtimes, so ignore them (ancient).
+
+    Changes still propagate: outputs live under parameter hashes, and a job whose upstream job
+    runs is always rerun.
+    """
+    return ancient(fn)
+
+
+# Per-benchmark aggregate targets (used by dvc.yaml): `snakemake groundtruth_<b>` / `scores_<b>`.
+for _b in BENCHMARKS:
+
+    rule:
+        name:
+            f"groundtruth_{_b}"
+        localrule: True
+        input:
+            [g["merged"] for g in P[_b]["groundtruth"].values()],
+
+    rule:
+        name:
+            f"scores_{_b}"
+        localrule: True
+        input:
+            list(P[_b]["metrics"].values()),
