@@ -57,6 +57,19 @@ def available_methods() -> tuple[list[str], list[str]]:
 
 
 # --------------------------------------------------------------------------- job runner (ours)
+def projector_kwargs(p: dict[str, Any]) -> dict[str, Any]:
+    """The METHODS projector settings (dattri's key names) in tdabench's keys.
+
+    tdabench accepts ``proj_dim``, ``proj_type``, ``seed``, ``max_chunk_bytes``; dattri's
+    ``proj_seed`` is ``seed`` here, and ``proj_max_batch_size`` / ``device`` have no
+    equivalent (chunking is by memory budget; the attributor's device is used).
+    """
+    out = {k: v for k, v in p.items() if k in ("proj_dim", "proj_type", "seed", "max_chunk_bytes")}
+    if "proj_seed" in p:
+        out["seed"] = p["proj_seed"]
+    return out
+
+
 def build_and_run(job: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
     import tdabench.algorithm as alg
     from tdabench.task import AttributionTask
@@ -86,7 +99,7 @@ def build_and_run(job: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
     elif kind in ("tracin", "grad_dot", "grad_cos"):
         task = AttributionTask(loss_func=loss, model=model, checkpoints=ckpt_arg)
         att = cls(task, weight_list=torch.tensor(job["checkpoint_weights"], dtype=torch.float32),
-                  normalized_grad=hp["normalized_grad"], projector_kwargs=dict(hp["projector_kwargs"]),
+                  normalized_grad=hp["normalized_grad"], projector_kwargs=projector_kwargs(hp["projector_kwargs"]),
                   layer_name=layer, device="cpu")
         t0 = start()
         if getattr(att, "requires_cache", False):
@@ -96,7 +109,7 @@ def build_and_run(job: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
     elif kind == "trak":
         task = AttributionTask(loss_func=common.make_margin_func(model), model=model, checkpoints=ckpt_arg)
         att = cls(task, correct_probability_func=common.make_prob_func(model),
-                  projector_kwargs=dict(hp["projector_kwargs"]), layer_name=layer, device="cpu",
+                  projector_kwargs=projector_kwargs(hp["projector_kwargs"]), layer_name=layer, device="cpu",
                   regularization=hp["regularization"])
         t0 = start()
         att.cache(dl["cache"])
@@ -175,6 +188,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mlp-gt", action="store_true", help="build the MLP LDS ground truth too (~10 min on one core)")
     p.add_argument("--gt-subsets", type=int, default=None, help=f"subsets of the built ground truth (default {common.GT_SPEC['num_subsets']})")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per job before it is killed")
+    p.add_argument("--mem-limit-gb", type=float, default=12.0, help="address-space cap per job (RLIMIT_AS); 0 = none")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = []
             for rep in range(repeats):
                 job = common.make_job("ours", method, model_name, paths[model_name], jobs_dir, args.n_test, rep)
-                runs.append(common.run_job(OURS_CMD, job, args.timeout))
+                runs.append(common.run_job(OURS_CMD, job, args.timeout, args.mem_limit_gb))
             s = common.summarize(runs)
             if s["ok"] and gt is not None and not args.n_test:
                 s["lds"], s["lds_impl"] = common.lds(common.read_safetensors(s["scores_path"])[0]["scores"], *gt)

@@ -87,9 +87,12 @@ METHODS: dict[str, dict[str, Any]] = {
     },
     "if_lissa": {
         "kind": "if_lissa",
-        "hparams": {"batch_size": 50, "num_repeat": 1, "recursion_depth": 1000, "damping": 1e-3, "scaling": 50.0, "mode": "rev-rev"},
+        # scaling 10 > the largest Hessian eigenvalue (LR: 2.1 for the mean loss); depth 100 and
+        # test batches of 50 because dattri 0.3.0's LiSSA keeps ~0.35 MB per test vector per
+        # recursion step (500 vectors x depth 1000 was OOM-killed at 23 GB).
+        "hparams": {"batch_size": 50, "num_repeat": 1, "recursion_depth": 100, "damping": 1e-3, "scaling": 10.0, "mode": "rev-rev"},
         "layer": {"lr": None, "mlp": "last"}, "checkpoints": "final",
-        "batches": {"cache": N_TRAIN, "train": N_TRAIN, "test": N_TEST},
+        "batches": {"cache": N_TRAIN, "train": N_TRAIN, "test": 50},
     },
     "if_arnoldi": {
         "kind": "if_arnoldi",
@@ -612,14 +615,22 @@ def job_env(side: str) -> dict[str, str]:
     return env
 
 
-def run_job(cmd: Sequence[str], job: Mapping[str, Any], timeout: float) -> dict[str, Any]:
+def run_job(cmd: Sequence[str], job: Mapping[str, Any], timeout: float, mem_limit_gb: float | None = 12.0) -> dict[str, Any]:
     """Run one job in a fresh process; return its result JSON plus ``wall_s`` and ``ru_maxrss_mb``.
 
     Peak memory comes from ``os.wait4`` (the child's own ``ru_maxrss``), so it covers the whole
     process even when it crashes; a missing result file becomes ``ok: false`` with the log tail.
+    ``mem_limit_gb`` caps the child's address space (``RLIMIT_AS``) so that a runaway job fails
+    with a MemoryError instead of taking the machine down (None: no cap).
     """
+    import resource
     import subprocess
     import threading
+
+    def _limit() -> None:
+        if mem_limit_gb:
+            lim = int(mem_limit_gb * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
 
     Path(job["job_path"]).write_text(json.dumps(job, indent=1))
     for key in ("result_path", "scores_path"):
@@ -627,7 +638,7 @@ def run_job(cmd: Sequence[str], job: Mapping[str, Any], timeout: float) -> dict[
     t0 = time.perf_counter()
     with open(job["log_path"], "wb") as log:
         proc = subprocess.Popen([*cmd, job["job_path"]], stdout=log, stderr=subprocess.STDOUT,
-                                env=job_env(job["side"]), cwd=str(ROOT))
+                                env=job_env(job["side"]), cwd=str(ROOT), preexec_fn=_limit)
         killed = threading.Event()
 
         def _kill() -> None:
@@ -648,6 +659,8 @@ def run_job(cmd: Sequence[str], job: Mapping[str, Any], timeout: float) -> dict[
     else:
         tail = Path(job["log_path"]).read_text(errors="replace")[-1500:]
         why = f"timed out after {timeout:.0f}s" if killed.is_set() else f"exited with code {proc.returncode}"
+        if proc.returncode == -9 and not killed.is_set():
+            why += " (SIGKILL: probably the kernel's OOM killer)"
         result = {"ok": False, "error": f"process {why} without a result (log tail: {tail.strip()[-600:]})"}
     result["wall_s"] = wall
     result["ru_maxrss_mb"] = usage.ru_maxrss / 1024  # Linux: KiB

@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             for rep in range(repeats):
                 for side in sides:  # interleaved so that machine noise hits both sides alike
                     job = common.make_job(side, method, model_name, paths[model_name], jobs_dir, args.n_test, rep)
-                    runs[side].append(common.run_job(cmds[side], job, args.timeout))
+                    runs[side].append(common.run_job(cmds[side], job, args.timeout, args.mem_limit_gb))
             row: dict[str, Any] = {"model": model_name, "method": method}
             scores = {}
             for side in sides:
