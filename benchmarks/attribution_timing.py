@@ -25,8 +25,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
-import torch  # noqa: E402
+import common
+import torch
 
 # the classes of tdabench.algorithm each method kind needs (CONTRACTS.md names)
 OUR_CLASSES = {
@@ -155,7 +155,7 @@ OURS_CMD = [sys.executable, str(Path(__file__).resolve()), "--job"]
 # --------------------------------------------------------------------------- table
 def fmt(x: Any, spec: str = ".2f") -> str:
     if x is None:
-        return "–"
+        return "-"
     try:
         if x != x:  # NaN
             return "NaN"
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (1 if args.quick else 3)
     paths = {m: common.prepare_checkpoints(m) for m in args.models}
     gts = ground_truths(args, args.models)
-    jobs_dir = common.RESULTS_DIR / "jobs"
+    jobs_dir = common.new_jobs_dir("attribution_timing")
     rows = []
     for model_name in args.models:
         gt = common.load_ground_truth(gts[model_name]) if gts[model_name] else None

@@ -22,6 +22,7 @@ library, numpy and torch. ``safetensors`` is not installed in the peer environme
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -325,7 +326,7 @@ def train_many(model_name: str, x: Tensor, y: Tensor, subsets: Sequence[Tensor],
     All subsets must have the same size. Returns the final state dicts and ``{epoch: states}``.
     """
     recipe = dict(RECIPES[model_name] if recipe is None else recipe)
-    sizes = {int(len(s)) for s in subsets}
+    sizes = {len(s) for s in subsets}
     if len(sizes) != 1 or len(subsets) != len(seeds):
         raise ValueError("train_many needs equally sized subsets and one seed per subset")
     n = sizes.pop()
@@ -352,7 +353,7 @@ def train_many(model_name: str, x: Tensor, y: Tensor, subsets: Sequence[Tensor],
             loss = F.cross_entropy(logits.reshape(-1, NUM_CLASSES), y[idx].reshape(-1), reduction="none")
             grads = torch.autograd.grad(loss.reshape(idx.shape).mean(1).sum(), list(params.values()))
             with torch.no_grad():
-                for (k, p), g in zip(params.items(), grads):
+                for (k, p), g in zip(params.items(), grads, strict=True):
                     if mom > 0:
                         bufs[k] = g.clone() if bufs[k] is None else bufs[k].mul_(mom).add_(g)
                         g = bufs[k]
@@ -416,12 +417,12 @@ def prepare_checkpoints(model_name: str, cache_dir: Path = CACHE_DIR) -> dict[st
     final, epochs = train(model_name, x, y, MODEL_SEED, save_epochs=recipe["epoch_checkpoints"])
     meta = {"key": key, "model": model_name, "recipe": json.dumps(recipe)}
     write_safetensors(final, paths["final"], meta)
-    for e, p in zip(recipe["epoch_checkpoints"], paths["epochs"]):
+    for e, p in zip(recipe["epoch_checkpoints"], paths["epochs"], strict=True):
         write_safetensors(epochs[e], p, {**meta, "epoch": str(e)})
     halves = [torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(HALF_SEED + k))[: N_TRAIN // 2].sort().values
               for k in range(NUM_HALF_MODELS)]
     states, _ = train_many(model_name, x, y, halves, [HALF_SEED + k for k in range(NUM_HALF_MODELS)])
-    for k, (p, state) in enumerate(zip(paths["halves"], states)):
+    for k, (p, state) in enumerate(zip(paths["halves"], states, strict=True)):
         write_safetensors(state, p, {**meta, "half": str(k)})
     acc = (evaluate(model_name, final, data["x_test"], data["y_test"])["margin"] > 0).float().mean().item()
     manifest.write_text(json.dumps({"key": key, "test_accuracy": acc, "seconds": time.perf_counter() - t0}, indent=1))
@@ -542,10 +543,8 @@ def peak_rss_mb() -> tuple[float, float]:
 def one_thread() -> None:
     """One intra-op and inter-op thread (call first thing in a job process)."""
     torch.set_num_threads(1)
-    try:
+    with contextlib.suppress(RuntimeError):  # already set in this process
         torch.set_num_interop_threads(1)
-    except RuntimeError:
-        pass
 
 
 def loaders(data: Mapping[str, Tensor], batches: Mapping[str, int | None], n_test: int | None = None) -> dict[str, Any]:
@@ -603,6 +602,13 @@ def make_job(side: str, method: str, model_name: str, paths: Mapping[str, Any], 
         "result_path": str(jobs_dir / f"{stem}.result.json"),
         "job_path": str(jobs_dir / f"{stem}.job.json"), "log_path": str(jobs_dir / f"{stem}.log"),
     }
+
+
+def new_jobs_dir(script: str) -> Path:
+    """A fresh directory for one invocation's job files (concurrent runs never share names)."""
+    d = RESULTS_DIR / "jobs" / f"{script}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
 
 def job_env(side: str) -> dict[str, str]:
@@ -683,4 +689,7 @@ def summarize(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         out["time_total_all"] = [float(r["time_total"]) for r in ok]
         out["num_nonfinite"] = ok[-1].get("num_nonfinite")
         out["scores_path"] = ok[-1].get("scores_path")
+        for r in ok[:-1]:  # keep only the last repetition's scores on disk
+            if r.get("scores_path") and r["scores_path"] != out["scores_path"]:
+                Path(r["scores_path"]).unlink(missing_ok=True)
     return out

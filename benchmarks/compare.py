@@ -33,8 +33,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import attribution_timing as ours  # noqa: E402
-import common  # noqa: E402
+import attribution_timing as ours
+import common
 
 PEER_VENVS = common.ROOT / ".peer-venvs"
 DATTRI_RUNNER = common.BENCH_DIR / "peers" / "dattri_attribute.py"
@@ -96,9 +96,9 @@ def ensure_dattri(explicit: str | None) -> Path | None:
 
 
 # --------------------------------------------------------------------------- retraining row
-def retrain_row(quick: bool, timeout: float) -> dict[str, Any] | None:
+def retrain_row(quick: bool, timeout: float, rerun: bool = False) -> dict[str, Any] | None:
     """Ground-truth retraining throughput from benchmarks/retrain_throughput.py (not duplicated here)."""
-    if RETRAIN_SCRIPT.is_file() and not RETRAIN_JSON.is_file():
+    if RETRAIN_SCRIPT.is_file() and (rerun or not RETRAIN_JSON.is_file()):
         cmd = [sys.executable, str(RETRAIN_SCRIPT), *(["--quick"] if quick else [])]
         log(f"running {' '.join(cmd[1:])}")
         try:
@@ -114,7 +114,19 @@ def retrain_row(quick: bool, timeout: float) -> dict[str, Any] | None:
 
 
 def _retrain_lines(data: Any) -> list[str]:
-    """Render the other helper's JSON without assuming its exact schema."""
+    """Render retrain_throughput.json: a table for its ``results`` layout, else a generic list."""
+    res = data.get("results") if isinstance(data, dict) else None
+    if isinstance(res, dict) and all(isinstance(v, dict) and "dattri" in v for v in res.values()):
+        lines = ["| model | trainer | models/s (wall) | dattri models/s | ratio wall | ratio CPU |", "|---|---|---|---|---|---|"]
+        for model_name, r in res.items():
+            d = r["dattri"]
+            for trainer, t in r.items():
+                if trainer == "dattri" or not (isinstance(t, dict) and "models_per_s_wall" in t):
+                    continue
+                lines.append(f"| {model_name} | {trainer} | {ours.fmt(t['models_per_s_wall'], '.3g')} | "
+                             f"{ours.fmt(d.get('models_per_s_wall'), '.3g')} | {ours.fmt(t.get('ratio_wall'), '.2f')} | "
+                             f"{ours.fmt(t.get('ratio_cpu'), '.2f')} |")
+        return lines
     rows = data.get("rows", data) if isinstance(data, dict) else data
     if isinstance(rows, dict):
         rows = [{"setting": k, **v} if isinstance(v, dict) else {"setting": k, "value": v} for k, v in rows.items()]
@@ -140,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dattri-python", default=None, help="python of an existing dattri 0.3.0 env (else .peer-venvs/dattri)")
     p.add_argument("--sides", nargs="+", default=["ours", "dattri"], choices=["ours", "dattri"])
     p.add_argument("--setup-only", action="store_true", help="create the peer venv and the cached data/checkpoints/ground truth, then stop")
-    p.add_argument("--no-retrain", action="store_true", help="skip the retraining-throughput row")
+    p.add_argument("--no-retrain", action="store_true", help="skip the retraining-throughput rows")
+    p.add_argument("--rerun-retrain", action="store_true", help="rerun benchmarks/retrain_throughput.py even if its JSON exists")
     args = p.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
     t_start = time.perf_counter()
@@ -170,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"setup done: peers {sorted(cmds)}; cache {common.CACHE_DIR}")
         return 0
 
-    jobs_dir = common.RESULTS_DIR / "jobs"
+    jobs_dir = common.new_jobs_dir("compare")
     rows: list[dict[str, Any]] = []
     for model_name in args.models:
         gt = common.load_ground_truth(gts[model_name]) if gts[model_name] else None
@@ -201,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"t={ours.fmt(row[s].get('time_total'))}s rss={ours.fmt(row[s].get('ru_maxrss_mb'), '.0f')}MB "
                 f"lds={ours.fmt(row[s].get('lds'), '.3f')}" for s in sides))
 
-    retrain = None if args.no_retrain else retrain_row(args.quick, args.timeout)
+    retrain = None if args.no_retrain else retrain_row(args.quick, args.timeout, args.rerun_retrain)
     table = render(rows, repeats, args, notes, retrain)
     print(table)
     out = {
@@ -227,7 +240,7 @@ def render(rows: list[dict[str, Any]], repeats: int, args: argparse.Namespace, n
 
         def cell(s: dict[str, Any], key: str, spec: str = ".2f") -> str:
             if not s:
-                return "–"
+                return "-"
             if not s.get("ok"):
                 return "fail"
             return f(s.get(key), spec)
@@ -240,7 +253,7 @@ def render(rows: list[dict[str, Any]], repeats: int, args: argparse.Namespace, n
         lines.append(
             f"| {r['model']} | {r['method']} | {cell(o, 'time_total')} | {cell(t, 'time_total')} | {f(r.get('time_ratio'), '.2f')} | "
             f"{cell(o, 'ru_maxrss_mb', '.0f')} | {cell(t, 'ru_maxrss_mb', '.0f')} | {f(r.get('mem_ratio'), '.2f')} | "
-            f"{cell(o, 'lds', '.3f')} | {cell(t, 'lds', '.3f')} | {f(r.get('agreement'), '.3f')} | {' '.join(goals) or '–'} |")
+            f"{cell(o, 'lds', '.3f')} | {cell(t, 'lds', '.3f')} | {f(r.get('agreement'), '.3f')} | {' '.join(goals) or '-'} |")
     txt = "\n".join(lines)
     txt += (f"\n\nMNIST 4,500 train x {args.n_test or common.N_TEST} test; one CPU thread per side; median of {repeats} run(s) "
             "of cache + attribute (setup excluded); RSS = peak of the whole process; LDS: Spearman over "

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import common  # noqa: E402
+import common
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
@@ -74,7 +74,7 @@ def test_train_many_equals_plain_loop(name: str) -> None:
     subsets = [torch.randperm(60, generator=g)[:40] for _ in range(3)]
     seeds = [5, 6, 7]
     states, saved = common.train_many(name, x, y, subsets, seeds, recipe, save_epochs=[1])
-    for sub, seed, st in zip(subsets, seeds, states):
+    for sub, seed, st in zip(subsets, seeds, states, strict=True):
         torch.manual_seed(seed)
         m = common.build_model(name)
         opt = torch.optim.SGD(m.parameters(), lr=recipe["lr"], momentum=recipe["momentum"])

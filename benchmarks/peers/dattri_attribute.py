@@ -32,8 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ -> import common
 
-import common  # noqa: E402
-import torch  # noqa: E402
+import common
+import torch
 
 
 def build_and_run(job: dict) -> tuple[torch.Tensor, dict]:
@@ -55,7 +55,12 @@ def build_and_run(job: dict) -> tuple[torch.Tensor, dict]:
         return time.perf_counter()
 
     if kind.startswith("if_"):
-        from dattri.algorithm import IFAttributorArnoldi, IFAttributorCG, IFAttributorExplicit, IFAttributorLiSSA
+        from dattri.algorithm import (
+            IFAttributorArnoldi,
+            IFAttributorCG,
+            IFAttributorExplicit,
+            IFAttributorLiSSA,
+        )
 
         cls = {"if_explicit": IFAttributorExplicit, "if_cg": IFAttributorCG,
                "if_lissa": IFAttributorLiSSA, "if_arnoldi": IFAttributorArnoldi}[kind]
