@@ -87,6 +87,7 @@ def build_and_run(job: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
     setup: dict[str, float] = {}
 
     def start() -> float:
+        common.warm_torch()
         setup["setup_rss_mb"] = common.peak_rss_mb()[1]
         return time.perf_counter()
 
@@ -239,9 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines) + "\n" + note
     print(table)
     common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (common.RESULTS_DIR / "attribution_timing.json").write_text(json.dumps(
+    stem_suffix = "_smoke" if args.n_test else ""  # smoke runs never overwrite the real table
+    (common.RESULTS_DIR / f"attribution_timing{stem_suffix}.json").write_text(json.dumps(
         {"rows": rows, "repeats": repeats, "methods": {m: common.METHODS[m] for m in methods}, "torch": torch.__version__}, indent=1))
-    (common.RESULTS_DIR / "attribution_timing.md").write_text(table + "\n")
+    (common.RESULTS_DIR / f"attribution_timing{stem_suffix}.md").write_text(table + "\n")
     return 0
 
 

@@ -547,6 +547,16 @@ def one_thread() -> None:
         torch.set_num_interop_threads(1)
 
 
+def warm_torch() -> None:
+    """Trigger torch's one-time lazy imports (``torch._dynamo`` on the first ``torch.func.grad``,
+    about 1-2 s) before the timed region, identically for every side: it is torch's start-up
+    cost, not the attribution library's, and a library that happens to import it at import
+    time would otherwise look faster."""
+    f = torch.func.vmap(torch.func.grad(lambda w, x: (w * x).sum() ** 2), in_dims=(None, 0))
+    f(torch.ones(3), torch.ones(2, 3))
+    torch.func.jvp(torch.func.grad(lambda w: (w**3).sum()), (torch.ones(3),), (torch.ones(3),))
+
+
 def loaders(data: Mapping[str, Tensor], batches: Mapping[str, int | None], n_test: int | None = None) -> dict[str, Any]:
     """Unshuffled DataLoaders ``cache`` / ``train`` / ``test`` with the job's batch sizes."""
     from torch.utils.data import DataLoader, TensorDataset

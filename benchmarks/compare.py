@@ -225,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.perf_counter() - t_start, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (common.RESULTS_DIR / "compare.json").write_text(json.dumps(out, indent=1))
-    (common.RESULTS_DIR / "compare.md").write_text(table + "\n")
+    stem_suffix = "_smoke" if args.n_test else ""  # smoke runs never overwrite the real table
+    (common.RESULTS_DIR / f"compare{stem_suffix}.json").write_text(json.dumps(out, indent=1))
+    (common.RESULTS_DIR / f"compare{stem_suffix}.md").write_text(table + "\n")
     return 0
 
 

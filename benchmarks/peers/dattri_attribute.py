@@ -51,6 +51,7 @@ def build_and_run(job: dict) -> tuple[torch.Tensor, dict]:
     setup: dict[str, float] = {}
 
     def start() -> float:  # RSS after setup (imports, data, checkpoints, attributor construction)
+        common.warm_torch()
         setup["setup_rss_mb"] = common.peak_rss_mb()[1]
         return time.perf_counter()
 
