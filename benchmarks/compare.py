@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sides", nargs="+", default=["ours", "dattri"], choices=["ours", "dattri"])
     p.add_argument("--setup-only", action="store_true", help="create the peer venv and the cached data/checkpoints/ground truth, then stop")
     p.add_argument("--no-retrain", action="store_true", help="skip the retraining-throughput rows")
+    p.add_argument("--update", action="store_true",
+                   help="merge the rows measured now into the existing compare.json (same model+method replaced)")
     p.add_argument("--rerun-retrain", action="store_true", help="rerun benchmarks/retrain_throughput.py even if its JSON exists")
     args = p.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -214,6 +216,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"t={ours.fmt(row[s].get('time_total'))}s rss={ours.fmt(row[s].get('ru_maxrss_mb'), '.0f')}MB "
                 f"lds={ours.fmt(row[s].get('lds'), '.3f')}" for s in sides))
 
+    prev_path = common.RESULTS_DIR / "compare.json"
+    if args.update and not args.n_test and prev_path.is_file():
+        fresh = {(r["model"], r["method"]) for r in rows}
+        prev = json.loads(prev_path.read_text()).get("rows", [])
+        rows = [r for r in prev if (r["model"], r["method"]) not in fresh] + rows
+        order = {(m, k): i for i, (m, k) in enumerate((m, k) for m in common.MODELS for k in common.METHODS)}
+        rows.sort(key=lambda r: order.get((r["model"], r["method"]), 1 << 30))
     retrain = None if args.no_retrain else retrain_row(args.quick, args.timeout, args.rerun_retrain)
     table = render(rows, repeats, args, notes, retrain)
     print(table)
