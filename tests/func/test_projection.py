@@ -199,3 +199,13 @@ def test_cuda_deterministic_across_budgets():
     torch.testing.assert_close(again, ref, rtol=1e-12, atol=1e-12)
     m = _proj(device="cuda").matrix()
     assert float(m.var()) * K == pytest.approx(1.0, abs=0.15)
+
+
+def test_dattri_projector_key_aliases():
+    from tdabench.errors import ConfigError
+    from tdabench.func.projection import resolve_projector_kwargs
+
+    r = resolve_projector_kwargs({"proj_dim": 8, "proj_seed": 3, "proj_max_batch_size": 32, "device": "cpu"})
+    assert r["seed"] == 3 and r["proj_dim"] == 8
+    with pytest.raises(ConfigError, match="pass one"):
+        resolve_projector_kwargs({"seed": 1, "proj_seed": 2})

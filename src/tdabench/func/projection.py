@@ -327,6 +327,14 @@ def resolve_projector_kwargs(
             f"projector_kwargs must be a dict or None, got {type(projector_kwargs).__name__}"
         )
     given = dict(projector_kwargs or {})
+    # dattri's spellings: proj_seed is our seed; proj_max_batch_size and device are accepted for
+    # drop-in compatibility (features are projected in the loader's batches, on the attributor's device).
+    if "proj_seed" in given:
+        if "seed" in given:
+            raise ConfigError("projector_kwargs has both 'seed' and its dattri alias 'proj_seed'; pass one")
+        given["seed"] = given.pop("proj_seed")
+    for alias in ("proj_max_batch_size", "device"):
+        given.pop(alias, None)
     unknown = sorted(set(given) - set(PROJECTOR_KWARGS))
     if unknown:
         raise ConfigError(
