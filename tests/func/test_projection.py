@@ -179,7 +179,7 @@ def test_resolve_projector_kwargs():
     assert resolve_projector_kwargs({}, {"proj_dim": 4})["seed"] == 0
     assert resolve_projector_kwargs({"proj_type": "identity"})["proj_dim"] is None
     with pytest.raises(ConfigError, match="unknown projector_kwargs"):
-        resolve_projector_kwargs({"proj_dim": 8, "proj_max_batch_size": 32})
+        resolve_projector_kwargs({"proj_dim": 8, "proj_size": 32})
     with pytest.raises(ConfigError):
         resolve_projector_kwargs({"proj_type": "fast_jl"})
     with pytest.raises(ConfigError):
