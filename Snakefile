@@ -1,6 +1,6 @@
 # tdabench workflow: configs/ say what to compute, workflow/profiles/ say where it runs.
 #   snakemake --cores all                  # everything in configs/default.yaml, on this machine
-#   snakemake --profile slurm              # the same on a SLURM cluster (see docs/pipeline.md)
+#   snakemake --profile slurm              # the same on a SLURM cluster (see README.md, "The benchmark pipeline")
 #   snakemake -n                           # what would run (nothing after `dvc pull`)
 # Rules are thin: inputs, outputs, params, log, and one `tdabench <stage>` command.
 import sys
