@@ -213,7 +213,7 @@ def test_bad_input():
             task, [1.0, 1.0, 1.0], projector_kwargs={"proj_dim": 4, "use_half_precision": True}
         )
     with pytest.raises(ConfigError, match="unknown projector_kwargs"):
-        GradDotAttributor(task, projector_kwargs={"device": "cpu"})
+        GradDotAttributor(task, projector_kwargs={"projection_dim": 4})
     with pytest.raises(ConfigError, match="checkpoint_index"):
         GradCosAttributor(task, checkpoint_index=3)
     with pytest.raises(ConfigError, match="layer_name"):

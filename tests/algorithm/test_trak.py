@@ -166,7 +166,7 @@ def test_bad_input():
     with pytest.raises(NotCachedError):
         att.self_attribute(tr)
     with pytest.raises(ConfigError, match="unknown projector_kwargs"):
-        TRAKAttributor(task, prob, projector_kwargs={"proj_dim": 4, "proj_max_batch_size": 8})
+        TRAKAttributor(task, prob, projector_kwargs={"proj_dim": 4, "proj_batch": 8})
     with pytest.raises(ConfigError, match="regularization"):
         TRAKAttributor(task, prob, regularization=-1.0)
     with pytest.raises(ConfigError, match="callable"):
