@@ -81,11 +81,22 @@ def test_job_array_skip_and_scancel_resubmit(tmp_path, monkeypatch):
     assert read_toy_shards(tmp_path / "out") == read_toy_shards(tmp_path / "clean")
 
 
+def _slow_shards(ws):
+    """More epochs, so that a shard runs long enough (tens of seconds) to be cancelled mid-run."""
+    import yaml
+
+    path = ws / "configs/benchmarks/mnist_lr.yaml"
+    b = yaml.safe_load(path.read_text())
+    b["recipe"]["epochs"] = 60
+    path.write_text(yaml.safe_dump(b, sort_keys=False))
+    return ws
+
+
 def test_groundtruth_stage_scancel_matches_undisturbed(tmp_path, real_env, monkeypatch):
     """The real `tdabench groundtruth` stage (retraining on real MNIST digits) through submitit
     on SLURM, with one array task cancelled while it runs: it is resubmitted and the merged
     ground truth equals an undisturbed in-process run's."""
-    ws = make_workspace(tmp_path / "ws", lds_subsets=9)
+    ws = _slow_shards(make_workspace(tmp_path / "ws", lds_subsets=9))
     py = str(BIN / "python")
     cmd = [
         py,
@@ -133,7 +144,7 @@ def test_groundtruth_stage_scancel_matches_undisturbed(tmp_path, real_env, monke
     assert summary["ran"] == [0, 1, 2] and summary["attempts"]["1"] == 2, summary
     # merge, then compare with an undisturbed in-process run of the same stage
     run([py, "-m", "tdabench.pipeline", "merge", "--benchmark", "mnist_lr", "--kind", "lds"], ws)
-    ref = make_workspace(tmp_path / "ref", lds_subsets=9)
+    ref = _slow_shards(make_workspace(tmp_path / "ref", lds_subsets=9))
     for stage in ("groundtruth", "merge"):
         run(
             [
