@@ -181,9 +181,8 @@ def test_bad_input():
         return 5.0 + logits.gather(1, data[1][:, None]).mean()
 
     bad = TRAKAttributor(task, logit_not_prob, projector_kwargs={"proj_dim": 4})
-    bad.cache(tr)
-    with pytest.raises(ConfigError, match=r"\[0, 1\]"):
-        bad.attribute(tr, te)
+    with pytest.raises(ConfigError, match=r"\[0, 1\]"):  # caught while caching the train side
+        bad.cache(tr)
 
 
 def test_float32_model_agrees_with_float64_and_settings_do_not_leak():
@@ -234,3 +233,27 @@ def test_cuda_matches_cpu_identity_projection():
     torch.testing.assert_close(
         gpu.self_attribute(tr).cpu(), cpu.self_attribute(tr), rtol=1e-8, atol=1e-10
     )
+
+
+def test_cached_train_features_are_reused_only_for_the_same_data():
+    from torch.utils.data import DataLoader
+
+    _, _ckpts, task, prob, train_ds, test_ds = _setup(num_ckpt=2, hidden=True)
+    train = DataLoader(train_ds, batch_size=7)
+    test = DataLoader(test_ds, batch_size=5)
+    att = TRAKAttributor(task, prob, projector_kwargs={"proj_dim": 4})
+    att.cache(train)
+    calls = []
+    orig = att._train_terms
+    att._train_terms = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    first = att.attribute(train, test)
+    assert not calls  # same content as the cache loader: no recomputation
+    fresh = TRAKAttributor(task, prob, projector_kwargs={"proj_dim": 4})
+    fresh.cache(train)
+    fresh._train_features = None  # force recomputation
+    torch.testing.assert_close(first, fresh.attribute(train, test))
+    torch.testing.assert_close(att.self_attribute(train), fresh.self_attribute(train))
+    # a different train loader is recomputed, not served from the cache
+    part = DataLoader(torch.utils.data.Subset(train_ds, range(7)), batch_size=7)
+    torch.testing.assert_close(att.attribute(part, test), first[:7])
+    assert calls

@@ -21,6 +21,7 @@ score means the training sample raises the test sample's output ``f`` (helps it)
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -142,6 +143,29 @@ class TRAKAttributor(BaseAttributor):
         for batch in batches:
             yield self._phi(flat, batch, index, projector), self._one_minus_p(flat, batch, index)
 
+    def _fingerprint(self, loader: Iterable[Batch]) -> str:
+        """Content hash of every tensor the loader yields (order and shapes included)."""
+        h = hashlib.blake2b(digest_size=16)
+        for batch in self._batches(loader, "train loader"):
+            for t in batch if isinstance(batch, (tuple, list)) else (batch,):
+                if isinstance(t, Tensor):
+                    c = t.detach().cpu().contiguous()
+                    h.update(str((tuple(c.shape), str(c.dtype))).encode())
+                    h.update(c.numpy().tobytes() if c.dtype != torch.bfloat16 else c.float().numpy().tobytes())
+        return h.hexdigest()
+
+    def _train_terms_all(self, loader: Iterable[Batch], index: int, projector: Projector) -> tuple[Tensor, Tensor]:
+        """``(Phi (n, k), 1 - p (n,))`` of ``loader``: the cached ones when it is the cache loader."""
+        cached = getattr(self, "_train_features", None)
+        if cached is not None and self._fingerprint(loader) == self._train_fingerprint:
+            phi, q = cached[index]
+            return phi, q.clone()  # callers accumulate into q in place
+        phis, qs = [], []
+        for phi, q in self._train_terms(loader, index, projector, "train loader"):
+            phis.append(phi)
+            qs.append(q)
+        return torch.cat(phis), torch.cat(qs)
+
     # ------------------------------------------------------------------ API
     def cache(self, full_train_loader: Iterable[Batch]) -> None:
         """Compute ``(Phi_k^T Phi_k + lambda I)^{-1}`` for every checkpoint from the full
@@ -153,17 +177,21 @@ class TRAKAttributor(BaseAttributor):
                 span more than ``1 / (proj_dim * eps)``): set ``regularization > 0`` or lower ``proj_dim``.
         """
         inverses = []
+        features: list[tuple[Tensor, Tensor]] = []
         n = None
         for index in range(self.task.num_checkpoints):
             projector = self._projector(index)
-            flat = self._params(index)
             k = projector.proj_dim
             xtx = torch.zeros(k, k, dtype=torch.float64, device=self.device)
             count = 0
-            for batch in self._batches(full_train_loader, "full train loader"):
-                phi = self._phi(flat, batch, index, projector).to(torch.float64)
+            phis, qs = [], []
+            for phi, q in self._train_terms(full_train_loader, index, projector, "full train loader"):
+                phis.append(phi)
+                qs.append(q)
+                phi = phi.to(torch.float64)
                 xtx.addmm_(phi.T, phi)
                 count += phi.shape[0]
+            features.append((torch.cat(phis), torch.cat(qs)))
             if n is not None and count != n:
                 raise DataError(
                     "the full train loader yielded a different number of samples on a later pass; fix its size"
@@ -187,6 +215,10 @@ class TRAKAttributor(BaseAttributor):
                 )
             inverses.append(inv)
         self._xtx_inv = inverses
+        # The cached training features are reused when attribute()/self_attribute() get a
+        # train loader with the same content (n x proj_dim per checkpoint kept in memory).
+        self._train_features = features
+        self._train_fingerprint = self._fingerprint(full_train_loader)
         self.num_cached_train = int(n or 0)
         self._cached = True
 
@@ -217,11 +249,8 @@ class TRAKAttributor(BaseAttributor):
             )
             test = test.to(torch.float64)
             test_x = test @ inv  # (n_test, k); inv is symmetric
-            ks, qs = [], []
-            for phi, q in self._train_terms(train_loader, index, projector, "train loader"):
-                ks.append(phi.to(torch.float64) @ test_x.T)
-                qs.append(q)
-            k_term, q_term = torch.cat(ks), torch.cat(qs)
+            phi, q_term = self._train_terms_all(train_loader, index, projector)
+            k_term = phi.to(torch.float64) @ test_x.T
             if kernel is None:
                 kernel, q_sum = k_term, q_term
             elif kernel.shape != k_term.shape:
@@ -244,12 +273,9 @@ class TRAKAttributor(BaseAttributor):
         q_sum: Tensor | None = None
         for index, inv in enumerate(self._xtx_inv):
             projector = self._projector(index)
-            ks, qs = [], []
-            for phi, q in self._train_terms(train_loader, index, projector, "train loader"):
-                phi = phi.to(torch.float64)
-                ks.append(((phi @ inv) * phi).sum(dim=1))
-                qs.append(q)
-            k_term, q_term = torch.cat(ks), torch.cat(qs)
+            phi, q_term = self._train_terms_all(train_loader, index, projector)
+            phi = phi.to(torch.float64)
+            k_term = ((phi @ inv) * phi).sum(dim=1)
             if kernel is None:
                 kernel, q_sum = k_term, q_term
             elif kernel.shape != k_term.shape:
