@@ -151,10 +151,16 @@ class TRAKAttributor(BaseAttributor):
                 if isinstance(t, Tensor):
                     c = t.detach().cpu().contiguous()
                     h.update(str((tuple(c.shape), str(c.dtype))).encode())
-                    h.update(c.numpy().tobytes() if c.dtype != torch.bfloat16 else c.float().numpy().tobytes())
+                    h.update(
+                        c.numpy().tobytes()
+                        if c.dtype != torch.bfloat16
+                        else c.float().numpy().tobytes()
+                    )
         return h.hexdigest()
 
-    def _train_terms_all(self, loader: Iterable[Batch], index: int, projector: Projector) -> tuple[Tensor, Tensor]:
+    def _train_terms_all(
+        self, loader: Iterable[Batch], index: int, projector: Projector
+    ) -> tuple[Tensor, Tensor]:
         """``(Phi (n, k), 1 - p (n,))`` of ``loader``: the cached ones when it is the cache loader."""
         cached = getattr(self, "_train_features", None)
         if cached is not None and self._fingerprint(loader) == self._train_fingerprint:
@@ -165,6 +171,32 @@ class TRAKAttributor(BaseAttributor):
             phis.append(phi)
             qs.append(q)
         return torch.cat(phis), torch.cat(qs)
+
+    def _ensemble_mean(
+        self,
+        train_loader: Iterable[Batch],
+        kernel_term: Callable[[int, Tensor, Projector, Tensor], Tensor],
+    ) -> tuple[Tensor, Tensor]:
+        """``(mean_k kernel_term_k, mean_k (1 - p_k))`` over the checkpoints (TRAK's Algorithm 1
+        ensemble), in float64; ``kernel_term(index, inv, projector, phi_train)``."""
+        kernel: Tensor | None = None
+        q_sum: Tensor | None = None
+        for index, inv in enumerate(self._xtx_inv):
+            projector = self._projector(index)
+            phi, q_term = self._train_terms_all(train_loader, index, projector)
+            k_term = kernel_term(index, inv, projector, phi)
+            if kernel is None:
+                kernel, q_sum = k_term, q_term
+            elif kernel.shape != k_term.shape:
+                raise DataError(
+                    "the loaders yielded a different number of samples on a later checkpoint; fix their order/size"
+                )
+            else:
+                kernel += k_term
+                q_sum += q_term
+        assert kernel is not None and q_sum is not None
+        m = len(self._xtx_inv)
+        return kernel.div_(m), q_sum.to(torch.float64) / m
 
     # ------------------------------------------------------------------ API
     def cache(self, full_train_loader: Iterable[Batch]) -> None:
@@ -185,7 +217,9 @@ class TRAKAttributor(BaseAttributor):
             xtx = torch.zeros(k, k, dtype=torch.float64, device=self.device)
             count = 0
             phis, qs = [], []
-            for phi, q in self._train_terms(full_train_loader, index, projector, "full train loader"):
+            for phi, q in self._train_terms(
+                full_train_loader, index, projector, "full train loader"
+            ):
                 phis.append(phi)
                 qs.append(q)
                 phi = phi.to(torch.float64)
@@ -236,58 +270,32 @@ class TRAKAttributor(BaseAttributor):
             NotCachedError: before :meth:`cache`.
         """
         self._require_cache()
-        kernel: Tensor | None = None
-        q_sum: Tensor | None = None
-        for index, inv in enumerate(self._xtx_inv):
-            projector = self._projector(index)
+
+        def kernel_term(index: int, inv: Tensor, projector: Projector, phi: Tensor) -> Tensor:
             flat = self._params(index)
             test = torch.cat(
                 [
                     self._phi(flat, b, index, projector)
                     for b in self._batches(test_loader, "test loader")
                 ]
-            )
-            test = test.to(torch.float64)
-            test_x = test @ inv  # (n_test, k); inv is symmetric
-            phi, q_term = self._train_terms_all(train_loader, index, projector)
-            k_term = phi.to(torch.float64) @ test_x.T
-            if kernel is None:
-                kernel, q_sum = k_term, q_term
-            elif kernel.shape != k_term.shape:
-                raise DataError(
-                    "the loaders yielded a different number of samples on a later checkpoint; fix their order/size"
-                )
-            else:
-                kernel += k_term
-                q_sum += q_term
-        assert kernel is not None and q_sum is not None
-        m = len(self._xtx_inv)
-        scores = kernel.div_(m).mul_((q_sum.to(torch.float64) / m).unsqueeze(1))
+            ).to(torch.float64)
+            return phi.to(torch.float64) @ (test @ inv).T  # (n_train, n_test); inv is symmetric
+
+        kernel, q = self._ensemble_mean(train_loader, kernel_term)
+        scores = kernel.mul_(q.unsqueeze(1))
         return check_finite(scores.to(self.dtype), "TRAK scores")
 
     def self_attribute(self, train_loader: Iterable[Batch]) -> Tensor:
         """``mean_k phi_k(i) X_k phi_k(i)  *  mean_k (1 - p_k(i))``: the diagonal of
         ``attribute(train, train)``; ``(n_train,)`` on ``device``."""
         self._require_cache()
-        kernel: Tensor | None = None
-        q_sum: Tensor | None = None
-        for index, inv in enumerate(self._xtx_inv):
-            projector = self._projector(index)
-            phi, q_term = self._train_terms_all(train_loader, index, projector)
+
+        def kernel_term(index: int, inv: Tensor, projector: Projector, phi: Tensor) -> Tensor:
             phi = phi.to(torch.float64)
-            k_term = ((phi @ inv) * phi).sum(dim=1)
-            if kernel is None:
-                kernel, q_sum = k_term, q_term
-            elif kernel.shape != k_term.shape:
-                raise DataError(
-                    "the train loader yielded a different number of samples on a later checkpoint"
-                )
-            else:
-                kernel += k_term
-                q_sum += q_term
-        assert kernel is not None and q_sum is not None
-        m = len(self._xtx_inv)
-        scores = kernel.div_(m).mul_(q_sum.to(torch.float64) / m)
+            return ((phi @ inv) * phi).sum(dim=1)
+
+        kernel, q = self._ensemble_mean(train_loader, kernel_term)
+        scores = kernel.mul_(q)
         return check_finite(scores.to(self.dtype), "TRAK self-influence")
 
     def hyperparameters(self) -> dict[str, Any]:

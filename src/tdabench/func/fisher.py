@@ -117,7 +117,9 @@ def fvp(
     _check_nonneg("regularization", regularization)
 
     def f(x: Sequence[Any], v: Tensor) -> Tensor:
-        return fvp_at_x(func, _check_x_tuple(x, "fvp"), argnums=argnums, regularization=regularization)(v)
+        return fvp_at_x(
+            func, _check_x_tuple(x, "fvp"), argnums=argnums, regularization=regularization
+        )(v)
 
     return f
 
@@ -160,7 +162,14 @@ def ifvp_explicit(
     """``f(x, v) = (F(x) + λI)^{-1} v`` with ``x = (θ, *data)``; see :func:`ifvp_at_x_explicit`."""
     _check_nonneg("regularization", regularization)
 
-    return _at_any_x(ifvp_at_x_explicit, func, "ifvp_explicit", argnums=argnums, regularization=regularization, max_dense_bytes=max_dense_bytes)
+    return _at_any_x(
+        ifvp_at_x_explicit,
+        func,
+        "ifvp_explicit",
+        argnums=argnums,
+        regularization=regularization,
+        max_dense_bytes=max_dense_bytes,
+    )
 
 
 def ifvp_at_x_cg(
@@ -187,7 +196,10 @@ def ifvp_at_x_cg(
 
     def f(v: Tensor) -> Tensor:
         V, single = _as_rows(v, d, like)
-        return _out(conjugate_gradient(mv, V, max_iter=max_iter, tol=tol, regularization=regularization), single)
+        return _out(
+            conjugate_gradient(mv, V, max_iter=max_iter, tol=tol, regularization=regularization),
+            single,
+        )
 
     return f
 
@@ -202,4 +214,12 @@ def ifvp_cg(
     """``f(x, v)``: CG inverse-Fisher-vector products at any point; see :func:`ifvp_at_x_cg`."""
     _check_nonneg("regularization", regularization)
 
-    return _at_any_x(ifvp_at_x_cg, func, "ifvp_cg", argnums=argnums, max_iter=max_iter, tol=tol, regularization=regularization)
+    return _at_any_x(
+        ifvp_at_x_cg,
+        func,
+        "ifvp_cg",
+        argnums=argnums,
+        max_iter=max_iter,
+        tol=tol,
+        regularization=regularization,
+    )

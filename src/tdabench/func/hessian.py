@@ -89,8 +89,12 @@ def _check_x_tuple(x: Any, fname: str) -> tuple[Any, ...]:
     return tuple(x)
 
 
-def _at_any_x(at_x: Callable[..., Callable[[Tensor], Tensor]], func: Callable[..., Tensor], name: str,
-              **kwargs: Any) -> Callable[[Sequence[Any], Tensor], Tensor]:
+def _at_any_x(
+    at_x: Callable[..., Callable[[Tensor], Tensor]],
+    func: Callable[..., Tensor],
+    name: str,
+    **kwargs: Any,
+) -> Callable[[Sequence[Any], Tensor], Tensor]:
     """The dattri "any point" form ``f(x, v) = at_x(func, *x, **kwargs)(v)`` of an ``*_at_x`` factory."""
 
     def f(x: Sequence[Any], v: Tensor) -> Tensor:
@@ -101,9 +105,13 @@ def _at_any_x(at_x: Callable[..., Callable[[Tensor], Tensor]], func: Callable[..
 
 def _check_argnums(x: tuple[Any, ...], argnums: int) -> Tensor:
     if not isinstance(argnums, int) or isinstance(argnums, bool):
-        raise ConfigError(f"argnums must be one int (the index of the variable in x), got {argnums!r}")
+        raise ConfigError(
+            f"argnums must be one int (the index of the variable in x), got {argnums!r}"
+        )
     if not -len(x) <= argnums < len(x):
-        raise ConfigError(f"argnums={argnums} is out of range for x with {len(x)} arguments; pass 0..{len(x) - 1}")
+        raise ConfigError(
+            f"argnums={argnums} is out of range for x with {len(x)} arguments; pass 0..{len(x) - 1}"
+        )
     theta = x[argnums]
     if not isinstance(theta, Tensor) or not theta.is_floating_point():
         raise ConfigError(
@@ -119,7 +127,9 @@ def _detach(x: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(a.detach() if isinstance(a, Tensor) else a for a in x)
 
 
-def _flat_function(func: Callable[..., Tensor], x: tuple[Any, ...], argnums: int) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+def _flat_function(
+    func: Callable[..., Tensor], x: tuple[Any, ...], argnums: int
+) -> tuple[Callable[[Tensor], Tensor], Tensor]:
     """``g(flat)`` = ``func`` with ``x[argnums]`` replaced by ``flat.view(shape)``, and ``flat0``."""
     theta = _check_argnums(x, argnums)
     pos = argnums % len(x)
@@ -272,7 +282,13 @@ def hvp(
     _check_nonneg("regularization", regularization)
 
     def f(x: Sequence[Any], v: Tensor) -> Tensor:
-        return hvp_at_x(func, _check_x_tuple(x, "hvp"), argnums=argnums, mode=mode, regularization=regularization)(v)
+        return hvp_at_x(
+            func,
+            _check_x_tuple(x, "hvp"),
+            argnums=argnums,
+            mode=mode,
+            regularization=regularization,
+        )(v)
 
     return f
 
@@ -322,7 +338,14 @@ def ihvp_explicit(
     """``f(x, v) = (H(x) + λI)^{-1} v`` from the dense Hessian; see :func:`ihvp_at_x_explicit`."""
     _check_nonneg("regularization", regularization)
 
-    return _at_any_x(ihvp_at_x_explicit, func, "ihvp_explicit", argnums=argnums, regularization=regularization, max_dense_bytes=max_dense_bytes)
+    return _at_any_x(
+        ihvp_at_x_explicit,
+        func,
+        "ihvp_explicit",
+        argnums=argnums,
+        regularization=regularization,
+        max_dense_bytes=max_dense_bytes,
+    )
 
 
 # ---------------------------------------------------------------------------- CG
@@ -359,7 +382,10 @@ def ihvp_at_x_cg(
 
     def f(v: Tensor) -> Tensor:
         V, single = _as_rows(v, d, flat0)
-        return _out(conjugate_gradient(mv, V, max_iter=max_iter, tol=tol, regularization=regularization), single)
+        return _out(
+            conjugate_gradient(mv, V, max_iter=max_iter, tol=tol, regularization=regularization),
+            single,
+        )
 
     return f
 
@@ -379,7 +405,16 @@ def ihvp_cg(
         raise ConfigError(f"max_iter must be >= 1, got {max_iter}")
     _check_nonneg("tol", tol)
 
-    return _at_any_x(ihvp_at_x_cg, func, "ihvp_cg", argnums=argnums, max_iter=max_iter, tol=tol, mode=mode, regularization=regularization)
+    return _at_any_x(
+        ihvp_at_x_cg,
+        func,
+        "ihvp_cg",
+        argnums=argnums,
+        max_iter=max_iter,
+        tol=tol,
+        mode=mode,
+        regularization=regularization,
+    )
 
 
 # ---------------------------------------------------------------------------- Arnoldi
@@ -422,8 +457,15 @@ def ihvp_at_x_arnoldi(
     g, flat0 = _flat_function(func, tuple(x), argnums)
     d = flat0.numel()
     basis = arnoldi_basis(
-        _matvec(g, flat0, mode), d, proj_dim=proj_dim, max_iter=max_iter, tol=tol,
-        norm_constant=norm_constant, seed=seed, dtype=flat0.dtype, device=flat0.device,
+        _matvec(g, flat0, mode),
+        d,
+        proj_dim=proj_dim,
+        max_iter=max_iter,
+        tol=tol,
+        norm_constant=norm_constant,
+        seed=seed,
+        dtype=flat0.dtype,
+        device=flat0.device,
     )
 
     def f(v: Tensor) -> Tensor:
@@ -455,7 +497,19 @@ def ihvp_arnoldi(
     _check_mode(mode)
     _check_nonneg("regularization", regularization)
 
-    return _at_any_x(ihvp_at_x_arnoldi, func, "ihvp_arnoldi", argnums=argnums, max_iter=max_iter, tol=tol, mode=mode, regularization=regularization, proj_dim=proj_dim, norm_constant=norm_constant, seed=seed)
+    return _at_any_x(
+        ihvp_at_x_arnoldi,
+        func,
+        "ihvp_arnoldi",
+        argnums=argnums,
+        max_iter=max_iter,
+        tol=tol,
+        mode=mode,
+        regularization=regularization,
+        proj_dim=proj_dim,
+        norm_constant=norm_constant,
+        seed=seed,
+    )
 
 
 # ---------------------------------------------------------------------------- LiSSA
@@ -520,9 +574,13 @@ def ihvp_at_x_lissa(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if recursion_depth < 1 or num_repeat < 1:
-        raise ConfigError(f"recursion_depth and num_repeat must be >= 1, got {recursion_depth}, {num_repeat}")
+        raise ConfigError(
+            f"recursion_depth and num_repeat must be >= 1, got {recursion_depth}, {num_repeat}"
+        )
     if scaling <= 0:
-        raise ConfigError(f"scaling must be > 0 (above the largest Hessian eigenvalue), got {scaling}")
+        raise ConfigError(
+            f"scaling must be > 0 (above the largest Hessian eigenvalue), got {scaling}"
+        )
     if not 0.0 <= damping < 1.0:
         raise ConfigError(f"damping must be in [0, 1), got {damping}")
     pos = argnums % len(x)
@@ -534,7 +592,9 @@ def ihvp_at_x_lissa(
     if data:
         n = _num_samples(data)
         if batch_size > n:
-            raise ConfigError(f"batch_size={batch_size} exceeds the {n} samples in the data arguments; pass batch_size <= {n}")
+            raise ConfigError(
+                f"batch_size={batch_size} exceeds the {n} samples in the data arguments; pass batch_size <= {n}"
+            )
     else:
         n = 0
 
@@ -564,8 +624,14 @@ def ihvp_at_x_lissa(
                 args = (args,)
             return _matvec(step_func(args), flat0, mode)
 
-        out = lissa_recursion(sampler, V, recursion_depth=recursion_depth, damping=damping,
-                              scaling=scaling, num_repeat=num_repeat)
+        out = lissa_recursion(
+            sampler,
+            V,
+            recursion_depth=recursion_depth,
+            damping=damping,
+            scaling=scaling,
+            num_repeat=num_repeat,
+        )
         return _out(out, single)
 
     return f
@@ -586,4 +652,17 @@ def ihvp_lissa(
     """``f(x, v)`` with ``x = (θ, *data)``: LiSSA IHVPs; see :func:`ihvp_at_x_lissa`."""
     _check_mode(mode)
 
-    return _at_any_x(ihvp_at_x_lissa, func, "ihvp_lissa", argnums=argnums, batch_size=batch_size, num_repeat=num_repeat, recursion_depth=recursion_depth, damping=damping, scaling=scaling, collate_fn=collate_fn, mode=mode, seed=seed)
+    return _at_any_x(
+        ihvp_at_x_lissa,
+        func,
+        "ihvp_lissa",
+        argnums=argnums,
+        batch_size=batch_size,
+        num_repeat=num_repeat,
+        recursion_depth=recursion_depth,
+        damping=damping,
+        scaling=scaling,
+        collate_fn=collate_fn,
+        mode=mode,
+        seed=seed,
+    )
