@@ -425,3 +425,31 @@ def test_stacked_linear_matches_linear_under_vmap(width):
     # forward with a shared weight and batched input
     out = torch.func.vmap(StackedLinear.apply, in_dims=(0, None, None))(xb, p["W1"][0], p["b1"][0])
     torch.testing.assert_close(out, F.linear(xb, p["W1"][0], p["b1"][0]))
+
+
+@pytest.mark.parametrize("cls", [SequentialTrainer, BatchedTrainer], ids=["sequential", "batched"])
+@pytest.mark.parametrize("rname", ["sgd_momentum", "adam"])
+def test_epoch_snapshots_equal_truncated_runs(data, cls, rname):
+    """on_epoch snapshots of one run == separate runs with fewer epochs (constant lr), for
+    every model and every epoch; the final snapshot equals the returned state."""
+    train, test = data
+    masks, seeds = half_masks(3, seed=5), [7, 8, 9]
+    recipe = dict(RECIPES[rname], epochs=3)
+    seen: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+
+    def on_epoch(epoch, rows, stacked):
+        for i, r in enumerate(rows):
+            assert (epoch, r) not in seen  # each (epoch, model) reported once
+            seen[(epoch, r)] = unstack(stacked, i)
+
+    extra = dict(max_models_per_batch=2) if cls is BatchedTrainer else {}
+    final = cls(mlp_model, train, test, recipe, **F64, **extra).train(masks, seeds, on_epoch=on_epoch)
+    assert sorted(seen) == [(e, r) for e in (1, 2, 3) for r in range(3)]
+    for e in (1, 2):
+        short = cls(mlp_model, train, test, dict(recipe, epochs=e), **F64).train(masks, seeds)
+        for r in range(3):
+            assert rel_err(seen[(e, r)], unstack(short, r)) <= 1e-12
+    for r in range(3):
+        assert rel_err(seen[(3, r)], unstack(final, r)) == 0.0
+    # snapshots are copies: later training does not change them
+    assert rel_err(seen[(1, 0)], seen[(3, 0)]) > 1e-6

@@ -85,6 +85,7 @@ from tdabench.groundtruth.optim import (
 __all__ = [
     "TRAINER_VERSION",
     "BatchedTrainer",
+    "EpochCallback",
     "SequentialTrainer",
     "Trainer",
     "make_trainer",
@@ -97,6 +98,10 @@ logger = logging.getLogger(__name__)
 TRAINER_VERSION = "1"
 
 _TARGETS = ("loss", "margin", "neg_loss")
+#: ``on_epoch(epoch, rows, stacked)``: called after every completed epoch with the 1-based epoch
+#: number, the mask rows of the models it describes and a detached copy of their stacked state.
+EpochCallback = Callable[[int, list[int], dict[str, Tensor]], None]
+
 _COMPACT_MIN_PARAMS = 20_000
 _COMPACT_MAX_FILL = 0.8
 _KINDS = ("classification", "sequence")
@@ -108,7 +113,7 @@ class Trainer(Protocol):
 
     def fingerprint(self) -> dict[str, Any]: ...
 
-    def train(self, masks: Tensor, seeds: Sequence[int]) -> dict[str, Tensor]: ...
+    def train(self, masks: Tensor, seeds: Sequence[int], on_epoch: EpochCallback | None = None) -> dict[str, Tensor]: ...
 
     def evaluate(self, stacked: dict[str, Tensor], target: str | Callable) -> Tensor: ...
 
@@ -288,6 +293,16 @@ class _TrainerBase:
             return self.recipe["max_iters"]
         return self.recipe["epochs"] * math.ceil(self.n_train / b_stream)
 
+    def _epoch_ends(self, b_stream: int) -> Callable[[int], int | None]:
+        """``it -> e`` if stream iteration ``it`` (0-based) is the last of epoch ``e`` (1-based),
+        else ``None``; used to report per-epoch snapshots."""
+        per = math.ceil(self.n_train / b_stream)
+
+        def ends(it: int) -> int | None:
+            return (it + 1) // per if (it + 1) % per == 0 else None
+
+        return ends
+
     def _stream(self, b_stream: int) -> Iterator[tuple[int, int, Tensor]]:
         """Yield ``(iteration, epoch, indices)`` of the shared stream (indices on the CPU)."""
         total = self.num_iters(b_stream)
@@ -460,12 +475,16 @@ class SequentialTrainer(_TrainerBase):
 
     name = "sequential"
 
-    def train(self, masks: Tensor, seeds: Sequence[int]) -> dict[str, Tensor]:
+    def train(self, masks: Tensor, seeds: Sequence[int], on_epoch: EpochCallback | None = None) -> dict[str, Tensor]:
         """Train one model per mask row.
 
         Args:
             masks: bool ``(m, n_train)``; row ``r`` is the training subset of model ``r``.
             seeds: ``m`` ints, the initialisation seeds.
+            on_epoch: optional :data:`EpochCallback`, called after every completed epoch of
+                the shared stream (here once per model: ``rows == [r]``). Snapshots taken this
+                way equal training with ``epochs`` truncated for a constant learning rate
+                (schedules depend on the total length).
 
         Returns:
             Stacked state dict ``{name: (m, ...)}``.
@@ -473,6 +492,7 @@ class SequentialTrainer(_TrainerBase):
         masks, seeds = self._check_call(masks, seeds)
         b_stream = self.stream_batch_size(masks)
         total = self.num_iters(b_stream)
+        epoch_end = self._epoch_ends(b_stream)
         states = []
         inputs, labels = self._train[:-1], self._train[-1]
         clip = self.recipe["grad_clip"]
@@ -486,6 +506,7 @@ class SequentialTrainer(_TrainerBase):
                 for it, epoch, idx in self._stream(b_stream):
                     sel = idx[row[idx]]
                     if sel.numel() == 0:
+                        self._snapshot_one(on_epoch, epoch_end(it), r, model)
                         continue
                     sel = sel.to(self.device)
                     lr = lr_at(self.recipe, it, total)
@@ -500,10 +521,16 @@ class SequentialTrainer(_TrainerBase):
                     if clip is not None:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
                     opt.step()
+                    self._snapshot_one(on_epoch, epoch_end(it), r, model)
                 if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
                     self._raise_nonfinite([r], "(final parameters)")
                 states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         return {k: torch.stack([s[k] for s in states]) for k in states[0]}
+
+    @staticmethod
+    def _snapshot_one(on_epoch: EpochCallback | None, epoch: int | None, r: int, model: nn.Module) -> None:
+        if on_epoch is not None and epoch is not None:
+            on_epoch(epoch, [r], {k: v.detach().clone().unsqueeze(0) for k, v in model.state_dict().items()})
 
 
 class BatchedTrainer(_TrainerBase):
@@ -560,19 +587,22 @@ class BatchedTrainer(_TrainerBase):
         loss = (w * per).sum() / w.sum().clamp(min=1.0)
         return loss, loss.detach()
 
-    def train(self, masks: Tensor, seeds: Sequence[int]) -> dict[str, Tensor]:
-        """Train one model per mask row (see :meth:`SequentialTrainer.train`)."""
+    def train(self, masks: Tensor, seeds: Sequence[int], on_epoch: EpochCallback | None = None) -> dict[str, Tensor]:
+        """Train one model per mask row (see :meth:`SequentialTrainer.train`); ``on_epoch``
+        is called once per epoch and chunk of ``max_models_per_batch`` models."""
         masks, seeds = self._check_call(masks, seeds)
         b_stream = self.stream_batch_size(masks)
         m = len(seeds)
         chunk = self.max_models_per_batch or m
         parts = []
         for a in tqdm(range(0, m, chunk), desc="train (batched)", disable=None, leave=False):
-            parts.append(self._train_chunk(masks[a:a + chunk], seeds[a:a + chunk], a, b_stream))
+            parts.append(self._train_chunk(masks[a:a + chunk], seeds[a:a + chunk], a, b_stream, on_epoch))
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
-    def _train_chunk(self, masks: Tensor, seeds: list[int], offset: int, b_stream: int) -> dict[str, Tensor]:
+    def _train_chunk(self, masks: Tensor, seeds: list[int], offset: int, b_stream: int,
+                     on_epoch: EpochCallback | None = None) -> dict[str, Tensor]:
         total = self.num_iters(b_stream)
+        epoch_end = self._epoch_ends(b_stream)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             models = []
             for s in seeds:
@@ -618,6 +648,10 @@ class BatchedTrainer(_TrainerBase):
                 if clip is not None:
                     clip_grad_norms_(grads, clip)
                 opt.step(params, grads, state, lr_at(self.recipe, it, total), active)
+                done = epoch_end(it)
+                if on_epoch is not None and done is not None:
+                    on_epoch(done, list(range(offset, offset + len(seeds))),
+                             {k: v.detach().clone() for k, v in self._to_state(params, buffers).items()})
             self._check_bad(bad, offset, f"(epoch {last_epoch})")
             final_bad = torch.zeros_like(bad)
             for p in params.values():

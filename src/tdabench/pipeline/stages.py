@@ -231,8 +231,8 @@ def train(spec: Mapping[str, Any], data_dir: str, out_dir: str, device: str = "a
     plus the same recipe on the noisy labels (for mislabel detection).
 
     Writes ``<out_dir>/{clean,noisy}-<k>-ckpt<j>.safetensors`` (j = 0..checkpoints-1, last = final)
-    and ``<out_dir>/manifest.json``. Intermediate checkpoints come from training with the recipe's
-    epoch count truncated to evenly spaced fractions (same seed, so they are prefixes of the run).
+    and ``<out_dir>/manifest.json``. Intermediate checkpoints are snapshots of model 0's run taken
+    after evenly spaced epochs (the trainer's ``on_epoch`` callback): one training run per model.
     """
     import torch
     from safetensors.torch import save_file
@@ -258,6 +258,7 @@ def train(spec: Mapping[str, Any], data_dir: str, out_dir: str, device: str = "a
     stops = sorted(
         {max(1, round(epochs * (j + 1) / t["checkpoints"])) for j in range(t["checkpoints"])}
     )
+    want = {stop: j for j, stop in enumerate(stops)}
     for variant in ("clean", "noisy"):
         d = data
         if variant == "noisy":
@@ -265,24 +266,44 @@ def train(spec: Mapping[str, Any], data_dir: str, out_dir: str, device: str = "a
                 train=(data.train[0], noisy_labels, *data.train[2:]), test=data.test, meta=data.meta
             )
         per_model: list[list[str]] = [[] for _ in range(t["ensemble"])]
-        for j, stop in enumerate(stops):
-            s = _setting({**spec, "recipe": {**spec["recipe"], "epochs": stop}})
-            trainer = make_trainer(s, d, batched=True, device=_device(device))
-            # Intermediate checkpoints (TracIn) are needed of model 0 only; the whole ensemble
-            # (TRAK) only at the final epoch. Models do not depend on which others train with
-            # them (shared minibatch stream), so model 0 is the same run in both calls.
-            m = t["ensemble"] if variant == "clean" and j == len(stops) - 1 else 1
-            stacked = trainer.train(masks[:m], seeds[:m])
-            for k in range(m):
-                name = f"{variant}-{k}-ckpt{j}.safetensors"
-                tmp = out / f".{name}.tmp"
-                save_file(
-                    {n: v.contiguous().cpu() for n, v in unstack(stacked, k).items()},
-                    str(tmp),
-                    metadata={"spec": str(dict(spec)), "epochs": str(stop)},
-                )
-                os.replace(tmp, out / name)
-                per_model[k].append(name)
+
+        def save(
+            k: int,
+            j: int,
+            state: Mapping[str, Any],
+            stop: int,
+            variant: str = variant,
+            per_model: list[list[str]] = per_model,
+        ) -> None:
+            name = f"{variant}-{k}-ckpt{j}.safetensors"
+            tmp = out / f".{name}.tmp"
+            save_file(
+                {n: v.contiguous().cpu() for n, v in state.items()},
+                str(tmp),
+                metadata={"spec": str(dict(spec)), "epochs": str(stop)},
+            )
+            os.replace(tmp, out / name)
+            per_model[k].append(name)
+
+        def snapshot(
+            epoch: int, rows: list[int], stacked: dict[str, Any], save: Any = save
+        ) -> None:
+            # intermediate checkpoints (TracIn) of model 0 only, taken during its one run
+            if 0 in rows and epoch in want and want[epoch] < len(stops) - 1:
+                save(0, want[epoch], unstack(stacked, rows.index(0)), epoch)
+
+        # the whole ensemble (TRAK) is needed of the clean labels only; models do not depend on
+        # which others train with them (shared minibatch stream)
+        m = t["ensemble"] if variant == "clean" else 1
+        trainer = make_trainer(setting, d, batched=True, device=_device(device))
+        stacked = trainer.train(masks[:m], seeds[:m], on_epoch=snapshot)
+        if len(per_model[0]) != len(stops) - 1:
+            raise RuntimeError(
+                f"the trainer reported epochs missing some of the checkpoint epochs {stops[:-1]} "
+                "(recipe with max_iters?); set train.checkpoints: 1 or use an epoch-based recipe"
+            )
+        for k in range(m):
+            save(k, len(stops) - 1, unstack(stacked, k), stops[-1])
         files[variant] = [p for p in per_model if p]
     write_json(
         out / "manifest.json",
