@@ -254,7 +254,11 @@ def train(spec: Mapping[str, Any], data_dir: str, out_dir: str, device: str = "a
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, list[list[str]]] = {"clean": [], "noisy": []}
-    epochs = setting.recipe.get("epochs", 1)
+    # epochs of the shared stream actually run (a recipe with max_iters may span several)
+    probe = make_trainer(setting, data, batched=True, device="cpu")
+    b_stream = probe.stream_batch_size(masks[:1])
+    epochs = math.ceil(probe.num_iters(b_stream) / math.ceil(n_train / b_stream))
+    del probe
     stops = sorted(
         {max(1, round(epochs * (j + 1) / t["checkpoints"])) for j in range(t["checkpoints"])}
     )
