@@ -7,6 +7,7 @@ losses for Hessian-vector products, and parameter vectors of each checkpoint.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -30,6 +31,11 @@ __all__ = ["AttributionTask", "load_state_dict"]
 
 Checkpoint = Mapping[str, Tensor] | str | os.PathLike
 LayerName = str | Sequence[str] | None
+
+logger = logging.getLogger(__name__)
+
+# layers whose forward differs between train() and eval()
+_MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)
 
 _PICKLE_MAGIC = (b"\x80",)  # protocol 2+ pickles start with PROTO opcode
 
@@ -115,6 +121,16 @@ class AttributionTask:
                 f"got {type(checkpoints).__name__} of length {len(checkpoints) if hasattr(checkpoints, '__len__') else '?'}"
             )
         self.checkpoints = ckpts
+        stochastic = sorted(
+            {type(m).__name__ for m in model.modules() if isinstance(m, _MODE_DEPENDENT)}
+        )
+        if model.training and stochastic:
+            logger.warning(
+                "the model is in training mode and has %s layers: gradients then use dropout noise "
+                "or batch statistics (BatchNorm also updates its running buffers, which torch.func "
+                "refuses); call model.eval() before building the AttributionTask",
+                "/".join(stochastic),
+            )
         self._all_names = [n for n, _ in model.named_parameters()]
         self._cache_index: int | None = None
         self._cache_params: dict[str, Tensor] | None = None

@@ -190,16 +190,20 @@ def prepare(spec: Mapping[str, Any], out_dir: str) -> None:
     _threads()
     setting, data = _load(spec)
     labels = data.train[1]
-    noisy, flipped = flip_labels(  # LIBRARY
-        labels, spec["auc"]["noise_fraction"], setting.num_classes, seed=spec["auc"]["seed"]
-    )
     mask = np.zeros(len(labels), dtype=bool)
-    mask[np.asarray(flipped)] = True
+    if setting.kind == "classification":
+        noisy, flipped = flip_labels(  # LIBRARY
+            labels, spec["auc"]["noise_fraction"], setting.num_classes, seed=spec["auc"]["seed"]
+        )
+        mask[np.asarray(flipped)] = True
+        label_col, noisy_col = np.asarray(labels), np.asarray(noisy)
+    else:  # sequences have no single label to flip: no mislabel-detection variant (-1 = none)
+        label_col = noisy_col = np.full(len(labels), -1)
     table = pa.table(
         {
             "train_index": pa.array(np.arange(len(labels)), pa.int64()),
-            "label": pa.array(np.asarray(labels), pa.int64()),
-            "noisy_label": pa.array(np.asarray(noisy), pa.int64()),
+            "label": pa.array(label_col, pa.int64()),
+            "noisy_label": pa.array(noisy_col, pa.int64()),
             "flipped": pa.array(mask),
         }
     )
@@ -247,6 +251,8 @@ def train(spec: Mapping[str, Any], data_dir: str, out_dir: str, device: str = "a
     noisy_labels = torch.as_tensor(
         pq.read_table(Path(data_dir) / "noisy.parquet").column("noisy_label").to_numpy().copy()
     )
+    # the label-noise variant (mislabel detection) exists for classification only
+    variants = ("clean", "noisy") if setting.kind == "classification" else ("clean",)
     t = spec["train"]
     n_train = len(data.train[1])
     masks = torch.ones(t["ensemble"], n_train, dtype=torch.bool)
@@ -263,7 +269,7 @@ def train(spec: Mapping[str, Any], data_dir: str, out_dir: str, device: str = "a
         {max(1, round(epochs * (j + 1) / t["checkpoints"])) for j in range(t["checkpoints"])}
     )
     want = {stop: j for j, stop in enumerate(stops)}
-    for variant in ("clean", "noisy"):
+    for variant in variants:
         d = data
         if variant == "noisy":
             d = type(data)(
@@ -484,7 +490,7 @@ def attribute(
         return [str(Path(models_dir) / n) for n in names]
 
     def run(variant: str, labels: Any, self_only: bool) -> tuple[Any, float]:
-        model = setting.build_model()
+        model = setting.build_model().eval()  # no dropout noise / batch statistics in gradients
         ckpts = checkpoints(variant)
         task = AttributionTask(
             loss_func=make_loss_func(model, setting.kind),
@@ -506,6 +512,15 @@ def attribute(
     meta = {"spec": dict(spec), "method": a["method"], **provenance()}
     scores, seconds = run("clean", data.train[1], self_only=False)
     write_scores(out, scores, {**meta, "seconds": seconds})
+    if (metrics is None or "auc" in metrics) and setting.kind != "classification":
+        if metrics is not None:
+            from tdabench.errors import ConfigError
+
+            raise ConfigError(
+                f"{setting.name} is a {setting.kind} setting: mislabel detection (auc) needs class "
+                "labels; remove auc from the benchmark's metrics"
+            )
+        metrics = [m for m in ("lds", "loo") if m in (metrics or ())]
     if metrics is None or "auc" in metrics:
         import pyarrow.parquet as pq
 
