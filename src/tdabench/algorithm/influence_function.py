@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from tdabench.algorithm.base import BaseAttributor
 from tdabench.errors import ConfigError, DataError, NonFiniteError
+from tdabench.func.batching import fold_broadcast_bmm
 from tdabench.func.solvers import (
     DEFAULT_MAX_DENSE_BYTES,
     EigenBasis,
@@ -157,16 +158,24 @@ def _batch_hvp(func: Callable[[Tensor], Tensor], flat: Tensor, mode: str) -> Mat
     """
     if mode == "rev-rev":
         _, vjp_fn = vjp(grad(func), flat)
+        batched = vmap(vjp_fn)
 
         def mv(V: Tensor) -> Tensor:
-            return vmap(vjp_fn)(V)[0]
+            with fold_broadcast_bmm():
+                return batched(V)[0]
 
         return mv
 
     def one(v: Tensor) -> Tensor:
         return jvp(grad(func), (flat,), (v,))[1]
 
-    return vmap(one, randomness="same")
+    batched_fwd = vmap(one, randomness="same")
+
+    def mv_fwd(V: Tensor) -> Tensor:
+        with fold_broadcast_bmm():
+            return batched_fwd(V)
+
+    return mv_fwd
 
 
 def _rechunk(batches: list[Batch], size: int) -> list[Batch]:

@@ -41,6 +41,7 @@ from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
 from tdabench.errors import ConfigError, NonFiniteError, ShapeError
+from tdabench.func.batching import fold_broadcast_bmm
 from tdabench.func.solvers import (
     arnoldi_basis,
     check_dense_size,
@@ -186,7 +187,8 @@ def _matvec(g: Callable[[Tensor], Tensor], flat0: Tensor, mode: str) -> Matvec:
     batched = vmap(one)
 
     def mv(V: Tensor) -> Tensor:
-        return batched(V)
+        with fold_broadcast_bmm():  # one wide GEMM instead of k skinny ones per shared matrix
+            return batched(V)
 
     return mv
 
