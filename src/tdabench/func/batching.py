@@ -69,7 +69,14 @@ class _FoldBroadcastBmm(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def fold_broadcast_bmm() -> Iterator[None]:
-    """Inside this context, ``bmm`` of a batch against one broadcast matrix runs as one ``mm``."""
+def fold_broadcast_bmm(batch: int | None = None) -> Iterator[None]:
+    """Inside this context, ``bmm`` of a batch against one broadcast matrix runs as one ``mm``.
+
+    ``batch``: the ``vmap`` batch size about to run, if known; with ``batch <= 1`` there is
+    nothing to fold and the context does nothing (it would only add per-op overhead).
+    """
+    if batch is not None and batch <= 1:
+        yield
+        return
     with _FoldBroadcastBmm():
         yield
