@@ -187,7 +187,8 @@ def _matvec(g: Callable[[Tensor], Tensor], flat0: Tensor, mode: str) -> Matvec:
     batched = vmap(one)
 
     def mv(V: Tensor) -> Tensor:
-        with fold_broadcast_bmm(V.shape[0]):  # one wide GEMM instead of k skinny ones per shared matrix
+        # one wide GEMM per shared matrix instead of k skinny ones
+        with fold_broadcast_bmm(V.shape[0]):
             return batched(V)
 
     return mv
