@@ -149,13 +149,29 @@ def _concat(batches: list[Batch]) -> Batch:
     return tuple(cols) if isinstance(first, tuple) else cols
 
 
-def _batch_hvp(func: Callable[[Tensor], Tensor], flat: Tensor, mode: str) -> Matvec:
+#: Fold broadcast ``bmm`` calls (:func:`~tdabench.func.batching.fold_broadcast_bmm`) only when
+#: samples x vectors of one batched HVP reach this: below it the products are tiny and the
+#: dispatch mode's per-op Python overhead costs more than it saves (LiSSA's mini-batches).
+_FOLD_MIN_WORK = 16384
+
+
+def _batch_hvp(
+    func: Callable[[Tensor], Tensor], flat: Tensor, mode: str, samples: int | None = None
+) -> Matvec:
     """Batched Hessian-vector product of a scalar ``func`` at ``flat``: ``(k, d) -> (k, d)``.
 
     ``rev-rev`` differentiates the gradient in reverse mode once (``vjp`` of ``grad``) and
     replays it for every row; ``rev-fwd`` pushes every row forward through the gradient
-    (``jvp`` of ``grad``).
+    (``jvp`` of ``grad``). One row runs without ``vmap``; more rows run under
+    :func:`~tdabench.func.batching.fold_broadcast_bmm` (one wide GEMM per shared data matrix)
+    unless ``samples`` (the number of samples ``func`` sums over, if known) times the rows is
+    below ``_FOLD_MIN_WORK``.
     """
+
+    def fold(k: int):  # type: ignore[no-untyped-def]
+        small = samples is not None and samples * k < _FOLD_MIN_WORK
+        return fold_broadcast_bmm(1 if small else k)
+
     if mode == "rev-rev":
         _, vjp_fn = vjp(grad(func), flat)
         batched = vmap(vjp_fn)
@@ -163,7 +179,7 @@ def _batch_hvp(func: Callable[[Tensor], Tensor], flat: Tensor, mode: str) -> Mat
         def mv(V: Tensor) -> Tensor:
             if V.shape[0] == 1:  # one vector (Arnoldi): plain products, no vmap overhead
                 return vjp_fn(V[0])[0].unsqueeze(0)
-            with fold_broadcast_bmm(V.shape[0]):
+            with fold(V.shape[0]):
                 return batched(V)[0]
 
         return mv
@@ -176,7 +192,7 @@ def _batch_hvp(func: Callable[[Tensor], Tensor], flat: Tensor, mode: str) -> Mat
     def mv_fwd(V: Tensor) -> Tensor:
         if V.shape[0] == 1:
             return one(V[0]).unsqueeze(0)
-        with fold_broadcast_bmm(V.shape[0]):
+        with fold(V.shape[0]):
             return batched_fwd(V)
 
     return mv_fwd
@@ -252,7 +268,7 @@ class _IFAttributorBase(BaseAttributor):
         out = torch.zeros_like(V)
         for batch in batches:
             f = self.task.summed_loss(batch, index, self.layer_name, device=self.device)
-            out = out + _batch_hvp(f, flat, mode)(V)
+            out = out + _batch_hvp(f, flat, mode, samples=batch_size_of(batch))(V)
         return out / n
 
     def _mean_hessian(self, index: int) -> _MeanHessian:
