@@ -431,6 +431,22 @@ def test_arnoldi_low_rank_and_ratio_match_eigen_oracle(lr_problem):
     assert att.hyperparameters()["precompute_data_ratio"] == 0.5
 
 
+def test_arnoldi_low_rank_scores_through_the_basis_match_the_ihvp(lr_problem):
+    """With proj_dim < n_test, attribute() scores through the rank-r basis
+    (G_train U diag(1/(λ+values)) Uᵀ G_testᵀ); it must equal G_train @ ihvp(G_test)ᵀ and
+    self_attribute (which uses the plain inverse-HVP) must stay its diagonal."""
+    p = lr_problem
+    att = IFAttributorArnoldi(_lr_task(p), proj_dim=4, max_iter=12, tol=1e-12, regularization=L2)
+    att.cache(_loader(p["Xtr"], p["ytr"], N_TRAIN))
+    X, y = p["Xtr"][:30], p["ytr"][:30]
+    full = att.attribute(_loader(X, y, 11), _loader(X, y, 7))
+    g = att._all_grads(_loader(X, y, 30), "loss", 0)
+    ref = g @ att._ihvp(0, g).T
+    np.testing.assert_allclose(_np(full), _np(ref), rtol=1e-10, atol=1e-13)
+    self_s = att.self_attribute(_loader(X, y, 11))
+    np.testing.assert_allclose(_np(self_s), np.diag(_np(full)), rtol=1e-9, atol=1e-12)
+
+
 def _oracle_grads(p, model, test=False):
     X, y = (p["Xte"], p["yte"]) if test else (p["Xtr"], p["ytr"])
     rows = []

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from tdabench.algorithm.base import BaseAttributor
 from tdabench.errors import ConfigError, DataError, NonFiniteError
+from tdabench.func.batching import fold_broadcast_bmm
 from tdabench.func.solvers import (
     DEFAULT_MAX_DENSE_BYTES,
     EigenBasis,
@@ -148,25 +149,53 @@ def _concat(batches: list[Batch]) -> Batch:
     return tuple(cols) if isinstance(first, tuple) else cols
 
 
-def _batch_hvp(func: Callable[[Tensor], Tensor], flat: Tensor, mode: str) -> Matvec:
+#: Fold broadcast ``bmm`` calls (:func:`~tdabench.func.batching.fold_broadcast_bmm`) only when
+#: samples x vectors of one batched HVP reach this: below it the products are tiny and the
+#: dispatch mode's per-op Python overhead costs more than it saves (LiSSA's mini-batches).
+_FOLD_MIN_WORK = 16384
+
+
+def _batch_hvp(
+    func: Callable[[Tensor], Tensor], flat: Tensor, mode: str, samples: int | None = None
+) -> Matvec:
     """Batched Hessian-vector product of a scalar ``func`` at ``flat``: ``(k, d) -> (k, d)``.
 
     ``rev-rev`` differentiates the gradient in reverse mode once (``vjp`` of ``grad``) and
     replays it for every row; ``rev-fwd`` pushes every row forward through the gradient
-    (``jvp`` of ``grad``).
+    (``jvp`` of ``grad``). One row runs without ``vmap``; more rows run under
+    :func:`~tdabench.func.batching.fold_broadcast_bmm` (one wide GEMM per shared data matrix)
+    unless ``samples`` (the number of samples ``func`` sums over, if known) times the rows is
+    below ``_FOLD_MIN_WORK``.
     """
+
+    def fold(k: int):  # type: ignore[no-untyped-def]
+        small = samples is not None and samples * k < _FOLD_MIN_WORK
+        return fold_broadcast_bmm(1 if small else k)
+
     if mode == "rev-rev":
         _, vjp_fn = vjp(grad(func), flat)
+        batched = vmap(vjp_fn)
 
         def mv(V: Tensor) -> Tensor:
-            return vmap(vjp_fn)(V)[0]
+            if V.shape[0] == 1:  # one vector (Arnoldi): plain products, no vmap overhead
+                return vjp_fn(V[0])[0].unsqueeze(0)
+            with fold(V.shape[0]):
+                return batched(V)[0]
 
         return mv
 
     def one(v: Tensor) -> Tensor:
         return jvp(grad(func), (flat,), (v,))[1]
 
-    return vmap(one, randomness="same")
+    batched_fwd = vmap(one, randomness="same")
+
+    def mv_fwd(V: Tensor) -> Tensor:
+        if V.shape[0] == 1:
+            return one(V[0]).unsqueeze(0)
+        with fold(V.shape[0]):
+            return batched_fwd(V)
+
+    return mv_fwd
 
 
 def _rechunk(batches: list[Batch], size: int) -> list[Batch]:
@@ -239,7 +268,7 @@ class _IFAttributorBase(BaseAttributor):
         out = torch.zeros_like(V)
         for batch in batches:
             f = self.task.summed_loss(batch, index, self.layer_name, device=self.device)
-            out = out + _batch_hvp(f, flat, mode)(V)
+            out = out + _batch_hvp(f, flat, mode, samples=batch_size_of(batch))(V)
         return out / n
 
     def _mean_hessian(self, index: int) -> _MeanHessian:
@@ -270,6 +299,11 @@ class _IFAttributorBase(BaseAttributor):
             fix="the Hessian is (near) singular or the solver diverged: pass regularization > 0 "
             "(LiSSA: raise scaling or damping)",
         )
+
+    def _test_factors(self, index: int, g_test: Tensor) -> tuple[Tensor | None, Tensor]:
+        """``(P, R)`` with scores ``G_train @ P @ Rᵀ`` (``P = None``: ``G_train @ Rᵀ``), i.e.
+        ``P Rᵀ = (H + λI)^{-1} G_testᵀ``; by default ``P = None`` and ``R`` = :meth:`_ihvp`."""
+        return None, self._ihvp(index, g_test)
 
     def _chunk_rows(self) -> int:
         if self.rhs_chunk_size is not None:
@@ -355,9 +389,9 @@ class _IFAttributorBase(BaseAttributor):
         K = self.task.num_checkpoints
         for k in range(K):
             g_test = self._all_grads(test_loader, "target", k, "test loader")
-            x_test = self._ihvp(k, g_test)
+            left, x_test = self._test_factors(k, g_test)
             blocks = [
-                g_train @ x_test.T
+                (g_train if left is None else g_train @ left) @ x_test.T
                 for g_train in tqdm(
                     self._grads(train_loader, "loss", k, "train loader"),
                     desc=f"IF attribute (ckpt {k})",
@@ -472,14 +506,13 @@ class IFAttributorExplicit(_IFAttributorBase):
             leave=False,
         ):
             f = self.task.summed_loss(batch, index, self.layer_name, device=self.device)
-            H += dense_from_matvec(_batch_hvp(f, flat, "rev-rev"), d, flat.dtype, self.device)
-        H /= self._n_cached
+            dense_from_matvec(_batch_hvp(f, flat, "rev-rev"), d, flat.dtype, self.device, out=H)
         check_finite(
             H,
             f"explicit Hessian at checkpoint {index}",
             fix="check the model and data (float64 helps)",
         )
-        H = 0.5 * (H + H.T)
+        H = H.add(H.T).mul_(0.5 / self._n_cached)  # symmetrised mean
         if self.regularization:
             H.diagonal().add_(self.regularization)
         L, info = torch.linalg.cholesky_ex(H)
@@ -695,6 +728,12 @@ class IFAttributorArnoldi(_IFAttributorBase):
         seed: seed of the Arnoldi start vector.
     """
 
+    #: Training samples per Hessian-vector-product chunk. Arnoldi multiplies one vector at a
+    #: time, so replaying a chunk needs only about one forward pass of activations (the
+    #: linearised graphs of all chunks are kept either way): chunks are 8x those of the other
+    #: methods (fewer per-product overheads). Lower it if the products run out of memory.
+    hvp_batch_size: int = 8192
+
     def __init__(
         self,
         task: AttributionTask,
@@ -774,6 +813,20 @@ class IFAttributorArnoldi(_IFAttributorBase):
 
     def _solve(self, index: int, V: Tensor) -> Tensor:
         return self._bases[index].inverse_apply(V, self.regularization)
+
+    def _test_factors(self, index: int, g_test: Tensor) -> tuple[Tensor | None, Tensor]:
+        # (H + λI)^{-1} G_testᵀ = U C^T with C = G_test U diag(1 / (values + λ)): scoring
+        # through the rank-r basis costs n_train·d·r instead of n_train·d·n_test.
+        basis = self._bases[index]
+        if basis.values.numel() >= min(g_test.shape[0], self.spec.dim):
+            return super()._test_factors(index, g_test)
+        coeff = (g_test @ basis.vectors) / (basis.values + self.regularization)
+        check_finite(
+            coeff,
+            f"inverse-Hessian-vector product ({type(self).__name__}, checkpoint {index})",
+            fix="the Hessian is (near) singular or the solver diverged: pass regularization > 0",
+        )
+        return basis.vectors, coeff
 
     def hyperparameters(self) -> dict[str, Any]:
         out = super().hyperparameters()

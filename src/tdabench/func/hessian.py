@@ -41,6 +41,7 @@ from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
 from tdabench.errors import ConfigError, NonFiniteError, ShapeError
+from tdabench.func.batching import fold_broadcast_bmm
 from tdabench.func.solvers import (
     arnoldi_basis,
     check_dense_size,
@@ -186,7 +187,9 @@ def _matvec(g: Callable[[Tensor], Tensor], flat0: Tensor, mode: str) -> Matvec:
     batched = vmap(one)
 
     def mv(V: Tensor) -> Tensor:
-        return batched(V)
+        # one wide GEMM per shared matrix instead of k skinny ones
+        with fold_broadcast_bmm(V.shape[0]):
+            return batched(V)
 
     return mv
 

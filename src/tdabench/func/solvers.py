@@ -56,16 +56,26 @@ def _as_2d(v: Tensor, d: int | None = None) -> Tensor:
 
 
 def dense_from_matvec(matvec: Matvec, d: int, dtype: torch.dtype, device: torch.device | str | None = None,
-                      chunk: int = 256) -> Tensor:
+                      chunk: int = 256, out: Tensor | None = None) -> Tensor:
     """Materialise the ``d x d`` matrix of a symmetric ``matvec`` by applying it to the
-    identity in chunks of ``chunk`` rows."""
-    rows = []
+    identity in chunks of ``chunk`` rows.
+
+    With ``out`` (a ``d x d`` tensor), the matrix is *added* into ``out`` block by block
+    (no ``d x d`` temporary) and ``out`` is returned.
+    """
+    if out is None:
+        out = torch.zeros(d, d, dtype=dtype, device=device)
+    elif tuple(out.shape) != (d, d):
+        raise ShapeError(f"out must have shape ({d}, {d}), got {tuple(out.shape)}")
+    eye = torch.zeros(min(chunk, d), d, dtype=dtype, device=device)
     for start in range(0, d, chunk):
         stop = min(d, start + chunk)
-        eye = torch.zeros(stop - start, d, dtype=dtype, device=device)
-        eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
-        rows.append(matvec(eye))
-    return torch.cat(rows, dim=0)
+        rows = torch.arange(stop - start, device=eye.device)
+        eye.zero_()
+        block = eye[: stop - start]
+        block[rows, rows + start] = 1.0
+        out[start:stop] += matvec(block)
+    return out
 
 
 def solve_dense(matrix: Tensor, V: Tensor, regularization: float = 0.0) -> Tensor:
