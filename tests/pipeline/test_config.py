@@ -47,6 +47,12 @@ def test_shipped_configs_are_valid():
         c = load_config(REPO / "configs/default.yaml", {"benchmarks": [b.stem]})
         setting = c["benchmark_configs"][b.stem]["setting"]
         assert b.stem == setting or b.stem.startswith(setting + "_"), (b.stem, setting)
+    # every shipped run configuration (full, smoke, the GPU ones) validates
+    import yaml
+
+    for run in sorted((REPO / "configs").glob("*.yaml")):
+        c = load_config(REPO / "configs/default.yaml", yaml.safe_load(run.read_text()))
+        assert c["benchmarks"], run
 
 
 def test_unknown_key_names_key_and_file(configs):
