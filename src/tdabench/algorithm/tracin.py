@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from tdabench.algorithm.base import BaseAttributor
 from tdabench.errors import ConfigError, DataError
-from tdabench.func.projection import Projector, projector_from_kwargs, resolve_projector_kwargs
+from tdabench.func.projection import Projector, ProjectorSet, resolve_projector_kwargs
 from tdabench.func.utils import Batch, check_finite
 from tdabench.task import AttributionTask, LayerName
 
@@ -99,16 +99,22 @@ class TracInAttributor(BaseAttributor):
         self.weights = weights
         self.normalized_grad = bool(normalized_grad)
         self.projector_kwargs = resolve_projector_kwargs(projector_kwargs)
+        self._projectors: ProjectorSet | None = None
 
     # ------------------------------------------------------------------ helpers
     def _projector(self, index: int) -> Projector | None:
-        return projector_from_kwargs(
-            self.projector_kwargs, self.spec.dim, index, self.device, self.dtype
-        )
+        # one set per attributor: repeated attribute/self_attribute calls reuse the matrices
+        if self._projectors is None:
+            self._projectors = ProjectorSet(
+                self.projector_kwargs, self.spec.dim, self.device, self.dtype
+            )
+        return self._projectors.get(index)
 
-    def _transform(self, g: Tensor, projector: Projector | None) -> Tensor:
+    def _transform(self, g: Tensor | list[Tensor], projector: Projector | None) -> Tensor:
         if projector is not None:
             g = projector.project(g)
+        elif not isinstance(g, Tensor):
+            g = torch.cat(g, dim=1)
         if self.normalized_grad:
             g = g / g.norm(dim=1, keepdim=True).clamp_min(_EPS_NORM)
         return g
@@ -117,7 +123,12 @@ class TracInAttributor(BaseAttributor):
         self, flat: Tensor, batch: Batch, which: str, index: int, projector: Projector | None
     ) -> Tensor:
         g = self.task.per_sample_grads(
-            flat, batch, which=which, index=index, layer_name=self.layer_name
+            flat,
+            batch,
+            which=which,
+            index=index,
+            layer_name=self.layer_name,
+            as_blocks=projector is not None,  # a projector takes per-parameter blocks, uncopied
         )
         return self._transform(g, projector)
 
@@ -140,6 +151,9 @@ class TracInAttributor(BaseAttributor):
             Tensor ``(n_train, n_test)`` on ``device``; high = the training sample helps.
         """
         scores: Tensor | None = None
+        # read once, replayed for the other checkpoints
+        train_loader = self._replay(train_loader, "train loader")
+        test_loader = self._replay(test_loader, "test loader")
         for w, index in zip(self.weights, self.checkpoint_indices, strict=True):
             projector = self._projector(index)
             flat = self._params(index)
@@ -178,6 +192,7 @@ class TracInAttributor(BaseAttributor):
             Tensor ``(n_train,)`` on ``device``.
         """
         total: Tensor | None = None
+        train_loader = self._replay(train_loader, "train loader")
         for w, index in zip(self.weights, self.checkpoint_indices, strict=True):
             projector = self._projector(index)
             flat = self._params(index)
