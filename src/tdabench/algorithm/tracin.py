@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from tdabench.algorithm.base import BaseAttributor
 from tdabench.errors import ConfigError, DataError
-from tdabench.func.projection import Projector, ProjectorSet, resolve_projector_kwargs
+from tdabench.func.projection import Projector, projector_from_kwargs, resolve_projector_kwargs
 from tdabench.func.utils import Batch, check_finite
 from tdabench.task import AttributionTask, LayerName
 
@@ -99,16 +99,13 @@ class TracInAttributor(BaseAttributor):
         self.weights = weights
         self.normalized_grad = bool(normalized_grad)
         self.projector_kwargs = resolve_projector_kwargs(projector_kwargs)
-        self._projectors: ProjectorSet | None = None
 
     # ------------------------------------------------------------------ helpers
     def _projector(self, index: int) -> Projector | None:
-        # one set per attributor: repeated attribute/self_attribute calls reuse the matrices
-        if self._projectors is None:
-            self._projectors = ProjectorSet(
-                self.projector_kwargs, self.spec.dim, self.device, self.dtype
-            )
-        return self._projectors.get(index)
+        # drawn afresh per call (each checkpoint's matrix is used once per attribute call)
+        return projector_from_kwargs(
+            self.projector_kwargs, self.spec.dim, index, self.device, self.dtype
+        )
 
     def _transform(self, g: Tensor | list[Tensor], projector: Projector | None) -> Tensor:
         if projector is not None:

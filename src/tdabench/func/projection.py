@@ -156,7 +156,8 @@ class Projector:
         )
         item = torch.empty((), dtype=dtype).element_size()
         row_bytes = self.proj_dim * item
-        scratch = min(self.block_rows, self.feature_dim) * self.proj_dim * 8  # draw scratch (float64 at most)
+        # scratch block of the draw (float64 at most)
+        scratch = min(self.block_rows, self.feature_dim) * self.proj_dim * 8
         one_block = min(self.block_rows, self.feature_dim) * row_bytes + scratch
         if one_block > self.max_chunk_bytes:
             raise ConfigError(
@@ -323,7 +324,9 @@ class Projector:
                         out.addmm_(x, p)
                 offset += block.shape[1]
         if out is None:  # every column was zero
-            out = torch.zeros(blocks[0].shape[0], self.proj_dim, dtype=self.dtype, device=self.device)
+            out = torch.zeros(
+                blocks[0].shape[0], self.proj_dim, dtype=self.dtype, device=self.device
+            )
         return out
 
     __call__ = project
@@ -465,13 +468,14 @@ class ProjectorSet:
     ``attribute()`` / ``self_attribute()``; drawing the matrix is a large part of projecting a
     few thousand gradients. A projector whose whole matrix fits ``max_chunk_bytes`` keeps it
     (see :class:`Projector`); this set retains such projectors while the retained matrices
-    *together* stay within ``max_chunk_bytes``, so the memory bound of ``projector_kwargs``
-    holds for the attributor as a whole. Projectors beyond it are built afresh at every
-    :meth:`get` (same seed, same matrix).
+    *together* stay within ``max_retained_bytes`` (default: a quarter of ``max_chunk_bytes``,
+    64 MiB by default), so keeping them never costs much memory. Projectors beyond it are built
+    afresh at every :meth:`get` (same seed, same matrix).
 
     Args:
         resolved: resolved ``projector_kwargs`` (:func:`resolve_projector_kwargs`) or ``None``.
         feature_dim, device, dtype: as for :func:`projector_from_kwargs`.
+        max_retained_bytes: memory bound of the retained matrices (``None``: the default above).
     """
 
     def __init__(
@@ -480,11 +484,17 @@ class ProjectorSet:
         feature_dim: int,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        max_retained_bytes: int | None = None,
     ) -> None:
         self.resolved = None if resolved is None else dict(resolved)
         self.feature_dim = feature_dim
         self.device = device
         self.dtype = dtype
+        self.max_retained_bytes = (
+            (self.resolved["max_chunk_bytes"] // 4 if self.resolved is not None else 0)
+            if max_retained_bytes is None
+            else _check_int(max_retained_bytes, "max_retained_bytes", 0)
+        )
         self._kept: dict[int, Projector] = {}
         self.retained_bytes = 0
 
@@ -501,10 +511,11 @@ class ProjectorSet:
         if proj.proj_type == "identity":
             need = 0
         elif proj.chunk_rows >= proj.feature_dim:
-            need = proj.feature_dim * proj.proj_dim * torch.empty((), dtype=proj.dtype).element_size()
+            item = torch.empty((), dtype=proj.dtype).element_size()
+            need = proj.feature_dim * proj.proj_dim * item
         else:
             return proj  # regenerated chunk by chunk anyway: nothing to keep
-        if self.retained_bytes + need <= self.resolved["max_chunk_bytes"]:
+        if self.retained_bytes + need <= self.max_retained_bytes:
             self._kept[seed_offset] = proj
             self.retained_bytes += need
         return proj
