@@ -30,6 +30,14 @@ drawn once and kept (``cached_matrix_bytes``); otherwise it is regenerated, chun
 at every :meth:`Projector.project` call. If not even one block fits, construction raises
 :class:`~tdabench.errors.ConfigError`.
 
+**Speed.** The projection is one GEMM per batch (``(B, d) @ (d, k)``), the dominant cost of
+gradient-feature methods on small models. :meth:`Projector.project` therefore (1) accepts the
+features as per-parameter column blocks (no ``(B, d)`` concatenation), and (2) skips the
+columns that are zero in every row of the batch (exact: their products are zero; sparse inputs
+such as image borders or padding make whole gradient columns zero), checking a block only while
+such columns keep turning up. :class:`ProjectorSet` lets an attributor reuse drawn matrices
+between ``cache()`` and ``attribute()`` under a small memory bound.
+
 Settings are per instance: nothing here reads or mutates module-level state.
 """
 
