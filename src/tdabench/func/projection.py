@@ -35,7 +35,7 @@ gradient-feature methods on small models. :meth:`Projector.project` therefore (1
 features as per-parameter column blocks (no ``(B, d)`` concatenation), and (2) skips the
 columns that are zero in every row of the batch (exact: their products are zero; sparse inputs
 such as image borders or padding make whole gradient columns zero), checking a block only while
-such columns keep turning up. :class:`ProjectorSet` lets an attributor reuse drawn matrices
+such columns keep turning up (on CPU). :class:`ProjectorSet` lets an attributor reuse drawn matrices
 between ``cache()`` and ``attribute()`` under a small memory bound.
 
 Settings are per instance: nothing here reads or mutates module-level state.
@@ -280,10 +280,12 @@ class Projector:
         Exact (the dropped terms are ``0 * P``) and cheap to detect (one pass over ``x``); it pays
         when inputs are sparse (zero pixels, padding, dead units make whole gradient columns zero
         across a batch). A block whose last checks found too few zero columns is not checked again.
+        CPU only.
         """
         width = x.shape[1]
         if (
-            width < _COMPACT_MIN_COLS
+            x.device.type != "cpu"  # GPU GEMMs are cheap and nonzero() would synchronise
+            or width < _COMPACT_MIN_COLS
             or x.shape[0] == 0
             or self._compact_misses.get(key, 0) >= _COMPACT_MAX_MISSES
         ):
