@@ -170,3 +170,9 @@ def test_projector_set_reuses_matrices_within_its_budget():
     assert ProjectorSet(None, D).get(0) is None
     ident = ProjectorSet(resolve_projector_kwargs({"proj_type": "identity"}), D)
     assert ident.get(3).proj_type == "identity" and ident.retained_bytes == 0
+
+
+def test_in_place_float32_draw_equals_the_block_draw():
+    p32 = make_projector(D, K, seed=6, dtype=torch.float32, block_rows=50)
+    blocks = [p32._draw_block(b, min(50, D - 50 * b)) for b in range(p32.num_blocks)]
+    assert torch.equal(p32.matrix(), torch.cat(blocks))

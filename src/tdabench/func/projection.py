@@ -212,6 +212,13 @@ class Projector:
         for block in range(start // self.block_rows, math.ceil(stop / self.block_rows)):
             b0 = block * self.block_rows
             rows = min(self.block_rows, self.feature_dim - b0)
+            if self.proj_type == "gaussian" and self.dtype == torch.float32:
+                # the float32 draw of _draw_block, written in place (no scratch block, no copy)
+                self._generator.manual_seed(_block_seed(self.seed, block))
+                target = chunk[b0 - start : b0 - start + rows]
+                target.normal_(generator=self._generator).mul_(1.0 / math.sqrt(self.proj_dim))
+                self.peak_chunk_bytes = max(self.peak_chunk_bytes, peak)
+                continue
             drawn = self._draw_block(block, rows)
             self.peak_chunk_bytes = max(
                 self.peak_chunk_bytes, peak + drawn.numel() * drawn.element_size()
