@@ -236,8 +236,13 @@ class AttributionTask:
         which: str = "loss",
         index: int = 0,
         layer_name: LayerName = None,
-    ) -> Tensor:
-        """Per-sample gradients ``(B, d)`` of the loss/target at ``flat`` (checks finiteness)."""
+        as_blocks: bool = False,
+    ) -> Tensor | list[Tensor]:
+        """Per-sample gradients ``(B, d)`` of the loss/target at ``flat`` (checks finiteness).
+
+        With ``as_blocks=True``: the same gradients as a list of per-parameter ``(B, d_p)``
+        column blocks (in flat-vector order), not concatenated.
+        """
         if which not in ("loss", "target"):
             raise ConfigError(f"which must be 'loss' or 'target', got {which!r}")
         user = self.loss_func if which == "loss" else self.target_func
@@ -247,8 +252,11 @@ class AttributionTask:
         def f(selected: dict[str, Tensor], data: Batch) -> Tensor:
             return user({**fixed, **selected}, data)
 
-        g = per_sample_grads_named(f, spec.unflatten(flat), batch)
-        return check_finite(g, f"per-sample gradient of the {which}")
+        g = per_sample_grads_named(f, spec.unflatten(flat), batch, as_blocks=as_blocks)
+        what = f"per-sample gradient of the {which}"
+        if as_blocks:
+            return [check_finite(b, what) for b in g]
+        return check_finite(g, what)
 
     def per_sample_values(
         self, flat: Tensor, batch: Batch, which: str = "loss", index: int = 0, layer_name: LayerName = None

@@ -25,9 +25,58 @@ from tdabench.errors import ConfigError, NotCachedError
 from tdabench.func.utils import Batch, batch_size_of, batch_to, iter_batches
 from tdabench.task import AttributionTask, LayerName
 
-__all__ = ["BaseAttributor"]
+__all__ = ["REPLAY_MAX_BYTES", "BaseAttributor", "ReplayLoader"]
 
 logger = logging.getLogger(__name__)
+
+REPLAY_MAX_BYTES = 256 * 2**20
+"""Largest loader content (bytes of its tensors, on the attributor's device) that a
+:class:`ReplayLoader` keeps in memory to replay instead of iterating the loader again."""
+
+
+def _batch_bytes(batch: Batch) -> int:
+    ts = [batch] if isinstance(batch, Tensor) else [t for t in batch if isinstance(t, Tensor)]
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+class ReplayLoader:
+    """A loader read once and replayed: multi-checkpoint methods iterate the same data once per
+    checkpoint, and re-reading a ``DataLoader`` (per-sample ``__getitem__`` and collation) can
+    cost as much as the attribution itself on small models.
+
+    The first complete iteration yields the validated, device-moved batches of ``loader`` and
+    keeps them if they total at most ``max_bytes``; later iterations replay the kept batches
+    (same tensors, same order). If they do not fit, or the first iteration is abandoned, every
+    iteration reads ``loader`` again, as without the wrapper.
+    """
+
+    def __init__(
+        self, attributor: BaseAttributor, loader: Iterable[Batch], what: str, max_bytes: int = REPLAY_MAX_BYTES
+    ) -> None:
+        self._attributor = attributor
+        self._loader = loader
+        self._what = what
+        self._max_bytes = int(max_bytes)
+        self._kept: list[Batch] | None = None
+        self.replayable = True  # False once the content is known not to fit
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._kept is not None:
+            yield from self._kept
+            return
+        kept: list[Batch] | None = [] if self.replayable else None
+        size = 0
+        for batch in self._attributor._batches(self._loader, self._what):
+            if kept is not None:
+                size += _batch_bytes(batch)
+                if size <= self._max_bytes:
+                    kept.append(batch)
+                else:
+                    kept = None
+                    self.replayable = False
+            yield batch
+        if kept is not None:
+            self._kept = kept
 
 
 class BaseAttributor:
@@ -53,11 +102,16 @@ class BaseAttributor:
             raise ConfigError(f"device {device!r} requested but CUDA is not available; pass device='cpu'")
         self.spec = task.param_spec(layer_name)  # raises for unknown layer names
         self._cached = False
+        self._dtype: torch.dtype | None = None
 
     # ------------------------------------------------------------------ helpers
     @property
     def dtype(self) -> torch.dtype:
-        return self.task.flat_params(0, self.layer_name).dtype
+        # read once: flat_params(0) switches the task to checkpoint 0, and a per-batch access
+        # at another checkpoint would reload checkpoints back and forth
+        if self._dtype is None:
+            self._dtype = self.task.flat_params(0, self.layer_name).dtype
+        return self._dtype
 
     def _params(self, index: int = 0) -> Tensor:
         return self.task.flat_params(index, self.layer_name, device=self.device)
@@ -69,7 +123,14 @@ class BaseAttributor:
                 "call attributor.cache(train_loader)"
             )
 
+    def _replay(self, loader: Iterable[Batch], what: str) -> ReplayLoader:
+        """``loader`` wrapped to be read once and replayed (see :class:`ReplayLoader`)."""
+        return loader if isinstance(loader, ReplayLoader) else ReplayLoader(self, loader, what)
+
     def _batches(self, loader: Iterable[Batch], what: str) -> Iterator[Batch]:
+        if isinstance(loader, ReplayLoader):
+            yield from loader  # already validated and moved
+            return
         for batch in iter_batches(loader, what):
             batch_size_of(batch)
             yield batch_to(batch, self.device)

@@ -102,13 +102,16 @@ class TracInAttributor(BaseAttributor):
 
     # ------------------------------------------------------------------ helpers
     def _projector(self, index: int) -> Projector | None:
+        # drawn afresh per call (each checkpoint's matrix is used once per attribute call)
         return projector_from_kwargs(
             self.projector_kwargs, self.spec.dim, index, self.device, self.dtype
         )
 
-    def _transform(self, g: Tensor, projector: Projector | None) -> Tensor:
+    def _transform(self, g: Tensor | list[Tensor], projector: Projector | None) -> Tensor:
         if projector is not None:
             g = projector.project(g)
+        elif not isinstance(g, Tensor):
+            g = torch.cat(g, dim=1)
         if self.normalized_grad:
             g = g / g.norm(dim=1, keepdim=True).clamp_min(_EPS_NORM)
         return g
@@ -117,7 +120,12 @@ class TracInAttributor(BaseAttributor):
         self, flat: Tensor, batch: Batch, which: str, index: int, projector: Projector | None
     ) -> Tensor:
         g = self.task.per_sample_grads(
-            flat, batch, which=which, index=index, layer_name=self.layer_name
+            flat,
+            batch,
+            which=which,
+            index=index,
+            layer_name=self.layer_name,
+            as_blocks=projector is not None,  # a projector takes per-parameter blocks, uncopied
         )
         return self._transform(g, projector)
 
@@ -140,6 +148,9 @@ class TracInAttributor(BaseAttributor):
             Tensor ``(n_train, n_test)`` on ``device``; high = the training sample helps.
         """
         scores: Tensor | None = None
+        # read once, replayed for the other checkpoints
+        train_loader = self._replay(train_loader, "train loader")
+        test_loader = self._replay(test_loader, "test loader")
         for w, index in zip(self.weights, self.checkpoint_indices, strict=True):
             projector = self._projector(index)
             flat = self._params(index)
@@ -178,6 +189,7 @@ class TracInAttributor(BaseAttributor):
             Tensor ``(n_train,)`` on ``device``.
         """
         total: Tensor | None = None
+        train_loader = self._replay(train_loader, "train loader")
         for w, index in zip(self.weights, self.checkpoint_indices, strict=True):
             projector = self._projector(index)
             flat = self._params(index)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from tdabench.algorithm.base import BaseAttributor
 from tdabench.errors import ConfigError, DataError, NonFiniteError
-from tdabench.func.projection import Projector, projector_from_kwargs, resolve_projector_kwargs
+from tdabench.func.projection import Projector, ProjectorSet, resolve_projector_kwargs
 from tdabench.func.utils import Batch, check_finite, per_sample_values
 from tdabench.task import AttributionTask, LayerName
 
@@ -91,12 +91,16 @@ class TRAKAttributor(BaseAttributor):
         self.projector_kwargs = resolve_projector_kwargs(projector_kwargs, TRAK_DEFAULT_PROJECTOR)
         self._xtx_inv: list[Tensor] = []
         self.num_cached_train = 0
+        self._projectors: ProjectorSet | None = None
 
     # ------------------------------------------------------------------ helpers
     def _projector(self, index: int) -> Projector:
-        proj = projector_from_kwargs(
-            self.projector_kwargs, self.spec.dim, index, self.device, self.dtype
-        )
+        # one set per attributor: cache() and attribute() share the drawn matrices
+        if self._projectors is None:
+            self._projectors = ProjectorSet(
+                self.projector_kwargs, self.spec.dim, self.device, self.dtype
+            )
+        proj = self._projectors.get(index)
         assert proj is not None
         return proj
 
@@ -118,9 +122,9 @@ class TRAKAttributor(BaseAttributor):
 
     def _phi(self, flat: Tensor, batch: Batch, index: int, projector: Projector) -> Tensor:
         g = self.task.per_sample_grads(
-            flat, batch, which="target", index=index, layer_name=self.layer_name
+            flat, batch, which="target", index=index, layer_name=self.layer_name, as_blocks=True
         )
-        return projector.project(g)
+        return projector.project(g)  # per-parameter blocks: no (B, d) concatenation
 
     def _one_minus_p(self, flat: Tensor, batch: Batch, index: int) -> Tensor:
         p = per_sample_values(self._prob_func(index), flat, batch)
@@ -135,7 +139,8 @@ class TRAKAttributor(BaseAttributor):
         return (1.0 - p).to(self.dtype)
 
     def _train_terms(self, loader: Iterable[Batch], index: int, projector: Projector, what: str):
-        """Yield ``(phi (B, k), 1 - p (B,))`` per batch of ``loader`` at checkpoint ``index``."""
+        """Yield ``(phi (B, k), 1 - p (B,))`` per batch of ``loader`` at checkpoint ``index``
+        (``loader`` may be a :class:`~tdabench.algorithm.base.ReplayLoader`)."""
         flat = self._params(index)
         batches = tqdm(
             self._batches(loader, what), desc=f"TRAK ckpt {index}", disable=None, leave=False
@@ -143,28 +148,33 @@ class TRAKAttributor(BaseAttributor):
         for batch in batches:
             yield self._phi(flat, batch, index, projector), self._one_minus_p(flat, batch, index)
 
+    @staticmethod
+    def _hash_batch(h: Any, batch: Batch) -> None:
+        """Add every tensor of ``batch`` (shape, dtype and content) to the hash ``h``."""
+        for t in batch if isinstance(batch, (tuple, list)) else (batch,):
+            if isinstance(t, Tensor):
+                c = t.detach().cpu().contiguous()
+                h.update(str((tuple(c.shape), str(c.dtype))).encode())
+                h.update(
+                    c.numpy().tobytes()
+                    if c.dtype != torch.bfloat16
+                    else c.float().numpy().tobytes()
+                )
+
     def _fingerprint(self, loader: Iterable[Batch]) -> str:
         """Content hash of every tensor the loader yields (order and shapes included)."""
-        h = hashlib.blake2b(digest_size=16)
+        h = hashlib.sha256()
         for batch in self._batches(loader, "train loader"):
-            for t in batch if isinstance(batch, (tuple, list)) else (batch,):
-                if isinstance(t, Tensor):
-                    c = t.detach().cpu().contiguous()
-                    h.update(str((tuple(c.shape), str(c.dtype))).encode())
-                    h.update(
-                        c.numpy().tobytes()
-                        if c.dtype != torch.bfloat16
-                        else c.float().numpy().tobytes()
-                    )
+            self._hash_batch(h, batch)
         return h.hexdigest()
 
     def _train_terms_all(
-        self, loader: Iterable[Batch], index: int, projector: Projector
+        self, loader: Iterable[Batch], index: int, projector: Projector, is_cached: bool
     ) -> tuple[Tensor, Tensor]:
-        """``(Phi (n, k), 1 - p (n,))`` of ``loader``: the cached ones when it is the cache loader."""
-        cached = getattr(self, "_train_features", None)
-        if cached is not None and self._fingerprint(loader) == self._train_fingerprint:
-            phi, q = cached[index]
+        """``(Phi (n, k), 1 - p (n,))`` of ``loader``: the cached ones when ``is_cached`` (the
+        loader has the content of the cache loader)."""
+        if is_cached:
+            phi, q = self._train_features[index]
             return phi, q.clone()  # callers accumulate into q in place
         phis, qs = [], []
         for phi, q in self._train_terms(loader, index, projector, "train loader"):
@@ -181,9 +191,15 @@ class TRAKAttributor(BaseAttributor):
         ensemble), in float64; ``kernel_term(index, inv, projector, phi_train)``."""
         kernel: Tensor | None = None
         q_sum: Tensor | None = None
+        train_loader = self._replay(train_loader, "train loader")
+        # one content check per call (it reads the loader once; replayed below if it differs)
+        is_cached = (
+            getattr(self, "_train_features", None) is not None
+            and self._fingerprint(train_loader) == self._train_fingerprint
+        )
         for index, inv in enumerate(self._xtx_inv):
             projector = self._projector(index)
-            phi, q_term = self._train_terms_all(train_loader, index, projector)
+            phi, q_term = self._train_terms_all(train_loader, index, projector, is_cached)
             k_term = kernel_term(index, inv, projector, phi)
             if kernel is None:
                 kernel, q_sum = k_term, q_term
@@ -202,7 +218,9 @@ class TRAKAttributor(BaseAttributor):
     def cache(self, full_train_loader: Iterable[Batch]) -> None:
         """Compute ``(Phi_k^T Phi_k + lambda I)^{-1}`` for every checkpoint from the full
         training set (``proj_dim x proj_dim`` each, accumulated and inverted in float64 by
-        Cholesky; kernels are applied in float64 and scores cast back to the model dtype).
+        Cholesky). ``attribute`` forms ``X_k phi_k(test)`` in float64 and multiplies it with the
+        training features in their own dtype (the model's), accumulating the ensemble in float64;
+        ``self_attribute`` works in float64. Scores are cast back to the model dtype.
 
         Raises:
             ConfigError: if a kernel is singular to float64 precision (its Cholesky pivots
@@ -211,14 +229,23 @@ class TRAKAttributor(BaseAttributor):
         inverses = []
         features: list[tuple[Tensor, Tensor]] = []
         n = None
+        data = self._replay(full_train_loader, "full train loader")
+        hasher = hashlib.sha256()
+
+        def hashed(batches: Iterable[Batch]) -> Iterable[Batch]:
+            for batch in batches:
+                self._hash_batch(hasher, batch)
+                yield batch
+
         for index in range(self.task.num_checkpoints):
             projector = self._projector(index)
             k = projector.proj_dim
             xtx = torch.zeros(k, k, dtype=torch.float64, device=self.device)
             count = 0
             phis, qs = [], []
+            # the content hash is taken on the first pass (the same bytes _fingerprint reads)
             for phi, q in self._train_terms(
-                full_train_loader, index, projector, "full train loader"
+                hashed(data) if index == 0 else data, index, projector, "full train loader"
             ):
                 phis.append(phi)
                 qs.append(q)
@@ -252,7 +279,7 @@ class TRAKAttributor(BaseAttributor):
         # The cached training features are reused when attribute()/self_attribute() get a
         # train loader with the same content (n x proj_dim per checkpoint kept in memory).
         self._train_features = features
-        self._train_fingerprint = self._fingerprint(full_train_loader)
+        self._train_fingerprint = hasher.hexdigest()
         self.num_cached_train = int(n or 0)
         self._cached = True
 
@@ -270,6 +297,7 @@ class TRAKAttributor(BaseAttributor):
             NotCachedError: before :meth:`cache`.
         """
         self._require_cache()
+        test_loader = self._replay(test_loader, "test loader")
 
         def kernel_term(index: int, inv: Tensor, projector: Projector, phi: Tensor) -> Tensor:
             flat = self._params(index)
@@ -279,7 +307,12 @@ class TRAKAttributor(BaseAttributor):
                     for b in self._batches(test_loader, "test loader")
                 ]
             ).to(torch.float64)
-            return phi.to(torch.float64) @ (test @ inv).T  # (n_train, n_test); inv is symmetric
+            y = inv @ test.T  # (k, n_test) in float64; inv is symmetric
+            if phi.dtype == torch.float64:
+                return phi @ y
+            # the O(n_train * n_test * k) product runs in the features' dtype (float32 GEMMs are
+            # several times faster than float64 ones); X phi_test is formed in float64 first
+            return (phi @ y.to(phi.dtype)).to(torch.float64)
 
         kernel, q = self._ensemble_mean(train_loader, kernel_term)
         scores = kernel.mul_(q.unsqueeze(1))

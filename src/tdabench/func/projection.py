@@ -11,20 +11,32 @@ Both random kinds satisfy ``E[P P^T] = I``, so ``E ||x P||^2 = ||x||^2`` and
 ``E <x P, y P> = <x, y>`` (Johnson-Lindenstrauss).
 
 **Determinism.** ``P`` is defined block by block: rows ``[b * block_rows, (b + 1) * block_rows)``
-are drawn (in float64, then cast to ``dtype``) from a ``torch.Generator`` seeded with a
-64-bit mix of ``(seed, b)``. The block size depends only on ``proj_dim`` (about 2^18
+are drawn from a ``torch.Generator`` seeded with a 64-bit mix of ``(seed, b)``. Gaussian
+entries are drawn in float32 (``torch.randn``'s vectorised float32 sampler, several times
+faster than its float64 one; the projection matrix dominates the cost of projecting a few
+thousand samples) and scaled in float32; a float64 projector holds the exact float64 copy of
+that float32 matrix. Rademacher signs are drawn in float64 and scaled in float64. The block size depends only on ``proj_dim`` (about 2^18
 entries per block, see :func:`default_block_rows`), never on the memory budget, so the
 projection is *identical whatever* ``max_chunk_bytes`` is. The generator lives on the
 projector's device: on CPU a CPU generator, on CUDA a CUDA generator (fast, no host
 transfer). Each is deterministic, but a CPU projector and a CUDA projector with the same
 seed draw *different* (equally distributed) matrices; compare CPU with CPU and GPU with GPU.
-float32 and float64 projectors on the same device type draw the same matrix up to rounding.
+float32 and float64 projectors on the same device type draw the same matrix (bit for bit for
+Gaussian projectors, up to rounding for Rademacher ones).
 
 **Memory.** A projector never holds a piece of ``P`` larger than ``max_chunk_bytes``
-(counting the float64 scratch block used while drawing). When the whole ``P`` fits, it is
+(counting the scratch block used while drawing, at most float64). When the whole ``P`` fits, it is
 drawn once and kept (``cached_matrix_bytes``); otherwise it is regenerated, chunk by chunk,
 at every :meth:`Projector.project` call. If not even one block fits, construction raises
 :class:`~tdabench.errors.ConfigError`.
+
+**Speed.** The projection is one GEMM per batch (``(B, d) @ (d, k)``), the dominant cost of
+gradient-feature methods on small models. :meth:`Projector.project` therefore (1) accepts the
+features as per-parameter column blocks (no ``(B, d)`` concatenation), and (2) skips the
+columns that are zero in every row of the batch (exact: their products are zero; sparse inputs
+such as image borders or padding make whole gradient columns zero), checking a block only while
+such columns keep turning up (on CPU). :class:`ProjectorSet` lets an attributor reuse drawn matrices
+between ``cache()`` and ``attribute()`` under a small memory bound.
 
 Settings are per instance: nothing here reads or mutates module-level state.
 """
@@ -32,7 +44,7 @@ Settings are per instance: nothing here reads or mutates module-level state.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,6 +57,7 @@ __all__ = [
     "PROJECTOR_KWARGS",
     "PROJ_TYPES",
     "Projector",
+    "ProjectorSet",
     "default_block_rows",
     "make_projector",
     "projector_from_kwargs",
@@ -59,6 +72,12 @@ PROJECTOR_KWARGS = ("proj_dim", "proj_type", "seed", "max_chunk_bytes")
 """Keys accepted in an attributor's ``projector_kwargs``."""
 
 _BLOCK_ENTRIES = 2**18
+# Zero-column skipping in Projector.project: blocks narrower than _COMPACT_MIN_COLS are not
+# checked; a block is compacted when at least _COMPACT_MIN_FRACTION of its columns are zero for
+# the whole batch; after _COMPACT_MAX_MISSES checks in a row that found fewer, it is not checked.
+_COMPACT_MIN_COLS = 256
+_COMPACT_MIN_FRACTION = 0.125
+_COMPACT_MAX_MISSES = 4
 _MASK64 = (1 << 64) - 1
 
 
@@ -125,6 +144,7 @@ class Projector:
             )
         self.peak_chunk_bytes = 0
         self._matrix: Tensor | None = None
+        self._compact_misses: dict[int, int] = {}
         if proj_type == "identity":
             if proj_dim is not None and proj_dim != feature_dim:
                 raise ConfigError(
@@ -144,7 +164,8 @@ class Projector:
         )
         item = torch.empty((), dtype=dtype).element_size()
         row_bytes = self.proj_dim * item
-        scratch = min(self.block_rows, self.feature_dim) * self.proj_dim * 8  # float64 draw
+        # scratch block of the draw (float64 at most)
+        scratch = min(self.block_rows, self.feature_dim) * self.proj_dim * 8
         one_block = min(self.block_rows, self.feature_dim) * row_bytes + scratch
         if one_block > self.max_chunk_bytes:
             raise ConfigError(
@@ -170,13 +191,14 @@ class Projector:
         return 0 if self._matrix is None else self._matrix.numel() * self._matrix.element_size()
 
     def _draw_block(self, block: int, rows: int) -> Tensor:
-        """Rows ``[block*block_rows, block*block_rows + rows)`` of ``P``, float64 ``(rows, k)``."""
+        """Rows ``[block*block_rows, block*block_rows + rows)`` of ``P``, ``(rows, k)``: float32
+        for Gaussian projectors, float64 for Rademacher ones (the caller casts to ``dtype``)."""
         self._generator.manual_seed(_block_seed(self.seed, block))
         shape = (rows, self.proj_dim)
         scale = 1.0 / math.sqrt(self.proj_dim)
         if self.proj_type == "gaussian":
             out = torch.randn(
-                shape, generator=self._generator, dtype=torch.float64, device=self.device
+                shape, generator=self._generator, dtype=torch.float32, device=self.device
             )
             return out.mul_(scale)
         out = torch.empty(shape, dtype=torch.float64, device=self.device).bernoulli_(
@@ -190,8 +212,17 @@ class Projector:
         for block in range(start // self.block_rows, math.ceil(stop / self.block_rows)):
             b0 = block * self.block_rows
             rows = min(self.block_rows, self.feature_dim - b0)
+            if self.proj_type == "gaussian" and self.dtype == torch.float32:
+                # the float32 draw of _draw_block, written in place (no scratch block, no copy)
+                self._generator.manual_seed(_block_seed(self.seed, block))
+                target = chunk[b0 - start : b0 - start + rows]
+                target.normal_(generator=self._generator).mul_(1.0 / math.sqrt(self.proj_dim))
+                self.peak_chunk_bytes = max(self.peak_chunk_bytes, peak)
+                continue
             drawn = self._draw_block(block, rows)
-            self.peak_chunk_bytes = max(self.peak_chunk_bytes, peak + drawn.numel() * 8)
+            self.peak_chunk_bytes = max(
+                self.peak_chunk_bytes, peak + drawn.numel() * drawn.element_size()
+            )
             chunk[b0 - start : b0 - start + rows].copy_(drawn)
             del drawn
         return chunk
@@ -229,26 +260,90 @@ class Projector:
         return next(self._chunks())[2]
 
     # ------------------------------------------------------------------ projection
-    def project(self, features: Tensor) -> Tensor:
-        """Project ``features`` of shape ``(B, d)`` to ``(B, k)`` (in ``dtype`` on ``device``)."""
-        if (
-            not isinstance(features, Tensor)
-            or features.dim() != 2
-            or features.shape[1] != self.feature_dim
-        ):
-            shape = (
-                tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
-            )
+    def _blocks(self, features: Tensor | Sequence[Tensor]) -> list[Tensor]:
+        """Validate ``features``: one ``(B, d)`` tensor or ``(B, d_p)`` column blocks summing to ``d``."""
+        blocks = [features] if isinstance(features, Tensor) else list(features)
+        ok = (
+            len(blocks) > 0
+            and all(isinstance(b, Tensor) and b.dim() == 2 for b in blocks)
+            and len({int(b.shape[0]) for b in blocks}) == 1
+            and sum(int(b.shape[1]) for b in blocks) == self.feature_dim
+        )
+        if not ok:
+            shape = [
+                tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
+                for b in (blocks if blocks else [features])
+            ]
             raise ShapeError(
-                f"the projector expects features of shape (B, {self.feature_dim}), got {shape}; "
+                f"the projector expects features of shape (B, {self.feature_dim}) (or column blocks "
+                f"(B, d_p) summing to {self.feature_dim} columns), got {shape if len(shape) > 1 else shape[0]}; "
                 "flatten per-sample gradients to one row per sample"
             )
-        x = features.to(device=self.device, dtype=self.dtype)
+        return blocks
+
+    def _compact(self, x: Tensor, p: Tensor, key: int) -> tuple[Tensor, Tensor]:
+        """Drop the columns of ``x`` that are zero in every row (and the matching rows of ``p``).
+
+        Exact (the dropped terms are ``0 * P``) and cheap to detect (one pass over ``x``); it pays
+        when inputs are sparse (zero pixels, padding, dead units make whole gradient columns zero
+        across a batch). A block whose last checks found too few zero columns is not checked again.
+        CPU only.
+        """
+        width = x.shape[1]
+        if (
+            x.device.type != "cpu"  # GPU GEMMs are cheap and nonzero() would synchronise
+            or width < _COMPACT_MIN_COLS
+            or x.shape[0] == 0
+            or self._compact_misses.get(key, 0) >= _COMPACT_MAX_MISSES
+        ):
+            return x, p
+        # candidates: columns summing to exactly 0 (one read of x, no temporary); a zero column
+        # is always one, a non-zero column only by cancellation, so the candidates are verified
+        # (NaN/inf columns never sum to 0 and are kept)
+        col_sum = (torch.ones(1, x.shape[0], dtype=x.dtype, device=x.device) @ x)[0]
+        cand = (col_sum == 0).nonzero().flatten()
+        if cand.numel() >= width * _COMPACT_MIN_FRACTION:
+            cand = cand[x.index_select(1, cand).abs().amax(dim=0) == 0]
+        if cand.numel() < width * _COMPACT_MIN_FRACTION:
+            self._compact_misses[key] = self._compact_misses.get(key, 0) + 1
+            return x, p
+        self._compact_misses[key] = 0
+        mask = torch.ones(width, dtype=torch.bool, device=x.device)
+        mask[cand] = False
+        keep = mask.nonzero().flatten()
+        return x.index_select(1, keep), p.index_select(0, keep)
+
+    def project(self, features: Tensor | Sequence[Tensor]) -> Tensor:
+        """Project ``features`` of shape ``(B, d)`` to ``(B, k)`` (in ``dtype`` on ``device``).
+
+        ``features`` may also be a list of column blocks ``(B, d_p)`` whose concatenation is the
+        ``(B, d)`` matrix (e.g. per-parameter gradients): each block is multiplied with its rows
+        of ``P``, without concatenating. Columns that are zero for the whole batch are skipped.
+        """
+        blocks = self._blocks(features)
+        blocks = [b.to(device=self.device, dtype=self.dtype) for b in blocks]
         if self.proj_type == "identity":
-            return x
-        out = torch.zeros(x.shape[0], self.proj_dim, dtype=self.dtype, device=self.device)
+            return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+        out: Tensor | None = None
         for start, stop, chunk in self._chunks():
-            out.addmm_(x[:, start:stop], chunk)
+            offset = 0
+            for block in blocks:
+                lo, hi = max(offset, start), min(offset + block.shape[1], stop)
+                if lo < hi:
+                    x, p = self._compact(
+                        block[:, lo - offset : hi - offset], chunk[lo - start : hi - start], lo
+                    )
+                    if x.shape[1] == 0:
+                        pass
+                    elif out is None:
+                        out = x @ p
+                    else:
+                        out.addmm_(x, p)
+                offset += block.shape[1]
+        if out is None:  # every column was zero
+            out = torch.zeros(
+                blocks[0].shape[0], self.proj_dim, dtype=self.dtype, device=self.device
+            )
         return out
 
     __call__ = project
@@ -381,3 +476,63 @@ def projector_from_kwargs(
         dtype=dtype,
         max_chunk_bytes=resolved["max_chunk_bytes"],
     )
+
+
+class ProjectorSet:
+    """The projectors of one attributor, one per seed offset (checkpoint), reused across calls.
+
+    Multi-checkpoint methods need projector ``seed + k`` in ``cache()`` and again in
+    ``attribute()`` / ``self_attribute()``; drawing the matrix is a large part of projecting a
+    few thousand gradients. A projector whose whole matrix fits ``max_chunk_bytes`` keeps it
+    (see :class:`Projector`); this set retains such projectors while the retained matrices
+    *together* stay within ``max_retained_bytes`` (default: a quarter of ``max_chunk_bytes``,
+    64 MiB by default), so keeping them never costs much memory. Projectors beyond it are built
+    afresh at every :meth:`get` (same seed, same matrix).
+
+    Args:
+        resolved: resolved ``projector_kwargs`` (:func:`resolve_projector_kwargs`) or ``None``.
+        feature_dim, device, dtype: as for :func:`projector_from_kwargs`.
+        max_retained_bytes: memory bound of the retained matrices (``None``: the default above).
+    """
+
+    def __init__(
+        self,
+        resolved: Mapping[str, Any] | None,
+        feature_dim: int,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_retained_bytes: int | None = None,
+    ) -> None:
+        self.resolved = None if resolved is None else dict(resolved)
+        self.feature_dim = feature_dim
+        self.device = device
+        self.dtype = dtype
+        self.max_retained_bytes = (
+            (self.resolved["max_chunk_bytes"] // 4 if self.resolved is not None else 0)
+            if max_retained_bytes is None
+            else _check_int(max_retained_bytes, "max_retained_bytes", 0)
+        )
+        self._kept: dict[int, Projector] = {}
+        self.retained_bytes = 0
+
+    def get(self, seed_offset: int) -> Projector | None:
+        """The projector with seed ``seed + seed_offset`` (``None`` when there is no projection)."""
+        if self.resolved is None:
+            return None
+        if seed_offset in self._kept:
+            return self._kept[seed_offset]
+        proj = projector_from_kwargs(
+            self.resolved, self.feature_dim, seed_offset, self.device, self.dtype
+        )
+        assert proj is not None
+        if proj.proj_type == "identity":
+            need = 0
+        elif proj.chunk_rows >= proj.feature_dim:
+            item = torch.empty((), dtype=proj.dtype).element_size()
+            need = proj.feature_dim * proj.proj_dim * item
+        else:
+            return proj  # regenerated chunk by chunk anyway: nothing to keep
+        if self.retained_bytes + need <= self.max_retained_bytes:
+            self._kept[seed_offset] = proj
+            self.retained_bytes += need
+        return proj

@@ -211,14 +211,21 @@ def per_sample_grads(func: Callable[[Tensor, Batch], Tensor], flat: Tensor, batc
 
 
 def per_sample_grads_named(
-    func: Callable[[dict[str, Tensor], Batch], Tensor], params: Mapping[str, Tensor], batch: Batch
-) -> Tensor:
+    func: Callable[[dict[str, Tensor], Batch], Tensor],
+    params: Mapping[str, Tensor],
+    batch: Batch,
+    as_blocks: bool = False,
+) -> Tensor | list[Tensor]:
     """Per-sample gradients w.r.t. a ``{name: tensor}`` dict, flattened to ``(B, d)``.
 
     Same result as :func:`per_sample_grads` on the flattened parameters, but the gradient is
     taken w.r.t. each tensor separately and concatenated once: differentiating through
     slices of one flat vector makes every slice's backward write a full ``d``-vector per
     sample, several times slower for models with many parameter tensors.
+
+    With ``as_blocks=True`` the per-parameter pieces are returned unconcatenated: a list of
+    ``(B, d_p)`` tensors in ``params`` order whose column-wise concatenation is the ``(B, d)``
+    result (consumers such as a projector can use them without the copy).
     """
     names = list(params)
 
@@ -226,7 +233,8 @@ def per_sample_grads_named(
         return func(p, _as_batch_of_one(sample)).reshape(())
 
     grads = vmap(grad(one), in_dims=(None, _in_dims(batch)), randomness="different")(dict(params), batch)
-    return torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in names], dim=1)
+    blocks = [grads[n].reshape(grads[n].shape[0], -1) for n in names]
+    return blocks if as_blocks else torch.cat(blocks, dim=1)
 
 
 def check_finite(t: Tensor, what: str, fix: str = "check the model, the data and the learning rate") -> Tensor:
