@@ -265,7 +265,8 @@ def render(rows: list[dict[str, Any]], repeats: int, args: argparse.Namespace, n
             f"{cell(o, 'ru_maxrss_mb', '.0f')} | {cell(t, 'ru_maxrss_mb', '.0f')} | {f(r.get('mem_ratio'), '.2f')} | "
             f"{cell(o, 'lds', '.3f')} | {cell(t, 'lds', '.3f')} | {f(r.get('agreement'), '.3f')} | {' '.join(goals) or '-'} |")
     txt = "\n".join(lines)
-    txt += (f"\n\nMNIST 4,500 train x {args.n_test or common.N_TEST} test; one CPU thread per side; median of {repeats} run(s) "
+    reps = f"{repeats} run(s)" if not isinstance(repeats, dict) else "the runs named in the notes below"
+    txt += (f"\n\nMNIST 4,500 train x {args.n_test or common.N_TEST} test; one CPU thread per side; median of {reps} "
             "of cache + attribute (setup excluded); RSS = peak of the whole process; LDS: Spearman over "
             f"{common.GT_SPEC['num_subsets']} half-data retrainings, target -loss; agreement = mean per-test Pearson "
             "between the two score matrices. Hyper-parameters: benchmarks/common.py METHODS.")
