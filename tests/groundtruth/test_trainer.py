@@ -453,3 +453,27 @@ def test_epoch_snapshots_equal_truncated_runs(data, cls, rname):
         assert rel_err(seen[(3, r)], unstack(final, r)) == 0.0
     # snapshots are copies: later training does not change them
     assert rel_err(seen[(1, 0)], seen[(3, 0)]) > 1e-6
+
+
+def test_take_equals_advanced_indexing():
+    from tdabench.groundtruth.trainer import _take
+
+    t = torch.randn(9, 4, 3)
+    for index in (torch.tensor([3, 0, 8, 3]), torch.tensor([[1, 2], [7, 0], [5, 5]]), torch.tensor([], dtype=torch.long)):
+        assert torch.equal(_take(t, index), t[index])
+    labels = torch.arange(9)
+    assert torch.equal(_take(labels, torch.tensor([[4, 1]])), labels[torch.tensor([[4, 1]])])
+
+
+def test_compact_steps_use_plain_linear_and_match_fast_linear_off(data):
+    train, test = data
+    masks, seeds = half_masks(4), [3, 4, 5, 6]
+    recipe = RECIPES["sgd_momentum"]
+    fast = BatchedTrainer(mlp_model, train, test, recipe, compact=True, **F64)
+    assert fast._compact_template is not fast._train_template
+    assert all(type(m).forward is m.forward.__func__ for m in fast._compact_template.modules()
+               if isinstance(m, nn.Linear))  # unpatched
+    plain = BatchedTrainer(mlp_model, train, test, recipe, compact=True, fast_linear=False, **F64)
+    a, b = fast.train(masks, seeds), plain.train(masks, seeds)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=1e-14)

@@ -220,8 +220,9 @@ class FunctionalOptimizer:
             if active is None:  # fast path: every model steps, update in place
                 if wd != 0.0:
                     g = g.add_(p, alpha=wd)
-                if mu != 0.0:
-                    g = state["buf"][k].mul_(mu).add_(g)
+                if mu != 0.0:  # buf = mu * buf + g in one pass (torch.optim: mul_ then add_)
+                    buf = state["buf"][k]
+                    g = torch.add(g, buf, alpha=mu, out=buf)
                 p.add_(g, alpha=-lr)
                 continue
             if wd != 0.0:
