@@ -131,6 +131,18 @@ METHODS: dict[str, dict[str, Any]] = {
         "layer": {"lr": None, "mlp": None}, "checkpoints": "halves",
         "batches": {"cache": 500, "train": 500, "test": N_TEST},
     },
+    # tdabench-only variants (``peer``: the dattri method they are compared with, whose dattri
+    # run is reused): TRAK with the sparse (CountSketch) projection instead of the dense Gaussian.
+    "trak_1_sparse": {
+        "kind": "trak", "hparams": {"projector_kwargs": {**PROJ, "proj_type": "sparse"}, "regularization": 0.0},
+        "layer": {"lr": None, "mlp": None}, "checkpoints": "final",
+        "batches": {"cache": 500, "train": 500, "test": N_TEST}, "peer": "trak_1",
+    },
+    "trak_10_sparse": {
+        "kind": "trak", "hparams": {"projector_kwargs": {**PROJ, "proj_type": "sparse"}, "regularization": 0.0},
+        "layer": {"lr": None, "mlp": None}, "checkpoints": "halves",
+        "batches": {"cache": 500, "train": 500, "test": N_TEST}, "peer": "trak_10",
+    },
 }
 MODELS = ("lr", "mlp")
 

@@ -187,10 +187,17 @@ def main(argv: list[str] | None = None) -> int:
 
     jobs_dir = common.new_jobs_dir("compare")
     rows: list[dict[str, Any]] = []
+    # dattri's summary and scores per (model, method), for the tdabench-only variants whose
+    # METHODS entry names a ``peer``: dattri is not rerun for them, its peer row is reused
+    peer_runs: dict[tuple[str, str], tuple[dict[str, Any], Any]] = {}
+    prev_path = common.RESULTS_DIR / "compare.json"
+    prev_rows = json.loads(prev_path.read_text()).get("rows", []) if prev_path.is_file() else []
     for model_name in args.models:
         gt = common.load_ground_truth(gts[model_name]) if gts[model_name] else None
         for method in methods:
-            sides = [s for s in ("ours", "dattri") if s in cmds and (s != "ours" or method in ours_methods)]
+            peer = common.METHODS[method].get("peer")
+            sides = [s for s in ("ours", "dattri") if s in cmds and (s != "ours" or method in ours_methods)
+                     and not (s == "dattri" and peer)]
             runs: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
             for rep in range(repeats):
                 for side in sides:  # interleaved so that machine noise hits both sides alike
@@ -205,6 +212,17 @@ def main(argv: list[str] | None = None) -> int:
                     if gt is not None and not args.n_test:
                         s["lds"], s["lds_impl"] = common.lds(scores[side], *gt)
                 row[side] = s
+                if side == "dattri":
+                    peer_runs[(model_name, method)] = (s, scores.get(side))
+            if peer and "dattri" in cmds:
+                got = peer_runs.get((model_name, peer))
+                if got is None:  # peer not run now: its dattri cells from the previous compare.json
+                    old = next((r.get("dattri") for r in prev_rows if (r["model"], r["method"]) == (model_name, peer)), None)
+                    got = (old, None) if old else None
+                if got is not None:
+                    row["dattri"] = {**got[0], "peer_method": peer}
+                    if got[1] is not None:
+                        scores["dattri"] = got[1]
             if len(scores) == 2:
                 row["agreement"] = common.column_agreement(scores["ours"], scores["dattri"])
             o, t = row.get("ours", {}), row.get("dattri", {})
@@ -216,11 +234,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"t={ours.fmt(row[s].get('time_total'))}s rss={ours.fmt(row[s].get('ru_maxrss_mb'), '.0f')}MB "
                 f"lds={ours.fmt(row[s].get('lds'), '.3f')}" for s in sides))
 
-    prev_path = common.RESULTS_DIR / "compare.json"
-    if args.update and not args.n_test and prev_path.is_file():
+    if args.update and not args.n_test and prev_rows:
         fresh = {(r["model"], r["method"]) for r in rows}
-        prev = json.loads(prev_path.read_text()).get("rows", [])
-        rows = [r for r in prev if (r["model"], r["method"]) not in fresh] + rows
+        rows = [r for r in prev_rows if (r["model"], r["method"]) not in fresh] + rows
         order = {(m, k): i for i, (m, k) in enumerate((m, k) for m in common.MODELS for k in common.METHODS)}
         rows.sort(key=lambda r: order.get((r["model"], r["method"]), 1 << 30))
     retrain = None if args.no_retrain else retrain_row(args.quick, args.timeout, args.rerun_retrain)
@@ -260,8 +276,9 @@ def render(rows: list[dict[str, Any]], repeats: int, args: argparse.Namespace, n
             goals.append(("✓" if r["time_ratio"] <= GOAL_TIME_RATIO else "✗") + "time")
         if o.get("lds") is not None and t.get("lds") is not None and o["lds"] == o["lds"] and t["lds"] == t["lds"]:
             goals.append(("✓" if o["lds"] >= t["lds"] - GOAL_LDS_SLACK else "✗") + "LDS")
+        name = r["method"] + (f" (dattri: {t['peer_method']})" if t.get("peer_method") else "")
         lines.append(
-            f"| {r['model']} | {r['method']} | {cell(o, 'time_total')} | {cell(t, 'time_total')} | {f(r.get('time_ratio'), '.2f')} | "
+            f"| {r['model']} | {name} | {cell(o, 'time_total')} | {cell(t, 'time_total')} | {f(r.get('time_ratio'), '.2f')} | "
             f"{cell(o, 'ru_maxrss_mb', '.0f')} | {cell(t, 'ru_maxrss_mb', '.0f')} | {f(r.get('mem_ratio'), '.2f')} | "
             f"{cell(o, 'lds', '.3f')} | {cell(t, 'lds', '.3f')} | {f(r.get('agreement'), '.3f')} | {' '.join(goals) or '-'} |")
     txt = "\n".join(lines)

@@ -140,21 +140,26 @@ def test_ensemble_average_identity_projection_with_regularization():
     torch.testing.assert_close(att.attribute(sub, te), expected[10:20], rtol=1e-9, atol=1e-11)
 
 
-def test_gaussian_projection_uses_seed_plus_checkpoint():
+@pytest.mark.parametrize("proj_type", ["gaussian", "sparse"])
+def test_random_projection_uses_seed_plus_checkpoint(proj_type):
     model, ckpts, task, prob, train, test = _setup(num_ckpt=2, hidden=True)
     tr, te = _loaders(train, test)
     d = sum(p.numel() for p in model.parameters())
-    att = TRAKAttributor(task, prob, projector_kwargs={"proj_dim": 8, "seed": 11})
+    kw = {"proj_dim": 8, "seed": 11} if proj_type == "gaussian" else {"proj_dim": 8, "seed": 11, "proj_type": proj_type}
+    # a CountSketch of 31 parameters into 8 buckets may leave a bucket empty (a zero feature
+    # column): a small ridge keeps the kernel invertible
+    lam = 0.0 if proj_type == "gaussian" else 1e-3
+    att = TRAKAttributor(task, prob, projector_kwargs=kw, regularization=lam)
     att.cache(tr)
     projections = [
-        make_projector(d, 8, seed=11 + k, dtype=torch.float64).matrix() for k in range(2)
+        make_projector(d, 8, seed=11 + k, proj_type=proj_type, dtype=torch.float64).matrix() for k in range(2)
     ]
-    expected = _closed_form(True, ckpts, train, test, 0.0, projections)
+    expected = _closed_form(True, ckpts, train, test, lam, projections)
     torch.testing.assert_close(att.attribute(tr, te), expected, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(
         att.self_attribute(tr), torch.diagonal(att.attribute(tr, tr)), rtol=1e-10, atol=1e-12
     )
-    assert att.hyperparameters()["projector_kwargs"]["proj_type"] == "gaussian"
+    assert att.hyperparameters()["projector_kwargs"]["proj_type"] == proj_type
 
 
 def test_bad_input():

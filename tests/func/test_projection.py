@@ -73,7 +73,7 @@ def test_float32_and_float64_agree():
 def test_jl_norm_and_inner_product_preserved_on_average():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, D, dtype=torch.float64, generator=g)
-    for proj_type in ["gaussian", "rademacher"]:
+    for proj_type in ["gaussian", "rademacher", "sparse"]:
         ratios, inner = [], []
         for seed in range(200):
             y = _proj(seed=seed, proj_type=proj_type).project(x)
@@ -144,7 +144,7 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="max_chunk_bytes"):
         _proj(max_chunk_bytes=ROWS * K * 8)  # one block + its scratch does not fit
     with pytest.raises(ConfigError, match="proj_type"):
-        _proj(proj_type="sparse")
+        _proj(proj_type="countsketch")
     with pytest.raises(ConfigError, match="proj_dim"):
         _proj(proj_dim=None)
     with pytest.raises(ConfigError, match="proj_dim"):
@@ -191,6 +191,48 @@ def test_resolve_projector_kwargs():
     assert p.seed == 5 and p.proj_dim == K
 
 
+def test_sparse_matches_its_dense_matrix_under_any_budget():
+    """The CountSketch projection equals ``x @ P`` for its dense ``P`` (the oracle), whatever the
+    budget, the dtype or the column blocking; ``P`` has exactly one ``±1`` per row."""
+    x = torch.randn(6, D, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    full = _proj(proj_type="sparse")
+    m = full.matrix()
+    assert torch.equal(m.abs().sum(1), torch.ones(D, dtype=torch.float64))
+    assert torch.equal((m != 0).sum(1), torch.ones(D, dtype=torch.int64))
+    ref = x @ m
+    torch.testing.assert_close(full.project(x), ref, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(full.project([x[:, :17], x[:, 17:150], x[:, 150:]]), ref, rtol=1e-13, atol=1e-13)
+    assert full.cached_matrix_bytes == D * 8  # int64 codes, not a dense matrix
+    for budget in [ROWS * 8, 3 * ROWS * 8 + 5, 11 * ROWS * 8]:
+        p = _proj(proj_type="sparse", max_chunk_bytes=budget)
+        assert p.chunk_rows < D and p.chunk_rows % ROWS == 0
+        torch.testing.assert_close(p.project(x), ref, rtol=1e-12, atol=1e-12)
+        assert 0 < p.peak_chunk_bytes <= budget and p.cached_matrix_bytes == 0
+        with pytest.raises(MemoryLimitError):
+            p.matrix()
+    m32 = _proj(proj_type="sparse", dtype=torch.float32).matrix()
+    assert torch.equal(m32.double(), m)  # integer draws: the same matrix in every dtype
+    assert not torch.equal(_proj(proj_type="sparse", seed=8).matrix(), m)
+    # all-zero input, empty batch
+    assert torch.equal(full.project(torch.zeros(2, D, dtype=torch.float64)), torch.zeros(2, K, dtype=torch.float64))
+    assert full.project(torch.zeros(0, D, dtype=torch.float64)).shape == (0, K)
+
+
+def test_sparse_buckets_and_signs_uniform():
+    k, d = 32, 64000
+    m = make_projector(d, k, seed=5, proj_type="sparse", dtype=torch.float64).matrix()
+    counts = (m != 0).sum(0).double()  # rows per bucket: multinomial(d, 1/k)
+    chi2 = float(((counts - d / k) ** 2 / (d / k)).sum())
+    assert chi2 < 70  # chi-square with 31 dof: P(> 70) < 1e-4
+    frac = float((m > 0).sum()) / d
+    assert abs(frac - 0.5) < 4 * math.sqrt(0.25 / d)
+    # E[P P^T] = I: off-diagonal inner products of rows average to zero
+    g = m[:2000] @ m[:2000].T
+    assert torch.equal(torch.diagonal(g), torch.ones(2000, dtype=torch.float64))
+    off = g - torch.eye(2000, dtype=torch.float64)
+    assert abs(float(off.sum())) / (2000 * 1999) < 4 * math.sqrt(1 / k / (2000 * 1999 / 2))
+
+
 @pytest.mark.gpu
 def test_cuda_deterministic_across_budgets():
     x = torch.randn(5, D, dtype=torch.float64, device="cuda")
@@ -199,6 +241,8 @@ def test_cuda_deterministic_across_budgets():
     torch.testing.assert_close(again, ref, rtol=1e-12, atol=1e-12)
     m = _proj(device="cuda").matrix()
     assert float(m.var()) * K == pytest.approx(1.0, abs=0.15)
+    sp = _proj(device="cuda", proj_type="sparse")
+    torch.testing.assert_close(sp.project(x), x @ sp.matrix(), rtol=1e-12, atol=1e-12)
 
 
 def test_dattri_projector_key_aliases():

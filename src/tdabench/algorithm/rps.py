@@ -43,7 +43,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -196,9 +195,6 @@ class RPSAttributor(BaseAttributor):
             )
         return w
 
-    def _objective(self, w: Tensor, feat: Tensor, labels: Tensor) -> Tensor:
-        return F.cross_entropy(feat @ w.T, labels) + self.l2_strength * (w * w).sum()
-
     def _gradient(self, w: Tensor, feat: Tensor, labels: Tensor) -> Tensor:
         """Closed-form gradient of the refit objective, ``(C, m)``."""
         resid = torch.softmax(feat @ w.T, dim=1)
@@ -254,10 +250,16 @@ class RPSAttributor(BaseAttributor):
             line_search_fn="strong_wolfe",
         )
 
-        def closure() -> Tensor:
-            opt.zero_grad()
-            loss = self._objective(w, feat, labels)
-            loss.backward()
+        rows = torch.arange(labels.shape[0], device=labels.device)
+
+        def closure() -> Tensor:  # loss and its closed-form gradient (no autograd graph)
+            with torch.no_grad():
+                logits = feat @ w.T
+                logp = torch.log_softmax(logits, dim=1)
+                loss = -logp[rows, labels].mean() + self.l2_strength * (w * w).sum()
+                resid = logp.exp_()
+                resid[rows, labels] -= 1.0
+                w.grad = resid.T @ feat / feat.shape[0] + 2.0 * self.l2_strength * w
             return loss
 
         opt.step(closure)

@@ -63,7 +63,7 @@ class TracInAttributor(BaseAttributor):
         normalized_grad: scale each (projected) gradient to unit norm (Grad-Cos style).
         projector_kwargs: ``None`` (exact gradients) or a dict with keys among
             ``proj_dim`` (default 512), ``proj_type`` (``"gaussian"``, ``"rademacher"``,
-            ``"identity"``), ``seed`` (default 0; checkpoint ``k`` uses ``seed + k``) and
+            ``"sparse"`` (CountSketch, ``O(d)`` per sample), ``"identity"``), ``seed`` (default 0; checkpoint ``k`` uses ``seed + k``) and
             ``max_chunk_bytes``. Unknown keys raise :class:`ConfigError`.
         layer_name: restrict gradients to these parameters.
         device: where gradients, projections and scores live (scores are returned there).
