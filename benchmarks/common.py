@@ -233,6 +233,25 @@ def layer_names(model_name: str, layer: str | None) -> list[str] | None:
     return None if layer is None else list(LAST_LAYER_PARAMS[model_name])
 
 
+def memory_bound_mb(model_name: str, method: str, n_test: int | None = None) -> float:
+    """Issue 6's memory goal for one row: 2 x (score matrix + model + one batch of gradients), MB.
+
+    Float32 everywhere; the gradient batch is the largest loader batch of the method times the
+    number of parameters it differentiates (METHODS ``layer``). Compared with the job's peak RSS
+    above its RSS at the start of the timed region (data, model and torch already loaded).
+    """
+    spec = METHODS[method]
+    model = build_model(model_name)
+    # RPS differentiates nothing; its per-sample object is the last layer's input (bounded by that layer)
+    layer = "last" if spec["kind"] == "rps" else spec["layer"][model_name]
+    names = layer_names(model_name, layer)
+    n_model = sum(p.numel() for p in model.parameters())
+    n_grad = n_model if names is None else sum(p.numel() for n, p in model.named_parameters() if n in names)
+    batch = max(b for b in spec["batches"].values() if b is not None)
+    scores = N_TRAIN * (n_test or N_TEST)
+    return 2 * 4 * (scores + n_model + batch * n_grad) / 2**20
+
+
 # --------------------------------------------------------------------------- safetensors I/O
 _DT = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "I64": np.int64, "I32": np.int32,
        "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}

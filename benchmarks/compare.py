@@ -228,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
             o, t = row.get("ours", {}), row.get("dattri", {})
             row["time_ratio"] = ratio(o.get("time_total"), t.get("time_total"))
             row["mem_ratio"] = ratio(o.get("ru_maxrss_mb"), t.get("ru_maxrss_mb"))
+            if o.get("ru_maxrss_mb") is not None and o.get("setup_rss_mb") is not None:
+                row["mem_work_mb"] = o["ru_maxrss_mb"] - o["setup_rss_mb"]
+                row["mem_bound_mb"] = common.memory_bound_mb(model_name, method, args.n_test)
             rows.append(row)
             log(f"{model_name} {method}: " + "; ".join(
                 f"{s} {'ok' if row[s]['ok'] else 'FAILED ' + row[s].get('error', '')[:200]} "
@@ -259,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
 def render(rows: list[dict[str, Any]], repeats: int, args: argparse.Namespace, notes: list[str], retrain: Any) -> str:
     f = ours.fmt
     head = ("| model | method | ours (s) | dattri (s) | time ours/dattri | ours RSS (MB) | dattri RSS (MB) | "
-            "RSS ours/dattri | LDS ours | LDS dattri | agreement | goals |")
-    lines = [head, "|" + "---|" * 12]
+            "RSS ours/dattri | ours work / bound (MB) | LDS ours | LDS dattri | agreement | goals |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         o, t = r.get("ours") or {}, r.get("dattri") or {}
 
@@ -276,17 +279,22 @@ def render(rows: list[dict[str, Any]], repeats: int, args: argparse.Namespace, n
             goals.append(("✓" if r["time_ratio"] <= GOAL_TIME_RATIO else "✗") + "time")
         if o.get("lds") is not None and t.get("lds") is not None and o["lds"] == o["lds"] and t["lds"] == t["lds"]:
             goals.append(("✓" if o["lds"] >= t["lds"] - GOAL_LDS_SLACK else "✗") + "LDS")
+        if r.get("mem_bound_mb"):
+            goals.append(("✓" if r["mem_work_mb"] <= r["mem_bound_mb"] else "✗") + "mem")
         name = r["method"] + (f" (dattri: {t['peer_method']})" if t.get("peer_method") else "")
         lines.append(
             f"| {r['model']} | {name} | {cell(o, 'time_total')} | {cell(t, 'time_total')} | {f(r.get('time_ratio'), '.2f')} | "
             f"{cell(o, 'ru_maxrss_mb', '.0f')} | {cell(t, 'ru_maxrss_mb', '.0f')} | {f(r.get('mem_ratio'), '.2f')} | "
+            f"{f(r.get('mem_work_mb'), '.0f')} / {f(r.get('mem_bound_mb'), '.0f')} | "
             f"{cell(o, 'lds', '.3f')} | {cell(t, 'lds', '.3f')} | {f(r.get('agreement'), '.3f')} | {' '.join(goals) or '-'} |")
     txt = "\n".join(lines)
     reps = f"{repeats} run(s)" if not isinstance(repeats, dict) else "the runs named in the notes below"
     txt += (f"\n\nMNIST 4,500 train x {args.n_test or common.N_TEST} test; one CPU thread per side; median of {reps} "
             "of cache + attribute (setup excluded); RSS = peak of the whole process; LDS: Spearman over "
             f"{common.GT_SPEC['num_subsets']} half-data retrainings, target -loss; agreement = mean per-test Pearson "
-            "between the two score matrices. Hyper-parameters: benchmarks/common.py METHODS.")
+            "between the two score matrices; work = ours' peak RSS minus its RSS when the timed region starts, "
+            "bound = 2 x (score matrix + model + one loader batch of gradients), float32 (issue 6's memory goal). "
+            "Hyper-parameters: benchmarks/common.py METHODS.")
     failures = [(r["model"], r["method"], s, r[s].get("error", "")) for r in rows for s in ("ours", "dattri")
                 if r.get(s) and not r[s].get("ok")]
     for m, meth, s, err in failures:

@@ -122,6 +122,32 @@ def test_zero_columns_are_skipped_exactly():
     )
 
 
+def test_wide_blocks_are_multiplied_in_column_pieces(monkeypatch):
+    """Column pieces bound the copies made by zero-column skipping; the product is unchanged and
+    zero columns are still skipped piece by piece."""
+    import tdabench.func.projection as projection
+
+    x, zero = _sparse_x()
+    p = make_projector(D, K, seed=2, dtype=torch.float64)
+    oracle = x @ p.matrix()
+    monkeypatch.setattr(projection, "_PIECE_ENTRIES", 64 * x.shape[0])  # 64-column pieces
+    monkeypatch.setattr(projection, "_COMPACT_MIN_COLS", 32)
+    seen = []
+    orig = p._compact
+
+    def spy(a, b, key):
+        out = orig(a, b, key)
+        seen.append((key, a.shape[1], out[0].shape[1]))
+        return out
+
+    p._compact = spy
+    torch.testing.assert_close(p.project(x), oracle, rtol=1e-12, atol=1e-12)
+    assert [k for k, _, _ in seen] == list(range(0, D, 64))
+    assert sum(w for _, w, _ in seen) == D
+    assert sum(w - kept for _, w, kept in seen) > 0  # some zero columns were dropped
+    torch.testing.assert_close(p.project([x[:, :100], x[:, 100:]]), oracle, rtol=1e-12, atol=1e-12)
+
+
 def test_zero_column_skipping_keeps_nan_and_inf():
     x, _ = _sparse_x()
     x[2, 11] = float("nan")

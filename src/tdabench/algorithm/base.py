@@ -22,16 +22,21 @@ import torch
 from torch import Tensor
 
 from tdabench.errors import ConfigError, NotCachedError
-from tdabench.func.utils import Batch, batch_size_of, batch_to, iter_batches
+from tdabench.func.utils import Batch, batch_size_of, batch_slice, batch_to, iter_batches
 from tdabench.task import AttributionTask, LayerName
 
-__all__ = ["REPLAY_MAX_BYTES", "BaseAttributor", "ReplayLoader"]
+__all__ = ["GRAD_PIECE_BYTES", "REPLAY_MAX_BYTES", "BaseAttributor", "ReplayLoader"]
 
 logger = logging.getLogger(__name__)
 
 REPLAY_MAX_BYTES = 256 * 2**20
 """Largest loader content (bytes of its tensors, on the attributor's device) that a
 :class:`ReplayLoader` keeps in memory to replay instead of iterating the loader again."""
+
+
+GRAD_PIECE_BYTES = 64 * 2**20
+"""Per-sample gradients that are projected right away are computed in row pieces of at most
+this many bytes (at least one row), so that peak memory does not grow with the loader's batch size."""
 
 
 def _batch_bytes(batch: Batch) -> int:
@@ -140,6 +145,24 @@ class BaseAttributor:
         flat = self._params(index)
         for batch in self._batches(loader, what):
             yield self.task.per_sample_grads(flat, batch, which=which, index=index, layer_name=self.layer_name)
+
+    def _projected_grads(self, flat: Tensor, batch: Batch, which: str, index: int, projector: Any) -> Tensor:
+        """``projector.project`` of the per-sample gradients ``(B, d)`` of ``batch``, computed in
+        row pieces of at most :data:`GRAD_PIECE_BYTES` of gradients: a projection keeps only
+        ``(B, k)``, so the full ``(B, d)`` gradient batch never has to exist at once (same
+        numbers: the projection is row by row)."""
+        n = batch_size_of(batch)
+        item = torch.empty((), dtype=self.dtype).element_size()
+        rows = max(1, GRAD_PIECE_BYTES // max(1, self.spec.dim * item))
+        outs = []
+        for a in range(0, n, rows) if n > rows else [0]:
+            piece = batch if n <= rows else batch_slice(batch, a, min(n, a + rows))
+            g = self.task.per_sample_grads(
+                flat, piece, which=which, index=index, layer_name=self.layer_name, as_blocks=True
+            )
+            outs.append(projector.project(g))  # per-parameter blocks: no (B, d) concatenation
+            del g
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _all_grads(self, loader: Iterable[Batch], which: str = "loss", index: int = 0, what: str = "data loader") -> Tensor:
         """Stacked per-sample gradients ``(n, d)`` of every sample in ``loader``."""

@@ -107,11 +107,7 @@ class TracInAttributor(BaseAttributor):
             self.projector_kwargs, self.spec.dim, index, self.device, self.dtype
         )
 
-    def _transform(self, g: Tensor | list[Tensor], projector: Projector | None) -> Tensor:
-        if projector is not None:
-            g = projector.project(g)
-        elif not isinstance(g, Tensor):
-            g = torch.cat(g, dim=1)
+    def _normalize(self, g: Tensor) -> Tensor:
         if self.normalized_grad:
             g = g / g.norm(dim=1, keepdim=True).clamp_min(_EPS_NORM)
         return g
@@ -119,15 +115,11 @@ class TracInAttributor(BaseAttributor):
     def _features(
         self, flat: Tensor, batch: Batch, which: str, index: int, projector: Projector | None
     ) -> Tensor:
-        g = self.task.per_sample_grads(
-            flat,
-            batch,
-            which=which,
-            index=index,
-            layer_name=self.layer_name,
-            as_blocks=projector is not None,  # a projector takes per-parameter blocks, uncopied
+        if projector is not None:
+            return self._normalize(self._projected_grads(flat, batch, which, index, projector))
+        return self._normalize(
+            self.task.per_sample_grads(flat, batch, which=which, index=index, layer_name=self.layer_name)
         )
-        return self._transform(g, projector)
 
     def _target_is_loss(self) -> bool:
         return self.task.target_func is self.task.loss_func

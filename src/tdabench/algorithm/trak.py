@@ -123,10 +123,7 @@ class TRAKAttributor(BaseAttributor):
         return f
 
     def _phi(self, flat: Tensor, batch: Batch, index: int, projector: Projector) -> Tensor:
-        g = self.task.per_sample_grads(
-            flat, batch, which="target", index=index, layer_name=self.layer_name, as_blocks=True
-        )
-        return projector.project(g)  # per-parameter blocks: no (B, d) concatenation
+        return self._projected_grads(flat, batch, "target", index, projector)
 
     def _one_minus_p(self, flat: Tensor, batch: Batch, index: int) -> Tensor:
         p = per_sample_values(self._prob_func(index), flat, batch)

@@ -86,6 +86,8 @@ _BLOCK_ENTRIES = 2**18
 # checked; a block is compacted when at least _COMPACT_MIN_FRACTION of its columns are zero for
 # the whole batch; after _COMPACT_MAX_MISSES checks in a row that found fewer, it is not checked.
 _COMPACT_MIN_COLS = 256
+# Projector.project multiplies at most this many entries of x (or of P) per GEMM (16 MiB float32)
+_PIECE_ENTRIES = 2**22
 _COMPACT_MIN_FRACTION = 0.125
 _COMPACT_MAX_MISSES = 4
 _MASK64 = (1 << 64) - 1
@@ -363,14 +365,15 @@ class Projector:
         if self.proj_type == "sparse":
             return self._project_sparse(blocks)
         out: Tensor | None = None
+        # columns per GEMM: bounds the copies that skipping zero columns makes of x and P
+        piece = max(_COMPACT_MIN_COLS, _PIECE_ENTRIES // max(1, blocks[0].shape[0], self.proj_dim))
         for start, stop, chunk in self._chunks():
             offset = 0
             for block in blocks:
                 lo, hi = max(offset, start), min(offset + block.shape[1], stop)
-                if lo < hi:
-                    x, p = self._compact(
-                        block[:, lo - offset : hi - offset], chunk[lo - start : hi - start], lo
-                    )
+                for a in range(lo, hi, piece):
+                    b = min(hi, a + piece)
+                    x, p = self._compact(block[:, a - offset : b - offset], chunk[a - start : b - start], a)
                     if x.shape[1] == 0:
                         pass
                     elif out is None:

@@ -21,6 +21,7 @@ from tdabench.errors import ConfigError, DataError, NonFiniteError, ShapeError
 __all__ = [
     "ParamSpec",
     "batch_size_of",
+    "batch_slice",
     "batch_to",
     "check_finite",
     "flatten_params",
@@ -156,6 +157,14 @@ def batch_to(batch: Batch, device: torch.device | str | None = None, dtype: torc
     if isinstance(batch, Tensor):
         return move(batch)
     return type(batch)(move(t) for t in batch) if isinstance(batch, tuple) else [move(t) for t in batch]
+
+
+def batch_slice(batch: Batch, start: int, stop: int) -> Batch:
+    """Rows ``[start, stop)`` of every tensor of ``batch`` (views; other items kept as they are)."""
+    if isinstance(batch, Tensor):
+        return batch[start:stop]
+    items = [t[start:stop] if isinstance(t, Tensor) else t for t in batch]
+    return type(batch)(items) if isinstance(batch, tuple) else items
 
 
 def iter_batches(loader: Iterable[Batch], what: str = "data loader") -> Iterable[Batch]:
