@@ -272,3 +272,28 @@ def test_cuda_matches_cpu():
         task, [0.5, 0.5], projector_kwargs={**kw, "max_chunk_bytes": 10**6}, device="cuda"
     )
     torch.testing.assert_close(b.attribute(tr, te), a, rtol=1e-10, atol=1e-12)
+
+
+def test_loader_that_changes_between_checkpoints_is_refused(monkeypatch):
+    """Without replay (a loader too big to keep), a train loader that yields a different number
+    of samples at a later checkpoint raises instead of mixing rows."""
+    from tdabench.algorithm.base import BaseAttributor
+    from tdabench.errors import DataError
+
+    model, ckpts, train, test = _setup(num_ckpt=2)
+    task = AttributionTask(_loss(model), model, ckpts)
+    _, te = _loaders(train, test)
+
+    class Shrinking:
+        def __init__(self):
+            self.calls = 0
+
+        def __iter__(self):
+            self.calls += 1
+            n = len(train) if self.calls == 1 else len(train) - 3
+            return iter(DataLoader(torch.utils.data.Subset(train, range(n)), batch_size=3))
+
+    monkeypatch.setattr(BaseAttributor, "_replay", lambda self, loader, what: loader)
+    att = TracInAttributor(task, [0.5, 0.5])
+    with pytest.raises(DataError, match="fixed order and size"):
+        att.attribute(Shrinking(), te)

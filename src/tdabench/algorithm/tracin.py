@@ -140,9 +140,9 @@ class TracInAttributor(BaseAttributor):
             Tensor ``(n_train, n_test)`` on ``device``; high = the training sample helps.
         """
         scores: Tensor | None = None
-        # read once, replayed for the other checkpoints
-        train_loader = self._replay(train_loader, "train loader")
-        test_loader = self._replay(test_loader, "test loader")
+        if len(self.weights) > 1:  # read once, replayed for the other checkpoints
+            train_loader = self._replay(train_loader, "train loader")
+            test_loader = self._replay(test_loader, "test loader")
         for w, index in zip(self.weights, self.checkpoint_indices, strict=True):
             projector = self._projector(index)
             flat = self._params(index)
@@ -158,18 +158,25 @@ class TracInAttributor(BaseAttributor):
                 disable=None,
                 leave=False,
             )
-            term = torch.cat(
-                [self._features(flat, b, "loss", index, projector) @ test.T for b in batches]
-            ).mul_(w)
             if scores is None:
-                scores = term
-            elif scores.shape != term.shape:
+                scores = torch.cat(
+                    [self._features(flat, b, "loss", index, projector) @ test.T for b in batches]
+                ).mul_(w)
+                continue
+            # later checkpoints accumulate block by block (no second score matrix)
+            row = 0
+            for b in batches:
+                g = self._features(flat, b, "loss", index, projector)
+                if row + g.shape[0] > scores.shape[0] or test.shape[0] != scores.shape[1]:
+                    row = -1
+                    break
+                scores[row : row + g.shape[0]].addmm_(g, test.T, alpha=w)
+                row += g.shape[0]
+            if row != scores.shape[0]:
                 raise DataError(
-                    f"the loaders yielded {tuple(term.shape)} (train, test) samples at checkpoint {index} but "
-                    f"{tuple(scores.shape)} before; use loaders with a fixed order and size (shuffle=False)"
+                    f"the loaders yielded a different number of (train, test) samples at checkpoint {index} "
+                    f"than the {tuple(scores.shape)} before; use loaders with a fixed order and size (shuffle=False)"
                 )
-            else:
-                scores += term
         assert scores is not None
         return check_finite(scores, "TracIn scores")
 
