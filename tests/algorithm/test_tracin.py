@@ -189,7 +189,7 @@ def test_projected_gradients_in_row_pieces_give_the_same_scores(monkeypatch):
     monkeypatch.setattr(base, "GRAD_PIECE_BYTES", 1)
     pieced = run()
     assert calls and set(calls) == {1}
-    for a, b in zip(whole, pieced):
+    for a, b in zip(whole, pieced, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
 
 

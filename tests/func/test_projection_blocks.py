@@ -127,7 +127,7 @@ def test_wide_blocks_are_multiplied_in_column_pieces(monkeypatch):
     zero columns are still skipped piece by piece."""
     import tdabench.func.projection as projection
 
-    x, zero = _sparse_x()
+    x, _zero = _sparse_x()
     p = make_projector(D, K, seed=2, dtype=torch.float64)
     oracle = x @ p.matrix()
     monkeypatch.setattr(projection, "_PIECE_ENTRIES", 64 * x.shape[0])  # 64-column pieces
