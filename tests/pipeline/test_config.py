@@ -53,6 +53,15 @@ def test_shipped_configs_are_valid():
     for run in sorted((REPO / "configs").glob("*.yaml")):
         c = load_config(REPO / "configs/default.yaml", yaml.safe_load(run.read_text()))
         assert c["benchmarks"], run
+    # every shipped attributor file validates, and its projector settings resolve
+    from tdabench.func.projection import resolve_projector_kwargs
+
+    for a in sorted((REPO / "configs/attributors").glob("*.yaml")):
+        c = load_config(REPO / "configs/default.yaml", {"attributors": [a.stem]})
+        params = c["attributor_configs"][a.stem]["params"]
+        proj = {k: params[k] for k in ("proj_dim", "proj_type", "seed") if k in params}
+        if proj:
+            assert resolve_projector_kwargs(proj)["proj_type"] == proj.get("proj_type", "gaussian"), a
 
 
 def test_unknown_key_names_key_and_file(configs):
