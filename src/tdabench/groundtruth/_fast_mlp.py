@@ -1,0 +1,298 @@
+"""Hand-written batched training of plain Linear/ReLU stacks (the BatchedTrainer fast path).
+
+For models that are a bare ``nn.Linear`` or an ``nn.Sequential`` of ``nn.Linear`` layers
+separated by ``nn.ReLU`` (``nn.Flatten`` with default arguments and ``nn.Identity`` allowed),
+trained for classification with SGD (momentum and weight decay allowed, no gradient clipping),
+:class:`FastStack` replaces ``vmap(grad(...))`` + :class:`FunctionalOptimizer` by explicit
+batched forward/backward passes (``mm`` / ``bmm``) whose weight-gradient GEMMs accumulate
+straight into the parameters (plain SGD) or the momentum buffers (``addmm_``/``baddbmm_`` with
+``beta``), so no gradient tensor is materialised and no autograd / torch.func machinery runs.
+
+Layouts (``m`` models, ``K`` kept input columns):
+
+* first layer, ``shared`` mode (every model sees the whole stream batch): one matrix
+  ``(K [+1 bias row], m * H)``; the forward is one wide GEMM ``x @ W`` and the update one
+  ``W.addmm_(x.T, G)``. The bias is a row of ``W`` fed by a constant-one input column.
+* first layer, ``compact`` mode (each model gets its own members, padded): ``(m, K [+1], H)``
+  with ``bmm``.
+* later layers: ``(m, in, out)`` weights and ``(m, 1, out)`` biases, ``bmm``/``baddbmm``.
+
+Input columns that are zero for every training sample (e.g. MNIST border pixels) contribute
+nothing to any forward pass and get exactly zero gradient, so without weight decay their
+weights never change (SGD with or without momentum): they are dropped from the GEMMs and
+restored from the initial weights when the state is read out. With weight decay every column
+is kept.
+
+The numbers equal the generic path up to the order of floating-point sums (tested in float64
+against it and against a per-model ``torch.optim`` loop).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["FastStack", "fast_plan"]
+
+
+def fast_plan(model: nn.Module, recipe: Mapping[str, Any], kind: str, n_inputs: int,
+              has_buffers: bool) -> tuple[list[tuple[str, nn.Linear, bool]] | None, str]:
+    """``(layers, reason)``: the Linear layers (module name, layer, ReLU after it) when the fast
+    path applies, else ``(None, why not)``."""
+    if kind != "classification":
+        return None, f"kind {kind!r} (fast path: classification only)"
+    if recipe["optimizer"] != "sgd":
+        return None, f"optimizer {recipe['optimizer']!r} (fast path: sgd only)"
+    if recipe["grad_clip"] is not None:
+        return None, "grad_clip is set"
+    if n_inputs != 1:
+        return None, f"{n_inputs} input tensors (fast path: one)"
+    if has_buffers:
+        return None, "the model has buffers"
+    if isinstance(model, nn.Linear):
+        return [("", model, False)], "nn.Linear"
+    if type(model) is not nn.Sequential:
+        return None, f"{type(model).__name__} is not an nn.Linear or a plain nn.Sequential"
+    layers: list[list[Any]] = []
+    for name, mod in model.named_children():
+        if isinstance(mod, nn.Identity):
+            continue
+        if type(mod) is nn.Flatten:
+            if (mod.start_dim, mod.end_dim) != (1, -1):
+                return None, f"nn.Flatten({mod.start_dim}, {mod.end_dim}) (fast path: default arguments)"
+            continue
+        if type(mod) is nn.Linear:
+            layers.append([name, mod, False])
+        elif type(mod) is nn.ReLU:
+            if not layers or layers[-1][2]:
+                return None, "nn.ReLU not directly after an nn.Linear"
+            layers[-1][2] = True
+        else:
+            return None, f"layer {name} is {type(mod).__name__} (fast path: Linear/ReLU/Flatten/Identity)"
+    if not layers:
+        return None, "no nn.Linear layer"
+    if layers[-1][2]:
+        return None, "the last layer is a ReLU"
+    for (_, a, _), (_, b, _) in zip(layers, layers[1:]):
+        if a.out_features != b.in_features:
+            return None, "layer widths do not chain"
+    return [tuple(x) for x in layers], "Sequential of " + ", ".join(
+        f"Linear({l.in_features},{l.out_features})" + ("+ReLU" if r else "") for _, l, r in layers)
+
+
+def _pname(mod: str, what: str) -> str:
+    return f"{mod}.{what}" if mod else what
+
+
+class FastStack:
+    """Training state and step of ``m`` stacked Linear/ReLU models (see the module docstring).
+
+    Args:
+        layers: the plan from :func:`fast_plan`.
+        params: stacked parameters ``{name: (m, ...)}`` at initialisation (not modified).
+        x: the training inputs ``(n, ...)`` (flattened to ``(n, d)``).
+        recipe: normalised recipe (sgd).
+        compact: first-layer mode (see the module docstring).
+    """
+
+    def __init__(self, layers: list[tuple[str, nn.Linear, bool]], params: Mapping[str, Tensor], x: Tensor,
+                 recipe: Mapping[str, Any], compact: bool) -> None:
+        self.layers = layers
+        self.mu = float(recipe["momentum"])
+        self.wd = float(recipe["weight_decay"])
+        self.compact = bool(compact)
+        x = x.reshape(x.shape[0], -1)
+        name0, lin0, _ = layers[0]
+        self.m = int(params[_pname(name0, "weight")].shape[0])
+        self.dtype = x.dtype
+        if self.wd == 0.0:
+            kept = (x != 0).any(0).nonzero().flatten()
+        else:
+            kept = torch.arange(x.shape[1], device=x.device)
+        self.kept = kept
+        self.init_params = params  # untouched; the dropped columns are read from here
+        cols = [x.index_select(1, kept)]
+        self.bias0 = lin0.bias is not None
+        if self.bias0:
+            cols.append(torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device))
+        self.xa = torch.cat(cols, 1).contiguous()  # (n, K [+1])
+        w0 = params[_pname(name0, "weight")].index_select(2, kept)  # (m, H, K)
+        parts = [w0.transpose(1, 2)]  # (m, K, H)
+        if self.bias0:
+            parts.append(params[_pname(name0, "bias")].unsqueeze(1))  # (m, 1, H)
+        w0 = torch.cat(parts, 1)  # (m, K [+1], H)
+        self.h0 = int(w0.shape[2])
+        if not self.compact:
+            w0 = w0.permute(1, 2, 0).reshape(w0.shape[1], self.h0 * self.m)  # (K [+1], H * m)
+        self.p: list[Tensor] = [w0.contiguous().clone()]
+        self.p_bias: list[Tensor | None] = [None]
+        for name, lin, _ in layers[1:]:
+            self.p.append(params[_pname(name, "weight")].transpose(1, 2).contiguous().clone())  # (m, in, out)
+            self.p_bias.append(params[_pname(name, "bias")].unsqueeze(1).clone() if lin.bias is not None else None)
+        self.buf = [torch.zeros_like(t) for t in self.p] if self.mu != 0.0 else None
+        self.buf_bias = ([None if b is None else torch.zeros_like(b) for b in self.p_bias]
+                         if self.mu != 0.0 else None)
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict[str, Tensor]:
+        """Stacked parameters ``{name: (m, ...)}`` in ``nn.Linear`` layout (copies)."""
+        out: dict[str, Tensor] = {}
+        name0, _, _ = self.layers[0]
+        w0 = self.p[0]
+        if not self.compact:
+            w0 = w0.view(w0.shape[0], self.h0, self.m).permute(2, 0, 1)  # (m, K [+1], H)
+        k = len(self.kept)
+        full = self.init_params[_pname(name0, "weight")].clone()
+        full.index_copy_(2, self.kept, w0[:, :k].transpose(1, 2))
+        out[_pname(name0, "weight")] = full
+        if self.bias0:
+            out[_pname(name0, "bias")] = w0[:, k].clone()
+        for (name, _, _), w, b in zip(self.layers[1:], self.p[1:], self.p_bias[1:]):
+            out[_pname(name, "weight")] = w.transpose(1, 2).contiguous()
+            if b is not None:
+                out[_pname(name, "bias")] = b.squeeze(1).clone()
+        return out
+
+    def finite(self) -> Tensor:
+        """bool ``(m,)``: all parameters of the model are finite."""
+        ok = torch.ones(self.m, dtype=torch.bool, device=self.xa.device)
+        w0 = self.p[0]
+        if not self.compact:
+            w0 = w0.view(w0.shape[0], self.h0, self.m).permute(2, 0, 1)
+        for t in [w0, *self.p[1:], *(b for b in self.p_bias if b is not None)]:
+            ok &= torch.isfinite(t.reshape(self.m, -1)).all(1)
+        return ok
+
+    # ------------------------------------------------------------------ step
+    def _slices(self, inactive: Tensor) -> list[tuple[Tensor, Tensor, int]]:
+        """(tensor, index, dim) of every state slice owned by the inactive models."""
+        out = []
+        tensors = [self.p, self.p_bias] + ([self.buf, self.buf_bias] if self.buf is not None else [])
+        for group in tensors:
+            for i, t in enumerate(group):
+                if t is None:
+                    continue
+                if i == 0 and not self.compact:  # columns h*m + r
+                    idx = (inactive.unsqueeze(0)
+                           + self.m * torch.arange(self.h0, device=inactive.device).unsqueeze(1)).flatten()
+                    out.append((t, idx, 1))
+                else:
+                    out.append((t, inactive, 0))
+        return out
+
+    def _update(self, i: int, bias: bool, acc: Any, lr: float) -> None:
+        """SGD step of parameter ``i`` (weight or bias) where ``acc(t, beta, alpha)`` sets
+        ``t = beta * t + alpha * grad`` in place (torch.optim.SGD: ``g += wd * p``,
+        ``buf = mu * buf + g``, ``p -= lr * buf``)."""
+        p = (self.p_bias if bias else self.p)[i]
+        if self.mu == 0.0:
+            if self.wd != 0.0:
+                p.mul_(1.0 - lr * self.wd)
+            acc(p, 1.0, -lr)
+            return
+        buf = (self.buf_bias if bias else self.buf)[i]
+        if self.wd != 0.0:
+            buf.mul_(self.mu).add_(p, alpha=self.wd)
+            acc(buf, 1.0, 1.0)
+        else:
+            acc(buf, self.mu, 1.0)
+        p.add_(buf, alpha=-lr)
+
+    def _out(self, shape: tuple[int, ...]) -> Tensor:
+        """A reusable output buffer for the wide first-layer GEMM (no page faults per step)."""
+        buf = getattr(self, "_mm_buf", None)
+        n = math.prod(shape)
+        if buf is None or buf.numel() < n:
+            buf = self._mm_buf = torch.empty(n, dtype=self.dtype, device=self.xa.device)
+        return buf[:n].view(shape)
+
+    @staticmethod
+    def _dlogits_(logits: Tensor, cdim: int, labels: Tensor, coef: Tensor) -> Tensor | None:
+        """Turn ``logits`` in place into d(masked mean CE)/d logits = ``coef * (softmax - onehot)``
+        along class axis ``cdim``; ``labels`` and ``coef`` have size 1 at ``cdim``. Returns
+        None, or the bool mask (shape of ``coef``) of rows whose logits are not all finite."""
+        mx = logits.amax(cdim, keepdim=True)
+        bad = None
+        if not bool(torch.isfinite(mx.sum())):
+            bad = ~torch.isfinite(mx)  # NaN or +inf in a row; rows of finite logits give finite losses
+        logits.sub_(mx).exp_()
+        logits.mul_(coef / logits.sum(cdim, keepdim=True))
+        logits.scatter_add_(cdim, labels, -coef)
+        return bad
+
+    def step(self, idx: Tensor, w_t: Tensor, labels: Tensor, lr: float) -> Tensor | None:
+        """One SGD step on stream batch ``idx`` (device indices, ``B``). ``w_t`` (``(B, m)``,
+        float 0/1) says which samples belong to which model. Returns None, or a bool ``(m,)`` of
+        models whose logits were not finite on this batch."""
+        counts = w_t.sum(0)  # (m,) exact small integers
+        active = counts > 0
+        if not bool(active.any()):  # every model skips this step
+            return None
+        inactive = None if bool(active.all()) else (~active).nonzero().flatten()
+        scale = 1.0 / counts.clamp(min=1.0)
+        n_layers = len(self.layers)
+        bsz = len(idx)
+        if self.compact:
+            member = w_t.t() > 0  # (m, B)
+            k_max = int(counts.max())
+            order = torch.argsort((~member).to(torch.uint8), dim=1, stable=True)[:, :k_max]
+            sel = idx[order]  # (m, k)
+            coef = member.gather(1, order).to(self.dtype).mul_(scale.unsqueeze(1))  # (m, k)
+            xb = self.xa.index_select(0, sel.reshape(-1)).view(self.m, k_max, -1)  # (m, k, K+1)
+            yb = labels.index_select(0, sel.reshape(-1)).view(self.m, k_max)
+            zs = [torch.bmm(xb, self.p[0])]  # (m, k, H)
+        else:
+            coef = w_t * scale  # (B, m)
+            xb = self.xa.index_select(0, idx)  # (B, K+1)
+            yb = labels.index_select(0, idx)
+            z = torch.mm(xb, self.p[0], out=self._out((bsz, self.h0 * self.m))).view(bsz, self.h0, self.m)
+            # (B, H, m); later layers work per model on (m, B, H)
+            zs = [z if n_layers == 1 else z.permute(2, 0, 1).contiguous()]
+        # forward; acts[l] = input of layer l (l >= 1), zs[l] = pre-activation of layer l
+        acts: list[Tensor] = [xb]
+        for l in range(1, n_layers):
+            a = torch.relu(zs[-1]) if self.layers[l - 1][2] else zs[-1]
+            acts.append(a)
+            b = self.p_bias[l]
+            zs.append(torch.bmm(a, self.p[l]) if b is None else torch.baddbmm(b, a, self.p[l]))
+        if not self.compact and n_layers == 1:  # (B, C, m)
+            bad = self._dlogits_(zs[-1], 1, yb.view(bsz, 1, 1).expand(bsz, 1, self.m), coef.unsqueeze(1))
+            if bad is not None:
+                bad = bad.flatten(1).any(0)
+        else:  # (m, b, C)
+            yl = yb.unsqueeze(-1) if yb.dim() == 2 else yb.view(1, bsz, 1).expand(self.m, bsz, 1)
+            cf = coef.unsqueeze(-1) if self.compact else coef.t().unsqueeze(-1)
+            bad = self._dlogits_(zs[-1], 2, yl, cf)
+            if bad is not None:
+                bad = bad.flatten(1).any(1)
+        g = zs[-1]
+        saved = None
+        if inactive is not None and (self.mu != 0.0 or self.wd != 0.0):
+            saved = [(t, ix, d, t.index_select(d, ix)) for t, ix, d in self._slices(inactive)]
+        for l in range(n_layers - 1, 0, -1):
+            a = acts[l]
+            d_prev = torch.bmm(g, self.p[l].transpose(1, 2))  # (m, b, in), before the update
+            gl = g
+            self._update(l, False, lambda t, beta, alpha: t.baddbmm_(a.transpose(1, 2), gl, beta=beta, alpha=alpha), lr)
+            if self.p_bias[l] is not None:
+                gb = gl.sum(1, keepdim=True)
+                self._update(l, True, lambda t, beta, alpha: t.mul_(beta).add_(gb, alpha=alpha)
+                             if beta != 1.0 else t.add_(gb, alpha=alpha), lr)
+            if self.layers[l - 1][2]:
+                d_prev = d_prev.mul_(zs[l - 1] > 0)
+            g = d_prev
+        if self.compact:
+            self._update(0, False, lambda t, beta, alpha: t.baddbmm_(xb.transpose(1, 2), g, beta=beta, alpha=alpha), lr)
+        else:
+            g0 = g if n_layers == 1 else g.permute(1, 2, 0)  # (B, H, m)
+            g0 = g0.reshape(bsz, self.h0 * self.m)
+            self._update(0, False, lambda t, beta, alpha: t.addmm_(xb.t(), g0, beta=beta, alpha=alpha), lr)
+        if saved is not None:
+            for t, ix, d, old in saved:
+                t.index_copy_(d, ix, old)
+        return bad
