@@ -13,8 +13,8 @@ Layouts (``m`` models, ``K`` kept input columns):
 * first layer, ``shared`` mode (every model sees the whole stream batch): one matrix
   ``(K [+1 bias row], m * H)``; the forward is one wide GEMM ``x @ W`` and the update one
   ``W.addmm_(x.T, G)``. The bias is a row of ``W`` fed by a constant-one input column.
-* first layer, ``compact`` mode (each model gets its own members, padded): ``(m, K [+1], H)``
-  with ``bmm``.
+* first layer, ``compact`` mode (each model gets its own members): ``(m, K [+1], H)``, one
+  ``mm`` per model on its members (no padding).
 * later layers: ``(m, in, out)`` weights and ``(m, 1, out)`` biases, ``bmm``/``baddbmm``.
 
 Input columns that are zero for every training sample (e.g. MNIST border pixels) contribute
@@ -38,6 +38,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["FastStack", "fast_plan"]
+
+#: use the sparse first-layer forward when the mean fraction of non-zero inputs is at most this
+_SPARSE_MAX_DENSITY = 0.3
 
 
 def fast_plan(model: nn.Module, recipe: Mapping[str, Any], kind: str, n_inputs: int,
@@ -121,6 +124,16 @@ class FastStack:
         if self.bias0:
             cols.append(torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device))
         self.xa = torch.cat(cols, 1).contiguous()  # (n, K [+1])
+        # sparse inputs (e.g. MNIST, ~23% non-zeros): the shared first-layer forward as a
+        # weighted embedding_bag over each sample's non-zero columns (rows of W) instead of a GEMM
+        nnz = (self.xa != 0).sum(1)
+        self.sparse = (not self.compact) and float(nnz.float().mean()) <= _SPARSE_MAX_DENSITY * self.xa.shape[1]
+        if self.sparse:
+            r, c = self.xa.nonzero(as_tuple=True)
+            self._nnz = nnz
+            self._indptr = torch.cumsum(nnz, 0) - nnz
+            self._cols = c
+            self._vals = self.xa[r, c]
         w0 = params[_pname(name0, "weight")].index_select(2, kept)  # (m, H, K)
         parts = [w0.transpose(1, 2)]  # (m, K, H)
         if self.bias0:
@@ -238,19 +251,44 @@ class FastStack:
         n_layers = len(self.layers)
         bsz = len(idx)
         if self.compact:
-            member = w_t.t() > 0  # (m, B)
-            k_max = int(counts.max())
-            order = torch.argsort((~member).to(torch.uint8), dim=1, stable=True)[:, :k_max]
-            sel = idx[order]  # (m, k)
-            coef = member.gather(1, order).to(self.dtype).mul_(scale.unsqueeze(1))  # (m, k)
-            xb = self.xa.index_select(0, sel.reshape(-1)).view(self.m, k_max, -1)  # (m, k, K+1)
-            yb = labels.index_select(0, sel.reshape(-1)).view(self.m, k_max)
-            zs = [torch.bmm(xb, self.p[0])]  # (m, k, H)
+            # each model's members (stream order) concatenated: one gather, then one GEMM per
+            # model (a loop of mm beats a bmm padded to the largest member count); later layers
+            # work on (m, k_max, .) tensors padded with zero rows of zero weight
+            r_ids, j = (w_t.t() > 0).nonzero(as_tuple=True)  # sorted by model, then stream position
+            ks = counts.long()
+            k_list = ks.tolist()
+            k_max = max(k_list)
+            starts = torch.cumsum(ks, 0) - ks
+            sel = idx.index_select(0, j)
+            xb = self.xa.index_select(0, sel)  # (sum k, K+1)
+            pos = torch.arange(len(sel), device=sel.device) - starts.index_select(0, r_ids)
+            yb = torch.zeros(self.m, k_max, dtype=labels.dtype, device=labels.device)
+            yb[r_ids, pos] = labels.index_select(0, sel)
+            coef = (torch.arange(k_max, device=ks.device) < ks.unsqueeze(1)).to(self.dtype).mul_(scale.unsqueeze(1))
+            z = torch.zeros(self.m, k_max, self.h0, dtype=self.dtype, device=xb.device)
+            spans = []
+            o = 0
+            for r, k in enumerate(k_list):
+                if k:
+                    torch.mm(xb[o:o + k], self.p[0][r], out=z[r, :k])
+                    spans.append((r, o, k))
+                o += k
+            zs = [z]  # (m, k_max, H)
         else:
             coef = w_t * scale  # (B, m)
             xb = self.xa.index_select(0, idx)  # (B, K+1)
             yb = labels.index_select(0, idx)
-            z = torch.mm(xb, self.p[0], out=self._out((bsz, self.h0 * self.m))).view(bsz, self.h0, self.m)
+            if self.sparse:  # z[i] = sum_j x[i, j] W[j] over the non-zeros of sample i
+                ln = self._nnz.index_select(0, idx)
+                off = torch.cumsum(ln, 0) - ln
+                total = int(ln.sum())
+                pos = (torch.repeat_interleave(self._indptr.index_select(0, idx) - off, ln, output_size=total)
+                       + torch.arange(total, device=ln.device))
+                z = F.embedding_bag(self._cols.index_select(0, pos), self.p[0], off, mode="sum",
+                                    per_sample_weights=self._vals.index_select(0, pos))
+            else:
+                z = torch.mm(xb, self.p[0], out=self._out((bsz, self.h0 * self.m)))
+            z = z.view(bsz, self.h0, self.m)
             # (B, H, m); later layers work per model on (m, B, H)
             zs = [z if n_layers == 1 else z.permute(2, 0, 1).contiguous()]
         # forward; acts[l] = input of layer l (l >= 1), zs[l] = pre-activation of layer l
@@ -287,7 +325,12 @@ class FastStack:
                 d_prev = d_prev.mul_(zs[l - 1] > 0)
             g = d_prev
         if self.compact:
-            self._update(0, False, lambda t, beta, alpha: t.baddbmm_(xb.transpose(1, 2), g, beta=beta, alpha=alpha), lr)
+            def acc0(t: Tensor, beta: float, alpha: float) -> None:
+                # models without members are skipped here (and restored below when beta != 1)
+                for r, o, k in spans:
+                    t[r].addmm_(xb[o:o + k].t(), g[r, :k], beta=beta, alpha=alpha)
+
+            self._update(0, False, acc0, lr)
         else:
             g0 = g if n_layers == 1 else g.permute(1, 2, 0)  # (B, H, m)
             g0 = g0.reshape(bsz, self.h0 * self.m)
