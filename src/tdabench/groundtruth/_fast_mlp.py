@@ -15,7 +15,8 @@ Layouts (``m`` models, ``K`` kept input columns):
   ``W.addmm_(x.T, G)``. The bias is a row of ``W`` fed by a constant-one input column.
 * first layer, ``compact`` mode (each model gets its own members): ``(m, K [+1], H)``, one
   ``mm`` per model on its members (no padding).
-* later layers: ``(m, in, out)`` weights and ``(m, 1, out)`` biases, ``bmm``/``baddbmm``.
+* later layers: ``(m, out, in)`` weights and ``(m, out, 1)`` biases with feature-major
+  outputs ``(m, out, b)`` (``W @ a.T``; several times faster than ``a @ W.T`` for 10 classes).
 
 Input columns that are zero for every training sample (e.g. MNIST border pixels) contribute
 nothing to any forward pass and get exactly zero gradient, so without weight decay their
@@ -145,8 +146,8 @@ class FastStack:
         self.p: list[Tensor] = [w0.contiguous().clone()]
         self.p_bias: list[Tensor | None] = [None]
         for name, lin, _ in layers[1:]:
-            self.p.append(params[_pname(name, "weight")].transpose(1, 2).contiguous().clone())  # (m, in, out)
-            self.p_bias.append(params[_pname(name, "bias")].unsqueeze(1).clone() if lin.bias is not None else None)
+            self.p.append(params[_pname(name, "weight")].contiguous().clone())  # (m, out, in)
+            self.p_bias.append(params[_pname(name, "bias")].unsqueeze(2).clone() if lin.bias is not None else None)
         self.buf = [torch.zeros_like(t) for t in self.p] if self.mu != 0.0 else None
         self.buf_bias = ([None if b is None else torch.zeros_like(b) for b in self.p_bias]
                          if self.mu != 0.0 else None)
@@ -166,9 +167,9 @@ class FastStack:
         if self.bias0:
             out[_pname(name0, "bias")] = w0[:, k].clone()
         for (name, _, _), w, b in zip(self.layers[1:], self.p[1:], self.p_bias[1:]):
-            out[_pname(name, "weight")] = w.transpose(1, 2).contiguous()
+            out[_pname(name, "weight")] = w.clone()
             if b is not None:
-                out[_pname(name, "bias")] = b.squeeze(1).clone()
+                out[_pname(name, "bias")] = b.squeeze(2).clone()
         return out
 
     def finite(self) -> Tensor:
@@ -291,46 +292,68 @@ class FastStack:
             z = z.view(bsz, self.h0, self.m)
             # (B, H, m); later layers work per model on (m, B, H)
             zs = [z if n_layers == 1 else z.permute(2, 0, 1).contiguous()]
-        # forward; acts[l] = input of layer l (l >= 1), zs[l] = pre-activation of layer l
+        # forward; acts[l] = input of layer l (l >= 1) as (m, b, in), zs[l] = pre-activation of
+        # layer l: zs[0] (m, b, H) (compact / multi-layer) or (B, C, m); zs[l >= 1] (m, out, b)
+        def rows(l: int) -> Tensor:
+            return zs[l] if l == 0 else zs[l].transpose(1, 2)  # (m, b, features)
+
         acts: list[Tensor] = [xb]
         for l in range(1, n_layers):
-            a = torch.relu(zs[-1]) if self.layers[l - 1][2] else zs[-1]
+            a = torch.relu(rows(l - 1)) if self.layers[l - 1][2] else rows(l - 1)
             acts.append(a)
             b = self.p_bias[l]
-            zs.append(torch.bmm(a, self.p[l]) if b is None else torch.baddbmm(b, a, self.p[l]))
-        if not self.compact and n_layers == 1:  # (B, C, m)
+            zs.append(torch.bmm(self.p[l], a.transpose(1, 2)) if b is None
+                      else torch.baddbmm(b, self.p[l], a.transpose(1, 2)))
+        if n_layers > 1:  # (m, C, b)
+            yl = yb.unsqueeze(1) if yb.dim() == 2 else yb.view(1, 1, bsz).expand(self.m, 1, bsz)
+            cf = coef.unsqueeze(1) if self.compact else coef.t().unsqueeze(1)
+            bad = self._dlogits_(zs[-1], 1, yl, cf)
+            if bad is not None:
+                bad = bad.flatten(1).any(1)
+        elif not self.compact:  # (B, C, m)
             bad = self._dlogits_(zs[-1], 1, yb.view(bsz, 1, 1).expand(bsz, 1, self.m), coef.unsqueeze(1))
             if bad is not None:
                 bad = bad.flatten(1).any(0)
-        else:  # (m, b, C)
-            yl = yb.unsqueeze(-1) if yb.dim() == 2 else yb.view(1, bsz, 1).expand(self.m, bsz, 1)
-            cf = coef.unsqueeze(-1) if self.compact else coef.t().unsqueeze(-1)
-            bad = self._dlogits_(zs[-1], 2, yl, cf)
+        else:  # (m, k, C)
+            bad = self._dlogits_(zs[-1], 2, yb.unsqueeze(-1), coef.unsqueeze(-1))
             if bad is not None:
                 bad = bad.flatten(1).any(1)
         g = zs[-1]
         saved = None
         if inactive is not None and (self.mu != 0.0 or self.wd != 0.0):
             saved = [(t, ix, d, t.index_select(d, ix)) for t, ix, d in self._slices(inactive)]
-        for l in range(n_layers - 1, 0, -1):
+        for l in range(n_layers - 1, 0, -1):  # g: (m, out, b)
             a = acts[l]
-            d_prev = torch.bmm(g, self.p[l].transpose(1, 2))  # (m, b, in), before the update
+            d_prev = torch.bmm(g.transpose(1, 2), self.p[l])  # (m, b, in), before the update
             gl = g
-            self._update(l, False, lambda t, beta, alpha: t.baddbmm_(a.transpose(1, 2), gl, beta=beta, alpha=alpha), lr)
+            self._update(l, False, lambda t, beta, alpha: t.baddbmm_(gl, a, beta=beta, alpha=alpha), lr)
             if self.p_bias[l] is not None:
-                gb = gl.sum(1, keepdim=True)
+                gb = gl.sum(2, keepdim=True)
                 self._update(l, True, lambda t, beta, alpha: t.mul_(beta).add_(gb, alpha=alpha)
                              if beta != 1.0 else t.add_(gb, alpha=alpha), lr)
             if self.layers[l - 1][2]:
-                d_prev = d_prev.mul_(zs[l - 1] > 0)
-            g = d_prev
+                d_prev = d_prev.mul_(rows(l - 1) > 0)
+            g = d_prev if l == 1 else d_prev.transpose(1, 2)
         if self.compact:
-            def acc0(t: Tensor, beta: float, alpha: float) -> None:
-                # models without members are skipped here (and restored below when beta != 1)
-                for r, o, k in spans:
-                    t[r].addmm_(xb[o:o + k].t(), g[r, :k], beta=beta, alpha=alpha)
-
-            self._update(0, False, acc0, lr)
+            # per model, so that each model's weights and momentum stay in cache between the
+            # gradient GEMM and the parameter update; models without members are not touched
+            p0 = self.p[0]
+            buf0 = self.buf[0] if self.buf is not None else None
+            for r, o, k in spans:
+                pr = p0[r]
+                xr, gr = xb[o:o + k].t(), g[r, :k]
+                if buf0 is None:
+                    if self.wd != 0.0:
+                        pr.mul_(1.0 - lr * self.wd)
+                    pr.addmm_(xr, gr, alpha=-lr)
+                    continue
+                br = buf0[r]
+                if self.wd != 0.0:
+                    br.mul_(self.mu).add_(pr, alpha=self.wd)
+                    br.addmm_(xr, gr)
+                else:
+                    br.addmm_(xr, gr, beta=self.mu)
+                pr.add_(br, alpha=-lr)
         else:
             g0 = g if n_layers == 1 else g.permute(1, 2, 0)  # (B, H, m)
             g0 = g0.reshape(bsz, self.h0 * self.m)
