@@ -128,7 +128,8 @@ class FastStack:
         # sparse inputs (e.g. MNIST, ~23% non-zeros): the shared first-layer forward as a
         # weighted embedding_bag over each sample's non-zero columns (rows of W) instead of a GEMM
         nnz = (self.xa != 0).sum(1)
-        self.sparse = (not self.compact) and float(nnz.float().mean()) <= _SPARSE_MAX_DENSITY * self.xa.shape[1]
+        self.sparse = (x.device.type == "cpu" and not self.compact
+                       and float(nnz.float().mean()) <= _SPARSE_MAX_DENSITY * self.xa.shape[1])
         if self.sparse:
             r, c = self.xa.nonzero(as_tuple=True)
             self._nnz = nnz
