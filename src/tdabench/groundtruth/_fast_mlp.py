@@ -152,6 +152,9 @@ class FastStack:
         self.buf = [torch.zeros_like(t) for t in self.p] if self.mu != 0.0 else None
         self.buf_bias = ([None if b is None else torch.zeros_like(b) for b in self.p_bias]
                          if self.mu != 0.0 else None)
+        if self.compact:  # per-model views of the first layer (updated in place, so they stay valid)
+            self._p0 = self.p[0].unbind(0)
+            self._buf0 = self.buf[0].unbind(0) if self.buf is not None else None
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Tensor]:
@@ -268,13 +271,11 @@ class FastStack:
             yb[r_ids, pos] = labels.index_select(0, sel)
             coef = (torch.arange(k_max, device=ks.device) < ks.unsqueeze(1)).to(self.dtype).mul_(scale.unsqueeze(1))
             z = torch.zeros(self.m, k_max, self.h0, dtype=self.dtype, device=xb.device)
-            spans = []
-            o = 0
-            for r, k in enumerate(k_list):
-                if k:
-                    torch.mm(xb[o:o + k], self.p[0][r], out=z[r, :k])
-                    spans.append((r, o, k))
-                o += k
+            spans = [(r, xr, k) for r, (xr, k) in enumerate(zip(xb.split(k_list), k_list)) if k]
+            zr = z.unbind(0)
+            p0 = self._p0
+            for r, xr, k in spans:
+                torch.mm(xr, p0[r], out=zr[r][:k])
             zs = [z]  # (m, k_max, H)
         else:
             coef = w_t * scale  # (B, m)
@@ -332,17 +333,16 @@ class FastStack:
                 gb = gl.sum(2, keepdim=True)
                 self._update(l, True, lambda t, beta, alpha: t.mul_(beta).add_(gb, alpha=alpha)
                              if beta != 1.0 else t.add_(gb, alpha=alpha), lr)
-            if self.layers[l - 1][2]:
-                d_prev = d_prev.mul_(rows(l - 1) > 0)
+            if self.layers[l - 1][2]:  # ReLU backward: keep where the pre-activation is > 0
+                d_prev = torch.ops.aten.threshold_backward(d_prev, rows(l - 1), 0)
             g = d_prev if l == 1 else d_prev.transpose(1, 2)
         if self.compact:
             # per model, so that each model's weights and momentum stay in cache between the
             # gradient GEMM and the parameter update; models without members are not touched
-            p0 = self.p[0]
-            buf0 = self.buf[0] if self.buf is not None else None
-            for r, o, k in spans:
+            p0, buf0, gs = self._p0, self._buf0, g.unbind(0)
+            for r, xr, k in spans:
                 pr = p0[r]
-                xr, gr = xb[o:o + k].t(), g[r, :k]
+                xr, gr = xr.t(), gs[r][:k]
                 if buf0 is None:
                     if self.wd != 0.0:
                         pr.mul_(1.0 - lr * self.wd)
