@@ -152,6 +152,11 @@ def test_sparse_and_dense_first_layer_are_chosen_by_density():
     assert len(FastStack(layers, params, x, wd, compact=False).kept) == D  # ... but not under weight decay
 
 
+class _MyLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
 @pytest.mark.parametrize("build,recipe,kw,why", [
     (lambda: nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, C)), RECIPES["sgd"], {}, "Tanh"),
     (lambda: nn.Sequential(nn.Linear(D, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, C)), RECIPES["sgd"], {},
@@ -161,9 +166,14 @@ def test_sparse_and_dense_first_layer_are_chosen_by_density():
     (lambda: nn.Sequential(nn.ReLU(), nn.Linear(D, C)), RECIPES["sgd"], {}, "ReLU not directly after"),
     (lambda: nn.Sequential(nn.Linear(D, C), nn.ReLU()), RECIPES["sgd"], {}, "last layer is a ReLU"),
     (lr_model, RECIPES["sgd"], dict(fast_path=False), "disabled"),
-], ids=["tanh", "dropout", "adam", "grad_clip", "relu_first", "relu_last", "disabled"])
+    (lambda: _MyLinear(D, C), RECIPES["sgd"], {}, "not a plain nn.Linear"),
+    (lambda: nn.Sequential(nn.Linear(D, C), nn.Flatten()), RECIPES["sgd"], dict(as_3d=True), "without nn.Flatten"),
+], ids=["tanh", "dropout", "adam", "grad_clip", "relu_first", "relu_last", "disabled", "linear_subclass",
+        "3d_input"])
 def test_fallback_to_generic_path(build, recipe, kw, why):
     train, test = _data(sparse=False)
+    if kw.pop("as_3d", False):  # (n, 1, D): nn.Linear acts on the last dimension
+        train, test = (train[0].unsqueeze(1), train[1]), (test[0].unsqueeze(1), test[1])
     tr = BatchedTrainer(build, train, test, recipe, **F64, **kw)
     assert not tr.fast_path
     assert why in tr.fast_path_reason
@@ -227,3 +237,18 @@ def test_fast_path_float32_matches_generic_path():
         a = BatchedTrainer(build, train, test, RECIPES["momentum"], **kw).train(masks, seeds)
         b = BatchedTrainer(build, train, test, RECIPES["momentum"], fast_path=False, **kw).train(masks, seeds)
         assert max_abs(a, b) <= 1e-4
+
+
+def test_fast_path_flattens_image_inputs():
+    (x, y), (xt, yt) = _data(sparse=True)
+    train, test = (x.view(N, 1, 3, 4), y), (xt.view(NT, 1, 3, 4), yt)
+
+    def build():
+        return nn.Sequential(nn.Identity(), nn.Flatten(), nn.Linear(D, 6), nn.ReLU(), nn.Linear(6, C))
+
+    masks, seeds = half_masks(3), [0, 1, 2]
+    for compact in (False, True):
+        fast = BatchedTrainer(build, train, test, RECIPES["momentum"], compact=compact, **F64)
+        assert fast.fast_path
+        generic = BatchedTrainer(build, train, test, RECIPES["momentum"], compact=compact, fast_path=False, **F64)
+        assert max_abs(fast.train(masks, seeds), generic.train(masks, seeds)) <= 1e-10

@@ -58,10 +58,10 @@ def fast_plan(model: nn.Module, recipe: Mapping[str, Any], kind: str, n_inputs: 
         return None, f"{n_inputs} input tensors (fast path: one)"
     if has_buffers:
         return None, "the model has buffers"
-    if isinstance(model, nn.Linear):
+    if type(model) is nn.Linear:  # subclasses may override forward
         return [("", model, False)], "nn.Linear"
     if type(model) is not nn.Sequential:
-        return None, f"{type(model).__name__} is not an nn.Linear or a plain nn.Sequential"
+        return None, f"{type(model).__name__} is not a plain nn.Linear or nn.Sequential"
     layers: list[list[Any]] = []
     for name, mod in model.named_children():
         if isinstance(mod, nn.Identity):
@@ -128,7 +128,7 @@ class FastStack:
         # sparse inputs (e.g. MNIST, ~23% non-zeros): the shared first-layer forward as a
         # weighted embedding_bag over each sample's non-zero columns (rows of W) instead of a GEMM
         nnz = (self.xa != 0).sum(1)
-        self.sparse = (x.device.type == "cpu" and not self.compact
+        self.sparse = (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not self.compact
                        and float(nnz.float().mean()) <= _SPARSE_MAX_DENSITY * self.xa.shape[1])
         if self.sparse:
             r, c = self.xa.nonzero(as_tuple=True)

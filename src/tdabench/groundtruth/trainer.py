@@ -47,9 +47,11 @@ training semantics, so they agree to float rounding on the same inputs (tested i
   If the model returns a tuple, its first element is taken as the logits.
 * **Determinism.** Both trainers give bit-identical results when called again with the same
   inputs on the same hardware and software. The batched trainer's speed-ups (one GEMM for
-  narrow linear layers with a shared input, ``compact`` per-model batches) change only the
-  order of floating-point sums, so a model's result is independent of its group/chunk up to
-  float rounding (tested at 1e-12 in float64).
+  narrow linear layers with a shared input, ``compact`` per-model batches, and the hand-written
+  fast path for plain Linear/ReLU stacks trained with SGD, see
+  :mod:`tdabench.groundtruth._fast_mlp`) change only the order of floating-point sums, so a
+  model's result is independent of its group/chunk up to float rounding (tested at 1e-12 in
+  float64; the fast path against a per-model ``torch.optim`` loop at 1e-10).
 * **Divergence.** A non-finite loss (or non-finite final parameters) raises
   ``NonFiniteError`` naming the rows of ``masks`` that diverged.
 
@@ -610,8 +612,8 @@ class BatchedTrainer(_TrainerBase):
         x = self._train[0]
         if not x.is_floating_point():
             return None, "integer inputs"
-        flat = any(type(c) is nn.Flatten for c in self._template.children())
-        if x.dim() != 2 and not flat:
+        first = next((c for c in self._template.children() if not isinstance(c, nn.Identity)), None)
+        if x.dim() != 2 and type(first) is not nn.Flatten:  # nn.Linear would act on the last dim
             return None, f"inputs of shape {tuple(x.shape)} without nn.Flatten"
         if x[:1].reshape(1, -1).shape[1] != layers[0][1].in_features:
             return None, "input width does not match the first nn.Linear"
