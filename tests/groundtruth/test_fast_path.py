@@ -25,8 +25,8 @@ ZERO_COL = 2  # an input column that is zero for every training sample
 def _data(sparse: bool):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(N, D, generator=g)
-    if sparse:  # ~20% non-zeros, like MNIST pixels: takes the embedding_bag forward
-        x = torch.relu(x - 1.0)
+    if sparse:  # like MNIST pixels: most inputs rarely non-zero (embedding_bag), a few often (GEMM)
+        x[:, 3:] = torch.relu(x[:, 3:] - 1.0)
     x[:, ZERO_COL] = 0.0
     y = torch.randint(0, C, (N,), generator=g)
     xt = torch.randn(NT, D, generator=g)
@@ -144,7 +144,10 @@ def test_sparse_and_dense_first_layer_are_chosen_by_density():
     params = {"weight": torch.zeros(2, C, D, dtype=torch.float64), "bias": torch.zeros(2, C, dtype=torch.float64)}
     for sparse in (False, True):
         x = _data(sparse)[0][0].double()
-        assert FastStack(layers, params, x, recipe, compact=False).sparse == sparse
+        st = FastStack(layers, params, x, recipe, compact=False)
+        assert st.sparse == sparse
+        # bias row + the often non-zero inputs (columns 0 and 1; column 2 is always zero)
+        assert st.n_dense == (1 + 2 if sparse else D)
         assert not FastStack(layers, params, x, recipe, compact=True).sparse
     st = FastStack(layers, params, x, recipe, compact=False)
     assert len(st.kept) == D - 1 and ZERO_COL not in st.kept.tolist()  # the zero column is dropped
