@@ -18,7 +18,8 @@ Layouts (``m`` models, ``K`` kept input columns):
   constant-one input column. On the CPU, inputs that are non-zero in at most 30% of the
   training samples (MNIST: 425 of the 663 used pixels) are ordered last and enter the forward
   through a weighted ``embedding_bag`` over each sample's non-zeros instead of the GEMM (fewer
-  flops where most products are zero; the update stays one GEMM).
+  flops where most products are zero); likewise their rows of the update are an
+  ``embedding_bag`` over the rows of ``G``.
 * first layer, ``compact`` mode (each model gets its own members): ``(m, [1 +] K, H)``, one
   ``mm`` per model on its members (no padding).
 * later layers: ``(m, out, in)`` weights and ``(m, out, 1)`` biases with feature-major
@@ -376,7 +377,26 @@ class FastStack:
         else:
             g0 = g if n_layers == 1 else g.permute(1, 2, 0)  # (B, H, m)
             g0 = g0.reshape(bsz, self.h0 * self.m)
-            self._update(0, False, lambda t, beta, alpha: t.addmm_(xb.t(), g0, beta=beta, alpha=alpha), lr)
+            nd = self.n_dense
+            if not self.sparse:
+                self._update(0, False, lambda t, beta, alpha: t.addmm_(xb.t(), g0, beta=beta, alpha=alpha), lr)
+            else:
+                # rows of rare inputs: W[nd + j] += sum_i x[i, nd + j] * G[i] over the batch's
+                # non-zeros of column j, an embedding_bag over the rows of G
+                c, r = xb[:, nd:].t().nonzero(as_tuple=True)  # sorted by column
+                ln = torch.bincount(c, minlength=xb.shape[1] - nd)
+                u = F.embedding_bag(r, g0, torch.cumsum(ln, 0) - ln, mode="sum",
+                                    per_sample_weights=xb[r, c + nd])
+
+                def acc(t: Tensor, beta: float, alpha: float) -> None:
+                    if nd:
+                        t[:nd].addmm_(xb[:, :nd].t(), g0, beta=beta, alpha=alpha)
+                    rest = t[nd:]
+                    if beta != 1.0:
+                        rest.mul_(beta)
+                    rest.add_(u, alpha=alpha)
+
+                self._update(0, False, acc, lr)
         if saved is not None:
             for t, ix, d, old in saved:
                 t.index_copy_(d, ix, old)
