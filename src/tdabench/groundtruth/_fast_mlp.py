@@ -307,8 +307,8 @@ class FastStack:
                 total = int(ln.sum())
                 pos = (torch.repeat_interleave(self._indptr.index_select(0, idx) - off, ln, output_size=total)
                        + torch.arange(total, device=ln.device))
-                zs_ = F.embedding_bag(self._cols.index_select(0, pos), self.p[0][nd:], off, mode="sum",
-                                      per_sample_weights=self._vals.index_select(0, pos))
+                sp_cols, sp_vals = self._cols.index_select(0, pos), self._vals.index_select(0, pos)
+                zs_ = F.embedding_bag(sp_cols, self.p[0][nd:], off, mode="sum", per_sample_weights=sp_vals)
                 z = zs_ if z is None else z.add_(zs_)
             z = z.view(bsz, self.h0, self.m)
             # (B, H, m); later layers work per model on (m, B, H)
@@ -383,10 +383,13 @@ class FastStack:
             else:
                 # rows of rare inputs: W[nd + j] += sum_i x[i, nd + j] * G[i] over the batch's
                 # non-zeros of column j, an embedding_bag over the rows of G
-                c, r = xb[:, nd:].t().nonzero(as_tuple=True)  # sorted by column
-                ln = torch.bincount(c, minlength=xb.shape[1] - nd)
-                u = F.embedding_bag(r, g0, torch.cumsum(ln, 0) - ln, mode="sum",
-                                    per_sample_weights=xb[r, c + nd])
+                # the forward's non-zeros (sorted by sample), re-sorted by column
+                order = torch.argsort(sp_cols, stable=True)
+                r = torch.repeat_interleave(torch.arange(bsz, device=ln.device), ln,
+                                            output_size=len(sp_cols)).index_select(0, order)
+                lc = torch.bincount(sp_cols, minlength=xb.shape[1] - nd)
+                u = F.embedding_bag(r, g0, torch.cumsum(lc, 0) - lc, mode="sum",
+                                    per_sample_weights=sp_vals.index_select(0, order))
 
                 def acc(t: Tensor, beta: float, alpha: float) -> None:
                     if nd:
