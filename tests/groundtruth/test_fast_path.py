@@ -148,7 +148,8 @@ def test_sparse_and_dense_first_layer_are_chosen_by_density():
         assert st.sparse == sparse
         # bias row + the often non-zero inputs (columns 0 and 1; column 2 is always zero)
         assert st.n_dense == (1 + 2 if sparse else D)
-        assert not FastStack(layers, params, x, recipe, compact=True).sparse
+        stc = FastStack(layers, params, x, recipe, compact=True)
+        assert (stc.sparse, stc.n_dense) == (st.sparse, st.n_dense)
     st = FastStack(layers, params, x, recipe, compact=False)
     assert len(st.kept) == D - 1 and ZERO_COL not in st.kept.tolist()  # the zero column is dropped
     wd = normalize_recipe(RECIPES["wd"])

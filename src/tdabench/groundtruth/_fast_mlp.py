@@ -21,7 +21,9 @@ Layouts (``m`` models, ``K`` kept input columns):
   flops where most products are zero); likewise their rows of the update are an
   ``embedding_bag`` over the rows of ``G``.
 * first layer, ``compact`` mode (each model gets its own members): ``(m, [1 +] K, H)``, one
-  ``mm`` per model on its members (no padding).
+  ``mm`` per model on its members (no padding) over the often non-zero inputs, plus (CPU) one
+  ``embedding_bag`` over all models' weight rows for the rare inputs; the update is one
+  ``addmm_`` per model over all rows.
 * later layers: ``(m, out, in)`` weights and ``(m, out, 1)`` biases with feature-major
   outputs ``(m, out, b)`` (``W @ a.T``; several times faster than ``a @ W.T`` for 10 classes).
 
@@ -130,7 +132,7 @@ class FastStack:
             kept = torch.arange(x.shape[1], device=x.device)
         # shared mode on the CPU: rarely non-zero inputs (e.g. MNIST's outer pixels) go through a
         # weighted embedding_bag over each sample's non-zeros (rows of W), the others through a GEMM
-        hybrid = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not self.compact
+        hybrid = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
         if hybrid:
             rare = freq.index_select(0, kept) <= _SPARSE_MAX_DENSITY
             kept = torch.cat([kept[~rare], kept[rare]])
@@ -290,8 +292,21 @@ class FastStack:
             spans = [(r, xr, k) for r, (xr, k) in enumerate(zip(xb.split(k_list), k_list)) if k]
             zr = z.unbind(0)
             p0 = self._p0
-            for r, xr, k in spans:
-                torch.mm(xr, p0[r], out=zr[r][:k])
+            nd = self.n_dense
+            if nd:
+                for r, xr, k in spans:
+                    torch.mm(xr[:, :nd], p0[r][:nd], out=zr[r][:k])
+            if self.sparse:  # rare inputs: one embedding_bag over the rows of all models' weights
+                ln = self._nnz.index_select(0, sel)
+                off = torch.cumsum(ln, 0) - ln
+                total = int(ln.sum())
+                at = (torch.repeat_interleave(self._indptr.index_select(0, sel) - off, ln, output_size=total)
+                      + torch.arange(total, device=ln.device))
+                k1 = self.p[0].shape[1]
+                rows = self._cols.index_select(0, at) + torch.repeat_interleave(r_ids * k1 + nd, ln, output_size=total)
+                zsp = F.embedding_bag(rows, self.p[0].view(-1, self.h0), off, mode="sum",
+                                      per_sample_weights=self._vals.index_select(0, at))
+                z.index_put_((r_ids, pos), zsp, accumulate=True)
             zs = [z]  # (m, k_max, H)
         else:
             coef = w_t * scale  # (B, m)
