@@ -248,7 +248,7 @@ class FastStack:
         return buf[:n].view(shape)
 
     @staticmethod
-    def _dlogits_(logits: Tensor, cdim: int, labels: Tensor, coef: Tensor) -> Tensor | None:
+    def _dlogits_(logits: Tensor, cdim: int, labels: Tensor | None, coef: Tensor) -> Tensor | None:
         """Turn ``logits`` in place into d(masked mean CE)/d logits = ``coef * (softmax - onehot)``
         along class axis ``cdim``; ``labels`` and ``coef`` have size 1 at ``cdim``. Returns
         None, or the bool mask (shape of ``coef``) of rows whose logits are not all finite."""
@@ -258,7 +258,8 @@ class FastStack:
             bad = ~torch.isfinite(mx)  # NaN or +inf in a row; rows of finite logits give finite losses
         logits.sub_(mx).exp_()
         logits.mul_(coef / logits.sum(cdim, keepdim=True))
-        logits.scatter_add_(cdim, labels, -coef)
+        if labels is not None:  # else the caller subtracts coef at the labels
+            logits.scatter_add_(cdim, labels, -coef)
         return bad
 
     def step(self, idx: Tensor, w_t: Tensor, labels: Tensor, lr: float) -> Tensor | None:
@@ -347,7 +348,11 @@ class FastStack:
             if bad is not None:
                 bad = bad.flatten(1).any(1)
         elif not self.compact:  # (B, C, m)
-            bad = self._dlogits_(zs[-1], 1, yb.view(bsz, 1, 1).expand(bsz, 1, self.m), coef.unsqueeze(1))
+            c = zs[-1].shape[1]
+            bad = self._dlogits_(zs[-1], 1, None, coef.unsqueeze(1))
+            # rows (b, y_b, :) of the (B * C, m) view are contiguous: one index_add_
+            zs[-1].view(bsz * c, self.m).index_add_(
+                0, torch.arange(bsz, device=yb.device) * c + yb, coef, alpha=-1.0)
             if bad is not None:
                 bad = bad.flatten(1).any(0)
         else:  # (m, k, C)
