@@ -126,7 +126,10 @@ def time_ours(cls, name, x, y, epochs, masks, seeds, **kw):
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     loss = tr.evaluate(stacked, "loss")
     held = [float(loss[r][~masks[r]].mean()) for r in range(len(seeds))]
-    return {"wall_s": wall, "cpu_s": cpu, "num_models": len(seeds)}, held
+    info = {"wall_s": wall, "cpu_s": cpu, "num_models": len(seeds)}
+    if isinstance(tr, BatchedTrainer):
+        info.update(fast_path=tr.fast_path, fast_path_reason=tr.fast_path_reason)
+    return info, held
 
 
 def main() -> None:

@@ -47,9 +47,11 @@ training semantics, so they agree to float rounding on the same inputs (tested i
   If the model returns a tuple, its first element is taken as the logits.
 * **Determinism.** Both trainers give bit-identical results when called again with the same
   inputs on the same hardware and software. The batched trainer's speed-ups (one GEMM for
-  narrow linear layers with a shared input, ``compact`` per-model batches) change only the
-  order of floating-point sums, so a model's result is independent of its group/chunk up to
-  float rounding (tested at 1e-12 in float64).
+  narrow linear layers with a shared input, ``compact`` per-model batches, and the hand-written
+  fast path for plain Linear/ReLU stacks trained with SGD, see
+  :mod:`tdabench.groundtruth._fast_mlp`) change only the order of floating-point sums, so a
+  model's result is independent of its group/chunk up to float rounding (tested at 1e-12 in
+  float64; the fast path against a per-model ``torch.optim`` loop at 1e-10).
 * **Divergence.** A non-finite loss (or non-finite final parameters) raises
   ``NonFiniteError`` naming the rows of ``masks`` that diverged.
 
@@ -74,6 +76,7 @@ from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from tdabench.errors import ConfigError, DataError, NonFiniteError, ShapeError
+from tdabench.groundtruth._fast_mlp import FastStack, fast_plan
 from tdabench.groundtruth._vmap_linear import patch_linear_layers
 from tdabench.groundtruth.optim import (
     FunctionalOptimizer,
@@ -555,7 +558,13 @@ class BatchedTrainer(_TrainerBase):
             member count of the chunk (zero weight), instead of the whole stream batch; used on a
             step when that count is at most 80% of ``B_stream``. Saves compute when subsets are
             small; same numbers up to rounding. ``None`` = on for models with at least
-            20,000 parameters (where compute dominates).
+            20,000 parameters (where compute dominates). On the fast path it picks the
+            first-layer mode for the whole run.
+        fast_path: train plain ``nn.Linear`` / ``nn.Sequential`` Linear-ReLU stacks
+            (classification, SGD without gradient clipping) with hand-written batched
+            forward/backward passes (:mod:`tdabench.groundtruth._fast_mlp`) instead of
+            ``vmap(grad(...))``; same numbers up to rounding. Whether it applies is in the
+            attributes ``fast_path`` (bool) and ``fast_path_reason`` (str, also logged at debug).
 
     Raises:
         ConfigError: the model has BatchNorm-style running statistics (use
@@ -565,7 +574,7 @@ class BatchedTrainer(_TrainerBase):
     name = "batched"
 
     def __init__(self, *args: Any, max_models_per_batch: int | None = None, fast_linear: bool = True,
-                 compact: bool | None = None, **kwargs: Any) -> None:
+                 compact: bool | None = None, fast_path: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fast_linear = bool(fast_linear)
         if compact is None:  # auto: worth it for compute-heavy models only
@@ -589,6 +598,31 @@ class BatchedTrainer(_TrainerBase):
                 torch.manual_seed(0)
                 self._compact_template = self._build()
             patch_linear_layers(self._train_template)
+        self._fast_layers, self.fast_path_reason = self._plan_fast(bool(fast_path))
+        self.fast_path = self._fast_layers is not None
+        logger.debug("BatchedTrainer fast path %s: %s", "on" if self.fast_path else "off", self.fast_path_reason)
+
+    def _plan_fast(self, enabled: bool) -> tuple[Any, str]:
+        if not enabled:
+            return None, "disabled (fast_path=False)"
+        layers, reason = fast_plan(self._template, self.recipe, self.kind, len(self._train) - 1,
+                                   bool(self._buffer_names))
+        if layers is None:
+            return None, reason
+        x = self._train[0]
+        if not x.is_floating_point():
+            return None, "integer inputs"
+        first = next((c for c in self._template.children() if not isinstance(c, nn.Identity)), None)
+        if x.dim() != 2 and type(first) is not nn.Flatten:  # nn.Linear would act on the last dim
+            return None, f"inputs of shape {tuple(x.shape)} without nn.Flatten"
+        if x[:1].reshape(1, -1).shape[1] != layers[0][1].in_features:
+            return None, "input width does not match the first nn.Linear"
+        names = set(self._param_names)
+        expected = {f"{n}.{w}" if n else w for n, lin, _ in layers
+                    for w in (("weight", "bias") if lin.bias is not None else ("weight",))}
+        if names != expected:
+            return None, "parameters other than the Linear weights and biases"
+        return layers, reason
 
     def _eval_models_per_chunk(self) -> int:
         return self.max_models_per_batch or 64
@@ -640,6 +674,8 @@ class BatchedTrainer(_TrainerBase):
             inputs, labels = self._train[:-1], self._train[-1]
             clip = self.recipe["grad_clip"]
             bad = torch.zeros(len(seeds), dtype=torch.bool, device=self.device)
+            if self._fast_layers is not None:
+                return self._train_chunk_fast(params, buffers, masks, seeds, offset, b_stream, on_epoch, bad)
             last_epoch = 0
             for it, epoch, idx in self._stream(b_stream):
                 if epoch != last_epoch:
@@ -674,6 +710,31 @@ class BatchedTrainer(_TrainerBase):
                 final_bad |= ~torch.isfinite(p.flatten(1)).all(1)
             self._check_bad(final_bad, offset, "(final parameters)")
         return self._to_state(params, buffers)
+
+    def _train_chunk_fast(self, params: dict[str, Tensor], buffers: dict[str, Tensor], masks: Tensor,
+                          seeds: list[int], offset: int, b_stream: int, on_epoch: EpochCallback | None,
+                          bad: Tensor) -> dict[str, Tensor]:
+        """:meth:`_train_chunk` on the fast path (same stream, checks and callbacks)."""
+        total = self.num_iters(b_stream)
+        epoch_end = self._epoch_ends(b_stream)
+        fast = FastStack(self._fast_layers, params, self._train[0], self.recipe, self.compact)
+        labels = self._train[-1]
+        masks_t = masks.t().to(self.device, self.dtype).contiguous()  # (n_train, m): row gathers are cheap
+        last_epoch = 0
+        for it, epoch, idx in self._stream(b_stream):
+            if epoch != last_epoch:
+                self._check_bad(bad, offset, f"(epoch {last_epoch})")
+                last_epoch = epoch
+            idx_d = idx.to(self.device)
+            b = fast.step(idx_d, masks_t.index_select(0, idx_d), labels, lr_at(self.recipe, it, total))
+            if b is not None:
+                bad |= b
+            done = epoch_end(it)
+            if on_epoch is not None and done is not None:
+                on_epoch(done, list(range(offset, offset + len(seeds))), self._to_state(fast.state(), buffers))
+        self._check_bad(bad, offset, f"(epoch {last_epoch})")
+        self._check_bad(~fast.finite(), offset, "(final parameters)")
+        return self._to_state(fast.state(), buffers)
 
     def _check_bad(self, bad: Tensor, offset: int, where: str) -> None:
         if bool(bad.any()):
