@@ -72,7 +72,7 @@ def torch_loop(trainer, build, masks, seeds, b_stream):
     x, y = trainer._train[0].double(), trainer._train[1]
     total = trainer.num_iters(b_stream)
     out = []
-    for row, seed in zip(masks, seeds):
+    for row, seed in zip(masks, seeds, strict=True):
         torch.manual_seed(seed)
         model = build().double()
         opt = torch.optim.SGD(model.parameters(), lr=r["lr"], momentum=r["momentum"],
@@ -115,7 +115,7 @@ def test_fast_path_matches_torch_optim_and_generic_path(data, build, rname, comp
     torch.manual_seed(seeds[0])
     init = build().double().state_dict()
     assert max((a[k][0] - init[k]).abs().max().item() for k in init) > 1e-3
-    w0 = [k for k in init if k.endswith("weight")][0]
+    w0 = next(k for k in init if k.endswith("weight"))
     moved = (a[w0][0][:, ZERO_COL] - init[w0][:, ZERO_COL]).abs().max().item()
     assert (moved > 0) if RECIPES[rname].get("weight_decay") else (moved == 0)
 
@@ -256,3 +256,31 @@ def test_fast_path_flattens_image_inputs():
         assert fast.fast_path
         generic = BatchedTrainer(build, train, test, RECIPES["momentum"], compact=compact, fast_path=False, **F64)
         assert max_abs(fast.train(masks, seeds), generic.train(masks, seeds)) <= 1e-10
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["shared", "compact"])
+@pytest.mark.parametrize("which", ["logreg", "mlp_no_dropout"])
+def test_benchmark_models_declare_their_stack(which, compact):
+    """The project's own benchmark models (a flatten in forward, named submodules) take the fast
+    path through ``linear_relu_stack()`` and train like the generic path and a torch.optim loop;
+    the MLP with dropout on declines it."""
+    from tdabench.benchmark.models import MLP, LogisticRegression
+
+    def build():
+        if which == "logreg":
+            return LogisticRegression(D, C)
+        return MLP(D, hidden=(8, 5), num_classes=C, dropout=0.0)
+
+    train, test = _data(sparse=True)
+    train = (train[0].view(N, 1, D), train[1])  # image-shaped: the model flattens it itself
+    test = (test[0].view(NT, 1, D), test[1])
+    masks, seeds = half_masks(4), [2, 7, 1, 8]
+    recipe = RECIPES["momentum"]
+    fast = BatchedTrainer(build, train, test, recipe, compact=compact, **F64)
+    assert fast.fast_path, fast.fast_path_reason
+    generic = BatchedTrainer(build, train, test, recipe, compact=compact, fast_path=False, **F64)
+    a = fast.train(masks, seeds)
+    assert max_abs(a, generic.train(masks, seeds)) <= 1e-10
+    assert max_abs(a, torch_loop(fast, build, masks, seeds, fast.stream_batch_size(masks))) <= 1e-10
+    dropout = BatchedTrainer(lambda: MLP(D, hidden=(8,), num_classes=C, dropout=0.1), train, test, recipe, **F64)
+    assert not dropout.fast_path and "declined" in dropout.fast_path_reason

@@ -57,6 +57,11 @@ class LogisticRegression(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(x.flatten(1))
 
+    def linear_relu_stack(self) -> list[tuple[str, nn.Linear, bool]]:
+        """``forward(x) == linear(x.flatten(1))``: lets the batched trainer use its hand-written
+        Linear/ReLU fast path (``tdabench.groundtruth._fast_mlp``)."""
+        return [("linear", self.linear, False)]
+
 
 class MLP(nn.Module):
     """Fully connected ReLU network with dropout after each hidden layer (784-128-64-10 by default).
@@ -82,6 +87,19 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x.flatten(1))
+
+    def linear_relu_stack(self) -> list[tuple[str, nn.Linear, bool]] | None:
+        """The Linear/ReLU layers when every dropout is 0 (the batched trainer's fast path has no
+        dropout; with dropout on, ``None``)."""
+        mods = list(self.net.named_children())
+        if any(isinstance(m, nn.Dropout) and m.p > 0 for _, m in mods):
+            return None
+        out: list[tuple[str, nn.Linear, bool]] = []
+        for i, (name, m) in enumerate(mods):
+            if isinstance(m, nn.Linear):
+                relu = i + 1 < len(mods) and isinstance(mods[i + 1][1], nn.ReLU)
+                out.append((f"net.{name}", m, relu))
+        return out
 
 
 class _ResidualBlock(nn.Module):

@@ -39,6 +39,7 @@ against it and against a per-model ``torch.optim`` loop).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -69,35 +70,53 @@ def fast_plan(model: nn.Module, recipe: Mapping[str, Any], kind: str, n_inputs: 
         return None, f"{n_inputs} input tensors (fast path: one)"
     if has_buffers:
         return None, "the model has buffers"
-    if type(model) is nn.Linear:  # subclasses may override forward
+    declared = getattr(model, "linear_relu_stack", None)
+    if callable(declared):  # the model states its forward is x.flatten(1) -> these layers
+        stack = declared()
+        if stack is None:
+            return None, f"{type(model).__name__}.linear_relu_stack() declined (e.g. dropout is on)"
+        layers = [list(x) for x in stack]
+        if not layers or not all(type(lin) is nn.Linear for _, lin, _ in layers):
+            return None, f"{type(model).__name__}.linear_relu_stack() must name nn.Linear layers"
+    elif type(model) is nn.Linear:  # subclasses may override forward
         return [("", model, False)], "nn.Linear"
-    if type(model) is not nn.Sequential:
-        return None, f"{type(model).__name__} is not a plain nn.Linear or nn.Sequential"
+    elif type(model) is not nn.Sequential:
+        return None, (f"{type(model).__name__} is not a plain nn.Linear or nn.Sequential and has no "
+                      "linear_relu_stack()")
+    else:
+        layers = _sequential_layers(model)
+        if isinstance(layers, str):
+            return None, layers
+    if not layers:
+        return None, "no nn.Linear layer"
+    if layers[-1][2]:
+        return None, "the last layer is a ReLU"
+    for (_, a, _), (_, b, _) in itertools.pairwise(layers):
+        if a.out_features != b.in_features:
+            return None, "layer widths do not chain"
+    return [tuple(x) for x in layers], "Linear/ReLU stack " + ", ".join(
+        f"Linear({lin.in_features},{lin.out_features})" + ("+ReLU" if r else "") for _, lin, r in layers)
+
+
+def _sequential_layers(model: nn.Sequential) -> list[list[Any]] | str:
+    """``[name, Linear, relu_after]`` rows of a plain Sequential, or why it does not qualify."""
     layers: list[list[Any]] = []
     for name, mod in model.named_children():
         if isinstance(mod, nn.Identity):
             continue
         if type(mod) is nn.Flatten:
             if (mod.start_dim, mod.end_dim) != (1, -1):
-                return None, f"nn.Flatten({mod.start_dim}, {mod.end_dim}) (fast path: default arguments)"
+                return f"nn.Flatten({mod.start_dim}, {mod.end_dim}) (fast path: default arguments)"
             continue
         if type(mod) is nn.Linear:
             layers.append([name, mod, False])
         elif type(mod) is nn.ReLU:
             if not layers or layers[-1][2]:
-                return None, "nn.ReLU not directly after an nn.Linear"
+                return "nn.ReLU not directly after an nn.Linear"
             layers[-1][2] = True
         else:
-            return None, f"layer {name} is {type(mod).__name__} (fast path: Linear/ReLU/Flatten/Identity)"
-    if not layers:
-        return None, "no nn.Linear layer"
-    if layers[-1][2]:
-        return None, "the last layer is a ReLU"
-    for (_, a, _), (_, b, _) in zip(layers, layers[1:]):
-        if a.out_features != b.in_features:
-            return None, "layer widths do not chain"
-    return [tuple(x) for x in layers], "Sequential of " + ", ".join(
-        f"Linear({l.in_features},{l.out_features})" + ("+ReLU" if r else "") for _, l, r in layers)
+            return f"layer {name} is {type(mod).__name__} (fast path: Linear/ReLU/Flatten/Identity)"
+    return layers
 
 
 def _pname(mod: str, what: str) -> str:
@@ -188,7 +207,7 @@ class FastStack:
         out[_pname(name0, "weight")] = full
         if self.bias0:
             out[_pname(name0, "bias")] = w0[:, 0].clone()
-        for (name, _, _), w, b in zip(self.layers[1:], self.p[1:], self.p_bias[1:]):
+        for (name, _, _), w, b in zip(self.layers[1:], self.p[1:], self.p_bias[1:], strict=True):
             out[_pname(name, "weight")] = w.clone()
             if b is not None:
                 out[_pname(name, "bias")] = b.squeeze(2).clone()
@@ -290,7 +309,7 @@ class FastStack:
             yb[r_ids, pos] = labels.index_select(0, sel)
             coef = (torch.arange(k_max, device=ks.device) < ks.unsqueeze(1)).to(self.dtype).mul_(scale.unsqueeze(1))
             z = torch.zeros(self.m, k_max, self.h0, dtype=self.dtype, device=xb.device)
-            spans = [(r, xr, k) for r, (xr, k) in enumerate(zip(xb.split(k_list), k_list)) if k]
+            spans = [(r, xr, k) for r, (xr, k) in enumerate(zip(xb.split(k_list), k_list, strict=True)) if k]
             zr = z.unbind(0)
             p0 = self._p0
             nd = self.n_dense
@@ -331,16 +350,16 @@ class FastStack:
             zs = [z if n_layers == 1 else z.permute(2, 0, 1).contiguous()]
         # forward; acts[l] = input of layer l (l >= 1) as (m, b, in), zs[l] = pre-activation of
         # layer l: zs[0] (m, b, H) (compact / multi-layer) or (B, C, m); zs[l >= 1] (m, out, b)
-        def rows(l: int) -> Tensor:
-            return zs[l] if l == 0 else zs[l].transpose(1, 2)  # (m, b, features)
+        def rows(i: int) -> Tensor:
+            return zs[i] if i == 0 else zs[i].transpose(1, 2)  # (m, b, features)
 
         acts: list[Tensor] = [xb]
-        for l in range(1, n_layers):
-            a = torch.relu(rows(l - 1)) if self.layers[l - 1][2] else rows(l - 1)
+        for li in range(1, n_layers):
+            a = torch.relu(rows(li - 1)) if self.layers[li - 1][2] else rows(li - 1)
             acts.append(a)
-            b = self.p_bias[l]
-            zs.append(torch.bmm(self.p[l], a.transpose(1, 2)) if b is None
-                      else torch.baddbmm(b, self.p[l], a.transpose(1, 2)))
+            b = self.p_bias[li]
+            zs.append(torch.bmm(self.p[li], a.transpose(1, 2)) if b is None
+                      else torch.baddbmm(b, self.p[li], a.transpose(1, 2)))
         if n_layers > 1:  # (m, C, b)
             yl = yb.unsqueeze(1) if yb.dim() == 2 else yb.view(1, 1, bsz).expand(self.m, 1, bsz)
             cf = coef.unsqueeze(1) if self.compact else coef.t().unsqueeze(1)
@@ -363,18 +382,18 @@ class FastStack:
         saved = None
         if inactive is not None and (self.mu != 0.0 or self.wd != 0.0):
             saved = [(t, ix, d, t.index_select(d, ix)) for t, ix, d in self._slices(inactive)]
-        for l in range(n_layers - 1, 0, -1):  # g: (m, out, b)
-            a = acts[l]
-            d_prev = torch.bmm(g.transpose(1, 2), self.p[l])  # (m, b, in), before the update
-            gl = g
-            self._update(l, False, lambda t, beta, alpha: t.baddbmm_(gl, a, beta=beta, alpha=alpha), lr)
-            if self.p_bias[l] is not None:
-                gb = gl.sum(2, keepdim=True)
-                self._update(l, True, lambda t, beta, alpha: t.mul_(beta).add_(gb, alpha=alpha)
+        for li in range(n_layers - 1, 0, -1):  # g: (m, out, b)
+            a = acts[li]
+            d_prev = torch.bmm(g.transpose(1, 2), self.p[li])  # (m, b, in), before the update
+            # (the update callbacks run inside _update, bound to this iteration's tensors)
+            self._update(li, False, lambda t, beta, alpha, g=g, a=a: t.baddbmm_(g, a, beta=beta, alpha=alpha), lr)
+            if self.p_bias[li] is not None:
+                gb = g.sum(2, keepdim=True)
+                self._update(li, True, lambda t, beta, alpha, gb=gb: t.mul_(beta).add_(gb, alpha=alpha)
                              if beta != 1.0 else t.add_(gb, alpha=alpha), lr)
-            if self.layers[l - 1][2]:  # ReLU backward: keep where the pre-activation is > 0
-                d_prev = torch.ops.aten.threshold_backward(d_prev, rows(l - 1), 0)
-            g = d_prev if l == 1 else d_prev.transpose(1, 2)
+            if self.layers[li - 1][2]:  # ReLU backward: keep where the pre-activation is > 0
+                d_prev = torch.ops.aten.threshold_backward(d_prev, rows(li - 1), 0)
+            g = d_prev if li == 1 else d_prev.transpose(1, 2)
         if self.compact:
             # per model, so that each model's weights and momentum stay in cache between the
             # gradient GEMM and the parameter update; models without members are not touched

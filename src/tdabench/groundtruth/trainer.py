@@ -613,7 +613,8 @@ class BatchedTrainer(_TrainerBase):
         if not x.is_floating_point():
             return None, "integer inputs"
         first = next((c for c in self._template.children() if not isinstance(c, nn.Identity)), None)
-        if x.dim() != 2 and type(first) is not nn.Flatten:  # nn.Linear would act on the last dim
+        flattens = type(first) is nn.Flatten or callable(getattr(self._template, "linear_relu_stack", None))
+        if x.dim() != 2 and not flattens:  # nn.Linear would act on the last dim
             return None, f"inputs of shape {tuple(x.shape)} without nn.Flatten"
         if x[:1].reshape(1, -1).shape[1] != layers[0][1].in_features:
             return None, "input width does not match the first nn.Linear"
