@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--setup-only", action="store_true", help="create the peer venv and the cached data/checkpoints/ground truth, then stop")
     p.add_argument("--no-retrain", action="store_true", help="skip the retraining-throughput rows")
     p.add_argument("--update", action="store_true",
-                   help="merge the rows measured now into the existing compare.json (same model+method replaced)")
+                   help="merge the rows measured now into the existing compare.json (same model+method replaced; with --sides ours the previous dattri cells are kept)")
     p.add_argument("--rerun-retrain", action="store_true", help="rerun benchmarks/retrain_throughput.py even if its JSON exists")
     args = p.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -235,6 +235,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"lds={ours.fmt(row[s].get('lds'), '.3f')}" for s in sides))
 
     if args.update and not args.n_test and prev_rows:
+        if "dattri" not in cmds:  # ours re-measured alone: keep the previous dattri cells
+            prev_by_key = {(r["model"], r["method"]): r for r in prev_rows}
+            for row in rows:
+                old = prev_by_key.get((row["model"], row["method"]), {}).get("dattri")
+                if old and "dattri" not in row:
+                    row["dattri"] = {**old, "from_previous_run": True}
+                    o, t = row.get("ours", {}), row["dattri"]
+                    row["time_ratio"] = ratio(o.get("time_total"), t.get("time_total"))
+                    row["mem_ratio"] = ratio(o.get("ru_maxrss_mb"), t.get("ru_maxrss_mb"))
         fresh = {(r["model"], r["method"]) for r in rows}
         rows = [r for r in prev_rows if (r["model"], r["method"]) not in fresh] + rows
         order = {(m, k): i for i, (m, k) in enumerate((m, k) for m in common.MODELS for k in common.METHODS)}
@@ -290,6 +299,8 @@ def render(rows: list[dict[str, Any]], repeats: int, args: argparse.Namespace, n
         if r.get("mem_bound_mb"):
             goals.append(("✓" if r["mem_work_mb"] <= r["mem_bound_mb"] else "✗") + "mem")
         name = r["method"] + (f" (dattri: {t['peer_method']})" if t.get("peer_method") else "")
+        if t.get("from_previous_run"):
+            name += " (dattri: previous run)"
         lines.append(
             f"| {r['model']} | {name} | {cell(o, 'time_total')} | {cell(t, 'time_total')} | {f(r.get('time_ratio'), '.2f')} | "
             f"{cell(o, 'ru_maxrss_mb', '.0f')} | {cell(t, 'ru_maxrss_mb', '.0f')} | {f(r.get('mem_ratio'), '.2f')} | "

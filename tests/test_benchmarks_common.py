@@ -108,3 +108,17 @@ def test_loss_functions_work_batched_and_unbatched() -> None:
     logits = model(x)
     others = torch.stack([torch.logsumexp(torch.cat([logits[i, :y[i]], logits[i, y[i] + 1:]]), 0) for i in range(5)])
     torch.testing.assert_close(ev["margin"], logits[torch.arange(5), y] - others)
+
+
+def test_memory_bound_is_issue_6s_formula() -> None:
+    """2 x (float32 score matrix + model + largest loader batch x differentiated parameters)."""
+    mb = 2**20
+    lr = 784 * 10 + 10
+    mlp = 784 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10
+    last = 64 * 10 + 10
+    scores = 4500 * 500
+    assert common.memory_bound_mb("lr", "grad_dot") == 2 * 4 * (scores + lr + 500 * lr) / mb
+    assert common.memory_bound_mb("lr", "if_cg") == 2 * 4 * (scores + lr + 4500 * lr) / mb
+    assert common.memory_bound_mb("mlp", "if_cg") == 2 * 4 * (scores + mlp + 4500 * last) / mb
+    assert common.memory_bound_mb("mlp", "rps") == 2 * 4 * (scores + mlp + 4500 * last) / mb
+    assert common.memory_bound_mb("mlp", "trak_10_sparse") == 2 * 4 * (scores + mlp + 500 * mlp) / mb
