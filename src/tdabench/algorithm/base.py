@@ -151,18 +151,16 @@ class BaseAttributor:
         row pieces of at most :data:`GRAD_PIECE_BYTES` of gradients: a projection keeps only
         ``(B, k)``, so the full ``(B, d)`` gradient batch never has to exist at once (same
         numbers: the projection is row by row)."""
+        def project(piece: Batch) -> Tensor:  # per-parameter blocks: no (B, d) concatenation
+            return projector.project(self.task.per_sample_grads(
+                flat, piece, which=which, index=index, layer_name=self.layer_name, as_blocks=True))
+
         n = batch_size_of(batch)
         item = torch.empty((), dtype=self.dtype).element_size()
         rows = max(1, GRAD_PIECE_BYTES // max(1, self.spec.dim * item))
-        outs = []
-        for a in range(0, n, rows) if n > rows else [0]:
-            piece = batch if n <= rows else batch_slice(batch, a, min(n, a + rows))
-            g = self.task.per_sample_grads(
-                flat, piece, which=which, index=index, layer_name=self.layer_name, as_blocks=True
-            )
-            outs.append(projector.project(g))  # per-parameter blocks: no (B, d) concatenation
-            del g
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        if n <= rows:
+            return project(batch)
+        return torch.cat([project(batch_slice(batch, a, a + rows)) for a in range(0, n, rows)])
 
     def _all_grads(self, loader: Iterable[Batch], which: str = "loss", index: int = 0, what: str = "data loader") -> Tensor:
         """Stacked per-sample gradients ``(n, d)`` of every sample in ``loader``."""

@@ -195,11 +195,19 @@ class RPSAttributor(BaseAttributor):
             )
         return w
 
+    def _loss_and_gradient(self, w: Tensor, feat: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """The refit objective and its closed-form gradient ``(C, m)`` (no autograd graph)."""
+        with torch.no_grad():
+            rows = torch.arange(labels.shape[0], device=labels.device)
+            logp = torch.log_softmax(feat @ w.T, dim=1)
+            loss = -logp[rows, labels].mean() + self.l2_strength * (w * w).sum()
+            resid = logp.exp_()
+            resid[rows, labels] -= 1.0
+            return loss, resid.T @ feat / feat.shape[0] + 2.0 * self.l2_strength * w
+
     def _gradient(self, w: Tensor, feat: Tensor, labels: Tensor) -> Tensor:
         """Closed-form gradient of the refit objective, ``(C, m)``."""
-        resid = torch.softmax(feat @ w.T, dim=1)
-        resid[torch.arange(labels.shape[0], device=labels.device), labels] -= 1.0
-        return resid.T @ feat / feat.shape[0] + 2.0 * self.l2_strength * w
+        return self._loss_and_gradient(w, feat, labels)[1]
 
     def _newton_polish(self, w: Tensor, feat: Tensor, labels: Tensor, steps: int = 5) -> Tensor:
         """A few Newton-CG steps from the L-BFGS solution (float64 line-search methods stall
@@ -250,16 +258,8 @@ class RPSAttributor(BaseAttributor):
             line_search_fn="strong_wolfe",
         )
 
-        rows = torch.arange(labels.shape[0], device=labels.device)
-
-        def closure() -> Tensor:  # loss and its closed-form gradient (no autograd graph)
-            with torch.no_grad():
-                logits = feat @ w.T
-                logp = torch.log_softmax(logits, dim=1)
-                loss = -logp[rows, labels].mean() + self.l2_strength * (w * w).sum()
-                resid = logp.exp_()
-                resid[rows, labels] -= 1.0
-                w.grad = resid.T @ feat / feat.shape[0] + 2.0 * self.l2_strength * w
+        def closure() -> Tensor:
+            loss, w.grad = self._loss_and_gradient(w, feat, labels)
             return loss
 
         opt.step(closure)

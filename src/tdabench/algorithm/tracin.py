@@ -164,10 +164,10 @@ class TracInAttributor(BaseAttributor):
                 ).mul_(w)
                 continue
             # later checkpoints accumulate block by block (no second score matrix)
-            row = 0
-            for b in batches:
+            row = 0 if test.shape[0] == scores.shape[1] else -1
+            for b in batches if row == 0 else ():
                 g = self._features(flat, b, "loss", index, projector)
-                if row + g.shape[0] > scores.shape[0] or test.shape[0] != scores.shape[1]:
+                if row + g.shape[0] > scores.shape[0]:
                     row = -1
                     break
                 scores[row : row + g.shape[0]].addmm_(g, test.T, alpha=w)
