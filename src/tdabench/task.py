@@ -218,14 +218,25 @@ class AttributionTask:
         if which not in ("loss", "target"):
             raise ConfigError(f"which must be 'loss' or 'target', got {which!r}")
         user = self.loss_func if which == "loss" else self.target_func
+        return self.flat_call(user, index, layer_name, device)
+
+    def flat_call(
+        self,
+        func: Callable[[dict[str, Tensor], Batch], Any],
+        index: int = 0,
+        layer_name: LayerName = None,
+        device: str | torch.device | None = None,
+    ) -> Callable[[Tensor, Batch], Any]:
+        """``f(flat, data) = func(params, data)`` with the parameters selected by ``layer_name``
+        taken from ``flat`` ``(d,)`` and the others held at checkpoint ``index``."""
         spec = self.param_spec(layer_name)
         all_params = self.get_params(index)
         fixed = {n: t.to(device) for n, t in all_params.items() if n not in spec.names}
 
-        def f(flat: Tensor, data: Batch) -> Tensor:
+        def f(flat: Tensor, data: Batch) -> Any:
             params = dict(fixed)
             params.update(spec.unflatten(flat))
-            return user(params, data)
+            return func(params, data)
 
         return f
 

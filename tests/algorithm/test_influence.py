@@ -26,7 +26,6 @@ from tdabench.algorithm import (
     IFAttributorExplicit,
     IFAttributorLiSSA,
 )
-from tdabench.algorithm import influence_function as ifmod
 from tdabench.errors import (
     CheckpointError,
     ConfigError,
@@ -35,6 +34,7 @@ from tdabench.errors import (
     NonFiniteError,
     NotCachedError,
 )
+from tdabench.func import solvers
 from tdabench.task import AttributionTask
 
 DT = torch.float64
@@ -540,13 +540,13 @@ def test_cache_batching_does_not_change_the_result(lr_problem):
 
 def test_test_side_is_solved_once_per_checkpoint(lr_problem, monkeypatch):
     calls = []
-    real = ifmod.conjugate_gradient
+    real = solvers.conjugate_gradient
 
     def counting(matvec, B, **kw):
         calls.append(B.shape[0])
         return real(matvec, B, **kw)
 
-    monkeypatch.setattr(ifmod, "conjugate_gradient", counting)
+    monkeypatch.setattr(solvers, "conjugate_gradient", counting)
     p = lr_problem
     att = IFAttributorCG(_lr_task(p), max_iter=30, regularization=L2)
     ref = _scores(att, p, train_bs=8, test_bs=3)  # 10 train batches, 3 test batches
@@ -768,7 +768,9 @@ def test_explicit_memory_limit(lr_problem):
     )
     assert "layer_name" in msg
     IFAttributorExplicit(task, max_dense_bytes=18 * 18 * 8)  # exactly fits
-    assert IFAttributorExplicit(task).hyperparameters()["max_dense_bytes"] == 4 * 1024**3
+    assert IFAttributorExplicit(task).hyperparameters()["max_dense_bytes"] is None  # the planner's budget
+    msg = _raises(MemoryLimitError, ["memory_budget"], IFAttributorExplicit, task, memory_budget=18 * 18 * 8 - 1)
+    IFAttributorExplicit(task, memory_budget=18 * 18 * 8)
 
 
 @pytest.mark.parametrize(
@@ -877,6 +879,8 @@ def test_hyperparameters_resolved(lr_problem):
         "tol": 1e-3,
         "mode": "rev-fwd",
         "regularization": 0.5,
+        "hessian": "exact",
+        "ggn_output": None,
     }
     hp = IFAttributorLiSSA(task).hyperparameters()
     assert (

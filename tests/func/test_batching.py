@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, vjp, vmap
 
-from tdabench.algorithm.influence_function import _batch_hvp
 from tdabench.errors import ShapeError
 from tdabench.func import batching
 from tdabench.func.batching import fold_broadcast_bmm, folded_bmm
+from tdabench.func.curvature import hvp_matvec as _batch_hvp
 from tdabench.func.solvers import dense_from_matvec
 
 DT = torch.float64

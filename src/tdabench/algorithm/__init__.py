@@ -4,6 +4,8 @@
 Score convention: a high score means the training sample helps the test sample (removing it
 would raise the test loss)."""
 
+from tdabench.algorithm.arguments import arguments_for
+from tdabench.algorithm.arguments import register_arguments
 from tdabench.algorithm.base import BaseAttributor
 from tdabench.algorithm.influence_function import (
     IFAttributorArnoldi,
@@ -26,4 +28,6 @@ __all__ = [
     "RPSAttributor",
     "TRAKAttributor",
     "TracInAttributor",
+    "arguments_for",
+    "register_arguments",
 ]

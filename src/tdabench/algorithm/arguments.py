@@ -126,6 +126,8 @@ def _check_budget(value: Any) -> Any:
 
 
 def _check_bool(name: str, value: Any) -> bool:
+    if isinstance(value, int) and value in (0, 1):  # bool is an int; 0/1 as given by YAML/JSON
+        return bool(value)
     if not isinstance(value, bool):
         raise ConfigError(f"{name} must be true or false, got {value!r}; pass {name}=True or {name}=False")
     return value

@@ -23,20 +23,19 @@ from torch import Tensor
 
 from tdabench.errors import ConfigError, NotCachedError
 from tdabench.func.utils import Batch, batch_size_of, batch_slice, batch_to, iter_batches
+from tdabench.memory import MemoryPlanner, planner_for
 from tdabench.task import AttributionTask, LayerName
 
-__all__ = ["GRAD_PIECE_BYTES", "REPLAY_MAX_BYTES", "BaseAttributor", "ReplayLoader"]
+__all__ = ["BaseAttributor", "ReplayLoader"]
 
 logger = logging.getLogger(__name__)
 
-REPLAY_MAX_BYTES = 256 * 2**20
-"""Largest loader content (bytes of its tensors, on the attributor's device) that a
-:class:`ReplayLoader` keeps in memory to replay instead of iterating the loader again."""
-
-
-GRAD_PIECE_BYTES = 64 * 2**20
-"""Per-sample gradients that are projected right away are computed in row pieces of at most
-this many bytes (at least one row), so that peak memory does not grow with the loader's batch size."""
+#: Share of the memory budget a :class:`ReplayLoader` may keep (the loader's tensors, on the
+#: attributor's device) to replay instead of iterating the loader again.
+_REPLAY_FRACTION = 0.25
+#: Share of the memory budget for one piece of per-sample gradients (they carry activations
+#: and the projection's output too).
+_GRAD_FRACTION = 0.25
 
 
 def _batch_bytes(batch: Batch) -> int:
@@ -50,18 +49,19 @@ class ReplayLoader:
     cost as much as the attribution itself on small models.
 
     The first complete iteration yields the validated, device-moved batches of ``loader`` and
-    keeps them if they total at most ``max_bytes``; later iterations replay the kept batches
-    (same tensors, same order). If they do not fit, or the first iteration is abandoned, every
-    iteration reads ``loader`` again, as without the wrapper.
+    keeps them if they total at most ``max_bytes`` (default: a quarter of the attributor's
+    memory budget); later iterations replay the kept batches (same tensors, same order). If
+    they do not fit, or the first iteration is abandoned, every iteration reads ``loader``
+    again, as without the wrapper.
     """
 
     def __init__(
-        self, attributor: BaseAttributor, loader: Iterable[Batch], what: str, max_bytes: int = REPLAY_MAX_BYTES
+        self, attributor: BaseAttributor, loader: Iterable[Batch], what: str, max_bytes: int | None = None
     ) -> None:
         self._attributor = attributor
         self._loader = loader
         self._what = what
-        self._max_bytes = int(max_bytes)
+        self._max_bytes = int(max_bytes) if max_bytes is not None else attributor.planner.share(_REPLAY_FRACTION)
         self._kept: list[Batch] | None = None
         self.replayable = True  # False once the content is known not to fit
 
@@ -92,12 +92,22 @@ class BaseAttributor:
         layer_name: restrict attribution to these parameters (a name, a module prefix or a
             list of them); ``None`` uses every parameter.
         device: where gradients and solves run (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...).
+        memory_budget: bytes (or ``"8GiB"``, or a fraction of the device's memory) the method
+            may hold; ``None`` derives it from the device (:func:`tdabench.memory.planner_for`).
+            Every piece of work (gradient rows, projection chunks, solver chunks, replayed
+            loaders) is sized from it; results do not depend on it.
     """
 
     #: Whether ``attribute``/``self_attribute`` need ``cache()`` first.
     requires_cache: bool = False
 
-    def __init__(self, task: AttributionTask, layer_name: LayerName = None, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        task: AttributionTask,
+        layer_name: LayerName = None,
+        device: str | torch.device = "cpu",
+        memory_budget: int | float | str | None = None,
+    ) -> None:
         if not isinstance(task, AttributionTask):
             raise ConfigError(f"task must be an AttributionTask, got {type(task).__name__}")
         self.task = task
@@ -106,6 +116,8 @@ class BaseAttributor:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {device!r} requested but CUDA is not available; pass device='cpu'")
         self.spec = task.param_spec(layer_name)  # raises for unknown layer names
+        self.memory_budget = memory_budget
+        self.planner: MemoryPlanner = planner_for(self.device, memory_budget)
         self._cached = False
         self._dtype: torch.dtype | None = None
 
@@ -148,16 +160,17 @@ class BaseAttributor:
 
     def _projected_grads(self, flat: Tensor, batch: Batch, which: str, index: int, projector: Any) -> Tensor:
         """``projector.project`` of the per-sample gradients ``(B, d)`` of ``batch``, computed in
-        row pieces of at most :data:`GRAD_PIECE_BYTES` of gradients: a projection keeps only
-        ``(B, k)``, so the full ``(B, d)`` gradient batch never has to exist at once (same
-        numbers: the projection is row by row)."""
+        row pieces sized by the memory planner (a streaming piece: 64 MiB per thread on the
+        CPU, a share of the budget on a GPU): a projection keeps only ``(B, k)``, so the full
+        ``(B, d)`` gradient batch never has to exist at once (same numbers: the projection is
+        row by row)."""
         def project(piece: Batch) -> Tensor:  # per-parameter blocks: no (B, d) concatenation
             return projector.project(self.task.per_sample_grads(
                 flat, piece, which=which, index=index, layer_name=self.layer_name, as_blocks=True))
 
         n = batch_size_of(batch)
         item = torch.empty((), dtype=self.dtype).element_size()
-        rows = max(1, GRAD_PIECE_BYTES // max(1, self.spec.dim * item))
+        rows = self.planner.rows(self.spec.dim * item, fraction=_GRAD_FRACTION, stream=True)
         if n <= rows:
             return project(batch)
         return torch.cat([project(batch_slice(batch, a, a + rows)) for a in range(0, n, rows)])

@@ -22,6 +22,20 @@ sample *together with its 1/n share of the penalty*; that shifts each test colum
 constant ``∇t(z_j)ᵀ(H + λI)^{-1} λθ``, which leaves per-test rankings, LOO and LDS
 correlations unchanged. Keep the penalty out of ``target_func`` in either case.
 
+**Curvature.** ``hessian="exact"`` (default, as dattri) uses the Hessian above;
+``hessian="ggn"`` replaces it by the generalised Gauss-Newton matrix
+``G = (1/n) Σ_i J_iᵀ H_i J_i`` (:class:`~tdabench.func.curvature.GaussNewton`), positive
+semi-definite and usually a better local model of a non-convex network. The GGN needs the loss
+split into model output and output loss: ``ggn_output="cross_entropy"`` / ``"mse"`` / an
+:class:`~tdabench.func.curvature.OutputLoss`, or ``loss_func.ggn_output``; :meth:`cache`
+checks that the split reproduces ``loss_func`` on the first cached samples.
+
+**One maths stack.** Each class is an adapter: a curvature operator of
+:mod:`tdabench.func.curvature` over the cached training chunks, a solver of
+:mod:`tdabench.func.solvers` (injectable with ``solver=``) and per-sample gradients. Memory
+(right-hand-side chunks, the dense-matrix limit) is sized by the planner
+(:func:`tdabench.memory.planner_for`, ``memory_budget=``).
+
 The methods differ only in how they apply ``(H + λI)^{-1}``:
 
 * :class:`IFAttributorExplicit` forms the dense Hessian and factorises it once.
@@ -39,31 +53,49 @@ gradient on the "test" side too, so it is exactly the diagonal of
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
-import numbers
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, vjp, vmap
 from tqdm.auto import tqdm
 
-from tdabench.algorithm.base import BaseAttributor
-from tdabench.errors import ConfigError, DataError, NonFiniteError
-from tdabench.func.batching import fold_broadcast_bmm
-from tdabench.func.solvers import (
-    DEFAULT_MAX_DENSE_BYTES,
-    EigenBasis,
-    arnoldi_basis,
-    check_dense_size,
-    conjugate_gradient,
-    dense_from_matvec,
-    lissa_recursion,
+from tdabench.algorithm.arguments import (
+    ArnoldiArguments,
+    IFCGArguments,
+    IFExplicitArguments,
+    LiSSAArguments,
+    MethodArguments,
 )
-from tdabench.func.utils import Batch, batch_size_of, check_finite
+from tdabench.algorithm.base import BaseAttributor
+from tdabench.errors import ConfigError, DataError
+from tdabench.func.curvature import (
+    CurvatureOperator,
+    ExactHessian,
+    GaussNewton,
+    OutputLoss,
+    resolve_output_loss,
+)
+from tdabench.func.solvers import (
+    ArnoldiSolver,
+    CGSolver,
+    DenseSolver,
+    IHVPSolver,
+    LiSSASolver,
+    check_dense_size,
+)
+from tdabench.func.utils import (
+    Batch,
+    batch_size_of,
+    check_finite,
+    concat_batches,
+    rechunk_batches,
+    take_rows,
+)
 from tdabench.task import AttributionTask, LayerName
 
 __all__ = [
@@ -75,47 +107,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-HVP_MODES = ("rev-rev", "rev-fwd")
-
-Matvec = Callable[[Tensor], Tensor]
-
-
-# ---------------------------------------------------------------------- validation helpers
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
-        raise ConfigError(
-            f"{name} must be an integer >= {minimum}, got {value!r}; pass e.g. {name}={max(minimum, 1)}"
-        )
-    return int(value)
+#: Largest number of right-hand sides of one solver run when sized automatically.
+_MAX_RHS_ROWS = 1024
+#: Share of the memory budget for the solver's vectors (about 6 per right-hand side).
+_SOLVER_FRACTION = 0.1
+#: Samples used to check that a declared GGN output loss reproduces ``loss_func``.
+_GGN_CHECK_SAMPLES = 32
 
 
-def _check_float(
-    name: str, value: Any, minimum: float = 0.0, strict: bool = False, fix: str = ""
-) -> float:
-    ok = (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and math.isfinite(float(value))
-    )
-    if ok:
-        ok = float(value) > minimum if strict else float(value) >= minimum
-    if not ok:
-        rel = ">" if strict else ">="
-        raise ConfigError(
-            f"{name} must be a finite number {rel} {minimum}, got {value!r}; {fix or f'pass a value {rel} {minimum}'}"
-        )
-    return float(value)
-
-
-def _check_mode(mode: Any) -> str:
-    if mode not in HVP_MODES:
-        raise ConfigError(
-            f"mode must be one of {HVP_MODES} (how Hessian-vector products are computed), got {mode!r}"
-        )
-    return str(mode)
-
-
-# ---------------------------------------------------------------------- batch helpers
 def _check_tensor_batch(batch: Batch) -> None:
     if isinstance(batch, Tensor):
         return
@@ -126,172 +125,133 @@ def _check_tensor_batch(batch: Batch) -> None:
         )
 
 
-def _take(batch: Batch, index: Tensor | slice) -> Batch:
-    """Rows ``index`` of every tensor of ``batch``."""
-    if isinstance(batch, Tensor):
-        return batch[index]
-    rows = [t[index] for t in batch]
-    return tuple(rows) if isinstance(batch, tuple) else rows
+class _SampledCurvature:
+    """LiSSA's view of the cached pool: ``sample(gen, b)`` is the curvature of ``b`` samples
+    drawn without replacement (``torch.randperm`` with ``gen``)."""
 
+    def __init__(self, pool: Batch, n: int, build: Callable[[Batch, int], CurvatureOperator]) -> None:
+        self.pool, self.n, self.build = pool, n, build
 
-def _concat(batches: list[Batch]) -> Batch:
-    """Concatenate batches of the same structure along the batch dimension."""
-    first = batches[0]
-    if isinstance(first, Tensor):
-        return torch.cat(batches, dim=0)
-    try:
-        cols = [torch.cat([b[c] for b in batches], dim=0) for c in range(len(first))]
-    except (RuntimeError, IndexError, TypeError) as exc:
-        raise DataError(
-            f"the cached training batches do not share one structure ({exc}); make every batch of the "
-            "cache loader a tuple of tensors with the same trailing shapes"
-        ) from exc
-    return tuple(cols) if isinstance(first, tuple) else cols
-
-
-#: Fold broadcast ``bmm`` calls (:func:`~tdabench.func.batching.fold_broadcast_bmm`) only when
-#: samples x vectors of one batched HVP reach this: below it the products are tiny and the
-#: dispatch mode's per-op Python overhead costs more than it saves (LiSSA's mini-batches).
-_FOLD_MIN_WORK = 16384
-
-
-def _batch_hvp(
-    func: Callable[[Tensor], Tensor], flat: Tensor, mode: str, samples: int | None = None
-) -> Matvec:
-    """Batched Hessian-vector product of a scalar ``func`` at ``flat``: ``(k, d) -> (k, d)``.
-
-    ``rev-rev`` differentiates the gradient in reverse mode once (``vjp`` of ``grad``) and
-    replays it for every row; ``rev-fwd`` pushes every row forward through the gradient
-    (``jvp`` of ``grad``). One row runs without ``vmap``; more rows run under
-    :func:`~tdabench.func.batching.fold_broadcast_bmm` (one wide GEMM per shared data matrix)
-    unless ``samples`` (the number of samples ``func`` sums over, if known) times the rows is
-    below ``_FOLD_MIN_WORK``.
-    """
-
-    def fold(k: int):  # type: ignore[no-untyped-def]
-        small = samples is not None and samples * k < _FOLD_MIN_WORK
-        return fold_broadcast_bmm(1 if small else k)
-
-    if mode == "rev-rev":
-        _, vjp_fn = vjp(grad(func), flat)
-        batched = vmap(vjp_fn)
-
-        def mv(V: Tensor) -> Tensor:
-            if V.shape[0] == 1:  # one vector (Arnoldi): plain products, no vmap overhead
-                return vjp_fn(V[0])[0].unsqueeze(0)
-            with fold(V.shape[0]):
-                return batched(V)[0]
-
-        return mv
-
-    def one(v: Tensor) -> Tensor:
-        return jvp(grad(func), (flat,), (v,))[1]
-
-    batched_fwd = vmap(one, randomness="same")
-
-    def mv_fwd(V: Tensor) -> Tensor:
-        if V.shape[0] == 1:
-            return one(V[0]).unsqueeze(0)
-        with fold(V.shape[0]):
-            return batched_fwd(V)
-
-    return mv_fwd
-
-
-def _rechunk(batches: list[Batch], size: int) -> list[Batch]:
-    """The samples of ``batches`` regrouped into consecutive chunks of at most ``size``."""
-    pool = _concat(batches)
-    n = sum(batch_size_of(b) for b in batches)
-    return [_take(pool, slice(s, min(n, s + size))) for s in range(0, n, size)]
-
-
-class _MeanHessian:
-    """``V -> H V`` for the Hessian of the mean training loss over fixed chunks of samples.
-
-    In ``rev-rev`` mode each chunk's gradient is linearised once (``vjp`` of ``grad``, its
-    graph kept) and replayed for every product, so iterative solvers (CG, Arnoldi) pay the
-    forward/backward of the training set once per checkpoint instead of once per iteration.
-    """
-
-    def __init__(self, attributor: _IFAttributorBase, index: int, chunks: list[Batch], n: int, mode: str) -> None:
-        flat = attributor._params(index)
-        self.n = n
-        self.ops = [
-            _batch_hvp(attributor.task.summed_loss(c, index, attributor.layer_name, device=attributor.device), flat, mode)
-            for c in chunks
-        ]
-
-    def __call__(self, V: Tensor) -> Tensor:
-        out = self.ops[0](V)
-        for op in self.ops[1:]:
-            out = out + op(V)
-        return out / self.n
+    def sample(self, gen: torch.Generator, b: int) -> CurvatureOperator:
+        idx = torch.randperm(self.n, generator=gen)[:b]
+        first = self.pool if isinstance(self.pool, Tensor) else self.pool[0]
+        return self.build(take_rows(self.pool, idx.to(first.device)), b)
 
 
 # ---------------------------------------------------------------------- base class
 class _IFAttributorBase(BaseAttributor):
-    """Shared machinery: caching the training data, per-checkpoint operators, streaming."""
+    """Shared machinery: caching the training data, per-checkpoint curvature and solver, streaming."""
 
     requires_cache = True
 
-    #: Largest number of right-hand sides pushed through one iterative solver run; more
-    #: test (or train) gradients are solved in chunks of this many rows. ``None`` (default)
-    #: picks as many rows as keep the solver's vectors (about 6 per row, ``d`` entries each)
-    #: within :attr:`solver_memory_bytes`, between 1 and 1024. Lower it if the batched
-    #: Hessian-vector products run out of memory (each row also carries activations).
+    #: Largest number of right-hand sides pushed through one solver run; more test (or train)
+    #: gradients are solved in chunks of this many rows. ``None`` (default) picks as many rows
+    #: as keep the solver's vectors (about 6 per row, ``d`` entries each) within
+    #: :attr:`solver_memory_bytes`, between 1 and 1024.
     rhs_chunk_size: int | None = None
-    #: Memory budget of the solver state used when ``rhs_chunk_size`` is ``None`` (1 GiB).
-    solver_memory_bytes: int = 2**30
+    #: Memory of the solver state when ``rhs_chunk_size`` is ``None``; ``None`` (default) is a
+    #: tenth of the memory planner's budget.
+    solver_memory_bytes: int | None = None
     #: Training samples per Hessian-vector-product chunk: the cached batches are regrouped
     #: into chunks of this size whatever the loader's batch size (fewer, larger products).
     #: Lower it if the products run out of memory.
     hvp_batch_size: int = 1024
+    #: HVP mode of the methods that do not take ``mode``.
+    mode: str = "rev-rev"
+    #: Prepare every checkpoint's solver in :meth:`cache` (a factor or basis) rather than lazily.
+    prepare_at_cache: bool = False
 
     def __init__(
         self,
         task: AttributionTask,
-        layer_name: LayerName = None,
+        arguments: MethodArguments,
         device: str | torch.device = "cpu",
+        solver: IHVPSolver | None = None,
     ) -> None:
-        super().__init__(task, layer_name=layer_name, device=device)
+        super().__init__(
+            task, layer_name=arguments.layer_name, device=device, memory_budget=arguments.memory_budget
+        )
+        self.arguments = arguments
+        for name, value in vars(arguments).items():
+            setattr(self, name, value)
+        if solver is not None and not isinstance(solver, IHVPSolver):
+            raise ConfigError(f"solver must be an IHVPSolver of tdabench.func.solvers, got {type(solver).__name__}")
+        self._injected = solver
+        self.output_loss: OutputLoss | None = (
+            resolve_output_loss(arguments.ggn_output, task.loss_func) if arguments.hessian == "ggn" else None
+        )
         self._train_batches: list[Batch] = []
         self._n_cached = 0
         self._pool: Batch | None = None
-        self._hessians: dict[int, _MeanHessian] = {}
+        self._solvers: dict[int, IHVPSolver] = {}
 
     # ----------------------------------------------------------------- operators
-    def _hvp_mean(
-        self, index: int, batches: Iterable[Batch], n: int, mode: str, V: Tensor
-    ) -> Tensor:
-        """``H V`` row-wise for the Hessian of the mean loss over ``batches`` (``n`` samples)."""
+    def _curvature(
+        self, index: int, batches: list[Batch], n: int, mode: str, keep: bool = True, samples: bool = False
+    ) -> CurvatureOperator:
+        """The curvature (``hessian=``) of the mean loss over ``batches`` (``n`` samples) at
+        checkpoint ``index``."""
         flat = self._params(index)
-        out = torch.zeros_like(V)
-        for batch in batches:
-            f = self.task.summed_loss(batch, index, self.layer_name, device=self.device)
-            out = out + _batch_hvp(f, flat, mode, samples=batch_size_of(batch))(V)
-        return out / n
+        if self.output_loss is None:
+            funcs = [self.task.summed_loss(b, index, self.layer_name, device=self.device) for b in batches]
+            sizes = [batch_size_of(b) for b in batches] if samples else None
+            return ExactHessian(funcs, flat, n, mode, samples=sizes, keep=keep)
+        out = self._flat_output(index)
+        out_fns = [(lambda f, b=b: out(f, b)) for b in batches]
+        targets = [self.output_loss.target(b) for b in batches]
+        return GaussNewton(out_fns, targets, self.output_loss, flat, n, mode, keep=keep)
 
-    def _mean_hessian(self, index: int) -> _MeanHessian:
-        """The linearised mean-loss Hessian of checkpoint ``index`` over all cached samples
-        (only the current checkpoint's graphs are kept)."""
-        if index not in self._hessians:
-            self._hessians = {
-                index: _MeanHessian(self, index, self._train_batches, self._n_cached, getattr(self, "mode", "rev-rev"))
-            }
-        return self._hessians[index]
+    def _flat_output(self, index: int) -> Callable[[Tensor, Batch], Tensor]:
+        loss = self.output_loss
+        assert loss is not None
+        func = loss.output_func or (lambda params, batch: self.task.forward(params, batch[loss.input_index]))
+        return self.task.flat_call(func, index, self.layer_name, self.device)
 
-    def _prepare(self, index: int) -> None:  # pragma: no cover - overridden
-        """Build the inverse-Hessian operator of checkpoint ``index`` from the cached data."""
+    def _check_output_loss(self) -> None:
+        """Refuse a declared GGN output loss that does not reproduce ``loss_func``."""
+        loss = self.output_loss
+        if loss is None:
+            return
+        batch = take_rows(self._train_batches[0], slice(0, _GGN_CHECK_SAMPLES))
+        flat = self._params(0)
+        ours = loss.per_sample(self._flat_output(0)(flat, batch), loss.target(batch)).detach()
+        theirs = self.task.per_sample_values(flat, batch, "loss", 0, self.layer_name).detach()
+        if not torch.allclose(ours, theirs, rtol=1e-4, atol=1e-6 * float(theirs.abs().max()) + 1e-12):
+            raise ConfigError(
+                f"hessian='ggn' with output loss {loss.kind!r} does not reproduce loss_func (max difference "
+                f"{float((ours - theirs).abs().max()):.3g} on the first samples); pass ggn_output=OutputLoss(...) "
+                "matching the loss (output_func, target_index), move an L2 penalty into regularization, "
+                "or use hessian='exact'"
+            )
+
+    def _operator(self, index: int) -> Any:  # pragma: no cover - overridden
+        """The operator the method's solver works on at checkpoint ``index``."""
         raise NotImplementedError
 
-    def _solve(self, index: int, V: Tensor) -> Tensor:  # pragma: no cover - overridden
-        """Rows of ``(H + λI)^{-1} V`` for checkpoint ``index``; ``V`` is ``(k, d)``."""
+    def _make_solver(self, index: int) -> IHVPSolver:  # pragma: no cover - overridden
+        """The method's own solver for checkpoint ``index``."""
         raise NotImplementedError
+
+    def _solver_for(self, index: int) -> IHVPSolver:
+        """The prepared solver of checkpoint ``index`` (solvers that keep calling their operator
+        are kept for the current checkpoint only: they hold its linearised graphs)."""
+        if index not in self._solvers:
+            solver = copy.copy(self._injected) if self._injected is not None else self._make_solver(index)
+            solver.prepare(self._operator(index), self.planner)
+            if solver.holds_operator:
+                self._solvers = {k: s for k, s in self._solvers.items() if not s.holds_operator}
+            self._solvers[index] = solver
+            self._after_prepare(index, solver)
+        return self._solvers[index]
+
+    def _after_prepare(self, index: int, solver: IHVPSolver) -> None:
+        """Hook after a solver was prepared (logging, checks)."""
 
     def _ihvp(self, index: int, V: Tensor) -> Tensor:
-        """:meth:`_solve` in chunks of :attr:`rhs_chunk_size` rows; checks finiteness."""
+        """Rows of ``(H + λI)^{-1} V`` in chunks of :meth:`_chunk_rows` rows; checks finiteness."""
+        solver = self._solver_for(index)
         chunk = self._chunk_rows()
-        parts = [self._solve(index, V[s : s + chunk]) for s in range(0, V.shape[0], chunk)]
+        parts = [solver.solve(V[s : s + chunk]) for s in range(0, V.shape[0], chunk)]
         X = torch.cat(parts, dim=0)
         return check_finite(
             X,
@@ -309,11 +269,16 @@ class _IFAttributorBase(BaseAttributor):
         if self.rhs_chunk_size is not None:
             return max(1, int(self.rhs_chunk_size))
         per_row = 6 * self.spec.dim * torch.empty((), dtype=self.dtype).element_size()
-        return int(min(1024, max(1, self.solver_memory_bytes // max(per_row, 1))))
+        if self.solver_memory_bytes is not None:
+            return int(min(_MAX_RHS_ROWS, max(1, int(self.solver_memory_bytes) // max(per_row, 1))))
+        return self.planner.rows(per_row, fraction=_SOLVER_FRACTION, maximum=_MAX_RHS_ROWS)
+
+    def _validate_cache(self) -> None:
+        """Checks of the cached data before any solver is prepared (overridden)."""
 
     # ----------------------------------------------------------------- API
     def cache(self, full_train_loader: Iterable[Batch]) -> None:
-        """Keep the training batches on ``device`` and prepare the inverse-Hessian operator of
+        """Keep the training batches on ``device`` and prepare the inverse-curvature operator of
         every checkpoint.
 
         Args:
@@ -325,13 +290,42 @@ class _IFAttributorBase(BaseAttributor):
             DataError: the loader is empty or yields non-tensor elements.
             NonFiniteError: a training loss is NaN/inf at some checkpoint.
             CheckpointError: a checkpoint does not fit the model.
+            ConfigError: a declared GGN output loss does not reproduce ``loss_func``.
         """
         start = time.perf_counter()
         self._cached = False
+        batches = self._read_cache_loader(full_train_loader)
+        self._train_batches = rechunk_batches(batches, max(1, int(self.hvp_batch_size)))
+        self._pool = None
+        self._solvers = {}
+        self._check_output_loss()
+        self._validate_cache()
+        for k in range(self.task.num_checkpoints):
+            flat = self._params(k)
+            for bi, batch in enumerate(batches):
+                vals = self.task.per_sample_values(flat, batch, "loss", k, self.layer_name)
+                check_finite(
+                    vals,
+                    f"training loss at checkpoint {k}, cache batch {bi}",
+                    fix="check the checkpoint, the data (NaN inputs?) and the loss function",
+                )
+            if self.prepare_at_cache:
+                self._solver_for(k)  # factor / basis now: the method's cost belongs to cache
+        self._cached = True
+        logger.info(
+            "%s cached %d samples in %d batches for %d checkpoint(s) in %.2fs",
+            type(self).__name__,
+            self._n_cached,
+            len(batches),
+            self.task.num_checkpoints,
+            time.perf_counter() - start,
+        )
+
+    def _read_cache_loader(self, loader: Iterable[Batch]) -> list[Batch]:
         batches: list[Batch] = []
         n = 0
         for batch in tqdm(
-            self._batches(full_train_loader, "cache (full training) loader"),
+            self._batches(loader, "cache (full training) loader"),
             desc="IF cache: data",
             disable=None,
             leave=False,
@@ -346,29 +340,8 @@ class _IFAttributorBase(BaseAttributor):
             raise DataError(
                 "the cache (full training) loader holds no sample; pass a DataLoader over the training set"
             )
-        self._train_batches = _rechunk(batches, max(1, int(self.hvp_batch_size)))
         self._n_cached = n
-        self._pool = None
-        self._hessians: dict[int, _MeanHessian] = {}
-        for k in range(self.task.num_checkpoints):
-            flat = self._params(k)
-            for bi, batch in enumerate(batches):
-                vals = self.task.per_sample_values(flat, batch, "loss", k, self.layer_name)
-                check_finite(
-                    vals,
-                    f"training loss at checkpoint {k}, cache batch {bi}",
-                    fix="check the checkpoint, the data (NaN inputs?) and the loss function",
-                )
-            self._prepare(k)
-        self._cached = True
-        logger.info(
-            "%s cached %d samples in %d batches for %d checkpoint(s) in %.2fs",
-            type(self).__name__,
-            n,
-            len(batches),
-            self.task.num_checkpoints,
-            time.perf_counter() - start,
-        )
+        return batches
 
     def attribute(self, train_loader: Iterable[Batch], test_loader: Iterable[Batch]) -> Tensor:
         """Influence scores of every training sample on every test sample.
@@ -451,32 +424,39 @@ class _IFAttributorBase(BaseAttributor):
         return total + scores
 
     def hyperparameters(self) -> dict[str, Any]:
-        out = super().hyperparameters()
+        out = {"method": type(self).__name__, **self.arguments.result_dict()}
         out["num_checkpoints"] = self.task.num_checkpoints
+        if self._injected is not None:
+            out.update(self._injected.describe())
         return out
 
 
 # ---------------------------------------------------------------------- explicit
 class IFAttributorExplicit(_IFAttributorBase):
-    """Influence functions with the dense Hessian, factorised once per checkpoint.
+    """Influence functions with the dense curvature matrix, factorised once per checkpoint.
 
     Args:
         task: the :class:`~tdabench.task.AttributionTask`.
         layer_name: restrict to these parameters (the Hessian is then the sub-block of those
             parameters, the others held fixed); ``None`` uses all.
-        device: where the Hessian is formed and solved.
-        regularization: ``λ >= 0`` added to the Hessian's diagonal.
-        max_dense_bytes: largest dense ``d x d`` Hessian allowed, in bytes; ``None`` means
-            the default of 4 GiB (:data:`~tdabench.func.solvers.DEFAULT_MAX_DENSE_BYTES`).
-            Larger problems raise :class:`~tdabench.errors.MemoryLimitError` at construction.
-            One factor of this size is kept per checkpoint, and factorising briefly needs
-            about twice it.
+        device: where the matrix is formed and solved.
+        regularization: ``λ >= 0`` added to the diagonal.
+        max_dense_bytes: largest dense ``d x d`` matrix allowed, in bytes; ``None`` means the
+            memory planner's budget (``memory_budget``). Larger problems raise
+            :class:`~tdabench.errors.MemoryLimitError` at construction. One factor of this
+            size is kept per checkpoint, and factorising briefly needs about twice it.
+        hessian: ``"exact"`` (the Hessian) or ``"ggn"`` (the Gauss-Newton matrix).
+        ggn_output: the output loss of the GGN (see the module docstring).
+        solver: an :class:`~tdabench.func.solvers.IHVPSolver` replacing the dense solve.
+        memory_budget: bytes (or ``"8GiB"``, or a fraction of the device) the method may hold.
 
-    The Hessian is assembled from Hessian-vector products (reverse-over-reverse, the
-    gradient graph of each cached batch built once) applied to the identity in chunks.
-    A positive-definite ``H + λI`` is Cholesky-factorised; otherwise an LU factorisation is
-    used (a warning is logged: the IF of a non-convex point is then not a LOO estimate).
+    The matrix is assembled from curvature-vector products (reverse-over-reverse, the graph of
+    each cached chunk built once) applied to the identity in chunks. A positive-definite
+    ``H + λI`` is Cholesky-factorised; otherwise an LU factorisation is used (a warning is
+    logged: the IF of a non-convex point is then not a LOO estimate).
     """
+
+    prepare_at_cache = True
 
     def __init__(
         self,
@@ -485,91 +465,52 @@ class IFAttributorExplicit(_IFAttributorBase):
         device: str | torch.device = "cpu",
         regularization: float = 0.0,
         max_dense_bytes: int | None = None,
+        hessian: str = "exact",
+        ggn_output: str | OutputLoss | None = None,
+        solver: IHVPSolver | None = None,
+        memory_budget: int | float | str | None = None,
     ) -> None:
-        super().__init__(task, layer_name=layer_name, device=device)
-        self.regularization = _check_float("regularization", regularization, 0.0)
-        if max_dense_bytes is not None:
-            max_dense_bytes = _check_int("max_dense_bytes", max_dense_bytes, 1)
-        self.max_dense_bytes = max_dense_bytes
-        check_dense_size(self.spec.dim, self.dtype, max_dense_bytes)
-        self._factors: dict[int, tuple[str, Tensor, Tensor | None]] = {}
-
-    def _prepare(self, index: int) -> None:
-        d = self.spec.dim
-        check_dense_size(d, self.dtype, self.max_dense_bytes)
-        flat = self._params(index)
-        H = torch.zeros(d, d, dtype=flat.dtype, device=self.device)
-        for batch in tqdm(
-            self._train_batches,
-            desc=f"IF explicit Hessian (ckpt {index})",
-            disable=None,
-            leave=False,
-        ):
-            f = self.task.summed_loss(batch, index, self.layer_name, device=self.device)
-            dense_from_matvec(_batch_hvp(f, flat, "rev-rev"), d, flat.dtype, self.device, out=H)
-        check_finite(
-            H,
-            f"explicit Hessian at checkpoint {index}",
-            fix="check the model and data (float64 helps)",
+        args = IFExplicitArguments(
+            layer_name=layer_name,
+            regularization=regularization,
+            max_dense_bytes=max_dense_bytes,
+            hessian=hessian,
+            ggn_output=ggn_output,
+            memory_budget=memory_budget,
         )
-        H = H.add(H.T).mul_(0.5 / self._n_cached)  # symmetrised mean
-        if self.regularization:
-            H.diagonal().add_(self.regularization)
-        L, info = torch.linalg.cholesky_ex(H)
-        if int(info) == 0:
-            del H
-            self._factors[index] = ("chol", L, None)
-            return
-        del L
-        logger.warning(
-            "H + %.3g I at checkpoint %d is not positive definite; using an LU solve (raise regularization "
-            "for a convex local model)",
-            self.regularization,
-            index,
-        )
-        LU, piv, info = torch.linalg.lu_factor_ex(H)
-        if int(info) != 0:
-            raise NonFiniteError(
-                f"the {d}x{d} Hessian at checkpoint {index} is singular; pass regularization > 0 (e.g. 1e-3)"
-            )
-        self._factors[index] = ("lu", LU, piv)
+        super().__init__(task, args, device, solver)
+        if solver is None:
+            check_dense_size(self.spec.dim, self.dtype, max_dense_bytes, planner=self.planner)
 
-    def _solve(self, index: int, V: Tensor) -> Tensor:
-        kind, F, piv = self._factors[index]
-        if kind == "chol":
-            return torch.cholesky_solve(V.T, F).T
-        assert piv is not None
-        return torch.linalg.lu_solve(F, piv, V.T).T
+    def _operator(self, index: int) -> CurvatureOperator:
+        return self._curvature(index, self._train_batches, self._n_cached, "rev-rev", keep=False)
 
-    def hyperparameters(self) -> dict[str, Any]:
-        out = super().hyperparameters()
-        out.update(
-            regularization=self.regularization,
-            max_dense_bytes=self.max_dense_bytes
-            if self.max_dense_bytes is not None
-            else DEFAULT_MAX_DENSE_BYTES,
-        )
-        return out
+    def _make_solver(self, index: int) -> IHVPSolver:
+        return DenseSolver(self.regularization, self.max_dense_bytes)
 
 
 # ---------------------------------------------------------------------- CG
 class IFAttributorCG(_IFAttributorBase):
     """Influence functions with batched conjugate gradient.
 
-    Each CG iteration applies ``H`` to all right-hand sides at once, streaming over the
-    cached training batches (kept on ``device``).
+    Each CG iteration applies the curvature to all right-hand sides at once, streaming over
+    the cached training chunks (kept on ``device``, their graphs linearised once).
 
     Args:
         task: the :class:`~tdabench.task.AttributionTask`.
         layer_name: restrict to these parameters; ``None`` uses all.
-        device: where gradients, HVPs and the solve run.
+        device: where gradients, products and the solve run.
         max_iter: maximal number of CG iterations (>= 1).
         tol: relative residual tolerance (>= 0): a right-hand side ``b`` stops once
             ``||b - (H + λI) x|| <= tol * ||b||``; 0 runs all ``max_iter`` iterations.
         mode: ``"rev-rev"`` (reverse-over-reverse) or ``"rev-fwd"`` (forward-over-reverse)
-            Hessian-vector products.
-        regularization: ``λ >= 0`` added to the Hessian's diagonal (CG needs ``H + λI``
-            positive definite).
+            products.
+        regularization: ``λ >= 0`` added to the diagonal (CG needs ``H + λI`` positive
+            definite; the GGN is positive semi-definite, so any ``λ > 0`` does).
+        hessian: ``"exact"`` or ``"ggn"``.
+        ggn_output: the output loss of the GGN (see the module docstring).
+        solver: an :class:`~tdabench.func.solvers.IHVPSolver` replacing CG.
+        memory_budget: bytes the method may hold (see :func:`tdabench.memory.planner_for`).
     """
 
     def __init__(
@@ -581,37 +522,35 @@ class IFAttributorCG(_IFAttributorBase):
         tol: float = 1e-7,
         mode: str = "rev-rev",
         regularization: float = 0.0,
+        hessian: str = "exact",
+        ggn_output: str | OutputLoss | None = None,
+        solver: IHVPSolver | None = None,
+        memory_budget: int | float | str | None = None,
     ) -> None:
-        super().__init__(task, layer_name=layer_name, device=device)
-        self.max_iter = _check_int("max_iter", max_iter, 1)
-        self.tol = _check_float("tol", tol, 0.0)
-        self.mode = _check_mode(mode)
-        self.regularization = _check_float("regularization", regularization, 0.0)
-
-    def _prepare(self, index: int) -> None:
-        pass  # the operator is the cached batches themselves
-
-    def _solve(self, index: int, V: Tensor) -> Tensor:
-        def matvec(P: Tensor) -> Tensor:
-            return self._mean_hessian(index)(P)
-
-        return conjugate_gradient(
-            matvec, V, max_iter=self.max_iter, tol=self.tol, regularization=self.regularization
+        args = IFCGArguments(
+            layer_name=layer_name,
+            max_iter=max_iter,
+            tol=tol,
+            mode=mode,
+            regularization=regularization,
+            hessian=hessian,
+            ggn_output=ggn_output,
+            memory_budget=memory_budget,
         )
+        super().__init__(task, args, device, solver)
 
-    def hyperparameters(self) -> dict[str, Any]:
-        out = super().hyperparameters()
-        out.update(
-            max_iter=self.max_iter, tol=self.tol, mode=self.mode, regularization=self.regularization
-        )
-        return out
+    def _operator(self, index: int) -> CurvatureOperator:
+        return self._curvature(index, self._train_batches, self._n_cached, self.mode)
+
+    def _make_solver(self, index: int) -> IHVPSolver:
+        return CGSolver(self.max_iter, self.tol, self.regularization)
 
 
 # ---------------------------------------------------------------------- LiSSA
 class IFAttributorLiSSA(_IFAttributorBase):
     """Influence functions with the LiSSA stochastic recursion.
 
-    Step ``t`` uses the Hessian of the mean loss on ``batch_size`` cached samples drawn
+    Step ``t`` uses the curvature of the mean loss on ``batch_size`` cached samples drawn
     without replacement by a generator seeded from ``(seed, checkpoint index)``; every
     solve restarts that generator, so results are reproducible and do not depend on how
     the right-hand sides are chunked. The estimate converges to
@@ -620,15 +559,19 @@ class IFAttributorLiSSA(_IFAttributorBase):
     Args:
         task: the :class:`~tdabench.task.AttributionTask`.
         layer_name: restrict to these parameters; ``None`` uses all.
-        device: where gradients, HVPs and the recursion run.
+        device: where gradients, products and the recursion run.
         batch_size: samples per recursion step (>= 1, at most the number cached;
             ``batch_size = n`` makes the recursion deterministic).
         num_repeat: independent recursions averaged (>= 1).
         recursion_depth: steps per recursion (>= 1).
         damping: in ``[0, 1)``; shrinks the previous iterate each step.
-        scaling: ``> 0``; must exceed half the largest Hessian eigenvalue for convergence.
-        mode: ``"rev-rev"`` or ``"rev-fwd"`` Hessian-vector products.
+        scaling: ``> 0``; must exceed half the largest eigenvalue for convergence.
+        mode: ``"rev-rev"`` or ``"rev-fwd"`` products.
         seed: seed of the mini-batch sampler.
+        hessian: ``"exact"`` or ``"ggn"``.
+        ggn_output: the output loss of the GGN (see the module docstring).
+        solver: an :class:`~tdabench.func.solvers.IHVPSolver` replacing LiSSA.
+        memory_budget: bytes the method may hold.
     """
 
     def __init__(
@@ -643,96 +586,85 @@ class IFAttributorLiSSA(_IFAttributorBase):
         scaling: float = 50.0,
         mode: str = "rev-rev",
         seed: int = 0,
+        hessian: str = "exact",
+        ggn_output: str | OutputLoss | None = None,
+        solver: IHVPSolver | None = None,
+        memory_budget: int | float | str | None = None,
     ) -> None:
-        super().__init__(task, layer_name=layer_name, device=device)
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.num_repeat = _check_int("num_repeat", num_repeat, 1)
-        self.recursion_depth = _check_int("recursion_depth", recursion_depth, 1)
-        self.damping = _check_float("damping", damping, 0.0)
-        if self.damping >= 1.0:
-            raise ConfigError(
-                f"damping must be in [0, 1), got {damping!r}; pass e.g. damping=0.001"
-            )
-        self.scaling = _check_float(
-            "scaling",
-            scaling,
-            0.0,
-            strict=True,
-            fix="pass a value above half the largest Hessian eigenvalue, e.g. scaling=50",
+        args = LiSSAArguments(
+            layer_name=layer_name,
+            batch_size=batch_size,
+            num_repeat=num_repeat,
+            recursion_depth=recursion_depth,
+            damping=damping,
+            scaling=scaling,
+            mode=mode,
+            seed=seed,
+            hessian=hessian,
+            ggn_output=ggn_output,
+            memory_budget=memory_budget,
         )
-        self.mode = _check_mode(mode)
-        self.seed = _check_int("seed", seed, 0)
+        super().__init__(task, args, device, solver)
 
-    def _prepare(self, index: int) -> None:
+    def _validate_cache(self) -> None:
         if self.batch_size > self._n_cached:
             raise ConfigError(
                 f"LiSSA batch_size={self.batch_size} exceeds the {self._n_cached} cached training samples; "
                 f"pass batch_size <= {self._n_cached}"
             )
+
+    def _operator(self, index: int) -> _SampledCurvature:
         if self._pool is None:
-            self._pool = _concat(self._train_batches)
+            self._pool = concat_batches(self._train_batches)
 
-    def _solve(self, index: int, V: Tensor) -> Tensor:
-        gen = torch.Generator(device="cpu").manual_seed((self.seed * 1_000_003 + index) % 2**63)
-        pool = self._pool
-        n, b = self._n_cached, self.batch_size
+        def build(batch: Batch, b: int) -> CurvatureOperator:
+            return self._curvature(index, [batch], b, self.mode, samples=True)
 
-        def sampler(_step: int) -> Matvec:
-            idx = torch.randperm(n, generator=gen)[:b].to(self.device)
-            batch = _take(pool, idx)
-            return lambda P: self._hvp_mean(index, [batch], b, self.mode, P)
+        return _SampledCurvature(self._pool, self._n_cached, build)
 
-        return lissa_recursion(
-            sampler,
-            V,
-            recursion_depth=self.recursion_depth,
-            damping=self.damping,
-            scaling=self.scaling,
-            num_repeat=self.num_repeat,
+    def _make_solver(self, index: int) -> IHVPSolver:
+        return LiSSASolver(
+            self.batch_size,
+            self.num_repeat,
+            self.recursion_depth,
+            self.damping,
+            self.scaling,
+            seed=(self.seed * 1_000_003 + index) % 2**63,
         )
-
-    def hyperparameters(self) -> dict[str, Any]:
-        out = super().hyperparameters()
-        out.update(
-            batch_size=self.batch_size,
-            num_repeat=self.num_repeat,
-            recursion_depth=self.recursion_depth,
-            damping=self.damping,
-            scaling=self.scaling,
-            mode=self.mode,
-            seed=self.seed,
-        )
-        return out
 
 
 # ---------------------------------------------------------------------- Arnoldi
 class IFAttributorArnoldi(_IFAttributorBase):
-    """Influence functions with a low-rank Arnoldi eigenbasis of the Hessian.
+    """Influence functions with a low-rank Arnoldi eigenbasis of the curvature.
 
     At :meth:`cache`, Arnoldi (seeded start vector, full re-orthogonalisation) runs on the
-    Hessian of the mean loss over the first ``max(1, floor(precompute_data_ratio * n))``
+    curvature of the mean loss over the first ``max(1, floor(precompute_data_ratio * n))``
     cached samples, keeping the ``proj_dim`` eigenpairs of largest magnitude;
     ``(H + λI)^{-1} v`` is then ``U diag(1 / (values + λ)) Uᵀ v`` (zero outside the basis).
 
     Args:
         task: the :class:`~tdabench.task.AttributionTask`.
         layer_name: restrict to these parameters; ``None`` uses all.
-        device: where HVPs and the basis live.
+        device: where products and the basis live.
         precompute_data_ratio: fraction in ``(0, 1]`` of the cached samples used for the basis.
         proj_dim: number of eigenpairs kept (>= 1; at most ``max_iter``).
-        max_iter: Krylov iterations (>= 1), i.e. Hessian-vector products per checkpoint.
-        norm_constant: ``> 0``; ``H`` is divided by it during the iteration (range only).
+        max_iter: Krylov iterations (>= 1), i.e. products per checkpoint.
+        norm_constant: ``> 0``; the matrix is divided by it during the iteration (range only).
         tol: ``>= 0``; stop when the Krylov space is invariant to this tolerance, and drop
             eigenvalues below ``tol`` times the largest.
         regularization: ``λ >= 0`` added to the kept eigenvalues.
         seed: seed of the Arnoldi start vector.
+        hessian: ``"exact"`` or ``"ggn"``.
+        ggn_output: the output loss of the GGN (see the module docstring).
+        solver: an :class:`~tdabench.func.solvers.IHVPSolver` replacing Arnoldi.
+        memory_budget: bytes the method may hold.
     """
 
-    #: Training samples per Hessian-vector-product chunk. Arnoldi multiplies one vector at a
-    #: time, so replaying a chunk needs only about one forward pass of activations (the
-    #: linearised graphs of all chunks are kept either way): chunks are 8x those of the other
-    #: methods (fewer per-product overheads). Lower it if the products run out of memory.
+    #: Training samples per product chunk. Arnoldi multiplies one vector at a time, so
+    #: replaying a chunk needs only about one forward pass of activations (the linearised
+    #: graphs of all chunks are kept either way): chunks are 8x those of the other methods.
     hvp_batch_size: int = 8192
+    prepare_at_cache = True
 
     def __init__(
         self,
@@ -746,20 +678,25 @@ class IFAttributorArnoldi(_IFAttributorBase):
         tol: float = 1e-7,
         regularization: float = 0.0,
         seed: int = 0,
+        hessian: str = "exact",
+        ggn_output: str | OutputLoss | None = None,
+        solver: IHVPSolver | None = None,
+        memory_budget: int | float | str | None = None,
     ) -> None:
-        super().__init__(task, layer_name=layer_name, device=device)
-        r = _check_float("precompute_data_ratio", precompute_data_ratio, 0.0, strict=True)
-        if r > 1.0:
-            raise ConfigError(
-                f"precompute_data_ratio must be in (0, 1], got {precompute_data_ratio!r}; pass e.g. 1.0"
-            )
-        self.precompute_data_ratio = r
-        self.proj_dim = _check_int("proj_dim", proj_dim, 1)
-        self.max_iter = _check_int("max_iter", max_iter, 1)
-        self.norm_constant = _check_float("norm_constant", norm_constant, 0.0, strict=True)
-        self.tol = _check_float("tol", tol, 0.0)
-        self.regularization = _check_float("regularization", regularization, 0.0)
-        self.seed = _check_int("seed", seed, 0)
+        args = ArnoldiArguments(
+            layer_name=layer_name,
+            precompute_data_ratio=precompute_data_ratio,
+            proj_dim=proj_dim,
+            max_iter=max_iter,
+            norm_constant=norm_constant,
+            tol=tol,
+            regularization=regularization,
+            seed=seed,
+            hessian=hessian,
+            ggn_output=ggn_output,
+            memory_budget=memory_budget,
+        )
+        super().__init__(task, args, device, solver)
         if self.max_iter < self.proj_dim:
             logger.warning(
                 "IFAttributorArnoldi: max_iter=%d < proj_dim=%d keeps at most %d eigenpairs",
@@ -767,7 +704,6 @@ class IFAttributorArnoldi(_IFAttributorBase):
                 self.proj_dim,
                 self.max_iter,
             )
-        self._bases: dict[int, EigenBasis] = {}
 
     def _precompute_batches(self) -> tuple[list[Batch], int]:
         m = max(1, math.floor(self.precompute_data_ratio * self._n_cached + 1e-9))
@@ -778,47 +714,36 @@ class IFAttributorArnoldi(_IFAttributorBase):
                 break
             b = batch_size_of(batch)
             take = min(b, m - seen)
-            out.append(batch if take == b else _take(batch, slice(0, take)))
+            out.append(batch if take == b else take_rows(batch, slice(0, take)))
             seen += take
         return out, m
 
-    def _prepare(self, index: int) -> None:
+    def _operator(self, index: int) -> CurvatureOperator:
         batches, m = self._precompute_batches()
-        matvec = _MeanHessian(self, index, batches, m, "rev-rev")
+        return self._curvature(index, batches, m, "rev-rev")
 
-        basis = arnoldi_basis(
-            matvec,
-            self.spec.dim,
-            proj_dim=self.proj_dim,
-            max_iter=self.max_iter,
-            tol=self.tol,
-            norm_constant=self.norm_constant,
-            seed=self.seed,
-            dtype=self.dtype,
-            device=self.device,
+    def _make_solver(self, index: int) -> IHVPSolver:
+        return ArnoldiSolver(
+            self.proj_dim, self.max_iter, self.tol, self.norm_constant, self.seed, self.regularization
         )
+
+    def _after_prepare(self, index: int, solver: IHVPSolver) -> None:
+        basis = getattr(solver, "basis", None)
+        if basis is None:
+            return
         if bool((basis.values + self.regularization <= 0).any()):
             logger.warning(
                 "Arnoldi basis at checkpoint %d has eigenvalues <= -regularization; the inverse is "
                 "indefinite or unbounded: raise regularization",
                 index,
             )
-        self._bases[index] = basis
-        logger.info(
-            "Arnoldi checkpoint %d: kept %d eigenpairs from %d samples",
-            index,
-            basis.values.numel(),
-            m,
-        )
-
-    def _solve(self, index: int, V: Tensor) -> Tensor:
-        return self._bases[index].inverse_apply(V, self.regularization)
+        logger.info("Arnoldi checkpoint %d: kept %d eigenpairs", index, basis.values.numel())
 
     def _test_factors(self, index: int, g_test: Tensor) -> tuple[Tensor | None, Tensor]:
         # (H + λI)^{-1} G_testᵀ = U C^T with C = G_test U diag(1 / (values + λ)): scoring
         # through the rank-r basis costs n_train·d·r instead of n_train·d·n_test.
-        basis = self._bases[index]
-        if basis.values.numel() >= min(g_test.shape[0], self.spec.dim):
+        basis = getattr(self._solver_for(index), "basis", None)
+        if basis is None or basis.values.numel() >= min(g_test.shape[0], self.spec.dim):
             return super()._test_factors(index, g_test)
         coeff = (g_test @ basis.vectors) / (basis.values + self.regularization)
         check_finite(
@@ -827,16 +752,3 @@ class IFAttributorArnoldi(_IFAttributorBase):
             fix="the Hessian is (near) singular or the solver diverged: pass regularization > 0",
         )
         return basis.vectors, coeff
-
-    def hyperparameters(self) -> dict[str, Any]:
-        out = super().hyperparameters()
-        out.update(
-            precompute_data_ratio=self.precompute_data_ratio,
-            proj_dim=self.proj_dim,
-            max_iter=self.max_iter,
-            norm_constant=self.norm_constant,
-            tol=self.tol,
-            regularization=self.regularization,
-            seed=self.seed,
-        )
-        return out

@@ -38,7 +38,6 @@ called as ``model(inputs)`` and ``labels`` are class indices ``(B,)``.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -46,6 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from tdabench.algorithm.arguments import RPSArguments
 from tdabench.algorithm.base import BaseAttributor
 from tdabench.errors import ConfigError, DataError, ShapeError
 from tdabench.func.solvers import conjugate_gradient
@@ -71,6 +71,7 @@ class RPSAttributor(BaseAttributor):
         device: where features, the refit and scores live (scores are returned there).
         checkpoint_index: which checkpoint provides the features and the initial layer
             (default ``-1``: the last one).
+        memory_budget: bytes (or ``"8GiB"``, or a fraction of the device) the method may hold.
     """
 
     requires_cache = True
@@ -84,34 +85,26 @@ class RPSAttributor(BaseAttributor):
         epoch: int = 3000,
         device: str | torch.device = "cpu",
         checkpoint_index: int = -1,
+        memory_budget: int | float | str | None = None,
     ) -> None:
-        super().__init__(task, None, device)
+        super().__init__(task, None, device, memory_budget)
         linears = [n for n, m in task.model.named_modules() if isinstance(m, nn.Linear)]
         if not isinstance(final_linear_layer_name, str) or final_linear_layer_name not in linears:
             raise ConfigError(
                 f"final_linear_layer_name {final_linear_layer_name!r} is not an nn.Linear module of the "
                 f"model; its nn.Linear modules are {linears}"
             )
-        try:
-            lam = float(l2_strength)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(
-                f"l2_strength must be a positive number, got {l2_strength!r}"
-            ) from exc
-        if not (lam > 0.0 and math.isfinite(lam)):
-            raise ConfigError(
-                f"l2_strength must be a finite number > 0 (the representer theorem needs it), got {l2_strength!r}"
-            )
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
-            raise ConfigError(
-                f"epoch (maximum L-BFGS iterations) must be an integer >= 1, got {epoch!r}"
-            )
+        self.arguments = RPSArguments(
+            final_linear_layer_name=final_linear_layer_name,
+            normalize_preactivate=normalize_preactivate,
+            l2_strength=l2_strength,
+            epoch=epoch,
+            checkpoint_index=checkpoint_index,
+            memory_budget=memory_budget,
+        )
+        lam, epoch = self.arguments.l2_strength, self.arguments.epoch
         n_ckpt = task.num_checkpoints
-        if (
-            isinstance(checkpoint_index, bool)
-            or not isinstance(checkpoint_index, int)
-            or not -n_ckpt <= checkpoint_index < n_ckpt
-        ):
+        if not -n_ckpt <= checkpoint_index < n_ckpt:
             raise ConfigError(
                 f"checkpoint_index must be an integer in [{-n_ckpt}, {n_ckpt - 1}], got {checkpoint_index!r}"
             )
@@ -321,7 +314,7 @@ class RPSAttributor(BaseAttributor):
         return check_finite((own * (f_tr * f_tr).sum(dim=1)).to(self.dtype), "RPS self-influence")
 
     def hyperparameters(self) -> dict[str, Any]:
-        out = super().hyperparameters()
+        out = {"method": type(self).__name__, "layer_name": None, **self.arguments.result_dict()}
         out.update(
             final_linear_layer_name=self.final_linear_layer_name,
             normalize_preactivate=self.normalize_preactivate,

@@ -24,6 +24,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tdabench.algorithm.arguments import (
+    GradCosArguments,
+    GradDotArguments,
+    MethodArguments,
+    TracInArguments,
+)
 from tdabench.algorithm.base import BaseAttributor
 from tdabench.errors import ConfigError, DataError
 from tdabench.func.projection import Projector, projector_from_kwargs, resolve_projector_kwargs
@@ -67,6 +73,8 @@ class TracInAttributor(BaseAttributor):
             ``max_chunk_bytes``. Unknown keys raise :class:`ConfigError`.
         layer_name: restrict gradients to these parameters.
         device: where gradients, projections and scores live (scores are returned there).
+        memory_budget: bytes (or ``"8GiB"``, or a fraction of the device) the method may hold;
+            gradient pieces and projection chunks are sized from it (results do not depend on it).
 
     Loaders must iterate in a fixed order (``shuffle=False``): they are read once per
     checkpoint. Test gradients are computed once per checkpoint; train batches are streamed.
@@ -83,8 +91,16 @@ class TracInAttributor(BaseAttributor):
         projector_kwargs: Mapping[str, Any] | None = None,
         layer_name: LayerName = None,
         device: str | torch.device = "cpu",
+        memory_budget: int | float | str | None = None,
     ) -> None:
-        super().__init__(task, layer_name, device)
+        super().__init__(task, layer_name, device, memory_budget)
+        self.arguments: MethodArguments = TracInArguments(
+            weight_list=weight_list,
+            normalized_grad=normalized_grad,
+            projector_kwargs=projector_kwargs,
+            layer_name=layer_name,
+            memory_budget=memory_budget,
+        )
         weights = _check_weights(weight_list, task.num_checkpoints)
         self._setup(list(range(task.num_checkpoints)), weights, normalized_grad, projector_kwargs)
 
@@ -211,7 +227,8 @@ class TracInAttributor(BaseAttributor):
         return check_finite(total, "TracIn self-influence")
 
     def hyperparameters(self) -> dict[str, Any]:
-        out = super().hyperparameters()
+        out = {"method": type(self).__name__, **self.arguments.result_dict()}
+        out.pop("weight_list", None)
         out.update(
             checkpoint_indices=list(self.checkpoint_indices),
             weights=list(self.weights),
@@ -245,6 +262,7 @@ class GradDotAttributor(TracInAttributor):
         checkpoint_index: which checkpoint of the task to use; the default ``-1`` is the
             last one (the trained model when the checkpoints are a training trajectory).
             Other checkpoints are ignored.
+        memory_budget: bytes the method may hold (see :class:`TracInAttributor`).
     """
 
     _normalized = False
@@ -256,8 +274,16 @@ class GradDotAttributor(TracInAttributor):
         device: str | torch.device = "cpu",
         projector_kwargs: Mapping[str, Any] | None = None,
         checkpoint_index: int = -1,
+        memory_budget: int | float | str | None = None,
     ) -> None:
-        BaseAttributor.__init__(self, task, layer_name, device)
+        BaseAttributor.__init__(self, task, layer_name, device, memory_budget)
+        args_cls = GradCosArguments if self._normalized else GradDotArguments
+        self.arguments = args_cls(
+            layer_name=layer_name,
+            projector_kwargs=projector_kwargs,
+            checkpoint_index=checkpoint_index,
+            memory_budget=memory_budget,
+        )
         self._setup(
             [_resolve_index(task, checkpoint_index)], [1.0], self._normalized, projector_kwargs
         )

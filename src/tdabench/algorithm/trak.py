@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tdabench.algorithm.arguments import TRAK_DEFAULT_PROJECTOR, TRAKArguments
 from tdabench.algorithm.base import BaseAttributor
 from tdabench.errors import ConfigError, DataError, NonFiniteError
 from tdabench.func.projection import Projector, ProjectorSet, resolve_projector_kwargs
@@ -40,7 +41,6 @@ __all__ = ["TRAKAttributor"]
 
 logger = logging.getLogger(__name__)
 
-TRAK_DEFAULT_PROJECTOR = {"proj_dim": 512, "proj_type": "gaussian", "seed": 0}
 _PROB_TOL = 1e-6
 
 
@@ -62,6 +62,8 @@ class TRAKAttributor(BaseAttributor):
         device: where gradients, solves and scores live (scores are returned there).
         regularization: ``lambda >= 0`` added to ``Phi^T Phi``. With ``lambda = 0`` the
             training set must have at least ``proj_dim`` samples of independent features.
+        memory_budget: bytes (or ``"8GiB"``, or a fraction of the device) the method may hold;
+            gradient pieces and projection chunks are sized from it (results do not depend on it).
     """
 
     requires_cache = True
@@ -74,20 +76,18 @@ class TRAKAttributor(BaseAttributor):
         layer_name: LayerName = None,
         device: str | torch.device = "cpu",
         regularization: float = 0.0,
+        memory_budget: int | float | str | None = None,
     ) -> None:
-        super().__init__(task, layer_name, device)
+        super().__init__(task, layer_name, device, memory_budget)
         if not callable(correct_probability_func):
             raise ConfigError("correct_probability_func must be callable as p(params, data)")
-        try:
-            reg = float(regularization)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(
-                f"regularization must be a number >= 0, got {regularization!r}"
-            ) from exc
-        if not reg >= 0.0 or reg == float("inf"):
-            raise ConfigError(
-                f"regularization must be a finite number >= 0, got {regularization!r}"
-            )
+        self.arguments = TRAKArguments(
+            projector_kwargs=projector_kwargs,
+            layer_name=layer_name,
+            regularization=regularization,
+            memory_budget=memory_budget,
+        )
+        reg = self.arguments.regularization
         self.correct_probability_func = correct_probability_func
         self.regularization = reg
         self.projector_kwargs = resolve_projector_kwargs(projector_kwargs, TRAK_DEFAULT_PROJECTOR)
@@ -331,7 +331,7 @@ class TRAKAttributor(BaseAttributor):
         return check_finite(scores.to(self.dtype), "TRAK self-influence")
 
     def hyperparameters(self) -> dict[str, Any]:
-        out = super().hyperparameters()
+        out = {"method": type(self).__name__, **self.arguments.result_dict()}
         out.update(
             projector_kwargs=dict(self.projector_kwargs or {}),
             regularization=self.regularization,

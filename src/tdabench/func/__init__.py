@@ -1,5 +1,12 @@
-"""Functional building blocks: flattening, per-sample gradients, solvers, Hessians."""
+"""Functional building blocks: flattening, per-sample gradients, curvature operators, solvers."""
 
+from tdabench.func.curvature import (
+    CurvatureOperator,
+    EmpiricalFisher,
+    ExactHessian,
+    GaussNewton,
+    OutputLoss,
+)
 from tdabench.func.fisher import (
     fvp,
     fvp_at_x,
@@ -22,7 +29,13 @@ from tdabench.func.hessian import (
 )
 from tdabench.func.projection import Projector, make_projector
 from tdabench.func.solvers import (
+    ArnoldiSolver,
+    CGSolver,
+    DenseInverse,
+    DenseSolver,
     EigenBasis,
+    IHVPSolver,
+    LiSSASolver,
     arnoldi_basis,
     conjugate_gradient,
     dense_from_matvec,
@@ -38,7 +51,18 @@ from tdabench.func.utils import (
 )
 
 __all__ = [
+    "ArnoldiSolver",
+    "CGSolver",
+    "CurvatureOperator",
+    "DenseInverse",
+    "DenseSolver",
     "EigenBasis",
+    "EmpiricalFisher",
+    "ExactHessian",
+    "GaussNewton",
+    "IHVPSolver",
+    "LiSSASolver",
+    "OutputLoss",
     "ParamSpec",
     "Projector",
     "arnoldi_basis",

@@ -30,18 +30,18 @@ import torch
 from torch import Tensor
 
 from tdabench.errors import ConfigError
+from tdabench.func.curvature import EmpiricalFisher
 from tdabench.func.hessian import (
     _as_rows,
     _at_any_x,
     _check_argnums,
     _check_nonneg,
     _check_x_tuple,
-    _DenseInverse,
     _detach,
     _num_samples,
     _out,
 )
-from tdabench.func.solvers import check_dense_size, conjugate_gradient
+from tdabench.func.solvers import CGSolver, DenseInverse, check_dense_size
 from tdabench.func.utils import per_sample_grads
 
 __all__ = [
@@ -97,12 +97,12 @@ def fvp_at_x(
     ``G`` (``(n, d)``) is computed once; ``F`` is never formed. ``v``: ``(k, d)`` or ``(d,)``.
     """
     _check_nonneg("regularization", regularization)
-    G = per_sample_grad_matrix(func, x, argnums)
-    n, d = G.shape
+    fisher = EmpiricalFisher(per_sample_grad_matrix(func, x, argnums))
+    G, d = fisher.G, fisher.dim
 
     def f(v: Tensor) -> Tensor:
         V, single = _as_rows(v, d, G)
-        out = (V @ G.T) @ G / n
+        out = fisher.mvp(V)
         if regularization:
             out = out + regularization * V
         return _out(out, single)
@@ -142,9 +142,9 @@ def ifvp_at_x_explicit(
     x = tuple(x)
     theta = _check_argnums(x, argnums)
     check_dense_size(theta.numel(), theta.dtype, max_dense_bytes, what="Fisher matrix")
-    G = per_sample_grad_matrix(func, x, argnums)
-    n, d = G.shape
-    inverse = _DenseInverse(G.T @ G / n, regularization, what="Fisher matrix")
+    fisher = EmpiricalFisher(per_sample_grad_matrix(func, x, argnums))
+    G, d = fisher.G, fisher.dim
+    inverse = DenseInverse(fisher.dense(max_bytes=max_dense_bytes), regularization, "Fisher matrix", in_place=True)
 
     def f(v: Tensor) -> Tensor:
         V, single = _as_rows(v, d, G)
@@ -189,17 +189,15 @@ def ifvp_at_x_cg(
     _check_nonneg("tol", tol)
     if max_iter < 1:
         raise ConfigError(f"max_iter must be >= 1, got {max_iter}")
-    mv = fvp_at_x(func, tuple(x), argnums=argnums)
     theta = _check_argnums(tuple(x), argnums)
+    solver = CGSolver(max_iter, tol, regularization)
+    solver.prepare(EmpiricalFisher(per_sample_grad_matrix(func, tuple(x), argnums)))
     d = theta.numel()
     like = theta.detach().reshape(-1)
 
     def f(v: Tensor) -> Tensor:
         V, single = _as_rows(v, d, like)
-        return _out(
-            conjugate_gradient(mv, V, max_iter=max_iter, tol=tol, regularization=regularization),
-            single,
-        )
+        return _out(solver.solve(V.to(solver.op.dtype)), single)
 
     return f
 

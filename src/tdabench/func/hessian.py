@@ -38,17 +38,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, vjp, vmap
 
 from tdabench.errors import ConfigError, NonFiniteError, ShapeError
-from tdabench.func.batching import fold_broadcast_bmm
-from tdabench.func.solvers import (
-    arnoldi_basis,
-    check_dense_size,
-    conjugate_gradient,
-    dense_from_matvec,
-    lissa_recursion,
-)
+from tdabench.func.curvature import ExactHessian
+from tdabench.func.solvers import ArnoldiSolver, CGSolver, DenseInverse, LiSSASolver
 
 __all__ = [
     "MODES",
@@ -169,68 +162,10 @@ def _out(rows: Tensor, single: bool) -> Tensor:
 
 
 def _matvec(g: Callable[[Tensor], Tensor], flat0: Tensor, mode: str) -> Matvec:
-    """Batched ``V (k, d) -> (k, d)``: rows of ``H v`` for the Hessian of ``g`` at ``flat0``."""
+    """Batched ``V (k, d) -> (k, d)``: rows of ``H v`` for the Hessian of ``g`` at ``flat0``
+    (an :class:`~tdabench.func.curvature.ExactHessian` of one function)."""
     _check_mode(mode)
-    gradient = grad(g)
-    if mode == "rev-rev":
-        # The gradient's graph is built once; each product is one extra backward pass.
-        _, vjp_fn = vjp(gradient, flat0)
-
-        def one(v: Tensor) -> Tensor:
-            return vjp_fn(v)[0]
-
-    else:
-
-        def one(v: Tensor) -> Tensor:
-            return jvp(gradient, (flat0,), (v,))[1]
-
-    batched = vmap(one)
-
-    def mv(V: Tensor) -> Tensor:
-        # one wide GEMM per shared matrix instead of k skinny ones
-        with fold_broadcast_bmm(V.shape[0]):
-            return batched(V)
-
-    return mv
-
-
-class _DenseInverse:
-    """``(A + λI)^{-1}`` for a fixed symmetric ``A``, factorised once (Cholesky, else LU)."""
-
-    def __init__(self, A: Tensor, regularization: float, what: str = "Hessian") -> None:
-        d = A.shape[0]
-        A = 0.5 * (A + A.T)
-        if regularization:
-            A = A + regularization * torch.eye(d, dtype=A.dtype, device=A.device)
-        self.what = what
-        L, info = torch.linalg.cholesky_ex(A)
-        if int(info) == 0:
-            self.kind, self.factor, self.pivots = "cholesky", L, None
-            return
-        LU, pivots, info = torch.linalg.lu_factor_ex(A)
-        if int(info) != 0:
-            raise NonFiniteError(
-                f"the {d}x{d} {what} (+ regularization {regularization}) is singular; "
-                "pass regularization > 0 (e.g. 1e-3)"
-            )
-        self.kind, self.factor, self.pivots = "lu", LU, pivots
-
-    def __call__(self, V: Tensor) -> Tensor:
-        if self.kind == "cholesky":
-            X = torch.cholesky_solve(V.T, self.factor).T
-        else:
-            X = torch.linalg.lu_solve(self.factor, self.pivots, V.T).T
-        if not bool(torch.isfinite(X).all()):
-            raise NonFiniteError(
-                f"inverting the {self.what} produced NaN/inf: it is (near) singular; pass regularization > 0"
-            )
-        return X
-
-
-def _dense(mv: Matvec, flat0: Tensor, max_dense_bytes: int | None, what: str = "Hessian") -> Tensor:
-    d = flat0.numel()
-    check_dense_size(d, flat0.dtype, max_dense_bytes, what=what)
-    return dense_from_matvec(mv, d, dtype=flat0.dtype, device=flat0.device)
+    return ExactHessian([g], flat0, 1, mode).mvp
 
 
 # ---------------------------------------------------------------------------- HVP
@@ -312,7 +247,7 @@ def ihvp_at_x_explicit(
         argnums: index of the variable in ``x``.
         regularization: ``λ``; solves ``(H + λI) y = v``.
         max_dense_bytes: refuse (``MemoryLimitError``) a ``d x d`` Hessian larger than this
-            (default :data:`tdabench.func.solvers.DEFAULT_MAX_DENSE_BYTES`).
+            (default: the memory planner's budget for the device of ``x[argnums]``).
 
     Returns:
         ``f(v)``: ``v`` ``(k, d)`` or ``(d,)`` -> ``(H + λI)^{-1} v`` of the same shape.
@@ -321,8 +256,8 @@ def ihvp_at_x_explicit(
     """
     _check_nonneg("regularization", regularization)
     g, flat0 = _flat_function(func, tuple(x), argnums)
-    H = _dense(_matvec(g, flat0, "rev-rev"), flat0, max_dense_bytes)
-    inverse = _DenseInverse(H, regularization)
+    H = ExactHessian([g], flat0, 1, "rev-rev").dense(max_bytes=max_dense_bytes)
+    inverse = DenseInverse(H, regularization, in_place=True)
     d = flat0.numel()
 
     def f(v: Tensor) -> Tensor:
@@ -380,15 +315,13 @@ def ihvp_at_x_cg(
         raise ConfigError(f"max_iter must be >= 1, got {max_iter}")
     _check_nonneg("tol", tol)
     g, flat0 = _flat_function(func, tuple(x), argnums)
-    mv = _matvec(g, flat0, mode)
+    solver = CGSolver(max_iter, tol, regularization)
+    solver.prepare(ExactHessian([g], flat0, 1, mode))
     d = flat0.numel()
 
     def f(v: Tensor) -> Tensor:
         V, single = _as_rows(v, d, flat0)
-        return _out(
-            conjugate_gradient(mv, V, max_iter=max_iter, tol=tol, regularization=regularization),
-            single,
-        )
+        return _out(solver.solve(V), single)
 
     return f
 
@@ -459,17 +392,12 @@ def ihvp_at_x_arnoldi(
     _check_nonneg("regularization", regularization)
     g, flat0 = _flat_function(func, tuple(x), argnums)
     d = flat0.numel()
-    basis = arnoldi_basis(
-        _matvec(g, flat0, mode),
-        d,
-        proj_dim=proj_dim,
-        max_iter=max_iter,
-        tol=tol,
-        norm_constant=norm_constant,
-        seed=seed,
-        dtype=flat0.dtype,
-        device=flat0.device,
-    )
+    _check_nonneg("tol", tol)
+    if proj_dim < 1 or max_iter < 1:
+        raise ConfigError(f"proj_dim and max_iter must be >= 1, got {proj_dim}, {max_iter}")
+    solver = ArnoldiSolver(proj_dim, max_iter, tol, norm_constant, seed, regularization)
+    solver.prepare(ExactHessian([g], flat0, 1, mode))
+    basis = solver.basis
 
     def f(v: Tensor) -> Tensor:
         V, single = _as_rows(v, d, flat0)
@@ -574,6 +502,26 @@ def ihvp_at_x_lissa(
     _check_mode(mode)
     x = tuple(x)
     theta = _check_argnums(x, argnums)
+    _check_lissa(batch_size, num_repeat, recursion_depth, damping, scaling)
+    sampled = _SampledTupleHessian(func, x, argnums, mode, collate_fn)
+    if sampled.data and batch_size > sampled.n:
+        raise ConfigError(
+            f"batch_size={batch_size} exceeds the {sampled.n} samples in the data arguments; "
+            f"pass batch_size <= {sampled.n}"
+        )
+    solver = LiSSASolver(batch_size, num_repeat, recursion_depth, damping, scaling, seed=int(seed))
+    solver.prepare(sampled)
+    flat0 = theta.detach().reshape(-1)
+    d = flat0.numel()
+
+    def f(v: Tensor) -> Tensor:
+        V, single = _as_rows(v, d, flat0)
+        return _out(solver.solve(V), single)
+
+    return f
+
+
+def _check_lissa(batch_size: Any, num_repeat: int, recursion_depth: int, damping: float, scaling: float) -> None:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if recursion_depth < 1 or num_repeat < 1:
@@ -581,63 +529,52 @@ def ihvp_at_x_lissa(
             f"recursion_depth and num_repeat must be >= 1, got {recursion_depth}, {num_repeat}"
         )
     if scaling <= 0:
-        raise ConfigError(
-            f"scaling must be > 0 (above the largest Hessian eigenvalue), got {scaling}"
-        )
+        raise ConfigError(f"scaling must be > 0 (above the largest Hessian eigenvalue), got {scaling}")
     if not 0.0 <= damping < 1.0:
         raise ConfigError(f"damping must be in [0, 1), got {damping}")
-    pos = argnums % len(x)
-    xs = _detach(x)
-    data = xs[:pos] + xs[pos + 1 :]
-    flat0 = theta.detach().reshape(-1)
-    d = flat0.numel()
-    shape = theta.shape
-    if data:
-        n = _num_samples(data)
-        if batch_size > n:
-            raise ConfigError(
-                f"batch_size={batch_size} exceeds the {n} samples in the data arguments; pass batch_size <= {n}"
-            )
-    else:
-        n = 0
 
-    def step_func(data_args: tuple[Any, ...]) -> Callable[[Tensor], Tensor]:
+
+class _SampledTupleHessian:
+    """LiSSA's operator family for ``x = (θ, *data)``: ``sample(gen, b)`` is the Hessian of
+    ``func(θ, *data[idx])`` on ``b`` samples drawn with ``torch.randperm`` (``collate_fn``
+    maps the sampled tuple to the data arguments); without data, always the full Hessian."""
+
+    def __init__(
+        self,
+        func: Callable[..., Tensor],
+        x: tuple[Any, ...],
+        argnums: int,
+        mode: str,
+        collate_fn: Callable[[tuple[Tensor, ...]], Any] | None,
+    ) -> None:
+        self.func, self.mode, self.collate_fn = func, mode, collate_fn
+        self.pos = argnums % len(x)
+        xs = _detach(x)
+        self.data = xs[: self.pos] + xs[self.pos + 1 :]
+        theta = x[argnums]
+        self.shape, self.flat0 = theta.shape, theta.detach().reshape(-1)
+        self.n = _num_samples(self.data) if self.data else 0
+        self.full = None if self.data else ExactHessian([self._g(())], self.flat0, 1, mode)
+
+    def _g(self, data_args: tuple[Any, ...]) -> Callable[[Tensor], Tensor]:
         def g(flat: Tensor) -> Tensor:
-            args = (*data_args[:pos], flat.reshape(shape), *data_args[pos:])
-            out = func(*args)
+            args = (*data_args[: self.pos], flat.reshape(self.shape), *data_args[self.pos :])
+            out = self.func(*args)
             if not isinstance(out, Tensor) or out.numel() != 1:
                 raise ShapeError("func must return a scalar (one element); reduce it with .mean()")
             return out.reshape(())
 
         return g
 
-    full_mv = _matvec(step_func(data), flat0, mode) if not data else None
-
-    def f(v: Tensor) -> Tensor:
-        V, single = _as_rows(v, d, flat0)
-        gen = torch.Generator(device="cpu").manual_seed(int(seed))
-
-        def sampler(_step: int) -> Matvec:
-            if full_mv is not None:
-                return full_mv
-            idx = torch.randperm(n, generator=gen)[:batch_size]
-            sampled = tuple(t[idx.to(t.device)] for t in data)
-            args = collate_fn(sampled) if collate_fn is not None else sampled
-            if not isinstance(args, tuple):
-                args = (args,)
-            return _matvec(step_func(args), flat0, mode)
-
-        out = lissa_recursion(
-            sampler,
-            V,
-            recursion_depth=recursion_depth,
-            damping=damping,
-            scaling=scaling,
-            num_repeat=num_repeat,
-        )
-        return _out(out, single)
-
-    return f
+    def sample(self, gen: torch.Generator, b: int) -> ExactHessian:
+        if self.full is not None:
+            return self.full
+        idx = torch.randperm(self.n, generator=gen)[:b]
+        sampled = tuple(t[idx.to(t.device)] for t in self.data)
+        args = self.collate_fn(sampled) if self.collate_fn is not None else sampled
+        if not isinstance(args, tuple):
+            args = (args,)
+        return ExactHessian([self._g(args)], self.flat0, 1, self.mode)
 
 
 def ihvp_lissa(

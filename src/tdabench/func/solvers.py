@@ -8,17 +8,25 @@ one solver run. They are shared by :mod:`tdabench.func.hessian`,
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from tdabench.errors import ConfigError, MemoryLimitError, NonFiniteError, ShapeError
+from tdabench.errors import ConfigError, NonFiniteError, ShapeError
+from tdabench.memory import MemoryPlanner, planner_for
 
 __all__ = [
-    "DEFAULT_MAX_DENSE_BYTES",
+    "ArnoldiSolver",
+    "CGSolver",
+    "DenseInverse",
+    "DenseSolver",
     "EigenBasis",
+    "IHVPSolver",
+    "LiSSASolver",
     "arnoldi_basis",
     "check_dense_size",
     "conjugate_gradient",
@@ -27,22 +35,30 @@ __all__ = [
     "solve_dense",
 ]
 
+logger = logging.getLogger(__name__)
+
 Matvec = Callable[[Tensor], Tensor]
 
-DEFAULT_MAX_DENSE_BYTES = 4 * 1024**3
-"""Largest dense ``d x d`` matrix the explicit solvers form (4 GiB), unless told otherwise."""
 
-
-def check_dense_size(d: int, dtype: torch.dtype, max_bytes: int | None = None, what: str = "Hessian") -> None:
-    """Refuse to form a dense ``d x d`` matrix larger than ``max_bytes``."""
-    limit = DEFAULT_MAX_DENSE_BYTES if max_bytes is None else int(max_bytes)
+def check_dense_size(
+    d: int,
+    dtype: torch.dtype,
+    max_bytes: int | None = None,
+    what: str = "Hessian",
+    planner: MemoryPlanner | None = None,
+) -> None:
+    """Refuse (:class:`~tdabench.errors.MemoryLimitError`) a dense ``d x d`` matrix over
+    ``max_bytes`` when given, else over the planner's budget (the CPU's by default)."""
+    if max_bytes is not None:
+        planner = MemoryPlanner(device=torch.device("cpu"), budget=int(max_bytes))
+    planner = planner or planner_for("cpu")
     need = d * d * torch.empty((), dtype=dtype).element_size()
-    if need > limit:
-        raise MemoryLimitError(
-            f"the explicit {what} of {d} parameters needs {need / 2**30:.2f} GiB, over the "
-            f"{limit / 2**30:.2f} GiB limit; restrict parameters with layer_name=..., use an "
-            "iterative method (CG, LiSSA, Arnoldi), or raise max_dense_bytes"
-        )
+    planner.require(
+        need,
+        f"the explicit {what} of {d} parameters",
+        "restrict parameters with layer_name=..., use an iterative method (CG, LiSSA, Arnoldi) "
+        "or raise max_dense_bytes",
+    )
 
 
 def _as_2d(v: Tensor, d: int | None = None) -> Tensor:
@@ -78,31 +94,66 @@ def dense_from_matvec(matvec: Matvec, d: int, dtype: torch.dtype, device: torch.
     return out
 
 
+class DenseInverse:
+    """``(A + λI)^{-1}`` for a fixed symmetric ``A`` ``(d, d)``, factorised once: Cholesky when
+    ``A + λI`` is positive definite, else LU (with a logged warning); singular raises.
+
+    The one dense inverse of the package (explicit IF, ``ihvp_*_explicit``, ``ifvp_*_explicit``).
+
+    Args:
+        A: symmetric ``(d, d)``; it is symmetrised, and overwritten when ``in_place``.
+        regularization: ``λ`` added to the diagonal.
+        what: name of the matrix in messages.
+        in_place: reuse ``A``'s storage (saves one ``d x d`` copy).
+    """
+
+    def __init__(self, A: Tensor, regularization: float = 0.0, what: str = "Hessian", in_place: bool = False) -> None:
+        d = A.shape[0]
+        if A.dim() != 2 or A.shape != (d, d):
+            raise ShapeError(f"expected a square matrix, got {tuple(A.shape)}")
+        A = A if in_place else A.clone()
+        if regularization:
+            A.diagonal().add_(regularization)
+        self.what, self.regularization = what, regularization
+        L, info = torch.linalg.cholesky_ex(A)
+        if int(info) == 0:
+            self.kind, self.factor, self.pivots = "cholesky", L, None
+            return
+        del L
+        logger.warning(
+            "the %s + %.3g I is not positive definite; using an LU solve (raise regularization "
+            "for a convex local model)", what, regularization,
+        )
+        LU, pivots, info = torch.linalg.lu_factor_ex(A)
+        if int(info) != 0:
+            raise NonFiniteError(
+                f"the {d}x{d} {what} (+ regularization {regularization}) is singular; "
+                "pass regularization > 0 (e.g. 1e-3)"
+            )
+        self.kind, self.factor, self.pivots = "lu", LU, pivots
+
+    def __call__(self, V: Tensor) -> Tensor:
+        """Rows of ``(A + λI)^{-1} v``: ``V`` ``(k, d)`` -> ``(k, d)``."""
+        if self.kind == "cholesky":
+            X = torch.cholesky_solve(V.T, self.factor).T
+        else:
+            X = torch.linalg.lu_solve(self.factor, self.pivots, V.T).T
+        if not bool(torch.isfinite(X).all()):
+            raise NonFiniteError(
+                f"inverting the {self.what} produced NaN/inf: it is (near) singular; pass regularization > 0"
+            )
+        return X
+
+
 def solve_dense(matrix: Tensor, V: Tensor, regularization: float = 0.0) -> Tensor:
     """Rows of ``(matrix + regularization * I)^{-1} V^T``; ``V`` is ``(k, d)``, returns ``(k, d)``.
 
-    Uses a Cholesky factorisation when the regularised matrix is positive definite and an
-    LU solve otherwise; a singular matrix raises with the fix (add regularization).
+    A one-shot :class:`DenseInverse` (Cholesky, else LU; singular raises with the fix).
     """
     d = matrix.shape[0]
-    if matrix.shape != (d, d):
-        raise ShapeError(f"expected a square matrix, got {tuple(matrix.shape)}")
     V2 = _as_2d(V, d)
-    A = matrix + regularization * torch.eye(d, dtype=matrix.dtype, device=matrix.device) if regularization else matrix
-    A = 0.5 * (A + A.T)
-    L, info = torch.linalg.cholesky_ex(A)
-    if int(info) == 0:
-        X = torch.cholesky_solve(V2.T.to(A.dtype), L).T
-    else:
-        try:
-            X = torch.linalg.solve(A, V2.T.to(A.dtype)).T
-        except RuntimeError as exc:
-            raise NonFiniteError(
-                f"the {d}x{d} matrix is singular ({exc}); pass regularization > 0 (e.g. 1e-3)"
-            ) from exc
-    if not bool(torch.isfinite(X).all()):
-        raise NonFiniteError("the dense solve produced NaN/inf: the matrix is (near) singular; pass regularization > 0")
-    return X.to(V.dtype)
+    A = 0.5 * (matrix + matrix.T)
+    return DenseInverse(A, regularization, "matrix", in_place=True)(V2.to(A.dtype)).to(V.dtype)
 
 
 def conjugate_gradient(
@@ -277,3 +328,131 @@ def arnoldi_basis(
     if not bool(torch.isfinite(evals).all() and torch.isfinite(vectors).all()):
         raise NonFiniteError("Arnoldi produced NaN/inf; check that the Hessian is finite (try float64)")
     return EigenBasis(values=evals * norm_constant, vectors=vectors)
+
+
+# ---------------------------------------------------------------------- solver objects
+class IHVPSolver:
+    """Applies ``(C + λI)^{-1}`` for a curvature operator ``C``
+    (:class:`~tdabench.func.curvature.CurvatureOperator`): :meth:`prepare` once per operator,
+    then :meth:`solve` on stacked right-hand sides ``(k, d) -> (k, d)``.
+
+    ``holds_operator``: whether :meth:`solve` keeps calling the operator (CG, LiSSA: its
+    linearised graphs stay alive) or only a precomputed factor/basis (dense, Arnoldi).
+    """
+
+    holds_operator: bool = True
+    regularization: float = 0.0
+
+    def prepare(self, op: Any, planner: MemoryPlanner | None = None) -> None:
+        self.op = op
+
+    def solve(self, V: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """Settings, for provenance."""
+        return {"solver": type(self).__name__}
+
+
+class DenseSolver(IHVPSolver):
+    """Forms the dense operator (refused over ``max_dense_bytes`` or the planner's budget) and
+    factorises ``C + λI`` once (:class:`DenseInverse`)."""
+
+    holds_operator = False
+
+    def __init__(self, regularization: float = 0.0, max_dense_bytes: int | None = None) -> None:
+        self.regularization, self.max_dense_bytes = float(regularization), max_dense_bytes
+
+    def prepare(self, op: Any, planner: MemoryPlanner | None = None) -> None:
+        A = op.dense(planner, self.max_dense_bytes)
+        if not bool(torch.isfinite(A.sum())):
+            raise NonFiniteError(
+                f"the explicit {op.name} contains NaN or inf; check the model and data (float64 helps)"
+            )
+        self.inverse = DenseInverse(A, self.regularization, op.name, in_place=True)
+
+    def solve(self, V: Tensor) -> Tensor:
+        return self.inverse(V)
+
+
+class CGSolver(IHVPSolver):
+    """Batched conjugate gradient on the operator's products (see :func:`conjugate_gradient`)."""
+
+    def __init__(self, max_iter: int = 10, tol: float = 1e-7, regularization: float = 0.0) -> None:
+        self.max_iter, self.tol, self.regularization = int(max_iter), float(tol), float(regularization)
+
+    def solve(self, V: Tensor) -> Tensor:
+        return conjugate_gradient(
+            self.op.mvp, V, max_iter=self.max_iter, tol=self.tol, regularization=self.regularization
+        )
+
+
+class LiSSASolver(IHVPSolver):
+    """The LiSSA recursion (:func:`lissa_recursion`) on mini-batch operators.
+
+    The operator must offer ``sample(generator, batch_size) -> operator`` (the curvature of
+    ``batch_size`` samples drawn with ``generator``). Every :meth:`solve` restarts a CPU
+    generator seeded with ``seed``, so results do not depend on how right-hand sides are chunked.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 1,
+        num_repeat: int = 1,
+        recursion_depth: int = 5000,
+        damping: float = 0.0,
+        scaling: float = 50.0,
+        seed: int = 0,
+    ) -> None:
+        self.batch_size, self.num_repeat, self.recursion_depth = batch_size, num_repeat, recursion_depth
+        self.damping, self.scaling, self.seed = damping, scaling, seed
+
+    def solve(self, V: Tensor) -> Tensor:
+        gen = torch.Generator(device="cpu").manual_seed(int(self.seed))
+
+        def sampler(_step: int) -> Matvec:
+            return self.op.sample(gen, self.batch_size).mvp
+
+        return lissa_recursion(
+            sampler,
+            V,
+            recursion_depth=self.recursion_depth,
+            damping=self.damping,
+            scaling=self.scaling,
+            num_repeat=self.num_repeat,
+        )
+
+
+class ArnoldiSolver(IHVPSolver):
+    """A low-rank eigenbasis by Arnoldi (:func:`arnoldi_basis`); ``solve`` is
+    ``U diag(1 / (values + λ)) Uᵀ v`` (zero outside the basis)."""
+
+    holds_operator = False
+
+    def __init__(
+        self,
+        proj_dim: int = 100,
+        max_iter: int = 100,
+        tol: float = 1e-7,
+        norm_constant: float = 1.0,
+        seed: int = 0,
+        regularization: float = 0.0,
+    ) -> None:
+        self.proj_dim, self.max_iter, self.tol = proj_dim, max_iter, tol
+        self.norm_constant, self.seed, self.regularization = norm_constant, seed, float(regularization)
+
+    def prepare(self, op: Any, planner: MemoryPlanner | None = None) -> None:
+        self.basis = arnoldi_basis(
+            op.mvp,
+            op.dim,
+            proj_dim=self.proj_dim,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            norm_constant=self.norm_constant,
+            seed=self.seed,
+            dtype=op.dtype,
+            device=op.device,
+        )
+
+    def solve(self, V: Tensor) -> Tensor:
+        return self.basis.inverse_apply(V, self.regularization)

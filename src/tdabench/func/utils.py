@@ -24,12 +24,15 @@ __all__ = [
     "batch_slice",
     "batch_to",
     "check_finite",
+    "concat_batches",
     "flatten_params",
     "iter_batches",
     "per_sample_grads",
     "per_sample_grads_named",
     "per_sample_values",
+    "rechunk_batches",
     "select_param_names",
+    "take_rows",
     "unflatten_params",
 ]
 
@@ -255,3 +258,37 @@ def check_finite(t: Tensor, what: str, fix: str = "check the model, the data and
         bad = (~finite).reshape(t.shape[0], -1).any(dim=1).nonzero().flatten().tolist() if t.dim() > 0 else []
         raise NonFiniteError(f"{what} contains NaN or inf (rows {bad[:10]}); {fix}")
     return t
+
+
+def take_rows(batch: Batch, index: Tensor | slice) -> Batch:
+    """Rows ``index`` of every tensor of ``batch`` (same structure)."""
+    if isinstance(batch, Tensor):
+        return batch[index]
+    rows = [t[index] for t in batch]
+    return tuple(rows) if isinstance(batch, tuple) else rows
+
+
+def concat_batches(batches: Sequence[Batch]) -> Batch:
+    """Concatenate batches of one structure along the batch dimension.
+
+    Raises:
+        DataError: the batches do not share one structure.
+    """
+    first = batches[0]
+    if isinstance(first, Tensor):
+        return torch.cat(list(batches), dim=0)
+    try:
+        cols = [torch.cat([b[c] for b in batches], dim=0) for c in range(len(first))]
+    except (RuntimeError, IndexError, TypeError) as exc:
+        raise DataError(
+            f"the cached training batches do not share one structure ({exc}); make every batch of the "
+            "cache loader a tuple of tensors with the same trailing shapes"
+        ) from exc
+    return tuple(cols) if isinstance(first, tuple) else cols
+
+
+def rechunk_batches(batches: Sequence[Batch], size: int) -> list[Batch]:
+    """The samples of ``batches`` regrouped into consecutive chunks of at most ``size``."""
+    pool = concat_batches(batches)
+    n = sum(batch_size_of(b) for b in batches)
+    return [take_rows(pool, slice(s, min(n, s + size))) for s in range(0, n, size)]
