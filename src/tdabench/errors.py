@@ -6,14 +6,18 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "DiskFullError",
+    "IntegrityError",
     "KeyMismatchError",
     "MemoryLimitError",
     "NonFiniteError",
     "NotCachedError",
+    "ProvenanceError",
     "ShapeError",
     "StoreError",
     "TdabenchError",
     "UnsafeFileError",
+    "UnsafePathError",
 ]
 
 
@@ -59,3 +63,19 @@ class StoreError(TdabenchError, RuntimeError):
 
 class KeyMismatchError(StoreError):
     """A store was opened with a ground-truth key different from the one it holds."""
+
+
+class IntegrityError(StoreError):
+    """A file is missing, truncated, unstamped or fails its content checksum."""
+
+
+class ProvenanceError(StoreError):
+    """A file was made for another configuration (benchmark, spec, data or ground-truth key)."""
+
+
+class UnsafePathError(UnsafeFileError):
+    """A name read from a manifest or index would leave its directory (``..``, absolute, symlink)."""
+
+
+class DiskFullError(TdabenchError, OSError):
+    """The disk, quota or file-size limit is full; retrying cannot help."""

@@ -28,8 +28,10 @@ def test_bootstrap_ci_matches_loop():
 def test_scores_round_trip_and_metadata(tmp_path):
     s = np.arange(12, dtype=np.float32).reshape(4, 3)
     write_scores(tmp_path / "s.parquet", s, {"method": "X"})
-    np.testing.assert_array_equal(read_scores(tmp_path / "s.parquet"), s)
+    got, meta = read_scores(tmp_path / "s.parquet")
+    np.testing.assert_array_equal(got, s)
     assert read_parquet_meta(tmp_path / "s.parquet") == {"method": "X", "n_train": 4, "n_test": 3}
+    assert meta["n_test"] == 3
     with pytest.raises(ShapeError, match=r"\(n_train, n_test\)"):
         write_scores(tmp_path / "bad.parquet", s[0], {})
     assert not (tmp_path / "bad.parquet").exists()

@@ -23,14 +23,13 @@ subsets, or from 10 to 100 LOO removals, keeps its key and its completed shards.
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from tdabench._io import _jsonable, canonical_json
 from tdabench.errors import ConfigError
 from tdabench.groundtruth.subsets import sampling_key, subset_size
 
@@ -45,36 +44,6 @@ __all__ = [
 ]
 
 STORE_FORMAT = "tdabench-groundtruth/1"
-
-
-def _jsonable(obj: Any, path: str = "") -> Any:
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        if not math.isfinite(f):
-            raise ConfigError(f"configuration value {path or '<root>'} is {f}; only finite numbers can be keyed")
-        return f
-    if isinstance(obj, Mapping):
-        out = {}
-        for k, v in obj.items():
-            if not isinstance(k, str):
-                raise ConfigError(f"configuration key {k!r} at {path or '<root>'} must be a string")
-            out[k] = _jsonable(v, f"{path}.{k}" if path else k)
-        return out
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v, f"{path}[{i}]") for i, v in enumerate(obj)]
-    raise ConfigError(
-        f"configuration value at {path or '<root>'} has type {type(obj).__name__}, which is not JSON-able; "
-        "fingerprints must be made of strings, numbers, lists and dicts (hash tensors first)"
-    )
-
-
-def canonical_json(obj: Any) -> str:
-    """Canonical JSON: sorted keys, no whitespace, ASCII, finite numbers only."""
-    return json.dumps(_jsonable(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 def _sha256(text: str) -> str:

@@ -2,7 +2,7 @@
 
 Layout of a store directory::
 
-    <dir>/manifest.json                         {"format", "key", "config", "created", "tdabench_version"}
+    <dir>/manifest.json                         {"format", "key", "config", "tdabench_version"}
     <dir>/shards/<kind>-<start>-<stop>.parquet  one file per complete shard (entries start..stop-1)
     <dir>/checkpoints/<kind>-<start>-<stop>.safetensors   optional stacked weights of a shard
     <dir>/<kind>.parquet                        written by merge(): all shards in one table
@@ -18,11 +18,12 @@ Parquet schema (one row per (entry, run), sorted by entry then run):
     target.<name>  fixed_size_list<float64>[n_test]   one column per target
 
 Key-value metadata on every Parquet file (``tdabench.`` prefix): ``key``, ``config`` (full
-resolved JSON), ``version``, ``revision`` (``git describe`` or ``"unknown"``), ``created``
-(UTC ISO time), ``rows``, ``sha256`` (:func:`table_digest` of the data, independent of the
-Parquet encoding), ``kind``, ``shard`` (``"start-stop"``) and, with checkpoints,
+resolved JSON), ``version``, ``rows``, ``sha256`` (:func:`table_digest` of the data, independent
+of the Parquet encoding), ``kind``, ``shard`` (``"start-stop"``) and, with checkpoints,
 ``checkpoint_sha256``. Safetensors checkpoints carry ``key``, ``config``, ``rows`` (JSON list
-of ``[entry, run]``) and ``tensors_sha256`` in their metadata.
+of ``[entry, run]``), ``version`` and ``tensors_sha256`` in their metadata. Nothing volatile
+(creation time, host, code revision) is stored, so a recompute is byte-identical (files written
+by :mod:`tdabench._io`).
 
 Every file is written under a temporary name in its final directory and ``os.replace``\\ d
 into place once complete, so a file under its final name is always whole; every read
@@ -32,26 +33,17 @@ silently used. Nothing is ever unpickled.
 
 from __future__ import annotations
 
-import datetime as _dt
-import functools
-import hashlib
 import json
 import logging
 import os
-import socket
-import struct
-import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-import torch
 from torch import Tensor
 
+from tdabench import _io
 from tdabench.errors import ConfigError, KeyMismatchError, StoreError, UnsafeFileError
 from tdabench.groundtruth.key import (
     STORE_FORMAT,
@@ -74,307 +66,63 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-META_PREFIX = "tdabench."
+META_PREFIX = _io.META_PREFIX
 TARGET_PREFIX = "target."
 
-
-def _version() -> str:
-    from tdabench import __version__
-
-    return __version__
-
-
-@functools.lru_cache(maxsize=1)
-def code_revision() -> str:
-    """``$TDABENCH_REVISION``, else ``git describe --always --dirty`` of the source tree, else ``"unknown"``."""
-    env = os.environ.get("TDABENCH_REVISION")
-    if env:
-        return env
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--tags"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    rev = out.stdout.strip()
-    return rev if out.returncode == 0 and rev else "unknown"
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _host() -> str:
-    return socket.gethostname().replace(".", "_") or "host"
-
-
-def _tmp_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}.{_host()}.{os.getpid()}.tmp")
-
-
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, final)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(final)
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        _fsync_replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def clean_stale_temporaries(directory: Path) -> list[Path]:
-    """Remove this host's temporary files whose writing process no longer exists."""
-    removed = []
-    if not directory.is_dir():
-        return removed
-    host = _host()
-    for p in directory.glob(".*.tmp"):
-        parts = p.name.rsplit(".", 3)  # [".<name>", host, pid, "tmp"]
-        if len(parts) != 4 or parts[1] != host or not parts[2].isdigit():
-            continue
-        pid = int(parts[2])
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            p.unlink(missing_ok=True)
-            removed.append(p)
-        except PermissionError:
-            pass
-    return removed
-
-
-# ----------------------------------------------------------------------------- checksums
-
-
-def _hash_array(h: Any, arr: pa.Array) -> None:
-    if arr.null_count:
-        raise StoreError("ground-truth tables must not contain nulls; the file was not written by tdabench")
-    t = arr.type
-    if pa.types.is_fixed_size_list(t):
-        h.update(f"fsl{t.list_size}".encode())
-        _hash_array(h, arr.flatten())
-    elif pa.types.is_list(t) or pa.types.is_large_list(t):
-        h.update(np.asarray(pc.list_value_length(arr).to_numpy(zero_copy_only=False), dtype=np.int64).tobytes())
-        _hash_array(h, arr.flatten())
-    elif pa.types.is_string(t) or pa.types.is_large_string(t):
-        vals = arr.to_pylist()
-        h.update(np.asarray([len(v.encode()) for v in vals], dtype=np.int64).tobytes())
-        h.update("".join(vals).encode())
-    elif pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
-        h.update(np.ascontiguousarray(arr.to_numpy(zero_copy_only=False)).tobytes())
-    else:
-        raise StoreError(f"unexpected column type {t} in a ground-truth table")
-
-
-def _type_desc(t: pa.DataType) -> str:
-    """Type name without list field names (Parquet renames ``item`` to ``element``)."""
-    if pa.types.is_fixed_size_list(t):
-        return f"fixed_size_list<{_type_desc(t.value_type)}>[{t.list_size}]"
-    if pa.types.is_list(t) or pa.types.is_large_list(t):
-        return f"list<{_type_desc(t.value_type)}>"
-    return str(t)
-
-
-def table_digest(table: pa.Table) -> str:
-    """sha256 of a table's column names, types and values (independent of the Parquet encoding,
-    compression and chunking; metadata is not included)."""
-    h = hashlib.sha256()
-    h.update(f"rows={table.num_rows};".encode())
-    for name in table.column_names:
-        col = table.column(name)
-        arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-        h.update(f"col={name}:{_type_desc(arr.type)};".encode())
-        _hash_array(h, arr)
-    return h.hexdigest()
-
-
-def tensors_digest(tensors: Mapping[str, Tensor]) -> str:
-    """sha256 of the names, dtypes, shapes and bytes of a state dict (sorted by name)."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------- parquet
+# The store's file primitives are those of tdabench._io (one home for atomic writes, checksums
+# and provenance); the names below are kept for the modules and notebooks that import them here.
+atomic_write_bytes = _io.atomic_write_bytes
+clean_stale_temporaries = _io.clean_stale_temporaries
+code_revision = _io.code_revision
+table_digest = _io.table_digest
+tensors_digest = _io.tensors_digest
+table_metadata = _io.parquet_metadata
 
 
 def write_table(path: str | os.PathLike, table: pa.Table, metadata: Mapping[str, str]) -> str:
-    """Write ``table`` atomically with provenance metadata; returns the data checksum.
-
-    ``metadata`` must contain ``key`` and ``config``; ``version``, ``revision``,
-    ``created``, ``rows`` and ``sha256`` are added.
-    """
-    digest = table_digest(table)
-    meta = {
-        "version": _version(),
-        "revision": code_revision(),
-        "created": _now(),
-        **{k: str(v) for k, v in metadata.items()},
-        "rows": str(table.num_rows),
-        "sha256": digest,
-    }
-    table = table.replace_schema_metadata({f"{META_PREFIX}{k}": v for k, v in meta.items()})
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(final)
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        _fsync_replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return digest
+    """Write ``table`` atomically, stamped with ``metadata`` (``key``, ``config``, ...), ``rows``
+    and ``sha256``; returns the data checksum (see :func:`tdabench._io.write_parquet`)."""
+    return _io.write_parquet(path, table, metadata)
 
 
-def table_metadata(table_or_schema: pa.Table | pa.Schema) -> dict[str, str]:
-    """The ``tdabench.*`` key-value metadata of a table or schema, without the prefix."""
-    schema = table_or_schema.schema if isinstance(table_or_schema, pa.Table) else table_or_schema
-    raw = schema.metadata or {}
-    out = {}
-    for k, v in raw.items():
-        ks = k.decode("utf-8", "replace")
-        if ks.startswith(META_PREFIX):
-            out[ks[len(META_PREFIX) :]] = v.decode("utf-8", "replace")
-    return out
-
-
-def read_table_checked(path: str | os.PathLike, key: str | None = None) -> tuple[pa.Table, dict[str, str]]:
-    """Read a Parquet file written by :func:`write_table` and verify it.
-
-    Checks that it parses, carries tdabench metadata, has the recorded row count and data
-    checksum and (when ``key`` is given) the expected ground-truth key.
+def read_table_checked(
+    path: str | os.PathLike, key: str | None = None
+) -> tuple[pa.Table, dict[str, str]]:
+    """Read and verify a Parquet file written by :func:`write_table` (row count, checksum and,
+    when given, the ground-truth ``key``).
 
     Raises:
-        StoreError: naming the file and what is wrong. (KeyMismatchError for a wrong key.)
+        StoreError: naming the file and what is wrong (IntegrityError, KeyMismatchError).
     """
-    p = Path(path)
-    try:
-        table = pq.read_table(p)
-    except Exception as exc:
-        raise StoreError(f"cannot read {str(p)!r} ({type(exc).__name__}: {exc}); it is truncated or corrupted: delete it and recompute") from exc
-    meta = table_metadata(table)
-    for field in ("key", "rows", "sha256"):
-        if field not in meta:
-            raise StoreError(f"{str(p)!r} has no tdabench.{field} metadata; it was not written by tdabench (or was altered): delete it and recompute")
-    if key is not None and meta["key"] != key:
-        raise KeyMismatchError(
-            f"{str(p)!r} holds ground truth with key {meta['key'][:12]}..., expected {key[:12]}...; "
-            "files of different configurations are never mixed: move it out of this store"
+    table, meta = _io.read_parquet(path, key=key, fix="delete it and recompute")
+    if "key" not in meta:
+        raise StoreError(
+            f"{str(path)!r} has no tdabench.key metadata; it is not a ground-truth file: "
+            "delete it and recompute"
         )
-    if str(table.num_rows) != meta["rows"]:
-        raise StoreError(f"{str(p)!r} has {table.num_rows} rows but its metadata records {meta['rows']}; delete it and recompute")
-    digest = table_digest(table)
-    if digest != meta["sha256"]:
-        raise StoreError(f"{str(p)!r} fails its checksum (data altered or corrupted); delete it and recompute")
-    return table.replace_schema_metadata(None), meta
-
-
-# ----------------------------------------------------------------------------- safetensors
+    return table, meta
 
 
 def _safetensors_header(path: Path, error_cls: type[Exception]) -> tuple[dict[str, Any], int]:
-    """Parse and sanity-check a safetensors header without loading tensors.
-
-    Returns ``(header, file_size)``. Raises :class:`UnsafeFileError` for files that are
-    not safetensors (pickles, ``torch.save`` zips) and ``error_cls`` for truncated ones.
-    """
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-            first = fh.read(1) if 0 < n <= size - 8 else b""
-            blob = first + fh.read(n - 1) if first == b"{" else b""
-    except OSError as exc:
-        raise error_cls(f"cannot read {str(path)!r}: {exc}") from exc
-    if first != b"{":
-        kind = "a pickle" if head[:1] == b"\x80" else "a torch.save zip archive" if head[:2] == b"PK" else "not a safetensors file"
-        raise UnsafeFileError(
-            f"{str(path)!r} is {kind}; tdabench only loads safetensors and never unpickles files, "
-            "so it is refused. Delete it and recompute the checkpoint (or convert trusted weights with safetensors.torch.save_file)"
-        )
-    try:
-        header = json.loads(blob.decode("utf-8"))
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except Exception as exc:
-        raise error_cls(f"{str(path)!r} has a corrupted safetensors header ({exc}); delete it and recompute") from exc
-    if size != 8 + n + end:
-        raise error_cls(f"{str(path)!r} is truncated or padded ({size} bytes, header says {8 + n + end}); delete it and recompute")
-    return header, size
+    return _io.safetensors_header(path, error_cls)
 
 
 def read_safetensors_checked(
-    path: str | os.PathLike, key: str | None = None, error_cls: type[Exception] = StoreError, verify: bool = True
+    path: str | os.PathLike,
+    key: str | None = None,
+    error_cls: type[Exception] = StoreError,
+    verify: bool = True,
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Load a safetensors file after checking it is one (never unpickles).
-
-    Args:
-        path: file to read.
-        key: expected ``key`` metadata, if any.
-        error_cls: error type for corrupted/truncated files.
-        verify: recompute ``tensors_sha256`` (when present) and compare.
-
-    Returns:
-        ``(tensors, metadata)``.
-    """
-    from safetensors.torch import load_file
-
-    p = Path(path)
-    header, _ = _safetensors_header(p, error_cls)
-    meta = dict(header.get("__metadata__") or {})
-    if key is not None and meta.get("key") != key:
-        raise KeyMismatchError(
-            f"{str(p)!r} holds weights for key {str(meta.get('key'))[:12]}..., expected {key[:12]}...; move it out of this store"
-        )
-    try:
-        tensors = load_file(str(p))
-    except Exception as exc:
-        raise error_cls(f"cannot read {str(p)!r} ({exc}); delete it and recompute") from exc
-    if verify and "tensors_sha256" in meta and tensors_digest(tensors) != meta["tensors_sha256"]:
-        raise error_cls(f"{str(p)!r} fails its checksum (weights altered or corrupted); delete it and recompute")
-    return tensors, meta
+    """Load a safetensors file after checking it is one (never unpickles); see
+    :func:`tdabench._io.read_safetensors`. Returns ``(tensors, metadata)``."""
+    return _io.read_safetensors(path, key=key, error_cls=error_cls, verify=verify)
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> str:
+def write_safetensors(
+    path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]
+) -> str:
     """Save ``tensors`` atomically with metadata plus ``tensors_sha256``; returns that digest."""
-    from safetensors.torch import save_file
-
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}  # clone: unshare tied weights
-    digest = tensors_digest(tensors)
-    meta = {**{k: str(v) for k, v in metadata.items()}, "tensors_sha256": digest, "created": _now(), "version": _version()}
-    tmp = _tmp_name(final)
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        _fsync_replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return digest
+    return _io.write_safetensors(path, tensors, metadata)
 
 
 # ----------------------------------------------------------------------------- the store
@@ -424,7 +172,7 @@ class GroundTruthStore:
             if config is None:
                 raise ConfigError("creating a store needs its config (ground_truth_config(...)) as well as its key")
             self.key, self.config = key, dict(config)
-            doc = {"format": STORE_FORMAT, "key": key, "config": self.config, "created": _now(), "tdabench_version": _version()}
+            doc = {"format": STORE_FORMAT, "key": key, "config": self.config, "tdabench_version": _io._version()}
             atomic_write_bytes(manifest, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
 
     @staticmethod
@@ -518,8 +266,8 @@ class GroundTruthStore:
         Args:
             shard_id: the shard.
             rows: ``(entry, run)`` pairs that must be present (``None``: no check).
-            checkpoint: also require a valid checkpoint (header, size and digest link are
-                checked; the weights are only re-hashed by :meth:`load_checkpoint`).
+            checkpoint: also require a valid checkpoint: header, size, the digest link to the
+                table, and the weights re-hashed, so a damaged checkpoint is recomputed on resume.
         """
         p = self.shard_path(shard_id)
         if not p.exists():
@@ -538,11 +286,10 @@ class GroundTruthStore:
             if not c.exists():
                 return "checkpoint absent"
             try:
-                header, _ = _safetensors_header(c, StoreError)
+                _, cmeta = read_safetensors_checked(c, self.key, StoreError)
             except (StoreError, UnsafeFileError) as exc:
                 return f"checkpoint invalid: {exc}"
-            cmeta = header.get("__metadata__") or {}
-            if cmeta.get("key") != self.key or cmeta.get("tensors_sha256") != meta.get("checkpoint_sha256"):
+            if cmeta.get("tensors_sha256") != meta.get("checkpoint_sha256"):
                 return "checkpoint does not belong to this shard table"
         return None
 

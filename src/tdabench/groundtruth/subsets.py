@@ -29,6 +29,7 @@ import math
 import numpy as np
 import torch
 
+from tdabench._io import mix_seed
 from tdabench.errors import ConfigError
 
 __all__ = [
@@ -42,9 +43,6 @@ __all__ = [
     "subset_size",
 ]
 
-_SEED_MASK = (1 << 63) - 1
-
-
 def derive_seed(key: str, *parts: object) -> int:
     """A seed in ``[0, 2**63)`` that is a pure function of ``key`` and ``parts``.
 
@@ -54,9 +52,7 @@ def derive_seed(key: str, *parts: object) -> int:
     """
     if not isinstance(key, str):
         raise ConfigError(f"key must be a string, got {type(key).__name__}")
-    text = "\x1f".join(["tdabench", key, *(str(p) for p in parts)])
-    digest = hashlib.sha256(text.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") & _SEED_MASK
+    return mix_seed(key, *parts, scheme="text")
 
 
 def sampling_key(kind: str, seed: int, n_train: int, subset_ratio: float | None = None) -> str:

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -75,6 +74,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
+from tdabench._io import mix_seed
 from tdabench.errors import ConfigError, DataError, NonFiniteError, ShapeError
 from tdabench.groundtruth._fast_mlp import FastStack, fast_plan
 from tdabench.groundtruth._vmap_linear import patch_linear_layers
@@ -139,9 +139,8 @@ def _leading(stacked: Mapping[str, Tensor]) -> int:
 
 
 def _mix(*parts: Any) -> int:
-    """A 63-bit seed from a tuple of JSON-able parts (platform independent)."""
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    """A 63-bit seed from a tuple of JSON-able parts (:func:`tdabench._io.mix_seed`, ``json``)."""
+    return mix_seed(*parts, scheme="json")
 
 
 def _take(t: Tensor, index: Tensor) -> Tensor:

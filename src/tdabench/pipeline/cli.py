@@ -13,6 +13,7 @@ the rules call it) or derives them from the configuration (``--config`` + ``--be
     tdabench evaluate    --benchmark mnist_lr --method if_cg
     tdabench report
     tdabench install-profile --account LAB --partition gpu    # ~/.config/snakemake/slurm/
+    tdabench verify results/mnist_lr/models [--expect-key benchmark=mnist_lr]  # checksums
 
 ``python -m tdabench.pipeline`` is the same program. ``--log FILE`` writes the stage's log there
 (and to stderr). ``TDABENCH_STAGES`` selects the module with the stage bodies (default
@@ -304,6 +305,23 @@ def cmd_install_profile(ctx: _Ctx) -> int:
     return 0
 
 
+def cmd_verify(ctx: _Ctx) -> int:
+    """Verify checksums (and ``--expect-key`` provenance) of outputs; exit 2 on any problem."""
+    from tdabench._io import verify_output
+    from tdabench.errors import ConfigError
+
+    expect: dict[str, str] = {}
+    for item in ctx.args.expect_key:
+        if "=" not in item:
+            raise ConfigError(f"--expect-key {item!r}: expected FIELD=VALUE (e.g. benchmark=mnist_lr)")
+        k, v = item.split("=", 1)
+        expect[k] = v
+    for path in ctx.args.paths:
+        checked = verify_output(path, expect or None)
+        print(f"{path}: OK ({len(checked)} file(s) verified)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``tdabench`` (one sub-command per stage)."""
     p = argparse.ArgumentParser(prog="tdabench", description="tdabench pipeline stages")
@@ -391,6 +409,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--array-parallelism", type=int, default=32)
     s.add_argument("--jobs", type=int, default=50, help="concurrent Snakemake jobs")
     s.add_argument("--force", action="store_true", help="overwrite an existing profile")
+    s = sub.add_parser(
+        "verify", help="verify stage outputs' checksums and provenance (non-zero exit on a problem)"
+    )
+    s.add_argument("paths", nargs="+", metavar="PATH", help="output files or directories")
+    s.add_argument(
+        "--expect-key",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="provenance field every file must carry (e.g. benchmark=mnist_lr); repeatable",
+    )
+    s.add_argument("--log", help="also write the log to this file")
+    s.add_argument("--verbose", action="store_true")
+    s.set_defaults(fn=cmd_verify)
     return p
 
 

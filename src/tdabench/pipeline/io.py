@@ -1,100 +1,104 @@
-"""Atomic file writing and the on-disk formats shared by the stages (Parquet + JSON, no pickle).
+"""The on-disk formats of the stage outputs (Parquet + JSON + safetensors, no pickle).
 
-Scores on disk (``scores.parquet``): one row per training sample, columns ``train_index`` (int64)
-and ``scores`` (fixed-size list of float32, one entry per test sample) -- the ``(n_train, n_test)``
-orientation of the in-memory tensor. Self-scores (``self.parquet``): ``train_index``, ``score``.
-Every Parquet file carries key-value metadata ``tdabench`` = JSON (spec, versions, timings).
+Scores on disk (``scores.parquet``): one row per training sample, columns ``train_index`` (int64,
+``0 .. n_train - 1`` in order) and ``scores`` (fixed-size list of float32, one entry per test
+sample) -- the ``(n_train, n_test)`` orientation of the in-memory tensor. Self-scores
+(``self.parquet``): ``train_index``, ``score``.
+
+Every file is written and verified by :mod:`tdabench._io`: atomically, stamped with the checksum
+of its data and its provenance key (``tdabench.provenance``); the caller's other metadata sits
+in ``tdabench.<field>`` (JSON values). Volatile facts (timings, dates) go to the sidecar
+``<file>.run.json``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
+
+from tdabench._io import (
+    atomic_path,
+    parquet_metadata,
+    read_json,
+    read_json_checked,
+    read_parquet,
+    read_sidecar,
+    write_json,
+    write_parquet,
+    write_sidecar,
+)
+from tdabench.errors import IntegrityError, ShapeError
 
 __all__ = [
     "atomic_path",
     "read_json",
+    "read_json_checked",
     "read_parquet_meta",
     "read_scores",
+    "read_self_scores",
+    "read_sidecar",
     "write_json",
     "write_scores",
     "write_self_scores",
+    "write_sidecar",
     "write_table",
 ]
 
-META_KEY = b"tdabench"
-
-
-class atomic_path:
-    """``with atomic_path(p) as tmp:`` write ``tmp``; on success it is renamed to ``p``.
-
-    The temporary file lives in the same directory (same file system, so ``os.replace`` is atomic);
-    on an exception it is removed and ``p`` is left untouched.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(
-            prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
-        )
-        os.close(fd)
-        self.tmp = Path(name)
-        return self.tmp
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
-
-
-def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as indented, key-sorted JSON, atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def read_json(path: str | os.PathLike[str]) -> Any:
-    return json.loads(Path(path).read_text())
+PathLike = str | os.PathLike[str]
 
 
 def write_table(
-    path: str | os.PathLike[str], table: Any, meta: Mapping[str, Any] | None = None
-) -> None:
-    """Write a ``pyarrow.Table`` to Parquet atomically, with ``meta`` as JSON key-value metadata."""
+    path: PathLike,
+    table: Any,
+    meta: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> str:
+    """Write a ``pyarrow.Table`` atomically, stamped (see :func:`tdabench._io.write_parquet`)."""
+    return write_parquet(path, table, meta, provenance)
+
+
+def _decode(meta: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in meta.items():
+        try:
+            out[k] = json.loads(v)
+        except ValueError:
+            out[k] = v
+    return out
+
+
+def read_parquet_meta(path: PathLike) -> dict[str, Any]:
+    """The tdabench metadata of a Parquet file (JSON values decoded), without verification."""
     import pyarrow.parquet as pq
 
-    if meta is not None:
-        existing = dict(table.schema.metadata or {})
-        existing[META_KEY] = json.dumps(meta, sort_keys=True, default=str).encode()
-        table = table.replace_schema_metadata(existing)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    meta = _decode(parquet_metadata(pq.read_schema(path)))
+    for k in ("version", "rows", "sha256", "provenance"):
+        meta.pop(k, None)
+    return meta
 
 
-def read_parquet_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    import pyarrow.parquet as pq
+def _as_numpy(scores: Any) -> Any:
+    import numpy as np
 
-    md = pq.read_schema(path).metadata or {}
-    return json.loads(md[META_KEY]) if META_KEY in md else {}
+    return np.asarray(
+        scores.detach().cpu() if hasattr(scores, "detach") else scores, dtype=np.float32
+    )
 
 
-def write_scores(path: str | os.PathLike[str], scores: Any, meta: Mapping[str, Any]) -> None:
-    """Write a ``(n_train, n_test)`` score matrix (tensor or array) as wide Parquet."""
+def write_scores(
+    path: PathLike,
+    scores: Any,
+    meta: Mapping[str, Any],
+    provenance: Mapping[str, Any] | None = None,
+) -> str:
+    """Write a ``(n_train, n_test)`` score matrix (tensor or array) as wide, stamped Parquet."""
     import numpy as np
     import pyarrow as pa
 
-    s = np.asarray(scores.detach().cpu() if hasattr(scores, "detach") else scores, dtype=np.float32)
+    s = _as_numpy(scores)
     if s.ndim != 2:
-        from tdabench.errors import ShapeError
-
         raise ShapeError(
             f"scores must be (n_train, n_test), got shape {s.shape}; pass the full matrix."
         )
@@ -105,32 +109,83 @@ def write_scores(path: str | os.PathLike[str], scores: Any, meta: Mapping[str, A
             "scores": pa.FixedSizeListArray.from_arrays(pa.array(s.ravel(), pa.float32()), n_test),
         }
     )
-    write_table(path, table, {**meta, "n_train": n_train, "n_test": n_test})
+    return write_table(path, table, {**meta, "n_train": n_train, "n_test": n_test}, provenance)
 
 
-def write_self_scores(path: str | os.PathLike[str], scores: Any, meta: Mapping[str, Any]) -> None:
+def write_self_scores(
+    path: PathLike,
+    scores: Any,
+    meta: Mapping[str, Any],
+    provenance: Mapping[str, Any] | None = None,
+) -> str:
     """Write ``(n_train,)`` self-influence scores (may be empty when AUC is not evaluated)."""
     import numpy as np
     import pyarrow as pa
 
-    s = np.asarray(scores.detach().cpu() if hasattr(scores, "detach") else scores, dtype=np.float32)
+    s = _as_numpy(scores)
     table = pa.table(
         {
             "train_index": pa.array(np.arange(len(s)), pa.int64()),
             "score": pa.array(s.ravel(), pa.float32()),
         }
     )
-    write_table(path, table, dict(meta))
+    return write_table(path, table, dict(meta), provenance)
 
 
-def read_scores(path: str | os.PathLike[str]) -> Any:
-    """Read ``scores.parquet`` back into a ``(n_train, n_test)`` float32 numpy array."""
+def _check_index(path: PathLike, table: Any) -> None:
     import numpy as np
-    import pyarrow.parquet as pq
 
-    t = pq.read_table(path)
-    col = t.column("scores").combine_chunks()
+    idx = table.column("train_index").to_numpy()
+    if not np.array_equal(idx, np.arange(len(idx))):
+        raise IntegrityError(
+            f"{str(path)!r}: train_index is not 0..{len(idx) - 1} in order (rows were reordered "
+            "or dropped); delete it and rerun the attribute stage"
+        )
+
+
+def read_scores(
+    path: PathLike, expect: Mapping[str, Any] | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """Read and verify ``scores.parquet``.
+
+    Returns:
+        ``(scores, meta)``: a ``(n_train, n_test)`` float32 numpy array and the decoded
+        metadata (``provenance`` included).
+
+    Raises:
+        IntegrityError: truncated, altered, reordered rows, or a shape unlike its stamp.
+        ProvenanceError: made for another benchmark, data or attributor.
+    """
+    import numpy as np
+
+    fix = "delete it and rerun the attribute stage"
+    table, raw = read_parquet(path, expect, fix=fix)
+    meta = _decode(raw)
+    if "scores" not in table.column_names or "train_index" not in table.column_names:
+        raise IntegrityError(f"{str(path)!r} has no train_index/scores columns; {fix}")
+    _check_index(path, table)
+    col = table.column("scores").combine_chunks()
     n_test = col.type.list_size
-    return np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(
-        -1, n_test
-    )
+    s = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+    s = s.reshape(-1, n_test)
+    if (s.shape[0], s.shape[1]) != (meta.get("n_train"), meta.get("n_test")):
+        raise IntegrityError(
+            f"{str(path)!r} holds a {s.shape} matrix but its stamp records "
+            f"({meta.get('n_train')}, {meta.get('n_test')}); {fix}"
+        )
+    return s, meta
+
+
+def read_self_scores(
+    path: PathLike, expect: Mapping[str, Any] | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """Read and verify ``self.parquet``; returns ``((n_train,) float32 array, meta)``."""
+    import numpy as np
+
+    fix = "delete it and rerun the attribute stage"
+    table, raw = read_parquet(path, expect, fix=fix)
+    if "score" not in table.column_names or "train_index" not in table.column_names:
+        raise IntegrityError(f"{str(path)!r} has no train_index/score columns; {fix}")
+    _check_index(path, table)
+    s = np.asarray(table.column("score").to_numpy(), dtype=np.float32)
+    return s, _decode(raw)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from tdabench._io import atomic_write_bytes
 from tdabench.errors import ConfigError
 
 __all__ = ["install_profile", "render_slurm_profile"]
@@ -84,7 +85,5 @@ def install_profile(
         )
     target.mkdir(parents=True, exist_ok=True)
     text = render_slurm_profile(account, partition, **settings)  # type: ignore[arg-type]
-    tmp = path.with_name(".config.yaml.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode())
     return target

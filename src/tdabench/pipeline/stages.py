@@ -552,7 +552,7 @@ def evaluate(
     from tdabench.metric import lds, loo_corr, mislabel_detection_auc
 
     ev = spec["evaluate"]
-    s = torch.as_tensor(read_scores(scores))
+    s = torch.as_tensor(read_scores(scores)[0])
     meta = read_parquet_meta(scores)
     result: dict[str, Any] = {
         "benchmark": benchmark,

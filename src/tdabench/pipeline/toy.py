@@ -301,7 +301,7 @@ def evaluate(
     import pyarrow.parquet as pq
 
     _trace("evaluate", benchmark, spec["method"])
-    s = read_scores(scores)
+    s = read_scores(scores)[0]
     ev = spec["evaluate"]
     result: dict[str, Any] = {
         "benchmark": benchmark,

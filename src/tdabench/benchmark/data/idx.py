@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tdabench._io import atomic_write_bytes
 from tdabench.errors import DataError
 
 __all__ = ["read_idx", "write_idx"]
@@ -89,8 +90,5 @@ def write_idx(path: str | os.PathLike, array: np.ndarray, compress: bool | None 
     payload = head + np.ascontiguousarray(be).tobytes()
     if compress if compress is not None else p.suffix == ".gz":
         payload = gzip.compress(payload, mtime=0)
-    tmp = p.with_name(p.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(payload)
-    os.replace(tmp, p)
+    atomic_write_bytes(p, payload)
     return p

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tdabench._io import atomic_path
 from tdabench.errors import DataError
 
 __all__ = [
@@ -263,7 +264,6 @@ def write_midi(
     mid = mido.MidiFile(type=0, ticks_per_beat=ticks_per_beat)
     mid.tracks.append(track)
     p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    mid.save(str(tmp))
-    os.replace(tmp, p)
+    with atomic_path(p) as tmp:
+        mid.save(str(tmp))
     return p
