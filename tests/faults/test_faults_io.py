@@ -31,7 +31,9 @@ def _flip(path, offset_from_end=20):
 
 
 def _table():
-    return pa.table({"a": pa.array(np.arange(50), pa.int64()), "b": pa.array(np.linspace(0, 1, 50))})
+    return pa.table(
+        {"a": pa.array(np.arange(50), pa.int64()), "b": pa.array(np.linspace(0, 1, 50))}
+    )
 
 
 def test_parquet_round_trip_is_byte_reproducible_and_stamped(tmp_path):

@@ -30,7 +30,6 @@ from tdabench.groundtruth import (
     merge,
     missing_shards,
     model_seed,
-    noise_ceiling,
     open_store,
     run_shard,
     run_shards,
@@ -38,7 +37,7 @@ from tdabench.groundtruth import (
     subset_mask,
     verify,
 )
-from tdabench.metric import lds
+from tdabench.metric import lds, stored_noise_ceiling
 
 
 class CountingTrainer(ToySoftmaxTrainer):
@@ -336,7 +335,7 @@ def test_verify_and_noise_ceiling(tmp_path, data):
     assert verify(store, drift, k=2, seed=0, atol=1e-2).ok
     with pytest.raises(KeyMismatchError):
         verify(store, _trainer(data, lr=0.3), k=1)
-    nc = noise_ceiling(tmp_path, "margin")
+    nc = stored_noise_ceiling(tmp_path, "margin")
     assert nc.num_runs == 2 and nc.ceiling.shape == (6,)
     v, _, _ = load_runs(tmp_path, "margin")
     from scipy import stats

@@ -8,6 +8,14 @@ import subprocess
 import pytest
 from pipeline_helpers import BIN, REPO
 
+# The toy stages (toy_stages.py, a test double) live here: subprocesses and launcher workers
+# (local or SLURM) import them by name, so this directory goes on their PYTHONPATH.
+_HERE = str(REPO / "tests" / "pipeline")
+if _HERE not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (_HERE, os.environ.get("PYTHONPATH")) if p
+    )
+
 
 def _cluster_up() -> bool:
     try:
@@ -35,7 +43,7 @@ def pytest_collection_modifyitems(config, items):
 def toy_env(monkeypatch, tmp_path):
     """Environment for subprocesses: toy stages, this checkout's code, a call trace file."""
     trace = tmp_path / "trace.txt"
-    monkeypatch.setenv("TDABENCH_STAGES", "tdabench.pipeline.toy")
+    monkeypatch.setenv("TDABENCH_STAGES", "toy_stages")
     monkeypatch.setenv("TDABENCH_TOY_TRACE", str(trace))
     monkeypatch.setenv(
         "PYTHONPATH", os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])

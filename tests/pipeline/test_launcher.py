@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from toy_stages import ToyShard, read_toy_shards
 
 from tdabench.errors import ConfigError
 from tdabench.pipeline.launcher import LaunchError, LauncherSettings, launch_shards
-from tdabench.pipeline.toy import ToyShard, read_toy_shards
 
 
 def _settings(tmp_path, kind="debug", **kw):

@@ -13,9 +13,9 @@ import time
 
 import pytest
 from pipeline_helpers import BIN, jobs_scheduled, make_workspace, run, trace_lines
+from toy_stages import ToyShard, read_toy_shards
 
 from tdabench.pipeline.launcher import launch_shards
-from tdabench.pipeline.toy import ToyShard, read_toy_shards
 
 pytestmark = pytest.mark.slurm
 
@@ -140,7 +140,7 @@ def test_groundtruth_stage_scancel_matches_undisturbed(tmp_path, real_env, monke
     assert proc.returncode == 0, out
     assert "cancelled_at" in info
     (complete,) = ws.glob("results/mnist_lr/groundtruth/lds/*/complete-9.json")
-    summary = json.loads(complete.read_text())
+    summary = json.loads(complete.with_name(complete.name + ".run.json").read_text())  # run facts
     assert summary["ran"] == [0, 1, 2] and summary["attempts"]["1"] == 2, summary
     # merge, then compare with an undisturbed in-process run of the same stage
     run([py, "-m", "tdabench.pipeline", "merge", "--benchmark", "mnist_lr", "--kind", "lds"], ws)

@@ -16,9 +16,17 @@ from pipeline_helpers import (
 pytestmark = pytest.mark.slow
 
 
+def _summary(path):
+    """complete-<n>.json and its sidecar (the run's facts: shards ran/skipped, attempts)."""
+    return {
+        **json.loads(path.read_text()),
+        **json.loads(path.with_name(path.name + ".run.json").read_text()),
+    }
+
+
 def _complete(ws, kind):
-    (path,) = ws.glob(f"results/mnist_lr/groundtruth/{kind}/*/complete-*.json")
-    return path, json.loads(path.read_text())
+    (path,) = ws.glob(f"results/mnist_lr/groundtruth/{kind}/*/complete-*[0-9].json")
+    return path, _summary(path)
 
 
 def test_incremental_workflow(tmp_path, toy_env):
@@ -62,7 +70,7 @@ def test_incremental_workflow(tmp_path, toy_env):
         r.startswith(("train", "attribute", "prepare")) for r in ran
     )
     path9 = lds_path.parent / "complete-9.json"
-    more = json.loads(path9.read_text())
+    more = _summary(path9)
     assert more["skipped"] == [0, 1] and more["ran"] == [2]
     assert more["key"] == lds["key"]
 
@@ -74,8 +82,8 @@ def test_incremental_workflow(tmp_path, toy_env):
     new = [
         p for p in (ws / "results/mnist_lr/groundtruth/lds").glob("*/complete-9.json") if p != path9
     ]
-    assert json.loads(new[0].read_text())["ran"] == [0, 1, 2]
-    assert json.loads(path9.read_text())["ran"] == [2]  # the old store is untouched
+    assert _summary(new[0])["ran"] == [0, 1, 2]
+    assert _summary(path9)["ran"] == [2]  # the old store is untouched
 
 
 def test_cli_check_config(tmp_path, toy_env):

@@ -8,7 +8,7 @@ Public names:
   :func:`removal_mask`, :func:`model_seed`, :func:`derive_seed`, :func:`subset_size`;
 * the store: :class:`GroundTruthStore`, :func:`open_store`;
 * the engine: :func:`run_shard`, :func:`run_shards`, :func:`missing_shards`, :func:`merge`,
-  :func:`load_ground_truth`, :func:`load_runs`, :func:`noise_ceiling`, :func:`verify`,
+  :func:`load_ground_truth`, :func:`load_runs`, :func:`verify`,
   :class:`VerifyReport`;
 * a toy trainer for tests and examples: :class:`ToySoftmaxTrainer`, :func:`make_toy_data`.
 
@@ -27,7 +27,6 @@ from tdabench.groundtruth.engine import (
     load_runs,
     merge,
     missing_shards,
-    noise_ceiling,
     open_store,
     run_shard,
     run_shards,
@@ -70,7 +69,6 @@ __all__ = [
     "merge",
     "missing_shards",
     "model_seed",
-    "noise_ceiling",
     "open_store",
     "removal_mask",
     "run_shard",

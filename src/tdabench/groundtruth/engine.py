@@ -67,7 +67,6 @@ __all__ = [
     "load_runs",
     "merge",
     "missing_shards",
-    "noise_ceiling",
     "open_store",
     "run_shard",
     "run_shards",
@@ -395,14 +394,6 @@ def load_ground_truth(path: str | os.PathLike | GroundTruthStore, target: str) -
     """
     values, _, subsets = load_runs(path, target)
     return values.mean(dim=1), subsets
-
-
-def noise_ceiling(path: str | os.PathLike | GroundTruthStore, target: str) -> Any:
-    """:func:`tdabench.metric.noise_ceiling` of a stored ground truth with ``num_runs >= 2``."""
-    from tdabench.metric.metrics import noise_ceiling as _nc
-
-    values, _, _ = load_runs(path, target)
-    return _nc(values)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from tdabench.metric.metrics import (
     spearman_columns,
     summarize,
 )
+from tdabench.metric.noise import stored_noise_ceiling
 
 __all__ = [
     "NoiseCeiling",
@@ -31,5 +32,6 @@ __all__ = [
     "noise_ceiling",
     "pearson_columns",
     "spearman_columns",
+    "stored_noise_ceiling",
     "summarize",
 ]

@@ -17,7 +17,7 @@ the rules call it) or derives them from the configuration (``--config`` + ``--be
 
 ``python -m tdabench.pipeline`` is the same program. ``--log FILE`` writes the stage's log there
 (and to stderr). ``TDABENCH_STAGES`` selects the module with the stage bodies (default
-``tdabench.pipeline.stages``; ``tdabench.pipeline.toy`` for the pipeline's own tests).
+``tdabench.pipeline.stages``; ``toy_stages`` of ``tests/pipeline`` for the pipeline's own tests).
 ``TDABENCH_LAUNCHER`` (JSON) replaces the config's ``launcher`` block and ``--launcher-set``
 overrides single settings: the Snakefile passes the launcher this way (from the config and the
 profile's resources), never as params, so where shards run never changes what a rule computes.
@@ -26,6 +26,7 @@ profile's resources), never as params, so where shards run never changes what a 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import logging
@@ -129,12 +130,23 @@ class _Ctx:
             raise ConfigError(f"--{name.replace('_', '-')} is required when --spec is not given")
         return value
 
+    def path(self, name: str, default: Any) -> Any:
+        """``--<name>``, else ``default()`` from the config; with ``--spec`` it is required."""
+        from tdabench.errors import ConfigError
+
+        value = getattr(self.args, name, None)
+        if value is not None:
+            return value
+        if self.args.spec:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} is required with --spec (the spec carries no "
+                "paths); pass it, or drop --spec to take the paths from --config"
+            )
+        return default()
+
     def spec(self, stage: str, **sel: Any) -> dict[str, Any]:
         if self.args.spec:
-            text = self.args.spec
-            if text.startswith("@"):
-                text = Path(text[1:]).read_text()
-            return json.loads(text)
+            return _parse_spec(self.args.spec, stage)
         from tdabench.pipeline.config import stage_spec
 
         return stage_spec(self.cfg, stage, self.args.benchmark, **sel)
@@ -150,6 +162,47 @@ class _Ctx:
         env = os.environ.get("TDABENCH_LAUNCHER")
         base = json.loads(env) if env else self.cfg["launcher"]
         return deep_merge(base, _launcher_sets(self.args.launcher_set))
+
+    def device(self) -> str:
+        """``--device``, checked before any work (ConfigError for an unknown device)."""
+        from tdabench.pipeline.stages._common import device
+
+        device(self.args.device)
+        return self.args.device
+
+
+#: Top-level keys every stage spec has (``tdabench <stage> --spec``), and its ``stage`` value.
+_SPEC_KEYS = {
+    "prepare": ("prepare", ("setting", "overrides", "data", "data_root", "auc")),
+    "train": ("train", ("prepare", "recipe", "train")),
+    "groundtruth": ("groundtruth", ("kind", "setting", "overrides", "data", "recipe", "spec")),
+    "merge": ("groundtruth", ("kind", "setting", "overrides", "data", "recipe", "spec")),
+    "attribute": ("attribute", ("train", "method", "attributor", "num_test")),
+    "evaluate": ("evaluate", ("method", "metrics", "targets", "evaluate")),
+    "report": ("report", ("benchmarks", "report")),
+}
+
+
+def _parse_spec(text: str, stage: str) -> dict[str, Any]:
+    """``--spec JSON`` (or ``@file``), checked to be a complete spec of ``stage``."""
+    from tdabench.errors import ConfigError
+
+    fix = f"pass the spec the workflow generates (config.stage_spec(cfg, {stage!r}, ...))"
+    try:
+        raw = Path(text[1:]).read_text() if text.startswith("@") else text
+        spec = json.loads(raw)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--spec is not readable JSON ({exc}); {fix}") from exc
+    want_stage, keys = _SPEC_KEYS[stage]
+    if not isinstance(spec, dict):
+        raise ConfigError(f"--spec must be a JSON object, got {type(spec).__name__}; {fix}")
+    missing = [k for k in keys if k not in spec]
+    if missing or spec.get("stage") != want_stage:
+        raise ConfigError(
+            f"--spec is not a complete {stage} spec (stage {spec.get('stage')!r}, missing keys "
+            f"{missing}); {fix}"
+        )
+    return spec
 
 
 def _or(value: Any, default: Any) -> Any:
@@ -177,31 +230,53 @@ def cmd_check_config(ctx: _Ctx) -> int:
 
 
 def cmd_prepare(ctx: _Ctx) -> int:
-    out = _or(ctx.args.out_dir, lambda: ctx.paths()["data"])
-    _stages().prepare(ctx.spec("prepare"), out)
+    spec = ctx.spec("prepare")
+    out = ctx.path("out_dir", lambda: ctx.paths()["data"])
+    _stages().prepare(spec, out, benchmark=ctx.args.benchmark)
     return 0
 
 
 def cmd_train(ctx: _Ctx) -> int:
     a = ctx.args
+    spec = ctx.spec("train")
     _stages().train(
-        ctx.spec("train"),
-        _or(a.data, lambda: ctx.paths()["data"]),
-        _or(a.out_dir, lambda: ctx.paths()["models"]),
-        device=a.device,
+        spec,
+        ctx.path("data", lambda: ctx.paths()["data"]),
+        ctx.path("out_dir", lambda: ctx.paths()["models"]),
+        device=ctx.device(),
+        benchmark=a.benchmark,
     )
     return 0
+
+
+def _gt_paths(ctx: _Ctx, kind: str | None) -> dict[str, Any]:
+    from tdabench.errors import ConfigError
+
+    gts = ctx.paths()["groundtruth"]
+    if kind not in gts:
+        raise ConfigError(
+            f"benchmark {ctx.args.benchmark!r} has no {kind} ground truth (its metrics need "
+            f"{sorted(gts) or 'none'}); pick one of those kinds"
+        )
+    return gts[kind]
 
 
 def cmd_groundtruth(ctx: _Ctx) -> int:
     a = ctx.args
     kind = ctx.need("kind") if not a.spec else None
     spec = ctx.spec("groundtruth", kind=kind)
-    gt = None if a.spec else ctx.paths()["groundtruth"][kind]
-    count = _or(a.count, lambda: gt["count"])
-    store = _or(a.store, lambda: gt["dir"])
-    out = _or(a.out, lambda: gt["complete"])
-    _stages().groundtruth(spec, int(count), store, out, launcher=ctx.launcher(), device=a.device)
+    count = ctx.path("count", lambda: _gt_paths(ctx, kind)["count"])
+    store = ctx.path("store", lambda: _gt_paths(ctx, kind)["dir"])
+    out = ctx.path("out", lambda: _gt_paths(ctx, kind)["complete"])
+    _stages().groundtruth(
+        spec,
+        int(count),
+        store,
+        out,
+        launcher=ctx.launcher(),
+        device=ctx.device(),
+        benchmark=a.benchmark,
+    )
     return 0
 
 
@@ -209,8 +284,9 @@ def cmd_merge(ctx: _Ctx) -> int:
     a = ctx.args
     kind = ctx.need("kind") if not a.spec else None
     spec = ctx.spec("merge", kind=kind)
-    gt = None if a.spec else ctx.paths()["groundtruth"][kind]
-    _stages().merge(spec, _or(a.complete, lambda: gt["complete"]), _or(a.out, lambda: gt["merged"]))
+    complete = ctx.path("complete", lambda: _gt_paths(ctx, kind)["complete"])
+    out = ctx.path("out", lambda: _gt_paths(ctx, kind)["merged"])
+    _stages().merge(spec, complete, out, benchmark=a.benchmark)
     return 0
 
 
@@ -218,20 +294,36 @@ def cmd_attribute(ctx: _Ctx) -> int:
     a = ctx.args
     method = ctx.need("method") if not a.spec else None
     spec = ctx.spec("attribute", method=method)
-    p = None if a.spec and a.out else ctx.paths()
-    metrics = (
-        a.metrics.split(",") if a.metrics else ctx.cfg["benchmark_configs"][a.benchmark]["metrics"]
-    )
+    metrics = a.metrics.split(",") if a.metrics else None
+    if metrics is None and not a.spec:
+        metrics = ctx.cfg["benchmark_configs"][a.benchmark]["metrics"]
     _stages().attribute(
         spec,
-        _or(a.data, lambda: p["data"]),
-        _or(a.models, lambda: p["models"]),
-        _or(a.out, lambda: p["scores"][method]),
-        _or(a.out_self, lambda: p["self_scores"][method]),
+        ctx.path("data", lambda: ctx.paths()["data"]),
+        ctx.path("models", lambda: ctx.paths()["models"]),
+        ctx.path("out", lambda: ctx.paths()["scores"][method]),
+        ctx.path("out_self", lambda: ctx.paths()["self_scores"][method]),
         metrics=metrics,
-        device=a.device,
+        device=ctx.device(),
+        benchmark=a.benchmark,
     )
     return 0
+
+
+def _gt_args(ctx: _Ctx) -> dict[str, str]:
+    from tdabench.errors import ConfigError
+
+    if not ctx.args.gt:
+        return ctx.path(
+            "gt", lambda: {k: v["merged"] for k, v in ctx.paths()["groundtruth"].items()}
+        )
+    out = {}
+    for item in ctx.args.gt:
+        kind, sep, path = item.partition("=")
+        if not sep or kind not in ("lds", "loo") or not path:
+            raise ConfigError(f"--gt {item!r}: expected lds=PATH or loo=PATH")
+        out[kind] = path
+    return out
 
 
 def cmd_evaluate(ctx: _Ctx) -> int:
@@ -239,36 +331,39 @@ def cmd_evaluate(ctx: _Ctx) -> int:
     method = ctx.need("method") if not a.spec else None
     spec = ctx.spec("evaluate", method=method)
     method = spec["method"]
-    p = None if a.spec and a.out else ctx.paths()
-    gt = (
-        dict(item.split("=", 1) for item in a.gt)
-        if a.gt
-        else {k: v["merged"] for k, v in p["groundtruth"].items()}
-    )
-    out = _or(a.out, lambda: p["metrics"][method])
-    curves = _or(a.curves_out, lambda: str(Path(p["root"]) / "plots" / f"{method}.json"))
+    p = ctx.paths
     _stages().evaluate(
         spec,
         ctx.need("benchmark"),
-        _or(a.scores, lambda: p["scores"][method]),
-        _or(a.self_scores, lambda: p["self_scores"][method]),
-        gt,
-        _or(a.noisy, lambda: p["noisy"]),
-        out,
-        curves,
+        ctx.path("scores", lambda: p()["scores"][method]),
+        ctx.path("self_scores", lambda: p()["self_scores"][method]),
+        _gt_args(ctx),
+        ctx.path("noisy", lambda: p()["noisy"]),
+        ctx.path("out", lambda: p()["metrics"][method]),
+        ctx.path("curves_out", lambda: str(Path(p()["root"]) / "plots" / f"{method}.json")),
     )
     return 0
+
+
+def _metric_args(items: list[str]) -> dict[str, dict[str, str]]:
+    """``["bench:method=path", ...]`` -> ``{bench: {method: path}}`` (ConfigError if garbled)."""
+    from tdabench.errors import ConfigError
+
+    metrics: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, sep, path = item.partition("=")
+        b, colon, m = key.partition(":")
+        if not (sep and colon and b and m and path):
+            raise ConfigError(f"--metrics {item!r}: expected BENCHMARK:METHOD=PATH")
+        metrics.setdefault(b, {})[m] = path
+    return metrics
 
 
 def cmd_report(ctx: _Ctx) -> int:
     a = ctx.args
     spec = ctx.spec("report")
     if a.metrics:
-        metrics: dict[str, dict[str, str]] = {}
-        for item in a.metrics:
-            key, path = item.split("=", 1)
-            b, m = key.split(":", 1)
-            metrics.setdefault(b, {})[m] = path
+        metrics = _metric_args(a.metrics)
     else:
         from tdabench.pipeline.config import paths
 
@@ -313,7 +408,9 @@ def cmd_verify(ctx: _Ctx) -> int:
     expect: dict[str, str] = {}
     for item in ctx.args.expect_key:
         if "=" not in item:
-            raise ConfigError(f"--expect-key {item!r}: expected FIELD=VALUE (e.g. benchmark=mnist_lr)")
+            raise ConfigError(
+                f"--expect-key {item!r}: expected FIELD=VALUE (e.g. benchmark=mnist_lr)"
+            )
         k, v = item.split("=", 1)
         expect[k] = v
     for path in ctx.args.paths:
@@ -437,6 +534,11 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.fn(_Ctx(args))
     except TdabenchError as exc:
         logger.error("%s: %s", type(exc).__name__, exc)
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        logger.error("DiskFullError: disk full at %r (%s); free space and rerun", exc.filename, exc)
         return 2
     logger.info("tdabench %s done in %.1f s", args.command, time.perf_counter() - t0)
     return rc

@@ -388,6 +388,7 @@ def stage_spec(
     return {
         "stage": "evaluate",
         "method": method,
+        "num_test": b["data"]["num_test"],
         "metrics": b["metrics"],
         "targets": {k: b["groundtruth"][k]["target"] for k in ("lds", "loo")},
         "evaluate": cfg["evaluate"],

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tdabench.errors import ConfigError, TdabenchError
+from tdabench.errors import ConfigError, DiskFullError, TdabenchError
 
 __all__ = [
     "KINDS",
@@ -167,6 +167,7 @@ class _DebugJob:
     job_id: str
     state: str
     log: Path
+    error: BaseException | None = None
 
     def done(self) -> bool:
         return True
@@ -178,15 +179,17 @@ def _run_debug(call: ShardCall, shard_ids: Sequence[int], folder: Path) -> list[
     jobs = []
     for shard_id in shard_ids:
         log = folder / f"debug-shard{shard_id}.log"
+        error = None
         try:
             call(shard_id)
             state = "COMPLETED"
             log.unlink(missing_ok=True)
-        except Exception:  # a failing shard is reported and retried like a failed array task
-            state = "FAILED"
-            log.write_text(traceback.format_exc())
+        except Exception as exc:  # a failing shard is reported and retried like a failed task
+            state, error = "FAILED", exc
+            with contextlib.suppress(OSError):  # the disk may be full
+                log.write_text(traceback.format_exc())
             logger.warning("shard %d failed in-process; traceback in %s", shard_id, log)
-        jobs.append(_DebugJob(job_id=f"debug-{shard_id}", state=state, log=log))
+        jobs.append(_DebugJob(job_id=f"debug-{shard_id}", state=state, log=log, error=error))
     return jobs
 
 
@@ -271,6 +274,21 @@ def _job_state(job: Any) -> str:
         return str(job.state)
     except Exception:
         return "UNKNOWN"
+
+
+def _fatal_error(job: Any) -> DiskFullError | None:
+    """A failure no retry can fix (a full disk), from an in-process or a submitit job."""
+    if isinstance(job, _DebugJob):
+        return job.error if isinstance(job.error, DiskFullError) else None
+    try:
+        exc = job.exception()
+    except Exception:  # no result file (killed, cancelled): retry as usual
+        return None
+    text = str(exc) if exc is not None else ""
+    marker = "DiskFullError: "
+    if marker not in text:
+        return None
+    return DiskFullError(text[text.rindex(marker) + len(marker) :].strip().splitlines()[0])
 
 
 def _job_done(job: Any) -> bool:
@@ -378,6 +396,9 @@ def launch_shards(
                     report.completed.append(shard_id)
                     progress.update(1)
                     continue
+                fatal = _fatal_error(job)
+                if fatal is not None:  # deterministic: retrying cannot succeed
+                    raise fatal
                 state = _job_state(job)
                 tries = report.attempts[shard_id]
                 logger.warning(

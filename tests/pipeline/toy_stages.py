@@ -1,8 +1,9 @@
-"""Stand-ins for the library-backed stages: the pipeline's machinery, tested without training.
+"""Test double of the library-backed stages: the pipeline's machinery, tested without training.
 
-``TDABENCH_STAGES=tdabench.pipeline.toy`` makes the ``tdabench`` CLI (and so the Snakefile and
-dvc.yaml) call these functions instead of :mod:`tdabench.pipeline.stages`. They have the same
-signatures, read and write the same files, and run in milliseconds with numpy only:
+``TDABENCH_STAGES=toy_stages`` (with ``tests/pipeline`` on ``PYTHONPATH``, as the pipeline tests'
+conftest sets it) makes the ``tdabench`` CLI (and so the Snakefile and dvc.yaml) call these
+functions instead of :mod:`tdabench.pipeline.stages`. They have the same signatures, read and
+write the same files, and run in milliseconds with numpy only:
 
 * ground truth uses the real launcher and :func:`tdabench.pipeline.stages.run_shards`, with
   :class:`ToyShard` as the shard task (deterministic values from ``(seed, shard)``, atomic write);
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tdabench.metric import bootstrap_ci
 from tdabench.pipeline import stages as _real
 from tdabench.pipeline.io import (
     read_json,
@@ -163,7 +165,7 @@ def read_toy_shards(
 # ---------------------------------------------------------------------------- stand-in stages
 
 
-def prepare(spec: Mapping[str, Any], out_dir: str) -> None:
+def prepare(spec: Mapping[str, Any], out_dir: str, benchmark: str | None = None) -> None:
     import numpy as np
     import pyarrow as pa
 
@@ -191,7 +193,13 @@ def prepare(spec: Mapping[str, Any], out_dir: str) -> None:
     write_json(Path(out_dir) / "meta.json", meta)
 
 
-def train(spec: Mapping[str, Any], data_dir: str, out_dir: str, device: str = "auto") -> None:
+def train(
+    spec: Mapping[str, Any],
+    data_dir: str,
+    out_dir: str,
+    device: str = "auto",
+    benchmark: str | None = None,
+) -> None:
     _trace("train", spec["prepare"]["setting"])
     read_json(Path(data_dir) / "meta.json")
     write_json(
@@ -217,6 +225,7 @@ def groundtruth(
     out: str,
     launcher: Mapping[str, Any] | None = None,
     device: str = "auto",
+    benchmark: str | None = None,
 ) -> None:
     _trace("groundtruth", spec["setting"], spec["kind"], count)
     shard = _toy_shard(spec, count, store_dir)
@@ -228,18 +237,19 @@ def groundtruth(
         store_dir,
         out,
         launcher,
-        key=f"toy-{_seed(spec):08x}",
         name=f"gt-{spec['kind']}",
+        provenance={"groundtruth_key": f"toy-{_seed(spec):08x}", "kind": spec["kind"]},
     )
 
 
-def merge(spec: Mapping[str, Any], complete: str, out: str) -> None:
+def merge(spec: Mapping[str, Any], complete: str, out: str, benchmark: str | None = None) -> None:
     import numpy as np
     import pyarrow as pa
 
     c = read_json(complete)
     _trace("merge", spec["setting"], spec["kind"], c["count"])
-    rows = read_toy_shards(Path(c["store"]) / "shards", c["count"])
+    store = Path(complete).parent / c["store"]
+    rows = read_toy_shards(store / "shards", c["count"])
     if sorted(rows) != list(range(c["count"])):
         from tdabench.errors import StoreError
 
@@ -267,6 +277,7 @@ def attribute(
     out_self: str,
     metrics: list[str] | None = None,
     device: str = "auto",
+    benchmark: str | None = None,
 ) -> None:
     import numpy as np
 
@@ -313,7 +324,8 @@ def evaluate(
             v = np.array(pq.read_table(groundtruth[kind]).column("values").to_pylist())
             k = min(len(v), len(s))  # toy: pair the first k rows of scores and ground truth
             corr = [np.corrcoef(s[:k, j], v[:k, j])[0, 1] for j in range(N_TEST)]
-            mean, lo, hi = _real.bootstrap_ci(corr, ev["bootstrap"], ev["confidence"], ev["seed"])
+            mean = float(np.nanmean(corr))
+            lo, hi = bootstrap_ci(corr, ev["bootstrap"], ev["confidence"], ev["seed"])
             result[kind] = {"value": mean, "ci_low": lo, "ci_high": hi, "n_test": N_TEST}
             if kind == "lds":
                 result[kind]["noise_ceiling"] = 0.9
