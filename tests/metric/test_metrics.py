@@ -8,7 +8,7 @@ import torch
 from scipy import stats
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from tdabench.errors import ConfigError, DataError, ShapeError
+from tdabench.errors import ConfigError, DataError, NonFiniteError, ShapeError
 from tdabench.metric import (
     bootstrap_ci,
     lds,
@@ -151,7 +151,7 @@ def test_auc_bad_input():
         mislabel_detection_auc(torch.ones(4), torch.tensor([4]))
     with pytest.raises(ShapeError):
         mislabel_detection_auc(torch.ones(4, 3), torch.tensor([1]))
-    with pytest.raises(DataError):
+    with pytest.raises(NonFiniteError):
         mislabel_detection_auc(torch.tensor([1.0, float("nan")]), torch.tensor([1]))
 
 

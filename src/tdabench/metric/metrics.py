@@ -21,6 +21,29 @@ p-values are two-sided and use the Student-t distribution with ``S - 2`` degrees
 freedom for the (rank) correlation coefficient, the same as ``scipy.stats.spearmanr`` and
 ``scipy.stats.pearsonr``. A test point whose prediction or target is constant over the
 subsets has an undefined correlation: its ``corr`` and ``pval`` are NaN.
+
+Index lists and 0/1 masks (the input convention of ``lds``, ``loo_corr`` and
+``mislabel_detection_auc``): the training-sample selections (LDS subsets, LOO removals,
+flipped labels) may be given as integer index lists or as 0/1 masks over the ``n_train``
+training samples, in any dtype (bool, integer, or float holding whole numbers):
+
+* a **bool** array is always a mask;
+* any other array whose last dimension is ``n_train`` and whose values are all 0 or 1
+  is a mask (dattri passes its flipped labels as such a float vector);
+* anything else is an index list: whole numbers in ``[0, n_train)``, distinct within
+  each row (a float such as 1.5 or a NaN raises :class:`~tdabench.errors.ConfigError`,
+  never truncated; a repeated index raises too);
+* an input is **ambiguous** when it is a 0/1 mask by the rule above *and* also a valid
+  index list (distinct, in range, with the right count). That happens only when
+  ``n_train <= 2`` and every row lists all of ``0 .. n_train - 1``; it raises
+  :class:`~tdabench.errors.ConfigError` instead of guessing. Pass a bool tensor or
+  ``as_mask=True`` to mean a mask, ``as_mask=False`` to mean indices.
+
+Non-finite values: a NaN or inf score or target raises
+:class:`~tdabench.errors.NonFiniteError` (``nan_policy="propagate"`` returns NaN for the
+affected test points instead; an input with no finite test point raises either way).
+Return dtypes follow dattri: ``lds`` and ``loo_corr`` return the floating dtype of a
+``score`` tensor (float32 in, float32 out; float64 otherwise), computed in float64.
 """
 
 from __future__ import annotations
@@ -35,7 +58,7 @@ import torch
 from scipy import stats
 from torch import Tensor
 
-from tdabench.errors import ConfigError, DataError, ShapeError
+from tdabench.errors import ConfigError, DataError, NonFiniteError, ShapeError
 
 __all__ = [
     "NoiseCeiling",
@@ -135,38 +158,156 @@ def _score_matrix(score: ArrayLike) -> np.ndarray:
     return s
 
 
-def _as_torch(a: np.ndarray) -> Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
+def _as_torch(a: np.ndarray, dtype: torch.dtype = torch.float64) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)).to(dtype)
 
 
-def _subset_masks(subsets: ArrayLike, n_train: int, num_subsets: int) -> np.ndarray:
-    """Turn ``(S, k)`` index lists or a ``(S, n_train)`` bool mask into a float mask."""
-    if (isinstance(subsets, Tensor) and subsets.dtype == torch.bool) or (isinstance(subsets, np.ndarray) and subsets.dtype == np.bool_):
-        m = _np(subsets, "subset mask", dtype=np.bool_)
-        if m.shape != (num_subsets, n_train):
-            raise ShapeError(
-                f"a boolean subset mask must have shape (S, n_train) = ({num_subsets}, {n_train}), got {tuple(m.shape)}"
+def _out_dtype(score: ArrayLike) -> torch.dtype:
+    """dattri returns the score tensor's dtype; a non-floating or non-tensor score gives float64."""
+    if isinstance(score, Tensor) and score.dtype.is_floating_point:
+        return score.dtype
+    return torch.float64
+
+
+def _whole_numbers(x: ArrayLike, what: str) -> tuple[np.ndarray, bool]:
+    """``(int64 array, is_bool)``; refuses NaN/inf and non-integral values instead of truncating."""
+    if isinstance(x, Tensor):
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x)
+    if a.dtype == np.bool_:
+        return a.astype(np.int64), True
+    if a.dtype.kind not in "iuf":
+        raise ConfigError(f"{what} must be integer indices or a 0/1 mask, got dtype {a.dtype}")
+    if a.dtype.kind == "f":
+        if not np.all(np.isfinite(a)):
+            raise ConfigError(f"{what} contains NaN or inf; pass integer indices or a 0/1 mask")
+        bad = a[a != np.round(a)]
+        if bad.size:
+            raise ConfigError(
+                f"{what} contains non-integer values such as {bad.flat[0]!r}; indices are never truncated: "
+                "pass integer indices or a 0/1 mask"
             )
-        return m.astype(np.float64)
-    idx = _np(subsets, "subset indices", dtype=np.int64)
-    if idx.ndim != 2 or idx.shape[0] != num_subsets:
+    return a.astype(np.int64), False
+
+
+def _index_problem(idx: np.ndarray, n: int, count: int | None) -> str | None:
+    """Why ``idx`` (rows of indices) is not a valid index list, or ``None`` if it is."""
+    if count is not None and idx.shape[-1] != count:
+        return f"it has {idx.shape[-1]} entries where {count} are needed"
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        return f"its values span [{idx.min()}, {idx.max()}], outside [0, {n}) (n_train of the score)"
+    srt = np.sort(idx, axis=-1)
+    if idx.shape[-1] > 1 and np.any(srt[..., 1:] == srt[..., :-1]):
+        return "it repeats an index (each sample may be listed once)"
+    return None
+
+
+def _mask_problem(a: np.ndarray, n: int, count: int | None) -> str | None:
+    """Why ``a`` is not a 0/1 mask over ``n`` samples (with ``count`` ones), or ``None``."""
+    if a.shape[-1] != n:
+        return f"its last dimension is {a.shape[-1]}, not n_train = {n}"
+    if a.size and not np.all((a == 0) | (a == 1)):
+        return "it holds values other than 0 and 1"
+    if count is not None and int(a.sum()) != count:
+        return f"it has {int(a.sum())} ones where {count} are needed"
+    return None
+
+
+def _selection(
+    x: ArrayLike, n: int, what: str, ndim: int, as_mask: bool | None = None, count: int | None = None
+) -> tuple[str, np.ndarray]:
+    """Read ``x`` as a 0/1 mask or an index list (see the module docstring for the rule).
+
+    Args:
+        x: ``(n_train,)``/``(S, n_train)`` mask or ``(k,)``/``(S, k)`` indices (``ndim`` 1 or 2).
+        n: ``n_train``.
+        what: the argument's name, for messages.
+        ndim: 1 or 2.
+        as_mask: ``True`` / ``False`` force a reading; ``None`` infers it.
+        count: for 1-d input, the number of selected samples required (LOO: rows of gt).
+
+    Returns:
+        ``("mask", bool array)`` or ``("index", int64 array)``, with ``ndim`` dimensions.
+    """
+    a, is_bool = _whole_numbers(x, what)
+    if ndim == 1:
+        a = a.reshape(-1)
+    elif a.ndim != ndim:
+        raise ShapeError(f"{what} must be (S, subset_size) indices or an (S, n_train) mask, got shape {tuple(a.shape)}")
+    if count is not None and a.shape[-1] not in (count, n):
         raise ShapeError(
-            f"subset indices must have shape (S, subset_size) with S = {num_subsets} (rows of gt_values), "
-            f"got {tuple(idx.shape)}"
+            f"{what} has {a.shape[-1]} entries, but the ground truth has {count} rows (an index list needs {count}, "
+            f"a 0/1 mask n_train = {n}); they must match"
         )
-    if idx.size and (idx.min() < 0 or idx.max() >= n_train):
+    if is_bool and as_mask is False:
+        raise ConfigError(f"{what} is a bool tensor, which is always a mask; pass integers to give indices")
+    why_mask = _mask_problem(a, n, count)
+    why_index = "a bool tensor is a mask" if is_bool else _index_problem(a, n, count)
+    if as_mask is None and why_mask is None and why_index is None:
         raise ConfigError(
-            f"subset indices must lie in [0, {n_train}) (n_train of the score), got range "
-            f"[{idx.min()}, {idx.max()}]; the score and the ground truth must use the same training set"
+            f"{what} is ambiguous: it is a 0/1 vector over all n_train = {n} samples and also a valid list of "
+            "distinct indices (possible only when n_train <= 2); pass a bool tensor or as_mask=True to mean a "
+            "mask, or as_mask=False to mean indices"
         )
+    if as_mask is not False and why_mask is None:
+        return "mask", a.astype(np.bool_)
+    if as_mask is not True and why_index is None:
+        return "index", a
+    if as_mask is True:
+        raise ConfigError(f"{what} was given as a mask (as_mask=True) but {why_mask}")
+    raise ConfigError(
+        f"{what} is neither a valid index list ({why_index}) nor a 0/1 mask over n_train = {n} samples "
+        f"({why_mask}); pass distinct integer indices in [0, {n}) or a 0/1 mask of length {n}"
+    )
+
+
+def _subset_masks(subsets: ArrayLike, n_train: int, num_subsets: int, as_mask: bool | None) -> np.ndarray:
+    """Float ``(S, n_train)`` membership mask from ``(S, k)`` indices or an ``(S, n_train)`` 0/1 mask."""
+    kind, a = _selection(subsets, n_train, "subset indices", 2, as_mask)
+    if a.shape[0] != num_subsets:
+        raise ShapeError(
+            f"subset indices must have one row per subset, S = {num_subsets} (rows of gt_values), got {tuple(a.shape)}"
+        )
+    if kind == "mask":
+        return a.astype(np.float64)
     m = np.zeros((num_subsets, n_train), dtype=np.float64)
-    np.put_along_axis(m, idx, 1.0, axis=1)
-    if idx.shape[1] and not np.all(m.sum(axis=1) == idx.shape[1]):
-        raise ConfigError("subset indices contain duplicates within a subset; each subset must list distinct samples")
+    np.put_along_axis(m, a, 1.0, axis=1)
     return m
 
 
-def lds(score: ArrayLike, ground_truth: tuple[ArrayLike, ArrayLike]) -> tuple[Tensor, Tensor]:
+def _finite_columns(s: np.ndarray, gt: np.ndarray, nan_policy: str) -> np.ndarray:
+    """``(n_test,)`` bool: test points whose scores and targets are all finite.
+
+    Raises NonFiniteError for any non-finite column under ``nan_policy="raise"``, and for
+    an input without a single finite test point under either policy.
+    """
+    if nan_policy not in ("raise", "propagate"):
+        raise ConfigError(f"nan_policy must be 'raise' or 'propagate', got {nan_policy!r}")
+    ok_s = np.all(np.isfinite(s), axis=0)
+    ok_g = np.all(np.isfinite(gt), axis=0)
+    ok = ok_s & ok_g
+    if ok.all():
+        return ok
+    where = "score" if not ok_s.all() else "ground truth"
+    bad = np.flatnonzero(~ok)
+    msg = (
+        f"{bad.size} of {ok.size} test points have NaN or inf in the {where} (first: test {bad[:5].tolist()}); "
+        "fix the attributor or the retraining"
+    )
+    if not ok.any():
+        raise NonFiniteError(msg + "; no test point is finite")
+    if nan_policy == "raise":
+        raise NonFiniteError(msg + ", or pass nan_policy='propagate' to get NaN for those test points")
+    return ok
+
+
+def lds(
+    score: ArrayLike,
+    ground_truth: tuple[ArrayLike, ArrayLike],
+    *,
+    as_mask: bool | None = None,
+    nan_policy: str = "raise",
+) -> tuple[Tensor, Tensor]:
     """Linear datamodeling score, per test point.
 
     Args:
@@ -174,12 +315,19 @@ def lds(score: ArrayLike, ground_truth: tuple[ArrayLike, ArrayLike]) -> tuple[Te
         ground_truth: ``(gt_values, subsets)`` where ``gt_values`` is ``(S, n_test)``, the
             higher-is-better target of the model retrained on subset ``s`` for each test
             sample (averaged over runs), and ``subsets`` is either ``(S, subset_size)``
-            integer training indices or an ``(S, n_train)`` boolean mask.
+            integer training indices or an ``(S, n_train)`` 0/1 mask of any dtype (see the
+            module docstring for how the two are told apart).
+        as_mask: ``True``/``False`` force reading ``subsets`` as a mask / as indices;
+            ``None`` (default) infers it and raises on the ambiguous case.
+        nan_policy: ``"raise"`` (default): a NaN/inf score or target raises
+            :class:`~tdabench.errors.NonFiniteError`; ``"propagate"``: those test points
+            get NaN.
 
     Returns:
-        ``(corr, pval)``, each a float64 tensor of shape ``(n_test,)``: the Spearman rank
-        correlation over the ``S`` subsets between ``sum_{i in s} score[i, j]`` and
-        ``gt_values[s, j]``, and its two-sided p-value. NaN where undefined.
+        ``(corr, pval)``, each a tensor of shape ``(n_test,)`` in the score tensor's
+        floating dtype (float64 for other inputs): the Spearman rank correlation over the
+        ``S`` subsets between ``sum_{i in s} score[i, j]`` and ``gt_values[s, j]``, and its
+        two-sided p-value. NaN where undefined (a constant column).
 
     Example:
         >>> import torch
@@ -198,52 +346,78 @@ def lds(score: ArrayLike, ground_truth: tuple[ArrayLike, ArrayLike]) -> tuple[Te
         raise ShapeError(f"gt_values must have shape (S, n_test={s.shape[1]}), got {tuple(gt.shape)}")
     if gt.shape[0] < 2:
         raise DataError(f"LDS needs at least 2 subsets, got {gt.shape[0]}; retrain more subsets")
-    masks = _subset_masks(ground_truth[1], s.shape[0], gt.shape[0])
-    pred = masks @ s  # (S, n_test)
-    rho, p = spearman_columns(pred, gt)
-    return _as_torch(rho), _as_torch(p)
+    masks = _subset_masks(ground_truth[1], s.shape[0], gt.shape[0], as_mask)
+    ok = _finite_columns(s, gt, nan_policy)
+    pred = masks @ np.where(ok, s, 0.0)  # (S, n_test)
+    rho, p = spearman_columns(pred, np.where(ok, gt, 0.0))
+    rho, p = np.where(ok, rho, np.nan), np.where(ok, p, np.nan)
+    dt = _out_dtype(score)
+    return _as_torch(rho, dt), _as_torch(p, dt)
 
 
-def loo_corr(score: ArrayLike, ground_truth: ArrayLike | tuple[ArrayLike, ArrayLike]) -> tuple[Tensor, Tensor]:
-    """Leave-one-out correlation, per test point.
-
-    Args:
-        score: ``(n_train, n_test)`` attribution scores.
-        ground_truth: either ``(gt, removed_idx)`` with ``gt`` of shape
-            ``(n_removed, n_test)`` -- the test loss (or another lower-is-better target) of
-            the model trained without ``removed_idx[r]`` -- and ``removed_idx`` of shape
-            ``(n_removed,)``; or a plain ``(n_train, n_test)`` tensor meaning
-            ``removed_idx = arange(n_train)``.
-
-    Returns:
-        ``(corr, pval)``, each ``(n_test,)`` float64: the Pearson correlation over ``r``
-        of ``score[removed_idx[r], j]`` and ``gt[r, j]`` and its two-sided p-value.
-        A good method has positive correlation (removing a helpful sample raises the loss).
-    """
-    s = _score_matrix(score)
+def _loo_ground_truth(
+    ground_truth: ArrayLike | tuple[ArrayLike, ArrayLike], n_train: int, as_mask: bool | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(gt (n_removed, n_test), removed_idx (n_removed,))`` from either accepted form."""
     if isinstance(ground_truth, (tuple, list)):
         if len(ground_truth) != 2:
             raise ConfigError("ground_truth must be (gt[n_removed, n_test], removed_idx[n_removed]) or a (n_train, n_test) tensor")
         gt = _np(ground_truth[0], "gt")
-        idx = _np(ground_truth[1], "removed_idx", dtype=np.int64).reshape(-1)
-    else:
-        gt = _np(ground_truth, "gt")
-        idx = np.arange(gt.shape[0] if gt.ndim else 0)
-        if gt.ndim == 2 and gt.shape[0] != s.shape[0]:
-            raise ShapeError(
-                f"a plain LOO ground truth must have one row per training sample ({s.shape[0]}), got {gt.shape[0]}; "
-                "pass (gt, removed_idx) for a subset of removals"
-            )
+        if gt.ndim != 2:
+            raise ShapeError(f"LOO ground truth must have shape (n_removed, n_test), got {tuple(gt.shape)}")
+        kind, a = _selection(ground_truth[1], n_train, "removed_idx", 1, as_mask, count=gt.shape[0])
+        idx = np.flatnonzero(a) if kind == "mask" else a
+        return gt, idx
+    gt = _np(ground_truth, "gt")
+    if gt.ndim == 2 and gt.shape[0] != n_train:
+        raise ShapeError(
+            f"a plain LOO ground truth must have one row per training sample ({n_train}), got {gt.shape[0]}; "
+            "pass (gt, removed_idx) for a subset of removals"
+        )
+    return gt, np.arange(gt.shape[0] if gt.ndim else 0)
+
+
+def loo_corr(
+    score: ArrayLike,
+    ground_truth: ArrayLike | tuple[ArrayLike, ArrayLike],
+    *,
+    as_mask: bool | None = None,
+    nan_policy: str = "raise",
+) -> tuple[Tensor, Tensor]:
+    """Leave-one-out correlation, per test point.
+
+    Args:
+        score: ``(n_train, n_test)`` attribution scores.
+        ground_truth: either ``(gt, removed)`` with ``gt`` of shape ``(n_removed, n_test)``
+            -- the test loss (or another lower-is-better target) of the model trained
+            without a removed sample -- and ``removed`` the ``(n_removed,)`` distinct
+            indices of those samples in ``gt``'s row order, or a ``(n_train,)`` 0/1 mask of
+            any dtype with ``n_removed`` ones (then ``gt``'s rows are in increasing index
+            order); or a plain ``(n_train, n_test)`` tensor meaning ``removed = arange(n_train)``.
+        as_mask: ``True``/``False`` force reading ``removed`` as a mask / as indices;
+            ``None`` infers it (module docstring).
+        nan_policy: ``"raise"`` (default) or ``"propagate"``, as in :func:`lds`.
+
+    Returns:
+        ``(corr, pval)``, each ``(n_test,)`` in the score tensor's floating dtype (float64
+        otherwise): the Pearson correlation over removals ``r`` of ``score[removed[r], j]``
+        and ``gt[r, j]`` and its two-sided p-value. A good method has positive correlation
+        (removing a helpful sample raises the loss).
+    """
+    s = _score_matrix(score)
+    gt, idx = _loo_ground_truth(ground_truth, s.shape[0], as_mask)
     if gt.ndim != 2 or gt.shape[1] != s.shape[1]:
         raise ShapeError(f"LOO ground truth must have shape (n_removed, n_test={s.shape[1]}), got {tuple(gt.shape)}")
     if idx.shape[0] != gt.shape[0]:
         raise ShapeError(f"removed_idx has {idx.shape[0]} entries but gt has {gt.shape[0]} rows; they must match")
     if idx.size == 0:
         raise DataError("the LOO ground truth is empty; retrain at least 3 leave-one-out models")
-    if idx.min() < 0 or idx.max() >= s.shape[0]:
-        raise ConfigError(f"removed_idx must lie in [0, {s.shape[0]}), got range [{idx.min()}, {idx.max()}]")
-    r, p = pearson_columns(s[idx], gt)
-    return _as_torch(r), _as_torch(p)
+    sub = s[idx]
+    ok = _finite_columns(sub, gt, nan_policy)
+    r, p = pearson_columns(np.where(ok, sub, 0.0), np.where(ok, gt, 0.0))
+    r, p = np.where(ok, r, np.nan), np.where(ok, p, np.nan)
+    dt = _out_dtype(score)
+    return _as_torch(r, dt), _as_torch(p, dt)
 
 
 def _roc_curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -262,21 +436,33 @@ def _roc_curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return fpr, tpr, thresholds
 
 
-def mislabel_detection_auc(score: ArrayLike, noise_index: ArrayLike) -> tuple[float, tuple[Tensor, Tensor, Tensor]]:
+def mislabel_detection_auc(
+    score: ArrayLike, noise_index: ArrayLike, *, as_mask: bool | None = None
+) -> tuple[float, tuple[Tensor, Tensor, Tensor]]:
     """ROC AUC of flagging mislabeled training samples by self-influence.
 
     Args:
         score: ``(n_train,)`` self-influence scores, or a square ``(n_train, n_train)``
             score matrix whose diagonal is used. Higher = more suspicious.
-        noise_index: indices of the flipped samples ``(n_noisy,)``, or a boolean mask
-            ``(n_train,)``.
+        noise_index: the flipped samples: ``(n_noisy,)`` distinct indices, or a
+            ``(n_train,)`` 0/1 mask of any dtype (dattri's convention; the module
+            docstring says how the two are told apart).
+        as_mask: ``True``/``False`` force reading ``noise_index`` as a mask / as indices;
+            ``None`` (default) infers it and raises on the ambiguous case.
 
     Returns:
         ``(auc, (fpr, tpr, thresholds))``. ``auc`` is the probability that a random
-        flipped sample scores higher than a random clean one, ties counting one half.
-        The curve holds one point per distinct score (descending thresholds, a sample is
-        flagged when its score ``>=`` the threshold), starting at ``(0, 0)`` with
-        threshold ``+inf``; each is a float64 tensor.
+        flipped sample scores higher than a random clean one, ties counting one half
+        (the trapezoidal area under the curve below, which equals it). The curve holds
+        one point per distinct score (descending thresholds, a sample is flagged when its
+        score ``>=`` the threshold), starting at ``(0, 0)`` with threshold ``+inf``; each
+        is a float64 tensor.
+
+    Raises:
+        NonFiniteError: a NaN or inf score.
+        ConfigError: ``noise_index`` is neither a valid index list nor a mask, or is
+            ambiguous.
+        DataError: no flipped or no clean sample.
     """
     s = _np(score, "score")
     if s.ndim == 2:
@@ -286,30 +472,27 @@ def mislabel_detection_auc(score: ArrayLike, noise_index: ArrayLike) -> tuple[fl
     if s.ndim != 1 or s.size == 0:
         raise ShapeError(f"self-influence scores must have shape (n_train,), got {tuple(s.shape)}")
     if not np.all(np.isfinite(s)):
-        raise DataError("self-influence scores contain NaN or inf; fix the attributor (e.g. add regularization)")
+        bad = np.flatnonzero(~np.isfinite(s))
+        raise NonFiniteError(
+            f"{bad.size} self-influence scores are NaN or inf (first: train {bad[:5].tolist()}); "
+            "fix the attributor (e.g. add regularization)"
+        )
     n = s.size
-    if (isinstance(noise_index, Tensor) and noise_index.dtype == torch.bool) or (
-        isinstance(noise_index, np.ndarray) and noise_index.dtype == np.bool_
-    ):
-        y = _np(noise_index, "noise mask", dtype=np.bool_).reshape(-1)
-        if y.size != n:
-            raise ShapeError(f"a boolean noise mask must have n_train = {n} entries, got {y.size}")
+    kind, a = _selection(noise_index, n, "noise_index", 1, as_mask)
+    if kind == "mask":
+        y = a
     else:
-        idx = _np(noise_index, "noise_index", dtype=np.int64).reshape(-1)
-        if idx.size and (idx.min() < 0 or idx.max() >= n):
-            raise ConfigError(f"noise_index must lie in [0, {n}), got range [{idx.min()}, {idx.max()}]")
         y = np.zeros(n, dtype=np.bool_)
-        y[idx] = True
+        y[a] = True
     pos = int(y.sum())
     if pos == 0 or pos == n:
         raise DataError(
             f"mislabel detection needs both flipped and clean samples, got {pos} flipped of {n}; "
             "check noise_index (flip_labels returns the flipped indices)"
         )
-    ranks = stats.rankdata(s, method="average")
-    auc = (ranks[y].sum() - pos * (pos + 1) / 2.0) / (pos * (n - pos))
     fpr, tpr, thr = _roc_curve(y.astype(np.float64), s)
-    return float(auc), (_as_torch(fpr), _as_torch(tpr), _as_torch(thr))
+    auc = float(np.trapezoid(tpr, fpr))
+    return auc, (_as_torch(fpr), _as_torch(tpr), _as_torch(thr))
 
 
 def mean_dropna(values: ArrayLike) -> tuple[float, int]:
