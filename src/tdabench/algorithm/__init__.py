@@ -7,6 +7,7 @@ would raise the test loss)."""
 from tdabench.algorithm.arguments import arguments_for
 from tdabench.algorithm.arguments import register_arguments
 from tdabench.algorithm.base import BaseAttributor
+from tdabench.algorithm.data_shapley import KNNShapleyAttributor
 from tdabench.algorithm.influence_function import (
     IFAttributorArnoldi,
     IFAttributorCG,
@@ -25,6 +26,7 @@ __all__ = [
     "IFAttributorCG",
     "IFAttributorExplicit",
     "IFAttributorLiSSA",
+    "KNNShapleyAttributor",
     "RPSAttributor",
     "TRAKAttributor",
     "TracInAttributor",

@@ -1,0 +1,113 @@
+"""KNN-Shapley against brute-force Shapley values over all permutations (n <= 8)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from tdabench.algorithm import KNNShapleyAttributor
+from tdabench.algorithm.data_shapley import KNNShapleyArguments, knn_shapley_values
+from tdabench.errors import ConfigError, ShapeError
+
+
+def _utility(subset: list[int], dist: np.ndarray, y_train: np.ndarray, y: int, k: int) -> float:
+    """KNN accuracy of ``subset`` on one test point (Jia et al.): mean label match of its K nearest."""
+    near = sorted(subset, key=lambda i: (dist[i], i))[:k]
+    return sum(float(y_train[i] == y) for i in near) / k
+
+
+def _brute_force(dist: np.ndarray, y_train: np.ndarray, y: int, k: int) -> np.ndarray:
+    """Average marginal contribution over all n! orderings."""
+    n = dist.size
+    phi = np.zeros(n)
+    for perm in itertools.permutations(range(n)):
+        prev, members = 0.0, []
+        for i in perm:
+            members.append(i)
+            cur = _utility(members, dist, y_train, y, k)
+            phi[i] += cur - prev
+            prev = cur
+    return phi / math.factorial(n)
+
+
+@pytest.mark.parametrize(("n", "k", "seed"), [(5, 1, 0), (6, 2, 1), (7, 3, 2), (8, 3, 3)])
+def test_matches_brute_force_shapley(n, k, seed):
+    rng = np.random.default_rng(seed)
+    n_test = 2 if n < 8 else 1
+    dist = rng.random((n_test, n))
+    y_train = rng.integers(0, 2, n)
+    y_test = rng.integers(0, 2, n_test)
+    got = knn_shapley_values(torch.tensor(dist), torch.tensor(y_train), torch.tensor(y_test), k)
+    assert got.shape == (n, n_test) and got.dtype == torch.float64
+    for j in range(n_test):
+        want = _brute_force(dist[j], y_train, int(y_test[j]), k)
+        np.testing.assert_allclose(got[:, j].numpy(), want, atol=1e-12)
+        # efficiency: the values sum to the utility of the full set
+        assert got[:, j].sum().item() == pytest.approx(_utility(list(range(n)), dist[j], y_train, int(y_test[j]), k), abs=1e-12)
+
+
+def test_ties_broken_by_index_like_the_oracle():
+    dist = np.array([0.5, 0.2, 0.5, 0.2, 0.9, 0.5])
+    y_train = np.array([1, 0, 1, 1, 0, 0])
+    got = knn_shapley_values(torch.tensor(dist[None]), torch.tensor(y_train), torch.tensor([1]), 2)
+    np.testing.assert_allclose(got[:, 0].numpy(), _brute_force(dist, y_train, 1, 2), atol=1e-12)
+
+
+def _loaders(rng, n, m, d, bs):
+    xtr, xte = torch.tensor(rng.normal(size=(n, d))), torch.tensor(rng.normal(size=(m, d)))
+    ytr, yte = torch.tensor(rng.integers(0, 3, n)), torch.tensor(rng.integers(0, 3, m))
+    return (DataLoader(TensorDataset(xtr, ytr), batch_size=bs), DataLoader(TensorDataset(xte, yte), batch_size=bs),
+            xtr, xte, ytr, yte)
+
+
+def test_attributor_loaders_labels_and_self_attribute():
+    rng = np.random.default_rng(4)
+    tr, te, xtr, xte, ytr, yte = _loaders(rng, 13, 6, 4, 4)
+    att = KNNShapleyAttributor(k_neighbors=3)
+    att.cache(tr)
+    got = att.attribute(tr, te)
+    want = knn_shapley_values(torch.cdist(xte, xtr), ytr, yte, 3)
+    assert got.shape == (13, 6)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    # explicit labels (dattri's 3rd/4th arguments) override the batches' last element
+    flipped = (ytr + 1) % 3
+    torch.testing.assert_close(att.attribute(tr, te, flipped, yte), knn_shapley_values(torch.cdist(xte, xtr), flipped, yte, 3))
+    # a custom distance in dattri's (test_batch, train_batch) order
+    manhattan = KNNShapleyAttributor(3, distance_func=lambda a, b: torch.cdist(a[0], b[0], p=1))
+    torch.testing.assert_close(manhattan.attribute(tr, te), knn_shapley_values(torch.cdist(xte, xtr, p=1), ytr, yte, 3))
+    # self_attribute = diagonal of attribute(train, train), also when pieces are split by the planner
+    full = att.attribute(tr, tr).diagonal()
+    torch.testing.assert_close(att.self_attribute(tr), full)
+    small = KNNShapleyAttributor(3, memory_budget=13 * 8 * 6 * 2)  # two test rows per piece
+    torch.testing.assert_close(small.attribute(tr, te), got)
+    torch.testing.assert_close(small.self_attribute(tr), full)
+
+
+def test_train_permutation_permutes_values():
+    rng = np.random.default_rng(5)
+    tr, te, xtr, _, ytr, _ = _loaders(rng, 11, 4, 3, 5)
+    perm = torch.tensor(rng.permutation(11))
+    tr_p = DataLoader(TensorDataset(xtr[perm], ytr[perm]), batch_size=3)
+    att = KNNShapleyAttributor(k_neighbors=2)
+    torch.testing.assert_close(att.attribute(tr_p, te), att.attribute(tr, te)[perm])
+
+
+def test_bad_arguments():
+    with pytest.raises(ConfigError):
+        KNNShapleyAttributor(0)
+    with pytest.raises(ConfigError):
+        KNNShapleyAttributor(2.5)
+    with pytest.raises(ConfigError):
+        KNNShapleyAttributor(3, task=object())
+    assert KNNShapleyArguments(4).to_dict() == {"k_neighbors": 4}
+    rng = np.random.default_rng(6)
+    tr, te, *_ = _loaders(rng, 5, 3, 2, 5)
+    with pytest.raises(ShapeError):
+        KNNShapleyAttributor(2).attribute(tr, te, train_labels=[0, 1])
+    with pytest.raises(ShapeError):
+        KNNShapleyAttributor(2, distance_func=lambda a, b: torch.zeros(1, 1)).attribute(tr, te)
