@@ -8,6 +8,7 @@ from tdabench.algorithm.arguments import arguments_for
 from tdabench.algorithm.arguments import register_arguments
 from tdabench.algorithm.base import BaseAttributor
 from tdabench.algorithm.data_shapley import KNNShapleyAttributor
+from tdabench.algorithm.dvemb import DVEmbAttributor
 from tdabench.algorithm.influence_function import (
     IFAttributorArnoldi,
     IFAttributorCG,
@@ -20,6 +21,7 @@ from tdabench.algorithm.trak import TRAKAttributor
 
 __all__ = [
     "BaseAttributor",
+    "DVEmbAttributor",
     "GradCosAttributor",
     "GradDotAttributor",
     "IFAttributorArnoldi",
