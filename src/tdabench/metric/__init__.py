@@ -5,6 +5,7 @@ See :mod:`tdabench.metric.metrics` for the exact definitions.
 
 from __future__ import annotations
 
+from tdabench.metric.brittleness import BrittlenessRunner, brittleness
 from tdabench.metric.ground_truth import calculate_lds_ground_truth, calculate_loo_ground_truth
 from tdabench.metric.metrics import (
     NoiseCeiling,
@@ -21,8 +22,10 @@ from tdabench.metric.metrics import (
 from tdabench.metric.noise import stored_noise_ceiling
 
 __all__ = [
+    "BrittlenessRunner",
     "NoiseCeiling",
     "bootstrap_ci",
+    "brittleness",
     "calculate_lds_ground_truth",
     "calculate_loo_ground_truth",
     "lds",
