@@ -120,7 +120,7 @@ def test_runner_equals_one_at_a_time_and_resumes(setup, tmp_path):
     run = BrittlenessRunner(trainer, _predict, tmp_path / "b", search_space=ks, seed=SEED, shard_size=4)
     trainer.calls.clear()
     out = run.run(torch.tensor(scores), tests)
-    assert trainer.calls == [4, 4, 4, 3]  # 15 models in 4 batched calls
+    assert trainer.calls == [3, 3, 3, 3, 3]  # one batched call per k (equal subset sizes)
     for c, j in enumerate(tests):
         flips = [k for k in ks if _flips(trainer, scores[:, c], j, yt, k)]
         assert out["brittleness"][c] == (flips[0] if flips else None)
@@ -130,9 +130,11 @@ def test_runner_equals_one_at_a_time_and_resumes(setup, tmp_path):
     shards = sorted((tmp_path / "b" / "shards").glob("*.parquet"))
     shards[1].unlink()
     shards[2].write_bytes(shards[2].read_bytes()[:200])  # truncated
-    assert run.run(scores, tests) == out and trainer.calls == [4, 4]
+    assert run.run(scores, tests) == out and trainer.calls == [3, 3]
     with pytest.raises(KeyMismatchError):
         run.run(scores + 1.0, tests)
+    small = BrittlenessRunner(trainer, _predict, tmp_path / "c", search_space=ks, seed=SEED, shard_size=2)
+    assert small.run(scores, tests)["brittleness"] == out["brittleness"]
 
 
 def test_bad_inputs(setup, tmp_path):

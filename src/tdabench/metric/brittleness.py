@@ -166,7 +166,8 @@ class BrittlenessRunner:
         search_space: strictly ascending ``k`` values.
         seed: the model seed, shared by every model (like LOO models) so that two models differ
             only by the removed samples.
-        shard_size: ``(test sample, k)`` models per shard (one ``trainer.train`` call).
+        shard_size: test samples per shard; a shard holds the models of one ``k`` for up to
+            ``shard_size`` test samples (one ``trainer.train`` call, equal subset sizes).
     """
 
     trainer: Any
@@ -255,10 +256,15 @@ class BrittlenessRunner:
         orders = np.stack([removal_order(s[:, c]) for c in range(len(cols))])
         key, config = self.key(s, cols)
         d = self._open(key, config)
-        entries = [(jp, kp) for jp in range(len(cols)) for kp in range(len(self._ks))]
+        # one k per shard: every model of a trainer call has the same subset size (the batched
+        # trainer's scaled minibatch stream needs that), test samples chunked by shard_size
+        shards = [
+            [(jp, kp) for jp in range(a, min(len(cols), a + self.shard_size))]
+            for kp in range(len(self._ks))
+            for a in range(0, len(cols), self.shard_size)
+        ]
         correct = np.full((len(cols), len(self._ks)), np.nan)
-        for sid, a in enumerate(range(0, len(entries), self.shard_size)):
-            chunk = entries[a : a + self.shard_size]
+        for sid, chunk in enumerate(shards):
             path = d / "shards" / f"shard-{sid:05d}.parquet"
             table = None
             if path.is_file():
