@@ -54,6 +54,17 @@ def _ours(data: dict, k: int, device: str, repeats: int, n_test: int) -> tuple[n
     return values, times
 
 
+def _ours_full(data: dict, k: int, device: str, n_test: int) -> tuple[np.ndarray, list[float]]:
+    xtr, ytr = data["x_train"].double().to(device), data["y_train"].to(device)
+    xte, yte = data["x_test"][:n_test].double().to(device), data["y_test"][:n_test].to(device)
+    times, v = [], None
+    for _ in range(3):
+        t0 = time.perf_counter()
+        v = KNNShapleyAttributor(k_neighbors=k, device=device).attribute([(xtr, ytr)], [(xte, yte)])
+        times.append(time.perf_counter() - t0)
+    return v.cpu().numpy(), times
+
+
 def _pydvl(data: dict, k: int, python: str, repeats: int, n_test: int) -> tuple[np.ndarray, dict]:
     with tempfile.TemporaryDirectory(prefix="knn_pydvl_") as tmp:
         d = Path(tmp)
@@ -69,6 +80,22 @@ def _pydvl(data: dict, k: int, python: str, repeats: int, n_test: int) -> tuple[
         return np.load(d / "out" / "values.npy", allow_pickle=False), json.loads((d / "out" / "result.json").read_text())
 
 
+def _dattri(data: dict, k: int, python: str, n_test: int) -> tuple[np.ndarray, float]:
+    """dattri 0.3.0's KNNShapleyAttributor (black box); its values as (n_test, n_train)."""
+    with tempfile.TemporaryDirectory(prefix="knn_dattri_") as tmp:
+        d = Path(tmp)
+        np.save(d / "x_train.npy", data["x_train"].double().numpy())
+        np.save(d / "y_train.npy", data["y_train"].numpy())
+        np.save(d / "x_test.npy", data["x_test"][:n_test].double().numpy())
+        np.save(d / "y_test.npy", data["y_test"][:n_test].numpy())
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        env.pop("PYTHONPATH", None)
+        runner = Path(__file__).resolve().parent / "peers" / "dattri_knn_dvemb.py"
+        cmd = [python, str(runner), "knn", "--inputs", str(d), "--out", str(d / "out"), "--k", str(k)]
+        subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
+        return np.load(d / "out" / "scores.npy", allow_pickle=False), json.loads((d / "out" / "result.json").read_text())["seconds"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -78,6 +105,9 @@ def main() -> None:
     ap.add_argument("--pydvl-python", default=os.environ.get("TDABENCH_PYDVL_PYTHON", "/work/peers/pydvl/bin/python"))
     ap.add_argument("--out", type=Path, default=common.RESULTS_DIR / "knn_shapley")
     ap.add_argument("--machine", default="", help="a description of the machine, recorded in the JSON")
+    ap.add_argument("--dattri-python", default=os.environ.get("TDABENCH_DATTRI_PYTHON", "/work/peers/dattri/bin/python"),
+                    help="dattri 0.3.0's python ('' to skip the dattri row)")
+    ap.add_argument("--dattri-n-test", type=int, default=50, help="test points for the (slow) dattri row")
     args = ap.parse_args()
     common.one_thread()
     data = common.load_data()
@@ -92,12 +122,28 @@ def main() -> None:
         "time_ratio_ours_over_pydvl": med_o / med_p, "max_abs_diff": diff,
         "goal_values_1e-6": diff <= 1e-6, "goal_time_le_0.5x": med_o / med_p <= 0.5,
     }
+    if args.dattri_python:
+        m = min(args.dattri_n_test, args.n_test)
+        d_vals, d_sec = _dattri(data, args.k, args.dattri_python, m)
+        o_vals, o_times = _ours_full(data, args.k, args.device, m)
+        res["dattri"] = {
+            "n_test": m, "dattri_seconds": d_sec, "ours_seconds": o_times,
+            "time_ratio_ours_over_dattri": statistics.median(o_times) / d_sec,
+            "max_abs_diff": float(np.abs(o_vals.T - d_vals).max()),
+            "note": "dattri returns (n_test, n_train) float32; compared transposed",
+        }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     md = (
         "| setting | device | ours (s, median) | pyDVL 0.10 (s, median) | ours/pyDVL | max abs diff |\n|---|---|---|---|---|---|\n"
         f"| {res['setting']} | {args.device} | {med_o:.3f} | {med_p:.3f} | {med_o / med_p:.4f} | {diff:.2e} |\n"
     )
+    if "dattri" in res:
+        r = res["dattri"]
+        md += (
+            f"| same, {r['n_test']} test points, vs dattri 0.3.0 | {args.device} | {statistics.median(r['ours_seconds']):.3f} "
+            f"| dattri {r['dattri_seconds']:.3f} | {r['time_ratio_ours_over_dattri']:.4f} | {r['max_abs_diff']:.2e} |\n"
+        )
     args.out.with_suffix(".md").write_text(md)
     print(md)
     print(f"values equal to 1e-6: {res['goal_values_1e-6']}; time ratio {med_o / med_p:.4f} (goal <= 0.5): {res['goal_time_le_0.5x']}")

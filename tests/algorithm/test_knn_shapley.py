@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tdabench.algorithm import KNNShapleyAttributor
@@ -88,6 +89,24 @@ def test_attributor_loaders_labels_and_self_attribute():
     torch.testing.assert_close(small.self_attribute(tr), full)
 
 
+def test_task_embeds_with_the_last_linear_input():
+    from tdabench.task import AttributionTask
+
+    rng = np.random.default_rng(7)
+    tr, te, xtr, xte, ytr, yte = _loaders(rng, 9, 4, 3, 4)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    task = AttributionTask(lambda p, d: torch.zeros(()), model, model.state_dict())
+    with torch.no_grad():
+        htr, hte = model[1](model[0](xtr)), model[1](model[0](xte))
+    got = KNNShapleyAttributor(2, task=task).attribute(tr, te)
+    torch.testing.assert_close(got, knn_shapley_values(torch.cdist(hte, htr), ytr, yte, 2))
+    first = KNNShapleyAttributor(2, task=task, layer_name="0").attribute(tr, te)  # the input layer: raw inputs
+    torch.testing.assert_close(first, knn_shapley_values(torch.cdist(xte, xtr), ytr, yte, 2))
+    with pytest.raises(ConfigError):
+        KNNShapleyAttributor(2, task=task, layer_name="1")
+
+
 def test_train_permutation_permutes_values():
     rng = np.random.default_rng(5)
     tr, te, xtr, _, ytr, _ = _loaders(rng, 11, 4, 3, 5)
@@ -104,7 +123,9 @@ def test_bad_arguments():
         KNNShapleyAttributor(2.5)
     with pytest.raises(ConfigError):
         KNNShapleyAttributor(3, task=object())
-    assert KNNShapleyArguments(4).to_dict() == {"k_neighbors": 4}
+    with pytest.raises(ConfigError):
+        KNNShapleyAttributor(3, layer_name="fc")
+    assert KNNShapleyArguments(4).to_dict() == {"k_neighbors": 4, "memory_budget": None}
     rng = np.random.default_rng(6)
     tr, te, *_ = _loaders(rng, 5, 3, 2, 5)
     with pytest.raises(ShapeError):

@@ -17,9 +17,12 @@ the same order a stable sort gives.
 
 Differences from dattri 0.3.0's ``KNNShapleyAttributor`` (same constructor and ``attribute``
 arguments): ours returns ``(n_train, n_test)`` as its docstring and every other attributor
-promise (dattri's implementation returns ``(n_test, n_train)``); values are float64; ``task``
-is accepted only as ``None`` (as in dattri, which raises ``NotImplementedError``), and we raise
-a :class:`~tdabench.errors.ConfigError` that says to pass embeddings through ``distance_func``.
+promise (dattri's implementation returns ``(n_test, n_train)``; a square result would be
+transposed silently, so mind it when porting); values are float64; dattri raises
+``NotImplementedError`` for a ``task``, we accept one: the embeddings are then the inputs of the
+model's last ``nn.Linear`` layer (or of the ``nn.Linear`` named by ``layer_name``) at the task's
+first checkpoint, and the distance is Euclidean between those (unless ``distance_func`` is given,
+which then receives the embedded batches ``(embeddings, labels)``).
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ class KNNShapleyArguments:
     """
 
     k_neighbors: int = 5
+    memory_budget: Any = None
 
     def __post_init__(self) -> None:
         if isinstance(self.k_neighbors, bool) or not isinstance(self.k_neighbors, int) or self.k_neighbors < 1:
@@ -112,6 +116,21 @@ class KNNShapleyArguments:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able arguments, for provenance metadata."""
         return asdict(self)
+
+
+def _embedding_layer(task: Any, layer_name: str | None) -> torch.nn.Module:
+    from tdabench.task import AttributionTask
+
+    if not isinstance(task, AttributionTask):
+        raise ConfigError(f"task must be an AttributionTask or None, got {type(task).__name__}")
+    linears = {n: m for n, m in task.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    if layer_name is None:
+        if not linears:
+            raise ConfigError("the task's model has no nn.Linear layer to embed with; pass task=None and embeddings as inputs")
+        return list(linears.values())[-1]
+    if layer_name not in linears:
+        raise ConfigError(f"layer_name {layer_name!r} is not an nn.Linear module of the model; linear layers: {list(linears)}")
+    return linears[layer_name]
 
 
 def _labels(given: Sequence[Any] | Tensor | None, batches: list[Batch], what: str) -> Tensor:
@@ -131,9 +150,12 @@ class KNNShapleyAttributor:
 
     Args:
         k_neighbors: ``K`` of the KNN classifier whose accuracy is the utility.
-        task: must be ``None`` (as in dattri 0.3.0); supply embeddings via ``distance_func``.
+        task: ``None`` (dattri's only option: the batches' first tensors are the embeddings),
+            or an :class:`~tdabench.task.AttributionTask` whose model embeds the inputs (the
+            input of its last ``nn.Linear``, or of ``layer_name``).
         distance_func: ``f(test_batch, train_batch) -> (B_test, B_train)`` distances; by
             default the Euclidean distance between the flattened first tensors of the batches.
+        layer_name: with a task, the ``nn.Linear`` module whose input is the embedding.
         device: where distances and values are computed.
         memory_budget: the planner budget (bytes, ``"8GiB"``, or a fraction).
     """
@@ -145,22 +167,48 @@ class KNNShapleyAttributor:
         k_neighbors: int,
         task: Any = None,
         distance_func: DistanceFunc | None = None,
+        *,
+        layer_name: str | None = None,
         device: str | torch.device = "cpu",
         memory_budget: int | float | str | None = None,
     ) -> None:
-        self.args = KNNShapleyArguments(k_neighbors=k_neighbors)
+        self.args = KNNShapleyArguments(k_neighbors=k_neighbors, memory_budget=memory_budget)
         self.k_neighbors = k_neighbors
+        self.task = task
+        self._layer: torch.nn.Module | None = None
         if task is not None:
-            raise ConfigError(
-                "KNNShapleyAttributor takes no task (dattri 0.3.0 does not implement one either); compute the "
-                "embeddings you want (e.g. a model's features) in distance_func and pass task=None"
-            )
+            self._layer = _embedding_layer(task, layer_name)
+        elif layer_name is not None:
+            raise ConfigError("layer_name selects the embedding layer of a task's model; pass a task or drop layer_name")
+        self.layer_name = layer_name
         self.distance_func = distance_func if distance_func is not None else default_dist_func
         self.device = torch.device(device)
         self.memory_budget = memory_budget
 
     def cache(self, full_train_loader: Iterable[Batch] | None = None) -> None:
         """Nothing to precompute (kept for the common attributor surface)."""
+
+    @torch.no_grad()
+    def _embed(self, batches: list[Batch]) -> list[Batch]:
+        """With a task: ``(embedding (B, h), labels)`` per batch, the input of the embedding layer."""
+        if self._layer is None:
+            return batches
+        model = self.task.model
+        self.task.get_params(0)  # the model holds checkpoint 0
+        seen: list[Tensor] = []
+        handle = self._layer.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0].detach()))
+        was = model.training
+        model.eval()
+        out = []
+        try:
+            for b in batches:
+                seen.clear()
+                model(*[t.to(next(model.parameters()).device) for t in b[:-1]])
+                out.append((seen[0].reshape(seen[0].shape[0], -1).to(self.device), b[-1]))
+        finally:
+            handle.remove()
+            model.train(was)
+        return out
 
     def _distances(self, test_batch: Batch, train: list[Batch]) -> Tensor:
         rows = [torch.as_tensor(self.distance_func(test_batch, tb)).to(self.device, torch.float64) for tb in train]
@@ -195,6 +243,7 @@ class KNNShapleyAttributor:
         test = list(iter_batches(test_dataloader, "test loader"))
         y_train = _labels(train_labels, train, "train")
         y_test = _labels(test_labels, test, "test")
+        train, test = self._embed(train), self._embed(test)
         return torch.cat([v for _, v in self._pieces(train, test, y_train, y_test)], dim=1)
 
     def _pieces(self, train: list[Batch], test: list[Batch], y_train: Tensor, y_test: Tensor) -> Iterator[tuple[int, Tensor]]:
@@ -222,6 +271,7 @@ class KNNShapleyAttributor:
         """
         train = list(iter_batches(train_dataloader, "train loader"))
         y = _labels(train_labels, train, "train")
+        train = self._embed(train)
         out = torch.empty(y.numel(), dtype=torch.float64, device=self.device)
         for a, v in self._pieces(train, train, y, y):
             idx = torch.arange(a, a + v.shape[1], device=v.device)
@@ -230,7 +280,11 @@ class KNNShapleyAttributor:
 
     def hyperparameters(self) -> dict[str, Any]:
         """Resolved hyper-parameters, for provenance metadata."""
-        return {"method": type(self).__name__, **self.args.to_dict(), "distance_func": getattr(self.distance_func, "__name__", "custom")}
+        return {
+            "method": type(self).__name__, **self.args.to_dict(), "layer_name": self.layer_name,
+            "embedding": "inputs" if self.task is None else "last nn.Linear input" if self.layer_name is None else f"{self.layer_name} input",
+            "distance_func": getattr(self.distance_func, "__name__", "custom"),
+        }
 
     def __repr__(self) -> str:
         return f"KNNShapleyAttributor(k_neighbors={self.k_neighbors}, device={str(self.device)!r})"
