@@ -188,3 +188,15 @@ def test_errors_and_arguments():
     with pytest.raises(ConfigError):
         att.attribute(DataLoader(TensorDataset(xt, yt)), 0)
     assert DVEmbArguments(proj_dim=16).to_dict()["proj_dim"] == 16
+
+
+def test_registered_arguments_round_trip():
+    from tdabench.algorithm.arguments import arguments_for
+
+    cls = arguments_for("DVEmbAttributor")
+    args = cls.from_dict({"proj_dim": 64, "factorization_type": "elementwise", "layer_names": ["fc"]})
+    assert cls.from_dict(args.to_dict()) == args
+    for bad in ({"proj_dim": 0}, {"factorization_type": "svd"}, {"proj_type": "identity", "factorization_type": "kronecker"},
+                {"layer_names": []}, {"no_such_key": 1}):
+        with pytest.raises(ConfigError):
+            cls.from_dict(bad)

@@ -132,3 +132,15 @@ def test_bad_arguments():
         KNNShapleyAttributor(2).attribute(tr, te, train_labels=[0, 1])
     with pytest.raises(ShapeError):
         KNNShapleyAttributor(2, distance_func=lambda a, b: torch.zeros(1, 1)).attribute(tr, te)
+
+
+def test_registered_arguments_round_trip():
+    from tdabench.algorithm.arguments import arguments_for
+
+    cls = arguments_for("KNNShapleyAttributor")
+    args = cls.from_dict({"k_neighbors": 3})
+    assert cls.from_dict(args.to_dict()) == args
+    with pytest.raises(ConfigError, match="valid keys"):
+        cls.from_dict({"k": 3})
+    with pytest.raises(ConfigError):
+        cls.from_dict({"k_neighbors": -1})

@@ -29,15 +29,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from tdabench._validate import check_int
+from tdabench.algorithm.arguments import MethodArguments, register_arguments
 from tdabench.errors import ConfigError, DataError, ShapeError
 from tdabench.func.utils import Batch, batch_size_of, batch_slice, iter_batches
-from tdabench.memory import planner_for
+from tdabench.memory import parse_bytes, planner_for
 
 __all__ = ["KNNShapleyArguments", "KNNShapleyAttributor", "default_dist_func", "knn_shapley_values"]
 
@@ -98,24 +100,23 @@ def knn_shapley_values(dist: Tensor, train_labels: Tensor, test_labels: Tensor, 
     return values.T.contiguous()
 
 
+@register_arguments("KNNShapleyAttributor")
 @dataclass
-class KNNShapleyArguments:
+class KNNShapleyArguments(MethodArguments):
     """Declared arguments of :class:`KNNShapleyAttributor` (the pipeline builds it from them).
 
     Attributes:
         k_neighbors: ``K`` of the KNN classifier (an integer ``>= 1``).
+        memory_budget: the planner budget (bytes, ``"8GiB"``, or a fraction), or ``None``.
     """
 
     k_neighbors: int = 5
     memory_budget: Any = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.k_neighbors, bool) or not isinstance(self.k_neighbors, int) or self.k_neighbors < 1:
-            raise ConfigError(f"k_neighbors must be an integer >= 1, got {self.k_neighbors!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able arguments, for provenance metadata."""
-        return asdict(self)
+        self.k_neighbors = check_int("k_neighbors", self.k_neighbors, 1)
+        if self.memory_budget is not None:
+            parse_bytes(self.memory_budget, total=2**40)  # the form only; the device resolves fractions
 
 
 def _embedding_layer(task: Any, layer_name: str | None) -> torch.nn.Module:

@@ -39,12 +39,13 @@ import inspect
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from tdabench.algorithm.arguments import MethodArguments, register_arguments
 from tdabench.errors import ConfigError, NonFiniteError, NotCachedError, ShapeError
 from tdabench.func.projection import PROJ_TYPES, make_projector
 from tdabench.func.utils import (
@@ -56,7 +57,7 @@ from tdabench.func.utils import (
     per_sample_grads_named,
     select_param_names,
 )
-from tdabench.memory import planner_for
+from tdabench.memory import parse_bytes, planner_for
 from tdabench.task import AttributionTask
 
 __all__ = ["DVEmbArguments", "DVEmbAttributor"]
@@ -66,8 +67,9 @@ logger = logging.getLogger(__name__)
 FACTORIZATIONS = ("none", "kronecker", "elementwise")
 
 
+@register_arguments("DVEmbAttributor")
 @dataclass
-class DVEmbArguments:
+class DVEmbArguments(MethodArguments):
     """Declared arguments of :class:`DVEmbAttributor`.
 
     Attributes:
@@ -84,6 +86,7 @@ class DVEmbArguments:
             modules (factorised) to use; ``None`` for all parameters / all linear layers.
         proj_type: the random projection's distribution (``"gaussian"``, ``"rademacher"``,
             ``"sparse"``, or ``"identity"`` for ``"none"`` without reduction).
+        memory_budget: the planner budget for ``M`` and the embeddings, or ``None``.
     """
 
     proj_dim: int | None = None
@@ -91,8 +94,15 @@ class DVEmbArguments:
     factorization_type: str = "none"
     layer_names: str | list[str] | None = None
     proj_type: str = "gaussian"
+    memory_budget: Any = None
 
     def __post_init__(self) -> None:
+        if self.layer_names is not None and not isinstance(self.layer_names, str):
+            if not isinstance(self.layer_names, (list, tuple)) or not self.layer_names or not all(isinstance(n, str) for n in self.layer_names):
+                raise ConfigError(f"layer_names must be None, a name or a non-empty list of names, got {self.layer_names!r}")
+            self.layer_names = list(self.layer_names)
+        if self.memory_budget is not None:
+            parse_bytes(self.memory_budget, total=2**40)
         if self.proj_dim is not None and (isinstance(self.proj_dim, bool) or not isinstance(self.proj_dim, int) or self.proj_dim < 1):
             raise ConfigError(f"proj_dim must be None or an integer >= 1, got {self.proj_dim!r}")
         if isinstance(self.proj_seed, bool) or not isinstance(self.proj_seed, int) or self.proj_seed < 0:
@@ -103,10 +113,6 @@ class DVEmbArguments:
             raise ConfigError(f"proj_type must be one of {PROJ_TYPES}, got {self.proj_type!r}")
         if self.proj_type == "identity" and self.factorization_type != "none":
             raise ConfigError("proj_type='identity' is for factorization_type='none'; pass proj_dim=None instead")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able arguments, for provenance metadata."""
-        return asdict(self)
 
 
 def _required_args(func: Any) -> int:
@@ -149,7 +155,7 @@ class DVEmbAttributor:
     ) -> None:
         if not isinstance(task, AttributionTask):
             raise ConfigError(f"task must be an AttributionTask, got {type(task).__name__}")
-        self.args = DVEmbArguments(proj_dim, proj_seed, factorization_type or "none", layer_names, proj_type)
+        self.args = DVEmbArguments(proj_dim, proj_seed, factorization_type or "none", layer_names, proj_type, memory_budget)
         self.task = task
         self.model: nn.Module = task.model
         first = next(iter(self.model.parameters()), None)
