@@ -128,6 +128,7 @@ def test_factorized_without_projection_equals_full_gradients():
     for att in (kron, elem):
         att.cache(memory_saving=False)
         torch.testing.assert_close(att.attribute(test), want, rtol=1e-9, atol=1e-12)
+        assert len(att.cached_factors[0][0]) == 2 and not att.cached_gradients  # factors kept, not gradients
     # projected factor features have the documented widths and are seeded
     for kind, width in (("kronecker", 2 * 2**2), ("elementwise", 2 * 4)):
         a, b = (DVEmbAttributor(_eager_task(m2), proj_dim=8, factorization_type=kind, proj_seed=5) for _ in range(2))

@@ -175,9 +175,11 @@ class DVEmbAttributor:
         self._names: list[str] = []
         self._linear: list[nn.Linear] = []
         self._setup_dims()
+        self._linear_layers = self._linear  # dattri's attribute name
         self.projector: Any = None
         self.random_projectors: list[tuple[Any, Any]] | None = None
         self.cached_gradients: dict[int, list[Tensor]] = {}
+        self.cached_factors: dict[int, list[list[dict[str, Any]]]] = {}
         self.learning_rates: dict[int, list[float]] = {}
         self.data_indices: dict[int, list[Tensor]] = {}
         self.embeddings: dict[int, Tensor] = {}
@@ -274,17 +276,23 @@ class DVEmbAttributor:
             self.model.zero_grad(set_to_none=True)
         return [(s["A"], s["B"], layer.bias is not None) for s, layer in zip(store, self._linear, strict=True)]
 
-    def _factored_gradients(self, batch: Batch) -> Tensor:
+    @staticmethod
+    def _reconstruct(factors: list[dict[str, Any]]) -> Tensor:
+        """Exact per-sample gradients ``(B, d)`` of the linear layers from their factors."""
         parts: list[Tensor] = []
+        for f in factors:
+            a, b = f["A"], f["B"]
+            three = a.dim() == 3
+            parts.append((torch.einsum("bli,blo->boi", a, b) if three else b[:, :, None] * a[:, None, :]).flatten(1))
+            if f["has_bias"]:
+                parts.append(b.sum(1) if three else b)
+        return check_finite(torch.cat(parts, dim=1), "per-sample gradient of the loss")
+
+    def _factored_gradients(self, batch: Batch) -> Tensor:
         factors = self._factors(batch)
         if self.projection_dim is None:
-            for a, b, has_bias in factors:
-                three = a.dim() == 3
-                parts.append((torch.einsum("bli,blo->boi", a, b) if three else b[:, :, None] * a[:, None, :]).flatten(1))
-                if has_bias:
-                    parts.append(b.sum(1) if three else b)
-            return check_finite(torch.cat(parts, dim=1), "per-sample gradient of the loss")
-        k = self.projection_dim
+            return self._reconstruct([{"A": a, "B": b, "has_bias": hb} for a, b, hb in factors])
+        k, parts = self.projection_dim, []
         for (pa, pb), (a, b, _) in zip(self._layer_projectors(factors[0][0].dtype), factors, strict=True):
             shape = a.shape[:-1]
             ap = pa.project(a.reshape(-1, a.shape[-1])).reshape(*shape, k)
@@ -316,13 +324,18 @@ class DVEmbAttributor:
             raise ShapeError(f"indices has {idx.numel()} entries for a batch of {b} samples")
         if not math.isfinite(float(learning_rate)):
             raise ConfigError(f"learning_rate must be finite, got {learning_rate!r}")
-        g = self._features(batch_to(batch_data, self.device))
-        self.cached_gradients.setdefault(epoch, []).append(g.cpu())
+        batch = batch_to(batch_data, self.device)
+        if self.use_factorization and self.projection_dim is None:  # keep the factors (smaller); rebuilt in cache()
+            factors = [{"A": a.cpu(), "B": b.cpu(), "has_bias": hb} for a, b, hb in self._factors(batch)]
+            self.cached_factors.setdefault(epoch, []).append(factors)
+        else:
+            self.cached_gradients.setdefault(epoch, []).append(self._features(batch).cpu())
         self.learning_rates.setdefault(epoch, []).append(float(learning_rate) / b)
         self.data_indices.setdefault(epoch, []).append(idx)
 
     def clear_cache(self) -> None:
-        """Drop the recorded gradients, learning rates and indices."""
+        """Drop the recorded gradients (or factors), learning rates and indices."""
+        self.cached_factors.clear()
         self.cached_gradients.clear()
         self.learning_rates.clear()
         self.data_indices.clear()
@@ -342,27 +355,19 @@ class DVEmbAttributor:
             memory_saving: drop the recorded steps afterwards.
         """
         if gradients is not None:
+            if self.cached_factors:
+                raise ConfigError("external gradients cannot replace recorded factors; use factorization_type='none' or a proj_dim")
             self.cached_gradients = gradients
         if learning_rates is not None:
             self.learning_rates = learning_rates
-        if not any(self.cached_gradients.values()):
-            raise NotCachedError("No gradients cached. Call `cache_gradients` during training first.")
-        for e in self.cached_gradients:
-            steps = (len(self.cached_gradients[e]), len(self.learning_rates.get(e, [])), len(self.data_indices.get(e, [])))
-            if len(set(steps)) != 1:
-                raise ShapeError(f"epoch {e} has {steps[0]} gradient steps, {steps[1]} learning rates and {steps[2]} index sets; they must match")
-        n = int(max(int(torch.cat(v).max()) for v in self.data_indices.values() if v)) + 1
-        first = next(g for v in self.cached_gradients.values() for g in v)
-        k, dtype = first.shape[1], first.dtype
-        planner_for(self.device, self.memory_budget).require(
-            (k * k + 2 * n * k) * first.element_size(), "DVEmb's (k, k) matrix and embeddings", "set proj_dim"
-        )
+        steps = self.cached_factors or self.cached_gradients
+        n, k, dtype = self._check_recorded(steps)
         m = torch.zeros(k, k, dtype=dtype, device=self.device)
         self.embeddings = {}
-        for epoch in sorted(self.cached_gradients, reverse=True):
+        for epoch in sorted(steps, reverse=True):
             emb = torch.zeros(n, k, dtype=dtype, device=self.device)
-            for t in reversed(range(len(self.cached_gradients[epoch]))):
-                g = self.cached_gradients[epoch][t].to(self.device)
+            for t in reversed(range(len(steps[epoch]))):
+                g = self._recorded(steps[epoch][t])
                 e = self.learning_rates[epoch][t] * (g - g @ m.T)
                 emb.index_add_(0, self.data_indices[epoch][t].to(self.device), e)
                 m += e.T @ g
@@ -373,6 +378,29 @@ class DVEmbAttributor:
             self.embeddings[epoch] = emb
         if memory_saving:
             self.clear_cache()
+
+    def _recorded(self, step: Tensor | list[dict[str, Any]]) -> Tensor:
+        if isinstance(step, Tensor):
+            return step.to(self.device)
+        return self._reconstruct([{**f, "A": f["A"].to(self.device), "B": f["B"].to(self.device)} for f in step])
+
+    def _check_recorded(self, steps: dict[int, list[Any]]) -> tuple[int, int, torch.dtype]:
+        """``(n_train, k, dtype)`` of the recorded steps; checks counts and the memory budget."""
+        if not any(steps.values()):
+            raise NotCachedError("No gradients cached. Call `cache_gradients` during training first.")
+        for e in steps:
+            c = (len(steps[e]), len(self.learning_rates.get(e, [])), len(self.data_indices.get(e, [])))
+            if len(set(c)) != 1:
+                raise ShapeError(f"epoch {e} has {c[0]} gradient steps, {c[1]} learning rates and {c[2]} index sets; they must match")
+        n = int(max(int(torch.cat(v).max()) for v in self.data_indices.values() if v)) + 1
+        first = next(g for v in steps.values() for g in v)
+        dtype = first.dtype if isinstance(first, Tensor) else first[0]["A"].dtype
+        k = first.shape[1] if isinstance(first, Tensor) else self._grad_dim
+        item = torch.empty((), dtype=dtype).element_size()
+        planner_for(self.device, self.memory_budget).require(
+            (k * k + 2 * n * k) * item, "DVEmb's (k, k) matrix and embeddings", "set proj_dim"
+        )
+        return n, k, dtype
 
     # ------------------------------------------------------------------ scores
     def _test_features(self, loader: Iterable[Batch]) -> Tensor:
