@@ -167,3 +167,14 @@ def test_return_dtypes_follow_score_dtype():
     assert lds(score, (gt, idx))[0].dtype == torch.float64  # numpy input: float64
     c32 = lds(torch.tensor(score, dtype=torch.float32), (gt, idx))[0]
     np.testing.assert_allclose(c32.numpy(), _lds_oracle(score.astype(np.float32).astype(float), gt, idx), rtol=1e-6)
+
+
+def test_perfect_rank_correlation_is_exactly_one_with_p_zero():
+    # three subsets whose predictions and targets have the same ranks: scipy gives r = 1, p = 0
+    score = torch.tensor([[0.1, 0.2], [0.2, 0.1], [0.3, 0.3], [0.4, 0.4]], dtype=torch.float32)
+    gt = torch.tensor([[0.3, 0.3], [0.4, 0.4], [0.5, 0.3]], dtype=torch.float32)
+    idx = torch.tensor([[0, 1], [0, 2], [1, 2]])
+    corr, pval = lds(score, (gt, idx))
+    ref = stats.spearmanr([0.3, 0.4, 0.5], [0.3, 0.4, 0.5])
+    assert corr[0].item() == ref.statistic == 1.0 and pval[0].item() == ref.pvalue == 0.0
+    assert corr.dtype == torch.float32

@@ -108,11 +108,13 @@ def pearson_columns(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarra
     s = x.shape[0]
     xc = x - x.mean(axis=0, keepdims=True)
     yc = y - y.mean(axis=0, keepdims=True)
-    # Normalise first (as scipy does) so that the products cannot overflow or underflow.
-    nx = np.linalg.norm(xc, axis=0)
-    ny = np.linalg.norm(yc, axis=0)
+    # Scale each column by its largest magnitude first (as scipy does) so that the products
+    # cannot overflow or underflow, then r = sum(x y) / sqrt(sum(x^2) sum(y^2)): one rounded
+    # square root, so that perfectly correlated ranks give exactly 1 (and p = 0, as scipy).
     with np.errstate(invalid="ignore", divide="ignore"):
-        r = np.sum((xc / nx) * (yc / ny), axis=0)
+        xc = xc / np.max(np.abs(xc), axis=0, initial=0.0)
+        yc = yc / np.max(np.abs(yc), axis=0, initial=0.0)
+        r = np.sum(xc * yc, axis=0) / np.sqrt(np.sum(xc * xc, axis=0) * np.sum(yc * yc, axis=0))
     # A constant column has no defined correlation (as in scipy).
     const = np.all(x == x[:1], axis=0) | np.all(y == y[:1], axis=0) if s else np.ones(x.shape[1], bool)
     r = np.where(const | (s < 2), np.nan, np.clip(r, -1.0, 1.0))
