@@ -201,3 +201,10 @@ def test_registered_arguments_round_trip():
                 {"layer_names": []}, {"no_such_key": 1}):
         with pytest.raises(ConfigError):
             cls.from_dict(bad)
+
+
+def test_cache_with_a_loader_says_what_is_missing():
+    x, y, _, _ = _data()
+    att = DVEmbAttributor(_functional_task(_model()))
+    with pytest.raises(ConfigError, match="cache_gradients"):
+        att.cache(DataLoader(TensorDataset(x, y)))

@@ -144,3 +144,20 @@ def test_registered_arguments_round_trip():
         cls.from_dict({"k": 3})
     with pytest.raises(ConfigError):
         cls.from_dict({"k_neighbors": -1})
+
+
+def test_pipeline_builds_it_from_its_config():
+    from types import SimpleNamespace
+
+    from tdabench.pipeline.stages.attributor import make_attributor
+    from tdabench.task import AttributionTask
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).double()
+    task = AttributionTask(lambda p, d: torch.zeros(()), model, model.state_dict())
+    setting = SimpleNamespace(recipe={"lr": 0.1}, kind="classification")
+    cfg = {"method": "KNNShapleyAttributor", "params": {"k_neighbors": 3}, "layer_name": None}
+    att, resolved = make_attributor(cfg, task, model, setting, 1, "cpu")
+    assert isinstance(att, KNNShapleyAttributor) and att.k_neighbors == 3 and att.task is task
+    assert resolved["k_neighbors"] == 3
+    with pytest.raises(ConfigError, match="valid keys"):
+        make_attributor({**cfg, "params": {"k": 3}}, task, model, setting, 1, "cpu")

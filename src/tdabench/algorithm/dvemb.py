@@ -354,6 +354,12 @@ class DVEmbAttributor:
             learning_rates: optional ``{epoch: [per-sample step size of step t]}``.
             memory_saving: drop the recorded steps afterwards.
         """
+        if gradients is not None and not isinstance(gradients, dict):
+            raise ConfigError(
+                f"DVEmbAttributor.cache takes the recorded gradients (a dict), not a {type(gradients).__name__}: "
+                "DVEmb records the training trajectory with cache_gradients() during training, then cache(); "
+                "a pipeline's attribute stage needs a train stage that records it"
+            )
         if gradients is not None:
             if self.cached_factors:
                 raise ConfigError("external gradients cannot replace recorded factors; use factorization_type='none' or a proj_dim")

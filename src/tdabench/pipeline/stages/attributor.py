@@ -127,8 +127,9 @@ def make_attributor(
     cls, kwargs = attributor_arguments(a, model, setting, num_ckpts)
     if "correct_probability_func" in _declared(cls):
         kwargs["correct_probability_func"] = make_probability_func(model, setting.kind)
-    try:
-        attributor = cls(task, device=device, **kwargs)
+    first = next((n for n in _declared(cls) if n != "self"), None)
+    try:  # task positionally where it comes first (dattri's shapes), else by name (KNN-Shapley)
+        attributor = cls(task, device=device, **kwargs) if first == "task" else cls(task=task, device=device, **kwargs)
     except TypeError as exc:  # a parameter the signature check could not see (e.g. **kwargs)
         raise ConfigError(f"{cls.__name__}: {exc}; fix params in the attributor's config") from exc
     resolved = getattr(attributor, "hyperparameters", dict)()
