@@ -1,4 +1,5 @@
-# attribute (one job per attributor x benchmark) and evaluate (LDS / LOO / AUC of its scores).
+# attribute (one job per attributor x benchmark), evaluate (LDS / LOO / AUC of its scores) and,
+# where a benchmark lists it in its metrics, brittleness (retrains without top-attributed samples).
 
 
 rule attribute:
@@ -43,3 +44,18 @@ rule evaluate:
         "{TDABENCH} evaluate --benchmark {wildcards.b} --spec {params.spec:q} "
         "--scores {input.scores} --self-scores {input.self_scores} {params.gt} "
         "--noisy {input.noisy} --out {output.metrics} --curves-out {output.curves} --log {log}"
+
+
+rule brittleness:
+    input:
+        scores=pulled(lambda w: P[w.b]["scores"][w.method]),
+    output:
+        out=f"{R}/brittleness/{{b}}/{{method}}.json",
+    params:
+        spec=spec("brittleness", method="method"),
+        store=lambda w: P[w.b]["brittleness"][w.method]["store"],
+    log:
+        f"{LOGS}/{{b}}/brittleness-{{method}}.log",
+    shell:
+        "{TDABENCH} brittleness --benchmark {wildcards.b} --spec {params.spec:q} "
+        "--scores {input.scores} --store {params.store} --out {output.out} --log {log}"

@@ -35,6 +35,8 @@ LAUNCHER_RESOURCES = dict(
 TDABENCH = f"{sys.executable} -m tdabench.pipeline"
 
 REPORT = [f"{R}/report.md", f"{R}/report.html", f"{R}/summary.csv"]
+# brittleness results of the benchmarks whose metrics list it (retrains models; empty by default)
+BRITTLENESS = [e["out"] for b in BENCHMARKS for e in P[b].get("brittleness", {}).values()]
 
 
 wildcard_constraints:

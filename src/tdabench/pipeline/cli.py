@@ -179,6 +179,7 @@ _SPEC_KEYS = {
     "merge": ("groundtruth", ("kind", "setting", "overrides", "data", "recipe", "spec")),
     "attribute": ("attribute", ("train", "method", "attributor", "num_test")),
     "evaluate": ("evaluate", ("method", "metrics", "targets", "evaluate")),
+    "brittleness": ("brittleness", ("method", "attribute", "brittleness")),
     "report": ("report", ("benchmarks", "report")),
 }
 
@@ -345,6 +346,35 @@ def cmd_evaluate(ctx: _Ctx) -> int:
     return 0
 
 
+def cmd_brittleness(ctx: _Ctx) -> int:
+    a = ctx.args
+    method = ctx.need("method") if not a.spec else None
+    spec = ctx.spec("brittleness", method=method)
+    method = spec["method"]
+    p = ctx.paths
+
+    def planned() -> dict[str, str]:
+        from tdabench.errors import ConfigError
+
+        entry = p().get("brittleness", {}).get(method)
+        if entry is None:
+            raise ConfigError(
+                f"benchmark {ctx.args.benchmark!r} does not list brittleness in its metrics; add it, or pass "
+                "--scores, --store and --out"
+            )
+        return entry
+
+    _stages().brittleness(
+        spec,
+        ctx.need("benchmark"),
+        ctx.path("scores", lambda: p()["scores"][method]),
+        ctx.path("out", lambda: planned()["out"]),
+        ctx.path("store", lambda: planned()["store"]),
+        ctx.device(),
+    )
+    return 0
+
+
 def _metric_args(items: list[str]) -> dict[str, dict[str, str]]:
     """``["bench:method=path", ...]`` -> ``{bench: {method: path}}`` (ConfigError if garbled)."""
     from tdabench.errors import ConfigError
@@ -485,6 +515,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--noisy")
     s.add_argument("--out")
     s.add_argument("--curves-out")
+    s = stage(
+        "brittleness", cmd_brittleness, "fewest top-attributed removals that flip a prediction (retrains)"
+    )
+    s.add_argument("--method")
+    s.add_argument("--scores")
+    s.add_argument("--store", help="brittleness store directory (keyed, resumable)")
+    s.add_argument("--out")
+    s.add_argument("--device", default="auto")
     s = stage("report", cmd_report, "results/report.md + report.html + plots")
     s.add_argument("--metrics", action="append", metavar="BENCH:METHOD=PATH")
     s.add_argument("--out-md")

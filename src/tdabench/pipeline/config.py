@@ -44,7 +44,7 @@ __all__ = [
     "validate",
 ]
 
-STAGES = ("prepare", "train", "groundtruth", "merge", "attribute", "evaluate", "report")
+STAGES = ("prepare", "train", "groundtruth", "merge", "attribute", "evaluate", "brittleness", "report")
 
 #: Metrics evaluated when a benchmark file says ``metrics: null`` (mirrors BenchmarkSetting.metrics
 #: of tdabench.benchmark without importing torch at workflow-parse time).
@@ -384,6 +384,13 @@ def stage_spec(
             "attributor": cfg["attributor_configs"][method],
             "num_test": b["data"]["num_test"],
         }
+    if stage == "brittleness":
+        return {
+            "stage": "brittleness",
+            "method": method,
+            "attribute": stage_spec(cfg, "attribute", benchmark, method=method),
+            "brittleness": b["brittleness"],
+        }
     # evaluate
     return {
         "stage": "evaluate",
@@ -414,6 +421,8 @@ def paths(cfg: Mapping[str, Any], benchmark: str) -> dict[str, Any]:
         results/<b>/scores/<method>/<h>/scores.parquet, self.parquet   attribute
         results/metrics/<b>/<method>.json                        evaluate (stable name for dvc metrics)
         results/<b>/plots/<method>.json                          evaluate (ROC / LOO scatter data)
+        results/<b>/brittleness/<method>/<h>/shards/             brittleness store (if in metrics)
+        results/brittleness/<b>/<method>.json                    brittleness
     """
     R = cfg["results_dir"]
     b = cfg["benchmark_configs"][benchmark]
@@ -444,4 +453,10 @@ def paths(cfg: Mapping[str, Any], benchmark: str) -> dict[str, Any]:
         out["scores"][m] = f"{root}/scores/{m}/{h}/scores.parquet"
         out["self_scores"][m] = f"{root}/scores/{m}/{h}/self.parquet"
         out["metrics"][m] = f"{R}/metrics/{benchmark}/{m}.json"
+        if "brittleness" in b["metrics"]:
+            hb = spec_hash(stage_spec(cfg, "brittleness", benchmark, method=m))
+            out.setdefault("brittleness", {})[m] = {
+                "store": f"{root}/brittleness/{m}/{hb}",
+                "out": f"{R}/brittleness/{benchmark}/{m}.json",
+            }
     return out

@@ -8,7 +8,8 @@ library and writes stamped outputs atomically:
 * :mod:`.train` -- reference models (:mod:`tdabench.groundtruth.reference`);
 * :mod:`.groundtruth` -- retraining shards through the launcher; :mod:`.merge` -- one file;
 * :mod:`.attribute` -- scores (attributors built by :mod:`.attributor` from their config);
-* :mod:`.evaluate` -- LDS / LOO / AUC; :mod:`.report` -- the report renderer.
+* :mod:`.evaluate` -- LDS / LOO / AUC; :mod:`.brittleness` -- removals that flip a prediction;
+  :mod:`.report` -- the report renderer.
 
 ``TDABENCH_STAGES`` may name another module with the same functions (the pipeline's tests use
 ``toy_stages`` from ``tests/pipeline``).
@@ -17,6 +18,7 @@ library and writes stamped outputs atomically:
 from __future__ import annotations
 
 from tdabench.pipeline.stages.attribute import attribute
+from tdabench.pipeline.stages.brittleness import brittleness
 from tdabench.pipeline.stages.evaluate import evaluate
 from tdabench.pipeline.stages.groundtruth import (
     GroundTruthShard,
@@ -32,6 +34,7 @@ from tdabench.pipeline.stages.train import train
 __all__ = [
     "GroundTruthShard",
     "attribute",
+    "brittleness",
     "evaluate",
     "groundtruth",
     "merge",
