@@ -178,3 +178,13 @@ def test_perfect_rank_correlation_is_exactly_one_with_p_zero():
     ref = stats.spearmanr([0.3, 0.4, 0.5], [0.3, 0.4, 0.5])
     assert corr[0].item() == ref.statistic == 1.0 and pval[0].item() == ref.pvalue == 0.0
     assert corr.dtype == torch.float32
+
+
+def test_auc_takes_dattris_keyword():
+    s, noise = torch.arange(10.0), torch.zeros(10)
+    noise[7:] = 1
+    assert mislabel_detection_auc(score=s, ground_truth=noise)[0] == pytest.approx(1.0, abs=1e-15)
+    with pytest.raises(ConfigError):
+        mislabel_detection_auc(s, noise, ground_truth=noise)
+    with pytest.raises(ConfigError):
+        mislabel_detection_auc(s)

@@ -439,7 +439,11 @@ def _roc_curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def mislabel_detection_auc(
-    score: ArrayLike, noise_index: ArrayLike, *, as_mask: bool | None = None
+    score: ArrayLike,
+    noise_index: ArrayLike | None = None,
+    *,
+    as_mask: bool | None = None,
+    ground_truth: ArrayLike | None = None,
 ) -> tuple[float, tuple[Tensor, Tensor, Tensor]]:
     """ROC AUC of flagging mislabeled training samples by self-influence.
 
@@ -451,11 +455,13 @@ def mislabel_detection_auc(
             docstring says how the two are told apart).
         as_mask: ``True``/``False`` force reading ``noise_index`` as a mask / as indices;
             ``None`` (default) infers it and raises on the ambiguous case.
+        ground_truth: dattri's keyword name for ``noise_index`` (pass one of the two).
 
     Returns:
         ``(auc, (fpr, tpr, thresholds))``. ``auc`` is the probability that a random
         flipped sample scores higher than a random clean one, ties counting one half
-        (the trapezoidal area under the curve below, which equals it). The curve holds
+        (computed as the trapezoidal area under the curve below, which equals it up to
+        rounding, so that ``sklearn.metrics.auc(fpr, tpr) == auc`` exactly). The curve holds
         one point per distinct score (descending thresholds, a sample is flagged when its
         score ``>=`` the threshold), starting at ``(0, 0)`` with threshold ``+inf``; each
         is a float64 tensor.
@@ -466,6 +472,9 @@ def mislabel_detection_auc(
             ambiguous.
         DataError: no flipped or no clean sample.
     """
+    if (noise_index is None) == (ground_truth is None):
+        raise ConfigError("pass the flipped samples once: noise_index (or dattri's ground_truth=)")
+    noise_index = noise_index if noise_index is not None else ground_truth
     s = _np(score, "score")
     if s.ndim == 2:
         if s.shape[0] != s.shape[1]:
