@@ -438,6 +438,24 @@ def _roc_curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return fpr, tpr, thresholds
 
 
+def _self_scores(score: ArrayLike) -> np.ndarray:
+    """``(n_train,)`` finite self-influence scores (the diagonal of a square matrix)."""
+    s = _np(score, "score")
+    if s.ndim == 2:
+        if s.shape[0] != s.shape[1]:
+            raise ShapeError(f"a 2-d score must be square (n_train, n_train) to use its diagonal, got {tuple(s.shape)}")
+        s = np.diagonal(s).copy()
+    if s.ndim != 1 or s.size == 0:
+        raise ShapeError(f"self-influence scores must have shape (n_train,), got {tuple(s.shape)}")
+    if not np.all(np.isfinite(s)):
+        bad = np.flatnonzero(~np.isfinite(s))
+        raise NonFiniteError(
+            f"{bad.size} self-influence scores are NaN or inf (first: train {bad[:5].tolist()}); "
+            "fix the attributor (e.g. add regularization)"
+        )
+    return s
+
+
 def mislabel_detection_auc(
     score: ArrayLike,
     noise_index: ArrayLike | None = None,
@@ -475,19 +493,7 @@ def mislabel_detection_auc(
     if (noise_index is None) == (ground_truth is None):
         raise ConfigError("pass the flipped samples once: noise_index (or dattri's ground_truth=)")
     noise_index = noise_index if noise_index is not None else ground_truth
-    s = _np(score, "score")
-    if s.ndim == 2:
-        if s.shape[0] != s.shape[1]:
-            raise ShapeError(f"a 2-d score must be square (n_train, n_train) to use its diagonal, got {tuple(s.shape)}")
-        s = np.diagonal(s).copy()
-    if s.ndim != 1 or s.size == 0:
-        raise ShapeError(f"self-influence scores must have shape (n_train,), got {tuple(s.shape)}")
-    if not np.all(np.isfinite(s)):
-        bad = np.flatnonzero(~np.isfinite(s))
-        raise NonFiniteError(
-            f"{bad.size} self-influence scores are NaN or inf (first: train {bad[:5].tolist()}); "
-            "fix the attributor (e.g. add regularization)"
-        )
+    s = _self_scores(score)
     n = s.size
     kind, a = _selection(noise_index, n, "noise_index", 1, as_mask)
     if kind == "mask":
