@@ -4,8 +4,7 @@
 Score convention: a high score means the training sample helps the test sample (removing it
 would raise the test loss)."""
 
-from tdabench.algorithm.arguments import arguments_for
-from tdabench.algorithm.arguments import register_arguments
+from tdabench.algorithm.arguments import arguments_for, register_arguments
 from tdabench.algorithm.base import BaseAttributor
 from tdabench.algorithm.data_shapley import KNNShapleyAttributor
 from tdabench.algorithm.dvemb import DVEmbAttributor
