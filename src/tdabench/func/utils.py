@@ -292,3 +292,144 @@ def rechunk_batches(batches: Sequence[Batch], size: int) -> list[Batch]:
     pool = concat_batches(batches)
     n = sum(batch_size_of(b) for b in batches)
     return [take_rows(pool, slice(s, min(n, s + size))) for s in range(0, n, size)]
+
+
+# ---------------------------------------------------------------------------------------------
+# dattri 0.3.0 names (func.utils): flatten_func, partial_param, get_parameter_chunk_sizes.
+# ``flatten_params`` above already has dattri's semantics (dict order, one flat vector).
+# ---------------------------------------------------------------------------------------------
+def _trainable_spec(model: torch.nn.Module) -> ParamSpec:
+    """ParamSpec of the parameters of ``model`` that require a gradient (model order)."""
+    named = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    if not named:
+        raise ConfigError("the model has no parameter with requires_grad=True; flatten_func has nothing to unflatten")
+    return ParamSpec.from_params(named)
+
+
+def _unflatten_arg(arg: Any, spec: ParamSpec) -> dict[str, Tensor]:
+    if isinstance(arg, Mapping):
+        return dict(arg)  # already named: pass it through unchanged
+    if isinstance(arg, (tuple, list)):
+        if len(arg) != len(spec.names):
+            raise ShapeError(
+                f"flatten_func got a tuple of {len(arg)} tensors but the model has {len(spec.names)} trainable "
+                "parameter tensors; pass one tensor per parameter (model order) or one flat vector"
+            )
+        return {n: t.reshape(s) for n, t, s in zip(spec.names, arg, spec.shapes, strict=True)}
+    if not isinstance(arg, Tensor):
+        raise ConfigError(f"flatten_func expected a flat parameter tensor, got {type(arg).__name__}")
+    return spec.unflatten(arg)
+
+
+def flatten_func(model: torch.nn.Module, param_num: int = 0) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: let a function of named parameters take one flat parameter vector.
+
+    ``flatten_func(model)(f)`` is ``g`` with ``g(flat, *rest) == f(unflatten(flat), *rest)``,
+    where the flat vector of shape ``(d,)`` concatenates the model's trainable parameters in
+    ``model.named_parameters()`` order (the inverse of :func:`flatten_params` on them). A tuple
+    of per-parameter tensors (layer-wise form) and a ``{name: tensor}`` dict are accepted too.
+
+    Args:
+        model: the model whose trainable parameters give names and shapes.
+        param_num: position of the parameter argument in the wrapped function's arguments.
+
+    Returns:
+        A decorator ``Callable -> Callable``.
+    """
+    import functools
+
+    spec = _trainable_spec(model)
+
+    def decorator(function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def flattened(*args: Any, **kwargs: Any) -> Any:
+            if param_num >= len(args):
+                raise ConfigError(f"flatten_func(param_num={param_num}) but the function got {len(args)} positional arguments")
+            new_args = list(args)
+            new_args[param_num] = _unflatten_arg(args[param_num], spec)
+            return function(*new_args, **kwargs)
+
+        return flattened
+
+    return decorator
+
+
+def partial_param(
+    full_param: Mapping[str, Tensor], layer_name: Sequence[str], param_num: int = 0
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: let a function of the full flat parameters take only some layers' parameters.
+
+    ``partial_param(full, ["fc.weight", "fc.bias"])(f)`` is ``g`` with ``g(part, *rest) ==
+    f(flatten_params(full with those entries replaced by slices of part), *rest)``: ``part``
+    of shape ``(d_part,)`` concatenates the named parameters in the order of ``layer_name``;
+    every other parameter keeps its value in ``full_param``. ``full_param`` is not modified.
+
+    Args:
+        full_param: every parameter, ``{name: tensor}`` (its order defines the flat layout).
+        layer_name: names of the parameters that become the function's input.
+        param_num: position of the parameter argument in the wrapped function's arguments.
+
+    Returns:
+        A decorator ``Callable -> Callable``.
+    """
+    names = [layer_name] if isinstance(layer_name, str) else list(layer_name)
+    missing = [n for n in names if n not in full_param]
+    if missing:
+        raise ConfigError(f"partial_param: {missing} are not in full_param (available: {list(full_param)})")
+    base = dict(full_param)
+    sizes = [int(base[n].numel()) for n in names]
+    import functools
+
+    def decorator(function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def partial(*args: Any, **kwargs: Any) -> Any:
+            part = args[param_num]
+            if part.dim() != 1 or part.shape[0] != sum(sizes):
+                raise ShapeError(f"partial_param expected a vector of shape ({sum(sizes)},), got {tuple(part.shape)}")
+            params = dict(base)
+            for n, piece in zip(names, torch.split(part, sizes), strict=True):
+                params[n] = piece.reshape(base[n].shape)
+            new_args = list(args)
+            new_args[param_num] = flatten_params(params)
+            return function(*new_args, **kwargs)
+
+        return partial
+
+    return decorator
+
+
+def get_parameter_chunk_sizes(param_shape_list: Sequence[int], batch_size: int) -> tuple[int, list[int]]:
+    """Group parameter counts into chunks a 32-bit-indexed projection kernel can address.
+
+    A chunk holds at most ``max_chunk_size = (2**32 - 1) // (2 * batch_size)`` parameters
+    (so ``batch_size`` rows of one chunk, doubled for the projection's workspace, stay
+    below ``2**32``). Consecutive counts are summed greedily; a chunk is closed before a count
+    that would reach the limit, and a count of ``max_chunk_size`` or more is split into full
+    chunks plus its remainder.
+
+    Args:
+        param_shape_list: number of features (parameters) of each block, e.g. per module.
+        batch_size: rows projected at once, ``>= 1``.
+
+    Returns:
+        ``(max_chunk_size, params_per_chunk)``; ``params_per_chunk`` is ``[0]`` when there is
+        nothing to chunk.
+    """
+    if isinstance(batch_size, bool) or int(batch_size) < 1:
+        raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
+    max_chunk = (2**32 - 1) // (int(batch_size) * 2)
+    chunks: list[int] = []
+    acc = 0
+    for count in (int(c) for c in param_shape_list):
+        if acc + count >= max_chunk and acc > 0:
+            chunks.append(acc)
+            acc = 0
+        full, count = divmod(count, max_chunk) if count >= max_chunk else (0, count)
+        chunks.extend([max_chunk] * full)
+        acc += count
+    if acc > 0:
+        chunks.append(acc)
+    return max_chunk, chunks or [0]
+
+
+__all__ += ["flatten_func", "get_parameter_chunk_sizes", "partial_param"]

@@ -14,6 +14,25 @@ Directory layout::
         metadata: "index", "run", "seed", "subset" (LDS, JSON list of sorted training
         indices) or "removed" (LOO), "sampling_key", "tensors_sha256"
 
+dattri's layout, written beside it (``dattri_layout=True``, the default) so that dattri's
+users and its ``calculate_lds_ground_truth`` read the same directory::
+
+    <path>/metadata.yml      LDS: {"mode": "lds", "data_length", "train_func", "num_subsets",
+                              "subset_ratio", "num_runs_per_subset", "subset_dir_map": {i: "<path>/i"}}
+                             LOO: {"mode": "loo", "data_length", "train_func", "indices",
+                              "map_index_dir": {i: "<path>/index_i"}}
+    <path>/<i>/indices.txt           LDS subset i, one training index per line (sorted)
+    <path>/<i>/model_weights_<r>.pt  its run-r state dict
+    <path>/index_<i>/model_weights.pt  LOO model without sample i: a state dict (dattri saves
+                                     the whole pickled module there; we never pickle objects)
+
+The ``.pt`` files are tensor-only torch files (``torch.load(..., weights_only=True)`` reads
+them); they duplicate the safetensors models, so pass ``dattri_layout=False`` to save the disk.
+``metadata.yml`` is rewritten after every model from what is complete on disk, so it stays
+valid through interruptions and slices: ``subset_dir_map`` lists every complete subset and
+``num_subsets`` counts the complete ones ``0, 1, ...`` without a gap (dattri's reader walks
+``range(num_subsets)``).
+
 Determinism: LDS subset ``i`` is ``subset_indices(sampling_key("lds", seed, n_train,
 subset_ratio), i, n_train, subset_ratio)`` -- a pure function of (seed, i, n_train, ratio),
 identical to the subsets of a :mod:`tdabench.groundtruth` store with the same seed -- and the
@@ -27,6 +46,7 @@ seeded by the model seed.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -37,6 +57,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
@@ -204,12 +225,83 @@ def _train_and_save(
     return shapes
 
 
+# ------------------------------------------------------------------ dattri's layout
+def _dattri_weights(root: Path, kind: str, index: int, run: int) -> Path:
+    if kind == "lds":
+        return root / str(index) / f"model_weights_{run}.pt"
+    return root / f"index_{index}" / "model_weights.pt"
+
+
+def _export_dattri_model(root: Path, kind: str, index: int, run: int) -> None:
+    """Write the tensor-only ``.pt`` copy of a saved model if it is missing."""
+    target = _dattri_weights(root, kind, index, run)
+    if target.exists():
+        return
+    state = load_retrained_state(_model_path(root, kind, index, run), verify=False)
+    buf = io.BytesIO()
+    torch.save({k: v.contiguous() for k, v in state.items()}, buf)
+    atomic_write_bytes(target, buf.getvalue())
+
+
+def _export_dattri_indices(root: Path, index: int, subset: np.ndarray) -> None:
+    target = root / str(index) / "indices.txt"
+    if not target.exists():
+        atomic_write_bytes(target, "\n".join(str(int(i)) for i in subset).encode())
+
+
+def _complete_dattri(root: Path, kind: str, runs: int) -> list[int]:
+    """Indices whose every run is saved (safetensors) and exported (``.pt``), sorted."""
+    _, models = list_retrained(root)
+    by_index: dict[int, set[int]] = {}
+    for index, run, _ in models:
+        by_index.setdefault(index, set()).add(run)
+    done = []
+    for index, have in sorted(by_index.items()):
+        if not all(r in have and _dattri_weights(root, kind, index, r).exists() for r in range(runs)):
+            continue
+        if kind == "lds" and not (root / str(index) / "indices.txt").exists():
+            continue
+        done.append(index)
+    return done
+
+
+def _write_dattri_metadata(path: str | os.PathLike, manifest: Mapping[str, Any], train_func: Callable[..., Any]) -> None:
+    """(Re)write ``<path>/metadata.yml`` in dattri's format from what is complete on disk."""
+    root, kind = Path(path), manifest["kind"]
+    runs = int(manifest["num_runs_per_subset"])
+    done = _complete_dattri(root, kind, runs)
+    name = getattr(train_func, "__name__", type(train_func).__name__)
+    if kind == "lds":
+        prefix = 0
+        while prefix < len(done) and done[prefix] == prefix:
+            prefix += 1
+        meta: dict[str, Any] = {
+            "mode": "lds",
+            "data_length": int(manifest["n_train"]),
+            "train_func": name,
+            "num_subsets": prefix,
+            "subset_ratio": float(manifest["subset_ratio"]),
+            "num_runs_per_subset": runs,
+            "subset_dir_map": {i: str(Path(path) / str(i)) for i in done},
+        }
+    else:
+        meta = {
+            "mode": "loo",
+            "data_length": int(manifest["n_train"]),
+            "train_func": name,
+            "indices": done,
+            "map_index_dir": {i: str(Path(path) / f"index_{i}") for i in done},
+        }
+    atomic_write_bytes(root / "metadata.yml", yaml.safe_dump(meta, sort_keys=False).encode())
+
+
 def retrain_loo(
     train_func: Callable[..., Any],
     dataloader: DataLoader,
     path: str | os.PathLike,
     indices: Sequence[int] | None = None,
     seed: int = 0,
+    dattri_layout: bool = True,
     **kwargs: Any,
 ) -> None:
     """Retrain one model per removed training sample and save each (resumable).
@@ -221,6 +313,8 @@ def retrain_loo(
         path: output directory (see the module docstring for its layout).
         indices: training indices to leave out (default: all).
         seed: base seed; model seeds derive from ``(seed, index)``.
+        dattri_layout: also write dattri's ``metadata.yml`` and ``index_<i>/model_weights.pt``
+            (state dicts; see the module docstring).
         **kwargs: passed to ``train_func`` and recorded in the manifest.
 
     Raises:
@@ -256,11 +350,16 @@ def retrain_loo(
     root = _open_dir(path, manifest)
     ref = _reference_shapes(root)
     everything = np.arange(n)
-    for i in idx:
-        if _saved_ok(_model_path(root, "loo", i, 0)) is not None:
-            continue
-        meta = {"format": RETRAIN_FORMAT, "kind": "loo", "index": str(i), "removed": str(i), "sampling_key": skey}
-        ref = _train_and_save(train_func, dataloader, root, "loo", i, 0, everything[everything != i], skey, meta, ref, kwargs)
+    try:
+        for i in idx:
+            if _saved_ok(_model_path(root, "loo", i, 0)) is None:
+                meta = {"format": RETRAIN_FORMAT, "kind": "loo", "index": str(i), "removed": str(i), "sampling_key": skey}
+                ref = _train_and_save(train_func, dataloader, root, "loo", i, 0, everything[everything != i], skey, meta, ref, kwargs)
+            if dattri_layout:
+                _export_dattri_model(root, "loo", i, 0)
+    finally:
+        if dattri_layout:  # also after an interruption: it lists what is complete
+            _write_dattri_metadata(path, manifest, train_func)
 
 
 def retrain_lds(
@@ -273,6 +372,7 @@ def retrain_lds(
     start_id: int = 0,
     total_num_subsets: int = 0,
     seed: int = 0,
+    dattri_layout: bool = True,
     **kwargs: Any,
 ) -> None:
     """Retrain models on random subsets for the LDS ground truth and save each (resumable).
@@ -289,6 +389,8 @@ def retrain_lds(
         total_num_subsets: size of the global set (``0``: no limit). When ``> 0``,
             ``start_id + num_subsets`` must not exceed it.
         seed: base seed; subset ``i`` depends only on ``(seed, i, n_train, subset_ratio)``.
+        dattri_layout: also write dattri's ``metadata.yml``, ``<i>/indices.txt`` and
+            ``<i>/model_weights_<r>.pt`` (see the module docstring).
         **kwargs: passed to ``train_func`` and recorded in the manifest.
     """
     n = _n_train(dataloader)
@@ -317,13 +419,20 @@ def retrain_lds(
     }
     root = _open_dir(path, manifest)
     ref = _reference_shapes(root)
-    for i in range(int(start_id), int(start_id) + int(num_subsets)):
-        sub = subset_indices(skey, i, n, float(subset_ratio))
-        meta = {"format": RETRAIN_FORMAT, "kind": "lds", "index": str(i), "subset": json.dumps(sub.tolist()), "sampling_key": skey}
-        for r in range(int(num_runs_per_subset)):
-            if _saved_ok(_model_path(root, "lds", i, r)) is not None:
-                continue
-            ref = _train_and_save(train_func, dataloader, root, "lds", i, r, sub, skey, meta, ref, kwargs)
+    try:
+        for i in range(int(start_id), int(start_id) + int(num_subsets)):
+            sub = subset_indices(skey, i, n, float(subset_ratio))
+            meta = {"format": RETRAIN_FORMAT, "kind": "lds", "index": str(i), "subset": json.dumps(sub.tolist()), "sampling_key": skey}
+            for r in range(int(num_runs_per_subset)):
+                if _saved_ok(_model_path(root, "lds", i, r)) is None:
+                    ref = _train_and_save(train_func, dataloader, root, "lds", i, r, sub, skey, meta, ref, kwargs)
+                if dattri_layout:
+                    _export_dattri_model(root, "lds", i, r)
+            if dattri_layout:
+                _export_dattri_indices(root, i, sub)
+    finally:
+        if dattri_layout:  # also after an interruption: it lists what is complete
+            _write_dattri_metadata(path, manifest, train_func)
 
 
 def load_retrained_state(ckpt_path: str | os.PathLike, verify: bool = True) -> dict[str, Tensor]:
