@@ -595,3 +595,30 @@ class ProjectorSet:
             self._kept[seed_offset] = proj
             self.retained_bytes += need
         return proj
+
+
+# ---------------------------------------------------------------------------------------------
+# dattri 0.3.0's projector names (BasicProjector, CudaProjector, ArnoldiProjector, random_project,
+# ...), implemented in tdabench.func._projectors_compat on top of Projector and resolved lazily
+# here (that module imports this one).
+# ---------------------------------------------------------------------------------------------
+_DATTRI_PROJECTOR_NAMES = (
+    "AbstractProjector",
+    "ArnoldiProjector",
+    "BasicProjector",
+    "ChunkedCudaProjector",
+    "CudaProjector",
+    "ProjectionType",
+    "arnoldi_project",
+    "make_random_projector",
+    "random_project",
+)
+__all__ += list(_DATTRI_PROJECTOR_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DATTRI_PROJECTOR_NAMES:
+        from tdabench.func import _projectors_compat
+
+        return getattr(_projectors_compat, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
