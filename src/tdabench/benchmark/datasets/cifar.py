@@ -13,10 +13,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch.nn.functional as F
 from torch import Tensor
 
-from tdabench.benchmark.data import load_cifar
+from tdabench.benchmark.data import find_cifar_batches, load_cifar, read_cifar_batch
 from tdabench.benchmark.datasets._common import (
     LabelledDataset,
     evaluate_per_sample,
@@ -37,10 +38,6 @@ __all__ = [
     "train_cifar_resnet9",
 ]
 
-#: Cat and dog per class in CIFAR-10: 5,000 training and 1,000 test images.
-_PER_CLASS_TRAIN, _PER_CLASS_TEST = 5000, 1000
-
-
 def _require(path: str | os.PathLike) -> Path:
     root = Path(path)
     if not root.exists():
@@ -52,14 +49,22 @@ def _require(path: str | os.PathLike) -> Path:
     return root
 
 
+def _count(files: dict[str, Path], names: tuple[str, ...], classes: tuple[int, ...] | None) -> int:
+    labels = np.concatenate([read_cifar_batch(files[n])[1] for n in names])
+    return int(labels.size if classes is None else np.isin(labels, classes).sum())
+
+
 def _datasets(path: str | os.PathLike, classes: tuple[int, ...] | None) -> tuple[LabelledDataset, LabelledDataset]:
-    k = 10 if classes is None else len(classes)
-    data = load_cifar(_require(path), k * _PER_CLASS_TRAIN, k * _PER_CLASS_TEST, classes)
+    """Every image of the batches (after the class filter), in file order."""
+    files = find_cifar_batches(_require(path))
+    n_train = _count(files, tuple(f"data_batch_{i}" for i in range(1, 6)), classes)
+    n_test = _count(files, ("test_batch",), classes)
+    data = load_cifar(path, n_train, n_test, classes)
     return LabelledDataset(*data.train[:2]), LabelledDataset(*data.test[:2])
 
 
 def create_cifar2_dataset(path: str | os.PathLike) -> tuple[LabelledDataset, LabelledDataset]:
-    """CIFAR-2: every cat (label 0) and dog (label 1) image of CIFAR-10, 10,000 / 2,000.
+    """CIFAR-2: every cat (label 0) and dog (label 1) image of CIFAR-10 (10,000 / 2,000).
 
     Args:
         path: folder with the CIFAR-10 python batches (``data_batch_1..5``, ``test_batch``).

