@@ -8,7 +8,12 @@ from torch import nn
 from torch.func import functional_call
 
 from tdabench.errors import ConfigError, ShapeError
-from tdabench.func.utils import flatten_func, flatten_params, get_parameter_chunk_sizes, partial_param
+from tdabench.func.utils import (
+    flatten_func,
+    flatten_params,
+    get_parameter_chunk_sizes,
+    partial_param,
+)
 
 
 @pytest.fixture
