@@ -61,7 +61,11 @@ def _generated(root: Path, seq_len: int) -> LabelledDataset:
 
 
 def create_maestro_datasets(
-    dataset_path: str | os.PathLike | None = None, generated_music: bool = False
+    dataset_path: str | os.PathLike | None = None,
+    generated_music: bool = False,
+    *,
+    n_train: int | None = None,
+    n_test: int | None = None,
 ) -> tuple[LabelledDataset, LabelledDataset]:
     """Event-token sequences for training and testing, read offline (never downloaded).
 
@@ -72,6 +76,7 @@ def create_maestro_datasets(
             setting (music21's Bach chorales; 64 / 16 sequences of 32 tokens).
         generated_music: test on the MIDI files in ``dataset_path/generated_music`` instead
             (first 256-token window of each).
+        n_train, n_test: override the setting's numbers of sequences (tdabench extension).
 
     Returns:
         ``(train, test)`` datasets of ``(inputs (T,), labels (T,))`` int64; labels are the inputs
@@ -92,10 +97,12 @@ def create_maestro_datasets(
             "(or v2) there so that it holds maestro-v*.csv and the MIDI folders; or pass None for the "
             "offline Bach-chorale stand-in"
         )
-    data = get_setting(_SETTING).load(data_root=root)
-    if generated_music:
-        return LabelledDataset(*data.train[:2]), _generated(root, get_setting(_SETTING).data_config["seq_len"])
-    return LabelledDataset(*data.train[:2]), LabelledDataset(*data.test[:2])
+    sizes = {k: int(v) for k, v in (("n_train", n_train), ("n_test", n_test)) if v is not None}
+    setting = get_setting(_SETTING, **sizes)
+    generated = _generated(root, setting.data_config["seq_len"]) if generated_music else None
+    data = setting.load(data_root=root)
+    test = generated if generated is not None else LabelledDataset(*data.test[:2])
+    return LabelledDataset(*data.train[:2]), test
 
 
 def create_musictransformer_model(device: str = "cpu") -> torch.nn.Module:
