@@ -33,7 +33,12 @@ from tdabench.benchmark.datasets._common import (
     seed_everything,
     train_epochs,
 )
-from tdabench.benchmark.settings import BenchmarkSetting, get_setting, list_settings
+from tdabench.benchmark.settings import (
+    RECIPE_DEFAULTS,
+    BenchmarkSetting,
+    get_setting,
+    list_settings,
+)
 from tdabench.benchmark.targets import margin_from_logits
 from tdabench.benchmark.utils import SubsetSampler
 from tdabench.errors import ConfigError, DataError, StoreError
@@ -90,7 +95,10 @@ def _setting_and_data(identifier: str, root: Path, config: dict[str, Any]) -> tu
             f"no data/<hash>/meta.json under {str(root)!r} matches the ground truth's data; "
             f"{_commands(identifier, root.parent)}"
         )
-    setting = get_setting(spec["setting"], **spec.get("overrides", {}))
+    # the recipe the ground truth was trained with (the trainer's fingerprint) also drives train_func
+    recipe = (config.get("trainer") or {}).get("recipe") or {}
+    recipe = {k: v for k, v in recipe.items() if k in RECIPE_DEFAULTS}
+    setting = get_setting(spec["setting"], **{**spec.get("overrides", {}), **recipe})
     data = setting.load(data_root=spec.get("data_root"), seed=spec["data"]["seed"])
     if data_meta is not None and data.meta != data_meta:
         raise DataError(
