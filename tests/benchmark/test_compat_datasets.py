@@ -227,3 +227,43 @@ def test_offline_standins_route_to_the_settings_loaders(monkeypatch):
     monkeypatch.setattr(shakespeare_char, "load_char_corpus", fake_corpus)
     shakespeare_char.create_shakespeare_dataset(None, block_size=16)
     assert calls[-1] == ("corpus", None, 16, None, None)
+
+
+def test_imagenet_helpers(tmp_path):
+    from PIL import Image
+
+    from tdabench.benchmark.datasets import imagenet
+
+    for split in ("train", "val"):
+        for c, color in (("n01", (255, 0, 0)), ("n02", (0, 128, 255))):
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("RGB", (300, 260), color).save(tmp_path / split / c / "a.png")
+    tr, va = imagenet.create_imagenet_dataset(tmp_path)
+    assert len(tr) == 2 and tr.classes == ["n01", "n02"] and tr.targets == [0, 1]
+    x, label = va[1]
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    expect = (torch.tensor([0.0, 128.0, 255.0]) / 255 - mean) / std  # a constant image stays constant
+    assert x.shape == (3, 224, 224) and label == 1
+    torch.testing.assert_close(x, expect.view(3, 1, 1).expand(3, 224, 224), rtol=0, atol=1e-6)
+    with pytest.raises(DataError, match="never downloads"):
+        imagenet.create_imagenet_dataset(tmp_path / "none")
+
+    assert sum(p.numel() for p in imagenet.create_resnet18_model().parameters()) == 11_689_512
+    loader = DataLoader(_images(2, shape=(3, 32, 32), classes=1000), batch_size=2)
+    model = imagenet.train_imagenet_resnet18(loader, seed=0, num_epochs=1)
+    torch.manual_seed(0)
+    ref = imagenet.ResNet18()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.8, weight_decay=4e-5)
+    ref.train()
+    for xb, yb in loader:
+        opt.zero_grad()
+        F.cross_entropy(ref(xb), yb).backward()
+        opt.step()
+    assert _same(model, ref)
+    torch.save(model.state_dict(), tmp_path / "r18.pt")
+    model.eval()
+    xb, yb = loader.dataset.tensors
+    with torch.no_grad():
+        expect_loss = F.cross_entropy(model(xb), yb).item()
+    got = imagenet.loss_imagenet_resnet18(tmp_path / "r18.pt", loader)
+    assert isinstance(got, float) and abs(got - expect_loss) < 1e-5
