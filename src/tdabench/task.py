@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from tdabench._task_compat import DattriTaskMethods
 from tdabench.errors import CheckpointError, ConfigError, UnsafeFileError
 from tdabench.func.utils import (
     Batch,
@@ -76,7 +77,7 @@ def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
     return dict(obj)
 
 
-class AttributionTask:
+class AttributionTask(DattriTaskMethods):
     """Everything an attributor needs to know about a model.
 
     Args:
