@@ -213,17 +213,21 @@ def load_benchmark(
     gt_path, config = _find_groundtruth(root, metric, identifier)
     values, indices = load_ground_truth(gt_path, config["targets"][0])
     setting, data, spec = _setting_and_data(identifier, root, config)
-    details = {
+    return _details(setting, data, _model_files(root, spec), config["targets"][0]), (values, indices)
+
+
+def _details(setting: BenchmarkSetting, data: Any, models: list[Path], target: str) -> dict[str, Any]:
+    """dattri's ``model_details`` dict (see :func:`load_benchmark`)."""
+    return {
         "model": setting.build_model().eval(),
-        "models_full": _model_files(root, spec),
+        "models_full": models,
         "models_half": [],
         "train_dataset": LabelledDataset(*data.train[:2]),
         "test_dataset": LabelledDataset(*data.test[:2]),
         "train_sampler": SubsetSampler(range(data.n_train)),
         "test_sampler": SubsetSampler(range(data.n_test)),
         "loss_func": _file_func(setting, "loss"),
-        "target_func": _file_func(setting, config["targets"][0]),
+        "target_func": _file_func(setting, target),
         "train_func": _train_func(setting),
     }
-    return details, (values, indices)
 

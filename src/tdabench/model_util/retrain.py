@@ -295,6 +295,58 @@ def _write_dattri_metadata(path: str | os.PathLike, manifest: Mapping[str, Any],
     atomic_write_bytes(root / "metadata.yml", yaml.safe_dump(meta, sort_keys=False).encode())
 
 
+# ------------------------------------------------------------------ argument checks
+def _loo_indices(indices: Sequence[int] | None, n: int) -> list[int]:
+    if indices is None:
+        return list(range(n))
+    idx = [int(i) for i in np.asarray(list(indices), dtype=np.int64).reshape(-1)]
+    if not idx:
+        raise ConfigError("indices is empty; pass None to leave out every sample, or at least one index")
+    if len(set(idx)) != len(idx):
+        raise ConfigError("indices contain duplicates; list each left-out sample once")
+    if min(idx) < 0 or max(idx) >= n:
+        raise ConfigError(f"indices must lie in [0, {n}), got range [{min(idx)}, {max(idx)}]")
+    return idx
+
+
+def _check_seed(seed: Any) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ConfigError(f"seed must be an int, got {seed!r}")
+
+
+def _check_lds_counts(num_subsets: Any, num_runs_per_subset: Any, start_id: Any, total_num_subsets: Any) -> None:
+    for name, v, lo in (
+        ("num_subsets", num_subsets, 1),
+        ("num_runs_per_subset", num_runs_per_subset, 1),
+        ("start_id", start_id, 0),
+        ("total_num_subsets", total_num_subsets, 0),
+    ):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+            raise ConfigError(f"{name} must be an int >= {lo}, got {v!r}")
+    if total_num_subsets and start_id + num_subsets > total_num_subsets:
+        raise ConfigError(
+            f"start_id {start_id} + num_subsets {num_subsets} exceeds total_num_subsets {total_num_subsets}; "
+            "each job must produce a slice of the global set"
+        )
+
+
+def _manifest(
+    kind: str, seed: int, n: int, ratio: float | None, runs: int, skey: str,
+    train_func: Callable[..., Any], kwargs: Mapping[str, Any],
+) -> dict[str, Any]:
+    return {
+        "format": RETRAIN_FORMAT,
+        "kind": kind,
+        "seed": int(seed),
+        "n_train": n,
+        "subset_ratio": ratio,
+        "num_runs_per_subset": runs,
+        "sampling_key": skey,
+        "train_func": _func_name(train_func),
+        "train_kwargs": _jsonable_kwargs(kwargs),
+    }
+
+
 def retrain_loo(
     train_func: Callable[..., Any],
     dataloader: DataLoader,
@@ -323,30 +375,10 @@ def retrain_loo(
         ShapeError / NonFiniteError: a model of another architecture / with NaN weights.
     """
     n = _n_train(dataloader)
-    if indices is None:
-        idx = list(range(n))
-    else:
-        idx = [int(i) for i in np.asarray(list(indices), dtype=np.int64).reshape(-1)]
-        if not idx:
-            raise ConfigError("indices is empty; pass None to leave out every sample, or at least one index")
-        if len(set(idx)) != len(idx):
-            raise ConfigError("indices contain duplicates; list each left-out sample once")
-        if min(idx) < 0 or max(idx) >= n:
-            raise ConfigError(f"indices must lie in [0, {n}), got range [{min(idx)}, {max(idx)}]")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ConfigError(f"seed must be an int, got {seed!r}")
+    idx = _loo_indices(indices, n)
+    _check_seed(seed)
     skey = sampling_key("loo", int(seed), n)
-    manifest = {
-        "format": RETRAIN_FORMAT,
-        "kind": "loo",
-        "seed": int(seed),
-        "n_train": n,
-        "subset_ratio": None,
-        "num_runs_per_subset": 1,
-        "sampling_key": skey,
-        "train_func": _func_name(train_func),
-        "train_kwargs": _jsonable_kwargs(kwargs),
-    }
+    manifest = _manifest("loo", seed, n, None, 1, skey, train_func, kwargs)
     root = _open_dir(path, manifest)
     ref = _reference_shapes(root)
     everything = np.arange(n)
@@ -394,29 +426,11 @@ def retrain_lds(
         **kwargs: passed to ``train_func`` and recorded in the manifest.
     """
     n = _n_train(dataloader)
-    for name, v, lo in (("num_subsets", num_subsets, 1), ("num_runs_per_subset", num_runs_per_subset, 1), ("start_id", start_id, 0), ("total_num_subsets", total_num_subsets, 0)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-            raise ConfigError(f"{name} must be an int >= {lo}, got {v!r}")
-    if total_num_subsets and start_id + num_subsets > total_num_subsets:
-        raise ConfigError(
-            f"start_id {start_id} + num_subsets {num_subsets} exceeds total_num_subsets {total_num_subsets}; "
-            "each job must produce a slice of the global set"
-        )
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ConfigError(f"seed must be an int, got {seed!r}")
+    _check_lds_counts(num_subsets, num_runs_per_subset, start_id, total_num_subsets)
+    _check_seed(seed)
     subset_size(n, subset_ratio)  # validates the ratio
     skey = sampling_key("lds", int(seed), n, float(subset_ratio))
-    manifest = {
-        "format": RETRAIN_FORMAT,
-        "kind": "lds",
-        "seed": int(seed),
-        "n_train": n,
-        "subset_ratio": float(subset_ratio),
-        "num_runs_per_subset": int(num_runs_per_subset),
-        "sampling_key": skey,
-        "train_func": _func_name(train_func),
-        "train_kwargs": _jsonable_kwargs(kwargs),
-    }
+    manifest = _manifest("lds", seed, n, float(subset_ratio), int(num_runs_per_subset), skey, train_func, kwargs)
     root = _open_dir(path, manifest)
     ref = _reference_shapes(root)
     try:
