@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
+from tdabench.benchmark import get_setting
 from tdabench.benchmark.load import load_benchmark
 from tdabench.errors import ConfigError, DataError, StoreError
-from tdabench.groundtruth import load_runs, merge, run_shards
+from tdabench.groundtruth import GroundTruthSpec, load_runs, merge, open_store, run_shards
+from tdabench.groundtruth.trainer import make_trainer
 from tdabench.pipeline import stages
 
 PREP = {
@@ -37,13 +39,16 @@ def results(tmp_path_factory):
     stages.prepare(PREP, str(b / "data" / "d0"))
     train_spec = {"stage": "train", "prepare": PREP, "recipe": RECIPE, "train": {"seed": 0, "ensemble": 2, "checkpoints": 1}}
     stages.train(train_spec, str(b / "data" / "d0"), str(b / "models" / "m0"), device="cpu")
-    gt_spec = {
-        "stage": "groundtruth", "format": 1, "kind": "lds", **{k: PREP[k] for k in ("setting", "overrides", "data", "data_root")},
-        "recipe": RECIPE, "seed": 0,
-        "spec": {"subset_ratio": 0.5, "num_runs_per_subset": 1, "shard_size": 3, "target": "margin"},
-    }
+    # the ground-truth store, opened as the pipeline's groundtruth stage does (data={"meta": ...})
+    setting = get_setting("mnist_lr", **PREP["overrides"], **RECIPE)
+    data = setting.load(data_root=None, seed=0)
+    trainer = make_trainer(setting, data, batched=True, device="cpu")
+    gspec = GroundTruthSpec(
+        kind="lds", num_subsets=5, subset_ratio=0.5, num_runs=1, seed=0, shard_size=3,
+        targets=("margin",), n_train=trainer.n_train,
+    )
     store_dir = b / "groundtruth" / "lds" / "g0"
-    gspec, trainer, store = stages.GroundTruthShard(gt_spec, 5, str(store_dir))._objects()
+    store = open_store(store_dir, gspec, trainer, data={"meta": data.meta})
     run_shards(store, gspec, trainer, progress=False)
     shutil.copyfile(merge(store, gspec), store_dir / "merged-5.parquet")
     return root
