@@ -337,21 +337,24 @@ def test_bad_inputs(data):
         BatchedTrainer(lr_model, (train[0][:5], train[1]), test, RECIPES["adam"])
 
 
-def test_batchnorm_falls_back_to_sequential(data):
+def test_instance_norm_statistics_fall_back_to_sequential(data):
+    """Running statistics other than BatchNorm (batch norm itself trains batched, see
+    test_trainer_batchnorm.py) are refused by the batched trainer and make_trainer falls back."""
     train, test = data
 
-    def bn_model():
-        return nn.Sequential(nn.Linear(D, 4), nn.BatchNorm1d(4), nn.Linear(4, C))
+    def in_model():
+        return nn.Sequential(nn.Linear(D, 8), nn.Unflatten(1, (2, 4)), nn.InstanceNorm1d(2, track_running_stats=True),
+                             nn.Flatten(), nn.Linear(8, C))
 
     with pytest.raises(ConfigError, match="SequentialTrainer"):
-        BatchedTrainer(bn_model, train, test, RECIPES["sgd_momentum"])
-    setting = SimpleNamespace(name="toy_bn", kind="classification", recipe=RECIPES["sgd_momentum"],
-                              build_model=bn_model)
+        BatchedTrainer(in_model, train, test, RECIPES["sgd_momentum"])
+    setting = SimpleNamespace(name="toy_in", kind="classification", recipe=RECIPES["sgd_momentum"],
+                              build_model=in_model)
     bench = SimpleNamespace(train=train, test=test, meta={"source": "toy"})
     tr = make_trainer(setting, bench, batched=True, max_models_per_batch=4)
     assert isinstance(tr, SequentialTrainer) and isinstance(tr, Trainer)
     out = tr.train(half_masks(2), [0, 1])
-    assert out["1.running_mean"].shape == (2, 4)
+    assert out["2.running_mean"].shape == (2, 2)
     assert tr.evaluate(out, "loss").shape == (2, NT)
 
 

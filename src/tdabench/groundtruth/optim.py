@@ -20,6 +20,7 @@ from torch import Tensor
 from tdabench.errors import ConfigError
 
 __all__ = [
+    "AUTOCAST_DTYPES",
     "RECIPE_DEFAULTS",
     "FunctionalOptimizer",
     "clip_grad_norms_",
@@ -42,7 +43,11 @@ RECIPE_DEFAULTS: dict[str, Any] = {
     "warmup_iters": 0,
     "lr_min": None,
     "grad_clip": None,
+    "autocast": None,
 }
+
+#: Values of the recipe key ``autocast``: ``None`` (off) or the autocast dtype's name.
+AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16}
 
 _OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -106,6 +111,8 @@ def normalize_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
         r["grad_clip"] = float(r["grad_clip"])
         if not r["grad_clip"] > 0:
             raise ConfigError(f"recipe grad_clip must be a positive float or null, got {r['grad_clip']}")
+    if r["autocast"] is not None and r["autocast"] not in AUTOCAST_DTYPES:
+        raise ConfigError(f"recipe autocast must be null or one of {sorted(AUTOCAST_DTYPES)}, got {r['autocast']!r}")
     return r
 
 

@@ -38,9 +38,23 @@ training semantics, so they agree to float rounding on the same inputs (tested i
   with dropout (or any random op in training mode) batched and sequential results are only
   equal in distribution, and batched results depend on the grouping of models. Equality is
   tested on models without random ops.
-* **Buffers.** Constant buffers are carried along (stacked). Modules with running statistics
-  (BatchNorm & co.) cannot be trained batched: :class:`BatchedTrainer` raises ``ConfigError``
-  and :func:`make_trainer` falls back to :class:`SequentialTrainer` for them.
+* **Buffers and batch norm.** Constant buffers are carried along (stacked). ``BatchNorm*``
+  layers train batched through a functional, masked form
+  (:mod:`tdabench.groundtruth._vmap_batchnorm`): each model normalises with the statistics of
+  its *own members* of the stream batch only (exactly the batch the sequential trainer feeds
+  it), and its running statistics (stacked per model) are updated functionally and committed
+  only on the steps it takes, so a skipped step leaves them unchanged as well. Evaluation
+  uses the running statistics (``eval()`` mode). Other modules with running statistics
+  (``InstanceNorm`` with ``track_running_stats``) cannot be trained batched:
+  :class:`BatchedTrainer` raises ``ConfigError`` and :func:`make_trainer` falls back to
+  :class:`SequentialTrainer` for them.
+* **Memory.** Models per chunk and evaluation chunk sizes come from the memory planner
+  (:func:`tdabench.memory.planner_for` with the trainer's ``memory_budget``); chunking never
+  changes a model's numbers (shared stream), only speed and peak memory.
+* **Autocast.** A recipe may set ``autocast: "bf16"``: the training forward and loss then run
+  under ``torch.autocast(dtype=torch.bfloat16)`` (parameters, gradients and optimiser state
+  stay in ``dtype``); evaluation stays in ``dtype``. Off by default; the numbers change
+  (they enter the fingerprint) and batched/sequential agree only to bf16 rounding.
 * **Losses.** ``kind="classification"``: per-sample cross-entropy of ``model(x)`` (n, C).
   ``kind="sequence"``: inputs are token ids (n, T), labels next tokens (n, T) (``-100`` is
   ignored), the per-sample loss is the token cross-entropy averaged over each sequence.
@@ -61,6 +75,7 @@ floating inputs are cast to the trainer's ``dtype``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -77,14 +92,17 @@ from tqdm.auto import tqdm
 from tdabench._io import mix_seed
 from tdabench.errors import ConfigError, DataError, NonFiniteError, ShapeError
 from tdabench.groundtruth._fast_mlp import FastStack, fast_plan
+from tdabench.groundtruth._vmap_batchnorm import BatchNormContext, patch_batch_norm_layers
 from tdabench.groundtruth._vmap_linear import patch_linear_layers
 from tdabench.groundtruth.optim import (
+    AUTOCAST_DTYPES,
     FunctionalOptimizer,
     clip_grad_norms_,
     lr_at,
     make_torch_optimizer,
     normalize_recipe,
 )
+from tdabench.memory import planner_for
 
 __all__ = [
     "TRAINER_VERSION",
@@ -149,9 +167,12 @@ def _take(t: Tensor, index: Tensor) -> Tensor:
     return t.index_select(0, index.reshape(-1)).view(*index.shape, *t.shape[1:])
 
 
-def _has_running_stats(model: nn.Module) -> bool:
-    return any(isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats
-               for mod in model.modules())
+def _unbatchable_norms(model: nn.Module) -> list[str]:
+    """Modules with running statistics other than ``_BatchNorm`` (``InstanceNorm`` tracking
+    statistics): the batched trainer has no functional form for them."""
+    return [n for n, mod in model.named_modules()
+            if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats
+            and not isinstance(mod, nn.modules.batchnorm._BatchNorm)]
 
 
 def _logits(out: Any) -> Tensor:
@@ -186,7 +207,8 @@ class _TrainerBase:
         device: str | torch.device = "cpu",
         model_name: str | None = None,
         data_meta: Mapping[str, Any] | None = None,
-        eval_batch_size: int = 1024,
+        eval_batch_size: int | None = None,
+        memory_budget: int | float | str | None = None,
     ) -> None:
         if not callable(build_model):
             raise ConfigError("build_model must be a zero-argument callable returning an nn.Module")
@@ -198,8 +220,8 @@ class _TrainerBase:
             raise ConfigError(f"stream_seed must be an int, got {stream_seed!r}")
         if not dtype.is_floating_point:
             raise ConfigError(f"dtype must be a floating dtype, got {dtype}")
-        if int(eval_batch_size) < 1:
-            raise ConfigError(f"eval_batch_size must be a positive int, got {eval_batch_size}")
+        if eval_batch_size is not None and int(eval_batch_size) < 1:
+            raise ConfigError(f"eval_batch_size must be a positive int or None, got {eval_batch_size}")
         self.build_model = build_model
         self.kind = kind
         self.recipe = normalize_recipe(recipe)
@@ -211,7 +233,9 @@ class _TrainerBase:
         self.device = torch.device(device)
         self.model_name = model_name
         self.data_meta = dict(data_meta) if data_meta is not None else None
-        self.eval_batch_size = int(eval_batch_size)
+        self.eval_batch_size = None if eval_batch_size is None else int(eval_batch_size)
+        self.planner = planner_for(self.device, memory_budget)
+        self._sample_bytes: int | None = None
         self._data_sha256 = _tensor_digest([*train, *test])
         self._train = self._check_data(train, "train")
         self._test = self._check_data(test, "test")
@@ -377,6 +401,69 @@ class _TrainerBase:
             f"training diverged (non-finite loss or parameters) for mask rows {list(rows)} {where}; "
             "lower the learning rate, set grad_clip in the recipe, or check the data for NaN/inf")
 
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The recipe's autocast context for training forward passes (a no-op when off)."""
+        name = self.recipe["autocast"]
+        if name is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=AUTOCAST_DTYPES[name])
+
+    def sample_bytes(self) -> int:
+        """Activation bytes of one training sample in one forward pass, measured once by a dry
+        forward of the template (sum of every module's outputs per sample; the autograd
+        graph keeps about that much, and the backward pass as much again)."""
+        if self._sample_bytes is None:
+            total = [0]
+
+            def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, Tensor):
+                        total[0] += t.numel() * t.element_size()
+
+            model = self._template
+            was_training = model.training
+            handles = [mod.register_forward_hook(hook) for mod in model.modules()]
+            try:
+                model.eval()  # no running-statistics update
+                k = min(2, self.n_train)  # two samples: batch norm without running statistics needs them
+                with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                    model(*(t[:k] for t in self._train[:-1]))
+            finally:
+                model.train(was_training)
+                for h in handles:
+                    h.remove()
+            self._sample_bytes = max(1, total[0] // k)
+        return self._sample_bytes
+
+    def _param_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self._template.parameters())
+
+    def _eval_chunks(self, m: int) -> tuple[int, int]:
+        """``(models, test samples)`` per evaluation forward pass, from the memory planner
+        (``eval_batch_size`` overrides the samples: samples, or tokens for sequences). A model
+        with batch norm *without* running statistics normalises with the statistics of its
+        evaluation batch, which is then always the whole test set (chunking must not change
+        the numbers)."""
+        param_bytes = self._param_bytes() + sum(b.numel() * b.element_size() for b in self._template.buffers())
+        chunk_m = self._eval_models_per_chunk(m, param_bytes)
+        if any(isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.running_mean is None
+               for mod in self._template.modules()):
+            return chunk_m, self.n_test  # batch statistics in eval mode: over the whole test set
+        if self.eval_batch_size is not None:
+            chunk_n = self.eval_batch_size
+            if self.kind == "sequence":
+                chunk_n = max(1, chunk_n // max(1, self._test[-1].shape[1]))
+            return chunk_m, chunk_n
+        # live activations of a no-grad forward: about two consecutive layers' outputs, bounded
+        # by the whole forward's outputs (sample_bytes) - take the bound
+        chunk_n = self.planner.rows(self.sample_bytes() * chunk_m, fraction=0.25, stream=True, maximum=self.n_test)
+        return chunk_m, chunk_n
+
+    def _eval_models_per_chunk(self, m: int, param_bytes: int) -> int:
+        """Models evaluated at once: as many whose parameters (and one test sample's
+        activations each) fit a quarter of the budget."""
+        return self.planner.rows(param_bytes + self.sample_bytes(), fraction=0.25, maximum=m)
+
     # ------------------------------------------------------------------ protocol
     def fingerprint(self) -> dict[str, Any]:
         """JSON-able description of everything that determines the trained numbers."""
@@ -386,7 +473,8 @@ class _TrainerBase:
             "trainer_version": TRAINER_VERSION,
             "setting": self.model_name,
             "kind": self.kind,
-            "recipe": dict(self.recipe),
+            # keys added after trainer version 1 enter only when set (old keys stay valid)
+            "recipe": {k: v for k, v in self.recipe.items() if not (k == "autocast" and v is None)},
             "model": {
                 "class": f"{type(t).__module__}.{type(t).__qualname__}",
                 "repr": repr(t),
@@ -421,11 +509,8 @@ class _TrainerBase:
         was_training = model.training
         model.eval()
         out = torch.empty(m, self.n_test, dtype=self.dtype)
-        chunk_m = max(1, min(m, self._eval_models_per_chunk()))
-        # eval_batch_size counts samples (classification) or tokens (sequence) per forward pass
-        chunk_n = self.eval_batch_size
-        if self.kind == "sequence":
-            chunk_n = max(1, chunk_n // max(1, self._test[-1].shape[1]))
+        chunk_m, chunk_n = self._eval_chunks(m)
+        logger.debug("evaluate: %d models x %d test samples per pass (%r)", chunk_m, chunk_n, self.planner)
         try:
             for a in range(0, m, chunk_m):
                 p = {k: v[a:a + chunk_m] for k, v in params.items()}
@@ -436,9 +521,6 @@ class _TrainerBase:
         finally:
             model.train(was_training)
         return out
-
-    def _eval_models_per_chunk(self) -> int:
-        return 1  # the sequential trainer is the one used for large models
 
     def _eval_chunk(self, p: dict[str, Tensor], b: dict[str, Tensor], batch: tuple[Tensor, ...],
                     target: str | Callable) -> Tensor:
@@ -478,8 +560,11 @@ class SequentialTrainer(_TrainerBase):
         model_name: name recorded in the fingerprint (e.g. the benchmark setting).
         data_meta: JSON-able data identity recorded in the fingerprint.
         eval_batch_size: test samples (classification) or tokens (sequence) per forward pass
-            in :meth:`evaluate`; the batched trainer evaluates up to ``max_models_per_batch``
-            (default 64) models at once, the sequential trainer one.
+            in :meth:`evaluate`; ``None`` (default) sizes the passes with the memory planner
+            (the batched trainer evaluates at most ``max_models_per_batch`` models at once).
+        memory_budget: bytes, ``"8GiB"``-style string or fraction of the device for
+            :func:`tdabench.memory.planner_for` (``None``: ``$TDABENCH_MEMORY_BUDGET``, else
+            the device's free memory); sizes model chunks and evaluation passes only.
     """
 
     name = "sequential"
@@ -522,8 +607,9 @@ class SequentialTrainer(_TrainerBase):
                     for group in opt.param_groups:
                         group["lr"] = lr
                     opt.zero_grad(set_to_none=True)
-                    out = model(*(t[sel] for t in inputs))
-                    loss = self._per_sample_loss(out, labels[sel]).mean()
+                    with self._autocast():
+                        out = model(*(t[sel] for t in inputs))
+                        loss = self._per_sample_loss(out, labels[sel]).to(self.dtype).mean()
                     if not torch.isfinite(loss):
                         self._raise_nonfinite([r], f"(iteration {it}, epoch {epoch})")
                     loss.backward()
@@ -548,8 +634,9 @@ class BatchedTrainer(_TrainerBase):
     Same arguments as :class:`SequentialTrainer`, plus:
 
     Args:
-        max_models_per_batch: train at most this many models at once (``None`` = all); the
-            results do not depend on it because the minibatch stream is shared.
+        max_models_per_batch: train at most this many models at once (``None`` = as many as
+            the memory planner fits, :meth:`models_per_chunk`); the results do not depend on it
+            because the minibatch stream is shared.
         fast_linear: route ``nn.Linear`` layers through
             :class:`tdabench.groundtruth._vmap_linear.StackedLinear` during training (one GEMM
             for all models where the layer input is shared; same numbers up to rounding).
@@ -566,7 +653,7 @@ class BatchedTrainer(_TrainerBase):
             attributes ``fast_path`` (bool) and ``fast_path_reason`` (str, also logged at debug).
 
     Raises:
-        ConfigError: the model has BatchNorm-style running statistics (use
+        ConfigError: the model has running statistics other than ``BatchNorm`` (use
             :class:`SequentialTrainer`, or ``make_trainer(..., batched=False)``).
     """
 
@@ -582,13 +669,17 @@ class BatchedTrainer(_TrainerBase):
         if max_models_per_batch is not None and int(max_models_per_batch) < 1:
             raise ConfigError(f"max_models_per_batch must be a positive int or None, got {max_models_per_batch}")
         self.max_models_per_batch = None if max_models_per_batch is None else int(max_models_per_batch)
-        if _has_running_stats(self._template):
+        bad_norms = _unbatchable_norms(self._template)
+        if bad_norms:
             raise ConfigError(
-                "BatchedTrainer cannot train models with BatchNorm running statistics; use "
-                "SequentialTrainer (make_trainer(..., batched=False)) or a norm without running stats")
+                f"BatchedTrainer cannot train the modules {bad_norms[:3]} (running statistics other than "
+                "BatchNorm); use SequentialTrainer (make_trainer(..., batched=False)) or "
+                "track_running_stats=False")
+        self._bn = BatchNormContext()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             self._train_template = self._build()
+        patch_batch_norm_layers(self._train_template, self._bn)
         # compact steps give every model its own inputs, where StackedLinear has no faster
         # kernel than plain nn.Linear (both bmm) and only adds torch.func overhead per call
         self._compact_template = self._train_template
@@ -596,6 +687,7 @@ class BatchedTrainer(_TrainerBase):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 self._compact_template = self._build()
+            patch_batch_norm_layers(self._compact_template, self._bn)
             patch_linear_layers(self._train_template)
         self._fast_layers, self.fast_path_reason = self._plan_fast(bool(fast_path))
         self.fast_path = self._fast_layers is not None
@@ -624,15 +716,37 @@ class BatchedTrainer(_TrainerBase):
             return None, "parameters other than the Linear weights and biases"
         return layers, reason
 
-    def _eval_models_per_chunk(self) -> int:
-        return self.max_models_per_batch or 64
+    def _eval_models_per_chunk(self, m: int, param_bytes: int) -> int:
+        if self.max_models_per_batch is not None:
+            return min(m, self.max_models_per_batch)
+        return super()._eval_models_per_chunk(m, param_bytes)
+
+    def models_per_chunk(self, m: int, b_stream: int) -> int:
+        """Models trained at once: ``max_models_per_batch`` if set, else as many as the memory
+        planner fits in half the budget. Per model: parameters, gradients, optimiser state and
+        a copy for the update, plus the activations of one stream batch (forward outputs kept
+        for the backward pass and their gradients, :meth:`sample_bytes` measured)."""
+        if self.max_models_per_batch is not None:
+            return min(m, self.max_models_per_batch)
+        states = {"sgd": 1 if self.recipe["momentum"] else 0, "adam": 2, "adamw": 2}[self.recipe["optimizer"]]
+        per_model = self._param_bytes() * (3 + states) + 2 * self.sample_bytes() * b_stream
+        n = self.planner.rows(per_model, fraction=0.5, maximum=m)
+        logger.debug("train: %d of %d models per chunk (%d bytes each, %r)", n, m, per_model, self.planner)
+        return n
 
     def _masked_loss(self, p: dict[str, Tensor], b: dict[str, Tensor], inputs: tuple[Tensor, ...],
-                     labels: Tensor, w: Tensor, template: nn.Module | None = None) -> tuple[Tensor, Tensor]:
-        out = functional_call(self._train_template if template is None else template, (p, b), inputs)
-        per = self._per_sample_loss(out, labels)
+                     labels: Tensor, w: Tensor, template: nn.Module | None = None
+                     ) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
+        """Weighted mean loss of one model; aux = (loss, new batch-norm running statistics)."""
+        self._bn.begin(w)
+        try:
+            with self._autocast():
+                out = functional_call(self._train_template if template is None else template, (p, b), inputs)
+                per = self._per_sample_loss(out, labels).to(w.dtype)
+        finally:
+            updates = self._bn.end()
         loss = (w * per).sum() / w.sum().clamp(min=1.0)
-        return loss, loss.detach()
+        return loss, (loss.detach(), updates)
 
     def train(self, masks: Tensor, seeds: Sequence[int], on_epoch: EpochCallback | None = None) -> dict[str, Tensor]:
         """Train one model per mask row (see :meth:`SequentialTrainer.train`); ``on_epoch``
@@ -640,7 +754,7 @@ class BatchedTrainer(_TrainerBase):
         masks, seeds = self._check_call(masks, seeds)
         b_stream = self.stream_batch_size(masks)
         m = len(seeds)
-        chunk = self.max_models_per_batch or m
+        chunk = self.models_per_chunk(m, b_stream)
         parts = []
         for a in tqdm(range(0, m, chunk), desc="train (batched)", disable=None, leave=False):
             parts.append(self._train_chunk(masks[a:a + chunk], seeds[a:a + chunk], a, b_stream, on_epoch))
@@ -690,16 +804,17 @@ class BatchedTrainer(_TrainerBase):
                     order = torch.argsort((~member).to(torch.uint8), dim=1, stable=True)[:, :k_max]
                     sel = idx[order].to(self.device)  # (mc, k_max)
                     w = member.gather(1, order).to(self.device, self.dtype)
-                    grads, losses = compact_fn(params, buffers, tuple(_take(t, sel) for t in inputs),
-                                               _take(labels, sel), w)
+                    grads, (losses, updates) = compact_fn(params, buffers, tuple(_take(t, sel) for t in inputs),
+                                                          _take(labels, sel), w)
                 else:
                     idx_d = idx.to(self.device)
-                    grads, losses = step_fn(params, buffers, tuple(_take(t, idx_d) for t in inputs),
-                                            _take(labels, idx_d), weights.index_select(1, idx_d))
+                    grads, (losses, updates) = step_fn(params, buffers, tuple(_take(t, idx_d) for t in inputs),
+                                                       _take(labels, idx_d), weights.index_select(1, idx_d))
                 bad |= ~torch.isfinite(losses)
                 if clip is not None:
                     clip_grad_norms_(grads, clip)
                 opt.step(params, grads, state, lr_at(self.recipe, it, total), active)
+                _commit_buffers(buffers, updates, active)
                 done = epoch_end(it)
                 if on_epoch is not None and done is not None:
                     on_epoch(done, list(range(offset, offset + len(seeds))),
@@ -741,13 +856,23 @@ class BatchedTrainer(_TrainerBase):
             self._raise_nonfinite([offset + int(i) for i in bad.nonzero().flatten().tolist()], where)
 
 
+def _commit_buffers(buffers: dict[str, Tensor], updates: Mapping[str, Tensor], active: Tensor | None) -> None:
+    """Replace stacked buffers ``(m, ...)`` by their ``updates`` for the ``active`` models."""
+    for k, new in updates.items():
+        if active is None:
+            buffers[k] = new
+        else:
+            buffers[k] = torch.where(active.view((-1,) + (1,) * (new.dim() - 1)), new, buffers[k])
+
+
 def make_trainer(setting: Any, data: Any, batched: bool = True, device: str | torch.device = "cpu",
                  **options: Any) -> SequentialTrainer | BatchedTrainer:
     """The trainer for a benchmark setting and its data (CONTRACTS.md).
 
     Uses only ``setting.build_model``, ``setting.kind``, ``setting.recipe``, ``setting.name``
-    and ``data.train``, ``data.test``, ``data.meta``. Models with BatchNorm running statistics
-    get a :class:`SequentialTrainer` even when ``batched=True`` (logged).
+    and ``data.train``, ``data.test``, ``data.meta``. Models with running statistics
+    other than BatchNorm (``InstanceNorm`` tracking statistics) get a :class:`SequentialTrainer`
+    even when ``batched=True`` (logged); BatchNorm trains batched.
 
     Args:
         setting: a ``tdabench.benchmark.BenchmarkSetting``.
@@ -755,7 +880,8 @@ def make_trainer(setting: Any, data: Any, batched: bool = True, device: str | to
         batched: :class:`BatchedTrainer` if True, else :class:`SequentialTrainer`.
         device: torch device or ``"auto"``.
         **options: further trainer arguments (``stream_seed``, ``stream_batch``, ``dtype``,
-            ``eval_batch_size``, ``max_models_per_batch`` for the batched trainer).
+            ``eval_batch_size``, ``memory_budget``, ``max_models_per_batch`` for the batched
+            trainer).
     """
     kwargs = dict(kind=setting.kind, model_name=setting.name, data_meta=data.meta, device=device)
     kwargs.update(options)
@@ -763,8 +889,9 @@ def make_trainer(setting: Any, data: Any, batched: bool = True, device: str | to
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             probe = setting.build_model()
-        if _has_running_stats(probe):
-            logger.info("setting %s has BatchNorm running statistics; using SequentialTrainer", setting.name)
+        if _unbatchable_norms(probe):
+            logger.info("setting %s has running statistics other than BatchNorm; using SequentialTrainer",
+                        setting.name)
             batched = False
     if not batched:
         kwargs.pop("max_models_per_batch", None)
