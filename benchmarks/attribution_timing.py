@@ -78,6 +78,7 @@ def build_and_run(job: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
     from tdabench.task import AttributionTask
 
     model_name, kind, hp = job["model"], job["kind"], dict(job["hparams"])
+    dev = job.get("device", "cpu")  # gpu_compare.py / --device; the attributor moves model and data
     cls = getattr(alg, OUR_CLASSES[kind])
     model = common.build_model(model_name)
     model.eval()
@@ -97,7 +98,7 @@ def build_and_run(job: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         return time.perf_counter()
 
     if kind.startswith("if_"):
-        att = cls(AttributionTask(loss_func=loss, model=model, checkpoints=ckpt_arg), layer_name=layer, device="cpu", **hp)
+        att = cls(AttributionTask(loss_func=loss, model=model, checkpoints=ckpt_arg), layer_name=layer, device=dev, **hp)
         t0 = start()
         att.cache(dl["cache"])
         t1 = time.perf_counter()
@@ -106,7 +107,7 @@ def build_and_run(job: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         task = AttributionTask(loss_func=loss, model=model, checkpoints=ckpt_arg)
         att = cls(task, weight_list=torch.tensor(job["checkpoint_weights"], dtype=torch.float32),
                   normalized_grad=hp["normalized_grad"], projector_kwargs=projector_kwargs(hp["projector_kwargs"]),
-                  layer_name=layer, device="cpu")
+                  layer_name=layer, device=dev)
         t0 = start()
         if getattr(att, "requires_cache", False):
             att.cache(dl["train"])
@@ -115,7 +116,7 @@ def build_and_run(job: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
     elif kind == "trak":
         task = AttributionTask(loss_func=common.make_margin_func(model), model=model, checkpoints=ckpt_arg)
         att = cls(task, correct_probability_func=common.make_prob_func(model),
-                  projector_kwargs=projector_kwargs(hp["projector_kwargs"]), layer_name=layer, device="cpu",
+                  projector_kwargs=projector_kwargs(hp["projector_kwargs"]), layer_name=layer, device=dev,
                   regularization=hp["regularization"])
         t0 = start()
         att.cache(dl["cache"])
@@ -123,13 +124,14 @@ def build_and_run(job: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         scores = att.attribute(dl["train"], dl["test"])  # tdabench: train first, for every method
     elif kind == "rps":
         task = AttributionTask(loss_func=loss, model=model, checkpoints=ckpt_arg, target_func=common.rps_target_func)
-        att = cls(task, final_linear_layer_name=common.FINAL_LAYER[model_name], device="cpu", **hp)
+        att = cls(task, final_linear_layer_name=common.FINAL_LAYER[model_name], device=dev, **hp)
         t0 = start()
         att.cache(dl["cache"])
         t1 = time.perf_counter()
         scores = att.attribute(dl["train"], dl["test"])
     else:
         raise ValueError(f"unknown method kind {kind!r}")
+    common.sync_device(dev)
     t2 = time.perf_counter()
     return scores, {"time_cache": t1 - t0, "time_attribute": t2 - t1, "time_total": t2 - t0, **setup}
 
@@ -229,6 +231,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gt-subsets", type=int, default=None, help=f"subsets of the built ground truth (default {common.GT_SPEC['num_subsets']})")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per job before it is killed")
     p.add_argument("--mem-limit-gb", type=float, default=12.0, help="address-space cap per job (RLIMIT_AS); 0 = none")
+    common.add_device_arg(p)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     skipped = [m for m in args.methods if m not in have]
     repeats = args.repeats or (1 if args.quick else 3)
+    device = common.resolve_device(args.device)
     paths = {m: common.prepare_checkpoints(m) for m in args.models}
     gts = ground_truths(args, args.models)
     jobs_dir = common.new_jobs_dir("attribution_timing")
@@ -256,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         for method in methods:
             runs = []
             for rep in range(repeats):
-                job = common.make_job("ours", method, model_name, paths[model_name], jobs_dir, args.n_test, rep)
+                job = common.make_job("ours", method, model_name, paths[model_name], jobs_dir, args.n_test, rep,
+                                      device=device)
                 runs.append(common.run_job(OURS_CMD, job, args.timeout, args.mem_limit_gb))
             s = common.summarize(runs)
             if s["ok"] and gt is not None and not args.n_test:
@@ -272,14 +277,15 @@ def main(argv: list[str] | None = None) -> int:
                          f"{fmt(r.get('time_total'))} | {fmt(r.get('ru_maxrss_mb'), '.0f')} | {fmt(r.get('lds'), '.3f')} |")
         else:
             lines.append(f"| {r['model']} | {r['method']} | failed: {r.get('error', '')[:120]} | | | | |")
-    note = (f"\n4,500 train x {args.n_test or common.N_TEST} test MNIST digits, one CPU thread, median of {repeats} run(s); "
+    where = "one CPU thread" if device == "cpu" else f"device {device}"
+    note = (f"\n4,500 train x {args.n_test or common.N_TEST} test MNIST digits, {where}, median of {repeats} run(s); "
             f"peak RSS = whole process (python + torch ≈ setup); hyper-parameters: benchmarks/common.py METHODS.")
     if skipped:
         note += f"\nNot run (class missing in tdabench.algorithm): {', '.join(skipped)}."
     table = "\n".join(lines) + "\n" + note
     print(table)
     common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem_suffix = "_smoke" if args.n_test else ""  # smoke runs never overwrite the real table
+    stem_suffix = ("_smoke" if args.n_test else "") + ("" if device == "cpu" else "_" + device.replace(":", ""))
     (common.RESULTS_DIR / f"attribution_timing{stem_suffix}.json").write_text(json.dumps(
         {"rows": rows, "repeats": repeats, "methods": {m: common.METHODS[m] for m in methods}, "torch": torch.__version__}, indent=1))
     (common.RESULTS_DIR / f"attribution_timing{stem_suffix}.md").write_text(table + "\n")

@@ -588,6 +588,27 @@ def warm_torch() -> None:
     torch.func.jvp(torch.func.grad(lambda w: (w**3).sum()), (torch.ones(3),), (torch.ones(3),))
 
 
+def add_device_arg(p: Any, default: str = "cpu") -> None:
+    """The ``--device`` option every benchmark script takes (``cpu``, ``cuda``, ``cuda:N``, ``auto``)."""
+    p.add_argument("--device", default=default,
+                   help="where the measured work runs: cpu, cuda, cuda:N or auto (CUDA when present)")
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available else ``cpu``; a CUDA device that is absent is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: no CUDA device is visible (torch {torch.__version__}); use --device cpu")
+    return device
+
+
+def sync_device(device: str | torch.device) -> None:
+    """Wait for queued kernels on a CUDA ``device`` (before reading a timer); no-op elsewhere."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def loaders(data: Mapping[str, Tensor], batches: Mapping[str, int | None], n_test: int | None = None) -> dict[str, Any]:
     """Unshuffled DataLoaders ``cache`` / ``train`` / ``test`` with the job's batch sizes."""
     from torch.utils.data import DataLoader, TensorDataset
@@ -619,6 +640,8 @@ def finish_job(job: Mapping[str, Any], result: dict[str, Any], scores: Tensor | 
         result["scores_path"] = job["scores_path"]
     hwm, rss = peak_rss_mb()
     result.setdefault("peak_rss_mb", hwm)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # a job run with device="cuda"
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     result["final_rss_mb"] = rss
     tmp = Path(str(job["result_path"]) + ".tmp")
     tmp.write_text(json.dumps(result, indent=1))
@@ -627,8 +650,9 @@ def finish_job(job: Mapping[str, Any], result: dict[str, Any], scores: Tensor | 
 
 # --------------------------------------------------------------------------- orchestration (parent side)
 def make_job(side: str, method: str, model_name: str, paths: Mapping[str, Any], jobs_dir: Path,
-             n_test: int | None = None, rep: int = 0, cache_dir: Path = CACHE_DIR) -> dict[str, Any]:
-    """A JSON-able job spec for one (side, method, model, repetition)."""
+             n_test: int | None = None, rep: int = 0, cache_dir: Path = CACHE_DIR,
+             device: str = "cpu") -> dict[str, Any]:
+    """A JSON-able job spec for one (side, method, model, repetition) on ``device``."""
     m = METHODS[method]
     which = m["checkpoints"]
     ckpts = [paths["final"]] if which == "final" else list(paths[which])
@@ -638,7 +662,7 @@ def make_job(side: str, method: str, model_name: str, paths: Mapping[str, Any], 
     return {
         "side": side, "method": method, "model": model_name, "kind": m["kind"], "hparams": m["hparams"],
         "layer": m["layer"][model_name], "batches": m["batches"], "checkpoint_paths": ckpts,
-        "checkpoint_weights": weights, "cache_dir": str(cache_dir), "n_test": n_test,
+        "checkpoint_weights": weights, "cache_dir": str(cache_dir), "n_test": n_test, "device": device,
         "scores_path": str(jobs_dir / f"{stem}.scores.safetensors"),
         "result_path": str(jobs_dir / f"{stem}.result.json"),
         "job_path": str(jobs_dir / f"{stem}.job.json"), "log_path": str(jobs_dir / f"{stem}.log"),
@@ -673,6 +697,9 @@ def run_job(cmd: Sequence[str], job: Mapping[str, Any], timeout: float, mem_limi
     import resource
     import subprocess
     import threading
+
+    if str(job.get("device", "cpu")).startswith("cuda"):
+        mem_limit_gb = None  # RLIMIT_AS breaks the CUDA runtime's address-space reservations
 
     def _limit() -> None:
         if mem_limit_gb:

@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     jobs_dir = common.new_jobs_dir("compare")
+    device = common.resolve_device(args.device)  # both sides run there (gpu_compare.py is the GPU harness)
     rows: list[dict[str, Any]] = []
     # dattri's summary and scores per (model, method), for the tdabench-only variants whose
     # METHODS entry names a ``peer``: dattri is not rerun for them, its peer row is reused
@@ -201,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             runs: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
             for rep in range(repeats):
                 for side in sides:  # interleaved so that machine noise hits both sides alike
-                    job = common.make_job(side, method, model_name, paths[model_name], jobs_dir, args.n_test, rep)
+                    job = common.make_job(side, method, model_name, paths[model_name], jobs_dir, args.n_test, rep,
+                                          device=device)
                     runs[side].append(common.run_job(cmds[side], job, args.timeout, args.mem_limit_gb))
             row: dict[str, Any] = {"model": model_name, "method": method}
             scores = {}
@@ -270,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.perf_counter() - t_start, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem_suffix = "_smoke" if args.n_test else ""  # smoke runs never overwrite the real table
+    # smoke runs and other devices never overwrite the real (CPU) table
+    stem_suffix = ("_smoke" if args.n_test else "") + ("" if device == "cpu" else "_" + device.replace(":", ""))
     (common.RESULTS_DIR / f"compare{stem_suffix}.json").write_text(json.dumps(out, indent=1))
     (common.RESULTS_DIR / f"compare{stem_suffix}.md").write_text(table + "\n")
     return 0

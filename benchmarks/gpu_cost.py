@@ -5,14 +5,16 @@ Counts the floating-point operations of the real models with ``torch.utils.flop_
 combines them with each benchmark config (``configs/benchmarks/<name>.yaml``: ensemble,
 checkpoints, ground-truth subsets/runs/LOO indices) into total FLOPs per stage. GPU hours
 are those FLOPs divided by an assumed *sustained* throughput (``--tflops``, default 10
-TFLOP/s: roughly a third of an A100's TF32 dense peak, or a fifth of an H100's, which
-small-batch training of these models typically reaches; measure yours and pass it).
+TFLOP/s, a conservative figure for small-batch training on an A100-class card). Measured on
+one NVIDIA H200 (issue 11): one ResNet-9 epoch of 5,000 CIFAR images in 0.35 s, about 60
+TFLOP/s sustained, so on such a card the estimates below are roughly 6x too high for the
+CIFAR settings; pass ``--tflops 60`` there (transformer settings are not measured yet).
 The estimate covers training and the projected-gradient attributors (TRAK, TracIn / Grad-Dot
 / Grad-Cos); iterative IF on millions of parameters is not part of the GPU suite.
 
 Calibration on this machine: the same FLOP count is taken for the ``*_tiny`` variants, one is
-trained on CPU (one thread) and the achieved GFLOP/s printed, so the model of cost can be
-checked against a real run.
+trained on ``--device`` (default CPU, one thread) and the achieved GFLOP/s printed, so the
+model of cost can be checked against a real run.
 
 Usage:
     .venv/bin/python benchmarks/gpu_cost.py [--tflops 10] [--json benchmarks/results/gpu_cost.json]
@@ -114,21 +116,24 @@ def estimate(name: str, tflops: float) -> dict:
     }
 
 
-def calibrate(name: str) -> dict:
-    """Train one ``*_tiny`` model on CPU and compare with its FLOP count."""
+def calibrate(name: str, device: str = "cpu") -> dict:
+    """Train one ``*_tiny`` model on ``device`` and compare with its FLOP count."""
     from tdabench.groundtruth.trainer import make_trainer
 
     torch.set_num_threads(1)
     setting = get_setting(name)
     data = setting.load()
     per_sample, _ = step_flops(setting)
-    trainer = make_trainer(setting, data, batched=False)
+    trainer = make_trainer(setting, data, batched=False, device=device)
     masks = torch.ones(1, len(data.train[-1]), dtype=torch.bool)
     t = time.perf_counter()
     trainer.train(masks, [0])
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
     sec = time.perf_counter() - t
     flops = per_sample * samples_per_model(setting)
-    return {"setting": name, "seconds": sec, "gflop": flops / 1e9, "gflop_per_s": flops / sec / 1e9}
+    return {"setting": name, "device": str(trainer.device), "seconds": sec, "gflop": flops / 1e9,
+            "gflop_per_s": flops / sec / 1e9}
 
 
 def main() -> None:
@@ -136,9 +141,11 @@ def main() -> None:
     ap.add_argument("--tflops", type=float, default=10.0, help="assumed sustained GPU TFLOP/s")
     ap.add_argument("--json", default=str(ROOT / "benchmarks/results/gpu_cost.json"))
     ap.add_argument("--no-calibrate", action="store_true")
+    ap.add_argument("--device", default="cpu", help="where the calibration model trains: cpu, cuda, auto")
     args = ap.parse_args()
     rows = [estimate(b, args.tflops) for b in BENCHMARKS]
-    cal = [] if args.no_calibrate else [calibrate(s) for s in ("maestro_musictransformer_tiny", "shakespeare_nanogpt_tiny")]
+    cal = [] if args.no_calibrate else [calibrate(s, args.device)
+                                        for s in ("maestro_musictransformer_tiny", "shakespeare_nanogpt_tiny")]
     head = ("| benchmark | params | train GFLOP/sample | samples/model | ground-truth models | "
             "GPU-h train | GPU-h ground truth | GPU-h TRAK-10 | GPU-h TracIn | GPU-h total |")
     lines = [head, "|" + "---|" * 10]
@@ -153,7 +160,7 @@ def main() -> None:
     lines.append(f"Assumed sustained throughput: {args.tflops:g} TFLOP/s (FLOPs counted by torch.utils.flop_counter).")
     for c in cal:
         lines.append(
-            f"Calibration: {c['setting']} trained on 1 CPU thread in {c['seconds']:.2f} s for "
+            f"Calibration: {c['setting']} trained on {c['device']} (1 thread) in {c['seconds']:.2f} s for "
             f"{c['gflop']:.3g} GFLOP = {c['gflop_per_s']:.2f} GFLOP/s achieved."
         )
     text = "\n".join(lines)

@@ -29,16 +29,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 NUM_SUBSETS, SHARD_SIZE, NUM_RUNS = 24, 3, 2
 DELAY = 0.015  # seconds per trained model, so that kills land mid-shard
+
+
+_DEVICE_ENV = "TDABENCH_KILL_RESUME_DEVICE"
 
 
 def _setup(store_dir: str | os.PathLike) -> tuple[Any, Any, Any]:
     from tdabench.groundtruth import GroundTruthSpec, ToySoftmaxTrainer, make_toy_data, open_store
 
     train, test = make_toy_data(n_train=50, n_test=7, dim=4, num_classes=3, seed=11)
-    trainer = ToySoftmaxTrainer(train, test, 3, epochs=3, delay=DELAY)
+    device = os.environ.get(_DEVICE_ENV, "cpu")  # set by main(); inherited by the killed workers
+    if device == "cpu":
+        trainer: Any = ToySoftmaxTrainer(train, test, 3, epochs=3, delay=DELAY)
+    else:  # the real batched trainer on that device (same toy data and shard layout)
+        from torch import nn
+
+        from tdabench.groundtruth.trainer import BatchedTrainer
+
+        trainer = BatchedTrainer(lambda: nn.Linear(4, 3), train, test, dict(lr=0.5, epochs=3, batch_size=16),
+                                 dtype=torch.float64, device=device)
     spec = GroundTruthSpec(
         kind="lds", num_subsets=NUM_SUBSETS, shard_size=SHARD_SIZE, num_runs=NUM_RUNS,
         targets=("loss", "margin"), seed=5, keep_checkpoints=True,
@@ -188,7 +201,10 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-kills", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu (the toy trainer, default) or e.g. cuda (BatchedTrainer there)")
     args = ap.parse_args()
+    os.environ[_DEVICE_ENV] = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
+        "cpu" if args.device == "auto" else args.device)
     t0 = time.time()
     s = run_trials(args.trials, args.seed, args.max_kills)
     for i, r in enumerate(s["results"]):

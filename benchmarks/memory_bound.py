@@ -30,14 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=list(common.METHODS), choices=list(common.METHODS))
     p.add_argument("--timeout", type=float, default=3600.0)
     p.add_argument("--out", default=str(common.RESULTS_DIR / "memory_bound.json"))
+    common.add_device_arg(p)
     args = p.parse_args(argv)
+    device = common.resolve_device(args.device)  # host RSS is measured either way (plus peak_gpu_mb on CUDA)
     jobs_dir = common.new_jobs_dir("memory_bound")
     rows = []
     print("| model | method | working memory (MB) | bound (MB) | memory / bound | goal |\n|---|---|---|---|---|---|")
     for model_name in args.models:
         paths = common.prepare_checkpoints(model_name)
         for method in args.methods:
-            job = common.make_job("ours", method, model_name, paths, jobs_dir)
+            job = common.make_job("ours", method, model_name, paths, jobs_dir, device=device)
             job["memory_only"] = True
             res = common.run_job(ours.OURS_CMD, job, args.timeout, None)
             bound = common.memory_bound_mb(model_name, method)

