@@ -211,3 +211,17 @@ def test_bf16_autocast_recipe(images):
         assert all(v.dtype in (torch.float32, torch.int64) for v in out.values())
         diff = (plain.evaluate(out, "loss") - ref).abs().max()
         assert 1e-4 < diff < 0.05 * ref.abs().max()
+
+
+def test_autocast_turns_the_fast_path_off():
+    """The hand-written MLP passes have no autocast form: an autocast recipe takes the vmap path."""
+    g = torch.Generator().manual_seed(0)
+    train = (torch.randn(N, 6, generator=g), torch.randint(0, 3, (N,), generator=g))
+
+    def mlp():
+        return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    recipe = dict(optimizer="sgd", lr=0.1, epochs=1, batch_size=8)
+    assert BatchedTrainer(mlp, train, train, recipe).fast_path
+    tr = BatchedTrainer(mlp, train, train, dict(recipe, autocast="bf16"))
+    assert not tr.fast_path and "autocast" in tr.fast_path_reason

@@ -696,6 +696,8 @@ class BatchedTrainer(_TrainerBase):
     def _plan_fast(self, enabled: bool) -> tuple[Any, str]:
         if not enabled:
             return None, "disabled (fast_path=False)"
+        if self.recipe["autocast"] is not None:  # the hand-written passes have no autocast form
+            return None, f"autocast {self.recipe['autocast']!r}"
         layers, reason = fast_plan(self._template, self.recipe, self.kind, len(self._train) - 1,
                                    bool(self._buffer_names))
         if layers is None:
