@@ -313,13 +313,20 @@ class Runner:
     def __init__(self, device: str, row_timeout: float, budget: float, inline: bool) -> None:
         self.device, self.row_timeout, self.budget, self.inline = device, row_timeout, budget, inline
         self.t0 = time.perf_counter()
+        self.section_end = self.t0 + budget
+
+    def section(self, share: float) -> None:
+        """Start a section that may use ``share`` of the whole budget plus what earlier sections
+        left (a slow section never starves the ones after it)."""
+        now = time.perf_counter()
+        self.section_end = min(self.t0 + self.budget, now + share * self.budget + max(0.0, self.section_end - now))
 
     def left(self) -> float:
-        return self.budget - (time.perf_counter() - self.t0)
+        return self.section_end - time.perf_counter()
 
     def run(self, cmd: list[str], job: dict[str, Any]) -> dict[str, Any]:
         if self.left() <= 5:
-            return {"ok": False, "error": f"skipped: the --budget of {self.budget:.0f} s was spent"}
+            return {"ok": False, "error": f"skipped: this section's share of the --budget of {self.budget:.0f} s was spent"}
         if self.inline:
             Path(job["job_path"]).write_text(json.dumps(job, indent=1))
             if cmd[-1] == "--job" and cmd[-2] == str(OURS_RUNNER):
@@ -613,12 +620,18 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner(device, args.row_timeout, args.budget, inline=args.dry_run)
     rows: list[dict[str, Any]] = []
     notes = [dattri_note] if dattri_py is None else []
+    weights = {"mlp": 0.4, "resnet": 0.4, "retrain": 0.2}  # of --budget, plus what earlier sections left
+    shares = {k: w / sum(weights[x] for x in args.sections) for k, w in weights.items()}
+    runner.section_end = runner.t0  # nothing left over before the first section
     if "mlp" in args.sections:
+        runner.section(shares["mlp"])
         rows += mlp_section(args, size, runner, dattri_py, jobs_dir)
     if "resnet" in args.sections:
+        runner.section(shares["resnet"])
         r, n = resnet_section(args, size, runner, dattri_py, jobs_dir, work)
         rows, notes = rows + r, notes + n
     if "retrain" in args.sections:
+        runner.section(shares["retrain"])
         rows += retrain_section(args, size, runner, jobs_dir, work)
     payload = {"device": device, "size": size_name, "sizes": {k: v for k, v in size.items()}, "rows": rows,
                "dattri_python": dattri_py, "dattri_note": dattri_note, "torch": torch.__version__,

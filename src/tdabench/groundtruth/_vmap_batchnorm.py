@@ -21,6 +21,12 @@ input, which is wrong when a model of the batched trainer sees samples that are 
 A model with no member in a call (weights all zero) normalises with the statistics of all its
 inputs so that every value stays finite; the trainer skips its step and discards its update.
 Evaluation uses the unpatched module (running statistics, vmap-safe).
+
+One difference remains, where torch itself refuses: ``BatchNorm`` on ``(N, C)`` features with a
+single member in a stream batch (one value per channel). The sequential trainer then raises
+torch's ``ValueError``; here the variance is 0 and the output the bias. Recipes whose stream
+batches hold several members of every model (the ``scaled`` stream gives ``batch_size`` on
+average), or 2d/3d batch norm, never meet it.
 """
 
 from __future__ import annotations
