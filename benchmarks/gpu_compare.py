@@ -325,7 +325,7 @@ class Runner:
         return self.section_end - time.perf_counter()
 
     def run(self, cmd: list[str], job: dict[str, Any]) -> dict[str, Any]:
-        if self.left() <= 5:
+        if self.left() < min(30.0, self.row_timeout / 2):  # too little left for a fair run of this row
             return {"ok": False, "error": f"skipped: this section's share of the --budget of {self.budget:.0f} s was spent"}
         if self.inline:
             Path(job["job_path"]).write_text(json.dumps(job, indent=1))
