@@ -32,6 +32,11 @@ def _configure(ws: Path, benchmarks: list[str], data_root: str | None) -> None:
     trak = yaml.safe_load((ws / "configs/attributors/trak_10.yaml").read_text())
     trak["params"]["proj_dim"] = 32
     (ws / "configs/attributors/trak_10.yaml").write_text(yaml.safe_dump(trak, sort_keys=False))
+    # one-epoch tiny recipes give one distinct checkpoint epoch: TracIn runs over that one (the
+    # attribute stage refuses a config asking for more checkpoints than the train stage wrote)
+    tracin = yaml.safe_load((ws / "configs/attributors/tracin.yaml").read_text())
+    tracin["checkpoints"]["count"] = 1
+    (ws / "configs/attributors/tracin.yaml").write_text(yaml.safe_dump(tracin, sort_keys=False))
     for name in benchmarks:
         path = ws / f"configs/benchmarks/{name}.yaml"
         b = yaml.safe_load(path.read_text())
