@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 import torch
 
-# the classes of tdabench.algorithm each method kind needs (CONTRACTS.md names)
+# the classes of tdabench.algorithm each method kind needs
 OUR_CLASSES = {
     "if_explicit": "IFAttributorExplicit", "if_cg": "IFAttributorCG", "if_lissa": "IFAttributorLiSSA",
     "if_arnoldi": "IFAttributorArnoldi", "tracin": "TracInAttributor", "grad_dot": "TracInAttributor",
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in args.methods if m in have]
     if not methods:
         print("attribution_timing: tdabench.algorithm does not provide the attributors yet "
-              f"(missing: {', '.join(missing)}). Merge the attributor branches (CONTRACTS.md names) and rerun.",
+              f"(missing: {', '.join(missing)}). Merge the attributor branches and rerun.",
               file=sys.stderr)
         return 2
     skipped = [m for m in args.methods if m not in have]

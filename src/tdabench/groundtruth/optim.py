@@ -29,7 +29,7 @@ __all__ = [
     "normalize_recipe",
 ]
 
-#: Every recipe key the trainers understand, with its default (see CONTRACTS.md).
+#: Every recipe key the trainers understand, with its default.
 RECIPE_DEFAULTS: dict[str, Any] = {
     "optimizer": "sgd",
     "lr": None,

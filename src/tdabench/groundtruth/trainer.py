@@ -1,6 +1,6 @@
 """Retraining trainers: a sequential reference and a batched ``torch.func`` trainer.
 
-Both trainers implement the :class:`Trainer` protocol of CONTRACTS.md and exactly the same
+Both trainers implement the :class:`Trainer` protocol below and exactly the same
 training semantics, so they agree to float rounding on the same inputs (tested in float64):
 
 * **Initialisation.** Model ``r`` of a :meth:`~Trainer.train` call is created by
@@ -131,7 +131,7 @@ _KINDS = ("classification", "sequence")
 
 @runtime_checkable
 class Trainer(Protocol):
-    """What the ground-truth engine needs from a trainer (see CONTRACTS.md)."""
+    """What the ground-truth engine needs from a trainer."""
 
     def fingerprint(self) -> dict[str, Any]: ...
 
@@ -551,7 +551,7 @@ class SequentialTrainer(_TrainerBase):
             global RNG; called under ``torch.manual_seed(seeds[r])``).
         train: ``(*inputs, labels)`` training tensors, leading dimension ``n_train``.
         test: ``(*inputs, labels)`` test tensors, leading dimension ``n_test``.
-        recipe: training recipe (CONTRACTS.md keys).
+        recipe: training recipe (keys of :data:`tdabench.groundtruth.optim.RECIPE_DEFAULTS`).
         kind: ``"classification"`` or ``"sequence"``.
         stream_seed: seed of the shared minibatch stream.
         stream_batch: ``"scaled"`` | ``"fixed"`` | int, the stream batch rule (module docstring).
@@ -869,7 +869,7 @@ def _commit_buffers(buffers: dict[str, Tensor], updates: Mapping[str, Tensor], a
 
 def make_trainer(setting: Any, data: Any, batched: bool = True, device: str | torch.device = "cpu",
                  **options: Any) -> SequentialTrainer | BatchedTrainer:
-    """The trainer for a benchmark setting and its data (CONTRACTS.md).
+    """The trainer for a benchmark setting and its data (see ARCHITECTURE.md).
 
     Uses only ``setting.build_model``, ``setting.kind``, ``setting.recipe``, ``setting.name``
     and ``data.train``, ``data.test``, ``data.meta``. Models with running statistics
