@@ -7,6 +7,7 @@ would raise the test loss)."""
 from tdabench.algorithm.arguments import arguments_for, register_arguments
 from tdabench.algorithm.base import BaseAttributor
 from tdabench.algorithm.data_shapley import KNNShapleyAttributor
+from tdabench.algorithm.datainf import IFAttributorDataInf
 from tdabench.algorithm.dvemb import DVEmbAttributor
 from tdabench.algorithm.influence_function import (
     IFAttributorArnoldi,
@@ -25,6 +26,7 @@ __all__ = [
     "GradDotAttributor",
     "IFAttributorArnoldi",
     "IFAttributorCG",
+    "IFAttributorDataInf",
     "IFAttributorExplicit",
     "IFAttributorLiSSA",
     "KNNShapleyAttributor",
