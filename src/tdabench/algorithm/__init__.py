@@ -15,6 +15,7 @@ from tdabench.algorithm.influence_function import (
     IFAttributorExplicit,
     IFAttributorLiSSA,
 )
+from tdabench.algorithm.logra import LoGraAttributor
 from tdabench.algorithm.rps import RPSAttributor
 from tdabench.algorithm.tracin import GradCosAttributor, GradDotAttributor, TracInAttributor
 from tdabench.algorithm.trak import TRAKAttributor
@@ -30,6 +31,7 @@ __all__ = [
     "IFAttributorExplicit",
     "IFAttributorLiSSA",
     "KNNShapleyAttributor",
+    "LoGraAttributor",
     "RPSAttributor",
     "TRAKAttributor",
     "TracInAttributor",
