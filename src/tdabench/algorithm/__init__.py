@@ -9,6 +9,7 @@ from tdabench.algorithm.base import BaseAttributor
 from tdabench.algorithm.data_shapley import KNNShapleyAttributor
 from tdabench.algorithm.datainf import IFAttributorDataInf
 from tdabench.algorithm.dvemb import DVEmbAttributor
+from tdabench.algorithm.factgrass import FactGraSSAttributor
 from tdabench.algorithm.influence_function import (
     IFAttributorArnoldi,
     IFAttributorCG,
@@ -23,6 +24,7 @@ from tdabench.algorithm.trak import TRAKAttributor
 __all__ = [
     "BaseAttributor",
     "DVEmbAttributor",
+    "FactGraSSAttributor",
     "GradCosAttributor",
     "GradDotAttributor",
     "IFAttributorArnoldi",
