@@ -104,6 +104,13 @@ def test_full_rank_logra_equals_exact_per_layer_formula(conv, hessian):
     # the same loader object reuses the kept projections; a new loader object recomputes them
     other = DataLoader(TensorDataset(x, y), batch_size=2)
     torch.testing.assert_close(att.attribute(other, test), scores, rtol=1e-10, atol=1e-12)
+    # a loader over the same dataset object, unshuffled, other batch size: the kept projections are reused
+    calls = []
+    orig = att.projected
+    att.projected = lambda b, which="loss", index=0: calls.append(which) or orig(b, which, index)
+    torch.testing.assert_close(att.attribute(DataLoader(train.dataset, batch_size=5), test), scores, rtol=1e-10, atol=1e-12)
+    assert calls == ["target"] * 3
+    att.projected = orig
     Gself = _layer_grads(model, task.target_func, x, y)
     torch.testing.assert_close(att.self_attribute(train), torch.diagonal(_dense_scores(Gtr, Gself, 0.01, hessian)),
                                rtol=1e-8, atol=1e-10)

@@ -25,7 +25,7 @@ relative to the mean eigenvalue of ``F_l`` as in dattri (``None`` = 1e-5, dattri
 and scores are averaged over checkpoints. The inverse is applied once to the test side (one
 Cholesky factorisation per layer), and scores are one GEMM against the projected training
 gradients, which are kept from :meth:`cache` (``offload``) and reused when :meth:`attribute`
-gets the same training loader object.
+gets a training loader over the same samples in the same order (:func:`same_samples`).
 
 Loss functions: ``loss_func(params, data)`` (the tdabench form) or dattri's LoGra form
 ``loss_func(model, batch, device)`` (three positional parameters), both returning the batch
@@ -356,7 +356,7 @@ class BlockProjectedAttributor(BaseAttributor):
         return out
 
     def _train_projected(self, train_loader: Iterable[Batch], index: int) -> Iterator[Tensor]:
-        if train_loader is self._cache_loader and index in self._stores:
+        if index in self._stores and same_samples(train_loader, self._cache_loader):
             yield from self._stores[index]
             return
         for batch in self._batches(train_loader, "train loader"):
@@ -373,8 +373,8 @@ class BlockProjectedAttributor(BaseAttributor):
         """Scores ``(n_train, n_test)``, averaged over checkpoints (high = helps the test sample).
 
         The test side is projected and preconditioned once per checkpoint; the projected
-        training gradients come from :meth:`cache` when ``train_loader`` is the cached loader
-        object, and are computed batch by batch otherwise.
+        training gradients come from :meth:`cache` when ``train_loader`` yields the cached samples
+        in the same order (:func:`same_samples`), and are computed batch by batch otherwise.
         """
         self._ensure_cache(train_loader)
         total: Tensor | None = None
@@ -416,6 +416,21 @@ class BlockProjectedAttributor(BaseAttributor):
         out.update(self.args.to_dict(), layer_names=self.layer_names, layer_dims=self.layer_dims,
                    num_checkpoints=self.task.num_checkpoints)
         return out
+
+
+def same_samples(a: Any, b: Any) -> bool:
+    """Whether two loaders yield the same samples in the same order: the same object, or two
+    ``DataLoader`` s over the same dataset object, both sequential (unshuffled), neither dropping
+    a last batch, with the same collate function (their batch sizes may differ)."""
+    if a is b:
+        return True
+    from torch.utils.data import DataLoader, SequentialSampler
+
+    if not (isinstance(a, DataLoader) and isinstance(b, DataLoader)):
+        return False
+    return (a.dataset is b.dataset and isinstance(a.sampler, SequentialSampler)
+            and isinstance(b.sampler, SequentialSampler) and not a.drop_last and not b.drop_last
+            and a.collate_fn is b.collate_fn)
 
 
 def _takes_model(func: Callable[..., Any]) -> bool:
