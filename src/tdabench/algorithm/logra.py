@@ -308,7 +308,7 @@ class BlockProjectedAttributor(BaseAttributor):
         for k in range(self.task.num_checkpoints):
             store = _GradStore(self.args.offload, self.device, self.args.cache_dir,
                                self.args.chunk_size, f"{type(self).__name__}_ckpt{k}")
-            fisher = [torch.zeros(d, d, dtype=torch.float64, device=self.device) for d in self.layer_dims or []]
+            fisher = [torch.zeros(d, d, dtype=self.dtype, device=self.device) for d in self.layer_dims or []]
             n = 0
             for batch in tqdm(self._batches(full_train_loader, "cache (full training) loader"),
                               desc=f"{type(self).__name__} cache (ckpt {k})", disable=None, leave=False):
@@ -319,7 +319,7 @@ class BlockProjectedAttributor(BaseAttributor):
                 store.append(P)
                 if self.args.hessian == "eFIM":
                     for F, (a, b) in zip(fisher, self._slices(), strict=True):
-                        F.addmm_(P[:, a:b].T.double(), P[:, a:b].double())
+                        F.addmm_(P[:, a:b].T, P[:, a:b])
             store.close()
             if n == 0:
                 raise DataError("the cache (full training) loader holds no sample; pass a DataLoader over the training set")
@@ -331,7 +331,8 @@ class BlockProjectedAttributor(BaseAttributor):
                     n, len(self.layer_names), self.layer_dims, self.task.num_checkpoints, time.perf_counter() - start)
 
     def _factorise(self, F: Tensor) -> Tensor:
-        """Cholesky factor of ``F + λ I`` (``λ = damping · tr(F) / k``), in the attributor's dtype."""
+        """Cholesky factor of ``F + λ I`` (``λ = damping · tr(F) / k``), in the attributor's dtype
+        (factorised in float64 when the attributor's dtype fails)."""
         lam = self.args.relative_damping * float(torch.trace(F)) / F.shape[0]
         if lam <= 0:
             lam = self.args.relative_damping or 1e-12
@@ -339,6 +340,8 @@ class BlockProjectedAttributor(BaseAttributor):
         F = F.clone()
         F.diagonal().add_(lam)
         L, info = torch.linalg.cholesky_ex(F)
+        if int(info) != 0 and F.dtype != torch.float64:  # rounding: retry in float64
+            L, info = torch.linalg.cholesky_ex(F.double())
         if int(info) != 0:
             raise DataError(
                 f"the damped projected Fisher (damping {self.args.relative_damping:g} x its mean eigenvalue) is not "
