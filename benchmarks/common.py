@@ -143,6 +143,27 @@ METHODS: dict[str, dict[str, Any]] = {
         "layer": {"lr": None, "mlp": None}, "checkpoints": "halves",
         "batches": {"cache": 500, "train": 500, "test": N_TEST}, "peer": "trak_10",
     },
+    # DataInf / LoGra / FactGraSS (issue 12). DataInf: dattri's default regularization=0.0
+    # returns NaN, so both sides get an explicit lambda; the MLP uses the last layer like the IF
+    # rows (dattri's transform holds test_batch^2 x d floats per step and recomputes the test side
+    # per train batch: one train batch, test batches of 50). LoGra / FactGraSS: dattri's defaults
+    # (every Linear layer, eFIM, damping None = 1e-5 x mean eigenvalue, proj_dim 4096, blowup 4).
+    "datainf": {
+        "kind": "datainf", "hparams": {"regularization": 0.1, "fim_estimate_data_ratio": 1.0},
+        "layer": {"lr": None, "mlp": "last"}, "checkpoints": "final",
+        "batches": {"cache": 500, "train": N_TRAIN, "test": 50},
+    },
+    "logra": {
+        "kind": "logra", "hparams": {"hessian": "eFIM", "damping": None, "proj_dim": 4096, "offload": "cpu"},
+        "layer": {"lr": None, "mlp": None}, "checkpoints": "final",
+        "batches": {"cache": 500, "train": 500, "test": N_TEST},
+    },
+    "factgrass": {
+        "kind": "factgrass",
+        "hparams": {"hessian": "eFIM", "damping": None, "proj_dim": 4096, "blowup_factor": 4, "offload": "cpu"},
+        "layer": {"lr": None, "mlp": None}, "checkpoints": "final",
+        "batches": {"cache": 500, "train": 500, "test": N_TEST},
+    },
 }
 MODELS = ("lr", "mlp")
 
