@@ -11,7 +11,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 from tdabench.algorithm import LoGraAttributor
-from tdabench.errors import ConfigError
+from tdabench.errors import ConfigError, MemoryLimitError
 from tdabench.task import AttributionTask
 
 torch.set_default_dtype(torch.float64)
@@ -114,6 +114,20 @@ def test_full_rank_logra_equals_exact_per_layer_formula(conv, hessian):
     Gself = _layer_grads(model, task.target_func, x, y)
     torch.testing.assert_close(att.self_attribute(train), torch.diagonal(_dense_scores(Gtr, Gself, 0.01, hessian)),
                                rtol=1e-8, atol=1e-10)
+
+
+def test_memory_budget_too_small_to_keep_projections():
+    _, task, x, y = _problem(n=40)
+    train, test = _loaders(x, y)
+    ref = LoGraAttributor(task, damping=0.01, proj_dim=256)
+    ref.cache(train)
+    # 2 x the Fisher matrices (16² + 12² float64) fit; half the budget cannot hold 40 x 28 projections
+    small = LoGraAttributor(task, damping=0.01, proj_dim=256, memory_budget=2 * 8 * (16**2 + 12**2) + 8)
+    small.cache(train)
+    assert ref._stores[0].complete and not small._stores[0].complete
+    torch.testing.assert_close(small.attribute(train, test), ref.attribute(train, test), rtol=1e-10, atol=1e-12)
+    with pytest.raises(MemoryLimitError, match="projected Fisher"):
+        LoGraAttributor(task, proj_dim=256, memory_budget=1000).cache(train)
 
 
 def test_kronecker_projection_equals_dense_projection():

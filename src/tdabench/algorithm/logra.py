@@ -181,11 +181,19 @@ def _gaussian(d: int, k: int, seed: int, device: torch.device, dtype: torch.dtyp
 
 
 class _GradStore:
-    """Projected training gradients kept between :meth:`cache` and :meth:`attribute`."""
+    """Projected training gradients kept between :meth:`cache` and :meth:`attribute`.
 
-    def __init__(self, offload: str, device: torch.device, cache_dir: str | None, chunk_size: int, tag: str) -> None:
-        self.offload, self.device, self.chunk_size = offload, device, chunk_size
+    In memory (``offload`` ``"none"``/``"cpu"``) at most ``limit`` bytes are kept: past that the
+    store gives up (``complete`` becomes ``False``) and :meth:`attribute` recomputes the
+    projections. On disk there is no limit.
+    """
+
+    def __init__(self, offload: str, device: torch.device, cache_dir: str | None, chunk_size: int, tag: str,
+                 limit: int) -> None:
+        self.offload, self.device, self.chunk_size, self.limit = offload, device, chunk_size, limit
         self.dir = Path(cache_dir) / tag if offload == "disk" and cache_dir else None
+        self.complete = True
+        self._bytes = 0
         self._parts: list[Tensor] = []
         self._files: list[Path] = []
         self._pending: list[Tensor] = []
@@ -194,7 +202,14 @@ class _GradStore:
 
     def append(self, x: Tensor) -> None:
         if self.dir is None:
-            self._parts.append(x if self.offload == "none" else x.to("cpu"))
+            self._bytes += x.numel() * x.element_size()
+            if self._bytes > self.limit:
+                if self.complete:
+                    logger.info("the projected training gradients exceed %d bytes of the memory budget; "
+                                "attribute() will recompute them", self.limit)
+                self.complete, self._parts = False, []
+            if self.complete:
+                self._parts.append(x if self.offload == "none" else x.to("cpu"))
             return
         self._pending.append(x.to("cpu"))
         if len(self._pending) >= self.chunk_size:
@@ -305,9 +320,12 @@ class BlockProjectedAttributor(BaseAttributor):
         self._cached = False
         self._setup()
         self._stores, self._factors = {}, {}
+        item = torch.empty((), dtype=self.dtype).element_size()
+        self.planner.require(2 * sum(d * d for d in self.layer_dims or []) * item, "the projected Fisher matrices",
+                             "lower proj_dim or select fewer layers with layer_names")
         for k in range(self.task.num_checkpoints):
-            store = _GradStore(self.args.offload, self.device, self.args.cache_dir,
-                               self.args.chunk_size, f"{type(self).__name__}_ckpt{k}")
+            store = _GradStore(self.args.offload, self.device, self.args.cache_dir, self.args.chunk_size,
+                               f"{type(self).__name__}_ckpt{k}", self.planner.share(0.5 / self.task.num_checkpoints))
             fisher = [torch.zeros(d, d, dtype=self.dtype, device=self.device) for d in self.layer_dims or []]
             n = 0
             for batch in tqdm(self._batches(full_train_loader, "cache (full training) loader"),
@@ -359,7 +377,7 @@ class BlockProjectedAttributor(BaseAttributor):
         return out
 
     def _train_projected(self, train_loader: Iterable[Batch], index: int) -> Iterator[Tensor]:
-        if index in self._stores and same_samples(train_loader, self._cache_loader):
+        if index in self._stores and self._stores[index].complete and same_samples(train_loader, self._cache_loader):
             yield from self._stores[index]
             return
         for batch in self._batches(train_loader, "train loader"):
