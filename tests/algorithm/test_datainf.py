@@ -133,8 +133,13 @@ def test_datainf_arguments_and_errors():
         DataInfArguments(fim_estimate_data_ratio=0.0)
     with pytest.raises(ConfigError, match="regularization_scale"):
         DataInfArguments(regularization_scale=math.inf)
-    assert DataInfArguments(0.5, 1.0).to_dict() == {
-        "regularization": 0.5, "fim_estimate_data_ratio": 1.0, "regularization_scale": 0.1}
+    assert DataInfArguments(0.5, 1.0).result_dict() == {
+        "regularization": 0.5, "fim_estimate_data_ratio": 1.0, "regularization_scale": 0.1, "layer_name": None}
+    from tdabench.algorithm.arguments import arguments_for
+
+    assert arguments_for("IFAttributorDataInf") is DataInfArguments
+    with pytest.raises(ConfigError, match="unknown argument"):
+        DataInfArguments.from_dict({"damping": 1.0})
     _, task, x, y = _problem()
     att = IFAttributorDataInf(task)
     train, test = _loaders(x, y)

@@ -87,6 +87,10 @@ def test_factgrass_arguments():
         FactGraSSAttributor(task, proj_dim=100, blowup_factor=3)
     with pytest.raises(ConfigError, match="blowup_factor"):
         FactGraSSAttributor(task, proj_dim=16, blowup_factor=0)
+    from tdabench.algorithm.arguments import arguments_for
+
+    with pytest.raises(ConfigError, match="intermediate_dim"):
+        arguments_for("FactGraSSAttributor").from_dict({"proj_dim": 100, "blowup_factor": 3})
     att = FactGraSSAttributor(task, proj_dim=36, blowup_factor=9)
     assert att.factor_dim == 18 and att.hyperparameters()["blowup_factor"] == 9
     train = DataLoader(TensorDataset(torch.randn(4, 3), torch.randint(0, 3, (4,))), batch_size=2)

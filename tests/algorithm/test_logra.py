@@ -189,3 +189,8 @@ def test_logra_arguments():
     att = LoGraAttributor(task, layer_names="fc2", proj_dim=16)
     assert att.layer_names == ["fc2"] and att.spec.names == ("fc2.weight",)
     assert att.hyperparameters()["proj_dim"] == 16
+    from tdabench.algorithm.arguments import arguments_for
+
+    assert arguments_for("LoGraAttributor").from_dict({"proj_dim": 64, "damping": 0.1}).result_dict()["proj_dim"] == 64
+    with pytest.raises(ConfigError, match="perfect square"):
+        arguments_for("LoGraAttributor").from_dict({"proj_dim": 50})

@@ -32,15 +32,22 @@ import logging
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tdabench._validate import check_real
+from tdabench.algorithm.arguments import (
+    MethodArguments,
+    _check_budget,
+    _check_layer_name,
+    register_arguments,
+)
 from tdabench.algorithm.base import BaseAttributor
-from tdabench.errors import ConfigError, DataError
+from tdabench.errors import DataError
 from tdabench.func.utils import Batch, batch_size_of, batch_slice, check_finite
 from tdabench.memory import MemoryPlanner, planner_for
 from tdabench.task import AttributionTask, LayerName
@@ -53,14 +60,9 @@ logger = logging.getLogger(__name__)
 DATTRI_NONE_REGULARIZATION = 0.1
 
 
-def _finite_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise ConfigError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-@dataclass(frozen=True)
-class DataInfArguments:
+@register_arguments("IFAttributorDataInf")
+@dataclass
+class DataInfArguments(MethodArguments):
     """Hyper-parameters of :class:`IFAttributorDataInf` (validated on construction).
 
     Attributes:
@@ -70,28 +72,26 @@ class DataInfArguments:
             first ones, in loader order) whose gradients define ``M_l``.
         regularization_scale: the factor of the paper's rule (0.1), used when
             ``regularization == 0``.
+        layer_name: parameters (names or module prefixes) to attribute; ``None`` = all.
+        memory_budget: the planner's budget (execution only).
     """
 
     regularization: float | None = 0.0
     fim_estimate_data_ratio: float = 1.0
     regularization_scale: float = 0.1
+    layer_name: Any = None
+    memory_budget: Any = None
 
     def __post_init__(self) -> None:
-        if self.regularization is not None and _finite_number("regularization", self.regularization) < 0:
-            raise ConfigError(
-                f"regularization must be >= 0 (0 = the paper's per-layer rule), got {self.regularization!r}"
-            )
-        ratio = _finite_number("fim_estimate_data_ratio", self.fim_estimate_data_ratio)
-        if not 0 < ratio <= 1:
-            raise ConfigError(f"fim_estimate_data_ratio must be in (0, 1], got {ratio!r}; pass e.g. 1.0")
-        if _finite_number("regularization_scale", self.regularization_scale) <= 0:
-            raise ConfigError(
-                f"regularization_scale must be > 0, got {self.regularization_scale!r}; pass e.g. 0.1"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        """The resolved arguments, for provenance metadata."""
-        return asdict(self)
+        if self.regularization is not None:
+            self.regularization = check_real(
+                "regularization", self.regularization, 0.0, fix="pass a value >= 0 (0 = the paper's per-layer rule)")
+        self.fim_estimate_data_ratio = check_real(
+            "fim_estimate_data_ratio", self.fim_estimate_data_ratio, 0.0, strict=True, at_most=1.0, fix="pass e.g. 1.0")
+        self.regularization_scale = check_real(
+            "regularization_scale", self.regularization_scale, 0.0, strict=True, fix="pass e.g. 0.1")
+        self.layer_name = _check_layer_name(self.layer_name)
+        self.memory_budget = _check_budget(self.memory_budget)
 
 
 def layer_groups(names: Iterable[str], numels: Iterable[int]) -> list[tuple[str, int, int]]:
@@ -147,7 +147,8 @@ class IFAttributorDataInf(BaseAttributor):
         memory_budget: int | str | None = None,
     ) -> None:
         super().__init__(task, layer_name=layer_name, device=device)
-        self.args = DataInfArguments(regularization, fim_estimate_data_ratio, regularization_scale)
+        self.args = DataInfArguments(regularization, fim_estimate_data_ratio, regularization_scale, layer_name,
+                                     memory_budget)
         self.planner: MemoryPlanner = planner_for(self.device, memory_budget)
         self.layers = layer_groups(self.spec.names, self.spec.numels)
         self._fim_batches: list[Batch] = []
@@ -295,7 +296,7 @@ class IFAttributorDataInf(BaseAttributor):
 
     def hyperparameters(self) -> dict[str, Any]:
         out = super().hyperparameters()
-        out.update(self.args.to_dict(), num_checkpoints=self.task.num_checkpoints)
+        out.update(self.args.result_dict(), num_checkpoints=self.task.num_checkpoints)
         return out
 
 

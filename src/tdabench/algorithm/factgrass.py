@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from tdabench._validate import check_int
+from tdabench.algorithm.arguments import register_arguments
 from tdabench.algorithm.logra import (
     BlockProjectedArguments,
     BlockProjectedAttributor,
@@ -33,12 +36,11 @@ from tdabench.algorithm.logra import (
     _perfect_square,
     factor_dims,
 )
-from tdabench.errors import ConfigError
 from tdabench.func.capture import LayerIO
 from tdabench.func.projection import Projector, make_projector
 from tdabench.task import AttributionTask
 
-__all__ = ["FactGraSSAttributor", "SparseLayerCompressor", "mask_factor", "random_mask"]
+__all__ = ["FactGraSSArguments", "FactGraSSAttributor", "SparseLayerCompressor", "mask_factor", "random_mask"]
 
 
 def random_mask(d: int, k: int, seed: int, device: torch.device | str = "cpu") -> Tensor | None:
@@ -54,6 +56,19 @@ def mask_factor(x: Tensor, index: Tensor | None, d: int) -> Tensor:
     if index is None:
         return x
     return x.index_select(-1, index) * math.sqrt(d / index.numel())
+
+
+@register_arguments("FactGraSSAttributor")
+@dataclass
+class FactGraSSArguments(BlockProjectedArguments):
+    """Arguments of :class:`FactGraSSAttributor`: ``proj_dim · blowup_factor`` must be a perfect square."""
+
+    blowup_factor: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.blowup_factor = check_int("blowup_factor", self.blowup_factor, 1)
+        _perfect_square(self.proj_dim * self.blowup_factor, "intermediate_dim (proj_dim * blowup_factor)")
 
 
 class SparseLayerCompressor(LayerCompressor):
@@ -120,11 +135,10 @@ class FactGraSSAttributor(BlockProjectedAttributor):
         seed: int = 0,
         memory_budget: int | str | None = None,
     ) -> None:
-        args = BlockProjectedArguments(hessian, damping, proj_dim, offload, cache_dir, chunk_size, seed)
-        if isinstance(blowup_factor, bool) or not isinstance(blowup_factor, int) or blowup_factor < 1:
-            raise ConfigError(f"blowup_factor must be an integer >= 1, got {blowup_factor!r}")
-        self.blowup_factor = blowup_factor
-        self.factor_dim = _perfect_square(proj_dim * blowup_factor, "intermediate_dim (proj_dim * blowup_factor)")
+        args = FactGraSSArguments(layer_names, hessian, damping, proj_dim, offload, cache_dir, chunk_size, seed,
+                                  memory_budget, blowup_factor)
+        self.blowup_factor = args.blowup_factor
+        self.factor_dim = _perfect_square(args.proj_dim * args.blowup_factor, "intermediate_dim (proj_dim * blowup_factor)")
         super().__init__(task, layer_names, device, args, memory_budget)
 
     def _make_compressor(self, index: int, name: str, module: nn.Module) -> LayerCompressor:
@@ -132,7 +146,3 @@ class FactGraSSAttributor(BlockProjectedAttributor):
         return SparseLayerCompressor(d_out, d_in, self.factor_dim, self.args.proj_dim,
                                      self.args.seed + 1000 * index, self.device, self.dtype)
 
-    def hyperparameters(self) -> dict:
-        out = super().hyperparameters()
-        out["blowup_factor"] = self.blowup_factor
-        return out

@@ -39,15 +39,22 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from itertools import accumulate, pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from tdabench._validate import check_choice, check_int, check_real
+from tdabench.algorithm.arguments import (
+    MethodArguments,
+    _check_budget,
+    _check_layer_name,
+    register_arguments,
+)
 from tdabench.algorithm.base import BaseAttributor
 from tdabench.errors import ConfigError, DataError, StoreError
 from tdabench.func.capture import LayerIO, capture, capture_task, layer_param_names, select_modules
@@ -56,7 +63,7 @@ from tdabench.func.utils import Batch, batch_size_of, check_finite
 from tdabench.memory import MemoryPlanner, planner_for
 from tdabench.task import AttributionTask
 
-__all__ = ["HESSIANS", "OFFLOADS", "BlockProjectedArguments", "LoGraAttributor", "factor_dims"]
+__all__ = ["HESSIANS", "OFFLOADS", "BlockProjectedArguments", "LoGraArguments", "LoGraAttributor", "factor_dims"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +83,13 @@ def _perfect_square(value: int, what: str) -> int:
     return root
 
 
-@dataclass(frozen=True)
-class BlockProjectedArguments:
+@dataclass
+class BlockProjectedArguments(MethodArguments):
     """Hyper-parameters shared by LoGra and FactGraSS (validated on construction).
 
     Attributes:
+        layer_names: module names (``model.named_modules()``) of the layers; ``None`` = all
+            ``nn.Linear`` / ``nn.Conv2d`` modules.
         hessian: ``"eFIM"`` (empirical Fisher of the projected gradients) or ``"Identity"``.
         damping: ``λ_l / (tr(F_l)/k_l)``, relative to the mean eigenvalue; ``None`` = 1e-5.
         proj_dim: LoGra: ``k_out · k_in``, a perfect square (each factor ``sqrt(proj_dim)``);
@@ -90,8 +99,12 @@ class BlockProjectedArguments:
         cache_dir: directory of the ``"disk"`` shards (required then).
         chunk_size: loader batches per ``"disk"`` shard.
         seed: seed of the random projections.
+        memory_budget: the planner's budget.
     """
 
+    execution_keys: ClassVar[tuple[str, ...]] = ("memory_budget", "offload", "cache_dir", "chunk_size")
+
+    layer_names: Any = None
     hessian: str = "eFIM"
     damping: float | None = None
     proj_dim: int = 4096
@@ -99,33 +112,34 @@ class BlockProjectedArguments:
     cache_dir: str | None = None
     chunk_size: int = 16
     seed: int = 0
+    memory_budget: Any = None
 
     def __post_init__(self) -> None:
-        if self.hessian not in HESSIANS:
-            raise ConfigError(f"hessian must be one of {HESSIANS}, got {self.hessian!r}")
-        if self.damping is not None and (
-            isinstance(self.damping, bool) or not isinstance(self.damping, (int, float))
-            or not math.isfinite(self.damping) or self.damping < 0
-        ):
-            raise ConfigError(f"damping must be a finite number >= 0 or None (= 1e-5), got {self.damping!r}")
-        for name in ("proj_dim", "chunk_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
-        if self.offload not in OFFLOADS:
-            raise ConfigError(f"offload must be one of {OFFLOADS}, got {self.offload!r}")
+        self.layer_names = _check_layer_name(self.layer_names)
+        check_choice("hessian", self.hessian, HESSIANS, "the curvature in the projected space")
+        if self.damping is not None:
+            self.damping = check_real("damping", self.damping, 0.0, fix="pass a value >= 0 or None (= 1e-5)")
+        self.proj_dim = check_int("proj_dim", self.proj_dim, 1)
+        self.chunk_size = check_int("chunk_size", self.chunk_size, 1)
+        self.seed = check_int("seed", self.seed, 0)
+        check_choice("offload", self.offload, OFFLOADS, "where the projected training gradients are kept")
         if self.offload == "disk" and not self.cache_dir:
             raise ConfigError("cache_dir must be provided when offload='disk'; pass a writable directory")
+        self.memory_budget = _check_budget(self.memory_budget)
 
     @property
     def relative_damping(self) -> float:
         return DEFAULT_RELATIVE_DAMPING if self.damping is None else float(self.damping)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The resolved arguments, for provenance metadata."""
-        return asdict(self)
+
+@register_arguments("LoGraAttributor")
+@dataclass
+class LoGraArguments(BlockProjectedArguments):
+    """Arguments of :class:`LoGraAttributor`: ``proj_dim`` must be a perfect square."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _perfect_square(self.proj_dim, "proj_dim")
 
 
 def factor_dims(module: nn.Module) -> tuple[int, int]:
@@ -434,7 +448,7 @@ class BlockProjectedAttributor(BaseAttributor):
 
     def hyperparameters(self) -> dict[str, Any]:
         out = super().hyperparameters()
-        out.update(self.args.to_dict(), layer_names=self.layer_names, layer_dims=self.layer_dims,
+        out.update(self.args.result_dict(), layer_names=self.layer_names, layer_dims=self.layer_dims,
                    num_checkpoints=self.task.num_checkpoints)
         return out
 
@@ -514,7 +528,8 @@ class LoGraAttributor(BlockProjectedAttributor):
         seed: int = 0,
         memory_budget: int | str | None = None,
     ) -> None:
-        args = BlockProjectedArguments(hessian, damping, proj_dim, offload, cache_dir, chunk_size, seed)
+        args = LoGraArguments(layer_names, hessian, damping, proj_dim, offload, cache_dir, chunk_size, seed,
+                              memory_budget)
         self.factor_dim = _perfect_square(args.proj_dim, "proj_dim")
         super().__init__(task, layer_names, device, args, memory_budget)
 
