@@ -72,8 +72,8 @@ def main(argv: list[str]) -> int:
     tpath = common.RESULTS_DIR / "lowrank_tuning.json"
     tuning = {(r["model"], r["method"]): r for r in json.loads(tpath.read_text())["results"]} if tpath.is_file() else {}
     table = render(rows, tuning)
-    notes = [r["ours"].get("error") or r["dattri"].get("error") for r in rows.values()
-             if not (r.get("ours") or {}).get("ok", True) or not (r.get("dattri") or {}).get("ok", True)]
+    notes = [f"{side} {m}/{meth}: {(r.get(side) or {}).get('error')}" for (m, meth), r in rows.items()
+             for side in ("ours", "dattri") if not (r.get(side) or {}).get("ok", True) and not (r.get(side) or {}).get("peer_method")]
     text = (table + "\n\nMNIST 4,500 train x 500 test, one CPU thread per side, shared 2-core host (contended), one run "
             "per cell (compare.py --quick), cache + attribute time; LDS: Spearman over the 50 evaluation subsets, target "
             "-loss. *_tuned / datainf_default are tdabench-only rows compared with dattri's run of the named row (its "
