@@ -33,6 +33,7 @@ OUR_CLASSES = {
     "if_explicit": "IFAttributorExplicit", "if_cg": "IFAttributorCG", "if_lissa": "IFAttributorLiSSA",
     "if_arnoldi": "IFAttributorArnoldi", "tracin": "TracInAttributor", "grad_dot": "TracInAttributor",
     "grad_cos": "TracInAttributor", "rps": "RPSAttributor", "trak": "TRAKAttributor",
+    "datainf": "IFAttributorDataInf", "logra": "LoGraAttributor", "factgrass": "FactGraSSAttributor",
 }
 
 
@@ -97,7 +98,14 @@ def build_and_run(job: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
             hook()
         return time.perf_counter()
 
-    if kind.startswith("if_"):
+    if kind in ("datainf", "logra", "factgrass"):  # cache + attribute(train, test); LoGra/FactGraSS: layer_names
+        where = {"layer_name": layer} if kind == "datainf" else {"layer_names": layer}
+        att = cls(AttributionTask(loss_func=loss, model=model, checkpoints=ckpt_arg), device=dev, **where, **hp)
+        t0 = start()
+        att.cache(dl["cache"])
+        t1 = time.perf_counter()
+        scores = att.attribute(dl["train"], dl["test"])
+    elif kind.startswith("if_"):
         att = cls(AttributionTask(loss_func=loss, model=model, checkpoints=ckpt_arg), layer_name=layer, device=dev, **hp)
         t0 = start()
         att.cache(dl["cache"])

@@ -7,13 +7,16 @@ would raise the test loss)."""
 from tdabench.algorithm.arguments import arguments_for, register_arguments
 from tdabench.algorithm.base import BaseAttributor
 from tdabench.algorithm.data_shapley import KNNShapleyAttributor
+from tdabench.algorithm.datainf import IFAttributorDataInf
 from tdabench.algorithm.dvemb import DVEmbAttributor
+from tdabench.algorithm.factgrass import FactGraSSAttributor
 from tdabench.algorithm.influence_function import (
     IFAttributorArnoldi,
     IFAttributorCG,
     IFAttributorExplicit,
     IFAttributorLiSSA,
 )
+from tdabench.algorithm.logra import LoGraAttributor
 from tdabench.algorithm.rps import RPSAttributor
 from tdabench.algorithm.tracin import GradCosAttributor, GradDotAttributor, TracInAttributor
 from tdabench.algorithm.trak import TRAKAttributor
@@ -21,13 +24,16 @@ from tdabench.algorithm.trak import TRAKAttributor
 __all__ = [
     "BaseAttributor",
     "DVEmbAttributor",
+    "FactGraSSAttributor",
     "GradCosAttributor",
     "GradDotAttributor",
     "IFAttributorArnoldi",
     "IFAttributorCG",
+    "IFAttributorDataInf",
     "IFAttributorExplicit",
     "IFAttributorLiSSA",
     "KNNShapleyAttributor",
+    "LoGraAttributor",
     "RPSAttributor",
     "TRAKAttributor",
     "TracInAttributor",
