@@ -112,7 +112,7 @@ def select_modules(model: nn.Module, module_name: str | Sequence[str] | None = N
     """
     named = dict(model.named_modules())
     if module_name is None:
-        wanted, explicit = [n for n, m in named.items() if n and not list(m.children())], False
+        wanted, explicit = [n for n, m in named.items() if not list(m.children())], False
     else:
         wanted = [module_name] if isinstance(module_name, str) else list(module_name)
         explicit = True

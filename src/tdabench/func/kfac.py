@@ -1,0 +1,508 @@
+"""K-FAC and EK-FAC curvature: Kronecker-factored Fisher blocks per ``nn.Linear``/``nn.Conv2d`` layer.
+
+For a layer with (bias-augmented) weight matrix ``W̃`` ``(d_out, d_in')`` the per-sample
+gradient is ``G_i = Σ_t g_{i,t} a_{i,t}ᵀ`` (see :mod:`tdabench.func.capture`). The Fisher block
+of the layer (row-major ``vec``) is ``F = (1/N) Σ_i vec(G_i) vec(G_i)ᵀ`` and K-FAC approximates it
+by ``S ⊗ A`` with
+
+* ``A = Σ_{i,t} a_{i,t} a_{i,t}ᵀ / Σ_i T_i``  (activation covariance, per position), ``(d_in', d_in')``;
+* ``S = Σ_{i,t} g_{i,t} g_{i,t}ᵀ / N``          (output-gradient covariance, per sample), ``(d_out, d_out)``.
+
+For inputs without positions (``T = 1``) this is the usual ``E[a aᵀ] ⊗ E[g gᵀ]``; for sequences and
+convolutions it is the "expand" convention (``A`` averaged over positions, ``S`` summed). With the
+eigendecompositions ``A = Q_A diag(λ_A) Q_Aᵀ`` and ``S = Q_S diag(λ_S) Q_Sᵀ``, the block is
+``(Q_S ⊗ Q_A) diag(Λ) (Q_S ⊗ Q_A)ᵀ`` with
+
+* K-FAC: ``Λ[o, i] = λ_S[o] λ_A[i]``;
+* EK-FAC: ``Λ[o, i] = (1/N) Σ_n (Q_Sᵀ G_n Q_A)[o, i]²``, the exact diagonal of ``F`` in that
+  Kronecker eigenbasis (George et al., 2018).
+
+So ``F⁻¹ V = Q_S ((Q_Sᵀ V Q_A) / (Λ + λ)) Q_Aᵀ`` for a gradient matrix ``V``. The damping ``λ`` of a
+layer is ``damping + damping_factor · mean(Λ)``: an explicit value, a fraction of the layer's mean
+eigenvalue (kronfluence's heuristic is ``0.1 · mean``), or both.
+
+**Which gradients** (``fisher=``): ``"empirical"`` uses each training sample's own loss gradient
+(the task's ``loss_func`` on its labels: the empirical Fisher, as dattri 0.3.0); ``"true"`` replaces
+the labels by labels sampled from the model's predicted distribution (the Fisher of the model's
+own distribution, an unbiased estimate of the Gauss-Newton matrix for softmax cross-entropy, as
+kronfluence does). ``"true"`` assumes classification batches ``(inputs, labels, ...)``, a model whose
+output ``model(inputs)`` is the logits ``(B, C)`` or ``(B, T, C)``, and a ``loss_func`` that is the
+cross-entropy of those logits with the labels; labels are drawn with a generator seeded from
+``seed`` and the batch index, so a fit is reproducible.
+
+**Storage.** With a ``factor_dir``, factors are fitted in ``num_partitions`` contiguous groups of
+batches; each partition's sums are written (safetensors, atomically) when complete and reused by
+a rerun, so an interrupted fit resumes. The directory is bound to a provenance key: the sha256 of
+the format version, strategy, Fisher kind and seed, the module names and shapes, a digest of every
+model parameter and buffer, and a fingerprint of the data (sha256 of each tensor position's bytes
+in loader order, shapes and dtypes). Reopening it with a different key raises
+:class:`~tdabench.errors.KeyMismatchError` that names the differing fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tdabench.errors import ConfigError, KeyMismatchError, NonFiniteError, ShapeError, StoreError
+from tdabench.func.capture import LayerIO, capture_task, layer_param_names, select_modules
+from tdabench.func.utils import Batch, ParamSpec, batch_size_of, batch_to, iter_batches
+
+__all__ = [
+    "FISHER_KINDS",
+    "KFAC_FORMAT",
+    "STRATEGIES",
+    "KFACOperator",
+    "LayerFactors",
+    "data_fingerprint",
+    "factor_config",
+    "fit_kfac",
+    "sample_labels",
+]
+
+logger = logging.getLogger(__name__)
+
+KFAC_FORMAT = "tdabench-kfac/1"
+STRATEGIES = ("kfac", "ekfac")
+FISHER_KINDS = ("empirical", "true")
+
+
+# ----------------------------------------------------------------------------- the operator
+@dataclass
+class LayerFactors:
+    """Kronecker factors of one layer.
+
+    Attributes:
+        name: module name.
+        param_names: its parameters in flat order (``weight``, then ``bias`` if any).
+        weight_shape: shape of the module's weight.
+        q_a: eigenvectors of ``A`` ``(d_in', d_in')``; ``eig_a`` its eigenvalues ``(d_in',)``.
+        q_s: eigenvectors of ``S`` ``(d_out, d_out)``; ``eig_s`` its eigenvalues ``(d_out,)``.
+        lam: EK-FAC corrected eigenvalues ``(d_out, d_in')``, ``None`` for K-FAC.
+    """
+
+    name: str
+    param_names: list[str]
+    weight_shape: tuple[int, ...]
+    q_a: Tensor
+    eig_a: Tensor
+    q_s: Tensor
+    eig_s: Tensor
+    lam: Tensor | None = None
+
+    @property
+    def has_bias(self) -> bool:
+        return len(self.param_names) == 2
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(d_out, d_in')`` of the bias-augmented weight matrix."""
+        return int(self.q_s.shape[0]), int(self.q_a.shape[0])
+
+    def eigenvalues(self) -> Tensor:
+        """``Λ`` ``(d_out, d_in')``: EK-FAC's corrected values, else ``λ_S λ_Aᵀ``."""
+        if self.lam is not None:
+            return self.lam
+        return self.eig_s.clamp_min(0)[:, None] * self.eig_a.clamp_min(0)[None, :]
+
+    def damping(self, damping: float = 0.0, damping_factor: float | None = None) -> float:
+        """``damping + damping_factor · mean(Λ)`` (the second term only when ``damping_factor`` is set)."""
+        extra = 0.0 if damping_factor is None else float(damping_factor) * float(self.eigenvalues().mean())
+        return float(damping) + extra
+
+    def rotate(self, V: Tensor) -> Tensor:
+        """``Q_Sᵀ V Q_A`` for ``V`` ``(k, d_out, d_in')``."""
+        return self.q_s.T @ V @ self.q_a
+
+    def unrotate(self, V: Tensor) -> Tensor:
+        """``Q_S V Q_Aᵀ`` for ``V`` ``(k, d_out, d_in')``."""
+        return self.q_s @ V @ self.q_a.T
+
+    def inverse_mvp(self, V: Tensor, damping: float = 0.0, damping_factor: float | None = None) -> Tensor:
+        """``(F + λI)⁻¹ V`` for gradient matrices ``V`` ``(k, d_out, d_in')``."""
+        lam = self.damping(damping, damping_factor)
+        denom = self.eigenvalues().to(V.dtype) + lam
+        return self.unrotate(self.rotate(V) / denom)
+
+    def mvp(self, V: Tensor) -> Tensor:
+        """``F V`` for ``V`` ``(k, d_out, d_in')``."""
+        return self.unrotate(self.rotate(V) * self.eigenvalues().to(V.dtype))
+
+
+@dataclass
+class KFACOperator:
+    """Block-diagonal K-FAC / EK-FAC curvature over several layers.
+
+    Flat vectors are ordered like :attr:`spec` (each layer's ``weight`` then ``bias``, layers in
+    model order), or like any :class:`~tdabench.func.utils.ParamSpec` with the same names passed
+    as ``spec=``. Per-layer matrices ``(k, d_out, d_in')`` are ``[W | b]`` with the weight reshaped to
+    ``(d_out, -1)`` (a Conv2d's ``(C_out, C_in·k_h·k_w)``).
+
+    Attributes:
+        layers: the per-layer factors, in model order.
+        strategy: ``"kfac"`` or ``"ekfac"``.
+        key: the provenance key of the fit (see the module docstring).
+    """
+
+    layers: list[LayerFactors]
+    strategy: str
+    key: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> ParamSpec:
+        names, shapes = [], []
+        for lf in self.layers:
+            names.append(lf.param_names[0])
+            shapes.append(torch.Size(lf.weight_shape))
+            if lf.has_bias:
+                names.append(lf.param_names[1])
+                shapes.append(torch.Size([lf.shape[0]]))
+        return ParamSpec(tuple(names), tuple(shapes))
+
+    @property
+    def dim(self) -> int:
+        return self.spec.dim
+
+    def to_layers(self, V: Tensor, spec: ParamSpec | None = None) -> list[Tensor]:
+        """Flat rows ``(k, d)`` to per-layer matrices ``[(k, d_out, d_in')]``."""
+        spec = spec or self.spec
+        if V.dim() != 2 or V.shape[1] != spec.dim:
+            raise ShapeError(f"expected vectors of shape (k, {spec.dim}), got {tuple(V.shape)}")
+        out = []
+        for lf in self.layers:
+            a, b = spec.offsets(lf.param_names[0])
+            W = V[:, a:b].reshape(V.shape[0], lf.shape[0], -1)
+            if lf.has_bias:
+                a, b = spec.offsets(lf.param_names[1])
+                W = torch.cat([W, V[:, a:b].unsqueeze(-1)], dim=-1)
+            out.append(W)
+        return out
+
+    def from_layers(self, mats: Sequence[Tensor], spec: ParamSpec | None = None) -> Tensor:
+        """Inverse of :meth:`to_layers`: per-layer matrices to flat rows ``(k, d)``."""
+        spec = spec or self.spec
+        pieces: dict[str, Tensor] = {}
+        for lf, M in zip(self.layers, mats, strict=True):
+            k = M.shape[0]
+            if lf.has_bias:
+                pieces[lf.param_names[0]] = M[:, :, :-1].reshape(k, -1)
+                pieces[lf.param_names[1]] = M[:, :, -1]
+            else:
+                pieces[lf.param_names[0]] = M.reshape(k, -1)
+        missing = [n for n in spec.names if n not in pieces]
+        if missing:
+            raise ConfigError(f"parameters {missing} are not covered by the K-FAC layers; restrict the spec to them")
+        return torch.cat([pieces[n] for n in spec.names], dim=1)
+
+    def inverse_mvp(
+        self, V: Tensor, damping: float = 0.0, damping_factor: float | None = None, spec: ParamSpec | None = None
+    ) -> Tensor:
+        """``(F + λI)⁻¹ V`` row by row for flat ``V`` ``(k, d)``; ``λ`` per layer (see :meth:`LayerFactors.damping`)."""
+        mats = self.to_layers(V, spec)
+        return self.from_layers([lf.inverse_mvp(M, damping, damping_factor) for lf, M in zip(self.layers, mats, strict=True)], spec)
+
+    def mvp(self, V: Tensor, spec: ParamSpec | None = None) -> Tensor:
+        """``F V`` row by row for flat ``V`` ``(k, d)``."""
+        mats = self.to_layers(V, spec)
+        return self.from_layers([lf.mvp(M) for lf, M in zip(self.layers, mats, strict=True)], spec)
+
+    def dense(self, planner: Any = None) -> Tensor:
+        """The block-diagonal approximation as a dense ``(d, d)`` matrix in :attr:`spec` order."""
+        d = self.dim
+        if planner is not None:
+            planner.require(d * d * 8, f"a dense {d} x {d} K-FAC matrix", "use mvp/inverse_mvp instead")
+        eye = torch.eye(d, dtype=self.layers[0].q_a.dtype, device=self.layers[0].q_a.device)
+        return self.mvp(eye)
+
+
+# ----------------------------------------------------------------------------- provenance
+def _digest(tensors: Mapping[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def data_fingerprint(batches: Iterable[Batch]) -> dict[str, Any]:
+    """A batching-independent fingerprint of the data: per tensor position of a batch, the sha256
+    of its bytes in loader order, plus the per-sample shapes and dtypes and the sample count."""
+    hashers: list[Any] = []
+    meta: list[str] = []
+    n = 0
+    for batch in batches:
+        ts = [batch] if isinstance(batch, Tensor) else [t for t in batch if isinstance(t, Tensor)]
+        if not hashers:
+            hashers = [hashlib.sha256() for _ in ts]
+            meta = [f"{t.dtype}:{tuple(t.shape[1:])}" for t in ts]
+        for h, t in zip(hashers, ts, strict=True):
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        n += batch_size_of(batch)
+    return {"n": n, "tensors": meta, "sha256": [h.hexdigest() for h in hashers]}
+
+
+def factor_config(
+    task: Any, modules: Mapping[str, nn.Module], strategy: str, fisher: str, seed: int, index: int,
+    data: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The resolved configuration whose canonical JSON's sha256 is the factors' key."""
+    from tdabench.groundtruth.key import _jsonable
+
+    model = task.model
+    state = {**{n: p for n, p in task.get_params(index).items()}, **{f"buffer:{n}": b for n, b in model.named_buffers()}}
+    return _jsonable({
+        "format": KFAC_FORMAT,
+        "strategy": strategy,
+        "fisher": fisher,
+        "seed": int(seed) if fisher == "true" else None,
+        "modules": [[n, type(m).__name__, list(m.weight.shape), m.bias is not None] for n, m in modules.items()],
+        "params_sha256": _digest(state),
+        "data": dict(data),
+    })
+
+
+class _FactorStore:
+    """``<dir>/manifest.json`` + ``<stage>-<p>-of-<P>.safetensors`` partitions + ``factors.safetensors``."""
+
+    def __init__(self, directory: str | Path, config: dict[str, Any]) -> None:
+        from tdabench.groundtruth.key import canonical_json, config_diff, describe_diff
+        from tdabench.groundtruth.store import atomic_write_bytes
+
+        self.dir = Path(directory)
+        self.config = config
+        self.key = hashlib.sha256(canonical_json(config).encode()).hexdigest()
+        manifest = self.dir / "manifest.json"
+        if manifest.is_file():
+            old = json.loads(manifest.read_text())
+            if old.get("key") != self.key:
+                diff = describe_diff(config_diff(old.get("config", {}), config))
+                raise KeyMismatchError(
+                    f"factor directory {str(self.dir)!r} holds factors for another model, data or setting ({diff}); "
+                    "pass another factor_dir (or delete this one) -- factors are never reused across keys"
+                )
+        else:
+            atomic_write_bytes(manifest, json.dumps({"format": KFAC_FORMAT, "key": self.key, "config": config}, indent=1).encode())
+
+    def path(self, stage: str, part: int | None = None, parts: int | None = None) -> Path:
+        return self.dir / (f"{stage}.safetensors" if part is None else f"{stage}-{part}-of-{parts}.safetensors")
+
+    def load(self, path: Path) -> dict[str, Tensor] | None:
+        from tdabench.groundtruth.store import read_safetensors_checked
+
+        if not path.is_file():
+            return None
+        return read_safetensors_checked(path, key=self.key, error_cls=StoreError)[0]
+
+    def save(self, path: Path, tensors: Mapping[str, Tensor]) -> None:
+        from tdabench.groundtruth.store import write_safetensors
+
+        write_safetensors(path, tensors, {"key": self.key, "format": KFAC_FORMAT})
+
+
+# ----------------------------------------------------------------------------- fitting
+def sample_labels(task: Any, batch: Batch, index: int, generator: torch.Generator) -> Batch:
+    """``batch`` with its labels (second element) replaced by labels drawn from the model's softmax."""
+    if isinstance(batch, Tensor) or len(batch) < 2:
+        raise ConfigError("fisher='true' needs batches (inputs, labels, ...) to replace the labels; use fisher='empirical'")
+    x, y = batch[0], batch[1]
+    with torch.no_grad():
+        logits = task.forward(task.get_params(index), x)
+    if not isinstance(logits, Tensor) or logits.shape[: y.dim()] != y.shape:
+        raise ConfigError(
+            "fisher='true' needs model(inputs) to return logits (B, C) or (B, T, C) matching the labels' shape; "
+            "use fisher='empirical'"
+        )
+    probs = torch.softmax(logits.reshape(-1, logits.shape[-1]).double(), dim=-1).cpu()
+    drawn = torch.multinomial(probs, 1, generator=generator).reshape(y.shape).to(device=y.device, dtype=y.dtype)
+    return (x, drawn, *batch[2:]) if isinstance(batch, tuple) else [x, drawn, *batch[2:]]
+
+
+@dataclass
+class _Fit:
+    task: Any
+    modules: dict[str, nn.Module]
+    fisher: str
+    seed: int
+    index: int
+    device: torch.device
+    planner: Any
+
+    def layer_io(self, bi: int, batch: Batch) -> dict[str, LayerIO]:
+        if self.fisher == "true":
+            gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + bi)
+            batch = sample_labels(self.task, batch, self.index, gen)
+        return capture_task(self.task, batch, self.modules, "loss", self.index, self.device)
+
+
+def _covariance_sums(fit: _Fit, batches: Iterable[tuple[int, Batch]]) -> dict[str, Tensor]:
+    """``A``/``S`` sums, sample and position counts over ``(batch index, batch)`` pairs."""
+    out: dict[str, Tensor] = {"n": torch.zeros((), dtype=torch.float64)}
+    for bi, batch in batches:
+        io = fit.layer_io(bi, batch)
+        out["n"] += batch_size_of(batch)
+        for name, rec in io.items():
+            a = rec.a.reshape(-1, rec.a.shape[-1])
+            g = rec.g.reshape(-1, rec.g.shape[-1])
+            for key, val in ((f"{name}|A", a.T @ a), (f"{name}|S", g.T @ g)):
+                out[key] = out[key] + val.double() if key in out else val.double()
+            out[f"{name}|T"] = out.get(f"{name}|T", torch.zeros((), dtype=torch.float64)) + a.shape[0]
+    return out
+
+
+def _lambda_sums(fit: _Fit, eig: Mapping[str, LayerFactors], batches: Iterable[tuple[int, Batch]]) -> dict[str, Tensor]:
+    """EK-FAC: ``Σ_n (Q_Sᵀ G_n Q_A)²`` per layer over ``(batch index, batch)`` pairs."""
+    out: dict[str, Tensor] = {}
+    for bi, batch in batches:
+        for name, rec in fit.layer_io(bi, batch).items():
+            lf = eig[name]
+            ga, aa = rec.g @ lf.q_s.to(rec.g.dtype), rec.a @ lf.q_a.to(rec.a.dtype)  # (B, T, d_out), (B, T, d_in')
+            if ga.shape[1] == 1:  # rank one per sample: Σ_n (g̃_n²)(ã_n²)ᵀ is one GEMM
+                val = (ga[:, 0] ** 2).T @ (aa[:, 0] ** 2)
+            else:
+                d_out, d_in = lf.shape
+                rows = fit.planner.rows(d_out * d_in * ga.element_size() * 2, stream=True, maximum=ga.shape[0])
+                val = sum(
+                    (torch.einsum("bto,bti->boi", ga[s : s + rows], aa[s : s + rows]) ** 2).sum(0)
+                    for s in range(0, ga.shape[0], rows)
+                )
+            out[name] = out[name] + val.double() if name in out else val.double()
+    return out
+
+
+def _partition_of(bi: int, num_batches: int, parts: int) -> int:
+    return min(parts - 1, bi * parts // max(1, num_batches))
+
+
+def _staged(
+    store: _FactorStore | None, stage: str, parts: int, batches: Sequence[Batch], work: Callable[[Iterable[tuple[int, Batch]]], dict[str, Tensor]]
+) -> dict[str, Tensor]:
+    """Sum ``work`` over the partitions of ``batches``, reusing and saving partitions in ``store``."""
+    total: dict[str, Tensor] = {}
+    nb = len(batches)
+    for p in range(parts):
+        path = store.path(stage, p, parts) if store is not None else None
+        got = store.load(path) if store is not None else None
+        if got is None:
+            got = {k: v.cpu() for k, v in work((bi, b) for bi, b in enumerate(batches) if _partition_of(bi, nb, parts) == p).items()}
+            if store is not None:
+                store.save(path, got)
+        else:
+            logger.info("K-FAC %s partition %d/%d reused from %s", stage, p + 1, parts, path)
+        for k, v in got.items():
+            total[k] = total[k] + v if k in total else v.clone()
+    return total
+
+
+def _eigen(name: str, module: nn.Module, sums: Mapping[str, Tensor], dtype: torch.dtype, device: torch.device) -> LayerFactors:
+    n = float(sums["n"])
+    A = sums[f"{name}|A"] / float(sums[f"{name}|T"])
+    S = sums[f"{name}|S"] / n
+    eig_a, q_a = torch.linalg.eigh(A)
+    eig_s, q_s = torch.linalg.eigh(S)
+    cast = {"dtype": dtype, "device": device}
+    return LayerFactors(
+        name, layer_param_names(name, module), tuple(module.weight.shape),
+        q_a.to(**cast), eig_a.to(**cast), q_s.to(**cast), eig_s.to(**cast),
+    )
+
+
+def fit_kfac(
+    task: Any,
+    loader: Iterable[Batch],
+    module_name: str | Sequence[str] | None = None,
+    strategy: str = "ekfac",
+    fisher: str = "empirical",
+    index: int = 0,
+    device: str | torch.device = "cpu",
+    factor_dir: str | Path | None = None,
+    num_partitions: int = 1,
+    seed: int = 0,
+    memory_budget: Any = None,
+) -> KFACOperator:
+    """Fit K-FAC or EK-FAC factors of checkpoint ``index`` of ``task`` over ``loader``.
+
+    Args:
+        task: an :class:`~tdabench.task.AttributionTask` whose ``loss_func`` returns the batch mean.
+        loader: the training data (iterated up to three times, in the same order each time).
+        module_name: modules to cover (see :func:`~tdabench.func.capture.select_modules`).
+        strategy: ``"kfac"`` or ``"ekfac"`` (adds the eigenvalue correction pass).
+        fisher: ``"empirical"`` or ``"true"`` (see the module docstring).
+        index: checkpoint index.
+        device: where captures and factors live.
+        factor_dir: store partitions and factors here (resumable; bound to the provenance key).
+        num_partitions: groups of batches fitted and saved separately (only useful with ``factor_dir``).
+        seed: seed of the sampled labels for ``fisher="true"``.
+        memory_budget: override of the memory planner's budget.
+
+    Returns:
+        The :class:`KFACOperator`.
+
+    Raises:
+        ConfigError: bad arguments; KeyMismatchError: ``factor_dir`` holds another key.
+    """
+    from tdabench.memory import planner_for
+
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if fisher not in FISHER_KINDS:
+        raise ConfigError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")
+    if isinstance(num_partitions, bool) or not isinstance(num_partitions, int) or num_partitions < 1:
+        raise ConfigError(f"num_partitions must be an int >= 1, got {num_partitions!r}")
+    dev = torch.device(device)
+    modules = select_modules(task.model, module_name)
+    batches = [batch_to(b, dev) for b in iter_batches(loader, "K-FAC fitting loader")]
+    config = factor_config(task, modules, strategy, fisher, seed, index, data_fingerprint(batches))
+    store = _FactorStore(factor_dir, config) if factor_dir is not None else None
+    final = store.load(store.path("factors")) if store is not None else None
+    if final is None:
+        parts = min(num_partitions, len(batches))
+        fit = _Fit(task, modules, fisher, seed, index, dev, planner_for(dev, memory_budget))
+        final = _fit_tensors(fit, store, parts, batches, strategy)
+        if store is not None:
+            store.save(store.path("factors"), final)
+    else:
+        logger.info("K-FAC factors reused from %s", store.path("factors"))
+    dtype = next(iter(task.get_params(index).values())).dtype
+    layers = [_layer_from(name, m, final, dtype, dev) for name, m in modules.items()]
+    key = store.key if store is not None else hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    return KFACOperator(layers, strategy, key, config)
+
+
+def _fit_tensors(fit: _Fit, store: _FactorStore | None, parts: int, batches: Sequence[Batch], strategy: str) -> dict[str, Tensor]:
+    sums = _staged(store, "covariance", parts, batches, lambda bs: _covariance_sums(fit, bs))
+    out: dict[str, Tensor] = {}
+    eig = {}
+    for name, m in fit.modules.items():
+        lf = _eigen(name, m, sums, torch.float64, torch.device("cpu"))
+        eig[name] = lf
+        out.update({f"{name}|q_a": lf.q_a, f"{name}|eig_a": lf.eig_a, f"{name}|q_s": lf.q_s, f"{name}|eig_s": lf.eig_s})
+    if strategy == "ekfac":
+        dtype = next(iter(fit.task.get_params(fit.index).values())).dtype
+        cast = {n: LayerFactors(n, lf.param_names, lf.weight_shape, lf.q_a.to(fit.device, dtype), lf.eig_a,
+                                lf.q_s.to(fit.device, dtype), lf.eig_s) for n, lf in eig.items()}
+        lam = _staged(store, "lambda", parts, batches, lambda bs: _lambda_sums(fit, cast, bs))
+        for name in fit.modules:
+            out[f"{name}|lam"] = lam[name].cpu() / float(sums["n"])
+    for k, v in out.items():
+        if not bool(torch.isfinite(v).all()):
+            raise NonFiniteError(f"K-FAC factor {k} is not finite; check the model, the data and the loss")
+    return out
+
+
+def _layer_from(name: str, m: nn.Module, t: Mapping[str, Tensor], dtype: torch.dtype, dev: torch.device) -> LayerFactors:
+    def get(k: str) -> Tensor:
+        return t[f"{name}|{k}"].to(device=dev, dtype=dtype)
+
+    lam = get("lam") if f"{name}|lam" in t else None
+    return LayerFactors(name, layer_param_names(name, m), tuple(m.weight.shape), get("q_a"), get("eig_a"), get("q_s"), get("eig_s"), lam)
