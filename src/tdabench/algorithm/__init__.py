@@ -9,6 +9,7 @@ from tdabench.algorithm.base import BaseAttributor
 from tdabench.algorithm.data_shapley import KNNShapleyAttributor
 from tdabench.algorithm.datainf import IFAttributorDataInf
 from tdabench.algorithm.dvemb import DVEmbAttributor
+from tdabench.algorithm.ekfac import IFAttributorEKFAC, IFAttributorKFAC
 from tdabench.algorithm.factgrass import FactGraSSAttributor
 from tdabench.algorithm.influence_function import (
     IFAttributorArnoldi,
@@ -30,7 +31,9 @@ __all__ = [
     "IFAttributorArnoldi",
     "IFAttributorCG",
     "IFAttributorDataInf",
+    "IFAttributorEKFAC",
     "IFAttributorExplicit",
+    "IFAttributorKFAC",
     "IFAttributorLiSSA",
     "KNNShapleyAttributor",
     "LoGraAttributor",

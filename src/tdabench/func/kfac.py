@@ -132,6 +132,22 @@ class LayerFactors:
         denom = self.eigenvalues().to(V.dtype) + lam
         return self.unrotate(self.rotate(V) / denom)
 
+    def inverse_eigenvalues(self, damping: float = 0.0, damping_factor: float | None = None) -> Tensor:
+        """``1 / (Λ + λ)`` ``(d_out, d_in')``: the inverse in the Kronecker eigenbasis."""
+        return 1.0 / (self.eigenvalues() + self.damping(damping, damping_factor))
+
+    def rotated_grads(self, io: LayerIO) -> Tensor:
+        """Per-sample gradients in the eigenbasis, ``Q_Sᵀ (Σ_t g_t a_tᵀ) Q_A`` flattened: ``(B, d_out·d_in')``.
+
+        Rotates the vectors ``g_t`` and ``a_t`` first (``O(T (d_out² + d_in'²))`` per sample), so a
+        score ``⟨G_i, (F + λI)⁻¹ G_j⟩`` is ``⟨G̃_i, G̃_j / (Λ + λ)⟩`` with no back-rotation.
+        """
+        g = io.g @ self.q_s.to(io.g.dtype)
+        a = io.a @ self.q_a.to(io.a.dtype)
+        if g.shape[1] == 1:
+            return (g[:, 0, :, None] * a[:, 0, None, :]).reshape(g.shape[0], -1)
+        return torch.einsum("bto,bti->boi", g, a).reshape(g.shape[0], -1)
+
     def mvp(self, V: Tensor) -> Tensor:
         """``F V`` for ``V`` ``(k, d_out, d_in')``."""
         return self.unrotate(self.rotate(V) * self.eigenvalues().to(V.dtype))
@@ -237,11 +253,13 @@ def _digest(tensors: Mapping[str, Tensor]) -> str:
 
 def data_fingerprint(batches: Iterable[Batch]) -> dict[str, Any]:
     """A batching-independent fingerprint of the data: per tensor position of a batch, the sha256
-    of its bytes in loader order, plus the per-sample shapes and dtypes and the sample count."""
+    of its bytes in loader order, plus the per-sample shapes and dtypes and the sample count
+    (``batches``, the number of batches, is returned too but is not part of a key)."""
     hashers: list[Any] = []
     meta: list[str] = []
-    n = 0
+    n = nb = 0
     for batch in batches:
+        nb += 1
         ts = [batch] if isinstance(batch, Tensor) else [t for t in batch if isinstance(t, Tensor)]
         if not hashers:
             hashers = [hashlib.sha256() for _ in ts]
@@ -249,7 +267,7 @@ def data_fingerprint(batches: Iterable[Batch]) -> dict[str, Any]:
         for h, t in zip(hashers, ts, strict=True):
             h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         n += batch_size_of(batch)
-    return {"n": n, "tensors": meta, "sha256": [h.hexdigest() for h in hashers]}
+    return {"n": n, "tensors": meta, "sha256": [h.hexdigest() for h in hashers], "batches": nb}
 
 
 def factor_config(
@@ -385,16 +403,22 @@ def _partition_of(bi: int, num_batches: int, parts: int) -> int:
 
 
 def _staged(
-    store: _FactorStore | None, stage: str, parts: int, batches: Sequence[Batch], work: Callable[[Iterable[tuple[int, Batch]]], dict[str, Tensor]]
+    store: _FactorStore | None,
+    stage: str,
+    parts: int,
+    batches: Callable[[], Iterable[Batch]],
+    num_batches: int,
+    work: Callable[[Iterable[tuple[int, Batch]]], dict[str, Tensor]],
 ) -> dict[str, Tensor]:
-    """Sum ``work`` over the partitions of ``batches``, reusing and saving partitions in ``store``."""
+    """Sum ``work`` over the partitions of ``batches()`` (one streaming pass per partition still
+    to compute), reusing and saving partitions in ``store``."""
     total: dict[str, Tensor] = {}
-    nb = len(batches)
     for p in range(parts):
         path = store.path(stage, p, parts) if store is not None else None
         got = store.load(path) if store is not None else None
         if got is None:
-            got = {k: v.cpu() for k, v in work((bi, b) for bi, b in enumerate(batches) if _partition_of(bi, nb, parts) == p).items()}
+            mine = ((bi, b) for bi, b in enumerate(batches()) if _partition_of(bi, num_batches, parts) == p)
+            got = {k: v.cpu() for k, v in work(mine).items()}
             if store is not None:
                 store.save(path, got)
         else:
@@ -461,14 +485,18 @@ def fit_kfac(
         raise ConfigError(f"num_partitions must be an int >= 1, got {num_partitions!r}")
     dev = torch.device(device)
     modules = select_modules(task.model, module_name)
-    batches = [batch_to(b, dev) for b in iter_batches(loader, "K-FAC fitting loader")]
-    config = factor_config(task, modules, strategy, fisher, seed, index, data_fingerprint(batches))
+
+    def batches() -> Iterable[Batch]:  # streamed: the loader is read once per pass, never kept
+        return (batch_to(b, dev) for b in iter_batches(loader, "K-FAC fitting loader"))
+
+    fingerprint = data_fingerprint(batches())
+    config = factor_config(task, modules, strategy, fisher, seed, index, {k: v for k, v in fingerprint.items() if k != "batches"})
     store = _FactorStore(factor_dir, config) if factor_dir is not None else None
     final = store.load(store.path("factors")) if store is not None else None
     if final is None:
-        parts = min(num_partitions, len(batches))
+        nb = int(fingerprint["batches"])
         fit = _Fit(task, modules, fisher, seed, index, dev, planner_for(dev, memory_budget))
-        final = _fit_tensors(fit, store, parts, batches, strategy)
+        final = _fit_tensors(fit, store, min(num_partitions, nb), batches, nb, strategy)
         if store is not None:
             store.save(store.path("factors"), final)
     else:
@@ -479,8 +507,10 @@ def fit_kfac(
     return KFACOperator(layers, strategy, key, config)
 
 
-def _fit_tensors(fit: _Fit, store: _FactorStore | None, parts: int, batches: Sequence[Batch], strategy: str) -> dict[str, Tensor]:
-    sums = _staged(store, "covariance", parts, batches, lambda bs: _covariance_sums(fit, bs))
+def _fit_tensors(
+    fit: _Fit, store: _FactorStore | None, parts: int, batches: Callable[[], Iterable[Batch]], nb: int, strategy: str
+) -> dict[str, Tensor]:
+    sums = _staged(store, "covariance", parts, batches, nb, lambda bs: _covariance_sums(fit, bs))
     out: dict[str, Tensor] = {}
     eig = {}
     for name, m in fit.modules.items():
@@ -491,7 +521,7 @@ def _fit_tensors(fit: _Fit, store: _FactorStore | None, parts: int, batches: Seq
         dtype = next(iter(fit.task.get_params(fit.index).values())).dtype
         cast = {n: LayerFactors(n, lf.param_names, lf.weight_shape, lf.q_a.to(fit.device, dtype), lf.eig_a,
                                 lf.q_s.to(fit.device, dtype), lf.eig_s) for n, lf in eig.items()}
-        lam = _staged(store, "lambda", parts, batches, lambda bs: _lambda_sums(fit, cast, bs))
+        lam = _staged(store, "lambda", parts, batches, nb, lambda bs: _lambda_sums(fit, cast, bs))
         for name in fit.modules:
             out[f"{name}|lam"] = lam[name].cpu() / float(sums["n"])
     for k, v in out.items():
