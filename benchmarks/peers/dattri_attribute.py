@@ -24,6 +24,8 @@ dattri call shapes used (documented public API, no code copied):
 - LoGra / FactGraSS: ``LoGraAttributor(task, layer_names, hessian, damping, device, proj_dim,
   offload)`` / ``FactGraSSAttributor(..., blowup_factor, ...)`` with dattri's LoGra loss form
   ``loss(model, batch, device)``; ``cache``; ``attribute(train_loader, test_loader)``.
+- EK-FAC: ``IFAttributorEKFAC(task, module_name, device, damping)``; ``cache(full_train_loader)``;
+  ``attribute(train_loader, test_loader)``.
 """
 
 from __future__ import annotations
@@ -130,6 +132,15 @@ def build_and_run(job: dict) -> tuple[torch.Tensor, dict]:
 
         task = AttributionTask(loss_func=loss, model=model, checkpoints=ckpt_arg, target_func=common.rps_target_func)
         att = RPSAttributor(task=task, final_linear_layer_name=common.FINAL_LAYER[model_name], device=dev, **hp)
+        t0 = start()
+        att.cache(dl["cache"])
+        t1 = time.perf_counter()
+        scores = att.attribute(dl["train"], dl["test"])
+    elif kind == "ekfac":  # IFAttributorEKFAC(task, module_name, device, damping): all Linear modules
+        from dattri.algorithm import IFAttributorEKFAC
+
+        task = AttributionTask(loss_func=loss, model=model, checkpoints=ckpt_arg)
+        att = IFAttributorEKFAC(task=task, module_name=None, device="cpu", damping=float(hp.get("damping", 0.0)))
         t0 = start()
         att.cache(dl["cache"])
         t1 = time.perf_counter()

@@ -145,6 +145,11 @@ def test_unsupported_modules_are_skipped_with_a_notice(caplog) -> None:
     assert "'0'" in caplog.text and "groups=2" in caplog.text and "LayerNorm" in caplog.text
     with caplog.at_level(logging.WARNING, logger="tdabench.func.capture"):
         assert list(select_modules(model, ["2", "3"])) == ["3"]
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3))
+    tied[2].weight = tied[0].weight  # named_parameters() lists it once, as "0.weight"
+    with caplog.at_level(logging.INFO, logger="tdabench.func.capture"):
+        assert list(select_modules(tied)) == ["0"]
+    assert "tied" in caplog.text
     with pytest.raises(ConfigError, match="not found"):
         select_modules(model, "nope")
     with pytest.raises(ConfigError, match=r"no nn\.Linear"):

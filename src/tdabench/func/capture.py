@@ -123,14 +123,18 @@ def select_modules(model: nn.Module, module_name: str | Sequence[str] | None = N
                 f"model.named_modules(), e.g. {[n for n in named if n][:8]}"
             )
     out: dict[str, nn.Module] = {}
+    params = {n for n, _ in model.named_parameters()}
     for name in wanted:
         m = named[name]
         why = None if isinstance(m, nn.Linear) else _conv_supported(m) if isinstance(m, nn.Conv2d) else type(m).__name__
+        if why is None and not set(layer_param_names(name, m)) <= params:
+            why = "its weight is shared with (tied to) another module's parameter"
         if why is None:
             out[name] = m
         elif explicit or any(True for _ in m.parameters(recurse=False)):
             (logger.warning if explicit else logger.info)(
-                "module %r (%s) is skipped: only nn.Linear and nn.Conv2d (groups=1, zero padding) are supported", name, why
+                "module %r (%s) is skipped: only nn.Linear and nn.Conv2d (groups=1, zero padding, own parameters) "
+                "are supported", name, why
             )
     if not out:
         raise ConfigError(

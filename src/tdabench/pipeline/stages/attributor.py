@@ -7,7 +7,7 @@ config cannot hold is supplied according to the constructor's declared parameter
 * ``weight_list`` -- one weight per checkpoint: the recipe's learning rate (TracIn);
 * ``correct_probability_func`` -- :func:`~tdabench.benchmark.targets.make_probability_func`;
 * ``final_linear_layer_name`` -- ``layer_name`` or the model's last ``nn.Linear`` (RPS);
-* ``layer_name`` -- the config's ``layer_name`` (``layer_names`` for LoGra / FactGraSS).
+* ``layer_name`` -- the config's ``layer_name`` (``layer_names`` for LoGra / FactGraSS, ``module_name`` for EK-FAC).
 
 Every remaining key of ``params`` must be a constructor parameter: an unknown one is a
 :class:`~tdabench.errors.ConfigError` naming the valid keys, raised before any work. Where the
@@ -91,6 +91,8 @@ def attributor_arguments(
         kwargs["layer_name"] = a.get("layer_name")
     elif "layer_names" in declared:  # LoGra / FactGraSS (dattri's name): module names
         kwargs["layer_names"] = a.get("layer_name")
+    elif "module_name" in declared:  # EK-FAC/K-FAC: dattri names its layer selection module_name
+        kwargs["module_name"] = a.get("layer_name")
     allowed = sorted(set(declared) - set(_SUPPLIED) - set(kwargs) - {"correct_probability_func"})
     unknown = sorted(set(params) - set(allowed))
     if unknown:
