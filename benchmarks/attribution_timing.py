@@ -34,6 +34,7 @@ OUR_CLASSES = {
     "if_arnoldi": "IFAttributorArnoldi", "tracin": "TracInAttributor", "grad_dot": "TracInAttributor",
     "grad_cos": "TracInAttributor", "rps": "RPSAttributor", "trak": "TRAKAttributor",
     "datainf": "IFAttributorDataInf", "logra": "LoGraAttributor", "factgrass": "FactGraSSAttributor",
+    "ekfac": "IFAttributorEKFAC",
 }
 
 
@@ -133,6 +134,12 @@ def build_and_run(job: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
     elif kind == "rps":
         task = AttributionTask(loss_func=loss, model=model, checkpoints=ckpt_arg, target_func=common.rps_target_func)
         att = cls(task, final_linear_layer_name=common.FINAL_LAYER[model_name], device=dev, **hp)
+        t0 = start()
+        att.cache(dl["cache"])
+        t1 = time.perf_counter()
+        scores = att.attribute(dl["train"], dl["test"])
+    elif kind == "ekfac":  # every Linear layer (module_name=None), as dattri's default
+        att = cls(AttributionTask(loss_func=loss, model=model, checkpoints=ckpt_arg), device="cpu", **hp)
         t0 = start()
         att.cache(dl["cache"])
         t1 = time.perf_counter()

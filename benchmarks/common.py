@@ -185,6 +185,20 @@ METHODS: dict[str, dict[str, Any]] = {
         "layer": {"lr": None, "mlp": None}, "checkpoints": "final",
         "batches": {"cache": 500, "train": 500, "test": N_TEST}, "peer": "factgrass",
     },
+    # EK-FAC on every Linear layer (dattri's module_name=None), factors on the same cache loader;
+    # one train batch because dattri recomputes the test side per train batch (its best case).
+    # The damping is absolute on both sides (dattri has no relative one); ``ekfac_heuristic`` is
+    # tdabench's 0.1 x mean-eigenvalue damping (kronfluence's heuristic), compared with dattri's run.
+    "ekfac": {
+        "kind": "ekfac", "hparams": {"damping": 1e-8},
+        "layer": {"lr": None, "mlp": None}, "checkpoints": "final",
+        "batches": {"cache": 500, "train": N_TRAIN, "test": N_TEST},
+    },
+    "ekfac_heuristic": {
+        "kind": "ekfac", "hparams": {"damping": 0.0, "damping_factor": 0.1},
+        "layer": {"lr": None, "mlp": None}, "checkpoints": "final",
+        "batches": {"cache": 500, "train": N_TRAIN, "test": N_TEST}, "peer": "ekfac",
+    },
 }
 MODELS = ("lr", "mlp")
 
