@@ -203,7 +203,8 @@ class IFAttributorEKFAC(BaseAttributor):
         """Batches of ``loader`` cut into row pieces whose rotated gradients fit the planner."""
         dim = sum(lf.shape[0] * lf.shape[1] for lf in self.operators[0].layers)
         item = torch.empty((), dtype=self.dtype).element_size()
-        rows = self.planner.rows(3 * dim * item, fraction=0.25, stream=True)
+        # not a streaming-cache-sized piece: the score GEMM runs well below peak with few rows
+        rows = self.planner.rows(3 * dim * item, fraction=0.1)
         for batch in self._batches(loader, what):
             n = batch_size_of(batch)
             for s in range(0, n, rows):
