@@ -232,3 +232,60 @@ def test_true_fisher_samples_labels_from_the_model() -> None:
     torch.testing.assert_close(emp.q_s @ torch.diag(emp.eig_s) @ emp.q_s.T, torch.outer(g0, g0), rtol=0, atol=1e-12)
     again = fit_kfac(task, loader, strategy="kfac", fisher="true", seed=5).layers[0]
     torch.testing.assert_close(again.eig_s, lf.eig_s, rtol=0, atol=0)
+
+
+def _layer_index(lf, spec) -> torch.Tensor:
+    """Flat-vector index of every entry of W̃ = [W | b] in row-major order."""
+    d_out, d_in = lf.shape
+    w0, _ = spec.offsets(lf.param_names[0])
+    n_w = d_in - 1 if lf.has_bias else d_in
+    idx = torch.empty(d_out, d_in, dtype=torch.long)
+    idx[:, :n_w] = w0 + torch.arange(d_out)[:, None] * n_w + torch.arange(n_w)[None, :]
+    if lf.has_bias:
+        idx[:, -1] = spec.offsets(lf.param_names[1])[0] + torch.arange(d_out)
+    return idx.reshape(-1)
+
+
+def _dense_ggn(task: AttributionTask, x: torch.Tensor) -> torch.Tensor:
+    """(1/N) Σ_i J_iᵀ (diag(p_i) - p_i p_iᵀ) J_i with J = ∂logits/∂θ by jacrev (softmax cross-entropy)."""
+    spec = task.param_spec()
+    flat = task.flat_params(0)
+
+    def logits(p, xi):
+        return functional_call(task.model, spec.unflatten(p), (xi[None],))[0]
+
+    J = vmap(jacrev(logits), in_dims=(None, 0))(flat, x)  # (N, C, d)
+    p = torch.softmax(vmap(logits, in_dims=(None, 0))(flat, x), dim=-1)
+    H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    return torch.einsum("nci,ncd,ndj->ij", J, H, J) / x.shape[0]
+
+
+def test_ggn_kfac_is_exact_when_probabilities_do_not_depend_on_the_input() -> None:
+    """Zero weights: p is the same for every input, so the GGN is H ⊗ A exactly (fisher='ggn')."""
+    torch.manual_seed(6)
+    model = nn.Linear(3, 4)
+    nn.init.zeros_(model.weight)
+    with torch.no_grad():
+        model.bias.copy_(torch.tensor([0.3, -0.2, 0.5, 0.0]))
+    task = _task(model, _ce)
+    x = torch.randn(7, 3)
+    op = fit_kfac(task, DataLoader(TensorDataset(x, torch.randint(0, 4, (7,))), batch_size=3), strategy="kfac", fisher="ggn")
+    spec = task.param_spec()
+    ggn = _dense_ggn(task, x)
+    eye = torch.eye(spec.dim)
+    torch.testing.assert_close(op.mvp(eye, spec=spec), ggn, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.inverse_mvp(eye, 0.05, spec=spec), torch.linalg.inv(ggn + 0.05 * eye), rtol=1e-9, atol=1e-9)
+
+
+def test_ggn_ekfac_eigenvalues_are_the_dense_ggn_diagonal_in_the_kronecker_basis() -> None:
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3, bias=False))
+    task = _task(model, _ce)
+    x = torch.randn(10, 3)
+    op = fit_kfac(task, DataLoader(TensorDataset(x, torch.randint(0, 3, (10,))), batch_size=4), fisher="ggn")
+    spec = task.param_spec()
+    ggn = _dense_ggn(task, x)
+    for lf in op.layers:
+        idx = _layer_index(lf, spec)
+        K = torch.kron(lf.q_s, lf.q_a)
+        torch.testing.assert_close(lf.lam.reshape(-1), torch.diagonal(K.T @ ggn[idx][:, idx] @ K), rtol=1e-9, atol=1e-12)

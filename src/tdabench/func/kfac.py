@@ -28,7 +28,12 @@ own distribution, an unbiased estimate of the Gauss-Newton matrix for softmax cr
 kronfluence does). ``"true"`` assumes classification batches ``(inputs, labels, ...)``, a model whose
 output ``model(inputs)`` is the logits ``(B, C)`` or ``(B, T, C)``, and a ``loss_func`` that is the
 cross-entropy of those logits with the labels; labels are drawn with a generator seeded from
-``seed`` and the batch index, so a fit is reproducible.
+``seed`` and the batch index, so a fit is reproducible. ``"ggn"`` takes the expectation over the
+labels exactly instead of sampling one: every sample is evaluated with each of the ``C`` labels,
+weighted by the model's probability of it, so ``S = (1/N) Σ_i Σ_c p_ic g_ic g_icᵀ`` and EK-FAC's
+``Λ`` likewise; for softmax cross-entropy that is the Kronecker-factored Gauss-Newton matrix, at
+``C`` backward passes per sample. It needs logits ``(B, C)`` (one label per sample) and layers with
+one position per sample.
 
 **Storage.** With a ``factor_dir``, factors are fitted in ``num_partitions`` contiguous groups of
 batches; each partition's sums are written (safetensors, atomically) when complete and reused by
@@ -63,6 +68,7 @@ __all__ = [
     "KFACOperator",
     "LayerFactors",
     "data_fingerprint",
+    "expand_labels",
     "factor_config",
     "fit_kfac",
     "sample_labels",
@@ -72,7 +78,7 @@ logger = logging.getLogger(__name__)
 
 KFAC_FORMAT = "tdabench-kfac/1"
 STRATEGIES = ("kfac", "ekfac")
-FISHER_KINDS = ("empirical", "true")
+FISHER_KINDS = ("empirical", "true", "ggn")
 
 
 # ----------------------------------------------------------------------------- the operator
@@ -346,6 +352,23 @@ def sample_labels(task: Any, batch: Batch, index: int, generator: torch.Generato
     return (x, drawn, *batch[2:]) if isinstance(batch, tuple) else [x, drawn, *batch[2:]]
 
 
+def expand_labels(task: Any, batch: Batch, index: int) -> tuple[Batch, Tensor]:
+    """``batch`` with every sample repeated once per class, labelled ``0 .. C-1``, and the model's
+    probabilities ``(B, C)`` of those labels (for ``fisher="ggn"``)."""
+    if isinstance(batch, Tensor) or len(batch) < 2:
+        raise ConfigError("fisher='ggn' needs batches (inputs, labels, ...); use fisher='empirical'")
+    x, y = batch[0], batch[1]
+    with torch.no_grad():
+        logits = task.forward(task.get_params(index), x)
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or y.dim() != 1:
+        raise ConfigError("fisher='ggn' needs logits (B, C) and one label per sample; use fisher='true' for sequences")
+    B, C = logits.shape
+    probs = torch.softmax(logits.double(), dim=-1)
+    rep = [t.repeat_interleave(C, dim=0) if isinstance(t, Tensor) else t for t in batch]
+    rep[1] = torch.arange(C, device=y.device, dtype=y.dtype).repeat(B)
+    return (tuple(rep) if isinstance(batch, tuple) else rep), probs
+
+
 @dataclass
 class _Fit:
     task: Any
@@ -360,7 +383,22 @@ class _Fit:
         if self.fisher == "true":
             gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + bi)
             batch = sample_labels(self.task, batch, self.index, gen)
+        elif self.fisher == "ggn":
+            return self._expected(batch)
         return capture_task(self.task, batch, self.modules, "loss", self.index, self.device)
+
+    def _expected(self, batch: Batch) -> dict[str, LayerIO]:
+        """``a`` ``(B, 1, d_in')`` and ``g`` ``(B, C, d_out)`` = ``√p_c`` times the gradient for label ``c``."""
+        rep, probs = expand_labels(self.task, batch, self.index)
+        B, C = probs.shape
+        io = capture_task(self.task, rep, self.modules, "loss", self.index, self.device)
+        out = {}
+        for name, rec in io.items():
+            if rec.a.shape[1] != 1:
+                raise ConfigError(f"fisher='ggn' needs one position per sample; module {name!r} has {rec.a.shape[1]}")
+            w = probs.sqrt().to(rec.g.dtype).reshape(B, C, 1)
+            out[name] = LayerIO(a=rec.a.reshape(B, C, -1)[:, :1], g=rec.g.reshape(B, C, -1) * w)
+        return out
 
 
 def _covariance_sums(fit: _Fit, batches: Iterable[tuple[int, Batch]]) -> dict[str, Tensor]:
@@ -385,8 +423,8 @@ def _lambda_sums(fit: _Fit, eig: Mapping[str, LayerFactors], batches: Iterable[t
         for name, rec in fit.layer_io(bi, batch).items():
             lf = eig[name]
             ga, aa = rec.g @ lf.q_s.to(rec.g.dtype), rec.a @ lf.q_a.to(rec.a.dtype)  # (B, T, d_out), (B, T, d_in')
-            if ga.shape[1] == 1:  # rank one per sample: Σ_n (g̃_n²)(ã_n²)ᵀ is one GEMM
-                val = (ga[:, 0] ** 2).T @ (aa[:, 0] ** 2)
+            if aa.shape[1] == 1:  # rank one per sample: Σ_n (g̃_n²)(ã_n²)ᵀ is one GEMM ("ggn": Σ_c over g's axis 1)
+                val = (ga**2).sum(1).T @ (aa[:, 0] ** 2)
             else:
                 d_out, d_in = lf.shape
                 rows = fit.planner.rows(d_out * d_in * ga.element_size() * 2, stream=True, maximum=ga.shape[0])
@@ -461,7 +499,7 @@ def fit_kfac(
         loader: the training data (iterated up to three times, in the same order each time).
         module_name: modules to cover (see :func:`~tdabench.func.capture.select_modules`).
         strategy: ``"kfac"`` or ``"ekfac"`` (adds the eigenvalue correction pass).
-        fisher: ``"empirical"`` or ``"true"`` (see the module docstring).
+        fisher: ``"empirical"``, ``"true"`` or ``"ggn"`` (see the module docstring).
         index: checkpoint index.
         device: where captures and factors live.
         factor_dir: store partitions and factors here (resumable; bound to the provenance key).
