@@ -101,7 +101,8 @@ def run_our_job(job: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
     return scores, {"time_cache": t1 - t0, "time_attribute": t2 - t1, "time_total": t2 - t0, "setup_rss_mb": setup}
 
 
-def tune(paths: dict[str, Any], gt_path: Path, n_test: int, device: str) -> list[dict[str, Any]]:
+def tune(paths: dict[str, Any], gt_path: Path, n_test: int, device: str,
+         fishers: tuple[str, ...] = ("empirical", "true", "ggn")) -> list[dict[str, Any]]:
     """Held-out LDS of every (strategy, fisher, damping) of the grid; one pass over the train set each."""
     from tdabench.algorithm import IFAttributorEKFAC
 
@@ -112,7 +113,7 @@ def tune(paths: dict[str, Any], gt_path: Path, n_test: int, device: str) -> list
     grid = [(1e-8, None)] + [(0.0, f) for f in FACTORS]
     rows = []
     for strategy in ("ekfac", "kfac"):
-        for fisher in ("empirical", "true"):
+        for fisher in fishers:
             t0 = time.perf_counter()
             att = IFAttributorEKFAC(_our_task({"model": "mlp", "checkpoint_paths": [paths["final"]]}),
                                     strategy=strategy, fisher=fisher, device=device)
@@ -141,7 +142,7 @@ def _job(side: str, name: str, hp: dict[str, Any], paths: dict[str, Any], jobs_d
             "job_path": str(jobs_dir / f"{stem}.job.json"), "log_path": str(jobs_dir / f"{stem}.log")}
 
 
-def plan(best: dict[str, dict[str, Any]], sides: list[str]) -> list[tuple[str, str, dict[str, Any], str]]:
+def plan(best: dict[str, dict[str, Any]], sides: list[str], fishers: list[str]) -> list[tuple[str, str, dict[str, Any], str]]:
     """``(side, row name, hparams, kind)`` of every timed row."""
     out = []
     for strategy in ("ekfac", "kfac"):
@@ -150,7 +151,7 @@ def plan(best: dict[str, dict[str, Any]], sides: list[str]) -> list[tuple[str, s
             out.append(("ours", f"{strategy}_tuned", {"strategy": strategy, "fisher": b["fisher"], "damping": b["damping"],
                                                       "damping_factor": b["damping_factor"]}, "ekfac"))
         for label, d, f in (("1e-8", 1e-8, None), ("heuristic", 0.0, 0.1)):
-            for fisher in ("empirical", "true"):
+            for fisher in fishers:
                 if "ours" in sides:
                     out.append(("ours", f"{strategy}_{fisher}_{label}", {"strategy": strategy, "fisher": fisher, "damping": d,
                                                                          "damping_factor": f}, "ekfac"))
@@ -174,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune-test", type=int, default=100, help="test digits used for tuning on the held-out ground truth")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--only", nargs="*", default=None, help="run only these row names")
+    p.add_argument("--fishers", nargs="+", default=["empirical", "true", "ggn"], help="Fisher kinds tuned and timed")
+    p.add_argument("--tune-only", action="store_true", help="print the held-out tuning table and stop")
     args = p.parse_args(argv)
     if args.job:
         return _run_job_file(args.job)
@@ -182,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     paths = common.prepare_checkpoints("mlp")
     gt_eval = common.prepare_ground_truth("mlp")
     gt_held = heldout_ground_truth(args.heldout_subsets)
-    tuning = tune(paths, gt_held, args.tune_test, args.device)
+    tuning = tune(paths, gt_held, args.tune_test, args.device, tuple(args.fishers))
+    if args.tune_only:
+        print(json.dumps(tuning, indent=1))
+        return 0
     best = {}
     for strategy in ("ekfac", "kfac"):
         rows = [r for r in tuning if r["strategy"] == strategy]
@@ -193,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     cmds = {"ours": [sys.executable, str(Path(__file__).resolve()), "--job"], "kronfluence": [args.kron_python, str(KRON_RUNNER)],
             "dattri": [args.dattri_python, str(DATTRI_RUNNER)]}
     results = []
-    for side, name, hp, kind in plan(best, args.sides):
+    for side, name, hp, kind in plan(best, args.sides, args.fishers):
         if args.only and name not in args.only:
             continue
         runs = [common.run_job(cmds[side], _job(side, name, hp, paths, jobs_dir, r, kind), args.timeout) for r in range(args.repeats)]
