@@ -130,7 +130,7 @@ def test_checkpoints_are_averaged_and_factors_reused(tmp_path, monkeypatch) -> N
 
 def test_arguments_are_validated() -> None:
     task = _task(_Net())
-    for bad in ({"damping": -1.0}, {"strategy": "diag"}, {"fisher": "ggn"}, {"damping_factor": float("nan")},
+    for bad in ({"damping": -1.0}, {"strategy": "diag"}, {"fisher": "exact"}, {"damping_factor": float("nan")},
                 {"num_partitions": 0}, {"module_name": 3}, {"memory_budget": "lots"}):
         with pytest.raises(ConfigError):
             IFAttributorEKFAC(task, **bad)

@@ -36,18 +36,18 @@ adds keyword-only extras after them. Differences, and why:
 from __future__ import annotations
 
 import logging
-import math
-import numbers
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tdabench._validate import check_choice, check_int, check_real
+from tdabench.algorithm.arguments import MethodArguments, register_arguments
 from tdabench.algorithm.base import BaseAttributor
 from tdabench.errors import ConfigError, DataError
 from tdabench.func.capture import capture_task, layer_param_names, select_modules
@@ -61,17 +61,13 @@ __all__ = ["EKFACArguments", "IFAttributorEKFAC", "IFAttributorKFAC"]
 logger = logging.getLogger(__name__)
 
 
-def _real(name: str, value: Any, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value)) and float(value) >= 0
-    if not ok:
-        raise ConfigError(f"{name} must be a finite number >= 0{' or None' if optional else ''}, got {value!r}")
-
-
+@register_arguments("IFAttributorEKFAC", "IFAttributorKFAC")
 @dataclass
-class EKFACArguments:
-    """Declared arguments of :class:`IFAttributorEKFAC` (validated on construction)."""
+class EKFACArguments(MethodArguments):
+    """Declared arguments of :class:`IFAttributorEKFAC` / :class:`IFAttributorKFAC` (validated on construction)."""
+
+    #: where and in how many pieces factors are fitted and stored does not change the scores
+    execution_keys: ClassVar[tuple[str, ...]] = ("memory_budget", "factor_dir", "num_partitions")
 
     module_name: str | list[str] | None = None
     damping: float = 0.0
@@ -89,41 +85,18 @@ class EKFACArguments:
             raise ConfigError(f"module_name must be None, a module name or a non-empty list of names, got {m!r}")
         if isinstance(m, Sequence) and not isinstance(m, str):
             self.module_name = list(m)
-        _real("damping", self.damping)
-        _real("damping_factor", self.damping_factor, optional=True)
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if self.fisher not in FISHER_KINDS:
-            raise ConfigError(f"fisher must be one of {FISHER_KINDS}, got {self.fisher!r}")
-        for name in ("num_partitions", "seed"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or int(v) < (1 if name == "num_partitions" else 0):
-                raise ConfigError(f"{name} must be an integer >= {1 if name == 'num_partitions' else 0}, got {v!r}")
+        self.damping = check_real("damping", self.damping, 0.0)
+        if self.damping_factor is not None:
+            self.damping_factor = check_real("damping_factor", self.damping_factor, 0.0,
+                                             fix="pass e.g. 0.1 (kronfluence's heuristic) or None")
+        check_choice("strategy", self.strategy, STRATEGIES, "eigenvalue-corrected or plain K-FAC")
+        check_choice("fisher", self.fisher, FISHER_KINDS, "which gradients the factors use")
+        self.num_partitions = check_int("num_partitions", self.num_partitions, 1)
+        self.seed = check_int("seed", self.seed, 0)
         if self.factor_dir is not None:
             self.factor_dir = str(Path(self.factor_dir))
         if self.memory_budget is not None:
             parse_bytes(self.memory_budget, total=2**40)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Every argument, JSON-able."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> EKFACArguments:
-        """Parse a config mapping; an unknown key is a :class:`ConfigError` naming the valid ones."""
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(values) - set(valid))
-        if unknown:
-            raise ConfigError(f"unknown EK-FAC arguments {unknown}; valid keys: {valid}")
-        return cls(**values)
-
-
-try:  # the declared-arguments registry, where it exists
-    from tdabench.algorithm.arguments import register_arguments  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - before the registry lands
-    pass
-else:
-    register_arguments("IFAttributorEKFAC", "IFAttributorKFAC")(EKFACArguments)
 
 
 class IFAttributorEKFAC(BaseAttributor):
