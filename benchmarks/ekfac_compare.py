@@ -8,7 +8,8 @@
 2. **Held-out ground truth** for choosing the damping: ``--heldout-subsets`` (20) further half-data
    MLP retrainings with other subset and model seeds (7000+s, 8000+s), disjoint from the evaluation
    subsets (seeds 2000+s), written under benchmarks/results/jobs/ (gitignored) and reused.
-3. **Tuning** (ours, one process, not timed): for each strategy and Fisher kind, factors fitted
+3. **Tuning** (ours, one process, not timed; ``--tuning FILE`` reuses rows of an earlier run with
+   the same held-out ground truth): for each strategy and Fisher kind, factors fitted
    once, scores for every damping of the grid (``1e-8`` absolute, then ``damping_factor`` x mean
    eigenvalue for each factor of ``--factors``) on ``--tune-test`` test digits; the damping with
    the best held-out LDS is kept. The evaluation ground truth is never read here.
@@ -177,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", default=None, help="run only these row names")
     p.add_argument("--fishers", nargs="+", default=["empirical", "true", "ggn"], help="Fisher kinds tuned and timed")
     p.add_argument("--tune-only", action="store_true", help="print the held-out tuning table and stop")
+    p.add_argument("--tuning", nargs="*", default=[], help="JSON files of earlier tuning rows (same held-out ground truth); "
+                   "Fisher kinds they cover are not tuned again")
+    p.add_argument("--row-fishers", nargs="+", default=["true"],
+                   help="Fisher kinds of our 1e-8 / heuristic rows (kronfluence's default is 'true')")
     args = p.parse_args(argv)
     if args.job:
         return _run_job_file(args.job)
@@ -185,8 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     paths = common.prepare_checkpoints("mlp")
     gt_eval = common.prepare_ground_truth("mlp")
     gt_held = heldout_ground_truth(args.heldout_subsets)
-    tuning = tune(paths, gt_held, args.tune_test, args.device, tuple(args.fishers))
+    tuning = [r for f in args.tuning for r in json.loads(Path(f).read_text())]
+    todo = tuple(f for f in args.fishers if not any(r["fisher"] == f for r in tuning))
+    tuning += tune(paths, gt_held, args.tune_test, args.device, todo) if todo else []
     if args.tune_only:
+        (common.RESULTS_DIR / "jobs").mkdir(parents=True, exist_ok=True)
+        (common.RESULTS_DIR / "jobs" / f"ekfac_tuning_{'_'.join(todo)}.json").write_text(json.dumps(tuning, indent=1))
         print(json.dumps(tuning, indent=1))
         return 0
     best = {}
@@ -199,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     cmds = {"ours": [sys.executable, str(Path(__file__).resolve()), "--job"], "kronfluence": [args.kron_python, str(KRON_RUNNER)],
             "dattri": [args.dattri_python, str(DATTRI_RUNNER)]}
     results = []
-    for side, name, hp, kind in plan(best, args.sides, args.fishers):
+    for side, name, hp, kind in plan(best, args.sides, args.row_fishers):
         if args.only and name not in args.only:
             continue
         runs = [common.run_job(cmds[side], _job(side, name, hp, paths, jobs_dir, r, kind), args.timeout) for r in range(args.repeats)]
