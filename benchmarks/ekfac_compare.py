@@ -103,7 +103,7 @@ def run_our_job(job: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
 
 
 def tune(paths: dict[str, Any], gt_path: Path, n_test: int, device: str,
-         fishers: tuple[str, ...] = ("empirical", "true", "ggn")) -> list[dict[str, Any]]:
+         fishers: tuple[str, ...] = ("empirical", "true", "ggn"), strategies: tuple[str, ...] = ("ekfac", "kfac")) -> list[dict[str, Any]]:
     """Held-out LDS of every (strategy, fisher, damping) of the grid; one pass over the train set each."""
     from tdabench.algorithm import IFAttributorEKFAC
 
@@ -113,7 +113,7 @@ def tune(paths: dict[str, Any], gt_path: Path, n_test: int, device: str,
     values = values[:, :n_test]
     grid = [(1e-8, None)] + [(0.0, f) for f in FACTORS]
     rows = []
-    for strategy in ("ekfac", "kfac"):
+    for strategy in strategies:
         for fisher in fishers:
             t0 = time.perf_counter()
             att = IFAttributorEKFAC(_our_task({"model": "mlp", "checkpoint_paths": [paths["final"]]}),
@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--only", nargs="*", default=None, help="run only these row names")
     p.add_argument("--fishers", nargs="+", default=["empirical", "true", "ggn"], help="Fisher kinds tuned and timed")
+    p.add_argument("--strategies", nargs="+", default=["ekfac", "kfac"], help="strategies tuned")
     p.add_argument("--tune-only", action="store_true", help="print the held-out tuning table and stop")
     p.add_argument("--tuning", nargs="*", default=[], help="JSON files of earlier tuning rows (same held-out ground truth); "
                    "Fisher kinds they cover are not tuned again")
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     gt_held = heldout_ground_truth(args.heldout_subsets)
     tuning = [r for f in args.tuning for r in json.loads(Path(f).read_text())]
     todo = tuple(f for f in args.fishers if not any(r["fisher"] == f for r in tuning))
-    tuning += tune(paths, gt_held, args.tune_test, args.device, todo) if todo else []
+    tuning += tune(paths, gt_held, args.tune_test, args.device, todo, tuple(args.strategies)) if todo else []
     if args.tune_only:
         (common.RESULTS_DIR / "jobs").mkdir(parents=True, exist_ok=True)
         (common.RESULTS_DIR / "jobs" / f"ekfac_tuning_{'_'.join(todo)}.json").write_text(json.dumps(tuning, indent=1))

@@ -28,7 +28,8 @@ own distribution, an unbiased estimate of the Gauss-Newton matrix for softmax cr
 kronfluence does). ``"true"`` assumes classification batches ``(inputs, labels, ...)``, a model whose
 output ``model(inputs)`` is the logits ``(B, C)`` or ``(B, T, C)``, and a ``loss_func`` that is the
 cross-entropy of those logits with the labels; labels are drawn with a generator seeded from
-``seed`` and the batch index, so a fit is reproducible. ``"ggn"`` takes the expectation over the
+``seed``, the batch index and the pass (the eigenvalue correction draws labels independent of
+those of the covariances, as kronfluence does), so a fit is reproducible. ``"ggn"`` takes the expectation over the
 labels exactly instead of sampling one: every sample is evaluated with each of the ``C`` labels,
 weighted by the model's probability of it, so ``S = (1/N) Σ_i Σ_c p_ic g_ic g_icᵀ`` and EK-FAC's
 ``Λ`` likewise; for softmax cross-entropy that is the Kronecker-factored Gauss-Newton matrix, at
@@ -76,7 +77,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-KFAC_FORMAT = "tdabench-kfac/1"
+KFAC_FORMAT = "tdabench-kfac/2"  # 2: independent labels in the eigenvalue-correction pass (fisher="true")
 STRATEGIES = ("kfac", "ekfac")
 FISHER_KINDS = ("empirical", "true", "ggn")
 
@@ -379,9 +380,11 @@ class _Fit:
     device: torch.device
     planner: Any
 
-    def layer_io(self, bi: int, batch: Batch) -> dict[str, LayerIO]:
+    def layer_io(self, bi: int, batch: Batch, stage: int = 0) -> dict[str, LayerIO]:
+        """Captures of batch ``bi``; ``stage`` (0: covariances, 1: eigenvalue correction) draws
+        independent labels for ``fisher="true"``."""
         if self.fisher == "true":
-            gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + bi)
+            gen = torch.Generator().manual_seed((int(self.seed) * 1_000_003 + bi) * 2 + stage)
             batch = sample_labels(self.task, batch, self.index, gen)
         elif self.fisher == "ggn":
             return self._expected(batch)
@@ -420,7 +423,7 @@ def _lambda_sums(fit: _Fit, eig: Mapping[str, LayerFactors], batches: Iterable[t
     """EK-FAC: ``Σ_n (Q_Sᵀ G_n Q_A)²`` per layer over ``(batch index, batch)`` pairs."""
     out: dict[str, Tensor] = {}
     for bi, batch in batches:
-        for name, rec in fit.layer_io(bi, batch).items():
+        for name, rec in fit.layer_io(bi, batch, stage=1).items():
             lf = eig[name]
             ga, aa = rec.g @ lf.q_s.to(rec.g.dtype), rec.a @ lf.q_a.to(rec.a.dtype)  # (B, T, d_out), (B, T, d_in')
             if aa.shape[1] == 1:  # rank one per sample: Σ_n (g̃_n²)(ã_n²)ᵀ is one GEMM ("ggn": Σ_c over g's axis 1)
