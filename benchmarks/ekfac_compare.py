@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--only", nargs="*", default=None, help="run only these row names")
     p.add_argument("--fishers", nargs="+", default=["empirical", "true", "ggn"], help="Fisher kinds tuned and timed")
+    p.add_argument("--update", action="store_true", help="merge the rows run now into the existing ekfac_compare.json")
     p.add_argument("--strategies", nargs="+", default=["ekfac", "kfac"], help="strategies tuned")
     p.add_argument("--tune-only", action="store_true", help="print the held-out tuning table and stop")
     p.add_argument("--tuning", nargs="*", default=[], help="JSON files of earlier tuning rows (same held-out ground truth); "
@@ -218,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
             s["lds"] = common.lds(common.read_safetensors(s["scores_path"])[0]["scores"], *gt)[0]
         results.append({"side": side, "name": name, "hparams": hp, **s})
         log(f"{side} {name}: ok={s['ok']} t={s.get('time_total')} lds={s.get('lds')} {s.get('error', '')[:300]}")
+    prev = common.RESULTS_DIR / "ekfac_compare.json"
+    if args.update and prev.is_file():  # keep the earlier rows that were not rerun now
+        fresh = {(r["side"], r["name"]) for r in results}
+        results = [r for r in json.loads(prev.read_text())["rows"] if (r["side"], r["name"]) not in fresh] + results
     out = {"tuning": tuning, "chosen": best, "rows": results, "repeats": args.repeats, "batches": BATCHES,
            "heldout": {**HELDOUT, "num_subsets": args.heldout_subsets, "tune_test": args.tune_test},
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load": os.getloadavg()},
