@@ -58,6 +58,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tdabench._io import tensors_digest
 from tdabench.errors import ConfigError, KeyMismatchError, NonFiniteError, ShapeError, StoreError
 from tdabench.func.capture import LayerIO, capture_task, layer_param_names, select_modules
 from tdabench.func.utils import Batch, ParamSpec, batch_size_of, batch_to, iter_batches
@@ -248,16 +249,6 @@ class KFACOperator:
 
 
 # ----------------------------------------------------------------------------- provenance
-def _digest(tensors: Mapping[str, Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def data_fingerprint(batches: Iterable[Batch]) -> dict[str, Any]:
     """A batching-independent fingerprint of the data: per tensor position of a batch, the sha256
     of its bytes in loader order, plus the per-sample shapes and dtypes and the sample count
@@ -292,7 +283,7 @@ def factor_config(
         "fisher": fisher,
         "seed": int(seed) if fisher == "true" else None,
         "modules": [[n, type(m).__name__, list(m.weight.shape), m.bias is not None] for n, m in modules.items()],
-        "params_sha256": _digest(state),
+        "params_sha256": tensors_digest(state),
         "data": dict(data),
     })
 
