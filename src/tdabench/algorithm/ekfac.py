@@ -29,7 +29,8 @@ adds keyword-only extras after them. Differences, and why:
   raises; ``cache()`` takes no ``max_iter`` (fit on a smaller loader instead).
 * ``damping_factor`` adds ``damping_factor · mean eigenvalue`` per layer (kronfluence's
   heuristic is ``0.1``); ``fisher="true"`` samples labels from the model (kronfluence's
-  Fisher) instead of the empirical Fisher; ``factor_dir`` / ``num_partitions`` store the
+  Fisher) and ``fisher="ggn"`` takes the expectation over labels exactly (Gauss-Newton), instead
+  of dattri's empirical Fisher (the default); ``factor_dir`` / ``num_partitions`` store the
   factors in resumable partitions under a provenance key; ``memory_budget`` sizes the pieces.
 """
 
@@ -110,8 +111,9 @@ class IFAttributorEKFAC(BaseAttributor):
         strategy: ``"ekfac"`` (eigenvalue-corrected) or ``"kfac"``.
         damping_factor: also add ``damping_factor · mean(Λ)`` per layer (``0.1`` = kronfluence's
             heuristic); ``None``: only ``damping``.
-        fisher: ``"empirical"`` (each sample's loss gradient) or ``"true"`` (labels sampled from
-            the model; classification batches ``(x, y, ...)``), see :mod:`tdabench.func.kfac`.
+        fisher: ``"empirical"`` (each sample's loss gradient), ``"true"`` (labels sampled from
+            the model; classification batches ``(x, y, ...)``) or ``"ggn"`` (expectation over the
+            labels, logits ``(B, C)``), see :mod:`tdabench.func.kfac`.
         factor_dir: store and reuse the fitted factors here (one sub-directory per checkpoint when
             the task has several); a directory holding another model's or data's factors is an error.
         num_partitions: fit the factors in this many resumable partitions (with ``factor_dir``).
