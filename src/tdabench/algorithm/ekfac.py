@@ -185,11 +185,39 @@ class IFAttributorEKFAC(BaseAttributor):
             for s in range(0, n, rows):
                 yield batch if n <= rows else batch_slice(batch, s, s + rows)
 
-    def _test_side(self, k: int, test_loader: Iterable[Batch]) -> Tensor:
-        """``G̃_test / (Λ + λ)``: rotated, inverted test target gradients ``(n_test, D)``."""
+    def _test_side(self, k: int, test_loader: Iterable[Batch]) -> list[Tensor]:
+        """``G̃_test / (Λ + λ)`` per layer: rotated, inverted test target gradients ``[(n_test, d_out, d_in')]``."""
         inv = self._inverse_eigenvalues(k)
-        parts = [self._rotated(k, b, "target") * inv for b in self._pieces(test_loader, "test loader")]
-        return torch.cat(parts, dim=0)
+        x = torch.cat([self._rotated(k, b, "target") * inv for b in self._pieces(test_loader, "test loader")], dim=0)
+        out, start = [], 0
+        for lf in self.operators[k].layers:  # contiguous per-layer blocks: no copy per train piece
+            d_out, d_in = lf.shape
+            out.append(x[:, start : start + d_out * d_in].reshape(-1, d_out, d_in).contiguous())
+            start += d_out * d_in
+        return out
+
+    def _train_scores(self, k: int, batch: Batch, x_test: list[Tensor]) -> Tensor:
+        """Scores ``(B, n_test)`` of a train piece against the transformed test side, layer by layer.
+
+        A layer with one position per sample has rank-one gradients ``g̃ ãᵀ``, so its scores are
+        ``g̃ᵀ X_j ã``: one GEMM ``ã @ X`` then a batched contraction with ``g̃``, never forming the
+        ``(B, d_out·d_in')`` gradient matrix (same FLOPs, a fraction of the memory traffic).
+        """
+        io = capture_task(self.task, batch, self.modules, "loss", k, self.device)
+        total: Tensor | None = None
+        for lf, X in zip(self.operators[k].layers, x_test, strict=True):  # X: (q, d_out, d_in')
+            d_out, d_in = lf.shape
+            rec = io[lf.name]
+            g = check_finite(rec.g @ lf.q_s.to(rec.g.dtype), f"output gradients of {lf.name!r} (checkpoint {k})")
+            a = check_finite(rec.a @ lf.q_a.to(rec.a.dtype), f"inputs of {lf.name!r} (checkpoint {k})")
+            if g.shape[1] == 1:
+                Y = a[:, 0] @ X.reshape(-1, d_in).T  # (B, q·d_out)
+                part = torch.bmm(Y.view(g.shape[0], -1, d_out), g[:, 0, :, None]).squeeze(-1)
+            else:
+                part = torch.einsum("bto,bti->boi", g, a).reshape(g.shape[0], -1) @ X.reshape(X.shape[0], -1).T
+            total = part if total is None else total + part
+        assert total is not None
+        return total
 
     # ------------------------------------------------------------------ API
     def cache(self, full_train_loader: Iterable[Batch]) -> None:
@@ -221,9 +249,9 @@ class IFAttributorEKFAC(BaseAttributor):
         K = self.task.num_checkpoints
         for k in range(K):
             x_test = self._test_side(k, test_loader)
-            self.planner.require(x_test.numel() * x_test.element_size(), "the transformed test gradients",
+            self.planner.require(2 * sum(x.numel() * x.element_size() for x in x_test), "the transformed test gradients",
                                  "attribute fewer test samples at a time")
-            blocks = [self._rotated(k, b, "loss") @ x_test.T for b in tqdm(
+            blocks = [self._train_scores(k, b, x_test) for b in tqdm(
                 self._pieces(train_loader, "train loader"), desc=f"EK-FAC attribute (ckpt {k})", disable=None, leave=False)]
             total = self._add(total, torch.cat(blocks, dim=0))
         assert total is not None
