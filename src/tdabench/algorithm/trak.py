@@ -100,7 +100,7 @@ class TRAKAttributor(BaseAttributor):
         # one set per attributor: cache() and attribute() share the drawn matrices
         if self._projectors is None:
             self._projectors = ProjectorSet(
-                self.projector_kwargs, self.spec.dim, self.device, self.dtype
+                self.projector_kwargs, self.spec.dim, self.device, self.dtype, memory_budget=self.memory_budget
             )
         proj = self._projectors.get(index)
         assert proj is not None
