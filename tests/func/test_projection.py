@@ -183,6 +183,7 @@ def test_resolve_projector_kwargs():
         "proj_type": "rademacher",
         "seed": 0,
         "max_chunk_bytes": None,  # planned from the memory budget
+        "precision": "highest",
     }
     out["seed"] = 99  # the result is a fresh dict: nothing leaks into inputs or later calls
     assert given == {"proj_dim": 8} and defaults == {"proj_dim": 512, "proj_type": "rademacher"}

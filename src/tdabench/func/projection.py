@@ -69,6 +69,7 @@ from tdabench.errors import ConfigError, MemoryLimitError, ShapeError
 from tdabench.memory import MemoryPlanner, planner_for
 
 __all__ = [
+    "PRECISIONS",
     "PROJECTOR_KWARGS",
     "PROJ_TYPES",
     "Projector",
@@ -85,7 +86,13 @@ _CHUNK_PIECES = 4
 _CHUNK_PIECE_FRACTION = 1 / 16
 
 PROJ_TYPES = ("gaussian", "rademacher", "sparse", "identity")
-PROJECTOR_KWARGS = ("proj_dim", "proj_type", "seed", "max_chunk_bytes")
+PRECISIONS = ("highest", "tf32", "bf16")
+"""GEMM precision of dense projections: ``"highest"`` (the projector's dtype; the default on
+every device until reduced precision is measured to leave LDS unchanged), ``"tf32"`` (CUDA
+TensorFloat-32 GEMMs; the flag is set only inside :meth:`Projector.project` and restored; no
+effect on the CPU) or ``"bf16"`` (features and ``P`` rounded to bfloat16, products
+accumulated and returned in the projector's dtype). The matrix ``P`` is the same for all."""
+PROJECTOR_KWARGS = ("proj_dim", "proj_type", "seed", "max_chunk_bytes", "precision")
 """Keys accepted in an attributor's ``projector_kwargs``."""
 
 _BLOCK_ENTRIES = 2**18
@@ -98,6 +105,10 @@ _PIECE_ENTRIES = 2**22
 _COMPACT_MIN_FRACTION = 0.125
 _COMPACT_MAX_MISSES = 4
 _MASK64 = (1 << 64) - 1
+
+
+#: per device type, whether ``torch.mm(..., out_dtype=torch.float32)`` works on bf16 operands
+_OUT_DTYPE_OK: dict[str, bool] = {}
 # a sparse projector stores one int64 code per row of P: bucket h (sign +1) or k + h (sign -1)
 _SPARSE_ROW_BYTES = 8
 
@@ -152,8 +163,12 @@ class Projector:
         max_chunk_bytes: int | None = None,
         block_rows: int | None = None,
         memory_budget: int | float | str | None = None,
+        precision: str = "highest",
     ) -> None:
         self.feature_dim = _check_int(feature_dim, "feature_dim", 1)
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
         if proj_type not in PROJ_TYPES:
             raise ConfigError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
         self.proj_type = proj_type
@@ -396,7 +411,10 @@ class Projector:
                     b = min(hi, a + piece)
                     x, p = self._compact(block[:, a - offset : b - offset], chunk[a - start : b - start], a)
                     if x.shape[1] == 0:
-                        pass
+                        continue
+                    if self.precision != "highest":
+                        prod = self._gemm(x, p)
+                        out = prod if out is None else out.add_(prod)
                     elif out is None:
                         out = x @ p
                     else:
@@ -407,6 +425,26 @@ class Projector:
                 blocks[0].shape[0], self.proj_dim, dtype=self.dtype, device=self.device
             )
         return out
+
+    def _gemm(self, x: Tensor, p: Tensor) -> Tensor:
+        """``x @ p`` in a reduced :attr:`precision` (``"bf16"``: bfloat16 operands, accumulated in
+        float32 where ``torch.mm(..., out_dtype=)`` is supported, result in ``dtype``)."""
+        if self.precision == "bf16":
+            xb, pb = x.to(torch.bfloat16), p.to(torch.bfloat16)
+            if _OUT_DTYPE_OK.get(x.device.type, True):
+                try:
+                    return torch.mm(xb, pb, out_dtype=torch.float32).to(self.dtype)
+                except (TypeError, RuntimeError):
+                    _OUT_DTYPE_OK[x.device.type] = False
+            return (xb @ pb).to(self.dtype)
+        if x.device.type == "cuda":  # tf32
+            old = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                return x @ p
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = old
+        return x @ p
 
     def _project_sparse(self, blocks: list[Tensor]) -> Tensor:
         """CountSketch: column ``j`` is added to output ``h_j`` of the positive or the negative
@@ -435,6 +473,7 @@ class Projector:
             "block_rows": self.block_rows,
             "dtype": str(self.dtype).replace("torch.", ""),
             "device_type": self.device.type,
+            "precision": self.precision,
         }
 
     def __repr__(self) -> str:
@@ -454,6 +493,7 @@ def make_projector(
     max_chunk_bytes: int | None = None,
     block_rows: int | None = None,
     memory_budget: int | float | str | None = None,
+    precision: str = "highest",
 ) -> Projector:
     """Build a seeded projector from ``feature_dim`` to ``proj_dim`` dimensions.
 
@@ -470,6 +510,7 @@ def make_projector(
         block_rows: rows per generator block; ``None`` uses :func:`default_block_rows`.
             Changing it changes the matrix (unlike ``max_chunk_bytes``).
         memory_budget: the memory budget of the device (``None``: derived from the device).
+        precision: GEMM precision of dense projections, one of :data:`PRECISIONS`.
 
     Returns:
         A :class:`Projector`; ``projector.project(features (B, d)) -> (B, k)``.
@@ -478,7 +519,8 @@ def make_projector(
         ConfigError: for a bad type, dimension or seed, or a budget below one block.
     """
     return Projector(
-        feature_dim, proj_dim, seed, proj_type, device, dtype, max_chunk_bytes, block_rows, memory_budget
+        feature_dim, proj_dim, seed, proj_type, device, dtype, max_chunk_bytes, block_rows, memory_budget,
+        precision,
     )
 
 
@@ -521,6 +563,7 @@ def resolve_projector_kwargs(
         "proj_type": "gaussian",
         "seed": 0,
         "max_chunk_bytes": None,  # planned from the memory budget
+        "precision": "highest",
     }
     base.update(defaults or {})
     if given.get("proj_type", base["proj_type"]) == "identity" and "proj_dim" not in given:
@@ -533,6 +576,8 @@ def resolve_projector_kwargs(
     _check_int(base["seed"], "seed", 0)
     if base["max_chunk_bytes"] is not None:
         _check_int(base["max_chunk_bytes"], "max_chunk_bytes", 1)
+    if base["precision"] not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {base['precision']!r}")
     return base
 
 
@@ -560,6 +605,7 @@ def projector_from_kwargs(
         dtype=dtype,
         max_chunk_bytes=resolved["max_chunk_bytes"],
         memory_budget=memory_budget,
+        precision=resolved.get("precision", "highest"),
     )
 
 
