@@ -207,12 +207,17 @@ class Projector:
             if block_rows is None
             else _check_int(block_rows, "block_rows", 1)
         )
-        item = torch.empty((), dtype=dtype).element_size()
-        if proj_type == "sparse":  # one int64 code per row, drawn in place
+        self.chunk_rows = self._plan_chunk_rows()
+        self._generator = torch.Generator(device=self.device)
+
+    def _plan_chunk_rows(self) -> int:
+        """Rows of ``P`` per chunk: whole generator blocks within ``max_chunk_bytes`` (counting
+        the float64 scratch block of a draw); a planned budget never holds less than one block."""
+        item = torch.empty((), dtype=self.dtype).element_size()
+        if self.proj_type == "sparse":  # one int64 code per row, drawn in place
             row_bytes, scratch = _SPARSE_ROW_BYTES, 0
         else:
             row_bytes = self.proj_dim * item
-            # scratch block of the draw (float64 at most)
             scratch = min(self.block_rows, self.feature_dim) * self.proj_dim * 8
         one_block = min(self.block_rows, self.feature_dim) * row_bytes + scratch
         if self._planned:  # a planned budget is a target: one block is the smallest unit
@@ -220,15 +225,13 @@ class Projector:
         if one_block > self.max_chunk_bytes:
             raise ConfigError(
                 f"max_chunk_bytes={self.max_chunk_bytes} cannot hold one generator block of "
-                f"{min(self.block_rows, self.feature_dim)} rows of a {proj_type} projection to {self.proj_dim} "
-                f"dimensions ({one_block} bytes with its scratch); raise max_chunk_bytes to at least {one_block} or lower proj_dim"
+                f"{min(self.block_rows, self.feature_dim)} rows of a {self.proj_type} projection to {self.proj_dim} "
+                f"dimensions ({one_block} bytes with its scratch); raise max_chunk_bytes to at least {one_block} "
+                "or lower proj_dim"
             )
         n_blocks = math.ceil(self.feature_dim / self.block_rows)
-        per_chunk = max(
-            1, min(n_blocks, (self.max_chunk_bytes - scratch) // (self.block_rows * row_bytes))
-        )
-        self.chunk_rows = min(self.feature_dim, per_chunk * self.block_rows)
-        self._generator = torch.Generator(device=self.device)
+        per_chunk = max(1, min(n_blocks, (self.max_chunk_bytes - scratch) // (self.block_rows * row_bytes)))
+        return min(self.feature_dim, per_chunk * self.block_rows)
 
     # ------------------------------------------------------------------ matrix
     @property
