@@ -109,7 +109,7 @@ def _scores(att):
         (IFAttributorExplicit, {}),
         (IFAttributorCG, {"max_iter": 200, "tol": 1e-13}),
         (IFAttributorCG, {"max_iter": 200, "tol": 1e-13, "mode": "rev-fwd"}),
-        (IFAttributorLiSSA, {"batch_size": N, "recursion_depth": 600, "scaling": 2.0, "damping": LAM / 2.0}),
+        (IFAttributorLiSSA, {"batch_size": N, "recursion_depth": 300, "scaling": 1.0, "damping": LAM}),
     ],
 )
 def test_ggn_influence_matches_dense_oracle(cls, kw):
