@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from tdabench._compat import mode_dependent_layer_types
 from tdabench._task_compat import DattriTaskMethods
 from tdabench.errors import CheckpointError, ConfigError, UnsafeFileError
 from tdabench.func.utils import (
@@ -35,8 +36,6 @@ LayerName = str | Sequence[str] | None
 
 logger = logging.getLogger(__name__)
 
-# layers whose forward differs between train() and eval()
-_MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)
 
 _PICKLE_MAGIC = (b"\x80",)  # protocol 2+ pickles start with PROTO opcode
 
@@ -123,7 +122,7 @@ class AttributionTask(DattriTaskMethods):
             )
         self.checkpoints = ckpts
         stochastic = sorted(
-            {type(m).__name__ for m in model.modules() if isinstance(m, _MODE_DEPENDENT)}
+            {type(m).__name__ for m in model.modules() if isinstance(m, mode_dependent_layer_types())}
         )
         if model.training and stochastic:
             logger.warning(

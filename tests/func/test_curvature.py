@@ -186,3 +186,18 @@ def test_output_loss_declaration():
         resolve_output_loss(None, lambda p, b: p)
     with pytest.raises(ConfigError, match="kind"):
         OutputLoss("hinge")
+
+
+def test_arnoldi_residual_inverts_the_truncation_plus_damping():
+    op, G = _ggn("mse")
+    r, lam = 6, 0.2
+    s = ArnoldiSolver(proj_dim=r, max_iter=op.dim, tol=1e-14, regularization=lam, residual=True)
+    s.prepare(op)
+    w, U = torch.linalg.eigh(G)
+    top = w.abs().argsort(descending=True)[:r]
+    G_r = (U[:, top] * w[top]) @ U[:, top].T  # the rank-r truncation (oracle: eigh)
+    V = torch.randn(3, op.dim, generator=_g(7), dtype=DT)
+    ref = torch.linalg.solve(G_r + lam * torch.eye(op.dim, dtype=DT), V.T).T
+    torch.testing.assert_close(s.solve(V), ref, rtol=1e-7, atol=1e-9)
+    with pytest.raises(ConfigError, match="regularization > 0"):
+        s.basis.inverse_apply(V, 0.0, residual=True)

@@ -9,13 +9,14 @@ import torch
 
 from tdabench.errors import ConfigError, MemoryLimitError, ShapeError
 from tdabench.func.projection import (
-    DEFAULT_MAX_CHUNK_BYTES,
     Projector,
     default_block_rows,
     make_projector,
+    planned_chunk_bytes,
     projector_from_kwargs,
     resolve_projector_kwargs,
 )
+from tdabench.memory import MemoryPlanner
 
 D, K, ROWS = 203, 16, 10  # d not a multiple of the block size on purpose
 
@@ -126,9 +127,18 @@ def test_memory_budget_respected(monkeypatch):
         assert p.cached_matrix_bytes == (D * K * 8 if cached else 0)
     # default block size keeps one block about 2 MiB in float64
     assert default_block_rows(512) * 512 * 8 == 2 * 2**20
-    big = make_projector(10**6, 512, dtype=torch.float32)
-    assert big.chunk_rows * 512 * 4 + big.block_rows * 512 * 8 <= DEFAULT_MAX_CHUNK_BYTES
+    big = make_projector(10**6, 512, dtype=torch.float32, memory_budget="4GiB")
+    # planned: four streaming pieces (64 MiB each on one CPU thread) = today's 256 MiB
+    planned = planned_chunk_bytes(MemoryPlanner(torch.device("cpu"), 4 * 2**30, threads=1))
+    assert planned == 256 * 2**20 and big.max_chunk_bytes == planned
+    assert big.chunk_rows * 512 * 4 + big.block_rows * 512 * 8 <= planned
     assert big.chunk_rows < 10**6
+    # a tiny budget still holds one block (the smallest unit), and draws the same matrix
+    tiny = make_projector(3000, 16, seed=3, dtype=torch.float64, memory_budget=1, block_rows=100)
+    whole = make_projector(3000, 16, seed=3, dtype=torch.float64, max_chunk_bytes=10**8, block_rows=100)
+    assert tiny.chunk_rows == 100
+    x = torch.randn(4, 3000, dtype=torch.float64)
+    torch.testing.assert_close(tiny.project(x), whole.project(x), rtol=1e-12, atol=1e-12)
 
 
 def test_identity():
@@ -172,7 +182,8 @@ def test_resolve_projector_kwargs():
         "proj_dim": 8,
         "proj_type": "rademacher",
         "seed": 0,
-        "max_chunk_bytes": DEFAULT_MAX_CHUNK_BYTES,
+        "max_chunk_bytes": None,  # planned from the memory budget
+        "precision": "highest",
     }
     out["seed"] = 99  # the result is a fresh dict: nothing leaks into inputs or later calls
     assert given == {"proj_dim": 8} and defaults == {"proj_dim": 512, "proj_type": "rademacher"}

@@ -192,7 +192,7 @@ def test_projector_set_reuses_matrices_within_its_budget():
     assert torch.equal(tight.get(1).matrix(), a1.matrix())
     assert tight.retained_bytes <= D * K * 8
     # default budget: a quarter of max_chunk_bytes
-    assert ProjectorSet(r, D).max_retained_bytes == r["max_chunk_bytes"] // 4
+    assert ProjectorSet(r, D).max_retained_bytes == (r["max_chunk_bytes"] or 256 * 2**20) // 4
     assert ProjectorSet(None, D).get(0) is None
     ident = ProjectorSet(resolve_projector_kwargs({"proj_type": "identity"}), D)
     assert ident.get(3).proj_type == "identity" and ident.retained_bytes == 0

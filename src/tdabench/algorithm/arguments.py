@@ -286,9 +286,13 @@ class ArnoldiArguments(_IFArguments):
     tol: float = 1e-7
     regularization: float = 0.0
     seed: int = 0
+    residual: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.residual = _check_bool("residual", self.residual)
+        if self.residual and not (isinstance(self.regularization, (int, float)) and self.regularization > 0):
+            raise ConfigError("residual=True divides the residual by regularization: pass regularization > 0")
         self.precompute_data_ratio = check_real(
             "precompute_data_ratio", self.precompute_data_ratio, 0.0, strict=True, at_most=1.0,
             fix="pass e.g. precompute_data_ratio=1.0",

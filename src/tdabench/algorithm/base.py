@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from tdabench.errors import ConfigError, NotCachedError
+from tdabench.func.speed import backend_flags
 from tdabench.func.utils import Batch, batch_size_of, batch_slice, batch_to, iter_batches
 from tdabench.memory import MemoryPlanner, planner_for
 from tdabench.task import AttributionTask, LayerName
@@ -156,7 +157,9 @@ class BaseAttributor:
         """Per-sample gradients ``(B, d)`` of each batch of ``loader`` at checkpoint ``index``."""
         flat = self._params(index)
         for batch in self._batches(loader, what):
-            yield self.task.per_sample_grads(flat, batch, which=which, index=index, layer_name=self.layer_name)
+            with backend_flags(self.device):
+                g = self.task.per_sample_grads(flat, batch, which=which, index=index, layer_name=self.layer_name)
+            yield g
 
     def _projected_grads(self, flat: Tensor, batch: Batch, which: str, index: int, projector: Any) -> Tensor:
         """``projector.project`` of the per-sample gradients ``(B, d)`` of ``batch``, computed in
@@ -171,9 +174,10 @@ class BaseAttributor:
         n = batch_size_of(batch)
         item = torch.empty((), dtype=self.dtype).element_size()
         rows = self.planner.rows(self.spec.dim * item, fraction=_GRAD_FRACTION, stream=True)
-        if n <= rows:
-            return project(batch)
-        return torch.cat([project(batch_slice(batch, a, a + rows)) for a in range(0, n, rows)])
+        with backend_flags(self.device):
+            if n <= rows:
+                return project(batch)
+            return torch.cat([project(batch_slice(batch, a, a + rows)) for a in range(0, n, rows)])
 
     def _all_grads(self, loader: Iterable[Batch], which: str = "loss", index: int = 0, what: str = "data loader") -> Tensor:
         """Stacked per-sample gradients ``(n, d)`` of every sample in ``loader``."""

@@ -656,6 +656,9 @@ class IFAttributorArnoldi(_IFAttributorBase):
         seed: seed of the Arnoldi start vector.
         hessian: ``"exact"`` or ``"ggn"``.
         ggn_output: the output loss of the GGN (see the module docstring).
+        residual: keep the part of each gradient outside the basis, divided by
+            ``regularization`` (needs ``regularization > 0``): the exact inverse of the rank-r
+            truncation plus ``λI`` instead of dattri's projection onto the basis.
         solver: an :class:`~tdabench.func.solvers.IHVPSolver` replacing Arnoldi.
         memory_budget: bytes the method may hold.
     """
@@ -680,6 +683,7 @@ class IFAttributorArnoldi(_IFAttributorBase):
         seed: int = 0,
         hessian: str = "exact",
         ggn_output: str | OutputLoss | None = None,
+        residual: bool = False,
         solver: IHVPSolver | None = None,
         memory_budget: int | float | str | None = None,
     ) -> None:
@@ -694,6 +698,7 @@ class IFAttributorArnoldi(_IFAttributorBase):
             seed=seed,
             hessian=hessian,
             ggn_output=ggn_output,
+            residual=residual,
             memory_budget=memory_budget,
         )
         super().__init__(task, args, device, solver)
@@ -724,7 +729,7 @@ class IFAttributorArnoldi(_IFAttributorBase):
 
     def _make_solver(self, index: int) -> IHVPSolver:
         return ArnoldiSolver(
-            self.proj_dim, self.max_iter, self.tol, self.norm_constant, self.seed, self.regularization
+            self.proj_dim, self.max_iter, self.tol, self.norm_constant, self.seed, self.regularization, self.residual
         )
 
     def _after_prepare(self, index: int, solver: IHVPSolver) -> None:
@@ -743,7 +748,7 @@ class IFAttributorArnoldi(_IFAttributorBase):
         # (H + λI)^{-1} G_testᵀ = U C^T with C = G_test U diag(1 / (values + λ)): scoring
         # through the rank-r basis costs n_train·d·r instead of n_train·d·n_test.
         basis = getattr(self._solver_for(index), "basis", None)
-        if basis is None or basis.values.numel() >= min(g_test.shape[0], self.spec.dim):
+        if basis is None or self.residual or basis.values.numel() >= min(g_test.shape[0], self.spec.dim):
             return super()._test_factors(index, g_test)
         coeff = (g_test @ basis.vectors) / (basis.values + self.regularization)
         check_finite(

@@ -120,7 +120,7 @@ class TracInAttributor(BaseAttributor):
     def _projector(self, index: int) -> Projector | None:
         # drawn afresh per call (each checkpoint's matrix is used once per attribute call)
         return projector_from_kwargs(
-            self.projector_kwargs, self.spec.dim, index, self.device, self.dtype
+            self.projector_kwargs, self.spec.dim, index, self.device, self.dtype, self.memory_budget
         )
 
     def _normalize(self, g: Tensor) -> Tensor:

@@ -100,7 +100,7 @@ class TRAKAttributor(BaseAttributor):
         # one set per attributor: cache() and attribute() share the drawn matrices
         if self._projectors is None:
             self._projectors = ProjectorSet(
-                self.projector_kwargs, self.spec.dim, self.device, self.dtype
+                self.projector_kwargs, self.spec.dim, self.device, self.dtype, memory_budget=self.memory_budget
             )
         proj = self._projectors.get(index)
         assert proj is not None
@@ -214,6 +214,25 @@ class TRAKAttributor(BaseAttributor):
         return kernel.div_(m), q_sum.to(torch.float64) / m
 
     # ------------------------------------------------------------------ API
+    def _kernel_inverse(self, xtx: Tensor, index: int, count: int) -> Tensor:
+        """``(xtx + lambda I)^{-1}`` (float64, Cholesky), refusing a kernel singular to float64
+        precision (its Cholesky pivots span more than ``1 / (proj_dim * eps)``)."""
+        k = xtx.shape[0]
+        xtx.diagonal().add_(self.regularization)
+        chol, info = torch.linalg.cholesky_ex(xtx)
+        diag = chol.diagonal()
+        if int(info) != 0 or float(diag.min() / diag.max()) ** 2 < k * torch.finfo(torch.float64).eps:
+            raise ConfigError(
+                f"Phi^T Phi + {self.regularization} I of checkpoint {index} is singular ({count} training "
+                f"samples, {k} projected dimensions); set regularization > 0 or use proj_dim < {count}"
+            )
+        inv = torch.cholesky_inverse(chol)
+        if not bool(torch.isfinite(inv).all()):
+            raise NonFiniteError(
+                f"the TRAK kernel inverse of checkpoint {index} is not finite; set regularization > 0"
+            )
+        return inv
+
     def cache(self, full_train_loader: Iterable[Batch]) -> None:
         """Compute ``(Phi_k^T Phi_k + lambda I)^{-1}`` for every checkpoint from the full
         training set (``proj_dim x proj_dim`` each, accumulated and inverted in float64 by
@@ -257,23 +276,7 @@ class TRAKAttributor(BaseAttributor):
                     "the full train loader yielded a different number of samples on a later pass; fix its size"
                 )
             n = count
-            xtx.diagonal().add_(self.regularization)
-            chol, info = torch.linalg.cholesky_ex(xtx)
-            diag = chol.diagonal()
-            if (
-                int(info) != 0
-                or float(diag.min() / diag.max()) ** 2 < k * torch.finfo(torch.float64).eps
-            ):
-                raise ConfigError(
-                    f"Phi^T Phi + {self.regularization} I of checkpoint {index} is singular ({count} training "
-                    f"samples, {k} projected dimensions); set regularization > 0 or use proj_dim < {count}"
-                )
-            inv = torch.cholesky_inverse(chol)
-            if not bool(torch.isfinite(inv).all()):
-                raise NonFiniteError(
-                    f"the TRAK kernel inverse of checkpoint {index} is not finite; set regularization > 0"
-                )
-            inverses.append(inv)
+            inverses.append(self._kernel_inverse(xtx, index, count))
         self._xtx_inv = inverses
         # The cached training features are reused when attribute()/self_attribute() get a
         # train loader with the same content (n x proj_dim per checkpoint kept in memory).

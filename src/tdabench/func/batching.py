@@ -13,6 +13,10 @@ where one operand is one matrix broadcast over the batch (batch stride 0), into 
 ``mm`` with the batch folded into the other operand's rows or columns. The result is the
 same product (only the floating-point summation order inside the GEMM may differ); any
 other call, and any call the rewrite cannot handle, goes to the original kernel.
+
+``TorchDispatchMode`` is private torch API: when it is missing, or
+``TDABENCH_PUBLIC_TORCH_ONLY=1`` (:mod:`tdabench._compat`), the context does nothing and
+``vmap``'s own ``bmm`` runs (same numbers, slower).
 """
 
 from __future__ import annotations
@@ -22,11 +26,23 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["fold_broadcast_bmm", "folded_bmm"]
+from tdabench._compat import public_only
+
+try:  # private torch API (see tdabench._compat)
+    from torch.utils._python_dispatch import TorchDispatchMode
+except ImportError:  # pragma: no cover - exercised by forcing the fallback
+    TorchDispatchMode = object  # type: ignore[assignment,misc]
+
+__all__ = ["fold_broadcast_bmm", "folded_bmm", "folding_available"]
 
 _aten = torch.ops.aten
+_HAS_DISPATCH_MODE = TorchDispatchMode is not object and hasattr(_aten, "bmm")
+
+
+def folding_available() -> bool:
+    """Whether :func:`fold_broadcast_bmm` folds (private API present and not disabled)."""
+    return _HAS_DISPATCH_MODE and not public_only()
 
 
 def folded_bmm(a: Tensor, b: Tensor) -> Tensor | None:
@@ -75,7 +91,7 @@ def fold_broadcast_bmm(batch: int | None = None) -> Iterator[None]:
     ``batch``: the ``vmap`` batch size about to run, if known; with ``batch <= 1`` there is
     nothing to fold and the context does nothing (it would only add per-op overhead).
     """
-    if batch is not None and batch <= 1:
+    if (batch is not None and batch <= 1) or not folding_available():
         yield
         return
     with _FoldBroadcastBmm():

@@ -484,17 +484,12 @@ def ihvp_at_x_lissa(
     of ``H`` (strictly: half of it) and ``H`` is positive definite.
 
     Args:
-        func: scalar function ``func(*x)``.
-        *x: ``(θ, *data)`` with ``θ`` at position ``argnums``.
-        argnums: index of ``θ``.
+        func, *x, argnums: ``func(*x)`` with ``x = (θ, *data)``, ``θ = x[argnums]``.
         batch_size: samples per step, ``1 <= batch_size <= n``; ``n`` makes it deterministic.
-        num_repeat: independent recursions averaged.
-        recursion_depth: steps per recursion.
-        damping: in ``[0, 1)``.
-        scaling: ``> 0``.
+        num_repeat, recursion_depth: independent recursions averaged; steps per recursion.
+        damping, scaling: in ``[0, 1)``; ``> 0``.
         collate_fn: optional ``f(sampled_tuple) -> data args``.
-        mode: HVP mode.
-        seed: sampling seed.
+        mode, seed: HVP mode; sampling seed.
 
     Returns:
         ``f(v)``: ``(k, d)`` or ``(d,)`` -> same shape. Works in any floating dtype.

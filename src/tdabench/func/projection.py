@@ -35,7 +35,11 @@ float32 and float64 projectors on the same device type draw the same matrix (bit
 Gaussian projectors, up to rounding for Rademacher ones).
 
 **Memory.** A projector never holds a piece of ``P`` larger than ``max_chunk_bytes``
-(counting the scratch block used while drawing, at most float64). When the whole ``P`` fits, it is
+(counting the scratch block used while drawing, at most float64). Without an explicit
+``max_chunk_bytes`` it is planned by the memory planner (:func:`tdabench.memory.planner_for`
+of the device and ``memory_budget``): four streaming pieces, i.e. 256 MiB on one CPU thread
+(64 MiB per piece) and a quarter of the budget on a GPU, and never less than one generator
+block (the smallest unit of the matrix). When the whole ``P`` fits, it is
 drawn once and kept (``cached_matrix_bytes``); otherwise it is regenerated, chunk by chunk,
 at every :meth:`Projector.project` call. If not even one block fits, construction raises
 :class:`~tdabench.errors.ConfigError`.
@@ -60,25 +64,35 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tdabench._validate import check_int
 from tdabench.errors import ConfigError, MemoryLimitError, ShapeError
+from tdabench.memory import MemoryPlanner, planner_for
 
 __all__ = [
-    "DEFAULT_MAX_CHUNK_BYTES",
+    "PRECISIONS",
     "PROJECTOR_KWARGS",
     "PROJ_TYPES",
     "Projector",
     "ProjectorSet",
     "default_block_rows",
     "make_projector",
+    "planned_chunk_bytes",
     "projector_from_kwargs",
     "resolve_projector_kwargs",
 ]
 
-DEFAULT_MAX_CHUNK_BYTES = 256 * 2**20
-"""Default memory budget of one piece of the projection matrix (256 MiB)."""
+#: A planned chunk of ``P`` is this many streaming pieces of the planner (share 1/16 each).
+_CHUNK_PIECES = 4
+_CHUNK_PIECE_FRACTION = 1 / 16
 
 PROJ_TYPES = ("gaussian", "rademacher", "sparse", "identity")
-PROJECTOR_KWARGS = ("proj_dim", "proj_type", "seed", "max_chunk_bytes")
+PRECISIONS = ("highest", "tf32", "bf16")
+"""GEMM precision of dense projections: ``"highest"`` (the projector's dtype; the default on
+every device until reduced precision is measured to leave LDS unchanged), ``"tf32"`` (CUDA
+TensorFloat-32 GEMMs; the flag is set only inside :meth:`Projector.project` and restored; no
+effect on the CPU) or ``"bf16"`` (features and ``P`` rounded to bfloat16, products
+accumulated and returned in the projector's dtype). The matrix ``P`` is the same for all."""
+PROJECTOR_KWARGS = ("proj_dim", "proj_type", "seed", "max_chunk_bytes", "precision")
 """Keys accepted in an attributor's ``projector_kwargs``."""
 
 _BLOCK_ENTRIES = 2**18
@@ -91,6 +105,10 @@ _PIECE_ENTRIES = 2**22
 _COMPACT_MIN_FRACTION = 0.125
 _COMPACT_MAX_MISSES = 4
 _MASK64 = (1 << 64) - 1
+
+
+#: per device type, whether ``torch.mm(..., out_dtype=torch.float32)`` works on bf16 operands
+_OUT_DTYPE_OK: dict[str, bool] = {}
 # a sparse projector stores one int64 code per row of P: bucket h (sign +1) or k + h (sign -1)
 _SPARSE_ROW_BYTES = 8
 
@@ -113,9 +131,12 @@ def _block_seed(seed: int, block: int) -> int:
 
 
 def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    return check_int(name, value, minimum)
+
+
+def planned_chunk_bytes(planner: MemoryPlanner) -> int:
+    """Bytes of one planned chunk of ``P``: :data:`_CHUNK_PIECES` streaming pieces of the planner."""
+    return _CHUNK_PIECES * planner.stream_bytes(_CHUNK_PIECE_FRACTION)
 
 
 class Projector:
@@ -139,15 +160,25 @@ class Projector:
         proj_type: str = "gaussian",
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
-        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+        max_chunk_bytes: int | None = None,
         block_rows: int | None = None,
+        memory_budget: int | float | str | None = None,
+        precision: str = "highest",
     ) -> None:
         self.feature_dim = _check_int(feature_dim, "feature_dim", 1)
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
         if proj_type not in PROJ_TYPES:
             raise ConfigError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
         self.proj_type = proj_type
         self.seed = _check_int(seed, "seed", 0)
-        self.max_chunk_bytes = _check_int(max_chunk_bytes, "max_chunk_bytes", 1)
+        self._planned = max_chunk_bytes is None
+        self.max_chunk_bytes = (
+            _check_int(max_chunk_bytes, "max_chunk_bytes", 1)
+            if max_chunk_bytes is not None
+            else planned_chunk_bytes(planner_for(device, memory_budget))
+        )
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ConfigError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.dtype = dtype
@@ -176,26 +207,31 @@ class Projector:
             if block_rows is None
             else _check_int(block_rows, "block_rows", 1)
         )
-        item = torch.empty((), dtype=dtype).element_size()
-        if proj_type == "sparse":  # one int64 code per row, drawn in place
+        self.chunk_rows = self._plan_chunk_rows()
+        self._generator = torch.Generator(device=self.device)
+
+    def _plan_chunk_rows(self) -> int:
+        """Rows of ``P`` per chunk: whole generator blocks within ``max_chunk_bytes`` (counting
+        the float64 scratch block of a draw); a planned budget never holds less than one block."""
+        item = torch.empty((), dtype=self.dtype).element_size()
+        if self.proj_type == "sparse":  # one int64 code per row, drawn in place
             row_bytes, scratch = _SPARSE_ROW_BYTES, 0
         else:
             row_bytes = self.proj_dim * item
-            # scratch block of the draw (float64 at most)
             scratch = min(self.block_rows, self.feature_dim) * self.proj_dim * 8
         one_block = min(self.block_rows, self.feature_dim) * row_bytes + scratch
+        if self._planned:  # a planned budget is a target: one block is the smallest unit
+            self.max_chunk_bytes = max(self.max_chunk_bytes, one_block)
         if one_block > self.max_chunk_bytes:
             raise ConfigError(
                 f"max_chunk_bytes={self.max_chunk_bytes} cannot hold one generator block of "
-                f"{min(self.block_rows, self.feature_dim)} rows of a {proj_type} projection to {self.proj_dim} "
-                f"dimensions ({one_block} bytes with its scratch); raise max_chunk_bytes to at least {one_block} or lower proj_dim"
+                f"{min(self.block_rows, self.feature_dim)} rows of a {self.proj_type} projection to {self.proj_dim} "
+                f"dimensions ({one_block} bytes with its scratch); raise max_chunk_bytes to at least {one_block} "
+                "or lower proj_dim"
             )
         n_blocks = math.ceil(self.feature_dim / self.block_rows)
-        per_chunk = max(
-            1, min(n_blocks, (self.max_chunk_bytes - scratch) // (self.block_rows * row_bytes))
-        )
-        self.chunk_rows = min(self.feature_dim, per_chunk * self.block_rows)
-        self._generator = torch.Generator(device=self.device)
+        per_chunk = max(1, min(n_blocks, (self.max_chunk_bytes - scratch) // (self.block_rows * row_bytes)))
+        return min(self.feature_dim, per_chunk * self.block_rows)
 
     # ------------------------------------------------------------------ matrix
     @property
@@ -365,8 +401,11 @@ class Projector:
         if self.proj_type == "sparse":
             return self._project_sparse(blocks)
         out: Tensor | None = None
-        # columns per GEMM: bounds the copies that skipping zero columns makes of x and P
+        # columns per GEMM: bounds the copies that skipping zero columns makes of x and P (CPU
+        # only; elsewhere nothing is compacted, so each block is one GEMM)
         piece = max(_COMPACT_MIN_COLS, _PIECE_ENTRIES // max(1, blocks[0].shape[0], self.proj_dim))
+        if self.device.type != "cpu":
+            piece = max(self.feature_dim, 1)
         for start, stop, chunk in self._chunks():
             offset = 0
             for block in blocks:
@@ -375,7 +414,10 @@ class Projector:
                     b = min(hi, a + piece)
                     x, p = self._compact(block[:, a - offset : b - offset], chunk[a - start : b - start], a)
                     if x.shape[1] == 0:
-                        pass
+                        continue
+                    if self.precision != "highest":
+                        prod = self._gemm(x, p)
+                        out = prod if out is None else out.add_(prod)
                     elif out is None:
                         out = x @ p
                     else:
@@ -386,6 +428,26 @@ class Projector:
                 blocks[0].shape[0], self.proj_dim, dtype=self.dtype, device=self.device
             )
         return out
+
+    def _gemm(self, x: Tensor, p: Tensor) -> Tensor:
+        """``x @ p`` in a reduced :attr:`precision` (``"bf16"``: bfloat16 operands, accumulated in
+        float32 where ``torch.mm(..., out_dtype=)`` is supported, result in ``dtype``)."""
+        if self.precision == "bf16":
+            xb, pb = x.to(torch.bfloat16), p.to(torch.bfloat16)
+            if _OUT_DTYPE_OK.get(x.device.type, True):
+                try:
+                    return torch.mm(xb, pb, out_dtype=torch.float32).to(self.dtype)
+                except (TypeError, RuntimeError):
+                    _OUT_DTYPE_OK[x.device.type] = False
+            return (xb @ pb).to(self.dtype)
+        if x.device.type == "cuda":  # tf32
+            old = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                return x @ p
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = old
+        return x @ p
 
     def _project_sparse(self, blocks: list[Tensor]) -> Tensor:
         """CountSketch: column ``j`` is added to output ``h_j`` of the positive or the negative
@@ -414,6 +476,7 @@ class Projector:
             "block_rows": self.block_rows,
             "dtype": str(self.dtype).replace("torch.", ""),
             "device_type": self.device.type,
+            "precision": self.precision,
         }
 
     def __repr__(self) -> str:
@@ -430,8 +493,10 @@ def make_projector(
     proj_type: str = "gaussian",
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    max_chunk_bytes: int | None = None,
     block_rows: int | None = None,
+    memory_budget: int | float | str | None = None,
+    precision: str = "highest",
 ) -> Projector:
     """Build a seeded projector from ``feature_dim`` to ``proj_dim`` dimensions.
 
@@ -443,9 +508,12 @@ def make_projector(
             (CountSketch: one ``±1`` per row, ``O(B d)`` to apply) or ``"identity"``.
         device: where the matrix is drawn and the projection runs.
         dtype: dtype of the matrix and of the projected features.
-        max_chunk_bytes: largest piece of the ``(d, k)`` matrix held at once, in bytes.
+        max_chunk_bytes: largest piece of the ``(d, k)`` matrix held at once, in bytes;
+            ``None`` plans it from ``memory_budget`` (see the module docstring).
         block_rows: rows per generator block; ``None`` uses :func:`default_block_rows`.
             Changing it changes the matrix (unlike ``max_chunk_bytes``).
+        memory_budget: the memory budget of the device (``None``: derived from the device).
+        precision: GEMM precision of dense projections, one of :data:`PRECISIONS`.
 
     Returns:
         A :class:`Projector`; ``projector.project(features (B, d)) -> (B, k)``.
@@ -454,7 +522,8 @@ def make_projector(
         ConfigError: for a bad type, dimension or seed, or a budget below one block.
     """
     return Projector(
-        feature_dim, proj_dim, seed, proj_type, device, dtype, max_chunk_bytes, block_rows
+        feature_dim, proj_dim, seed, proj_type, device, dtype, max_chunk_bytes, block_rows, memory_budget,
+        precision,
     )
 
 
@@ -496,7 +565,8 @@ def resolve_projector_kwargs(
         "proj_dim": 512,
         "proj_type": "gaussian",
         "seed": 0,
-        "max_chunk_bytes": DEFAULT_MAX_CHUNK_BYTES,
+        "max_chunk_bytes": None,  # planned from the memory budget
+        "precision": "highest",
     }
     base.update(defaults or {})
     if given.get("proj_type", base["proj_type"]) == "identity" and "proj_dim" not in given:
@@ -507,7 +577,10 @@ def resolve_projector_kwargs(
     if base["proj_dim"] is not None:
         _check_int(base["proj_dim"], "proj_dim", 1)
     _check_int(base["seed"], "seed", 0)
-    _check_int(base["max_chunk_bytes"], "max_chunk_bytes", 1)
+    if base["max_chunk_bytes"] is not None:
+        _check_int(base["max_chunk_bytes"], "max_chunk_bytes", 1)
+    if base["precision"] not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {base['precision']!r}")
     return base
 
 
@@ -517,10 +590,12 @@ def projector_from_kwargs(
     seed_offset: int = 0,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    memory_budget: int | float | str | None = None,
 ) -> Projector | None:
     """The projector described by resolved ``projector_kwargs`` (``None`` -> ``None``).
 
-    ``seed_offset`` is added to the seed: attributors use ``seed + k`` for checkpoint ``k``.
+    ``seed_offset`` is added to the seed: attributors use ``seed + k`` for checkpoint ``k``;
+    ``memory_budget`` plans the chunk size when ``max_chunk_bytes`` is ``None``.
     """
     if resolved is None:
         return None
@@ -532,6 +607,8 @@ def projector_from_kwargs(
         device=device,
         dtype=dtype,
         max_chunk_bytes=resolved["max_chunk_bytes"],
+        memory_budget=memory_budget,
+        precision=resolved.get("precision", "highest"),
     )
 
 
@@ -543,13 +620,14 @@ class ProjectorSet:
     few thousand gradients. A projector whose whole matrix fits ``max_chunk_bytes`` keeps it
     (see :class:`Projector`); this set retains such projectors while the retained matrices
     *together* stay within ``max_retained_bytes`` (default: a quarter of ``max_chunk_bytes``,
-    64 MiB by default), so keeping them never costs much memory. Projectors beyond it are built
+    given or planned: 64 MiB on one CPU thread), so keeping them never costs much memory. Projectors beyond it are built
     afresh at every :meth:`get` (same seed, same matrix).
 
     Args:
         resolved: resolved ``projector_kwargs`` (:func:`resolve_projector_kwargs`) or ``None``.
         feature_dim, device, dtype: as for :func:`projector_from_kwargs`.
         max_retained_bytes: memory bound of the retained matrices (``None``: the default above).
+        memory_budget: the device's memory budget (plans chunk sizes; ``None``: the device's).
     """
 
     def __init__(
@@ -559,13 +637,18 @@ class ProjectorSet:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         max_retained_bytes: int | None = None,
+        memory_budget: int | float | str | None = None,
     ) -> None:
         self.resolved = None if resolved is None else dict(resolved)
         self.feature_dim = feature_dim
         self.device = device
         self.dtype = dtype
+        self.memory_budget = memory_budget
+        chunk = None if self.resolved is None else self.resolved["max_chunk_bytes"]
+        if self.resolved is not None and chunk is None:
+            chunk = planned_chunk_bytes(planner_for(device, memory_budget))
         self.max_retained_bytes = (
-            (self.resolved["max_chunk_bytes"] // 4 if self.resolved is not None else 0)
+            (chunk // 4 if chunk is not None else 0)
             if max_retained_bytes is None
             else _check_int(max_retained_bytes, "max_retained_bytes", 0)
         )
@@ -579,7 +662,7 @@ class ProjectorSet:
         if seed_offset in self._kept:
             return self._kept[seed_offset]
         proj = projector_from_kwargs(
-            self.resolved, self.feature_dim, seed_offset, self.device, self.dtype
+            self.resolved, self.feature_dim, seed_offset, self.device, self.dtype, self.memory_budget
         )
         assert proj is not None
         if proj.proj_type == "identity":

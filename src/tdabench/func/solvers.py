@@ -266,11 +266,22 @@ class EigenBasis:
     values: Tensor
     vectors: Tensor
 
-    def inverse_apply(self, V: Tensor, regularization: float = 0.0) -> Tensor:
-        """Rows of ``U diag(1 / (values + regularization)) Uᵀ v`` for each row ``v`` of ``V``."""
+    def inverse_apply(self, V: Tensor, regularization: float = 0.0, residual: bool = False) -> Tensor:
+        """Rows of ``U diag(1 / (values + λ)) Uᵀ v`` for each row ``v`` of ``V`` (``λ`` the
+        regularization).
+
+        With ``residual=True`` (needs ``λ > 0``), the exact inverse of the truncated operator
+        plus ``λI``, ``U diag(1 / (values + λ)) Uᵀ v + (v - U Uᵀ v) / λ``: the part of ``v``
+        outside the basis is kept and damped instead of dropped.
+        """
         V2 = _as_2d(V, self.vectors.shape[0])
         coeff = V2 @ self.vectors
-        return (coeff / (self.values + regularization)) @ self.vectors.T
+        if not residual:
+            return (coeff / (self.values + regularization)) @ self.vectors.T
+        if not regularization > 0:
+            raise ConfigError("residual=True needs regularization > 0 (the residual is divided by it)")
+        inside = coeff * (1.0 / (self.values + regularization) - 1.0 / regularization)
+        return inside @ self.vectors.T + V2 / regularization
 
 
 def arnoldi_basis(
@@ -425,7 +436,8 @@ class LiSSASolver(IHVPSolver):
 
 class ArnoldiSolver(IHVPSolver):
     """A low-rank eigenbasis by Arnoldi (:func:`arnoldi_basis`); ``solve`` is
-    ``U diag(1 / (values + λ)) Uᵀ v`` (zero outside the basis)."""
+    ``U diag(1 / (values + λ)) Uᵀ v`` (zero outside the basis), or with ``residual=True`` the
+    exact inverse of the rank-``r`` truncation plus ``λI`` (the rest of ``v`` divided by ``λ``)."""
 
     holds_operator = False
 
@@ -437,9 +449,11 @@ class ArnoldiSolver(IHVPSolver):
         norm_constant: float = 1.0,
         seed: int = 0,
         regularization: float = 0.0,
+        residual: bool = False,
     ) -> None:
         self.proj_dim, self.max_iter, self.tol = proj_dim, max_iter, tol
         self.norm_constant, self.seed, self.regularization = norm_constant, seed, float(regularization)
+        self.residual = bool(residual)
 
     def prepare(self, op: Any, planner: MemoryPlanner | None = None) -> None:
         self.basis = arnoldi_basis(
@@ -455,4 +469,4 @@ class ArnoldiSolver(IHVPSolver):
         )
 
     def solve(self, V: Tensor) -> Tensor:
-        return self.basis.inverse_apply(V, self.regularization)
+        return self.basis.inverse_apply(V, self.regularization, self.residual)

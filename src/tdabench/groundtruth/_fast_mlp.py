@@ -48,6 +48,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tdabench._compat import public_only
+
+_THRESHOLD_BACKWARD = getattr(torch.ops.aten, "threshold_backward", None)  # private torch API
+
+
+def relu_backward(grad: Tensor, pre: Tensor) -> Tensor:
+    """ReLU backward: 0 where the pre-activation ``pre <= 0``, else ``grad`` (NaN ``pre`` keeps
+    ``grad``, as ``threshold_backward`` does).
+
+    One kernel through the private ``torch.ops.aten.threshold_backward`` when it exists (see
+    :mod:`tdabench._compat`); otherwise the public ``masked_fill`` with the same result.
+    """
+    if _THRESHOLD_BACKWARD is not None and not public_only():
+        return _THRESHOLD_BACKWARD(grad, pre, 0)
+    return grad.masked_fill(pre <= 0, 0)
+
 __all__ = ["FastStack", "fast_plan"]
 
 #: shared first layer on the CPU: inputs that are non-zero in at most this fraction of the
@@ -392,7 +408,7 @@ class FastStack:
                 self._update(li, True, lambda t, beta, alpha, gb=gb: t.mul_(beta).add_(gb, alpha=alpha)
                              if beta != 1.0 else t.add_(gb, alpha=alpha), lr)
             if self.layers[li - 1][2]:  # ReLU backward: keep where the pre-activation is > 0
-                d_prev = torch.ops.aten.threshold_backward(d_prev, rows(li - 1), 0)
+                d_prev = relu_backward(d_prev, rows(li - 1))
             g = d_prev if li == 1 else d_prev.transpose(1, 2)
         if self.compact:
             # per model, so that each model's weights and momentum stay in cache between the

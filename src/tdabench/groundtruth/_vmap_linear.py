@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["StackedLinear", "patch_linear_layers"]
+from tdabench._compat import public_only
+
+__all__ = ["StackedLinear", "linear_patch_works", "patch_linear_layers"]
 
 #: Above this many output features per model, ``bmm`` beats one wide GEMM on CPU (measured).
 GEMM_MAX_OUT = 48
@@ -109,12 +111,48 @@ def _forward(self: nn.Linear, x: Tensor) -> Tensor:
     return StackedLinear.apply(x, self.weight, self.bias)
 
 
+def linear_patch_works() -> bool:
+    """Whether replacing an ``nn.Linear`` instance's ``forward`` still routes its calls (and
+    ``vmap``'s custom rule of :class:`StackedLinear`) the way :func:`patch_linear_layers` needs;
+    probed once on a tiny layer. ``False`` when ``TDABENCH_PUBLIC_TORCH_ONLY=1``."""
+    if public_only():
+        return False
+    if _PROBE:
+        return _PROBE[0]
+    try:
+        with torch.random.fork_rng(devices=[]):  # the probe must not move the caller's RNG
+            lin = nn.Linear(2, 2)
+        plain = lin(torch.ones(1, 2))
+        lin.forward = types.MethodType(_probe_forward, lin)  # type: ignore[method-assign]
+        out = lin(torch.ones(1, 2))
+        ok = bool(getattr(lin, "_tdabench_probe", False)) and torch.allclose(out, plain)
+    except Exception:  # any change in torch means: do not patch
+        ok = False
+    _PROBE.append(ok)
+    return ok
+
+
+_PROBE: list[bool] = []
+
+
+def _probe_forward(self: nn.Linear, x: Tensor) -> Tensor:
+    self._tdabench_probe = True
+    return StackedLinear.apply(x, self.weight, self.bias)
+
+
 def patch_linear_layers(model: nn.Module) -> int:
     """Route every exact ``nn.Linear`` of ``model`` through :class:`StackedLinear` (in place).
+
+    Replacing a module instance's ``forward`` relies on how ``nn.Module.__call__`` dispatches;
+    when :func:`linear_patch_works` says it no longer does (or the public-only fallback is
+    forced, see :mod:`tdabench._compat`), nothing is patched and the layers run as plain
+    ``nn.Linear`` (same numbers, slower under ``vmap``).
 
     Returns:
         The number of layers patched.
     """
+    if not linear_patch_works():
+        return 0
     n = 0
     for mod in model.modules():
         if type(mod) is nn.Linear:
