@@ -757,3 +757,19 @@ class IFAttributorArnoldi(_IFAttributorBase):
             fix="the Hessian is (near) singular or the solver diverged: pass regularization > 0",
         )
         return basis.vectors, coeff
+
+
+_ELSEWHERE = {
+    "IFAttributorEKFAC": "tdabench.algorithm.ekfac",
+    "IFAttributorKFAC": "tdabench.algorithm.ekfac",
+    "IFAttributorDataInf": "tdabench.algorithm.datainf",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """dattri's ``algorithm.influence_function`` also exports EK-FAC and DataInf (lazy: no cycle)."""
+    if name in _ELSEWHERE:
+        import importlib
+
+        return getattr(importlib.import_module(_ELSEWHERE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
