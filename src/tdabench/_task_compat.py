@@ -44,6 +44,12 @@ class DattriTaskMethods:
             self.model.eval()
         return {n: params[n] for n, p in self.model.named_parameters() if p.requires_grad}
 
+    def _dattri_user(self, which: str) -> Callable[..., Tensor]:
+        """The user's own function (dattri's accessors hand it out unwrapped, in its convention)."""
+        name = "original_loss_func" if which == "loss" else "original_target_func"
+        fallback = self.loss_func if which == "loss" else self.target_func
+        return getattr(self, name, fallback)
+
     def _dattri_func(
         self, user: Callable[..., Tensor], flatten: bool, layer_name: LayerNames, ckpt_idx: int | None
     ) -> Callable[..., Tensor]:
@@ -65,13 +71,13 @@ class DattriTaskMethods:
         With ``layer_name`` (names of ``model.named_parameters()``), ``flat_params`` holds only
         those parameters (in the given order); the others are those of checkpoint ``ckpt_idx``.
         """
-        return self._dattri_func(self.loss_func, flatten, layer_name, ckpt_idx)
+        return self._dattri_func(self._dattri_user("loss"), flatten, layer_name, ckpt_idx)
 
     def get_target_func(
         self, flatten: bool = True, layer_name: LayerNames = None, ckpt_idx: int | None = None
     ) -> Callable[..., Tensor]:
         """As :meth:`get_loss_func` for the target function."""
-        return self._dattri_func(self.target_func, flatten, layer_name, ckpt_idx)
+        return self._dattri_func(self._dattri_user("target"), flatten, layer_name, ckpt_idx)
 
     def get_grad_loss_func(
         self,

@@ -7,6 +7,7 @@ losses for Hessian-vector products, and parameter vectors of each checkpoint.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from tdabench._compat import mode_dependent_layer_types
+from tdabench._sample_mode import SAMPLE_MODES, BatchLoss
 from tdabench._task_compat import DattriTaskMethods
 from tdabench.errors import CheckpointError, ConfigError, UnsafeFileError
 from tdabench.func.utils import (
@@ -91,6 +93,13 @@ class AttributionTask(DattriTaskMethods):
             attributed on test samples. Defaults to ``loss_func``.
         checkpoints_load_func: optional ``f(model, checkpoint) -> model`` replacing the
             default loader (``model.load_state_dict``).
+        sample_mode: how ``loss_func``/``target_func`` take ``data``: ``"batch"`` (a batch,
+            tdabench's convention), ``"sample"`` (one unbatched sample, dattri's convention:
+            the task then averages ``vmap``-ed per-sample calls), or ``"auto"`` (default:
+            decided on the first batch by calling it both ways; a function that works both
+            ways with different values raises :class:`ConfigError` asking for this argument).
+            ``task.loss_func`` always has batch semantics; the user's functions stay in
+            ``original_loss_func``/``original_target_func``.
     """
 
     def __init__(
@@ -100,6 +109,7 @@ class AttributionTask(DattriTaskMethods):
         checkpoints: Checkpoint | Sequence[Checkpoint],
         target_func: Callable[[dict[str, Tensor], Batch], Tensor] | None = None,
         checkpoints_load_func: Callable[[nn.Module, Any], nn.Module] | None = None,
+        sample_mode: str = "auto",
     ) -> None:
         if not callable(loss_func):
             raise ConfigError("loss_func must be callable as loss_func(params, data)")
@@ -107,8 +117,17 @@ class AttributionTask(DattriTaskMethods):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if target_func is not None and not callable(target_func):
             raise ConfigError("target_func must be callable as target_func(params, data) or None")
-        self.loss_func = loss_func
-        self.target_func = target_func if target_func is not None else loss_func
+        if sample_mode not in SAMPLE_MODES:
+            raise ConfigError(f"sample_mode must be one of {SAMPLE_MODES}, got {sample_mode!r}")
+        self.original_loss_func = loss_func
+        self.original_target_func = target_func if target_func is not None else loss_func
+        self._sample_state = [sample_mode]
+        self.loss_func = _batch_semantics(loss_func, self._sample_state, "loss_func")
+        self.target_func = (
+            self.loss_func
+            if target_func is None
+            else _batch_semantics(target_func, self._sample_state, "target_func")
+        )
         self.model = model
         self.checkpoints_load_func = checkpoints_load_func
         if isinstance(checkpoints, (str, os.PathLike, Mapping)):
@@ -137,6 +156,22 @@ class AttributionTask(DattriTaskMethods):
         self._cache_buffers: dict[str, Tensor] | None = None
         # Validate the first checkpoint now: a mismatch should fail at construction.
         self.get_params(0)
+
+    # ------------------------------------------------------------------ conventions
+    @property
+    def sample_mode(self) -> str:
+        """``"batch"``, ``"sample"``, or ``"auto"`` until the first batch decided it."""
+        return self._sample_state[0]
+
+    def resolve_sample_mode(self, batch: Batch, index: int = 0) -> str:
+        """Decide ``sample_mode`` on a concrete ``batch`` (no-op once decided)."""
+        if self._sample_state[0] != "auto" or not isinstance(self.loss_func, BatchLoss):
+            return self._sample_state[0]
+        first = next((t for t in (batch if isinstance(batch, (tuple, list)) else [batch])
+                      if isinstance(t, Tensor)), None)
+        dev = first.device if first is not None else None
+        params = {n: t.to(dev) for n, t in self.get_params(index).items()}
+        return self.loss_func.resolve(params, batch)
 
     # ------------------------------------------------------------------ checkpoints
     def __len__(self) -> int:
@@ -256,6 +291,7 @@ class AttributionTask(DattriTaskMethods):
         """
         if which not in ("loss", "target"):
             raise ConfigError(f"which must be 'loss' or 'target', got {which!r}")
+        self.resolve_sample_mode(batch, index)
         user = self.loss_func if which == "loss" else self.target_func
         spec = self.param_spec(layer_name)
         fixed = {n: t.to(flat.device) for n, t in self.get_params(index).items() if n not in spec.names}
@@ -273,6 +309,7 @@ class AttributionTask(DattriTaskMethods):
         self, flat: Tensor, batch: Batch, which: str = "loss", index: int = 0, layer_name: LayerName = None
     ) -> Tensor:
         """Per-sample loss/target values ``(B,)``."""
+        self.resolve_sample_mode(batch, index)
         func = self.flat_func(which, index, layer_name, device=flat.device)
         return per_sample_values(func, flat, batch)
 
@@ -281,6 +318,7 @@ class AttributionTask(DattriTaskMethods):
     ) -> Callable[[Tensor], Tensor]:
         """``g(flat) = Σ_samples loss(flat, sample)`` over ``batch``, independent of the
         user's reduction (each sample is evaluated as a batch of one)."""
+        self.resolve_sample_mode(batch, index)
         func = self.flat_func("loss", index, layer_name, device=device)
         return lambda flat: per_sample_values(func, flat, batch).sum()
 
@@ -289,3 +327,16 @@ class AttributionTask(DattriTaskMethods):
         merged = dict(self._cache_buffers or {})
         merged.update(params)
         return functional_call(self.model, merged, args, kwargs)
+
+
+def _batch_semantics(func: Callable[..., Tensor], state: list[str], what: str) -> Callable[..., Tensor]:
+    """``func`` wrapped in :class:`BatchLoss` when it is ``f(params, data)``; other forms (e.g.
+    dattri's LoGra/DVEmb ``f(model, data, device)``) are kept as they are."""
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):
+        return BatchLoss(func, state, what)
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p for p in sig.parameters.values() if p.kind in kinds and p.default is p.empty]
+    variadic = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in sig.parameters.values())
+    return BatchLoss(func, state, what) if len(required) == 2 or (variadic and len(required) < 2) else func

@@ -15,7 +15,14 @@ from tdabench.algorithm.datainf import DataInfArguments, layer_groups
 from tdabench.errors import ConfigError, NotCachedError
 from tdabench.task import AttributionTask
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    """float64 by default inside this module's tests only (restored after each test)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def _problem(seed: int = 0):

@@ -15,7 +15,14 @@ from tdabench.algorithm import FactGraSSAttributor, LoGraAttributor
 from tdabench.algorithm.factgrass import SparseLayerCompressor, mask_factor, random_mask
 from tdabench.errors import ConfigError
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    """float64 by default inside this module's tests only (restored after each test)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 @pytest.mark.parametrize("conv", [False, True])

@@ -14,7 +14,14 @@ from tdabench.algorithm import LoGraAttributor
 from tdabench.errors import ConfigError, MemoryLimitError
 from tdabench.task import AttributionTask
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    """float64 by default inside this module's tests only (restored after each test)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 class Net(nn.Module):

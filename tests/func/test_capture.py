@@ -14,7 +14,14 @@ from tdabench.errors import ConfigError
 from tdabench.func.capture import capture_task, layer_param_names, select_modules
 from tdabench.task import AttributionTask
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    """float64 by default inside this module's tests only (restored after each test)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def _per_sample_oracle(model: nn.Module, loss_func, batch):

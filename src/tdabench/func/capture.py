@@ -288,6 +288,13 @@ def capture_task(
         if which not in ("loss", "target"):
             raise ConfigError(f"which must be 'loss' or 'target', got {which!r}")
         func = task.loss_func if which == "loss" else task.target_func  # type: ignore[attr-defined]
+    resolve = getattr(task, "resolve_sample_mode", None)
+    if resolve is not None and resolve(batch, index) == "sample":  # decided outside the hooks
+        raise ConfigError(
+            "layer hooks need a loss_func that takes a batch (tdabench's convention); this task's "
+            "loss_func takes one unbatched sample (dattri's convention): write it for a batch "
+            "(returning the batch mean), or use a gradient-based attributor"
+        )
     need = {p for n, m in modules.items() for p in layer_param_names(n, m)}
     params = {
         n: p.detach().to(device).requires_grad_(n in need)
