@@ -262,3 +262,22 @@ def test_cached_train_features_are_reused_only_for_the_same_data():
     part = DataLoader(torch.utils.data.Subset(train_ds, range(7)), batch_size=7)
     torch.testing.assert_close(att.attribute(part, test), first[:7])
     assert calls
+
+
+def test_dattri_call_forms_give_the_same_scores():
+    """dattri's attribute(test) after cache() and its keywords equal attribute(train, test);
+    dattri's positional (test, train) order is refused, naming the difference."""
+    _, _, task, prob, train, test = _setup()
+    trak = TRAKAttributor(task, prob, projector_kwargs={"proj_dim": 8, "proj_type": "gaussian"})
+    train_loader, test_loader = DataLoader(train, batch_size=7), DataLoader(test, batch_size=2)
+    with pytest.raises(NotCachedError):
+        trak.attribute(test_loader)
+    trak.cache(train_loader)
+    ours = trak.attribute(train_loader, test_loader)
+    assert ours.shape == (N_TRAIN, N_TEST)
+    torch.testing.assert_close(trak.attribute(test_loader), ours, rtol=0, atol=0)
+    kw = trak.attribute(test_dataloader=test_loader, train_dataloader=train_loader)
+    torch.testing.assert_close(kw, ours, rtol=0, atol=0)
+    torch.testing.assert_close(trak.attribute(test_dataloader=test_loader), ours, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match=r"dattri's positional order is \(test, train\)"):
+        trak.attribute(test_loader, train_loader)

@@ -213,6 +213,36 @@ class TRAKAttributor(BaseAttributor):
         m = len(self._xtx_inv)
         return kernel.div_(m), q_sum.to(torch.float64) / m
 
+
+    def _dattri_forms(
+        self, train: Any, test: Any, test_kw: Any, train_kw: Any
+    ) -> tuple[Iterable[Batch], Iterable[Batch]]:
+        """``(train, test)`` from tdabench's or dattri's call forms (see :meth:`attribute`)."""
+        if (test_kw is not None and test is not None) or (train_kw is not None and train is not None and test is not None):
+            raise ConfigError("a loader was given both by position and by keyword; use attribute(train, test)")
+        if test_kw is not None:  # dattri's keywords (or attribute(test_dataloader=...))
+            test, train = test_kw, train_kw if train_kw is not None else train
+        elif test is None and train is not None:  # dattri's attribute(test_loader) after cache()
+            self._require_cache()
+            train, test = None, train
+        if test is None:
+            raise ConfigError("attribute needs a test loader: attribute(train_loader, test_loader)")
+        if train is None:
+            self._require_cache()
+            return self._cached_train_loader, test
+        if self._cached and train is not None and test is not None:
+            fp_train = self._fingerprint(self._replay(train, "train loader"))
+            if fp_train != self._train_fingerprint and self._fingerprint(
+                self._replay(test, "test loader")
+            ) == self._train_fingerprint:
+                raise ConfigError(
+                    "attribute(a, b) got the cached training set second: tdabench's order is "
+                    "attribute(train_loader, test_loader) (dattri's positional order is "
+                    "(test, train)); call attribute(train_loader, test_loader), "
+                    "attribute(test_loader) or attribute(test_dataloader=..., train_dataloader=...)"
+                )
+        return train, test
+
     # ------------------------------------------------------------------ API
     def _kernel_inverse(self, xtx: Tensor, index: int, count: int) -> Tensor:
         """``(xtx + lambda I)^{-1}`` (float64, Cholesky), refusing a kernel singular to float64
@@ -282,22 +312,43 @@ class TRAKAttributor(BaseAttributor):
         # train loader with the same content (n x proj_dim per checkpoint kept in memory).
         self._train_features = features
         self._train_fingerprint = hasher.hexdigest()
+        self._cached_train_loader = data
         self.num_cached_train = int(n or 0)
         self._cached = True
 
-    def attribute(self, train_loader: Iterable[Batch], test_loader: Iterable[Batch]) -> Tensor:
-        """TRAK scores.
+    def attribute(
+        self,
+        train_loader: Iterable[Batch] | None = None,
+        test_loader: Iterable[Batch] | None = None,
+        *,
+        test_dataloader: Iterable[Batch] | None = None,
+        train_dataloader: Iterable[Batch] | None = None,
+    ) -> Tensor:
+        """TRAK scores ``(n_train, n_test)``, as every tdabench method: ``attribute(train, test)``.
+
+        dattri's forms are accepted too, with the same result: ``attribute(test_loader)`` after
+        :meth:`cache` (the cached training set is scored) and the keywords
+        ``attribute(test_dataloader=..., train_dataloader=...)``. Two positional loaders are
+        always ``(train, test)``; if the *second* one is the cached training set and the first is
+        not (dattri's positional order ``(test, train)``), a :class:`ConfigError` names the
+        difference instead of returning scores of the swapped roles.
 
         Args:
             train_loader: training samples to score (fixed order; any subset of the cached set).
             test_loader: test samples.
+            test_dataloader: dattri's keyword for ``test_loader``.
+            train_dataloader: dattri's keyword for ``train_loader``.
 
         Returns:
             Tensor ``(n_train, n_test)`` on ``device``.
 
         Raises:
-            NotCachedError: before :meth:`cache`.
+            NotCachedError: before :meth:`cache` (dattri's one-loader form needs the cache).
+            ConfigError: dattri's positional order, or a loader given twice.
         """
+        train_loader, test_loader = self._dattri_forms(
+            train_loader, test_loader, test_dataloader, train_dataloader
+        )
         self._require_cache()
         test_loader = self._replay(test_loader, "test loader")
 
