@@ -328,3 +328,24 @@ def test_errors(problem):
         ihvp_cg(loss, tol=-1.0)
     with pytest.raises(ConfigError):
         hvp(loss, regularization=-1.0)
+
+
+def test_lissa_accepts_dattris_in_dims():
+    """dattri's ``in_dims`` (data along dim 0, None for θ) gives the same IHVP; others are refused."""
+    g = torch.Generator().manual_seed(3)
+    xs = torch.randn(40, 2, generator=g, dtype=DT)
+    ys = torch.randn(40, generator=g, dtype=DT)
+    theta = torch.randn(2, generator=g, dtype=DT)
+
+    def mse(x, y, w):
+        return ((x @ w - y) ** 2).mean()
+
+    v = torch.randn(1, 2, generator=g, dtype=DT)
+    kw = dict(argnums=2, batch_size=40, recursion_depth=300, scaling=20.0)
+    plain = ihvp_at_x_lissa(mse, xs, ys, theta, **kw)(v)
+    torch.testing.assert_close(ihvp_at_x_lissa(mse, xs, ys, theta, in_dims=(0, 0, None), **kw)(v), plain)
+    torch.testing.assert_close(ihvp_lissa(mse, **kw)((xs, ys, theta), v, in_dims=(0, 0, None)), plain)
+    exact = torch.linalg.solve(2 * xs.T @ xs / 40, v[0])
+    torch.testing.assert_close(plain[0], exact, rtol=1e-6, atol=1e-8)
+    with pytest.raises(ConfigError, match="in_dims"):
+        ihvp_at_x_lissa(mse, xs, ys, theta, in_dims=(0, None, None), **kw)

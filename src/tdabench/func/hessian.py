@@ -468,6 +468,7 @@ def ihvp_at_x_lissa(
     collate_fn: Callable[[tuple[Tensor, ...]], Any] | None = None,
     mode: str = "rev-rev",
     seed: int = 0,
+    in_dims: Sequence[int | None] | None = None,
 ) -> Callable[[Tensor], Tensor]:
     """Stochastic IHVPs at ``x`` by the LiSSA recursion.
 
@@ -490,12 +491,17 @@ def ihvp_at_x_lissa(
         damping, scaling: in ``[0, 1)``; ``> 0``.
         collate_fn: optional ``f(sampled_tuple) -> data args``.
         mode, seed: HVP mode; sampling seed.
+        in_dims: dattri's spelling of which arguments are sampled: one entry per ``x``, ``0``
+            for a data argument (sampled along dim 0) and ``None`` for ``θ``; the only layout
+            supported is the one above (every argument but ``θ`` is data), anything else
+            raises :class:`ConfigError`.
 
     Returns:
         ``f(v)``: ``(k, d)`` or ``(d,)`` -> same shape. Works in any floating dtype.
     """
     _check_mode(mode)
     x = tuple(x)
+    _check_in_dims(in_dims, len(x), argnums)
     theta = _check_argnums(x, argnums)
     _check_lissa(batch_size, num_repeat, recursion_depth, damping, scaling)
     sampled = _SampledTupleHessian(func, x, argnums, mode, collate_fn)
@@ -514,6 +520,19 @@ def ihvp_at_x_lissa(
         return _out(solver.solve(V), single)
 
     return f
+
+
+def _check_in_dims(in_dims: Sequence[int | None] | None, n: int, argnums: int) -> None:
+    """dattri's ``in_dims`` for LiSSA: accepted when it says what tdabench assumes."""
+    if in_dims is None:
+        return
+    expected = tuple(None if i == argnums else 0 for i in range(n))
+    if tuple(in_dims) != expected:
+        raise ConfigError(
+            f"in_dims={tuple(in_dims)!r} is not supported: LiSSA samples every argument but "
+            f"argnums={argnums} along dim 0, i.e. in_dims={expected!r}; put fixed non-parameter "
+            "inputs inside func (a closure) instead"
+        )
 
 
 def _check_lissa(batch_size: Any, num_repeat: int, recursion_depth: int, damping: float, scaling: float) -> None:
@@ -584,20 +603,16 @@ def ihvp_lissa(
     mode: str = "rev-rev",
     seed: int = 0,
 ) -> Callable[[Sequence[Any], Tensor], Tensor]:
-    """``f(x, v)`` with ``x = (θ, *data)``: LiSSA IHVPs; see :func:`ihvp_at_x_lissa`."""
+    """``f(x, v, in_dims=None)`` with ``x = (θ, *data)``: LiSSA IHVPs; see :func:`ihvp_at_x_lissa`."""
     _check_mode(mode)
-
-    return _at_any_x(
-        ihvp_at_x_lissa,
-        func,
-        "ihvp_lissa",
-        argnums=argnums,
-        batch_size=batch_size,
-        num_repeat=num_repeat,
-        recursion_depth=recursion_depth,
-        damping=damping,
-        scaling=scaling,
-        collate_fn=collate_fn,
-        mode=mode,
-        seed=seed,
+    kwargs = dict(
+        argnums=argnums, batch_size=batch_size, num_repeat=num_repeat,
+        recursion_depth=recursion_depth, damping=damping, scaling=scaling,
+        collate_fn=collate_fn, mode=mode, seed=seed,
     )
+
+    def f(x: Sequence[Any], v: Tensor, in_dims: Sequence[int | None] | None = None) -> Tensor:
+        return ihvp_at_x_lissa(func, *_check_x_tuple(x, "ihvp_lissa"), in_dims=in_dims, **kwargs)(v)
+
+    return f
+
