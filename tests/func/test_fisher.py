@@ -108,3 +108,25 @@ def test_errors(problem):
         fvp(lambda w: (w * w).sum())((W,), V)
     with pytest.raises(ConfigError):
         ifvp_cg(loss, regularization=-1.0)
+
+
+def test_nested_data_argument_as_dattri_passes_it():
+    """x = (θ, (inputs, labels)) (dattri's form) gives the same per-sample gradients as
+    x = (θ, inputs, labels)."""
+    from tdabench.func.fisher import per_sample_grad_matrix
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (9,), generator=g)
+    w = torch.randn(6, generator=g, dtype=torch.float64)
+
+    def flat_args(w, X, y):
+        return torch.nn.functional.cross_entropy(X @ w.reshape(3, 2), y)
+
+    def nested(w, data):
+        return flat_args(w, data[0], data[1])
+
+    a = per_sample_grad_matrix(flat_args, (w, X, y), chunk_size=4)
+    b = per_sample_grad_matrix(nested, (w, (X, y)), chunk_size=4)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert a.shape == (9, 6)

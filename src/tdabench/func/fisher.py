@@ -73,20 +73,38 @@ def per_sample_grad_matrix(
             "the empirical Fisher needs data arguments: x must be (θ, *data) with data tensors of a "
             "leading sample dimension; got x with only the variable"
         )
-    n = _num_samples(data)
+    leaves, rebuild = _data_leaves(data)  # dattri passes (θ, (inputs, labels)): nested data
+    n = _num_samples(leaves)
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
     shape = theta.shape
 
     def flat_func(flat: Tensor, batch: tuple[Tensor, ...]) -> Tensor:
-        return func(*batch[:pos], flat.reshape(shape), *batch[pos:])
+        args = rebuild(batch)
+        return func(*args[:pos], flat.reshape(shape), *args[pos:])
 
     flat0 = theta.detach().reshape(-1)
     rows = [
-        per_sample_grads(flat_func, flat0, tuple(t[s : s + chunk_size] for t in data))
+        per_sample_grads(flat_func, flat0, tuple(t[s : s + chunk_size] for t in leaves))
         for s in range(0, n, chunk_size)
     ]
     return torch.cat(rows, dim=0)
+
+
+def _data_leaves(data: tuple[Any, ...]) -> tuple[tuple[Any, ...], Callable[[Sequence[Any]], tuple[Any, ...]]]:
+    """The data arguments as a flat tuple of leaves, and the function rebuilding the arguments
+    from (sliced) leaves: an argument may be a tensor or a tuple/list of tensors."""
+    sizes = [len(a) if isinstance(a, (tuple, list)) else 1 for a in data]
+    leaves = tuple(x for a in data for x in (a if isinstance(a, (tuple, list)) else (a,)))
+
+    def rebuild(flat: Sequence[Any]) -> tuple[Any, ...]:
+        out, i = [], 0
+        for a, k in zip(data, sizes, strict=True):
+            out.append(type(a)(flat[i : i + k]) if isinstance(a, (tuple, list)) else flat[i])
+            i += k
+        return tuple(out)
+
+    return leaves, rebuild
 
 
 def fvp_at_x(
