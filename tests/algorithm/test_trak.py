@@ -272,6 +272,10 @@ def test_dattri_call_forms_give_the_same_scores():
     train_loader, test_loader = DataLoader(train, batch_size=7), DataLoader(test, batch_size=2)
     with pytest.raises(NotCachedError):
         trak.attribute(test_loader)
+    with pytest.raises(NotCachedError, match=r"dattri's\s+positional order"):
+        trak.attribute(train_loader, test_loader)
+    fresh = TRAKAttributor(task, prob, projector_kwargs={"proj_dim": 8, "proj_type": "gaussian"})
+    on_demand = fresh.attribute(test_dataloader=test_loader, train_dataloader=train_loader)
     trak.cache(train_loader)
     ours = trak.attribute(train_loader, test_loader)
     assert ours.shape == (N_TRAIN, N_TEST)
@@ -279,5 +283,6 @@ def test_dattri_call_forms_give_the_same_scores():
     kw = trak.attribute(test_dataloader=test_loader, train_dataloader=train_loader)
     torch.testing.assert_close(kw, ours, rtol=0, atol=0)
     torch.testing.assert_close(trak.attribute(test_dataloader=test_loader), ours, rtol=0, atol=0)
+    torch.testing.assert_close(on_demand, ours, rtol=0, atol=0)
     with pytest.raises(ConfigError, match=r"dattri's positional order is \(test, train\)"):
         trak.attribute(test_loader, train_loader)

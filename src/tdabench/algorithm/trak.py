@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from tdabench.algorithm.arguments import TRAK_DEFAULT_PROJECTOR, TRAKArguments
 from tdabench.algorithm.base import BaseAttributor
-from tdabench.errors import ConfigError, DataError, NonFiniteError
+from tdabench.errors import ConfigError, DataError, NonFiniteError, NotCachedError
 from tdabench.func.projection import Projector, ProjectorSet, resolve_projector_kwargs
 from tdabench.func.utils import Batch, check_finite, per_sample_values
 from tdabench.task import AttributionTask, LayerName
@@ -222,6 +222,16 @@ class TRAKAttributor(BaseAttributor):
             raise ConfigError("a loader was given both by position and by keyword; use attribute(train, test)")
         if test_kw is not None:  # dattri's keywords (or attribute(test_dataloader=...))
             test, train = test_kw, train_kw if train_kw is not None else train
+            if not self._cached and train is not None:  # unambiguous roles: cache on demand
+                self.cache(train)
+        elif not self._cached and train is not None and test is not None:
+            raise NotCachedError(
+                "TRAKAttributor.attribute(a, b) needs cache(train_loader) first; without a cache the "
+                "roles of a and b are ambiguous (tdabench's order is (train, test), dattri's "
+                "positional order is (test, train)): call cache(train_loader) and then "
+                "attribute(train_loader, test_loader) or attribute(test_loader), or pass "
+                "attribute(test_dataloader=..., train_dataloader=...)"
+            )
         elif test is None and train is not None:  # dattri's attribute(test_loader) after cache()
             self._require_cache()
             train, test = None, train
