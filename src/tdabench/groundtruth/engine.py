@@ -48,6 +48,7 @@ from tdabench.groundtruth.key import (
     ground_truth_config,
     ground_truth_key,
 )
+from tdabench.groundtruth.reference import MAX_ABS_WEIGHT
 from tdabench.groundtruth.store import (
     TARGET_PREFIX,
     GroundTruthStore,
@@ -133,10 +134,12 @@ def _validate_stacked(stacked: Any, m: int) -> dict[str, Tensor]:
 
 
 def _nonfinite_rows(stacked: Mapping[str, Tensor], m: int) -> list[int]:
+    """Models whose weights are NaN/inf or beyond :data:`~.reference.MAX_ABS_WEIGHT` (diverged)."""
     bad = torch.zeros(m, dtype=torch.bool)
     for t in stacked.values():
-        if t.is_floating_point() or t.is_complex():
-            bad |= ~torch.isfinite(t.detach().reshape(m, -1)).all(dim=1).cpu()
+        if (t.is_floating_point() or t.is_complex()) and t.numel():
+            flat = t.detach().reshape(m, -1)
+            bad |= (~torch.isfinite(flat).all(dim=1) | (flat.abs() > MAX_ABS_WEIGHT).any(dim=1)).cpu()
     return bad.nonzero().flatten().tolist()
 
 
@@ -164,8 +167,9 @@ def _train_rows(
     if bad:
         names = ", ".join(f"(entry {rows[i][0]}, run {rows[i][1]})" for i in bad[:10])
         raise NonFiniteError(
-            f"{what}: training produced NaN/inf parameters for {len(bad)} of {m} models: {names}; "
-            "lower the learning rate or add gradient clipping. Nothing was written for this shard"
+            f"{what}: training diverged (NaN/inf or |w| > {MAX_ABS_WEIGHT:g}) for {len(bad)} of {m} "
+            f"models: {names}; lower the learning rate or add gradient clipping. Nothing was "
+            "written for this shard"
         )
     values: dict[str, Tensor] = {}
     n_test = None
