@@ -392,7 +392,7 @@ def write_json(
     return digest
 
 
-def read_json(path: PathLike, *, what: str = "file") -> Any:
+def read_json(path: PathLike, *, what: str = "file", fix: str = "") -> Any:
     """Parse a JSON file; a missing or garbled one raises a typed error naming it.
 
     Raises:
@@ -403,12 +403,13 @@ def read_json(path: PathLike, *, what: str = "file") -> Any:
         return json.loads(p.read_text())
     except FileNotFoundError as exc:
         raise IntegrityError(
-            f"{what} {str(p)!r} does not exist; run the stage that writes it (or fix the path)"
+            f"{what} {str(p)!r} does not exist; "
+            + (fix or "run the stage that writes it (or fix the path)")
         ) from exc
     except (OSError, ValueError) as exc:
         raise IntegrityError(
-            f"{what} {str(p)!r} is not readable JSON ({exc}); delete it and rerun the stage "
-            "that writes it"
+            f"{what} {str(p)!r} is not readable JSON ({exc}); "
+            + (fix or "delete it and rerun the stage that writes it")
         ) from exc
 
 
@@ -785,7 +786,7 @@ def read_json_checked(
     """
     p = Path(path)
     redo = fix or "delete it and rerun the stage that writes it"
-    body = read_json(p, what=what)
+    body = read_json(p, what=what, fix=fix)
     if not isinstance(body, dict):
         raise IntegrityError(f"{what} {str(p)!r} is not a JSON object; {redo}")
     if "sha256" in body:

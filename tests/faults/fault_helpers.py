@@ -15,8 +15,13 @@ B = "mnist_lr_smoke"
 METHOD = "grad_dot"
 
 
-def tiny_config(results: Path) -> dict[str, Any]:
-    raw = {**load_yaml(REPO / "configs/default.yaml"), "benchmarks": [B], "attributors": [METHOD]}
+def tiny_config(results: Path, attributors: list[str] | None = None) -> dict[str, Any]:
+    """The default config on 120 digits of mnist_lr_smoke, results under ``results``."""
+    raw = {
+        **load_yaml(REPO / "configs/default.yaml"),
+        "benchmarks": [B],
+        "attributors": attributors or [METHOD],
+    }
     cfg = resolve_config(raw, base_dir=REPO)
     cfg["results_dir"] = str(results)
     cfg["evaluate"]["bootstrap"] = 50
