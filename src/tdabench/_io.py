@@ -254,18 +254,34 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
     try:
         tmp.mkdir(parents=True)
         yield tmp
-        old = _tmp_name(final) if final.exists() else None
-        if old is not None:
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _swap_dir(tmp, final)
     except OSError as exc:
         if exc.errno in _DISK_FULL:
             raise _disk_full(exc, final) from exc
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_dir(tmp: Path, final: Path) -> None:
+    """Put the directory ``tmp`` in place of ``final``; concurrent writers of the same complete
+    output may race, so a vanished or reappearing ``final`` is retried (the last one wins)."""
+    import shutil
+
+    for _ in range(10):
+        old = _tmp_name(final)
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(final, old)  # move any previous (complete) version aside
+        try:
+            os.replace(tmp, final)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            continue  # another writer put its version in place meanwhile: move it aside again
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+        return
+    raise OSError(errno.EBUSY, f"could not replace {final} (other writers kept replacing it)")
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:

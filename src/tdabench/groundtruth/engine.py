@@ -424,6 +424,51 @@ class VerifyReport:
         return not self.differing
 
 
+def _verify_groups(
+    chosen: list[tuple[int, int, int, int]], shard_tables: Mapping[int, pa.Table], whole_shards: bool
+) -> list[tuple[list[tuple[int, int]], list[tuple[int, int, int, int]]]]:
+    """``(rows trained together, chosen members among them)``: whole shards, or the rows alone."""
+    if not whole_shards:
+        return [([(e, r) for _, _, e, r in chosen], chosen)]
+    groups = []
+    for sid in sorted({c[0] for c in chosen}):
+        t = shard_tables[sid]
+        rows = list(zip(t.column("entry").to_pylist(), t.column("run").to_pylist(), strict=True))
+        groups.append((rows, [c for c in chosen if c[0] == sid]))
+    return groups
+
+
+def _compare_rows(
+    store: GroundTruthStore,
+    trainer: Any,
+    rows: list[tuple[int, int]],
+    members: list[tuple[int, int, int, int]],
+    shard_tables: Mapping[int, pa.Table],
+    n_train: int,
+    report: VerifyReport,
+) -> None:
+    """Retrain ``rows`` together and record in ``report`` every member that differs."""
+    rtol, atol = report.rtol, report.atol
+    _, values, seeds, subsets = _train_rows(store, trainer, rows, n_train, "verify")
+    pos = {row: i for i, row in enumerate(rows)}
+    for sid, i, e, r in members:
+        j = pos[(e, r)]
+        t = shard_tables[sid]
+        if int(t.column("seed")[i].as_py()) != seeds[j]:
+            report.differing.append({"entry": e, "run": r, "target": "seed", "max_abs_diff": float("nan"), "bitwise_equal": False})
+        stored_sub = t.column("subset")[i].as_py() if store.kind == "lds" else t.column("removed")[i].as_py()
+        if not np.array_equal(np.asarray(stored_sub), np.asarray(subsets[j])):
+            report.differing.append({"entry": e, "run": r, "target": "subset", "max_abs_diff": float("nan"), "bitwise_equal": False})
+        for name, v in values.items():
+            stored = torch.tensor(t.column(f"{TARGET_PREFIX}{name}")[i].as_py(), dtype=torch.float64)
+            diff = float((stored - v[j]).abs().max())
+            report.max_abs_diff = max(report.max_abs_diff, diff)
+            bitwise = bool(torch.equal(stored, v[j]))
+            close = bitwise or bool(torch.isclose(v[j], stored, rtol=rtol, atol=atol).all())
+            if not close:
+                report.differing.append({"entry": e, "run": r, "target": name, "max_abs_diff": diff, "bitwise_equal": bitwise})
+
+
 def verify(
     store: GroundTruthStore,
     trainer: Any,
@@ -477,31 +522,6 @@ def verify(
     pick = sorted(rng.choice(len(all_rows), size=min(k, len(all_rows)), replace=False).tolist())
     chosen = [all_rows[i] for i in pick]
     report = VerifyReport(checked=[(e, r) for _, _, e, r in chosen], rtol=rtol, atol=atol)
-    groups: list[tuple[list[tuple[int, int]], list[tuple[int, int, int, int]]]] = []
-    if whole_shards:
-        for sid in sorted({c[0] for c in chosen}):
-            t = shard_tables[sid]
-            rows = list(zip(t.column("entry").to_pylist(), t.column("run").to_pylist(), strict=True))
-            groups.append((rows, [c for c in chosen if c[0] == sid]))
-    else:
-        groups.append(([(e, r) for _, _, e, r in chosen], chosen))
-    for rows, members in groups:
-        _, values, seeds, subsets = _train_rows(store, trainer, rows, n_train, "verify")
-        pos = {row: i for i, row in enumerate(rows)}
-        for sid, i, e, r in members:
-            j = pos[(e, r)]
-            t = shard_tables[sid]
-            if int(t.column("seed")[i].as_py()) != seeds[j]:
-                report.differing.append({"entry": e, "run": r, "target": "seed", "max_abs_diff": float("nan"), "bitwise_equal": False})
-            stored_sub = t.column("subset")[i].as_py() if store.kind == "lds" else t.column("removed")[i].as_py()
-            if not np.array_equal(np.asarray(stored_sub), np.asarray(subsets[j])):
-                report.differing.append({"entry": e, "run": r, "target": "subset", "max_abs_diff": float("nan"), "bitwise_equal": False})
-            for name, v in values.items():
-                stored = torch.tensor(t.column(f"{TARGET_PREFIX}{name}")[i].as_py(), dtype=torch.float64)
-                diff = float((stored - v[j]).abs().max())
-                report.max_abs_diff = max(report.max_abs_diff, diff)
-                bitwise = bool(torch.equal(stored, v[j]))
-                close = bitwise or bool(torch.isclose(v[j], stored, rtol=rtol, atol=atol).all())
-                if not close:
-                    report.differing.append({"entry": e, "run": r, "target": name, "max_abs_diff": diff, "bitwise_equal": bitwise})
+    for rows, members in _verify_groups(chosen, shard_tables, whole_shards):
+        _compare_rows(store, trainer, rows, members, shard_tables, n_train, report)
     return report
