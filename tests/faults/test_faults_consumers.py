@@ -72,7 +72,7 @@ def test_scores_with_missing_test_columns_are_a_shape_error(tiny):
     p = tiny.p["scores"][METHOD]
     s, meta = read_scores(p)
     write_scores(p, s[:, :10], {"method": meta["method"]}, meta["provenance"])  # 10 of 12
-    with pytest.raises(ShapeError, match=r"10 test columns.*expected 12"):
+    with pytest.raises(ShapeError, match=r"scores\.parquet. has 10 test columns.*expected 12"):
         tiny.evaluate()
 
 
