@@ -381,6 +381,21 @@ def tensors_digest(tensors: Mapping[str, Any]) -> str:
     return h.hexdigest()
 
 
+def _meta_digest(meta: Mapping[str, str]) -> str:
+    """sha256 of a file's stamp fields (all but the checksums themselves), so that a damaged
+    metadata value (provenance, config) is found like damaged data."""
+    rest = {k: v for k, v in meta.items() if k not in ("sha256", "tensors_sha256", "meta_sha256")}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def _check_meta(path: Path, meta: Mapping[str, str], fix: str) -> None:
+    if "meta_sha256" in meta and _meta_digest(meta) != meta["meta_sha256"]:
+        raise IntegrityError(
+            f"{str(path)!r} fails its metadata checksum (its stamps were altered or corrupted); "
+            + (fix or "delete it and rerun the stage that writes it")
+        )
+
+
 def json_digest(body: Mapping[str, Any]) -> str:
     """sha256 of the canonical JSON of ``body`` without its ``sha256`` field."""
     rest = {k: v for k, v in body.items() if k != "sha256"}
@@ -521,6 +536,7 @@ def write_parquet(
     }
     if provenance is not None:
         stamps["provenance"] = json.dumps(dict(provenance), sort_keys=True, default=str)
+    stamps["meta_sha256"] = _meta_digest(stamps)
     table = table.replace_schema_metadata({f"{META_PREFIX}{k}": v for k, v in stamps.items()})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
@@ -584,6 +600,7 @@ def read_parquet(
             f"{str(p)!r} holds ground truth with key {str(meta.get('key'))[:12]}..., expected "
             f"{key[:12]}...; files of different configurations are never mixed: move it away"
         )
+    _check_meta(p, meta, redo)
     if str(table.num_rows) != meta["rows"]:
         raise IntegrityError(
             f"{str(p)!r} has {table.num_rows} rows but its stamp records {meta['rows']}; {redo}"
@@ -681,6 +698,7 @@ def write_safetensors(
     meta.update(tensors_sha256=digest, version=_version())
     if provenance is not None:
         meta["provenance"] = json.dumps(dict(provenance), sort_keys=True, default=str)
+    meta["meta_sha256"] = _meta_digest(meta)
     atomic_write_bytes(path, _canonical_safetensors(save(tensors, metadata=meta)))
     return digest
 
@@ -730,6 +748,7 @@ def read_safetensors(
             f"{str(p)!r} holds weights for key {str(meta.get('key'))[:12]}..., expected "
             f"{key[:12]}...; move it out of this store"
         )
+    _check_meta(p, meta, "delete it and recompute")
     if require_checksum and "tensors_sha256" not in meta:
         raise error_cls(
             f"{str(p)!r} has no tensors_sha256 stamp; it was not written by tdabench: "

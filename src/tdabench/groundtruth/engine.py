@@ -339,7 +339,10 @@ def _read_any(path: str | os.PathLike | GroundTruthStore) -> tuple[pa.Table, dic
         p = Path(path)
         if p.is_file():
             table, meta = read_table_checked(p)
-            return table, json.loads(meta["config"])
+            try:
+                return table, json.loads(meta["config"])
+            except ValueError as exc:
+                raise StoreError(f"{str(p)!r} has corrupted config metadata ({exc}); recompute it") from exc
         store = GroundTruthStore(p)
     tables = [store.read_shard(sid)[0] for sid, _ in store.shard_files()]
     if not tables:

@@ -74,7 +74,7 @@ def read_parquet_meta(path: PathLike) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     meta = _decode(parquet_metadata(pq.read_schema(path)))
-    for k in ("version", "rows", "sha256", "provenance"):
+    for k in ("version", "rows", "sha256", "meta_sha256", "provenance"):
         meta.pop(k, None)
     return meta
 
