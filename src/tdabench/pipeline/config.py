@@ -323,6 +323,17 @@ def _bench_core(b: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _brittleness_spec(
+    cfg: Mapping[str, Any], b: Mapping[str, Any], benchmark: str | None, method: str | None
+) -> dict[str, Any]:
+    return {
+        "stage": "brittleness",
+        "method": method,
+        "attribute": stage_spec(cfg, "attribute", benchmark, method=method),
+        "brittleness": b["brittleness"],
+    }
+
+
 def _report_spec(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "stage": "report",
@@ -400,12 +411,7 @@ def stage_spec(
             "num_test": b["data"]["num_test"],
         }
     if stage == "brittleness":
-        return {
-            "stage": "brittleness",
-            "method": method,
-            "attribute": stage_spec(cfg, "attribute", benchmark, method=method),
-            "brittleness": b["brittleness"],
-        }
+        return _brittleness_spec(cfg, b, benchmark, method)
     # evaluate
     return {
         "stage": "evaluate",
