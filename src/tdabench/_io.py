@@ -254,18 +254,34 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
     try:
         tmp.mkdir(parents=True)
         yield tmp
-        old = _tmp_name(final) if final.exists() else None
-        if old is not None:
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _swap_dir(tmp, final)
     except OSError as exc:
         if exc.errno in _DISK_FULL:
             raise _disk_full(exc, final) from exc
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_dir(tmp: Path, final: Path) -> None:
+    """Put the directory ``tmp`` in place of ``final``; concurrent writers of the same complete
+    output may race, so a vanished or reappearing ``final`` is retried (the last one wins)."""
+    import shutil
+
+    for _ in range(10):
+        old = _tmp_name(final)
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(final, old)  # move any previous (complete) version aside
+        try:
+            os.replace(tmp, final)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            continue  # another writer put its version in place meanwhile: move it aside again
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+        return
+    raise OSError(errno.EBUSY, f"could not replace {final} (other writers kept replacing it)")
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
@@ -365,6 +381,21 @@ def tensors_digest(tensors: Mapping[str, Any]) -> str:
     return h.hexdigest()
 
 
+def _meta_digest(meta: Mapping[str, str]) -> str:
+    """sha256 of a file's stamp fields (all but the checksums themselves), so that a damaged
+    metadata value (provenance, config) is found like damaged data."""
+    rest = {k: v for k, v in meta.items() if k not in ("sha256", "tensors_sha256", "meta_sha256")}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def _check_meta(path: Path, meta: Mapping[str, str], fix: str) -> None:
+    if "meta_sha256" in meta and _meta_digest(meta) != meta["meta_sha256"]:
+        raise IntegrityError(
+            f"{str(path)!r} fails its metadata checksum (its stamps were altered or corrupted); "
+            + (fix or "delete it and rerun the stage that writes it")
+        )
+
+
 def json_digest(body: Mapping[str, Any]) -> str:
     """sha256 of the canonical JSON of ``body`` without its ``sha256`` field."""
     rest = {k: v for k, v in body.items() if k != "sha256"}
@@ -392,7 +423,7 @@ def write_json(
     return digest
 
 
-def read_json(path: PathLike, *, what: str = "file") -> Any:
+def read_json(path: PathLike, *, what: str = "file", fix: str = "") -> Any:
     """Parse a JSON file; a missing or garbled one raises a typed error naming it.
 
     Raises:
@@ -403,12 +434,13 @@ def read_json(path: PathLike, *, what: str = "file") -> Any:
         return json.loads(p.read_text())
     except FileNotFoundError as exc:
         raise IntegrityError(
-            f"{what} {str(p)!r} does not exist; run the stage that writes it (or fix the path)"
+            f"{what} {str(p)!r} does not exist; "
+            + (fix or "run the stage that writes it (or fix the path)")
         ) from exc
     except (OSError, ValueError) as exc:
         raise IntegrityError(
-            f"{what} {str(p)!r} is not readable JSON ({exc}); delete it and rerun the stage "
-            "that writes it"
+            f"{what} {str(p)!r} is not readable JSON ({exc}); "
+            + (fix or "delete it and rerun the stage that writes it")
         ) from exc
 
 
@@ -504,6 +536,7 @@ def write_parquet(
     }
     if provenance is not None:
         stamps["provenance"] = json.dumps(dict(provenance), sort_keys=True, default=str)
+    stamps["meta_sha256"] = _meta_digest(stamps)
     table = table.replace_schema_metadata({f"{META_PREFIX}{k}": v for k, v in stamps.items()})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
@@ -567,6 +600,7 @@ def read_parquet(
             f"{str(p)!r} holds ground truth with key {str(meta.get('key'))[:12]}..., expected "
             f"{key[:12]}...; files of different configurations are never mixed: move it away"
         )
+    _check_meta(p, meta, redo)
     if str(table.num_rows) != meta["rows"]:
         raise IntegrityError(
             f"{str(p)!r} has {table.num_rows} rows but its stamp records {meta['rows']}; {redo}"
@@ -664,6 +698,7 @@ def write_safetensors(
     meta.update(tensors_sha256=digest, version=_version())
     if provenance is not None:
         meta["provenance"] = json.dumps(dict(provenance), sort_keys=True, default=str)
+    meta["meta_sha256"] = _meta_digest(meta)
     atomic_write_bytes(path, _canonical_safetensors(save(tensors, metadata=meta)))
     return digest
 
@@ -713,6 +748,7 @@ def read_safetensors(
             f"{str(p)!r} holds weights for key {str(meta.get('key'))[:12]}..., expected "
             f"{key[:12]}...; move it out of this store"
         )
+    _check_meta(p, meta, "delete it and recompute")
     if require_checksum and "tensors_sha256" not in meta:
         raise error_cls(
             f"{str(p)!r} has no tensors_sha256 stamp; it was not written by tdabench: "
@@ -785,7 +821,7 @@ def read_json_checked(
     """
     p = Path(path)
     redo = fix or "delete it and rerun the stage that writes it"
-    body = read_json(p, what=what)
+    body = read_json(p, what=what, fix=fix)
     if not isinstance(body, dict):
         raise IntegrityError(f"{what} {str(p)!r} is not a JSON object; {redo}")
     if "sha256" in body:

@@ -196,3 +196,15 @@ def test_verify_cli_exit_codes(tmp_path):
     p.write_bytes(p.read_bytes()[:-40])
     bad = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "IntegrityError" in bad.stderr and "x.parquet" in bad.stderr
+
+
+def test_damaged_metadata_is_found_like_damaged_data(tmp_path):
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "x.parquet"
+    _io.write_parquet(p, _table(), {"config": json.dumps({"a": 1})}, {"benchmark": "b1"})
+    meta = dict(pq.read_schema(p).metadata)
+    meta[b"tdabench.config"] = b'{"a": 2}'  # the data checksum cannot see this
+    pq.write_table(pq.read_table(p).replace_schema_metadata(meta), p)
+    with pytest.raises(IntegrityError, match="fails its metadata checksum"):
+        _io.verify_output(p)

@@ -48,6 +48,7 @@ from tdabench.groundtruth.key import (
     ground_truth_config,
     ground_truth_key,
 )
+from tdabench.groundtruth.reference import MAX_ABS_WEIGHT
 from tdabench.groundtruth.store import (
     TARGET_PREFIX,
     GroundTruthStore,
@@ -133,10 +134,12 @@ def _validate_stacked(stacked: Any, m: int) -> dict[str, Tensor]:
 
 
 def _nonfinite_rows(stacked: Mapping[str, Tensor], m: int) -> list[int]:
+    """Models whose weights are NaN/inf or beyond :data:`~.reference.MAX_ABS_WEIGHT` (diverged)."""
     bad = torch.zeros(m, dtype=torch.bool)
     for t in stacked.values():
-        if t.is_floating_point() or t.is_complex():
-            bad |= ~torch.isfinite(t.detach().reshape(m, -1)).all(dim=1).cpu()
+        if (t.is_floating_point() or t.is_complex()) and t.numel():
+            flat = t.detach().reshape(m, -1)
+            bad |= (~torch.isfinite(flat).all(dim=1) | (flat.abs() > MAX_ABS_WEIGHT).any(dim=1)).cpu()
     return bad.nonzero().flatten().tolist()
 
 
@@ -164,8 +167,9 @@ def _train_rows(
     if bad:
         names = ", ".join(f"(entry {rows[i][0]}, run {rows[i][1]})" for i in bad[:10])
         raise NonFiniteError(
-            f"{what}: training produced NaN/inf parameters for {len(bad)} of {m} models: {names}; "
-            "lower the learning rate or add gradient clipping. Nothing was written for this shard"
+            f"{what}: training diverged (NaN/inf or |w| > {MAX_ABS_WEIGHT:g}) for {len(bad)} of {m} "
+            f"models: {names}; lower the learning rate or add gradient clipping. Nothing was "
+            "written for this shard"
         )
     values: dict[str, Tensor] = {}
     n_test = None
@@ -335,7 +339,10 @@ def _read_any(path: str | os.PathLike | GroundTruthStore) -> tuple[pa.Table, dic
         p = Path(path)
         if p.is_file():
             table, meta = read_table_checked(p)
-            return table, json.loads(meta["config"])
+            try:
+                return table, json.loads(meta["config"])
+            except ValueError as exc:
+                raise StoreError(f"{str(p)!r} has corrupted config metadata ({exc}); recompute it") from exc
         store = GroundTruthStore(p)
     tables = [store.read_shard(sid)[0] for sid, _ in store.shard_files()]
     if not tables:
@@ -420,6 +427,51 @@ class VerifyReport:
         return not self.differing
 
 
+def _verify_groups(
+    chosen: list[tuple[int, int, int, int]], shard_tables: Mapping[int, pa.Table], whole_shards: bool
+) -> list[tuple[list[tuple[int, int]], list[tuple[int, int, int, int]]]]:
+    """``(rows trained together, chosen members among them)``: whole shards, or the rows alone."""
+    if not whole_shards:
+        return [([(e, r) for _, _, e, r in chosen], chosen)]
+    groups = []
+    for sid in sorted({c[0] for c in chosen}):
+        t = shard_tables[sid]
+        rows = list(zip(t.column("entry").to_pylist(), t.column("run").to_pylist(), strict=True))
+        groups.append((rows, [c for c in chosen if c[0] == sid]))
+    return groups
+
+
+def _compare_rows(
+    store: GroundTruthStore,
+    trainer: Any,
+    rows: list[tuple[int, int]],
+    members: list[tuple[int, int, int, int]],
+    shard_tables: Mapping[int, pa.Table],
+    n_train: int,
+    report: VerifyReport,
+) -> None:
+    """Retrain ``rows`` together and record in ``report`` every member that differs."""
+    rtol, atol = report.rtol, report.atol
+    _, values, seeds, subsets = _train_rows(store, trainer, rows, n_train, "verify")
+    pos = {row: i for i, row in enumerate(rows)}
+    for sid, i, e, r in members:
+        j = pos[(e, r)]
+        t = shard_tables[sid]
+        if int(t.column("seed")[i].as_py()) != seeds[j]:
+            report.differing.append({"entry": e, "run": r, "target": "seed", "max_abs_diff": float("nan"), "bitwise_equal": False})
+        stored_sub = t.column("subset")[i].as_py() if store.kind == "lds" else t.column("removed")[i].as_py()
+        if not np.array_equal(np.asarray(stored_sub), np.asarray(subsets[j])):
+            report.differing.append({"entry": e, "run": r, "target": "subset", "max_abs_diff": float("nan"), "bitwise_equal": False})
+        for name, v in values.items():
+            stored = torch.tensor(t.column(f"{TARGET_PREFIX}{name}")[i].as_py(), dtype=torch.float64)
+            diff = float((stored - v[j]).abs().max())
+            report.max_abs_diff = max(report.max_abs_diff, diff)
+            bitwise = bool(torch.equal(stored, v[j]))
+            close = bitwise or bool(torch.isclose(v[j], stored, rtol=rtol, atol=atol).all())
+            if not close:
+                report.differing.append({"entry": e, "run": r, "target": name, "max_abs_diff": diff, "bitwise_equal": bitwise})
+
+
 def verify(
     store: GroundTruthStore,
     trainer: Any,
@@ -473,31 +525,6 @@ def verify(
     pick = sorted(rng.choice(len(all_rows), size=min(k, len(all_rows)), replace=False).tolist())
     chosen = [all_rows[i] for i in pick]
     report = VerifyReport(checked=[(e, r) for _, _, e, r in chosen], rtol=rtol, atol=atol)
-    groups: list[tuple[list[tuple[int, int]], list[tuple[int, int, int, int]]]] = []
-    if whole_shards:
-        for sid in sorted({c[0] for c in chosen}):
-            t = shard_tables[sid]
-            rows = list(zip(t.column("entry").to_pylist(), t.column("run").to_pylist(), strict=True))
-            groups.append((rows, [c for c in chosen if c[0] == sid]))
-    else:
-        groups.append(([(e, r) for _, _, e, r in chosen], chosen))
-    for rows, members in groups:
-        _, values, seeds, subsets = _train_rows(store, trainer, rows, n_train, "verify")
-        pos = {row: i for i, row in enumerate(rows)}
-        for sid, i, e, r in members:
-            j = pos[(e, r)]
-            t = shard_tables[sid]
-            if int(t.column("seed")[i].as_py()) != seeds[j]:
-                report.differing.append({"entry": e, "run": r, "target": "seed", "max_abs_diff": float("nan"), "bitwise_equal": False})
-            stored_sub = t.column("subset")[i].as_py() if store.kind == "lds" else t.column("removed")[i].as_py()
-            if not np.array_equal(np.asarray(stored_sub), np.asarray(subsets[j])):
-                report.differing.append({"entry": e, "run": r, "target": "subset", "max_abs_diff": float("nan"), "bitwise_equal": False})
-            for name, v in values.items():
-                stored = torch.tensor(t.column(f"{TARGET_PREFIX}{name}")[i].as_py(), dtype=torch.float64)
-                diff = float((stored - v[j]).abs().max())
-                report.max_abs_diff = max(report.max_abs_diff, diff)
-                bitwise = bool(torch.equal(stored, v[j]))
-                close = bitwise or bool(torch.isclose(v[j], stored, rtol=rtol, atol=atol).all())
-                if not close:
-                    report.differing.append({"entry": e, "run": r, "target": name, "max_abs_diff": diff, "bitwise_equal": bitwise})
+    for rows, members in _verify_groups(chosen, shard_tables, whole_shards):
+        _compare_rows(store, trainer, rows, members, shard_tables, n_train, report)
     return report

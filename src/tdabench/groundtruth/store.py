@@ -44,7 +44,13 @@ import pyarrow as pa
 from torch import Tensor
 
 from tdabench import _io
-from tdabench.errors import ConfigError, KeyMismatchError, StoreError, UnsafeFileError
+from tdabench.errors import (
+    ConfigError,
+    IntegrityError,
+    KeyMismatchError,
+    StoreError,
+    UnsafeFileError,
+)
 from tdabench.groundtruth.key import (
     STORE_FORMAT,
     canonical_json,
@@ -238,6 +244,7 @@ class GroundTruthStore:
         """``(shard_id, path)`` of every shard file under its final name, by shard id."""
         out = []
         for p in self.shards_dir.glob(f"{self.kind}-*-*.parquet"):
+            _io.safe_join(self.shards_dir, p.name, "shard file")  # no symlink out of the store
             parts = p.stem.split("-")
             if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
                 start, stop = int(parts[1]), int(parts[2])
@@ -255,6 +262,7 @@ class GroundTruthStore:
         p = self.shard_path(shard_id)
         if not p.exists():
             raise StoreError(f"shard {shard_id} ({p.name}) is missing from {str(self.path)!r}; run run_shard(..., {shard_id})")
+        _io.safe_join(self.shards_dir, p.name, "shard file")  # no symlink out of the store
         table, meta = read_table_checked(p, self.key)
         if meta.get("shard") != self.shard_name(shard_id):
             raise StoreError(f"{str(p)!r} records shard {meta.get('shard')!r}, not {self.shard_name(shard_id)!r}; delete it and recompute")
@@ -286,7 +294,7 @@ class GroundTruthStore:
             if not c.exists():
                 return "checkpoint absent"
             try:
-                _, cmeta = read_safetensors_checked(c, self.key, StoreError)
+                _, cmeta = read_safetensors_checked(c, self.key, IntegrityError)
             except (StoreError, UnsafeFileError) as exc:
                 return f"checkpoint invalid: {exc}"
             if cmeta.get("tensors_sha256") != meta.get("checkpoint_sha256"):
@@ -319,7 +327,7 @@ class GroundTruthStore:
         c = self.checkpoint_path(shard_id)
         if not c.exists():
             raise StoreError(f"no checkpoint for shard {shard_id} in {str(self.path)!r}; run it with keep_checkpoints=True")
-        tensors, meta = read_safetensors_checked(c, self.key, StoreError)
+        tensors, meta = read_safetensors_checked(c, self.key, IntegrityError)
         _, tmeta = self.read_shard(shard_id)
         if tmeta.get("checkpoint_sha256") != meta.get("tensors_sha256"):
             raise StoreError(f"{str(c)!r} does not match shard {shard_id}'s table; delete both and recompute the shard")

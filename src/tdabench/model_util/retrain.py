@@ -61,6 +61,7 @@ import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
+from tdabench._io import safe_join
 from tdabench.errors import (
     CheckpointError,
     ConfigError,
@@ -476,5 +477,6 @@ def list_retrained(retrain_dir: str | os.PathLike) -> tuple[dict[str, Any], list
     for p in (root / "models").glob("*.safetensors"):
         m = _MODEL_RE.match(p.name)
         if m and m.group(1) == manifest.get("kind"):
+            safe_join(root / "models", p.name, "retrained model")  # no symlink out of the folder
             models.append((int(m.group(2)), int(m.group(3)), p))
     return manifest, sorted(models)

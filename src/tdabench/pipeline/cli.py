@@ -48,6 +48,9 @@ def _stages() -> Any:
 def _setup_logging(log: str | None, verbose: bool) -> None:
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for h in [h for h in root.handlers if getattr(h, "_tdabench_cli", False)]:
+        root.removeHandler(h)  # a second main() in one process (tests) replaces them
+        h.close()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log:
@@ -55,6 +58,7 @@ def _setup_logging(log: str | None, verbose: bool) -> None:
         handlers.append(logging.FileHandler(log, mode="w"))
     for h in handlers:
         h.setFormatter(fmt)
+        h._tdabench_cli = True  # type: ignore[attr-defined]
         root.addHandler(h)
 
 
@@ -212,8 +216,10 @@ def _or(value: Any, default: Any) -> Any:
 
 def cmd_check_config(ctx: _Ctx) -> int:
     from tdabench.pipeline.config import groundtruth_kinds, paths
+    from tdabench.pipeline.stages.check import check_config
 
     cfg = ctx.cfg
+    warnings = check_config(cfg)  # every setting, recipe, model and attributor, nothing run
     print(f"{ctx.args.config}: OK")
     for b in cfg["benchmarks"]:
         bc = cfg["benchmark_configs"][b]
@@ -227,6 +233,8 @@ def cmd_check_config(ctx: _Ctx) -> int:
             f"{len(bc['attributors'])} attributors; ground truth {gt or 'none'})"
         )
     print(f"  launcher: kind={cfg['launcher']['kind']}")
+    for w in warnings:
+        print(f"  warning: {w}")
     return 0
 
 

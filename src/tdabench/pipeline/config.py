@@ -205,6 +205,39 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
     return out
 
 
+def _check_model_counts(
+    benches: Mapping[str, Any], attrs: Mapping[str, Any], configs_dir: Path
+) -> None:
+    """Every benchmark trains at least the models and checkpoints its attributors use."""
+    for bname, b in benches.items():
+        need = max(
+            (
+                a["checkpoints"]["count"]
+                for n, a in attrs.items()
+                if n in b["attributors"] and a["checkpoints"]["kind"] == "final"
+            ),
+            default=1,
+        )
+        if need > b["train"]["ensemble"]:
+            raise ConfigError(
+                f"{configs_dir / 'benchmarks' / (bname + '.yaml')}: key 'train.ensemble' is "
+                f"{b['train']['ensemble']} but an attributor needs {need} final models; raise it."
+            )
+        need = max(
+            (
+                a["checkpoints"]["count"]
+                for n, a in attrs.items()
+                if n in b["attributors"] and a["checkpoints"]["kind"] == "epochs"
+            ),
+            default=1,
+        )
+        if need > b["train"]["checkpoints"]:
+            raise ConfigError(
+                f"{configs_dir / 'benchmarks' / (bname + '.yaml')}: key 'train.checkpoints' is "
+                f"{b['train']['checkpoints']} but an attributor needs {need} checkpoints; raise it."
+            )
+
+
 def resolve_config(
     raw: Mapping[str, Any],
     source: str = "configs/default.yaml",
@@ -251,33 +284,7 @@ def resolve_config(
                 f"known attributors: {', '.join(known) or 'none'}. Add the file or fix the name."
             )
         attrs[name] = validate(load_yaml(path), "attributor", str(path))
-    for bname, b in benches.items():
-        need = max(
-            (
-                a["checkpoints"]["count"]
-                for n, a in attrs.items()
-                if n in b["attributors"] and a["checkpoints"]["kind"] == "final"
-            ),
-            default=1,
-        )
-        if need > b["train"]["ensemble"]:
-            raise ConfigError(
-                f"{configs_dir / 'benchmarks' / (bname + '.yaml')}: key 'train.ensemble' is "
-                f"{b['train']['ensemble']} but an attributor needs {need} final models; raise it."
-            )
-        need = max(
-            (
-                a["checkpoints"]["count"]
-                for n, a in attrs.items()
-                if n in b["attributors"] and a["checkpoints"]["kind"] == "epochs"
-            ),
-            default=1,
-        )
-        if need > b["train"]["checkpoints"]:
-            raise ConfigError(
-                f"{configs_dir / 'benchmarks' / (bname + '.yaml')}: key 'train.checkpoints' is "
-                f"{b['train']['checkpoints']} but an attributor needs {need} checkpoints; raise it."
-            )
+    _check_model_counts(benches, attrs, configs_dir)
     out = dict(cfg)
     out["benchmark_configs"] = benches
     out["attributor_configs"] = attrs
@@ -316,6 +323,45 @@ def _bench_core(b: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _brittleness_spec(
+    cfg: Mapping[str, Any], b: Mapping[str, Any], benchmark: str | None, method: str | None
+) -> dict[str, Any]:
+    return {
+        "stage": "brittleness",
+        "method": method,
+        "attribute": stage_spec(cfg, "attribute", benchmark, method=method),
+        "brittleness": b["brittleness"],
+    }
+
+
+def _report_spec(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "stage": "report",
+        "benchmarks": list(cfg["benchmarks"]),
+        "attributors": {b: cfg["benchmark_configs"][b]["attributors"] for b in cfg["benchmarks"]},
+        "report": cfg["report"],
+    }
+
+
+def _groundtruth_spec(
+    cfg: Mapping[str, Any], b: Mapping[str, Any], kind: str | None
+) -> dict[str, Any]:
+    if kind not in ("lds", "loo"):
+        raise ConfigError(f"ground-truth kind must be 'lds' or 'loo', got {kind!r}")
+    g = dict(b["groundtruth"][kind])
+    g.pop("num_subsets" if kind == "lds" else "num_indices")
+    # the clean training data is what ground truth retrains on; the noisy variant is not used
+    return {
+        "stage": "groundtruth",
+        "format": _FORMAT_VERSION,
+        "kind": kind,
+        **_bench_core(b, cfg),
+        "recipe": b["recipe"],
+        "seed": b["groundtruth"]["seed"],
+        "spec": g,
+    }
+
+
 def stage_spec(
     cfg: Mapping[str, Any],
     stage: str,
@@ -334,14 +380,7 @@ def stage_spec(
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; use one of {STAGES}")
     if stage == "report":
-        return {
-            "stage": "report",
-            "benchmarks": list(cfg["benchmarks"]),
-            "attributors": {
-                b: cfg["benchmark_configs"][b]["attributors"] for b in cfg["benchmarks"]
-            },
-            "report": cfg["report"],
-        }
+        return _report_spec(cfg)
     if benchmark not in cfg["benchmark_configs"]:
         raise ConfigError(
             f"benchmark {benchmark!r} is not in this run's list {list(cfg['benchmarks'])}"
@@ -358,20 +397,7 @@ def stage_spec(
     if stage == "train":
         return {"stage": "train", "prepare": prepare, "recipe": b["recipe"], "train": b["train"]}
     if stage in ("groundtruth", "merge"):
-        if kind not in ("lds", "loo"):
-            raise ConfigError(f"ground-truth kind must be 'lds' or 'loo', got {kind!r}")
-        g = dict(b["groundtruth"][kind])
-        g.pop("num_subsets" if kind == "lds" else "num_indices")
-        # the clean training data is what ground truth retrains on; the noisy variant is not used
-        return {
-            "stage": "groundtruth",
-            "format": _FORMAT_VERSION,
-            "kind": kind,
-            **_bench_core(b, cfg),
-            "recipe": b["recipe"],
-            "seed": b["groundtruth"]["seed"],
-            "spec": g,
-        }
+        return _groundtruth_spec(cfg, b, kind)
     if stage == "attribute":
         if method not in cfg["attributor_configs"]:
             raise ConfigError(
@@ -385,12 +411,7 @@ def stage_spec(
             "num_test": b["data"]["num_test"],
         }
     if stage == "brittleness":
-        return {
-            "stage": "brittleness",
-            "method": method,
-            "attribute": stage_spec(cfg, "attribute", benchmark, method=method),
-            "brittleness": b["brittleness"],
-        }
+        return _brittleness_spec(cfg, b, benchmark, method)
     # evaluate
     return {
         "stage": "evaluate",

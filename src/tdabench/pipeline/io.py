@@ -74,7 +74,7 @@ def read_parquet_meta(path: PathLike) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     meta = _decode(parquet_metadata(pq.read_schema(path)))
-    for k in ("version", "rows", "sha256", "provenance"):
+    for k in ("version", "rows", "sha256", "meta_sha256", "provenance"):
         meta.pop(k, None)
     return meta
 
@@ -166,7 +166,7 @@ def read_scores(
     _check_index(path, table)
     col = table.column("scores").combine_chunks()
     n_test = col.type.list_size
-    s = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+    s = np.array(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
     s = s.reshape(-1, n_test)
     if (s.shape[0], s.shape[1]) != (meta.get("n_train"), meta.get("n_test")):
         raise IntegrityError(
@@ -187,5 +187,5 @@ def read_self_scores(
     if "score" not in table.column_names or "train_index" not in table.column_names:
         raise IntegrityError(f"{str(path)!r} has no train_index/score columns; {fix}")
     _check_index(path, table)
-    s = np.asarray(table.column("score").to_numpy(), dtype=np.float32)
+    s = np.array(table.column("score").to_numpy(), dtype=np.float32)
     return s, _decode(raw)

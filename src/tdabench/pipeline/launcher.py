@@ -179,7 +179,10 @@ def _run_debug(call: ShardCall, shard_ids: Sequence[int], folder: Path) -> list[
     jobs = []
     for shard_id in shard_ids:
         log = folder / f"debug-shard{shard_id}.log"
-        error = None
+        error = next((j.error for j in jobs if isinstance(j.error, DiskFullError)), None)
+        if error is not None:  # the disk is full: the next shards cannot succeed either
+            jobs.append(_DebugJob(job_id=f"debug-{shard_id}", state="FAILED", log=log, error=error))
+            continue
         try:
             call(shard_id)
             state = "COMPLETED"

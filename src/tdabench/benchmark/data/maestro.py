@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tdabench._io import safe_join
 from tdabench.benchmark.data.common import BenchmarkData, require_path, sha256_file
 from tdabench.benchmark.data.midi import encode_midi
 from tdabench.errors import DataError
@@ -134,7 +135,7 @@ def load_maestro(
                 rel = row["midi_filename"].strip()
 
                 def tok(rel: str = rel) -> np.ndarray:
-                    p = base / rel
+                    p = safe_join(base, rel, f"{csv_path.name} midi_filename")
                     used_files[rel] = sha256_file(p) if p.is_file() else "missing"
                     return encode_midi(p, sustain=sustain)
 

@@ -18,19 +18,32 @@ validated through it and its ``to_dict()`` is the provenance written next to the
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
 import tdabench.algorithm as algorithm
+from tdabench.algorithm.arguments import arguments_for
 from tdabench.benchmark.targets import make_probability_func
 from tdabench.errors import ConfigError
+from tdabench.func.projection import PROJECTOR_KWARGS
 
-__all__ = ["PROJECTOR_KEYS", "attributor_arguments", "make_attributor", "resolve_class"]
+__all__ = [
+    "MAX_PASSES",
+    "PROJECTOR_KEYS",
+    "WARN_PASSES",
+    "attributor_arguments",
+    "check_work",
+    "make_attributor",
+    "resolve_class",
+]
+
+logger = logging.getLogger(__name__)
 
 #: ``params`` keys that configure the random projector (go into ``projector_kwargs``).
-PROJECTOR_KEYS = ("proj_dim", "proj_type", "seed", "max_chunk_bytes")
+PROJECTOR_KEYS = PROJECTOR_KWARGS
 
 #: Constructor parameters the pipeline supplies itself (never from ``params``).
 _SUPPLIED = ("self", "task", "device")
@@ -106,12 +119,43 @@ def attributor_arguments(
     return cls, kwargs
 
 
+#: Passes over the training set per inverse-HVP beyond which a LiSSA configuration is refused
+#: (``recursion_depth * num_repeat * batch_size / n_train``), and beyond which it is warned about.
+MAX_PASSES = 1e4
+WARN_PASSES = 100.0
+
+
+def check_work(kwargs: Mapping[str, Any], n_train: int, what: str) -> list[str]:
+    """Estimate the work a method's arguments ask for; refuse the absurd, warn about the large.
+
+    Returns:
+        Warnings (also logged).
+
+    Raises:
+        ConfigError: more than :data:`MAX_PASSES` passes over the training data per solve.
+    """
+    depth = kwargs.get("recursion_depth")
+    if depth is None:
+        return []
+    samples = float(depth) * float(kwargs.get("num_repeat", 1)) * float(kwargs.get("batch_size", 1))
+    passes = samples / max(n_train, 1)
+    suggest = max(1, int(WARN_PASSES * n_train / max(kwargs.get("batch_size", 1), 1)))
+    if passes > MAX_PASSES:
+        raise ConfigError(
+            f"{what}: recursion_depth={depth:g} means {passes:.3g} passes over the {n_train} "
+            f"training samples per inverse-HVP (recursion_depth x num_repeat x batch_size / "
+            f"n_train); lower recursion_depth (e.g. to {suggest} or less)"
+        )
+    if passes > WARN_PASSES:
+        msg = f"{what}: recursion_depth={depth:g} means {passes:.3g} passes over the training set"
+        logger.warning("%s; this will be slow", msg)
+        return [msg]
+    return []
+
+
 def _validate_declared(cls: type, kwargs: Mapping[str, Any]) -> dict[str, Any] | None:
-    """Validate through the method's argument dataclass, where one is declared."""
-    try:
-        from tdabench.algorithm.arguments import arguments_for
-    except ImportError:  # declared arguments not available: the constructor validates
-        return None
+    """Validate through the method's argument dataclass (:mod:`tdabench.algorithm.arguments`);
+    a class without registered arguments is validated by its constructor alone."""
     try:
         args_cls = arguments_for(cls)
     except ConfigError:
@@ -129,6 +173,7 @@ def make_attributor(
     provenance written into the scores' metadata.
     """
     cls, kwargs = attributor_arguments(a, model, setting, num_ckpts)
+    check_work(kwargs, setting.n_train, cls.__name__)
     if "correct_probability_func" in _declared(cls):
         kwargs["correct_probability_func"] = make_probability_func(model, setting.kind)
     first = next((n for n in _declared(cls) if n != "self"), None)

@@ -65,6 +65,7 @@ def _ground_truth(
     expect: Mapping[str, Any],
     shape: tuple[int, int],
     num_test: int | None,
+    scores: str,
 ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Verified ``(values (S, n_test), index, key)`` whose shape fits the scores exactly."""
     fix = f"pass this benchmark's merged {kind} ground truth (or rerun merge)"
@@ -74,13 +75,13 @@ def _ground_truth(
     want = num_test or values.shape[-1]
     if n_test != want or values.shape[-1] < n_test:
         raise ShapeError(
-            f"the scores have {n_test} test columns, but {path!r} holds {values.shape[-1]} test "
+            f"{scores!r} has {n_test} test columns, but {path!r} holds {values.shape[-1]} test "
             f"points and data.num_test is {num_test}: expected {want} columns; rerun attribute "
             "for this configuration"
         )
     if len(index) and int(index.max()) >= n_train:
         raise ShapeError(
-            f"{path!r} indexes training point {int(index.max())}, but the scores have "
+            f"{path!r} indexes training point {int(index.max())}, but {scores!r} has "
             f"{n_train} rows; {fix}"
         )
     return values[..., :n_test], index, meta["key"]
@@ -162,7 +163,7 @@ def evaluate(
     for kind in (k for k in ("lds", "loo") if k in spec["metrics"]):
         target = spec["targets"][kind]
         values, index, keys[kind] = _ground_truth(
-            groundtruth[kind], kind, target, expect, s.shape, spec.get("num_test")
+            groundtruth[kind], kind, target, expect, s.shape, spec.get("num_test"), scores
         )
         corr = _correlation(kind, s, values, index, cols)
         mean, lo, hi = _ci(corr, ev)

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tdabench._io import read_json_checked, read_parquet
+from tdabench._io import read_json_checked, read_parquet, safe_join
 from tdabench.errors import IntegrityError
 from tdabench.groundtruth import merge as merge_store
 from tdabench.pipeline.io import write_sidecar, write_table
@@ -29,7 +29,10 @@ def merge(spec: Mapping[str, Any], complete: str, out: str, benchmark: str | Non
     expect = {"kind": spec["kind"], **({"benchmark": benchmark} if benchmark else {})}
     fix = "rerun the groundtruth stage"
     summary = read_json_checked(complete, expect, what="completion record", fix=fix)
-    store_dir = Path(complete).parent / summary.get("store", ".")
+    # the store is the completion record's directory (``store`` is recorded relative to it)
+    store_dir = safe_join(
+        Path(complete).parent, summary.get("store", "."), "completion record store"
+    )
     task = GroundTruthShard(spec, int(summary["count"]), str(store_dir))
     gspec, _trainer, store, fp = task.objects()
     if summary["provenance"].get("groundtruth_key") != store.key:
