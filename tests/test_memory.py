@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tdabench.errors import ConfigError, MemoryLimitError
-from tdabench.memory import CPU_STREAM_BYTES, GiB, MiB, MemoryPlanner, parse_bytes, planner_for
+from tdabench.memory import CPU_STREAM_BYTES, GiB, MemoryPlanner, MiB, parse_bytes, planner_for
 
 
 @pytest.mark.parametrize(
@@ -55,5 +55,5 @@ def test_rows_stream_cap_on_cpu_only():
 def test_require_names_the_fix():
     plan = MemoryPlanner(torch.device("cpu"), budget=GiB)
     plan.require(GiB, "x", "fix it")
-    with pytest.raises(MemoryLimitError, match="dense Hessian.*use CG.*memory_budget"):
+    with pytest.raises(MemoryLimitError, match=r"dense Hessian.*use CG.*memory_budget"):
         plan.require(2 * GiB, "the dense Hessian", "use CG")

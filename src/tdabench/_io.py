@@ -40,7 +40,7 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,8 @@ __all__ = [
     "canonical_json",
     "clean_stale_temporaries",
     "code_revision",
+    "config_diff",
+    "describe_diff",
     "json_digest",
     "mix_seed",
     "parquet_metadata",
@@ -132,6 +134,44 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(
         _jsonable(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
     )
+
+
+def _flatten(obj: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(obj, Mapping) and obj:
+        for k, v in obj.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+    else:
+        out[prefix or "<root>"] = obj
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """Differing fields of two configs as ``(dotted.path, old_value, new_value)``.
+
+    A field missing on one side appears with the value ``"<absent>"``.
+    """
+    a: dict[str, Any] = {}
+    b: dict[str, Any] = {}
+    _flatten(old, "", a)
+    _flatten(new, "", b)
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+        if canonical_json(va) != canonical_json(vb):
+            out.append((k, va, vb))
+    return out
+
+
+def _short(v: Any, n: int = 60) -> str:
+    text = canonical_json(v) if not isinstance(v, str) else repr(v)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def describe_diff(diff: Sequence[tuple[str, Any, Any]], limit: int = 10) -> str:
+    """One-line, human-readable rendering of :func:`config_diff`'s output."""
+    parts = [f"{k}: {_short(a)} -> {_short(b)}" for k, a, b in diff[:limit]]
+    if len(diff) > limit:
+        parts.append(f"... and {len(diff) - limit} more")
+    return "; ".join(parts)
 
 
 def mix_seed(*parts: Any, scheme: str = "text") -> int:
@@ -833,9 +873,8 @@ def read_json_checked(
             )
         provenance = dict(body.get("provenance") or {})
     elif {"format", "key", "config"} <= body.keys():
-        from tdabench.groundtruth.key import ground_truth_key
-
-        if ground_truth_key(body["config"]) != body["key"]:
+        # a store's key is the sha256 of its config's canonical JSON (groundtruth.key)
+        if hashlib.sha256(canonical_json(body["config"]).encode()).hexdigest() != body["key"]:
             raise IntegrityError(
                 f"store manifest {str(p)!r} was altered: its key is not the hash of its config; "
                 "restore it or delete the store"

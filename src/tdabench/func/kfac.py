@@ -58,7 +58,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tdabench._io import tensors_digest
+from tdabench._io import (
+    _jsonable,
+    atomic_write_bytes,
+    canonical_json,
+    config_diff,
+    describe_diff,
+    read_safetensors,
+    tensors_digest,
+    write_safetensors,
+)
 from tdabench.errors import ConfigError, KeyMismatchError, NonFiniteError, ShapeError, StoreError
 from tdabench.func.capture import LayerIO, capture_task, layer_param_names, select_modules
 from tdabench.func.utils import Batch, ParamSpec, batch_size_of, batch_to, iter_batches
@@ -273,8 +282,6 @@ def factor_config(
     data: Mapping[str, Any],
 ) -> dict[str, Any]:
     """The resolved configuration whose canonical JSON's sha256 is the factors' key."""
-    from tdabench.groundtruth.key import _jsonable
-
     model = task.model
     state = {**{n: p for n, p in task.get_params(index).items()}, **{f"buffer:{n}": b for n, b in model.named_buffers()}}
     return _jsonable({
@@ -292,9 +299,6 @@ class _FactorStore:
     """``<dir>/manifest.json`` + ``<stage>-<p>-of-<P>.safetensors`` partitions + ``factors.safetensors``."""
 
     def __init__(self, directory: str | Path, config: dict[str, Any]) -> None:
-        from tdabench.groundtruth.key import canonical_json, config_diff, describe_diff
-        from tdabench.groundtruth.store import atomic_write_bytes
-
         self.dir = Path(directory)
         self.config = config
         self.key = hashlib.sha256(canonical_json(config).encode()).hexdigest()
@@ -314,15 +318,11 @@ class _FactorStore:
         return self.dir / (f"{stage}.safetensors" if part is None else f"{stage}-{part}-of-{parts}.safetensors")
 
     def load(self, path: Path) -> dict[str, Tensor] | None:
-        from tdabench.groundtruth.store import read_safetensors_checked
-
         if not path.is_file():
             return None
-        return read_safetensors_checked(path, key=self.key, error_cls=StoreError)[0]
+        return read_safetensors(path, key=self.key, error_cls=StoreError)[0]
 
     def save(self, path: Path, tensors: Mapping[str, Tensor]) -> None:
-        from tdabench.groundtruth.store import write_safetensors
-
         write_safetensors(path, tensors, {"key": self.key, "format": KFAC_FORMAT})
 
 

@@ -23,13 +23,13 @@ subsets, or from 10 to 100 LOO removals, keeps its key and its completed shards.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from tdabench._io import _jsonable, canonical_json
+from tdabench._io import _jsonable, canonical_json, config_diff, describe_diff
 from tdabench.errors import ConfigError
 from tdabench.groundtruth.subsets import sampling_key, subset_size
 
@@ -224,39 +224,3 @@ def ground_truth_key(
     return _sha256(canonical_json(config))
 
 
-def _flatten(obj: Any, prefix: str, out: dict[str, Any]) -> None:
-    if isinstance(obj, Mapping) and obj:
-        for k, v in obj.items():
-            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
-    else:
-        out[prefix or "<root>"] = obj
-
-
-def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
-    """Differing fields of two configs as ``(dotted.path, old_value, new_value)``.
-
-    A field missing on one side appears with the value ``"<absent>"``.
-    """
-    a: dict[str, Any] = {}
-    b: dict[str, Any] = {}
-    _flatten(old, "", a)
-    _flatten(new, "", b)
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
-        if canonical_json(va) != canonical_json(vb):
-            out.append((k, va, vb))
-    return out
-
-
-def _short(v: Any, n: int = 60) -> str:
-    text = canonical_json(v) if not isinstance(v, str) else repr(v)
-    return text if len(text) <= n else text[: n - 3] + "..."
-
-
-def describe_diff(diff: Sequence[tuple[str, Any, Any]], limit: int = 10) -> str:
-    """One-line, human-readable rendering of :func:`config_diff`'s output."""
-    parts = [f"{k}: {_short(a)} -> {_short(b)}" for k, a, b in diff[:limit]]
-    if len(diff) > limit:
-        parts.append(f"... and {len(diff) - limit} more")
-    return "; ".join(parts)
