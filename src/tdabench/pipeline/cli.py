@@ -414,6 +414,9 @@ def cmd_report(ctx: _Ctx) -> int:
         _or(a.out_html, lambda: str(results / "report.html")),
         _or(a.plots_dir, lambda: str(results / "plots")),
         _or(a.summary, lambda: str(results / "summary.csv")),
+        curves=_metric_args(a.curves or []) or None,
+        groundtruth=dict(item.split("=", 1) for item in a.gt_complete or []),
+        context=json.loads(a.context) if a.context else None,
     )
     return 0
 
@@ -533,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s = stage("report", cmd_report, "results/report.md + report.html + plots")
     s.add_argument("--metrics", action="append", metavar="BENCH:METHOD=PATH")
+    s.add_argument("--curves", action="append", metavar="BENCH:METHOD=PATH")
+    s.add_argument("--gt-complete", action="append", metavar="BENCH/KIND=PATH")
+    s.add_argument("--context", help="JSON: configfiles and hyperparameters (provenance)")
     s.add_argument("--out-md")
     s.add_argument("--out-html")
     s.add_argument("--plots-dir")
