@@ -111,6 +111,25 @@ def _launcher_sets(items: list[str]) -> dict[str, Any]:
     return out
 
 
+DEFAULT_CONFIG = "configs/default.yaml"
+
+
+def _layered_config(path: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``path`` layered on ``configs/default.yaml``, then ``overrides``: what Snakemake resolves
+    for ``snakemake --configfile PATH --config ...`` (the Snakefile's configfile is the default)."""
+    from tdabench.pipeline.config import deep_merge, load_yaml, resolve_config
+
+    default = Path(DEFAULT_CONFIG)
+    if default.is_file() and Path(path).resolve() != default.resolve():
+        raw = deep_merge(load_yaml(default), load_yaml(path))
+        source = f"{path} (layered on {DEFAULT_CONFIG})"
+    else:
+        raw, source = load_yaml(path), str(path)
+    if overrides:
+        raw, source = deep_merge(raw, overrides), source + " with --set overrides"
+    return resolve_config(raw, source)
+
+
 class _Ctx:
     """Lazily loaded configuration (only when a stage is run by hand)."""
 
@@ -121,9 +140,7 @@ class _Ctx:
     @property
     def cfg(self) -> dict[str, Any]:
         if self._cfg is None:
-            from tdabench.pipeline.config import load_config
-
-            self._cfg = load_config(self.args.config, _parse_set(self.args.set))
+            self._cfg = _layered_config(self.args.config, _parse_set(self.args.set))
         return self._cfg
 
     def need(self, name: str) -> str:
