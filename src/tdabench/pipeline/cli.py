@@ -453,6 +453,7 @@ def cmd_install_profile(ctx: _Ctx) -> int:
         array_parallelism=a.array_parallelism,
         jobs=a.jobs,
         force=a.force,
+        cluster_check=not a.no_cluster_check,
     )
     print(f"installed the slurm profile in {dest}; run: snakemake --profile slurm")
     return 0
@@ -575,6 +576,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--array-parallelism", type=int, default=32)
     s.add_argument("--jobs", type=int, default=50, help="concurrent Snakemake jobs")
     s.add_argument("--force", action="store_true", help="overwrite an existing profile")
+    s.add_argument(
+        "--no-cluster-check",
+        action="store_true",
+        help="do not check the request against the partition (sinfo / scontrol)",
+    )
     s = sub.add_parser(
         "verify", help="verify stage outputs' checksums and provenance (non-zero exit on a problem)"
     )
