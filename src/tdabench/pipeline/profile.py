@@ -9,6 +9,7 @@ SLURM would leave such jobs PENDING forever without a message. Where SLURM's com
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -124,6 +125,20 @@ def partition_info(partition: str) -> PartitionInfo | None:
     return PartitionInfo(partition, cpus, mem, gpus, parse_slurm_minutes(fields.get("MaxTime", "")))
 
 
+#: Shortest MinJobAge (s) with which squeue still shows a finished job's state at the plugin's
+#: slowest status poll (180 s).
+MIN_JOB_AGE_S = 300
+
+
+def min_job_age() -> int | None:
+    """The cluster's ``MinJobAge`` in seconds (``scontrol show config``), ``None`` if unknown."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError, ConfigError):
+        for line in _run(["scontrol", "show", "config"]).splitlines():
+            if line.split("=")[0].strip() == "MinJobAge":
+                return int(line.split("=", 1)[1].split()[0])
+    return None
+
+
 def _gpus(gres: str) -> int:
     return sum(int(m.group(1)) for m in re.finditer(r"gpu(?::[^:,()]+)?:(\d+)", gres))
 
@@ -196,6 +211,11 @@ retries: 1
 rerun-incomplete: true
 printshellcmds: true
 slurm-init-seconds-before-status-checks: 20
+# squeue, not sacct: the plugin (2.8) matches job states exactly, and sacct reports a cancelled
+# job as "CANCELLED by <uid>", which it takes for still running: the run would hang forever.
+# squeue says "CANCELLED" (needs the cluster's MinJobAge >= 300 s; install-profile checks it).
+slurm-status-command: squeue
+slurm-requeue: true          # preempted jobs go back to the queue instead of vanishing
 default-resources:
   slurm_account: "{account}"
   slurm_partition: "{partition}"
@@ -241,6 +261,14 @@ def install_profile(
             keys = ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min")
             defaults = {"gpus_per_node": 1, "cpus_per_task": 4, "mem_gb": 16, "timeout_min": 240}
             check_request(info, **{k: settings.get(k, defaults[k]) for k in keys})  # type: ignore[arg-type]
+            age = min_job_age()
+            if age is not None and age < MIN_JOB_AGE_S:
+                logger.warning(
+                    "this cluster's MinJobAge is %d s (< %d s): squeue may forget a finished job "
+                    "before Snakemake polls it; ask the admins to raise MinJobAge",
+                    age,
+                    MIN_JOB_AGE_S,
+                )
     target = Path(dest) if dest else Path.home() / ".config" / "snakemake" / "slurm"
     path = target / "config.yaml"
     if path.exists() and not force:
