@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
+import signal
+import subprocess
+import time
 
 import pytest
 import yaml
 from pipeline_helpers import (
+    BIN,
     REPO,
     jobs_scheduled,
     make_workspace,
+    run,
     set_config,
     snakemake,
     trace_lines,
@@ -115,3 +121,50 @@ def test_edited_metrics_file_reruns_the_report(ws, toy_env):
     assert jobs_scheduled(ws).get("report") == 1
     snakemake(ws)
     assert "0.123" in (ws / "results/report.md").read_text()
+
+
+def _wait_group(pgid, timeout=120):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.killpg(pgid, signal.SIGKILL)
+    raise AssertionError("the killed snakemake's jobs did not finish")
+
+
+def test_rerun_after_sigkill_finishes_the_workflow(built, tmp_path, toy_env):
+    """SIGKILL of snakemake at random points while a changed config is being rebuilt (the report
+    exists): `--unlock` and ONE rerun finish everything, or fail loudly; never exit 0 with work
+    left (issue 14.5). More trials: benchmarks/kill_rerun.py."""
+    base = tmp_path / "base"
+    shutil.copytree(built, base, symlinks=True)
+    set_config(base, attributors=("grad_dot", "if_cg"), lds_subsets=9)
+    cmd = [str(BIN / "snakemake"), "--profile", "workflow/profiles/local", "--cores", "2"]
+    rng = random.Random(0)
+    fractions = [0.05 + 0.9 * i / 9 for i in range(10)]  # spread over the run, then jittered
+    probe = tmp_path / "probe"
+    shutil.copytree(base, probe, symlinks=True)
+    t0 = time.perf_counter()
+    run(cmd, probe)
+    full = time.perf_counter() - t0
+    for i, frac in enumerate(fractions):
+        ws = tmp_path / f"t{i}"
+        shutil.copytree(base, ws, symlinks=True)
+        proc = subprocess.Popen(cmd, cwd=ws, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(full * min(0.98, frac + rng.uniform(-0.04, 0.04)))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _wait_group(proc.pid)
+        run([*cmd, "--unlock"], ws)
+        rerun = subprocess.run(cmd, cwd=ws, capture_output=True, text=True, timeout=300)
+        if rerun.returncode == 0:  # success must mean done
+            assert jobs_scheduled(ws) == {}, (i, rerun.stdout[-3000:] + rerun.stderr[-3000:])
+            assert "| mnist_lr | if_cg |" in (ws / "results/report.md").read_text(), i
+        else:  # or a loud failure
+            assert "Error" in rerun.stdout + rerun.stderr, i
+        shutil.rmtree(ws)
