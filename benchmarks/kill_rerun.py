@@ -34,9 +34,11 @@ SNAKEMAKE = [str(BIN / "snakemake"), "--profile", "workflow/profiles/local", "--
 def toy_env(trace: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        TDABENCH_STAGES="tdabench.pipeline.toy",
+        TDABENCH_STAGES="toy_stages",
         TDABENCH_TOY_TRACE=str(trace),
-        PYTHONPATH=os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")]),
+        PYTHONPATH=os.pathsep.join(
+            [str(REPO / "src"), str(REPO / "tests" / "pipeline"), env.get("PYTHONPATH", "")]
+        ),
         OMP_NUM_THREADS="1",
     )
     return env
@@ -59,8 +61,12 @@ def trial(base: Path, work: Path, kill_at: float, env: dict[str, str]) -> dict[s
     shutil.rmtree(ws, ignore_errors=True)
     shutil.copytree(base, ws, symlinks=True)
     proc = subprocess.Popen(
-        SNAKEMAKE, cwd=ws, env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        SNAKEMAKE,
+        cwd=ws,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     time.sleep(kill_at)
     finished_first = proc.poll() is not None
@@ -109,8 +115,10 @@ def main() -> int:
         for i in range(args.trials):
             r = trial(base, Path(tmp), rng.uniform(0.3, full), env)
             bad += not r["ok"]
-            print(f"trial {i}: kill at {r['kill_at']} s killed={r['killed']} "
-                  f"rerun rc={r['rerun_rc']} complete={r['complete']}")
+            print(
+                f"trial {i}: kill at {r['kill_at']} s killed={r['killed']} "
+                f"rerun rc={r['rerun_rc']} complete={r['complete']}"
+            )
             if not r["ok"]:
                 print(r["tail"])
         print(f"{args.trials} trials, {bad} silent incomplete reruns")

@@ -1,6 +1,6 @@
 """Freshness: every output is rebuilt when its inputs change or vanish (issue 16.1, 14.1).
 
-The toy stages (``tdabench.pipeline.toy``) run the real Snakefile in seconds; the trace file says
+The toy stages (``tests/pipeline/toy_stages.py``) run the real Snakefile in seconds; the trace file says
 which stage bodies ran.
 """
 
@@ -35,7 +35,7 @@ def built(tmp_path_factory):
     """One complete toy run (built once; each test works on a copy with the same mtimes)."""
     mp = pytest.MonkeyPatch()
     root = tmp_path_factory.mktemp("fresh")
-    mp.setenv("TDABENCH_STAGES", "tdabench.pipeline.toy")
+    mp.setenv("TDABENCH_STAGES", "toy_stages")
     mp.setenv("TDABENCH_TOY_TRACE", str(root / "trace.txt"))
     mp.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
     mp.setenv("OMP_NUM_THREADS", "1")
@@ -112,15 +112,21 @@ def test_changed_hyperparameter_reruns_the_report(ws, toy_env):
     assert "&quot;regularization&quot;: 0.5" in html  # the report says which hyper-parameters it used
 
 
-def test_edited_metrics_file_reruns_the_report(ws, toy_env):
-    """A metrics file rewritten with new content (e.g. by hand) is newer than the report: rerun."""
+def test_edited_metrics_file_reruns_the_report_which_refuses_it(ws, toy_env):
+    """A metrics file edited by hand is newer than the report: the report reruns, verifies the
+    file's checksum and refuses it, naming the file (never a report of edited numbers)."""
     path = _metrics(ws, "grad_dot")
     m = json.loads(path.read_text())
     m["lds"]["value"] = 0.123456
     path.write_text(json.dumps(m))
     assert jobs_scheduled(ws).get("report") == 1
-    snakemake(ws)
-    assert "0.123" in (ws / "results/report.md").read_text()
+    res = subprocess.run(
+        [str(BIN / "snakemake"), "--cores", "2"], cwd=ws, capture_output=True, text=True
+    )
+    assert res.returncode != 0
+    log = (ws / "logs/report.log").read_text()
+    assert "grad_dot.json" in log and "checksum" in log, log
+    assert "0.123" not in (ws / "results/report.md").read_text()
 
 
 def _wait_group(pgid, timeout=120):

@@ -7,9 +7,12 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
+from tdabench._io import write_json, write_sidecar
+from tdabench.errors import IntegrityError, ProvenanceError
 from tdabench.pipeline.report import METRIC_HELP, PLOT_CAPTIONS, loo_effect, render_report
 
 CHROMIUM = next(
@@ -29,18 +32,20 @@ def _inputs(tmp_path):
             cp = tmp_path / f"results/{b}/plots/{m}.json"
             mp.parent.mkdir(parents=True, exist_ok=True)
             cp.parent.mkdir(parents=True, exist_ok=True)
-            mp.write_text(json.dumps({
-                "benchmark": b, "method": m, "attribution_seconds": 1.5,
+            prov = {"benchmark": b, "method": m, "groundtruth_keys": {"loo": f"loo-key-of-{b}"}}
+            write_json(mp, {
+                "benchmark": b, "method": m, "provenance": prov,
                 "lds": {"value": v, "ci_low": v - 0.02, "ci_high": v + 0.03, "n_test": 40,
                         "noise_ceiling": 0.9},
                 "loo": {"value": v / 2, "ci_low": v / 2 - 0.1, "ci_high": v / 2 + 0.1, "n_test": 40},
                 "auc": {"value": 0.5 + v / 2, "num_flipped": 60},
-            }))
-            cp.write_text(json.dumps({
+            })
+            write_sidecar(mp, {"attribution_seconds": 1.5})
+            write_json(cp, {"provenance": prov,
                 "roc": {"fpr": [0, 0.5, 1], "tpr": [0, 0.7, 1]},
                 "loo_scatter": {"score": [0.1, 0.2, 0.3, 0.4], "loo_effect": [2.0, 2.1, 2.3, 2.2],
                                 "full_loss": 2.0, "test_index": 0, "first_removed": 0},
-            }))
+            })
             metrics.setdefault(b, {})[m] = str(mp)
             curves.setdefault(b, {})[m] = str(cp)
         rec = tmp_path / f"results/{b}/groundtruth/lds/complete-8.json"
@@ -77,7 +82,9 @@ def test_html_is_self_contained_and_explained(report):
         assert caption.split(":")[0] in page, stem
     for name in METRIC_HELP:
         assert f"<dt>{name}</dt>" in page
-    for needed in ("configs/smoke.yaml", "commit", "commit_date", "key-of-bench_a", "cpu",
+    assert "| 1.5 |" in (report / "report.md").read_text()  # time from the metrics' sidecar
+    for needed in ("configs/smoke.yaml", "commit", "commit_date", "key-of-bench_a",
+                   "loo-key-of-bench_b", "cpu",
                    "&quot;regularization&quot;: 0.01"):
         assert needed in page, needed
     # volatile facts go to a sidecar: the page itself is the same for the same inputs
@@ -130,3 +137,22 @@ def test_chromium_no_broken_image_no_horizontal_scroll(report, tmp_path):
     seen = json.loads(m.group(1))
     assert seen["images"] == 4 and seen["broken"] == 0, seen
     assert seen["scroll"] <= 1400, seen
+
+
+def _render(tmp_path, metrics, curves):
+    r = tmp_path / "out"
+    render_report({"report": {"plots": False}}, metrics, str(r / "report.md"),
+                  str(r / "report.html"), str(r / "plots"), str(r / "summary.csv"), curves=curves)
+
+
+def test_report_refuses_edited_or_foreign_inputs(tmp_path):
+    metrics, curves, _gt = _inputs(tmp_path)
+    path = metrics["bench_a"][METHODS[0]]
+    body = json.loads(Path(path).read_text())
+    body["lds"]["value"] = 0.99
+    Path(path).write_text(json.dumps(body))
+    with pytest.raises(IntegrityError, match="fails its checksum"):
+        _render(tmp_path, {"bench_a": {METHODS[0]: path}}, curves)
+    other = metrics["bench_b"][METHODS[1]]  # another benchmark's file under this name
+    with pytest.raises(ProvenanceError, match="belongs to benchmark 'bench_b'"):
+        _render(tmp_path, {"bench_a": {METHODS[1]: other}}, None)
