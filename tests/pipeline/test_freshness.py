@@ -126,7 +126,8 @@ def test_edited_metrics_file_reruns_the_report_which_refuses_it(ws, toy_env):
     assert res.returncode != 0
     log = (ws / "logs/report.log").read_text()
     assert "grad_dot.json" in log and "checksum" in log, log
-    assert "0.123" not in (ws / "results/report.md").read_text()
+    report = ws / "results/report.md"  # Snakemake removes a failed job's outputs
+    assert not report.exists() or "0.123" not in report.read_text()
 
 
 def _wait_group(pgid, timeout=120):
