@@ -24,3 +24,4 @@ rule all:
     input:
         REPORT,
         BRITTLENESS,
+        [f for b in BENCHMARKS for f in outputs(b, "data", "models", "groundtruth", "scores", "metrics")],

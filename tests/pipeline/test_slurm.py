@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -211,3 +212,103 @@ def test_snakemake_profile_slurm(tmp_path, toy_env, monkeypatch):
     log = next(ws.glob("logs/mnist_lr/groundtruth-lds-*.log")).read_text()
     assert "launcher kind=slurm" in log
     assert jobs_scheduled(ws) == {}
+
+
+def _install_profile(tmp_path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "python"), "-m", "tdabench.pipeline", "install-profile", "--account",
+         "tdabench", "--partition", os.environ.get("TDABENCH_SLURM_PARTITION", "debug"),
+         "--dest", str(tmp_path / "prof"), *extra],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_install_profile_refuses_an_unsatisfiable_request(tmp_path):
+    """The profile's defaults (4 CPUs, 16 GB, 1 GPU) on a partition that cannot give them would
+    stay PENDING without a word: install-profile refuses, naming each resource."""
+    res = _install_profile(tmp_path, "--cpus-per-task", "4096", "--mem-gb", "100000")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "--cpus-per-task 4096" in res.stderr and "--mem-gb 100000" in res.stderr
+    assert "--gpus-per-node 1" in res.stderr  # the default GPU, on a partition without GPUs
+    assert not (tmp_path / "prof/config.yaml").exists()
+    res = _install_profile(tmp_path, "--partition", "no_such_partition")
+    assert res.returncode == 2 and "does not exist" in res.stderr and "debug" in res.stderr
+    ok = _install_profile(tmp_path, "--gpus-per-node", "0", "--cpus-per-task", "1",
+                          "--mem-gb", "0.25", "--timeout-min", "5")
+    assert ok.returncode == 0, ok.stderr
+    assert "slurm-status-command: squeue" in (tmp_path / "prof/config.yaml").read_text()
+
+
+def _sleepy_workflow(tmp_path):
+    """One rule that sleeps on SLURM, run with the profile install-profile writes."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "Snakefile").write_text(
+        'rule all:\n    input: "a.txt"\n\n'
+        'rule a:\n    output: "a.txt"\n    shell: "sleep 60; touch {output}"\n'
+    )
+    res = _install_profile(tmp_path, "--gpus-per-node", "0", "--cpus-per-task", "1",
+                           "--mem-gb", "0.25", "--timeout-min", "5")
+    assert res.returncode == 0, res.stderr
+    prof = tmp_path / "prof/config.yaml"
+    prof.write_text(prof.read_text().replace("status-checks: 20", "status-checks: 3"))
+    return ws
+
+
+def _running_jobs() -> list[str]:
+    return [i.split(":")[0] for i in _squeue("%i:%T") if i.endswith(":RUNNING")]
+
+
+def _wait_running(exclude=(), timeout=120) -> str:
+    end = time.time() + timeout
+    while time.time() < end:
+        new = [j for j in _running_jobs() if j not in exclude]
+        if new:
+            return new[0]
+        time.sleep(0.5)
+    raise AssertionError("no SLURM job started")
+
+
+@pytest.mark.slow
+def test_scancel_of_executor_job_is_retried_then_fails_loudly(tmp_path):
+    """scancel of a Snakemake (executor plugin) job: detected, retried once (retries: 1), and the
+    second cancel fails the run with the SLURM state, instead of hanging at "1 of 2 steps"."""
+    ws = _sleepy_workflow(tmp_path)
+    proc = subprocess.Popen(
+        [str(BIN / "snakemake"), "--profile", str(tmp_path / "prof")],
+        cwd=ws, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        first = _wait_running()
+        subprocess.run(["scancel", first], check=True)
+        second = _wait_running(exclude=(first,))  # the retry
+        subprocess.run(["scancel", second], check=True)
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, out
+    assert f"SLURM-job '{first}' failed, SLURM status is: 'CANCELLED'" in out, out
+    assert f"SLURM-job '{second}' failed" in out and "Trying to restart" in out, out
+    assert not (ws / "a.txt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_snakemake_stops_cleanly_on_a_signal(tmp_path, sig):
+    """SIGINT / SIGTERM: Snakemake cancels its SLURM jobs and exits, without SIGKILL or --unlock."""
+    ws = _sleepy_workflow(tmp_path)
+    proc = subprocess.Popen(
+        [str(BIN / "snakemake"), "--profile", str(tmp_path / "prof")],
+        cwd=ws, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        job = _wait_running()
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, out
+    assert job not in _running_jobs(), f"job {job} still runs after {sig!r}"
+    assert not (ws / ".snakemake/locks").exists() or not any((ws / ".snakemake/locks").iterdir())

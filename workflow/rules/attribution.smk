@@ -4,9 +4,9 @@
 
 rule attribute:
     input:
-        meta=pulled(lambda w: P[w.b]["meta"]),
-        noisy=pulled(lambda w: P[w.b]["noisy"]),
-        models=pulled(lambda w: P[w.b]["models"]),
+        meta=lambda w: P[w.b]["meta"],
+        noisy=lambda w: P[w.b]["noisy"],
+        models=lambda w: P[w.b]["models"],
     output:
         scores=f"{R}/{{b}}/scores/{{method}}/{{h}}/scores.parquet",
         self_scores=f"{R}/{{b}}/scores/{{method}}/{{h}}/self.parquet",
@@ -28,10 +28,10 @@ def _gt_args(w):
 
 rule evaluate:
     input:
-        scores=pulled(lambda w: P[w.b]["scores"][w.method]),
-        self_scores=pulled(lambda w: P[w.b]["self_scores"][w.method]),
-        noisy=pulled(lambda w: P[w.b]["noisy"]),
-        gt=pulled(lambda w: [g["merged"] for g in P[w.b]["groundtruth"].values()]),
+        scores=lambda w: P[w.b]["scores"][w.method],
+        self_scores=lambda w: P[w.b]["self_scores"][w.method],
+        noisy=lambda w: P[w.b]["noisy"],
+        gt=lambda w: [g["merged"] for g in P[w.b]["groundtruth"].values()],
     output:
         metrics=f"{R}/metrics/{{b}}/{{method}}.json",
         curves=f"{R}/{{b}}/plots/{{method}}.json",
@@ -48,7 +48,7 @@ rule evaluate:
 
 rule brittleness:
     input:
-        scores=pulled(lambda w: P[w.b]["scores"][w.method]),
+        scores=lambda w: P[w.b]["scores"][w.method],
     output:
         out=f"{R}/brittleness/{{b}}/{{method}}.json",
     params:

@@ -12,6 +12,8 @@ BENCHMARKS = CFG["benchmarks"]
 R = CFG["results_dir"]
 LOGS = CFG["logs_dir"]
 P = {b: paths(CFG, b) for b in BENCHMARKS}
+for _b, _p in P.items():  # evaluate's ROC / LOO-scatter data, read by the report
+    _p["curves"] = {m: f"{_p['root']}/plots/{m}.json" for m in _p["metrics"]}
 
 # Jobs run this checkout's code with this interpreter (installed or not). Where shards run is not a
 # property of any result, so the launcher settings reach the ground-truth stage through the
@@ -67,13 +69,25 @@ def spec(stage, **sel):
     return get
 
 
-def pulled(fn):
-    """Inputs that may come from `dvc pull`: DVC does not keep mtimes, so ignore them (ancient).
+def outputs(b, *parts):
+    """Every file of benchmark ``b`` in ``parts`` (data, models, groundtruth, scores, metrics).
 
-    Changes still propagate: outputs live under parameter hashes, and a job whose upstream job
-    runs is always rerun.
+    Snakemake does not rebuild a missing intermediate file while the files made from it are up to
+    date (that is how temp() works). Listing every output in the targets makes a deleted one a
+    reason to rebuild it, and everything downstream of it.
     """
-    return ancient(fn)
+    p, out = P[b], []
+    if "data" in parts:
+        out += [p["meta"], p["noisy"]]
+    if "models" in parts:
+        out += [p["models"]]
+    if "groundtruth" in parts:
+        out += [f for g in p["groundtruth"].values() for f in (g["complete"], g["merged"])]
+    if "scores" in parts:
+        out += [f for m in p["scores"] for f in (p["scores"][m], p["self_scores"][m])]
+    if "metrics" in parts:
+        out += [f for m in p["metrics"] for f in (p["metrics"][m], p["curves"][m])]
+    return out
 
 
 # Per-benchmark aggregate targets (used by dvc.yaml): `snakemake groundtruth_<b>` / `scores_<b>`.
@@ -84,11 +98,11 @@ for _b in BENCHMARKS:
             f"groundtruth_{_b}"
         localrule: True
         input:
-            [g["merged"] for g in P[_b]["groundtruth"].values()],
+            outputs(_b, "data", "groundtruth"),
 
     rule:
         name:
             f"scores_{_b}"
         localrule: True
         input:
-            list(P[_b]["metrics"].values()),
+            outputs(_b, "models", "scores", "metrics"),

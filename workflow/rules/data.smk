@@ -17,7 +17,7 @@ rule prepare:
 
 rule train:
     input:
-        meta=pulled(lambda w: P[w.b]["meta"]),
+        meta=lambda w: P[w.b]["meta"],
     output:
         directory(f"{R}/{{b}}/models/{{h}}"),
     params:

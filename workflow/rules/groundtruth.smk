@@ -6,7 +6,7 @@
 
 rule groundtruth:
     input:
-        meta=pulled(lambda w: P[w.b]["meta"]),
+        meta=lambda w: P[w.b]["meta"],
     output:
         f"{R}/{{b}}/groundtruth/{{kind}}/{{h}}/complete-{{n}}.json",
     params:
@@ -37,7 +37,7 @@ rule groundtruth:
 
 rule merge:
     input:
-        pulled(f"{R}/{{b}}/groundtruth/{{kind}}/{{h}}/complete-{{n}}.json"),
+        f"{R}/{{b}}/groundtruth/{{kind}}/{{h}}/complete-{{n}}.json",
     output:
         f"{R}/{{b}}/groundtruth/{{kind}}/{{h}}/merged-{{n}}.parquet",
     params:

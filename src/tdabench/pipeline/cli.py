@@ -111,6 +111,25 @@ def _launcher_sets(items: list[str]) -> dict[str, Any]:
     return out
 
 
+DEFAULT_CONFIG = "configs/default.yaml"
+
+
+def _layered_config(path: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``path`` layered on ``configs/default.yaml``, then ``overrides``: what Snakemake resolves
+    for ``snakemake --configfile PATH --config ...`` (the Snakefile's configfile is the default)."""
+    from tdabench.pipeline.config import deep_merge, load_yaml, resolve_config
+
+    default = Path(DEFAULT_CONFIG)
+    if default.is_file() and Path(path).resolve() != default.resolve():
+        raw = deep_merge(load_yaml(default), load_yaml(path))
+        source = f"{path} (layered on {DEFAULT_CONFIG})"
+    else:
+        raw, source = load_yaml(path), str(path)
+    if overrides:
+        raw, source = deep_merge(raw, overrides), source + " with --set overrides"
+    return resolve_config(raw, source)
+
+
 class _Ctx:
     """Lazily loaded configuration (only when a stage is run by hand)."""
 
@@ -121,9 +140,7 @@ class _Ctx:
     @property
     def cfg(self) -> dict[str, Any]:
         if self._cfg is None:
-            from tdabench.pipeline.config import load_config
-
-            self._cfg = load_config(self.args.config, _parse_set(self.args.set))
+            self._cfg = _layered_config(self.args.config, _parse_set(self.args.set))
         return self._cfg
 
     def need(self, name: str) -> str:
@@ -414,6 +431,9 @@ def cmd_report(ctx: _Ctx) -> int:
         _or(a.out_html, lambda: str(results / "report.html")),
         _or(a.plots_dir, lambda: str(results / "plots")),
         _or(a.summary, lambda: str(results / "summary.csv")),
+        curves=_metric_args(a.curves or []) or None,
+        groundtruth=dict(item.split("=", 1) for item in a.gt_complete or []),
+        context=json.loads(a.context) if a.context else None,
     )
     return 0
 
@@ -433,6 +453,7 @@ def cmd_install_profile(ctx: _Ctx) -> int:
         array_parallelism=a.array_parallelism,
         jobs=a.jobs,
         force=a.force,
+        cluster_check=not a.no_cluster_check,
     )
     print(f"installed the slurm profile in {dest}; run: snakemake --profile slurm")
     return 0
@@ -533,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s = stage("report", cmd_report, "results/report.md + report.html + plots")
     s.add_argument("--metrics", action="append", metavar="BENCH:METHOD=PATH")
+    s.add_argument("--curves", action="append", metavar="BENCH:METHOD=PATH")
+    s.add_argument("--gt-complete", action="append", metavar="BENCH/KIND=PATH")
+    s.add_argument("--context", help="JSON: configfiles and hyperparameters (provenance)")
     s.add_argument("--out-md")
     s.add_argument("--out-html")
     s.add_argument("--plots-dir")
@@ -552,6 +576,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--array-parallelism", type=int, default=32)
     s.add_argument("--jobs", type=int, default=50, help="concurrent Snakemake jobs")
     s.add_argument("--force", action="store_true", help="overwrite an existing profile")
+    s.add_argument(
+        "--no-cluster-check",
+        action="store_true",
+        help="do not check the request against the partition (sinfo / scontrol)",
+    )
     s = sub.add_parser(
         "verify", help="verify stage outputs' checksums and provenance (non-zero exit on a problem)"
     )

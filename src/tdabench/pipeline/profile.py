@@ -1,14 +1,175 @@
-"""Install the ``slurm`` Snakemake profile for a lab (``tdabench install-profile``)."""
+"""Install the ``slurm`` Snakemake profile for a lab (``tdabench install-profile``).
+
+The requested resources are checked twice: as numbers (positive memory, time, CPUs, ...), and
+against the cluster itself (``scontrol show partition`` and ``sinfo``): a partition that does not
+exist, or whose nodes or limits cannot satisfy the request, is refused with what it offers, since
+SLURM would leave such jobs PENDING forever without a message. Where SLURM's commands are absent
+(installing on a laptop for later), the check is skipped with a warning.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 from tdabench._io import atomic_write_bytes
 from tdabench.errors import ConfigError
 
-__all__ = ["install_profile", "render_slurm_profile"]
+__all__ = [
+    "PartitionInfo",
+    "check_request",
+    "install_profile",
+    "parse_slurm_minutes",
+    "partition_info",
+    "render_slurm_profile",
+    "validate_request",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def validate_request(
+    gpus_per_node: int,
+    cpus_per_task: int,
+    mem_gb: float,
+    timeout_min: int,
+    array_parallelism: int,
+    jobs: int,
+) -> None:
+    """Refuse non-positive (or negative GPU) requests, naming the option and the fix."""
+    for name, value, least in (
+        ("--gpus-per-node", gpus_per_node, 0),
+        ("--cpus-per-task", cpus_per_task, 1),
+        ("--timeout-min", timeout_min, 1),
+        ("--array-parallelism", array_parallelism, 1),
+        ("--jobs", jobs, 1),
+    ):
+        if not isinstance(value, int) or value < least:
+            raise ConfigError(f"{name} {value!r} is invalid; pass an integer >= {least}")
+    if not mem_gb > 0:
+        raise ConfigError(f"--mem-gb {mem_gb!r} is invalid; pass a memory size > 0 (in GB)")
+
+
+@dataclass(frozen=True)
+class PartitionInfo:
+    """What a SLURM partition can give one job: the best node and the partition's limits."""
+
+    name: str
+    max_cpus: int  # CPUs of the largest node
+    max_mem_mb: int  # memory of the largest node (MB), capped by MaxMemPerNode
+    max_gpus: int  # GPUs (gres gpu) of the best node
+    max_time_min: float  # MaxTime in minutes (inf = UNLIMITED)
+
+
+def parse_slurm_minutes(text: str) -> float:
+    """SLURM time (``UNLIMITED``, ``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M``, ``D-H:M:S``) in minutes."""
+    text = text.strip()
+    if text.upper() in ("UNLIMITED", "INFINITE", "NONE", ""):
+        return float("inf")
+    days, _, rest = text.rpartition("-")
+    parts = [int(x) for x in rest.split(":")]
+    if days:
+        h, m, s = [*parts, 0, 0][:3]
+        return int(days) * 1440 + h * 60 + m + s / 60
+    if len(parts) == 3:
+        return parts[0] * 60 + parts[1] + parts[2] / 60
+    if len(parts) == 2:
+        return parts[0] + parts[1] / 60
+    return float(parts[0])
+
+
+def _run(cmd: list[str]) -> str:
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    if res.returncode != 0:
+        raise ConfigError(f"{' '.join(cmd)} failed: {res.stderr.strip() or res.stdout.strip()}")
+    return res.stdout
+
+
+def partition_info(partition: str) -> PartitionInfo | None:
+    """Read a partition's limits and its nodes' resources; ``None`` when SLURM is not installed.
+
+    Raises:
+        ConfigError: the partition does not exist (naming the ones that do).
+    """
+    if shutil.which("scontrol") is None or shutil.which("sinfo") is None:
+        return None
+    res = subprocess.run(
+        ["scontrol", "show", "partition", "-o", partition],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if res.returncode != 0 or f"PartitionName={partition}" not in res.stdout:
+        names = sorted({p.rstrip("*") for p in _run(["sinfo", "-h", "-o", "%P"]).split()})
+        raise ConfigError(
+            f"--partition {partition!r} does not exist on this cluster; use one of {names}"
+        )
+    fields = dict(tok.split("=", 1) for tok in res.stdout.split() if "=" in tok)
+    nodes = [
+        line.split()
+        for line in _run(["sinfo", "-h", "-N", "-p", partition, "-o", "%c %m %G"]).splitlines()
+        if line.strip()
+    ]
+    cpus = max((int(n[0].rstrip("+")) for n in nodes), default=0)
+    mem = max((int(n[1].rstrip("+")) for n in nodes), default=0)
+    gpus = max((_gpus(n[2] if len(n) > 2 else "") for n in nodes), default=0)
+    cap = fields.get("MaxMemPerNode", "UNLIMITED")
+    if cap.isdigit():
+        mem = min(mem, int(cap))
+    return PartitionInfo(partition, cpus, mem, gpus, parse_slurm_minutes(fields.get("MaxTime", "")))
+
+
+#: Shortest MinJobAge (s) with which squeue still shows a finished job's state at the plugin's
+#: slowest status poll (180 s).
+MIN_JOB_AGE_S = 300
+
+
+def min_job_age() -> int | None:
+    """The cluster's ``MinJobAge`` in seconds (``scontrol show config``), ``None`` if unknown."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError, ConfigError):
+        for line in _run(["scontrol", "show", "config"]).splitlines():
+            if line.split("=")[0].strip() == "MinJobAge":
+                return int(line.split("=", 1)[1].split()[0])
+    return None
+
+
+def _gpus(gres: str) -> int:
+    return sum(int(m.group(1)) for m in re.finditer(r"gpu(?::[^:,()]+)?:(\d+)", gres))
+
+
+def check_request(
+    info: PartitionInfo, gpus_per_node: int, cpus_per_task: int, mem_gb: float, timeout_min: int
+) -> None:
+    """Refuse a request no node of the partition can satisfy (SLURM would keep it PENDING).
+
+    Raises:
+        ConfigError: listing every unsatisfiable resource, what the partition offers, and the fix.
+    """
+    problems = []
+    if cpus_per_task > info.max_cpus:
+        problems.append(
+            f"--cpus-per-task {cpus_per_task} > {info.max_cpus} CPUs on its largest node"
+        )
+    if mem_gb * 1024 > info.max_mem_mb:
+        problems.append(
+            f"--mem-gb {mem_gb:g} > {info.max_mem_mb / 1024:.1f} GB on its largest node"
+        )
+    if gpus_per_node > info.max_gpus:
+        problems.append(f"--gpus-per-node {gpus_per_node} > {info.max_gpus} GPUs on its best node")
+    if timeout_min > info.max_time_min:
+        problems.append(f"--timeout-min {timeout_min} > its MaxTime of {info.max_time_min:g} min")
+    if problems:
+        raise ConfigError(
+            f"partition {info.name!r} cannot run the requested jobs (they would stay PENDING): "
+            + "; ".join(problems)
+            + ". Lower the request, pick another partition, or pass --no-cluster-check."
+        )
 
 
 def render_slurm_profile(
@@ -32,6 +193,7 @@ def render_slurm_profile(
             raise ConfigError(
                 f"--{name} {value!r} is not a valid SLURM name; pass e.g. --{name} mylab"
             )
+    validate_request(gpus_per_node, cpus_per_task, mem_gb, timeout_min, array_parallelism, jobs)
     mem_mb = int(mem_gb * 1024)
     gpu_rules = (
         f"  train:\n    gpu: {gpus_per_node}\n  attribute:\n    gpu: {gpus_per_node}\n"
@@ -49,6 +211,11 @@ retries: 1
 rerun-incomplete: true
 printshellcmds: true
 slurm-init-seconds-before-status-checks: 20
+# squeue, not sacct: the plugin (2.8) matches job states exactly, and sacct reports a cancelled
+# job as "CANCELLED by <uid>", which it takes for still running: the run would hang forever.
+# squeue says "CANCELLED" (needs the cluster's MinJobAge >= 300 s; install-profile checks it).
+slurm-status-command: squeue
+slurm-requeue: true          # preempted jobs go back to the queue instead of vanishing
 default-resources:
   slurm_account: "{account}"
   slurm_partition: "{partition}"
@@ -74,9 +241,34 @@ def install_profile(
     dest: str | os.PathLike[str] | None = None,
     *,
     force: bool = False,
+    cluster_check: bool = True,
     **settings: object,
 ) -> Path:
-    """Write ``<dest>/config.yaml`` (default ``~/.config/snakemake/slurm``); returns ``dest``."""
+    """Write ``<dest>/config.yaml`` (default ``~/.config/snakemake/slurm``); returns ``dest``.
+
+    With ``cluster_check`` (default), the request is checked against the partition first
+    (:func:`check_request`); where SLURM's commands are absent, a warning says it was not.
+    """
+    text = render_slurm_profile(account, partition, **settings)  # type: ignore[arg-type]
+    if cluster_check:
+        info = partition_info(partition)
+        if info is None:
+            logger.warning(
+                "scontrol/sinfo not found: the request was not checked against partition %r",
+                partition,
+            )
+        else:
+            keys = ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min")
+            defaults = {"gpus_per_node": 1, "cpus_per_task": 4, "mem_gb": 16, "timeout_min": 240}
+            check_request(info, **{k: settings.get(k, defaults[k]) for k in keys})  # type: ignore[arg-type]
+            age = min_job_age()
+            if age is not None and age < MIN_JOB_AGE_S:
+                logger.warning(
+                    "this cluster's MinJobAge is %d s (< %d s): squeue may forget a finished job "
+                    "before Snakemake polls it; ask the admins to raise MinJobAge",
+                    age,
+                    MIN_JOB_AGE_S,
+                )
     target = Path(dest) if dest else Path.home() / ".config" / "snakemake" / "slurm"
     path = target / "config.yaml"
     if path.exists() and not force:
@@ -84,6 +276,5 @@ def install_profile(
             f"{path} exists; pass --force to overwrite it (or --dest for another place)"
         )
     target.mkdir(parents=True, exist_ok=True)
-    text = render_slurm_profile(account, partition, **settings)  # type: ignore[arg-type]
     atomic_write_bytes(path, text.encode())
     return target
