@@ -30,10 +30,18 @@ import torch
 
 # the classes of tdabench.algorithm each method kind needs
 OUR_CLASSES = {
-    "if_explicit": "IFAttributorExplicit", "if_cg": "IFAttributorCG", "if_lissa": "IFAttributorLiSSA",
-    "if_arnoldi": "IFAttributorArnoldi", "tracin": "TracInAttributor", "grad_dot": "TracInAttributor",
-    "grad_cos": "TracInAttributor", "rps": "RPSAttributor", "trak": "TRAKAttributor",
-    "datainf": "IFAttributorDataInf", "logra": "LoGraAttributor", "factgrass": "FactGraSSAttributor",
+    "if_explicit": "IFAttributorExplicit",
+    "if_cg": "IFAttributorCG",
+    "if_lissa": "IFAttributorLiSSA",
+    "if_arnoldi": "IFAttributorArnoldi",
+    "tracin": "TracInAttributor",
+    "grad_dot": "TracInAttributor",
+    "grad_cos": "TracInAttributor",
+    "rps": "RPSAttributor",
+    "trak": "TRAKAttributor",
+    "datainf": "IFAttributorDataInf",
+    "logra": "LoGraAttributor",
+    "factgrass": "FactGraSSAttributor",
     "ekfac": "IFAttributorEKFAC",
 }
 
@@ -99,47 +107,77 @@ def build_and_run(job: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
             hook()
         return time.perf_counter()
 
-    if kind in ("datainf", "logra", "factgrass"):  # cache + attribute(train, test); LoGra/FactGraSS: layer_names
+    if kind in (
+        "datainf",
+        "logra",
+        "factgrass",
+    ):  # cache + attribute(train, test); LoGra/FactGraSS: layer_names
         where = {"layer_name": layer} if kind == "datainf" else {"layer_names": layer}
-        att = cls(AttributionTask(loss_func=loss, model=model, checkpoints=ckpt_arg), device=dev, **where, **hp)
+        att = cls(
+            AttributionTask(loss_func=loss, model=model, checkpoints=ckpt_arg),
+            device=dev,
+            **where,
+            **hp,
+        )
         t0 = start()
         att.cache(dl["cache"])
         t1 = time.perf_counter()
         scores = att.attribute(dl["train"], dl["test"])
     elif kind.startswith("if_"):
-        att = cls(AttributionTask(loss_func=loss, model=model, checkpoints=ckpt_arg), layer_name=layer, device=dev, **hp)
+        att = cls(
+            AttributionTask(loss_func=loss, model=model, checkpoints=ckpt_arg),
+            layer_name=layer,
+            device=dev,
+            **hp,
+        )
         t0 = start()
         att.cache(dl["cache"])
         t1 = time.perf_counter()
         scores = att.attribute(dl["train"], dl["test"])
     elif kind in ("tracin", "grad_dot", "grad_cos"):
         task = AttributionTask(loss_func=loss, model=model, checkpoints=ckpt_arg)
-        att = cls(task, weight_list=torch.tensor(job["checkpoint_weights"], dtype=torch.float32),
-                  normalized_grad=hp["normalized_grad"], projector_kwargs=projector_kwargs(hp["projector_kwargs"]),
-                  layer_name=layer, device=dev)
+        att = cls(
+            task,
+            weight_list=torch.tensor(job["checkpoint_weights"], dtype=torch.float32),
+            normalized_grad=hp["normalized_grad"],
+            projector_kwargs=projector_kwargs(hp["projector_kwargs"]),
+            layer_name=layer,
+            device=dev,
+        )
         t0 = start()
         if getattr(att, "requires_cache", False):
             att.cache(dl["train"])
         t1 = time.perf_counter()
         scores = att.attribute(dl["train"], dl["test"])
     elif kind == "trak":
-        task = AttributionTask(loss_func=common.make_margin_func(model), model=model, checkpoints=ckpt_arg)
-        att = cls(task, correct_probability_func=common.make_prob_func(model),
-                  projector_kwargs=projector_kwargs(hp["projector_kwargs"]), layer_name=layer, device=dev,
-                  regularization=hp["regularization"])
+        task = AttributionTask(
+            loss_func=common.make_margin_func(model), model=model, checkpoints=ckpt_arg
+        )
+        att = cls(
+            task,
+            correct_probability_func=common.make_prob_func(model),
+            projector_kwargs=projector_kwargs(hp["projector_kwargs"]),
+            layer_name=layer,
+            device=dev,
+            regularization=hp["regularization"],
+        )
         t0 = start()
         att.cache(dl["cache"])
         t1 = time.perf_counter()
         scores = att.attribute(dl["train"], dl["test"])  # tdabench: train first, for every method
     elif kind == "rps":
-        task = AttributionTask(loss_func=loss, model=model, checkpoints=ckpt_arg, target_func=common.rps_target_func)
+        task = AttributionTask(
+            loss_func=loss, model=model, checkpoints=ckpt_arg, target_func=common.rps_target_func
+        )
         att = cls(task, final_linear_layer_name=common.FINAL_LAYER[model_name], device=dev, **hp)
         t0 = start()
         att.cache(dl["cache"])
         t1 = time.perf_counter()
         scores = att.attribute(dl["train"], dl["test"])
     elif kind == "ekfac":  # every Linear layer (module_name=None), as dattri's default
-        att = cls(AttributionTask(loss_func=loss, model=model, checkpoints=ckpt_arg), device="cpu", **hp)
+        att = cls(
+            AttributionTask(loss_func=loss, model=model, checkpoints=ckpt_arg), device="cpu", **hp
+        )
         t0 = start()
         att.cache(dl["cache"])
         t1 = time.perf_counter()
@@ -148,7 +186,12 @@ def build_and_run(job: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         raise ValueError(f"unknown method kind {kind!r}")
     common.sync_device(dev)
     t2 = time.perf_counter()
-    return scores, {"time_cache": t1 - t0, "time_attribute": t2 - t1, "time_total": t2 - t0, **setup}
+    return scores, {
+        "time_cache": t1 - t0,
+        "time_attribute": t2 - t1,
+        "time_total": t2 - t0,
+        **setup,
+    }
 
 
 def second_run_peak_mb(job: dict[str, Any]) -> float:
@@ -183,7 +226,12 @@ def second_run_peak_mb(job: dict[str, Any]) -> float:
 def run_job_file(path: str) -> int:
     job = json.loads(Path(path).read_text())
     common.one_thread()
-    result: dict[str, Any] = {"side": "ours", "method": job["method"], "model": job["model"], "ok": False}
+    result: dict[str, Any] = {
+        "side": "ours",
+        "method": job["method"],
+        "model": job["model"],
+        "ok": False,
+    }
     try:
         import tdabench
 
@@ -235,22 +283,52 @@ def ground_truths(args: argparse.Namespace, models: list[str]) -> dict[str, Path
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="one repetition per measurement (default 3)")
-    p.add_argument("--repeats", type=int, default=None, help="repetitions per measurement (median is reported)")
+    p.add_argument(
+        "--quick", action="store_true", help="one repetition per measurement (default 3)"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=None, help="repetitions per measurement (median is reported)"
+    )
     p.add_argument("--models", nargs="+", default=list(common.MODELS), choices=list(common.MODELS))
-    p.add_argument("--methods", nargs="+", default=list(common.METHODS), choices=list(common.METHODS))
-    p.add_argument("--n-test", type=int, default=None, help="use only the first N test digits (smoke runs)")
-    p.add_argument("--gt-lr", default=None, help="LDS ground truth file for LR (default: build/reuse the cached one)")
+    p.add_argument(
+        "--methods", nargs="+", default=list(common.METHODS), choices=list(common.METHODS)
+    )
+    p.add_argument(
+        "--n-test", type=int, default=None, help="use only the first N test digits (smoke runs)"
+    )
+    p.add_argument(
+        "--gt-lr",
+        default=None,
+        help="LDS ground truth file for LR (default: build/reuse the cached one)",
+    )
     p.add_argument("--gt-mlp", default=None, help="LDS ground truth file for the MLP")
-    p.add_argument("--mlp-gt", action="store_true", help="build the MLP LDS ground truth too (~10 min on one core)")
-    p.add_argument("--gt-subsets", type=int, default=None, help=f"subsets of the built ground truth (default {common.GT_SPEC['num_subsets']})")
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per job before it is killed")
-    p.add_argument("--mem-limit-gb", type=float, default=12.0, help="address-space cap per job (RLIMIT_AS); 0 = none")
+    p.add_argument(
+        "--mlp-gt",
+        action="store_true",
+        help="build the MLP LDS ground truth too (~10 min on one core)",
+    )
+    p.add_argument(
+        "--gt-subsets",
+        type=int,
+        default=None,
+        help=f"subsets of the built ground truth (default {common.GT_SPEC['num_subsets']})",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=1800.0, help="seconds per job before it is killed"
+    )
+    p.add_argument(
+        "--mem-limit-gb",
+        type=float,
+        default=12.0,
+        help="address-space cap per job (RLIMIT_AS); 0 = none",
+    )
     common.add_device_arg(p)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)
     add_common_args(p)
     args = p.parse_args(argv)
@@ -259,9 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     have, missing = available_methods()
     methods = [m for m in args.methods if m in have]
     if not methods:
-        print("attribution_timing: tdabench.algorithm does not provide the attributors yet "
-              f"(missing: {', '.join(missing)}). Merge the attributor branches and rerun.",
-              file=sys.stderr)
+        print(
+            "attribution_timing: tdabench.algorithm does not provide the attributors yet "
+            f"(missing: {', '.join(missing)}). Merge the attributor branches and rerun.",
+            file=sys.stderr,
+        )
         return 2
     skipped = [m for m in args.methods if m not in have]
     repeats = args.repeats or (1 if args.quick else 3)
@@ -275,34 +355,67 @@ def main(argv: list[str] | None = None) -> int:
         for method in methods:
             runs = []
             for rep in range(repeats):
-                job = common.make_job("ours", method, model_name, paths[model_name], jobs_dir, args.n_test, rep,
-                                      device=device)
+                job = common.make_job(
+                    "ours",
+                    method,
+                    model_name,
+                    paths[model_name],
+                    jobs_dir,
+                    args.n_test,
+                    rep,
+                    device=device,
+                )
                 runs.append(common.run_job(OURS_CMD, job, args.timeout, args.mem_limit_gb))
             s = common.summarize(runs)
             if s["ok"] and gt is not None and not args.n_test:
-                s["lds"], s["lds_impl"] = common.lds(common.read_safetensors(s["scores_path"])[0]["scores"], *gt)
+                s["lds"], s["lds_impl"] = common.lds(
+                    common.read_safetensors(s["scores_path"])[0]["scores"], *gt
+                )
             rows.append({"model": model_name, "method": method, **s})
-            print(f"{model_name:4s} {method:12s} ok={s['ok']} total={fmt(s.get('time_total'))}s "
-                  f"rss={fmt(s.get('ru_maxrss_mb'), '.0f')}MB lds={fmt(s.get('lds'), '.3f')} {s.get('error', '')}",
-                  file=sys.stderr, flush=True)
-    lines = ["| model | method | cache (s) | attribute (s) | total (s) | peak RSS (MB) | LDS |", "|---|---|---|---|---|---|---|"]
+            print(
+                f"{model_name:4s} {method:12s} ok={s['ok']} total={fmt(s.get('time_total'))}s "
+                f"rss={fmt(s.get('ru_maxrss_mb'), '.0f')}MB lds={fmt(s.get('lds'), '.3f')} {s.get('error', '')}",
+                file=sys.stderr,
+                flush=True,
+            )
+    lines = [
+        "| model | method | cache (s) | attribute (s) | total (s) | peak RSS (MB) | LDS |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r["ok"]:
-            lines.append(f"| {r['model']} | {r['method']} | {fmt(r.get('time_cache'))} | {fmt(r.get('time_attribute'))} | "
-                         f"{fmt(r.get('time_total'))} | {fmt(r.get('ru_maxrss_mb'), '.0f')} | {fmt(r.get('lds'), '.3f')} |")
+            lines.append(
+                f"| {r['model']} | {r['method']} | {fmt(r.get('time_cache'))} | {fmt(r.get('time_attribute'))} | "
+                f"{fmt(r.get('time_total'))} | {fmt(r.get('ru_maxrss_mb'), '.0f')} | {fmt(r.get('lds'), '.3f')} |"
+            )
         else:
-            lines.append(f"| {r['model']} | {r['method']} | failed: {r.get('error', '')[:120]} | | | | |")
+            lines.append(
+                f"| {r['model']} | {r['method']} | failed: {r.get('error', '')[:120]} | | | | |"
+            )
     where = "one CPU thread" if device == "cpu" else f"device {device}"
-    note = (f"\n4,500 train x {args.n_test or common.N_TEST} test MNIST digits, {where}, median of {repeats} run(s); "
-            f"peak RSS = whole process (python + torch ≈ setup); hyper-parameters: benchmarks/common.py METHODS.")
+    note = (
+        f"\n4,500 train x {args.n_test or common.N_TEST} test MNIST digits, {where}, median of {repeats} run(s); "
+        f"peak RSS = whole process (python + torch ≈ setup); hyper-parameters: benchmarks/common.py METHODS."
+    )
     if skipped:
         note += f"\nNot run (class missing in tdabench.algorithm): {', '.join(skipped)}."
     table = "\n".join(lines) + "\n" + note
     print(table)
     common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem_suffix = ("_smoke" if args.n_test else "") + ("" if device == "cpu" else "_" + device.replace(":", ""))
-    (common.RESULTS_DIR / f"attribution_timing{stem_suffix}.json").write_text(json.dumps(
-        {"rows": rows, "repeats": repeats, "methods": {m: common.METHODS[m] for m in methods}, "torch": torch.__version__}, indent=1))
+    stem_suffix = ("_smoke" if args.n_test else "") + (
+        "" if device == "cpu" else "_" + device.replace(":", "")
+    )
+    (common.RESULTS_DIR / f"attribution_timing{stem_suffix}.json").write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "repeats": repeats,
+                "methods": {m: common.METHODS[m] for m in methods},
+                "torch": torch.__version__,
+            },
+            indent=1,
+        )
+    )
     (common.RESULTS_DIR / f"attribution_timing{stem_suffix}.md").write_text(table + "\n")
     return 0
 

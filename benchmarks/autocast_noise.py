@@ -43,15 +43,27 @@ from tdabench.metric import mean_dropna, noise_ceiling, spearman_columns  # noqa
 
 def problem(model: str, n_train: int, n_test: int):
     d = common.load_data()
-    x, y, xt, yt = d["x_train"][:n_train], d["y_train"][:n_train], d["x_test"][:n_test], d["y_test"][:n_test]
+    x, y, xt, yt = (
+        d["x_train"][:n_train],
+        d["y_train"][:n_train],
+        d["x_test"][:n_test],
+        d["y_test"][:n_test],
+    )
     if model == "mlp":
-        return (x.reshape(n_train, -1), y), (xt.reshape(n_test, -1), yt), \
-            lambda: nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+        return (
+            (x.reshape(n_train, -1), y),
+            (xt.reshape(n_test, -1), yt),
+            lambda: nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10)),
+        )
 
     def img(t):  # 28x28 digits -> 3 x 32 x 32
         return F.pad(t.reshape(-1, 1, 28, 28), (2, 2, 2, 2)).expand(-1, 3, -1, -1).contiguous()
 
-    return (img(x), y), (img(xt), yt), lambda: ResNet9(num_classes=10, widths=(8, 16, 32, 32), dropout=0.0)
+    return (
+        (img(x), y),
+        (img(xt), yt),
+        lambda: ResNet9(num_classes=10, widths=(8, 16, 32, 32), dropout=0.0),
+    )
 
 
 def ground_truth(build, train, test, recipe, masks, device):
@@ -79,7 +91,9 @@ def main() -> None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     train, test, build = problem(args.model, args.n_train, args.n_test)
     g = torch.Generator().manual_seed(7)
-    masks = torch.stack([torch.randperm(args.n_train, generator=g) < args.n_train // 2 for _ in range(args.subsets)])
+    masks = torch.stack(
+        [torch.randperm(args.n_train, generator=g) < args.n_train // 2 for _ in range(args.subsets)]
+    )
     recipe = dict(optimizer="sgd", lr=0.01, momentum=0.9, epochs=args.epochs, batch_size=64)
     out = {"args": vars(args), "recipe": recipe, "torch": torch.__version__}
     gts = {}
@@ -87,14 +101,29 @@ def main() -> None:
         v, sec = ground_truth(build, train, test, {**recipe, **extra}, masks, args.device)
         gts[name] = v
         nc = noise_ceiling(v)
-        out[name] = {"noise_ceiling": mean_dropna(nc.ceiling)[0], "run_corr": mean_dropna(nc.run_corr)[0],
-                     "seconds": sec}
-        print(f"{name}: noise ceiling {out[name]['noise_ceiling']:.4f} (seed-pair Spearman "
-              f"{out[name]['run_corr']:.4f}), {sec:.0f} s", flush=True)
-    agree = spearman_columns(gts["fp32"].mean(1).double().numpy(), gts["bf16"].mean(1).double().numpy())[0]
+        out[name] = {
+            "noise_ceiling": mean_dropna(nc.ceiling)[0],
+            "run_corr": mean_dropna(nc.run_corr)[0],
+            "seconds": sec,
+        }
+        print(
+            f"{name}: noise ceiling {out[name]['noise_ceiling']:.4f} (seed-pair Spearman "
+            f"{out[name]['run_corr']:.4f}), {sec:.0f} s",
+            flush=True,
+        )
+    agree = spearman_columns(
+        gts["fp32"].mean(1).double().numpy(), gts["bf16"].mean(1).double().numpy()
+    )[0]
     out["fp32_vs_bf16_spearman"] = mean_dropna(agree)[0]
-    print(f"fp32 vs bf16 ground truth (seed-averaged), per-test Spearman over subsets: {out['fp32_vs_bf16_spearman']:.4f}")
-    path = ROOT / "benchmarks" / "results" / f"autocast_noise_{args.model}_{args.device.replace(':', '')}.json"
+    print(
+        f"fp32 vs bf16 ground truth (seed-averaged), per-test Spearman over subsets: {out['fp32_vs_bf16_spearman']:.4f}"
+    )
+    path = (
+        ROOT
+        / "benchmarks"
+        / "results"
+        / f"autocast_noise_{args.model}_{args.device.replace(':', '')}.json"
+    )
     path.write_text(json.dumps(out, indent=1))
     print(f"wrote {path}")
 

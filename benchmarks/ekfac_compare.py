@@ -57,19 +57,35 @@ def heldout_ground_truth(num_subsets: int) -> Path:
     data = common.load_data()
     spec = {**HELDOUT, "num_subsets": int(num_subsets)}
     key = common._fingerprint({"model": "mlp", "data": common.data_sha256(), "heldout": spec})
-    path = common.RESULTS_DIR / "jobs" / "ekfac-heldout" / f"gt_mlp_heldout_{num_subsets}.safetensors"
+    path = (
+        common.RESULTS_DIR / "jobs" / "ekfac-heldout" / f"gt_mlp_heldout_{num_subsets}.safetensors"
+    )
     if path.is_file() and common.read_safetensors(path)[1].get("key") == key:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     k = int(common.N_TRAIN * spec["subset_ratio"])
-    idx = [torch.randperm(common.N_TRAIN, generator=torch.Generator().manual_seed(spec["seed"] + s))[:k].sort().values
-           for s in range(num_subsets)]
-    states, _ = common.train_many("mlp", data["x_train"], data["y_train"], idx,
-                                  [spec["model_seed_offset"] + s for s in range(num_subsets)])
+    idx = [
+        torch.randperm(common.N_TRAIN, generator=torch.Generator().manual_seed(spec["seed"] + s))[
+            :k
+        ]
+        .sort()
+        .values
+        for s in range(num_subsets)
+    ]
+    states, _ = common.train_many(
+        "mlp",
+        data["x_train"],
+        data["y_train"],
+        idx,
+        [spec["model_seed_offset"] + s for s in range(num_subsets)],
+    )
     evs = [common.evaluate("mlp", st, data["x_test"], data["y_test"]) for st in states]
-    tensors = {"indices": torch.stack(idx), "neg_loss": torch.stack([e["neg_loss"] for e in evs]).float(),
-               "margin": torch.stack([e["margin"] for e in evs]).float()}
+    tensors = {
+        "indices": torch.stack(idx),
+        "neg_loss": torch.stack([e["neg_loss"] for e in evs]).float(),
+        "margin": torch.stack([e["margin"] for e in evs]).float(),
+    }
     common.write_safetensors(tensors, path, {"key": key, "spec": json.dumps(spec)})
     log(f"held-out ground truth ({num_subsets} subsets) in {time.perf_counter() - t0:.1f}s")
     return path
@@ -90,8 +106,14 @@ def run_our_job(job: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
     hp = dict(job["hparams"])
     data = common.load_data(Path(job["cache_dir"]))
     dl = common.loaders(data, job["batches"], job.get("n_test"))
-    att = IFAttributorEKFAC(_our_task(job), damping=hp["damping"], damping_factor=hp.get("damping_factor"),
-                            strategy=hp["strategy"], fisher=hp["fisher"], device=job.get("device", "cpu"))
+    att = IFAttributorEKFAC(
+        _our_task(job),
+        damping=hp["damping"],
+        damping_factor=hp.get("damping_factor"),
+        strategy=hp["strategy"],
+        fisher=hp["fisher"],
+        device=job.get("device", "cpu"),
+    )
     common.warm_torch()
     setup = common.peak_rss_mb()[1]
     t0 = time.perf_counter()
@@ -99,11 +121,22 @@ def run_our_job(job: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
     t1 = time.perf_counter()
     scores = att.attribute(dl["train"], dl["test"])
     t2 = time.perf_counter()
-    return scores, {"time_cache": t1 - t0, "time_attribute": t2 - t1, "time_total": t2 - t0, "setup_rss_mb": setup}
+    return scores, {
+        "time_cache": t1 - t0,
+        "time_attribute": t2 - t1,
+        "time_total": t2 - t0,
+        "setup_rss_mb": setup,
+    }
 
 
-def tune(paths: dict[str, Any], gt_path: Path, n_test: int, device: str,
-         fishers: tuple[str, ...] = ("empirical", "true", "ggn"), strategies: tuple[str, ...] = ("ekfac", "kfac")) -> list[dict[str, Any]]:
+def tune(
+    paths: dict[str, Any],
+    gt_path: Path,
+    n_test: int,
+    device: str,
+    fishers: tuple[str, ...] = ("empirical", "true", "ggn"),
+    strategies: tuple[str, ...] = ("ekfac", "kfac"),
+) -> list[dict[str, Any]]:
     """Held-out LDS of every (strategy, fisher, damping) of the grid; one pass over the train set each."""
     from tdabench.algorithm import IFAttributorEKFAC
 
@@ -116,74 +149,187 @@ def tune(paths: dict[str, Any], gt_path: Path, n_test: int, device: str,
     for strategy in strategies:
         for fisher in fishers:
             t0 = time.perf_counter()
-            att = IFAttributorEKFAC(_our_task({"model": "mlp", "checkpoint_paths": [paths["final"]]}),
-                                    strategy=strategy, fisher=fisher, device=device)
+            att = IFAttributorEKFAC(
+                _our_task({"model": "mlp", "checkpoint_paths": [paths["final"]]}),
+                strategy=strategy,
+                fisher=fisher,
+                device=device,
+            )
             att.cache(dl["cache"])
-            test = torch.cat([att._rotated(0, b, "target") for b in att._batches(dl["test"], "test")])
-            invs = [1.0 / (torch.cat([lf.eigenvalues().reshape(-1) for lf in att.operators[0].layers])
-                           + torch.cat([torch.full((lf.shape[0] * lf.shape[1],), lf.damping(d, f)) for lf in att.operators[0].layers]))
-                    for d, f in grid]
+            test = torch.cat(
+                [att._rotated(0, b, "target") for b in att._batches(dl["test"], "test")]
+            )
+            invs = [
+                1.0
+                / (
+                    torch.cat([lf.eigenvalues().reshape(-1) for lf in att.operators[0].layers])
+                    + torch.cat(
+                        [
+                            torch.full((lf.shape[0] * lf.shape[1],), lf.damping(d, f))
+                            for lf in att.operators[0].layers
+                        ]
+                    )
+                )
+                for d, f in grid
+            ]
             right = torch.cat([test * inv for inv in invs]).T  # (D, n_test * len(grid))
-            scores = torch.cat([att._rotated(0, b, "loss") @ right for b in att._batches(dl["train"], "train")])
+            scores = torch.cat(
+                [att._rotated(0, b, "loss") @ right for b in att._batches(dl["train"], "train")]
+            )
             for gi, (d, f) in enumerate(grid):
-                lds, _ = common.lds(scores[:, gi * n_test:(gi + 1) * n_test], values, indices)
-                rows.append({"strategy": strategy, "fisher": fisher, "damping": d, "damping_factor": f, "heldout_lds": lds})
+                lds, _ = common.lds(scores[:, gi * n_test : (gi + 1) * n_test], values, indices)
+                rows.append(
+                    {
+                        "strategy": strategy,
+                        "fisher": fisher,
+                        "damping": d,
+                        "damping_factor": f,
+                        "heldout_lds": lds,
+                    }
+                )
                 log(f"tune {strategy} {fisher} damping={d} factor={f}: held-out LDS {lds:.3f}")
             log(f"tune {strategy} {fisher}: {time.perf_counter() - t0:.1f}s")
     return rows
 
 
 # --------------------------------------------------------------------------- orchestration
-def _job(side: str, name: str, hp: dict[str, Any], paths: dict[str, Any], jobs_dir: Path, rep: int, kind: str) -> dict[str, Any]:
+def _job(
+    side: str,
+    name: str,
+    hp: dict[str, Any],
+    paths: dict[str, Any],
+    jobs_dir: Path,
+    rep: int,
+    kind: str,
+) -> dict[str, Any]:
     stem = f"{side}_mlp_{name}_r{rep}"
-    return {"side": side, "method": name, "model": "mlp", "kind": kind, "hparams": hp, "layer": None,
-            "batches": DATTRI_BATCHES if side == "dattri" else BATCHES, "checkpoint_paths": [paths["final"]], "checkpoint_weights": [1.0],
-            "cache_dir": str(common.CACHE_DIR), "n_test": None, "device": "cpu",
-            "scores_path": str(jobs_dir / f"{stem}.scores.safetensors"), "result_path": str(jobs_dir / f"{stem}.result.json"),
-            "job_path": str(jobs_dir / f"{stem}.job.json"), "log_path": str(jobs_dir / f"{stem}.log")}
+    return {
+        "side": side,
+        "method": name,
+        "model": "mlp",
+        "kind": kind,
+        "hparams": hp,
+        "layer": None,
+        "batches": DATTRI_BATCHES if side == "dattri" else BATCHES,
+        "checkpoint_paths": [paths["final"]],
+        "checkpoint_weights": [1.0],
+        "cache_dir": str(common.CACHE_DIR),
+        "n_test": None,
+        "device": "cpu",
+        "scores_path": str(jobs_dir / f"{stem}.scores.safetensors"),
+        "result_path": str(jobs_dir / f"{stem}.result.json"),
+        "job_path": str(jobs_dir / f"{stem}.job.json"),
+        "log_path": str(jobs_dir / f"{stem}.log"),
+    }
 
 
-def plan(best: dict[str, dict[str, Any]], sides: list[str], fishers: list[str]) -> list[tuple[str, str, dict[str, Any], str]]:
+def plan(
+    best: dict[str, dict[str, Any]], sides: list[str], fishers: list[str]
+) -> list[tuple[str, str, dict[str, Any], str]]:
     """``(side, row name, hparams, kind)`` of every timed row."""
     out = []
     for strategy in ("ekfac", "kfac"):
         b = best.get(strategy)
         if b is not None and "ours" in sides:
-            out.append(("ours", f"{strategy}_tuned", {"strategy": strategy, "fisher": b["fisher"], "damping": b["damping"],
-                                                      "damping_factor": b["damping_factor"]}, "ekfac"))
+            out.append(
+                (
+                    "ours",
+                    f"{strategy}_tuned",
+                    {
+                        "strategy": strategy,
+                        "fisher": b["fisher"],
+                        "damping": b["damping"],
+                        "damping_factor": b["damping_factor"],
+                    },
+                    "ekfac",
+                )
+            )
         for label, d, f in (("1e-8", 1e-8, None), ("heuristic", 0.0, 0.1)):
             for fisher in fishers:
                 if "ours" in sides:
-                    out.append(("ours", f"{strategy}_{fisher}_{label}", {"strategy": strategy, "fisher": fisher, "damping": d,
-                                                                         "damping_factor": f}, "ekfac"))
+                    out.append(
+                        (
+                            "ours",
+                            f"{strategy}_{fisher}_{label}",
+                            {
+                                "strategy": strategy,
+                                "fisher": fisher,
+                                "damping": d,
+                                "damping_factor": f,
+                            },
+                            "ekfac",
+                        )
+                    )
             if "kronfluence" in sides:
-                out.append(("kronfluence", f"{strategy}_true_{label}", {"strategy": strategy, "use_empirical_fisher": False,
-                                                                       "damping_factor": None if f else d}, "kron"))
+                out.append(
+                    (
+                        "kronfluence",
+                        f"{strategy}_true_{label}",
+                        {
+                            "strategy": strategy,
+                            "use_empirical_fisher": False,
+                            "damping_factor": None if f else d,
+                        },
+                        "kron",
+                    )
+                )
     if "dattri" in sides:
         out.append(("dattri", "ekfac_empirical_1e-8", {"damping": 1e-8}, "ekfac"))
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--job", default=None, help="run one of our jobs (internal)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--sides", nargs="+", default=["ours", "kronfluence", "dattri"], choices=["ours", "kronfluence", "dattri"])
+    p.add_argument(
+        "--sides",
+        nargs="+",
+        default=["ours", "kronfluence", "dattri"],
+        choices=["ours", "kronfluence", "dattri"],
+    )
     p.add_argument("--kron-python", default="/work/peers/kron/bin/python")
     p.add_argument("--dattri-python", default="/work/peers/dattri/bin/python")
     p.add_argument("--heldout-subsets", type=int, default=20)
-    p.add_argument("--tune-test", type=int, default=100, help="test digits used for tuning on the held-out ground truth")
+    p.add_argument(
+        "--tune-test",
+        type=int,
+        default=100,
+        help="test digits used for tuning on the held-out ground truth",
+    )
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--only", nargs="*", default=None, help="run only these row names")
-    p.add_argument("--fishers", nargs="+", default=["empirical", "true", "ggn"], help="Fisher kinds tuned and timed")
-    p.add_argument("--update", action="store_true", help="merge the rows run now into the existing ekfac_compare.json")
+    p.add_argument(
+        "--fishers",
+        nargs="+",
+        default=["empirical", "true", "ggn"],
+        help="Fisher kinds tuned and timed",
+    )
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="merge the rows run now into the existing ekfac_compare.json",
+    )
     p.add_argument("--strategies", nargs="+", default=["ekfac", "kfac"], help="strategies tuned")
-    p.add_argument("--tune-only", action="store_true", help="print the held-out tuning table and stop")
-    p.add_argument("--tuning", nargs="*", default=[], help="JSON files of earlier tuning rows (same held-out ground truth); "
-                   "Fisher kinds they cover are not tuned again")
-    p.add_argument("--row-fishers", nargs="+", default=["true"],
-                   help="Fisher kinds of our 1e-8 / heuristic rows (kronfluence's default is 'true')")
+    p.add_argument(
+        "--tune-only", action="store_true", help="print the held-out tuning table and stop"
+    )
+    p.add_argument(
+        "--tuning",
+        nargs="*",
+        default=[],
+        help="JSON files of earlier tuning rows (same held-out ground truth); "
+        "Fisher kinds they cover are not tuned again",
+    )
+    p.add_argument(
+        "--row-fishers",
+        nargs="+",
+        default=["true"],
+        help="Fisher kinds of our 1e-8 / heuristic rows (kronfluence's default is 'true')",
+    )
     args = p.parse_args(argv)
     if args.job:
         return _run_job_file(args.job)
@@ -194,10 +340,16 @@ def main(argv: list[str] | None = None) -> int:
     gt_held = heldout_ground_truth(args.heldout_subsets)
     tuning = [r for f in args.tuning for r in json.loads(Path(f).read_text())]
     todo = tuple(f for f in args.fishers if not any(r["fisher"] == f for r in tuning))
-    tuning += tune(paths, gt_held, args.tune_test, args.device, todo, tuple(args.strategies)) if todo else []
+    tuning += (
+        tune(paths, gt_held, args.tune_test, args.device, todo, tuple(args.strategies))
+        if todo
+        else []
+    )
     if args.tune_only:
         (common.RESULTS_DIR / "jobs").mkdir(parents=True, exist_ok=True)
-        (common.RESULTS_DIR / "jobs" / f"ekfac_tuning_{'_'.join(todo)}.json").write_text(json.dumps(tuning, indent=1))
+        (common.RESULTS_DIR / "jobs" / f"ekfac_tuning_{'_'.join(todo)}.json").write_text(
+            json.dumps(tuning, indent=1)
+        )
         print(json.dumps(tuning, indent=1))
         return 0
     best = {}
@@ -207,26 +359,47 @@ def main(argv: list[str] | None = None) -> int:
     log(f"chosen on held-out ground truth: {best}")
     gt = common.load_ground_truth(gt_eval)
     jobs_dir = common.new_jobs_dir("ekfac")
-    cmds = {"ours": [sys.executable, str(Path(__file__).resolve()), "--job"], "kronfluence": [args.kron_python, str(KRON_RUNNER)],
-            "dattri": [args.dattri_python, str(DATTRI_RUNNER)]}
+    cmds = {
+        "ours": [sys.executable, str(Path(__file__).resolve()), "--job"],
+        "kronfluence": [args.kron_python, str(KRON_RUNNER)],
+        "dattri": [args.dattri_python, str(DATTRI_RUNNER)],
+    }
     results = []
     for side, name, hp, kind in plan(best, args.sides, args.row_fishers):
         if args.only and name not in args.only:
             continue
-        runs = [common.run_job(cmds[side], _job(side, name, hp, paths, jobs_dir, r, kind), args.timeout) for r in range(args.repeats)]
+        runs = [
+            common.run_job(cmds[side], _job(side, name, hp, paths, jobs_dir, r, kind), args.timeout)
+            for r in range(args.repeats)
+        ]
         s = common.summarize(runs)
         if s["ok"]:
             s["lds"] = common.lds(common.read_safetensors(s["scores_path"])[0]["scores"], *gt)[0]
         results.append({"side": side, "name": name, "hparams": hp, **s})
-        log(f"{side} {name}: ok={s['ok']} t={s.get('time_total')} lds={s.get('lds')} {s.get('error', '')[:300]}")
+        log(
+            f"{side} {name}: ok={s['ok']} t={s.get('time_total')} lds={s.get('lds')} {s.get('error', '')[:300]}"
+        )
     prev = common.RESULTS_DIR / "ekfac_compare.json"
     if args.update and prev.is_file():  # keep the earlier rows that were not rerun now
         fresh = {(r["side"], r["name"]) for r in results}
-        results = [r for r in json.loads(prev.read_text())["rows"] if (r["side"], r["name"]) not in fresh] + results
-    out = {"tuning": tuning, "chosen": best, "rows": results, "repeats": args.repeats, "batches": BATCHES,
-           "heldout": {**HELDOUT, "num_subsets": args.heldout_subsets, "tune_test": args.tune_test},
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load": os.getloadavg()},
-           "seconds": time.perf_counter() - t_start, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        results = [
+            r for r in json.loads(prev.read_text())["rows"] if (r["side"], r["name"]) not in fresh
+        ] + results
+    out = {
+        "tuning": tuning,
+        "chosen": best,
+        "rows": results,
+        "repeats": args.repeats,
+        "batches": BATCHES,
+        "heldout": {**HELDOUT, "num_subsets": args.heldout_subsets, "tune_test": args.tune_test},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "load": os.getloadavg(),
+        },
+        "seconds": time.perf_counter() - t_start,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     (common.RESULTS_DIR / "ekfac_compare.json").write_text(json.dumps(out, indent=1))
     (common.RESULTS_DIR / "ekfac_compare.md").write_text(render(out) + "\n")
     print(render(out))
@@ -238,7 +411,12 @@ def _run_job_file(path: str) -> int:
 
     job = json.loads(Path(path).read_text())
     common.one_thread()
-    result: dict[str, Any] = {"side": "ours", "method": job["method"], "model": job["model"], "ok": False}
+    result: dict[str, Any] = {
+        "side": "ours",
+        "method": job["method"],
+        "model": job["model"],
+        "ok": False,
+    }
     try:
         scores, times = run_our_job(job)
         result.update(times, ok=True)
@@ -253,28 +431,40 @@ def _run_job_file(path: str) -> int:
 
 def render(out: dict[str, Any]) -> str:
     f = lambda v, s=".2f": "-" if v is None else format(v, s)  # noqa: E731
-    lines = ["| side | row | strategy | Fisher | damping | time fit (s) | time scores (s) | total (s) | LDS |", "|" + "---|" * 9]
+    lines = [
+        "| side | row | strategy | Fisher | damping | time fit (s) | time scores (s) | total (s) | LDS |",
+        "|" + "---|" * 9,
+    ]
     for r in out["rows"]:
         hp = r["hparams"]
         fisher = hp.get("fisher") or ("empirical" if r["side"] == "dattri" else "true")
         if r["side"] == "kronfluence":
             damp = "0.1 x mean" if hp.get("damping_factor") is None else f"{hp['damping_factor']:g}"
         elif hp.get("damping_factor") is not None:
-            damp = f"{hp['damping_factor']:g} x mean" + (f" + {hp['damping']:g}" if hp.get("damping") else "")
+            damp = f"{hp['damping_factor']:g} x mean" + (
+                f" + {hp['damping']:g}" if hp.get("damping") else ""
+            )
         else:
             damp = f"{hp['damping']:g}"
-        lines.append(f"| {r['side']} | {r['name']} | {hp.get('strategy', 'ekfac')} | {fisher} | {damp} | {f(r.get('time_cache'))} | "
-                     f"{f(r.get('time_attribute'))} | {f(r.get('time_total'))} | {f(r.get('lds'), '.3f')} |")
+        lines.append(
+            f"| {r['side']} | {r['name']} | {hp.get('strategy', 'ekfac')} | {fisher} | {damp} | {f(r.get('time_cache'))} | "
+            f"{f(r.get('time_attribute'))} | {f(r.get('time_total'))} | {f(r.get('lds'), '.3f')} |"
+        )
     txt = "\n".join(lines)
     best = out["chosen"]
-    txt += ("\n\nMNIST MLP 784-128-64-10 (benchmarks/common.py), 4,500 train x 500 test, all three Linear layers; one CPU thread "
-            f"per job; median of {out['repeats']} run(s); loaders of 500 (dattri: one train batch of 4,500, its best case); LDS = Spearman over the 50 evaluation subsets, target -loss. "
-            f"Damping of the `*_tuned` rows chosen on {out['heldout']['num_subsets']} held-out subsets (seeds disjoint from the "
-            f"evaluation subsets), {out['heldout']['tune_test']} test digits: "
-            + "; ".join(f"{k}: {v['fisher']} Fisher, damping {v['damping']:g}"
-                        + (f" + {v['damping_factor']:g} x mean" if v["damping_factor"] is not None else "")
-                        + f" (held-out LDS {v['heldout_lds']:.3f})" for k, v in best.items())
-            + f". Host load average at the end: {', '.join(f'{x:.1f}' for x in out['machine']['load'])}.")
+    txt += (
+        "\n\nMNIST MLP 784-128-64-10 (benchmarks/common.py), 4,500 train x 500 test, all three Linear layers; one CPU thread "
+        f"per job; median of {out['repeats']} run(s); loaders of 500 (dattri: one train batch of 4,500, its best case); LDS = Spearman over the 50 evaluation subsets, target -loss. "
+        f"Damping of the `*_tuned` rows chosen on {out['heldout']['num_subsets']} held-out subsets (seeds disjoint from the "
+        f"evaluation subsets), {out['heldout']['tune_test']} test digits: "
+        + "; ".join(
+            f"{k}: {v['fisher']} Fisher, damping {v['damping']:g}"
+            + (f" + {v['damping_factor']:g} x mean" if v["damping_factor"] is not None else "")
+            + f" (held-out LDS {v['heldout_lds']:.3f})"
+            for k, v in best.items()
+        )
+        + f". Host load average at the end: {', '.join(f'{x:.1f}' for x in out['machine']['load'])}."
+    )
     return txt
 
 

@@ -132,22 +132,39 @@ def calibrate(name: str, device: str = "cpu") -> dict:
         torch.cuda.synchronize()
     sec = time.perf_counter() - t
     flops = per_sample * samples_per_model(setting)
-    return {"setting": name, "device": str(trainer.device), "seconds": sec, "gflop": flops / 1e9,
-            "gflop_per_s": flops / sec / 1e9}
+    return {
+        "setting": name,
+        "device": str(trainer.device),
+        "seconds": sec,
+        "gflop": flops / 1e9,
+        "gflop_per_s": flops / sec / 1e9,
+    }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--tflops", type=float, default=10.0, help="assumed sustained GPU TFLOP/s")
     ap.add_argument("--json", default=str(ROOT / "benchmarks/results/gpu_cost.json"))
     ap.add_argument("--no-calibrate", action="store_true")
-    ap.add_argument("--device", default="cpu", help="where the calibration model trains: cpu, cuda, auto")
+    ap.add_argument(
+        "--device", default="cpu", help="where the calibration model trains: cpu, cuda, auto"
+    )
     args = ap.parse_args()
     rows = [estimate(b, args.tflops) for b in BENCHMARKS]
-    cal = [] if args.no_calibrate else [calibrate(s, args.device)
-                                        for s in ("maestro_musictransformer_tiny", "shakespeare_nanogpt_tiny")]
-    head = ("| benchmark | params | train GFLOP/sample | samples/model | ground-truth models | "
-            "GPU-h train | GPU-h ground truth | GPU-h TRAK-10 | GPU-h TracIn | GPU-h total |")
+    cal = (
+        []
+        if args.no_calibrate
+        else [
+            calibrate(s, args.device)
+            for s in ("maestro_musictransformer_tiny", "shakespeare_nanogpt_tiny")
+        ]
+    )
+    head = (
+        "| benchmark | params | train GFLOP/sample | samples/model | ground-truth models | "
+        "GPU-h train | GPU-h ground truth | GPU-h TRAK-10 | GPU-h TracIn | GPU-h total |"
+    )
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         lines.append(
@@ -157,7 +174,9 @@ def main() -> None:
             f"{r['gpu_h_total']:.2f} |"
         )
     lines.append("")
-    lines.append(f"Assumed sustained throughput: {args.tflops:g} TFLOP/s (FLOPs counted by torch.utils.flop_counter).")
+    lines.append(
+        f"Assumed sustained throughput: {args.tflops:g} TFLOP/s (FLOPs counted by torch.utils.flop_counter)."
+    )
     for c in cal:
         lines.append(
             f"Calibration: {c['setting']} trained on {c['device']} (1 thread) in {c['seconds']:.2f} s for "

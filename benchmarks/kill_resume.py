@@ -50,11 +50,22 @@ def _setup(store_dir: str | os.PathLike) -> tuple[Any, Any, Any]:
 
         from tdabench.groundtruth.trainer import BatchedTrainer
 
-        trainer = BatchedTrainer(lambda: nn.Linear(4, 3), train, test, dict(lr=0.5, epochs=3, batch_size=16),
-                                 dtype=torch.float64, device=device)
+        trainer = BatchedTrainer(
+            lambda: nn.Linear(4, 3),
+            train,
+            test,
+            dict(lr=0.5, epochs=3, batch_size=16),
+            dtype=torch.float64,
+            device=device,
+        )
     spec = GroundTruthSpec(
-        kind="lds", num_subsets=NUM_SUBSETS, shard_size=SHARD_SIZE, num_runs=NUM_RUNS,
-        targets=("loss", "margin"), seed=5, keep_checkpoints=True,
+        kind="lds",
+        num_subsets=NUM_SUBSETS,
+        shard_size=SHARD_SIZE,
+        num_runs=NUM_RUNS,
+        targets=("loss", "margin"),
+        seed=5,
+        keep_checkpoints=True,
     )
     return spec, trainer, open_store(store_dir, spec, trainer)
 
@@ -78,7 +89,10 @@ def worker(store_dir: str, log: str) -> None:
 def _digests(store: Any) -> dict[str, str]:
     import pyarrow.parquet as pq
 
-    return {p.name: pq.read_schema(p).metadata[b"tdabench.sha256"].decode() for _, p in store.shard_files()}
+    return {
+        p.name: pq.read_schema(p).metadata[b"tdabench.sha256"].decode()
+        for _, p in store.shard_files()
+    }
 
 
 def reference(store_dir: str | os.PathLike) -> tuple[dict[str, str], str]:
@@ -94,10 +108,18 @@ def reference(store_dir: str | os.PathLike) -> tuple[dict[str, str], str]:
 
 
 def _start(store_dir: Path, log: Path) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(
+            [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")]
+        ),
+    )
     return subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), "--worker", str(store_dir), str(log)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
 
 
@@ -107,7 +129,9 @@ def _log_lines(log: Path, start: int) -> list[str]:
     return log.read_text().splitlines()[start:]
 
 
-def trial(rng: np.random.Generator, work: Path, ref: tuple[dict[str, str], str], max_kills: int) -> dict[str, Any]:
+def trial(
+    rng: np.random.Generator, work: Path, ref: tuple[dict[str, str], str], max_kills: int
+) -> dict[str, Any]:
     """One trial; returns a dict with ``ok`` and details."""
     import pyarrow.parquet as pq
 
@@ -131,7 +155,10 @@ def trial(rng: np.random.Generator, work: Path, ref: tuple[dict[str, str], str],
             else:
                 target = int(rng.integers(1, len(missing_before) + 1))
                 t0 = time.time()
-                while proc.poll() is None and sum(1 for x in _log_lines(log, offset) if x.startswith("train")) < target:
+                while (
+                    proc.poll() is None
+                    and sum(1 for x in _log_lines(log, offset) if x.startswith("train")) < target
+                ):
                     if time.time() - t0 > 120:
                         break
                     time.sleep(0.005)
@@ -145,7 +172,9 @@ def trial(rng: np.random.Generator, work: Path, ref: tuple[dict[str, str], str],
         trained = {int(x.split()[1]) for x in _log_lines(log, offset) if x.startswith("train")}
         trained_total += len(trained)
         if not trained <= missing_before:
-            problems.append(f"run {attempt} retrained complete shards {sorted(trained - missing_before)}")
+            problems.append(
+                f"run {attempt} retrained complete shards {sorted(trained - missing_before)}"
+            )
     if missing_shards(store, spec):
         problems.append(f"shards still missing: {missing_shards(store, spec)}")
     ref_digests, ref_merged = ref
@@ -165,11 +194,19 @@ def trial(rng: np.random.Generator, work: Path, ref: tuple[dict[str, str], str],
             store.load_checkpoint(sid)
         except Exception as exc:
             problems.append(f"checkpoint {sid}: {exc}")
-    return {"ok": not problems, "problems": problems, "kills": len(killed_at), "killed_at_shard": killed_at,
-            "shards_trained": trained_total, "n_shards": n_shards}
+    return {
+        "ok": not problems,
+        "problems": problems,
+        "kills": len(killed_at),
+        "killed_at_shard": killed_at,
+        "shards_trained": trained_total,
+        "n_shards": n_shards,
+    }
 
 
-def run_trials(trials: int, seed: int = 0, max_kills: int = 3, base: str | None = None) -> dict[str, Any]:
+def run_trials(
+    trials: int, seed: int = 0, max_kills: int = 3, base: str | None = None
+) -> dict[str, Any]:
     """Run ``trials`` trials; returns a summary with per-trial results."""
     rng = np.random.Generator(np.random.PCG64(seed))
     root = Path(tempfile.mkdtemp(prefix="killresume-", dir=base))
@@ -197,23 +234,36 @@ def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
         worker(sys.argv[2], sys.argv[3])
         return
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-kills", type=int, default=3)
-    ap.add_argument("--device", default="cpu", help="cpu (the toy trainer, default) or e.g. cuda (BatchedTrainer there)")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (the toy trainer, default) or e.g. cuda (BatchedTrainer there)",
+    )
     args = ap.parse_args()
-    os.environ[_DEVICE_ENV] = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
-        "cpu" if args.device == "auto" else args.device)
+    os.environ[_DEVICE_ENV] = (
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     t0 = time.time()
     s = run_trials(args.trials, args.seed, args.max_kills)
     for i, r in enumerate(s["results"]):
         status = "ok  " if r["ok"] else "FAIL"
-        print(f"trial {i:2d} {status} kills={r['kills']} killed after 'train' #{r['killed_at_shard']} "
-              f"shards trained={r['shards_trained']}/{r['n_shards']} {'; '.join(r['problems'])}")
-    print(f"\n{s['passed']}/{s['trials']} trials bit-identical to the uninterrupted run; "
-          f"{s['kills']} SIGKILLs; {s['shards_trained']} shard trainings for {s['shards_needed']} shards "
-          f"(extra = work redone after kills); {time.time() - t0:.1f} s")
+        print(
+            f"trial {i:2d} {status} kills={r['kills']} killed after 'train' #{r['killed_at_shard']} "
+            f"shards trained={r['shards_trained']}/{r['n_shards']} {'; '.join(r['problems'])}"
+        )
+    print(
+        f"\n{s['passed']}/{s['trials']} trials bit-identical to the uninterrupted run; "
+        f"{s['kills']} SIGKILLs; {s['shards_trained']} shard trainings for {s['shards_needed']} shards "
+        f"(extra = work redone after kills); {time.time() - t0:.1f} s"
+    )
     sys.exit(0 if s["passed"] == s["trials"] else 1)
 
 

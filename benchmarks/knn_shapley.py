@@ -34,7 +34,9 @@ import common
 from tdabench.algorithm import KNNShapleyAttributor
 
 
-def _ours(data: dict, k: int, device: str, repeats: int, n_test: int) -> tuple[np.ndarray, list[float]]:
+def _ours(
+    data: dict, k: int, device: str, repeats: int, n_test: int
+) -> tuple[np.ndarray, list[float]]:
     xtr, ytr = data["x_train"].double().to(device), data["y_train"].to(device)
     xte, yte = data["x_test"][:n_test].double().to(device), data["y_test"][:n_test].to(device)
     # the attributor takes any iterable of batches: pass the collated tensors, as pyDVL gets arrays
@@ -69,15 +71,37 @@ def _pydvl(data: dict, k: int, python: str, repeats: int, n_test: int) -> tuple[
     with tempfile.TemporaryDirectory(prefix="knn_pydvl_") as tmp:
         d = Path(tmp)
         for name in ("x_train", "y_train"):
-            np.save(d / f"{name}.npy", data[name].double().numpy() if name.startswith("x") else data[name].numpy())
+            np.save(
+                d / f"{name}.npy",
+                data[name].double().numpy() if name.startswith("x") else data[name].numpy(),
+            )
         np.save(d / "x_test.npy", data["x_test"][:n_test].double().numpy())
         np.save(d / "y_test.npy", data["y_test"][:n_test].numpy())
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "PYTHONWARNINGS": "ignore",
+        }
         env.pop("PYTHONPATH", None)
         runner = Path(__file__).resolve().parent / "peers" / "pydvl_knn.py"
-        cmd = [python, str(runner), "--inputs", str(d), "--k", str(k), "--out", str(d / "out"), "--repeats", str(repeats)]
+        cmd = [
+            python,
+            str(runner),
+            "--inputs",
+            str(d),
+            "--k",
+            str(k),
+            "--out",
+            str(d / "out"),
+            "--repeats",
+            str(repeats),
+        ]
         subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
-        return np.load(d / "out" / "values.npy", allow_pickle=False), json.loads((d / "out" / "result.json").read_text())
+        return np.load(d / "out" / "values.npy", allow_pickle=False), json.loads(
+            (d / "out" / "result.json").read_text()
+        )
 
 
 def _dattri(data: dict, k: int, python: str, n_test: int) -> tuple[np.ndarray, float]:
@@ -91,23 +115,47 @@ def _dattri(data: dict, k: int, python: str, n_test: int) -> tuple[np.ndarray, f
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
         env.pop("PYTHONPATH", None)
         runner = Path(__file__).resolve().parent / "peers" / "dattri_knn_dvemb.py"
-        cmd = [python, str(runner), "knn", "--inputs", str(d), "--out", str(d / "out"), "--k", str(k)]
+        cmd = [
+            python,
+            str(runner),
+            "knn",
+            "--inputs",
+            str(d),
+            "--out",
+            str(d / "out"),
+            "--k",
+            str(k),
+        ]
         subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
-        return np.load(d / "out" / "scores.npy", allow_pickle=False), json.loads((d / "out" / "result.json").read_text())["seconds"]
+        return np.load(d / "out" / "scores.npy", allow_pickle=False), json.loads(
+            (d / "out" / "result.json").read_text()
+        )["seconds"]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--n-test", type=int, default=common.N_TEST)
-    ap.add_argument("--pydvl-python", default=os.environ.get("TDABENCH_PYDVL_PYTHON", "/work/peers/pydvl/bin/python"))
+    ap.add_argument(
+        "--pydvl-python",
+        default=os.environ.get("TDABENCH_PYDVL_PYTHON", "/work/peers/pydvl/bin/python"),
+    )
     ap.add_argument("--out", type=Path, default=common.RESULTS_DIR / "knn_shapley")
-    ap.add_argument("--machine", default="", help="a description of the machine, recorded in the JSON")
-    ap.add_argument("--dattri-python", default=os.environ.get("TDABENCH_DATTRI_PYTHON", "/work/peers/dattri/bin/python"),
-                    help="dattri 0.3.0's python ('' to skip the dattri row)")
-    ap.add_argument("--dattri-n-test", type=int, default=50, help="test points for the (slow) dattri row")
+    ap.add_argument(
+        "--machine", default="", help="a description of the machine, recorded in the JSON"
+    )
+    ap.add_argument(
+        "--dattri-python",
+        default=os.environ.get("TDABENCH_DATTRI_PYTHON", "/work/peers/dattri/bin/python"),
+        help="dattri 0.3.0's python ('' to skip the dattri row)",
+    )
+    ap.add_argument(
+        "--dattri-n-test", type=int, default=50, help="test points for the (slow) dattri row"
+    )
     args = ap.parse_args()
     common.one_thread()
     data = common.load_data()
@@ -117,17 +165,25 @@ def main() -> None:
     med_o, med_p = statistics.median(t_ours), statistics.median(peer["seconds"])
     res = {
         "setting": f"MNIST raw pixels, {len(ours)} train x {args.n_test} test, K={args.k}",
-        "device": args.device, "machine": args.machine or platform.node(), "threads": 1,
-        "ours_seconds": t_ours, "pydvl_seconds": peer["seconds"], "pydvl_version": peer["pydvl"],
-        "time_ratio_ours_over_pydvl": med_o / med_p, "max_abs_diff": diff,
-        "goal_values_1e-6": diff <= 1e-6, "goal_time_le_0.5x": med_o / med_p <= 0.5,
+        "device": args.device,
+        "machine": args.machine or platform.node(),
+        "threads": 1,
+        "ours_seconds": t_ours,
+        "pydvl_seconds": peer["seconds"],
+        "pydvl_version": peer["pydvl"],
+        "time_ratio_ours_over_pydvl": med_o / med_p,
+        "max_abs_diff": diff,
+        "goal_values_1e-6": diff <= 1e-6,
+        "goal_time_le_0.5x": med_o / med_p <= 0.5,
     }
     if args.dattri_python:
         m = min(args.dattri_n_test, args.n_test)
         d_vals, d_sec = _dattri(data, args.k, args.dattri_python, m)
         o_vals, o_times = _ours_full(data, args.k, args.device, m)
         res["dattri"] = {
-            "n_test": m, "dattri_seconds": d_sec, "ours_seconds": o_times,
+            "n_test": m,
+            "dattri_seconds": d_sec,
+            "ours_seconds": o_times,
             "time_ratio_ours_over_dattri": statistics.median(o_times) / d_sec,
             "max_abs_diff": float(np.abs(o_vals.T - d_vals).max()),
             "note": "dattri returns (n_test, n_train) float32; compared transposed",
@@ -146,7 +202,9 @@ def main() -> None:
         )
     args.out.with_suffix(".md").write_text(md)
     print(md)
-    print(f"values equal to 1e-6: {res['goal_values_1e-6']}; time ratio {med_o / med_p:.4f} (goal <= 0.5): {res['goal_time_le_0.5x']}")
+    print(
+        f"values equal to 1e-6: {res['goal_values_1e-6']}; time ratio {med_o / med_p:.4f} (goal <= 0.5): {res['goal_time_le_0.5x']}"
+    )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
-METHODS = ("datainf", "datainf_default", "logra", "logra_tuned", "factgrass", "factgrass_tuned", "grad_dot", "trak_10")
+METHODS = (
+    "datainf",
+    "datainf_default",
+    "logra",
+    "logra_tuned",
+    "factgrass",
+    "factgrass_tuned",
+    "grad_dot",
+    "trak_10",
+)
 
 
 def _f(x: Any, spec: str) -> str:
@@ -36,8 +45,11 @@ def load_rows(paths: list[Path]) -> dict[tuple[str, str], dict[str, Any]]:
 
 
 def render(rows: dict[tuple[str, str], dict[str, Any]], tuning: dict[tuple[str, str], Any]) -> str:
-    head = ["| model | method | hyper-parameters (ours) | ours (s) | dattri (s) | time ours/dattri | LDS ours | LDS dattri | "
-            "agreement | goals |", "|---|---|---|---|---|---|---|---|---|---|"]
+    head = [
+        "| model | method | hyper-parameters (ours) | ours (s) | dattri (s) | time ours/dattri | LDS ours | LDS dattri | "
+        "agreement | goals |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for model in common.MODELS:
         for method in METHODS:
             r = rows.get((model, method))
@@ -62,7 +74,8 @@ def render(rows: dict[tuple[str, str], dict[str, Any]], tuning: dict[tuple[str, 
             head.append(
                 f"| {model} | {name} | {json.dumps(hp)} | {_f(o.get('time_total'), '.2f')} | "
                 f"{dt if isinstance(dt, str) else _f(dt, '.2f')} | {_f(time_ratio, '.3f')} | {_f(lo, '.3f')} | "
-                f"{_f(lt, '.3f')} | {_f(r.get('agreement'), '.3f')} | {' '.join(goals) or '-'} |")
+                f"{_f(lt, '.3f')} | {_f(r.get('agreement'), '.3f')} | {' '.join(goals) or '-'} |"
+            )
     return "\n".join(head)
 
 
@@ -70,19 +83,31 @@ def main(argv: list[str]) -> int:
     paths = [Path(a) for a in argv] or [common.RESULTS_DIR / "compare.json"]
     rows = load_rows(paths)
     tpath = common.RESULTS_DIR / "lowrank_tuning.json"
-    tuning = {(r["model"], r["method"]): r for r in json.loads(tpath.read_text())["results"]} if tpath.is_file() else {}
+    tuning = (
+        {(r["model"], r["method"]): r for r in json.loads(tpath.read_text())["results"]}
+        if tpath.is_file()
+        else {}
+    )
     table = render(rows, tuning)
-    notes = [f"{side} {m}/{meth}: {(r.get(side) or {}).get('error')}" for (m, meth), r in rows.items()
-             for side in ("ours", "dattri") if not (r.get(side) or {}).get("ok", True) and not (r.get(side) or {}).get("peer_method")]
-    text = (table + "\n\nMNIST 4,500 train x 500 test, one CPU thread per side, shared 2-core host (contended), one run "
-            "per cell (compare.py --quick), cache + attribute time; LDS: Spearman over the 50 evaluation subsets, target "
-            "-loss. *_tuned / datainf_default are tdabench-only rows compared with dattri's run of the named row (its "
-            "defaults); their hyper-parameters were chosen on held-out subsets (benchmarks/results/lowrank_tuning.md). "
-            "The grad_dot / trak_10 reference rows are those of the compare.json given (earlier runs, see compare.md).\n")
+    notes = [
+        f"{side} {m}/{meth}: {(r.get(side) or {}).get('error')}"
+        for (m, meth), r in rows.items()
+        for side in ("ours", "dattri")
+        if not (r.get(side) or {}).get("ok", True) and not (r.get(side) or {}).get("peer_method")
+    ]
+    text = (
+        table
+        + "\n\nMNIST 4,500 train x 500 test, one CPU thread per side, shared 2-core host (contended), one run "
+        "per cell (compare.py --quick), cache + attribute time; LDS: Spearman over the 50 evaluation subsets, target "
+        "-loss. *_tuned / datainf_default are tdabench-only rows compared with dattri's run of the named row (its "
+        "defaults); their hyper-parameters were chosen on held-out subsets (benchmarks/results/lowrank_tuning.md). "
+        "The grad_dot / trak_10 reference rows are those of the compare.json given (earlier runs, see compare.md).\n"
+    )
     text += "".join(f"- {n}\n" for n in notes if n)
     (common.RESULTS_DIR / "lowrank_compare.md").write_text(text)
-    (common.RESULTS_DIR / "lowrank_compare.json").write_text(json.dumps(
-        {"rows": list(rows.values()), "sources": [str(p) for p in paths]}, indent=1))
+    (common.RESULTS_DIR / "lowrank_compare.json").write_text(
+        json.dumps({"rows": list(rows.values()), "sources": [str(p) for p in paths]}, indent=1)
+    )
     print(text)
     return 0
 

@@ -27,15 +27,21 @@ import common
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=list(common.MODELS), choices=list(common.MODELS))
-    p.add_argument("--methods", nargs="+", default=list(common.METHODS), choices=list(common.METHODS))
+    p.add_argument(
+        "--methods", nargs="+", default=list(common.METHODS), choices=list(common.METHODS)
+    )
     p.add_argument("--timeout", type=float, default=3600.0)
     p.add_argument("--out", default=str(common.RESULTS_DIR / "memory_bound.json"))
     common.add_device_arg(p)
     args = p.parse_args(argv)
-    device = common.resolve_device(args.device)  # host RSS is measured either way (plus peak_gpu_mb on CUDA)
+    device = common.resolve_device(
+        args.device
+    )  # host RSS is measured either way (plus peak_gpu_mb on CUDA)
     jobs_dir = common.new_jobs_dir("memory_bound")
     rows = []
-    print("| model | method | working memory (MB) | bound (MB) | memory / bound | goal |\n|---|---|---|---|---|---|")
+    print(
+        "| model | method | working memory (MB) | bound (MB) | memory / bound | goal |\n|---|---|---|---|---|---|"
+    )
     for model_name in args.models:
         paths = common.prepare_checkpoints(model_name)
         for method in args.methods:
@@ -44,12 +50,21 @@ def main(argv: list[str] | None = None) -> int:
             res = common.run_job(ours.OURS_CMD, job, args.timeout, None)
             bound = common.memory_bound_mb(model_name, method)
             peak = res.get("work_mb") if res.get("ok") else None
-            row = {"model": model_name, "method": method, "work_mb": peak, "bound_mb": bound,
-                   "ratio": None if peak is None else peak / bound, "ok": res.get("ok"), "error": res.get("error")}
+            row = {
+                "model": model_name,
+                "method": method,
+                "work_mb": peak,
+                "bound_mb": bound,
+                "ratio": None if peak is None else peak / bound,
+                "ok": res.get("ok"),
+                "error": res.get("error"),
+            }
             rows.append(row)
             goal = "-" if peak is None else ("✓" if peak <= bound else "✗")
-            print(f"| {model_name} | {method} | {ours.fmt(peak, '.0f')} | {bound:.0f} | {ours.fmt(row['ratio'], '.2f')} | {goal} |",
-                  flush=True)
+            print(
+                f"| {model_name} | {method} | {ours.fmt(peak, '.0f')} | {bound:.0f} | {ours.fmt(row['ratio'], '.2f')} | {goal} |",
+                flush=True,
+            )
     Path(args.out).write_text(json.dumps({"rows": rows}, indent=1))
     return 0
 

@@ -19,7 +19,13 @@ def main(report: str, marker: str, readme: str = "README.md") -> None:
     table = [ln for ln in text.splitlines() if ln.startswith("|")]
     if not table:
         raise SystemExit(f"{report} holds no table; run the pipeline first")
-    block = "\n".join([f"<!-- {marker}:BEGIN (generated from {report} by scripts/readme_table.py) -->", *table, f"<!-- {marker}:END -->"])
+    block = "\n".join(
+        [
+            f"<!-- {marker}:BEGIN (generated from {report} by scripts/readme_table.py) -->",
+            *table,
+            f"<!-- {marker}:END -->",
+        ]
+    )
     r = Path(readme).read_text()
     pattern = re.compile(rf"<!-- {marker}:BEGIN.*?<!-- {marker}:END -->", re.S)
     if not pattern.search(r):

@@ -13,5 +13,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if item.get_closest_marker("gpu") is not None:  # not "gpu" in keywords: a folder named gpu matches
+        if (
+            item.get_closest_marker("gpu") is not None
+        ):  # not "gpu" in keywords: a folder named gpu matches
             item.add_marker(skip)

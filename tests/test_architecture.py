@@ -28,8 +28,17 @@ ALLOWED: dict[str, set[str]] = {
     "model_util": CORE | {"func", "groundtruth"},
     "metric": CORE | {"groundtruth", "model_util", "func"},
     "benchmark": CORE | {"func", "task", "_task_compat", "groundtruth", "model_util", "metric"},
-    "pipeline": CORE | {"func", "task", "_task_compat", "algorithm", "groundtruth", "model_util",
-                        "metric", "benchmark"},
+    "pipeline": CORE
+    | {
+        "func",
+        "task",
+        "_task_compat",
+        "algorithm",
+        "groundtruth",
+        "model_util",
+        "metric",
+        "benchmark",
+    },
     "__init__": {"errors"},
 }
 

@@ -19,8 +19,14 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 def _tensors() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return {"a": torch.randn(3, 4, generator=g), "b": torch.arange(5), "c": torch.tensor([True, False]),
-            "d": torch.randn(2, dtype=torch.float64, generator=g), "e": torch.zeros(0, 3), "u": torch.arange(4, dtype=torch.uint8)}
+    return {
+        "a": torch.randn(3, 4, generator=g),
+        "b": torch.arange(5),
+        "c": torch.tensor([True, False]),
+        "d": torch.randn(2, dtype=torch.float64, generator=g),
+        "e": torch.zeros(0, 3),
+        "u": torch.arange(4, dtype=torch.uint8),
+    }
 
 
 def test_safetensors_writer_is_read_by_the_library(tmp_path: Path) -> None:
@@ -49,7 +55,9 @@ def test_lds_matches_scipy_loop() -> None:
     values = torch.randn(S, n_test, generator=g, dtype=torch.float64)
     values[:, 2] = 1.0  # constant column -> NaN, dropped
     pred = torch.stack([score[i].sum(0) for i in idx])
-    expected = [spearmanr(pred[:, j].numpy(), values[:, j].numpy())[0] for j in range(n_test) if j != 2]
+    expected = [
+        spearmanr(pred[:, j].numpy(), values[:, j].numpy())[0] for j in range(n_test) if j != 2
+    ]
     got, _ = common.lds(score, values, idx)
     assert got == pytest.approx(float(np.mean(expected)), abs=1e-12)
     # sanity: a score that is exactly the target's linear model gives LDS 1
@@ -82,7 +90,7 @@ def test_train_many_equals_plain_loop(name: str) -> None:
         for _ in range(2):
             order = sub[torch.randperm(40, generator=gen)]
             for i in range(0, 40, 16):
-                b = order[i:i + 16]
+                b = order[i : i + 16]
                 opt.zero_grad()
                 F.cross_entropy(m(x[b]), y[b]).backward()
                 opt.step()
@@ -103,10 +111,17 @@ def test_loss_functions_work_batched_and_unbatched() -> None:
         torch.testing.assert_close(batched, single)
     # margin = log p - log(1 - p) of the correct class; prob = p
     p = torch.softmax(model(x), 1)[torch.arange(5), y]
-    torch.testing.assert_close(common.make_margin_func(model)(params, (x, y)), (p.log() - (1 - p).log()).mean())
+    torch.testing.assert_close(
+        common.make_margin_func(model)(params, (x, y)), (p.log() - (1 - p).log()).mean()
+    )
     ev = common.evaluate("mlp", model.state_dict(), x, y)
     logits = model(x)
-    others = torch.stack([torch.logsumexp(torch.cat([logits[i, :y[i]], logits[i, y[i] + 1:]]), 0) for i in range(5)])
+    others = torch.stack(
+        [
+            torch.logsumexp(torch.cat([logits[i, : y[i]], logits[i, y[i] + 1 :]]), 0)
+            for i in range(5)
+        ]
+    )
     torch.testing.assert_close(ev["margin"], logits[torch.arange(5), y] - others)
 
 
@@ -121,4 +136,6 @@ def test_memory_bound_is_issue_6s_formula() -> None:
     assert common.memory_bound_mb("lr", "if_cg") == 2 * 4 * (scores + lr + 4500 * lr) / mb
     assert common.memory_bound_mb("mlp", "if_cg") == 2 * 4 * (scores + mlp + 4500 * last) / mb
     assert common.memory_bound_mb("mlp", "rps") == 2 * 4 * (scores + mlp + 4500 * last) / mb
-    assert common.memory_bound_mb("mlp", "trak_10_sparse") == 2 * 4 * (scores + mlp + 500 * mlp) / mb
+    assert (
+        common.memory_bound_mb("mlp", "trak_10_sparse") == 2 * 4 * (scores + mlp + 500 * mlp) / mb
+    )

@@ -27,15 +27,38 @@ def gpu_compare():
 
 def test_dry_run_writes_every_section(gpu_compare, tmp_path):
     out = tmp_path / "gc"
-    rc = gpu_compare.main(["--device", "cpu", "--small", "--dry-run", "--out", str(out),
-                           "--mlp-methods", "grad_dot", "--resnet-methods", "trak_1", "if_explicit",
-                           "--retrain-rows", "mlp", "resnet9"])
+    rc = gpu_compare.main(
+        [
+            "--device",
+            "cpu",
+            "--small",
+            "--dry-run",
+            "--out",
+            str(out),
+            "--mlp-methods",
+            "grad_dot",
+            "--resnet-methods",
+            "trak_1",
+            "if_explicit",
+            "--retrain-rows",
+            "mlp",
+            "resnet9",
+        ]
+    )
     assert rc == 0
     payload = json.loads(out.with_suffix(".json").read_text())
     assert payload["device"] == "cpu" and payload["size"] == "dry"
-    rows = {(r["section"], r["method"] if r["section"] != "retrain" else r["model"]): r for r in payload["rows"]}
-    assert set(rows) == {("mnist_mlp", "grad_dot"), ("cifar_resnet9", "trak_1"), ("cifar_resnet9", "if_explicit"),
-                         ("retrain", "mlp"), ("retrain", "resnet9")}
+    rows = {
+        (r["section"], r["method"] if r["section"] != "retrain" else r["model"]): r
+        for r in payload["rows"]
+    }
+    assert set(rows) == {
+        ("mnist_mlp", "grad_dot"),
+        ("cifar_resnet9", "trak_1"),
+        ("cifar_resnet9", "if_explicit"),
+        ("retrain", "mlp"),
+        ("retrain", "resnet9"),
+    }
     for key, r in rows.items():
         if key[0] == "retrain":
             assert r["ok"], r.get("error")
@@ -46,7 +69,11 @@ def test_dry_run_writes_every_section(gpu_compare, tmp_path):
             assert r["ours"]["ok"], r["ours"].get("error")
             assert r["ours"]["time_s"] > 0 and "dattri" not in r  # dry run: our side only
     md = out.with_suffix(".md").read_text()
-    assert "| resnet9 | trak_1 |" in md and "Retraining throughput" in md and "dattri side not run" in md
+    assert (
+        "| resnet9 | trak_1 |" in md
+        and "Retraining throughput" in md
+        and "dattri side not run" in md
+    )
 
 
 def test_resnet_copy_matches_the_library_model(gpu_compare):
@@ -56,8 +83,9 @@ def test_resnet_copy_matches_the_library_model(gpu_compare):
     from tdabench.benchmark.models import ResNet9
 
     ours, copy = ResNet9(num_classes=10, dropout=0.0), gpu_compare.ResNet9()
-    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
-        {k: tuple(v.shape) for k, v in copy.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in copy.state_dict().items()
+    }
     copy.load_state_dict(ours.state_dict())
     ours.eval(), copy.eval()
     x = torch.randn(2, 3, 32, 32)

@@ -11,7 +11,13 @@ from tdabench.memory import CPU_STREAM_BYTES, GiB, MemoryPlanner, MiB, parse_byt
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("8GiB", 8 * GiB), ("512MB", 512 * 1000**2), ("1024", 1024), (" 2 mib ", 2 * MiB), (4096, 4096)],
+    [
+        ("8GiB", 8 * GiB),
+        ("512MB", 512 * 1000**2),
+        ("1024", 1024),
+        (" 2 mib ", 2 * MiB),
+        (4096, 4096),
+    ],
 )
 def test_parse_bytes_units(text, expected):
     assert parse_bytes(text) == expected

@@ -76,7 +76,9 @@ def _relu_oracle(grad_, pre):
 def test_threshold_backward_is_relu_backward():
     assert _fast_mlp._THRESHOLD_BACKWARD is not None, "torch.ops.aten.threshold_backward is gone"
     grad_, pre = _relu_case()
-    torch.testing.assert_close(_fast_mlp.relu_backward(grad_, pre), _relu_oracle(grad_, pre), rtol=0, atol=0)
+    torch.testing.assert_close(
+        _fast_mlp.relu_backward(grad_, pre), _relu_oracle(grad_, pre), rtol=0, atol=0
+    )
     # the same as autograd's ReLU backward where the pre-activation is finite
     p = pre.nan_to_num(-1.0).requires_grad_(True)
     (auto,) = torch.autograd.grad(torch.relu(p), p, grad_)
@@ -84,14 +86,24 @@ def test_threshold_backward_is_relu_backward():
 
 
 def test_threshold_backward_fallback(public, monkeypatch):
-    monkeypatch.setattr(_fast_mlp, "_THRESHOLD_BACKWARD", lambda *a: pytest.fail("private path used"))
+    monkeypatch.setattr(
+        _fast_mlp, "_THRESHOLD_BACKWARD", lambda *a: pytest.fail("private path used")
+    )
     grad_, pre = _relu_case()
-    torch.testing.assert_close(_fast_mlp.relu_backward(grad_, pre), _relu_oracle(grad_, pre), rtol=0, atol=0)
+    torch.testing.assert_close(
+        _fast_mlp.relu_backward(grad_, pre), _relu_oracle(grad_, pre), rtol=0, atol=0
+    )
 
 
 # ---------------------------------------------------------------------- _NormBase / _DropoutNd
-LAYERS = [nn.BatchNorm1d(3), nn.BatchNorm2d(3), nn.InstanceNorm2d(3, track_running_stats=True), nn.Dropout(0.1),
-          nn.Dropout2d(0.1), nn.AlphaDropout(0.1)]
+LAYERS = [
+    nn.BatchNorm1d(3),
+    nn.BatchNorm2d(3),
+    nn.InstanceNorm2d(3, track_running_stats=True),
+    nn.Dropout(0.1),
+    nn.Dropout2d(0.1),
+    nn.AlphaDropout(0.1),
+]
 
 
 def test_private_norm_and_dropout_bases():
@@ -105,7 +117,10 @@ def test_private_norm_and_dropout_bases():
 
 def test_norm_and_dropout_fallback(public, caplog):
     types_ = mode_dependent_layer_types()
-    assert all(t.__module__.startswith("torch.nn.modules") and not t.__name__.startswith("_") for t in types_)
+    assert all(
+        t.__module__.startswith("torch.nn.modules") and not t.__name__.startswith("_")
+        for t in types_
+    )
     assert all(isinstance(m, types_) for m in LAYERS)
     from tdabench.task import AttributionTask
 
@@ -132,7 +147,9 @@ def test_linear_forward_replacement_routes_through_stacked_linear(monkeypatch):
     # under vmap over stacked weights (the trainer's use), the same as a per-model loop
     W = torch.randn(6, 3, 4, dtype=DT)
     b = torch.randn(6, 3, dtype=DT)
-    stacked = vmap(lambda w, bb: torch.func.functional_call(model[0], {"weight": w, "bias": bb}, (x,)))(W, b)
+    stacked = vmap(
+        lambda w, bb: torch.func.functional_call(model[0], {"weight": w, "bias": bb}, (x,))
+    )(W, b)
     loop = torch.stack([F.linear(x, W[i], b[i]) for i in range(6)])
     torch.testing.assert_close(stacked, loop, rtol=1e-12, atol=1e-12)
 

@@ -36,7 +36,9 @@ def _batch_loss(model):
 def _sample_loss(model):
     def f(params, data):  # dattri's convention: one unbatched sample, batch dim added here
         x, y = data
-        return nn.functional.cross_entropy(functional_call(model, params, (x.unsqueeze(0),)), y.unsqueeze(0))
+        return nn.functional.cross_entropy(
+            functional_call(model, params, (x.unsqueeze(0),)), y.unsqueeze(0)
+        )
 
     return f
 

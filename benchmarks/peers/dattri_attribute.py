@@ -75,7 +75,9 @@ def build_and_run(job: dict) -> tuple[torch.Tensor, dict]:
     elif kind in ("logra", "factgrass"):
         from dattri.algorithm import FactGraSSAttributor, LoGraAttributor
 
-        def model_loss(m, batch, device):  # dattri's LoGra loss form: f(model, batch, device), batch mean
+        def model_loss(
+            m, batch, device
+        ):  # dattri's LoGra loss form: f(model, batch, device), batch mean
             x, y = batch
             return torch.nn.functional.cross_entropy(m(x.to(device)), y.to(device))
 
@@ -99,8 +101,12 @@ def build_and_run(job: dict) -> tuple[torch.Tensor, dict]:
             IFAttributorLiSSA,
         )
 
-        cls = {"if_explicit": IFAttributorExplicit, "if_cg": IFAttributorCG,
-               "if_lissa": IFAttributorLiSSA, "if_arnoldi": IFAttributorArnoldi}[kind]
+        cls = {
+            "if_explicit": IFAttributorExplicit,
+            "if_cg": IFAttributorCG,
+            "if_lissa": IFAttributorLiSSA,
+            "if_arnoldi": IFAttributorArnoldi,
+        }[kind]
         task = AttributionTask(loss_func=loss, model=model, checkpoints=ckpt_arg)
         att = cls(task=task, layer_name=layer, device=dev, **hp)
         t0 = start()
@@ -112,17 +118,30 @@ def build_and_run(job: dict) -> tuple[torch.Tensor, dict]:
 
         task = AttributionTask(loss_func=loss, model=model, checkpoints=ckpt_arg)
         weights = torch.tensor(job["checkpoint_weights"], dtype=torch.float32)
-        att = TracInAttributor(task=task, weight_list=weights, normalized_grad=hp["normalized_grad"],
-                               projector_kwargs={**hp["projector_kwargs"], "device": dev}, layer_name=layer, device=dev)
+        att = TracInAttributor(
+            task=task,
+            weight_list=weights,
+            normalized_grad=hp["normalized_grad"],
+            projector_kwargs={**hp["projector_kwargs"], "device": dev},
+            layer_name=layer,
+            device=dev,
+        )
         t0 = t1 = start()
         scores = att.attribute(dl["train"], dl["test"])
     elif kind == "trak":
         from dattri.algorithm import TRAKAttributor
 
-        task = AttributionTask(loss_func=common.make_margin_func(model), model=model, checkpoints=ckpt_arg)
-        att = TRAKAttributor(task=task, correct_probability_func=common.make_prob_func(model),
-                             projector_kwargs={**hp["projector_kwargs"], "device": dev}, layer_name=layer, device=dev,
-                             regularization=hp["regularization"])
+        task = AttributionTask(
+            loss_func=common.make_margin_func(model), model=model, checkpoints=ckpt_arg
+        )
+        att = TRAKAttributor(
+            task=task,
+            correct_probability_func=common.make_prob_func(model),
+            projector_kwargs={**hp["projector_kwargs"], "device": dev},
+            layer_name=layer,
+            device=dev,
+            regularization=hp["regularization"],
+        )
         t0 = start()
         att.cache(dl["cache"])
         t1 = time.perf_counter()
@@ -130,17 +149,25 @@ def build_and_run(job: dict) -> tuple[torch.Tensor, dict]:
     elif kind == "rps":
         from dattri.algorithm import RPSAttributor
 
-        task = AttributionTask(loss_func=loss, model=model, checkpoints=ckpt_arg, target_func=common.rps_target_func)
-        att = RPSAttributor(task=task, final_linear_layer_name=common.FINAL_LAYER[model_name], device=dev, **hp)
+        task = AttributionTask(
+            loss_func=loss, model=model, checkpoints=ckpt_arg, target_func=common.rps_target_func
+        )
+        att = RPSAttributor(
+            task=task, final_linear_layer_name=common.FINAL_LAYER[model_name], device=dev, **hp
+        )
         t0 = start()
         att.cache(dl["cache"])
         t1 = time.perf_counter()
         scores = att.attribute(dl["train"], dl["test"])
-    elif kind == "ekfac":  # IFAttributorEKFAC(task, module_name, device, damping): all Linear modules
+    elif (
+        kind == "ekfac"
+    ):  # IFAttributorEKFAC(task, module_name, device, damping): all Linear modules
         from dattri.algorithm import IFAttributorEKFAC
 
         task = AttributionTask(loss_func=loss, model=model, checkpoints=ckpt_arg)
-        att = IFAttributorEKFAC(task=task, module_name=None, device="cpu", damping=float(hp.get("damping", 0.0)))
+        att = IFAttributorEKFAC(
+            task=task, module_name=None, device="cpu", damping=float(hp.get("damping", 0.0))
+        )
         t0 = start()
         att.cache(dl["cache"])
         t1 = time.perf_counter()

@@ -64,7 +64,9 @@ def dvemb(args: argparse.Namespace) -> tuple[np.ndarray, float]:
     with torch.no_grad():
         model.fc.weight.copy_(_load(args.inputs, "w0"))
         model.fc.bias.copy_(_load(args.inputs, "b0"))
-    task = AttributionTask(loss_func=common.make_loss_func(model), model=model, checkpoints=model.state_dict())
+    task = AttributionTask(
+        loss_func=common.make_loss_func(model), model=model, checkpoints=model.state_dict()
+    )
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
     t0 = time.perf_counter()
     att = DVEmbAttributor(task=task, proj_dim=None, factorization_type="none")
@@ -95,7 +97,9 @@ def main() -> None:
     np.save(args.out / "scores.npy", scores, allow_pickle=False)
     import dattri
 
-    (args.out / "result.json").write_text(json.dumps({"seconds": seconds, "dattri": getattr(dattri, "__version__", "0.3.0")}))
+    (args.out / "result.json").write_text(
+        json.dumps({"seconds": seconds, "dattri": getattr(dattri, "__version__", "0.3.0")})
+    )
 
 
 if __name__ == "__main__":

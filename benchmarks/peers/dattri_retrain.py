@@ -58,19 +58,46 @@ def main() -> None:
         train_func = mlp_train_func
 
     arrays = np.load(args.data)
-    dataset = torch.utils.data.TensorDataset(torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"]))
+    dataset = torch.utils.data.TensorDataset(
+        torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"])
+    )
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True)
     # untimed warm-up (first optimiser step / lazy torch imports), as for our trainers
     w0 = time.perf_counter()
-    retrain_lds(train_func, loader, os.path.join(args.out, "warmup"), num_subsets=1,
-                subset_ratio=args.subset_ratio, seed=args.seed + 10_000, epoch_num=1)
+    retrain_lds(
+        train_func,
+        loader,
+        os.path.join(args.out, "warmup"),
+        num_subsets=1,
+        subset_ratio=args.subset_ratio,
+        seed=args.seed + 10_000,
+        epoch_num=1,
+    )
     warmup = time.perf_counter() - w0
     t0, c0 = time.perf_counter(), time.process_time()
-    retrain_lds(train_func, loader, args.out, num_subsets=args.num_models, subset_ratio=args.subset_ratio,
-                seed=args.seed, epoch_num=args.epochs)
+    retrain_lds(
+        train_func,
+        loader,
+        args.out,
+        num_subsets=args.num_models,
+        subset_ratio=args.subset_ratio,
+        seed=args.seed,
+        epoch_num=args.epochs,
+    )
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    print(json.dumps({"wall_s": wall, "cpu_s": cpu, "warmup_s": warmup, "num_models": args.num_models, "torch": torch.__version__,
-                      "threads": torch.get_num_threads(), "pid": os.getpid()}))
+    print(
+        json.dumps(
+            {
+                "wall_s": wall,
+                "cpu_s": cpu,
+                "warmup_s": warmup,
+                "num_models": args.num_models,
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "pid": os.getpid(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

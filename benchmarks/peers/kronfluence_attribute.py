@@ -47,7 +47,9 @@ def _task_class():
             logits = model(x)
             if sample:
                 with torch.no_grad():
-                    y = torch.multinomial(torch.softmax(logits.detach(), dim=-1), num_samples=1).flatten()
+                    y = torch.multinomial(
+                        torch.softmax(logits.detach(), dim=-1), num_samples=1
+                    ).flatten()
             return F.cross_entropy(logits, y, reduction="sum")
 
         def compute_measurement(self, batch, model):
@@ -73,23 +75,48 @@ def build_and_run(job: dict) -> tuple[torch.Tensor, dict]:
     task = _task_class()()
     model = prepare_model(model, task)
     out_dir = tempfile.mkdtemp(prefix="kron-", dir=str(Path(job["result_path"]).parent))
-    analyzer = Analyzer(analysis_name="mnist", model=model, task=task, cpu=True, disable_tqdm=True, output_dir=out_dir)
-    factor_args = FactorArguments(strategy=hp["strategy"], use_empirical_fisher=bool(hp.get("use_empirical_fisher", False)))
+    analyzer = Analyzer(
+        analysis_name="mnist",
+        model=model,
+        task=task,
+        cpu=True,
+        disable_tqdm=True,
+        output_dir=out_dir,
+    )
+    factor_args = FactorArguments(
+        strategy=hp["strategy"], use_empirical_fisher=bool(hp.get("use_empirical_fisher", False))
+    )
     score_args = ScoreArguments(damping_factor=hp.get("damping_factor", 1e-8))
     common.warm_torch()
     setup_rss = common.peak_rss_mb()[1]
     t0 = time.perf_counter()
-    analyzer.fit_all_factors(factors_name="f", dataset=train, per_device_batch_size=int(job["batches"]["cache"]),
-                             factor_args=factor_args, overwrite_output_dir=True)
+    analyzer.fit_all_factors(
+        factors_name="f",
+        dataset=train,
+        per_device_batch_size=int(job["batches"]["cache"]),
+        factor_args=factor_args,
+        overwrite_output_dir=True,
+    )
     t1 = time.perf_counter()
-    analyzer.compute_pairwise_scores(scores_name="s", factors_name="f", query_dataset=test, train_dataset=train,
-                                     per_device_query_batch_size=int(job["batches"]["test"]),
-                                     per_device_train_batch_size=int(job["batches"]["train"]),
-                                     score_args=score_args, overwrite_output_dir=True)
+    analyzer.compute_pairwise_scores(
+        scores_name="s",
+        factors_name="f",
+        query_dataset=test,
+        train_dataset=train,
+        per_device_query_batch_size=int(job["batches"]["test"]),
+        per_device_train_batch_size=int(job["batches"]["train"]),
+        score_args=score_args,
+        overwrite_output_dir=True,
+    )
     t2 = time.perf_counter()
     scores = analyzer.load_pairwise_scores("s")["all_modules"].T.contiguous()
     shutil.rmtree(out_dir, ignore_errors=True)
-    return scores, {"time_cache": t1 - t0, "time_attribute": t2 - t1, "time_total": t2 - t0, "setup_rss_mb": setup_rss}
+    return scores, {
+        "time_cache": t1 - t0,
+        "time_attribute": t2 - t1,
+        "time_total": t2 - t0,
+        "setup_rss_mb": setup_rss,
+    }
 
 
 def main(argv: list[str]) -> int:
@@ -98,7 +125,12 @@ def main(argv: list[str]) -> int:
         return 2
     job = json.loads(Path(argv[0]).read_text())
     common.one_thread()
-    result: dict = {"side": "kronfluence", "method": job["method"], "model": job["model"], "ok": False}
+    result: dict = {
+        "side": "kronfluence",
+        "method": job["method"],
+        "model": job["model"],
+        "ok": False,
+    }
     try:
         import kronfluence
 

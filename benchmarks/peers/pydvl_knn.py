@@ -39,7 +39,9 @@ def main() -> None:
     test = Dataset(load("x_test"), load("y_test"))
     times, values = [], None
     for _ in range(args.repeats):
-        valuation = KNNShapleyValuation(KNeighborsClassifier(n_neighbors=args.k), test, progress=False)
+        valuation = KNNShapleyValuation(
+            KNeighborsClassifier(n_neighbors=args.k), test, progress=False
+        )
         t0 = time.perf_counter()
         valuation.fit(train)
         times.append(time.perf_counter() - t0)
@@ -50,9 +52,15 @@ def main() -> None:
     np.save(args.out / "values.npy", values, allow_pickle=False)
     import pydvl
 
-    (args.out / "result.json").write_text(json.dumps({
-        "seconds": times, "pydvl": pydvl.__version__, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-    }))
+    (args.out / "result.json").write_text(
+        json.dumps(
+            {
+                "seconds": times,
+                "pydvl": pydvl.__version__,
+                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,9 @@ def _in_dims(data: Any) -> Any:
 
 
 def _per_sample_mean(func: Callable[..., Tensor], params: Any, data: Any) -> Tensor:
-    values = vmap(lambda s: func(params, s).reshape(()), in_dims=(_in_dims(data),),
-                  randomness="different")(data)
+    values = vmap(
+        lambda s: func(params, s).reshape(()), in_dims=(_in_dims(data),), randomness="different"
+    )(data)
     return values.mean()
 
 
@@ -52,8 +53,10 @@ def _attempt(call: Callable[[], Tensor]) -> tuple[Tensor | None, BaseException |
     except Exception as exc:  # a convention that does not fit raises anything (shape, index, ...)
         return None, exc
     if not isinstance(out, Tensor) or out.numel() != 1:
-        return None, ConfigError(f"returned {type(out).__name__} of shape "
-                                 f"{tuple(getattr(out, 'shape', ()))}, not a scalar")
+        return None, ConfigError(
+            f"returned {type(out).__name__} of shape "
+            f"{tuple(getattr(out, 'shape', ()))}, not a scalar"
+        )
     return out, None
 
 

@@ -51,11 +51,17 @@ class DattriTaskMethods:
         return getattr(self, name, fallback)
 
     def _dattri_func(
-        self, user: Callable[..., Tensor], flatten: bool, layer_name: LayerNames, ckpt_idx: int | None
+        self,
+        user: Callable[..., Tensor],
+        flatten: bool,
+        layer_name: LayerNames,
+        ckpt_idx: int | None,
     ) -> Callable[..., Tensor]:
         if not flatten:
             if layer_name is not None:
-                raise ConfigError("layer_name needs flatten=True (the function then takes the selected flat parameters)")
+                raise ConfigError(
+                    "layer_name needs flatten=True (the function then takes the selected flat parameters)"
+                )
             return user
         func = flatten_func(self.model)(user)
         if layer_name is not None:
@@ -90,7 +96,11 @@ class DattriTaskMethods:
         With dattri's default ``in_dims=(None, 1)`` the data tensors are mapped over their
         dimension 1 (callers pass ``data.unsqueeze(0)``-style batches, as in dattri).
         """
-        return vmap(grad(self.get_loss_func(True, layer_name, ckpt_idx)), in_dims=in_dims, randomness="different")
+        return vmap(
+            grad(self.get_loss_func(True, layer_name, ckpt_idx)),
+            in_dims=in_dims,
+            randomness="different",
+        )
 
     def get_grad_target_func(
         self,
@@ -99,7 +109,11 @@ class DattriTaskMethods:
         ckpt_idx: int | None = None,
     ) -> Callable[..., Tensor]:
         """As :meth:`get_grad_loss_func` for the target function."""
-        return vmap(grad(self.get_target_func(True, layer_name, ckpt_idx)), in_dims=in_dims, randomness="different")
+        return vmap(
+            grad(self.get_target_func(True, layer_name, ckpt_idx)),
+            in_dims=in_dims,
+            randomness="different",
+        )
 
     def get_param(
         self,
@@ -129,7 +143,9 @@ class DattriTaskMethods:
         pieces = tuple(p.reshape(-1) for p in named.values())
         if param_layer_map is not None:
             if len(param_layer_map) != len(named):
-                raise ConfigError(f"param_layer_map has {len(param_layer_map)} entries for {len(named)} parameter tensors")
+                raise ConfigError(
+                    f"param_layer_map has {len(param_layer_map)} entries for {len(named)} parameter tensors"
+                )
             return pieces, list(param_layer_map)
         return pieces, _layer_map(list(named))
 
@@ -151,4 +167,3 @@ def _layer_map(names: Sequence[str]) -> list[int]:
             index, current = index + 1, module
         out.append(index)
     return out
-

@@ -32,7 +32,9 @@ def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | 
         lo = "" if minimum is None else f" >= {minimum}"
         hi = "" if maximum is None else f" <= {maximum}"
         example = max(minimum, 1) if minimum is not None else 1
-        raise ConfigError(f"{name} must be an integer{lo}{hi}, got {value!r}; pass e.g. {name}={example}")
+        raise ConfigError(
+            f"{name} must be an integer{lo}{hi}, got {value!r}; pass e.g. {name}={example}"
+        )
     return int(value)
 
 
@@ -52,7 +54,11 @@ def check_real(
     Raises:
         ConfigError: naming ``name``, the value, the accepted range and ``fix``.
     """
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+    ok = (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+    )
     if ok and minimum is not None:
         ok = float(value) > minimum if strict else float(value) >= minimum
     if ok and below is not None:

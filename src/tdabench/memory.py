@@ -100,7 +100,9 @@ def parse_bytes(value: int | float | str, total: int | None = None) -> int:
             f"memory_budget {value!r} is not understood: use bytes (e.g. 8589934592), "
             "a size with a unit ('8GiB', '512MB') or a fraction of the device ('0.5')"
         )
-    raise ConfigError(f"memory_budget must be bytes or a string like '8GiB', got {type(value).__name__}")
+    raise ConfigError(
+        f"memory_budget must be bytes or a string like '8GiB', got {type(value).__name__}"
+    )
 
 
 def _physical_bytes() -> int:

@@ -42,7 +42,9 @@ logger = logging.getLogger(__name__)
 _PICKLE_MAGIC = (b"\x80",)  # protocol 2+ pickles start with PROTO opcode
 
 
-def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
+def load_state_dict(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> dict[str, Tensor]:
     """Load a state dict without executing code.
 
     ``.safetensors`` files are read with safetensors; anything else with
@@ -58,7 +60,9 @@ def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
         try:
             return load_file(str(p), device=str(map_location))
         except Exception as exc:  # truncated or not a safetensors file
-            raise CheckpointError(f"cannot read safetensors checkpoint {str(p)!r}: {exc}; re-create the file") from exc
+            raise CheckpointError(
+                f"cannot read safetensors checkpoint {str(p)!r}: {exc}; re-create the file"
+            ) from exc
     with open(p, "rb") as fh:
         head = fh.read(2)
     if head[:1] in _PICKLE_MAGIC:
@@ -74,7 +78,9 @@ def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
             "tdabench never unpickles arbitrary objects: save a plain state_dict or use safetensors"
         ) from exc
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{str(p)!r} does not hold a state dict (got {type(obj).__name__}); save model.state_dict()")
+        raise CheckpointError(
+            f"{str(p)!r} does not hold a state dict (got {type(obj).__name__}); save model.state_dict()"
+        )
     return dict(obj)
 
 
@@ -141,7 +147,11 @@ class AttributionTask(DattriTaskMethods):
             )
         self.checkpoints = ckpts
         stochastic = sorted(
-            {type(m).__name__ for m in model.modules() if isinstance(m, mode_dependent_layer_types())}
+            {
+                type(m).__name__
+                for m in model.modules()
+                if isinstance(m, mode_dependent_layer_types())
+            }
         )
         if model.training and stochastic:
             logger.warning(
@@ -167,8 +177,14 @@ class AttributionTask(DattriTaskMethods):
         """Decide ``sample_mode`` on a concrete ``batch`` (no-op once decided)."""
         if self._sample_state[0] != "auto" or not isinstance(self.loss_func, BatchLoss):
             return self._sample_state[0]
-        first = next((t for t in (batch if isinstance(batch, (tuple, list)) else [batch])
-                      if isinstance(t, Tensor)), None)
+        first = next(
+            (
+                t
+                for t in (batch if isinstance(batch, (tuple, list)) else [batch])
+                if isinstance(t, Tensor)
+            ),
+            None,
+        )
         dev = first.device if first is not None else None
         params = {n: t.to(dev) for n, t in self.get_params(index).items()}
         return self.loss_func.resolve(params, batch)
@@ -183,7 +199,9 @@ class AttributionTask(DattriTaskMethods):
 
     def _load(self, index: int) -> None:
         if not 0 <= index < len(self.checkpoints):
-            raise ConfigError(f"checkpoint index {index} out of range; the task has {len(self.checkpoints)}")
+            raise ConfigError(
+                f"checkpoint index {index} out of range; the task has {len(self.checkpoints)}"
+            )
         ckpt = self.checkpoints[index]
         if self.checkpoints_load_func is not None:
             model = self.checkpoints_load_func(self.model, ckpt)
@@ -193,14 +211,18 @@ class AttributionTask(DattriTaskMethods):
         else:
             sd = load_state_dict(ckpt) if isinstance(ckpt, (str, os.PathLike)) else ckpt
             if not isinstance(sd, Mapping):
-                raise CheckpointError(f"checkpoint {index} is a {type(sd).__name__}, not a state dict or path")
+                raise CheckpointError(
+                    f"checkpoint {index} is a {type(sd).__name__}, not a state dict or path"
+                )
             own = self.model.state_dict()
             missing = [k for k in own if k not in sd]
             unexpected = [k for k in sd if k not in own]
             wrong = [
                 f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                 for k in own
-                if k in sd and isinstance(sd[k], Tensor) and tuple(sd[k].shape) != tuple(own[k].shape)
+                if k in sd
+                and isinstance(sd[k], Tensor)
+                and tuple(sd[k].shape) != tuple(own[k].shape)
             ]
             if missing or unexpected or wrong:
                 raise CheckpointError(
@@ -294,7 +316,9 @@ class AttributionTask(DattriTaskMethods):
         self.resolve_sample_mode(batch, index)
         user = self.loss_func if which == "loss" else self.target_func
         spec = self.param_spec(layer_name)
-        fixed = {n: t.to(flat.device) for n, t in self.get_params(index).items() if n not in spec.names}
+        fixed = {
+            n: t.to(flat.device) for n, t in self.get_params(index).items() if n not in spec.names
+        }
 
         def f(selected: dict[str, Tensor], data: Batch) -> Tensor:
             return user({**fixed, **selected}, data)
@@ -306,7 +330,12 @@ class AttributionTask(DattriTaskMethods):
         return check_finite(g, what)
 
     def per_sample_values(
-        self, flat: Tensor, batch: Batch, which: str = "loss", index: int = 0, layer_name: LayerName = None
+        self,
+        flat: Tensor,
+        batch: Batch,
+        which: str = "loss",
+        index: int = 0,
+        layer_name: LayerName = None,
     ) -> Tensor:
         """Per-sample loss/target values ``(B,)``."""
         self.resolve_sample_mode(batch, index)
@@ -314,7 +343,11 @@ class AttributionTask(DattriTaskMethods):
         return per_sample_values(func, flat, batch)
 
     def summed_loss(
-        self, batch: Batch, index: int = 0, layer_name: LayerName = None, device: str | torch.device | None = None
+        self,
+        batch: Batch,
+        index: int = 0,
+        layer_name: LayerName = None,
+        device: str | torch.device | None = None,
     ) -> Callable[[Tensor], Tensor]:
         """``g(flat) = Σ_samples loss(flat, sample)`` over ``batch``, independent of the
         user's reduction (each sample is evaluated as a batch of one)."""
@@ -329,7 +362,9 @@ class AttributionTask(DattriTaskMethods):
         return functional_call(self.model, merged, args, kwargs)
 
 
-def _batch_semantics(func: Callable[..., Tensor], state: list[str], what: str) -> Callable[..., Tensor]:
+def _batch_semantics(
+    func: Callable[..., Tensor], state: list[str], what: str
+) -> Callable[..., Tensor]:
     """``func`` wrapped in :class:`BatchLoss` when it is ``f(params, data)``; other forms (e.g.
     dattri's LoGra/DVEmb ``f(model, data, device)``) are kept as they are."""
     try:
@@ -339,4 +374,8 @@ def _batch_semantics(func: Callable[..., Tensor], state: list[str], what: str) -
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     required = [p for p in sig.parameters.values() if p.kind in kinds and p.default is p.empty]
     variadic = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in sig.parameters.values())
-    return BatchLoss(func, state, what) if len(required) == 2 or (variadic and len(required) < 2) else func
+    return (
+        BatchLoss(func, state, what)
+        if len(required) == 2 or (variadic and len(required) < 2)
+        else func
+    )

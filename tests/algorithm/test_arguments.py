@@ -25,7 +25,10 @@ METHODS = [
     "RPSAttributor",
     "TRAKAttributor",
 ]
-REQUIRED = {"TracInAttributor": {"weight_list": [0.1]}, "RPSAttributor": {"final_linear_layer_name": "fc"}}
+REQUIRED = {
+    "TracInAttributor": {"weight_list": [0.1]},
+    "RPSAttributor": {"final_linear_layer_name": "fc"},
+}
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -49,7 +52,11 @@ def test_round_trip_and_unknown_key(name):
         ("IFAttributorArnoldi", {"precompute_data_ratio": 1.5}, "precompute_data_ratio"),
         ("IFAttributorExplicit", {"memory_budget": "lots"}, "memory_budget"),
         ("TracInAttributor", {"weight_list": []}, "weight_list"),
-        ("TracInAttributor", {"weight_list": [1.0], "projector_kwargs": {"proj_dim": 0}}, "proj_dim"),
+        (
+            "TracInAttributor",
+            {"weight_list": [1.0], "projector_kwargs": {"proj_dim": 0}},
+            "proj_dim",
+        ),
         ("RPSAttributor", {"final_linear_layer_name": "fc", "l2_strength": 0.0}, "l2_strength"),
         ("TRAKAttributor", {"regularization": -1}, "regularization"),
         ("GradDotAttributor", {"checkpoint_index": 0.5}, "checkpoint_index"),

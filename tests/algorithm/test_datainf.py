@@ -43,7 +43,9 @@ def _problem(seed: int = 0):
         logits = functional_call(model, params, (xb,))
         return -logits.gather(1, yb[:, None]).mean() + 0.1 * logits.pow(2).mean()
 
-    task = AttributionTask(loss, model, {k: v.clone() for k, v in model.state_dict().items()}, target_func=target)
+    task = AttributionTask(
+        loss, model, {k: v.clone() for k, v in model.state_dict().items()}, target_func=target
+    )
     return model, task, x, y
 
 
@@ -95,14 +97,23 @@ def test_datainf_matches_dense_formula(regularization):
     assert list(att.regularization_per_layer().values()) == pytest.approx(lam, rel=1e-12)
     expected = G @ _dense_datainf(G, lam, layers) @ T.T
     torch.testing.assert_close(scores, expected, rtol=1e-9, atol=1e-11)
-    torch.testing.assert_close(att.self_attribute(train), torch.diagonal(G @ _dense_datainf(G, lam, layers) @ _dense_grads(model, task.target_func, x, y).T), rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(
+        att.self_attribute(train),
+        torch.diagonal(
+            G @ _dense_datainf(G, lam, layers) @ _dense_grads(model, task.target_func, x, y).T
+        ),
+        rtol=1e-9,
+        atol=1e-11,
+    )
     assert torch.isfinite(scores).all()
 
 
 def test_datainf_ratio_layer_selection_and_batching():
     model, task, x, y = _problem(1)
     # ratio 0.5 of 11 samples -> the first 6; only the last layer
-    att = IFAttributorDataInf(task, layer_name="2", regularization=0.05, fim_estimate_data_ratio=0.5)
+    att = IFAttributorDataInf(
+        task, layer_name="2", regularization=0.05, fim_estimate_data_ratio=0.5
+    )
     train, test = _loaders(x, y, bs=4)
     att.cache(train)
     G_all = _dense_grads(model, task.loss_func, x, y)[:, 16:]
@@ -110,11 +121,14 @@ def test_datainf_ratio_layer_selection_and_batching():
     M = _dense_datainf(G_all[:6], [0.05], [("2", 0, 15)])
     torch.testing.assert_close(att.attribute(train, test), G_all @ M @ T.T, rtol=1e-9, atol=1e-11)
     # the result does not depend on the cache loader's batching, nor on keeping the gradients
-    other = IFAttributorDataInf(task, layer_name="2", regularization=0.05, fim_estimate_data_ratio=0.5,
-                                memory_budget=64)
+    other = IFAttributorDataInf(
+        task, layer_name="2", regularization=0.05, fim_estimate_data_ratio=0.5, memory_budget=64
+    )
     other.cache(DataLoader(TensorDataset(x, y), batch_size=5))
     assert other._stored is None  # recomputed in pieces, not kept
-    torch.testing.assert_close(other.attribute(train, test), att.attribute(train, test), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        other.attribute(train, test), att.attribute(train, test), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_datainf_checkpoint_average():
@@ -130,7 +144,9 @@ def test_datainf_checkpoint_average():
         single = IFAttributorDataInf(AttributionTask(task.loss_func, model, sd), regularization=0.2)
         single.cache(train)
         parts.append(single.attribute(train, test))
-    torch.testing.assert_close(both.attribute(train, test), (parts[0] + parts[1]) / 2, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        both.attribute(train, test), (parts[0] + parts[1]) / 2, rtol=1e-10, atol=1e-12
+    )
 
 
 def test_datainf_arguments_and_errors():
@@ -141,7 +157,11 @@ def test_datainf_arguments_and_errors():
     with pytest.raises(ConfigError, match="regularization_scale"):
         DataInfArguments(regularization_scale=math.inf)
     assert DataInfArguments(0.5, 1.0).result_dict() == {
-        "regularization": 0.5, "fim_estimate_data_ratio": 1.0, "regularization_scale": 0.1, "layer_name": None}
+        "regularization": 0.5,
+        "fim_estimate_data_ratio": 1.0,
+        "regularization_scale": 0.1,
+        "layer_name": None,
+    }
     from tdabench.algorithm.arguments import arguments_for
 
     assert arguments_for("IFAttributorDataInf") is DataInfArguments
@@ -152,4 +172,8 @@ def test_datainf_arguments_and_errors():
     train, test = _loaders(x, y)
     with pytest.raises(NotCachedError):
         att.attribute(train, test)
-    assert layer_groups(["a.w", "a.b", "b.w", "c"], [2, 1, 3, 1]) == [("a", 0, 3), ("b", 3, 6), ("", 6, 7)]
+    assert layer_groups(["a.w", "a.b", "b.w", "c"], [2, 1, 3, 1]) == [
+        ("a", 0, 3),
+        ("b", 3, 6),
+        ("", 6, 7),
+    ]

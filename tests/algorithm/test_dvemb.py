@@ -24,7 +24,10 @@ LR = 0.3
 
 def _data(seed: int = 0, n: int = 7, m: int = 3):
     g = torch.Generator().manual_seed(seed)
-    x, xt = torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randn(m, 3, generator=g, dtype=torch.float64)
+    x, xt = (
+        torch.randn(n, 3, generator=g, dtype=torch.float64),
+        torch.randn(m, 3, generator=g, dtype=torch.float64),
+    )
     return x, torch.randint(0, 2, (n,), generator=g), xt, torch.randint(0, 2, (m,), generator=g)
 
 
@@ -58,7 +61,9 @@ def _train(model, atts, x, y, epochs=2, bs=3):
             idx = torch.arange(start, min(len(y), start + bs))
             for a in atts:
                 a.cache_gradients(epoch, (x[idx], y[idx]), idx, LR)
-            steps.append((epoch, [p.detach().clone() for p in model.parameters()], idx, LR / len(idx)))
+            steps.append(
+                (epoch, [p.detach().clone() for p in model.parameters()], idx, LR / len(idx))
+            )
             opt.zero_grad()
             nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
@@ -102,16 +107,25 @@ def test_matches_dense_unrolled_influence_with_and_without_identity_projection()
         got = att.attribute(test)
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
         for e in (0, 1):
-            torch.testing.assert_close(att.attribute(test, epoch=e), _oracle(model, steps, x, y, xt, yt, epoch=e), rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(
+                att.attribute(test, epoch=e),
+                _oracle(model, steps, x, y, xt, yt, epoch=e),
+                rtol=1e-9,
+                atol=1e-12,
+            )
         torch.testing.assert_close(att.attribute(test, train_data_indices=[4, 1]), want[[4, 1]])
     # tdabench's (train, test) form; the train loader only fixes n_train (two never-seen samples score 0)
     xtr = torch.cat([x, x[:2]])
-    both = plain.attribute(DataLoader(TensorDataset(xtr, torch.cat([y, y[:2]])), batch_size=4), test)
+    both = plain.attribute(
+        DataLoader(TensorDataset(xtr, torch.cat([y, y[:2]])), batch_size=4), test
+    )
     torch.testing.assert_close(both[: len(y)], want, rtol=1e-9, atol=1e-12)
-    assert torch.equal(both[len(y):], torch.zeros(2, len(yt), dtype=torch.float64))
+    assert torch.equal(both[len(y) :], torch.zeros(2, len(yt), dtype=torch.float64))
     # self_attribute = the diagonal of attribute(train, train)
     train = DataLoader(TensorDataset(x, y), batch_size=3)
-    torch.testing.assert_close(plain.self_attribute(train), plain.attribute(train, train).diagonal())
+    torch.testing.assert_close(
+        plain.self_attribute(train), plain.attribute(train, train).diagonal()
+    )
 
 
 def test_factorized_without_projection_equals_full_gradients():
@@ -119,7 +133,9 @@ def test_factorized_without_projection_equals_full_gradients():
     m1, m2 = _model(3), _model(3)
     full = DVEmbAttributor(_functional_task(m1))
     kron = DVEmbAttributor(_eager_task(m2), factorization_type="kronecker")
-    elem = DVEmbAttributor(_eager_task(m2), factorization_type="elementwise", layer_names=["0", "2"])
+    elem = DVEmbAttributor(
+        _eager_task(m2), factorization_type="elementwise", layer_names=["0", "2"]
+    )
     _train(m1, [full], x, y)
     _train(m2, [kron, elem], x, y)
     test = DataLoader(TensorDataset(xt, yt), batch_size=3)
@@ -128,10 +144,15 @@ def test_factorized_without_projection_equals_full_gradients():
     for att in (kron, elem):
         att.cache(memory_saving=False)
         torch.testing.assert_close(att.attribute(test), want, rtol=1e-9, atol=1e-12)
-        assert len(att.cached_factors[0][0]) == 2 and not att.cached_gradients  # factors kept, not gradients
+        assert (
+            len(att.cached_factors[0][0]) == 2 and not att.cached_gradients
+        )  # factors kept, not gradients
     # projected factor features have the documented widths and are seeded
     for kind, width in (("kronecker", 2 * 2**2), ("elementwise", 2 * 4)):
-        a, b = (DVEmbAttributor(_eager_task(m2), proj_dim=8, factorization_type=kind, proj_seed=5) for _ in range(2))
+        a, b = (
+            DVEmbAttributor(_eager_task(m2), proj_dim=8, factorization_type=kind, proj_seed=5)
+            for _ in range(2)
+        )
         for att in (a, b):
             att.cache_gradients(0, (x[:3], y[:3]), torch.arange(3), LR)
         assert a.cached_gradients[0][0].shape == (3, width)
@@ -195,10 +216,17 @@ def test_registered_arguments_round_trip():
     from tdabench.algorithm.arguments import arguments_for
 
     cls = arguments_for("DVEmbAttributor")
-    args = cls.from_dict({"proj_dim": 64, "factorization_type": "elementwise", "layer_names": ["fc"]})
+    args = cls.from_dict(
+        {"proj_dim": 64, "factorization_type": "elementwise", "layer_names": ["fc"]}
+    )
     assert cls.from_dict(args.to_dict()) == args
-    for bad in ({"proj_dim": 0}, {"factorization_type": "svd"}, {"proj_type": "identity", "factorization_type": "kronecker"},
-                {"layer_names": []}, {"no_such_key": 1}):
+    for bad in (
+        {"proj_dim": 0},
+        {"factorization_type": "svd"},
+        {"proj_type": "identity", "factorization_type": "kronecker"},
+        {"layer_names": []},
+        {"no_such_key": 1},
+    ):
         with pytest.raises(ConfigError):
             cls.from_dict(bad)
 

@@ -69,28 +69,49 @@ def _dense_scores(att, task, train, test, k: int = 0) -> torch.Tensor:
     op = att.operators[k]
     spec = op.spec
     lams = [lf.damping(att.args.damping, att.args.damping_factor) for lf in op.layers]
-    D = torch.diag(torch.cat([torch.full((lf.shape[0] * lf.shape[1],), lam) for lf, lam in zip(op.layers, lams, strict=True)]))
-    Pm = op.from_layers(op.to_layers(torch.eye(spec.dim)))  # identity; the dense matrix is in spec order
+    D = torch.diag(
+        torch.cat(
+            [
+                torch.full((lf.shape[0] * lf.shape[1],), lam)
+                for lf, lam in zip(op.layers, lams, strict=True)
+            ]
+        )
+    )
+    Pm = op.from_layers(
+        op.to_layers(torch.eye(spec.dim))
+    )  # identity; the dense matrix is in spec order
     assert torch.equal(Pm, torch.eye(spec.dim))
     g_train = _grads(task, task.loss_func, *train, spec.names, k)
     g_test = _grads(task, task.target_func, *test, spec.names, k)
     return g_train @ torch.linalg.solve(op.dense() + D, g_test.T)
 
 
-@pytest.mark.parametrize(("cls", "damping", "factor"), [(IFAttributorEKFAC, 1e-2, None), (IFAttributorKFAC, 0.0, 0.1),
-                                                         (IFAttributorEKFAC, 1e-3, 0.05)])
+@pytest.mark.parametrize(
+    ("cls", "damping", "factor"),
+    [
+        (IFAttributorEKFAC, 1e-2, None),
+        (IFAttributorKFAC, 0.0, 0.1),
+        (IFAttributorEKFAC, 1e-3, 0.05),
+    ],
+)
 def test_scores_match_the_dense_formula(cls, damping, factor) -> None:
     torch.manual_seed(0)
     task = _task(_Net())
     train, test = _data(11, 1), _data(4, 2)
     att = cls(task, damping=damping, damping_factor=factor)
     att.cache(DataLoader(TensorDataset(*_data(15, 3)), batch_size=4))
-    scores = att.attribute(DataLoader(TensorDataset(*train), batch_size=5), DataLoader(TensorDataset(*test), batch_size=3))
+    scores = att.attribute(
+        DataLoader(TensorDataset(*train), batch_size=5),
+        DataLoader(TensorDataset(*test), batch_size=3),
+    )
     assert scores.shape == (11, 4)
     torch.testing.assert_close(scores, _dense_scores(att, task, train, test), rtol=1e-9, atol=1e-11)
     assert att.args.strategy == ("kfac" if cls is IFAttributorKFAC else "ekfac")
     diag = att.self_attribute(DataLoader(TensorDataset(*train), batch_size=3))
-    full = att.attribute(DataLoader(TensorDataset(*train), batch_size=11), DataLoader(TensorDataset(*train), batch_size=2))
+    full = att.attribute(
+        DataLoader(TensorDataset(*train), batch_size=11),
+        DataLoader(TensorDataset(*train), batch_size=2),
+    )
     torch.testing.assert_close(diag, torch.diagonal(full), rtol=1e-10, atol=1e-12)
 
 
@@ -104,7 +125,9 @@ def test_dattri_call_shape_module_selection_and_memory_pieces() -> None:
     att.cache(cache)
     want = _dense_scores(att, task, train, test)
     torch.testing.assert_close(att.attribute([train], [test]), want, rtol=1e-9, atol=1e-11)
-    tiny = IFAttributorEKFAC(task, module_name=["fc2"], damping=0.05, memory_budget=1000)  # one row per piece
+    tiny = IFAttributorEKFAC(
+        task, module_name=["fc2"], damping=0.05, memory_budget=1000
+    )  # one row per piece
     tiny.cache(cache)
     torch.testing.assert_close(tiny.attribute([train], [test]), want, rtol=1e-9, atol=1e-11)
 
@@ -116,7 +139,9 @@ def test_checkpoints_are_averaged_and_factors_reused(tmp_path, monkeypatch) -> N
     sd1 = {k: v + 0.1 * torch.randn_like(v) for k, v in sd0.items()}
     train, test = _data(6, 7), _data(3, 8)
     cache = DataLoader(TensorDataset(*_data(10, 9)), batch_size=5)
-    both = IFAttributorEKFAC(_task(model, [sd0, sd1]), damping=0.01, factor_dir=tmp_path / "f", num_partitions=2)
+    both = IFAttributorEKFAC(
+        _task(model, [sd0, sd1]), damping=0.01, factor_dir=tmp_path / "f", num_partitions=2
+    )
     both.cache(cache)
     assert (tmp_path / "f" / "checkpoint-1" / "factors.safetensors").is_file()
     got = both.attribute([train], [test])
@@ -129,7 +154,9 @@ def test_checkpoints_are_averaged_and_factors_reused(tmp_path, monkeypatch) -> N
     calls = []
     real = kfac_mod.capture_task
     monkeypatch.setattr(kfac_mod, "capture_task", lambda *a, **k: calls.append(1) or real(*a, **k))
-    again = IFAttributorEKFAC(_task(model, [sd0, sd1]), damping=0.5, factor_dir=tmp_path / "f")  # damping is not in the key
+    again = IFAttributorEKFAC(
+        _task(model, [sd0, sd1]), damping=0.5, factor_dir=tmp_path / "f"
+    )  # damping is not in the key
     again.cache(cache)
     assert calls == []
     assert again.operators[1].key == both.operators[1].key
@@ -137,8 +164,15 @@ def test_checkpoints_are_averaged_and_factors_reused(tmp_path, monkeypatch) -> N
 
 def test_arguments_are_validated() -> None:
     task = _task(_Net())
-    for bad in ({"damping": -1.0}, {"strategy": "diag"}, {"fisher": "exact"}, {"damping_factor": float("nan")},
-                {"num_partitions": 0}, {"module_name": 3}, {"memory_budget": "lots"}):
+    for bad in (
+        {"damping": -1.0},
+        {"strategy": "diag"},
+        {"fisher": "exact"},
+        {"damping_factor": float("nan")},
+        {"num_partitions": 0},
+        {"module_name": 3},
+        {"memory_budget": "lots"},
+    ):
         with pytest.raises(ConfigError):
             IFAttributorEKFAC(task, **bad)
     with pytest.raises(ConfigError, match="valid keys"):

@@ -35,7 +35,9 @@ def test_identity_stages_equal_full_rank_logra(conv):
     fg.cache(train)
     lg.cache(train)
     assert all(c.idx_in is None and c.idx_out is None and c.sketch is None for c in fg.compressors)
-    torch.testing.assert_close(fg.attribute(train, test), lg.attribute(train, test), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        fg.attribute(train, test), lg.attribute(train, test), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_sparse_projection_equals_dense_matrix():
@@ -50,23 +52,36 @@ def test_sparse_projection_equals_dense_matrix():
     for comp, mod in zip(att.compressors, att.layer_names, strict=True):
         assert comp.sketch is not None and comp.idx_out is not None and comp.idx_in is not None
         S = comp.sketch.matrix()  # (4, 2): one ±1 per row
-        assert torch.equal(S.abs().sum(dim=1), torch.ones(4)) and set(S.unique().tolist()) <= {-1.0, 0.0, 1.0}
+        assert torch.equal(S.abs().sum(dim=1), torch.ones(4)) and set(S.unique().tolist()) <= {
+            -1.0,
+            0.0,
+            1.0,
+        }
         d_out, d_in = Gtr[mod].shape[1:]
         scale = (d_out / 2) ** 0.5 * (d_in / 2) ** 0.5
+
         def sub(G, c=comp, s=scale):
             return G[:, c.idx_out][:, :, c.idx_in].flatten(1) * s
 
         ptr[mod], pte[mod] = sub(Gtr[mod]) @ S, sub(Gte[mod]) @ S
-    torch.testing.assert_close(att.projected((x, y), "loss", 0), torch.cat([ptr[m] for m in att.layer_names], 1),
-                               rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(att.attribute(train, test), _dense_scores(ptr, pte, 0.1), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(
+        att.projected((x, y), "loss", 0),
+        torch.cat([ptr[m] for m in att.layer_names], 1),
+        rtol=1e-10,
+        atol=1e-12,
+    )
+    torch.testing.assert_close(
+        att.attribute(train, test), _dense_scores(ptr, pte, 0.1), rtol=1e-8, atol=1e-10
+    )
 
 
 def test_mask_inner_products_unbiased_by_enumeration():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(6, generator=g), torch.randn(6, generator=g)
-    vals = [(mask_factor(x, torch.tensor(s), 6) * mask_factor(y, torch.tensor(s), 6)).sum()
-            for s in itertools.combinations(range(6), 2)]  # every mask of 2 of 6 coordinates
+    vals = [
+        (mask_factor(x, torch.tensor(s), 6) * mask_factor(y, torch.tensor(s), 6)).sum()
+        for s in itertools.combinations(range(6), 2)
+    ]  # every mask of 2 of 6 coordinates
     torch.testing.assert_close(torch.stack(vals).mean(), x @ y, rtol=1e-12, atol=1e-12)
     idx = random_mask(6, 2, seed=3)
     assert idx.numel() == 2 and torch.equal(idx, idx.sort().values) and random_mask(2, 2, 0) is None
@@ -78,11 +93,14 @@ def test_sketch_inner_products_statistics():
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(12, generator=g), torch.randn(12, generator=g)
     k = 3
-    vals = torch.stack([
-        (lambda c: (c.second_stage(x[None]) * c.second_stage(y[None])).sum())(
-            SparseLayerCompressor(3, 4, 4, k, seed, torch.device("cpu"), torch.float64))
-        for seed in range(4000)
-    ])
+    vals = torch.stack(
+        [
+            (lambda c: (c.second_stage(x[None]) * c.second_stage(y[None])).sum())(
+                SparseLayerCompressor(3, 4, 4, k, seed, torch.device("cpu"), torch.float64)
+            )
+            for seed in range(4000)
+        ]
+    )
     var = ((x @ x) * (y @ y) + (x @ y) ** 2 - 2 * (x**2 * y**2).sum()) / k
     assert abs(vals.mean() - x @ y) < 4 * (var / len(vals)).sqrt()
     assert 0.85 < vals.var() / var < 1.15

@@ -109,7 +109,10 @@ def _scores(att):
         (IFAttributorExplicit, {}),
         (IFAttributorCG, {"max_iter": 200, "tol": 1e-13}),
         (IFAttributorCG, {"max_iter": 200, "tol": 1e-13, "mode": "rev-fwd"}),
-        (IFAttributorLiSSA, {"batch_size": N, "recursion_depth": 300, "scaling": 1.0, "damping": LAM}),
+        (
+            IFAttributorLiSSA,
+            {"batch_size": N, "recursion_depth": 300, "scaling": 1.0, "damping": LAM},
+        ),
     ],
 )
 def test_ggn_influence_matches_dense_oracle(cls, kw):
@@ -127,7 +130,9 @@ def test_ggn_arnoldi_full_rank_and_declared_on_the_loss():
     task = _task(model)
     task.loss_func.ggn_output = OutputLoss("cross_entropy")  # declared by the loss
     d = sum(p.numel() for p in model.parameters())
-    att = IFAttributorArnoldi(task, hessian="ggn", proj_dim=d, max_iter=d, tol=1e-14, regularization=LAM)
+    att = IFAttributorArnoldi(
+        task, hessian="ggn", proj_dim=d, max_iter=d, tol=1e-14, regularization=LAM
+    )
     # Arnoldi drops the GGN's null space (rank <= N (C - 1) < d): the oracle inverts its range only
     torch.testing.assert_close(_scores(att), ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
 
@@ -153,7 +158,9 @@ def test_mismatched_output_loss_is_refused():
         IFAttributorCG(_task(model), hessian="fisher")
 
 
-@pytest.mark.parametrize("cls, kw", [(IFAttributorCG, {"max_iter": 50, "tol": 1e-13}), (IFAttributorArnoldi, {})])
+@pytest.mark.parametrize(
+    "cls, kw", [(IFAttributorCG, {"max_iter": 50, "tol": 1e-13}), (IFAttributorArnoldi, {})]
+)
 def test_tiny_memory_budget_gives_the_same_scores(cls, kw):
     """A one-byte budget solves one right-hand side at a time and keeps no replayed loader:
     the same numbers as the default (one piece)."""

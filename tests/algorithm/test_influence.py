@@ -768,8 +768,16 @@ def test_explicit_memory_limit(lr_problem):
     )
     assert "layer_name" in msg
     IFAttributorExplicit(task, max_dense_bytes=18 * 18 * 8)  # exactly fits
-    assert IFAttributorExplicit(task).hyperparameters()["max_dense_bytes"] is None  # the planner's budget
-    msg = _raises(MemoryLimitError, ["memory_budget"], IFAttributorExplicit, task, memory_budget=18 * 18 * 8 - 1)
+    assert (
+        IFAttributorExplicit(task).hyperparameters()["max_dense_bytes"] is None
+    )  # the planner's budget
+    msg = _raises(
+        MemoryLimitError,
+        ["memory_budget"],
+        IFAttributorExplicit,
+        task,
+        memory_budget=18 * 18 * 8 - 1,
+    )
     IFAttributorExplicit(task, memory_budget=18 * 18 * 8)
 
 

@@ -49,7 +49,9 @@ def test_matches_brute_force_shapley(n, k, seed):
         want = _brute_force(dist[j], y_train, int(y_test[j]), k)
         np.testing.assert_allclose(got[:, j].numpy(), want, atol=1e-12)
         # efficiency: the values sum to the utility of the full set
-        assert got[:, j].sum().item() == pytest.approx(_utility(list(range(n)), dist[j], y_train, int(y_test[j]), k), abs=1e-12)
+        assert got[:, j].sum().item() == pytest.approx(
+            _utility(list(range(n)), dist[j], y_train, int(y_test[j]), k), abs=1e-12
+        )
 
 
 def test_ties_broken_by_index_like_the_oracle():
@@ -62,8 +64,14 @@ def test_ties_broken_by_index_like_the_oracle():
 def _loaders(rng, n, m, d, bs):
     xtr, xte = torch.tensor(rng.normal(size=(n, d))), torch.tensor(rng.normal(size=(m, d)))
     ytr, yte = torch.tensor(rng.integers(0, 3, n)), torch.tensor(rng.integers(0, 3, m))
-    return (DataLoader(TensorDataset(xtr, ytr), batch_size=bs), DataLoader(TensorDataset(xte, yte), batch_size=bs),
-            xtr, xte, ytr, yte)
+    return (
+        DataLoader(TensorDataset(xtr, ytr), batch_size=bs),
+        DataLoader(TensorDataset(xte, yte), batch_size=bs),
+        xtr,
+        xte,
+        ytr,
+        yte,
+    )
 
 
 def test_attributor_loaders_labels_and_self_attribute():
@@ -77,10 +85,15 @@ def test_attributor_loaders_labels_and_self_attribute():
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
     # explicit labels (dattri's 3rd/4th arguments) override the batches' last element
     flipped = (ytr + 1) % 3
-    torch.testing.assert_close(att.attribute(tr, te, flipped, yte), knn_shapley_values(torch.cdist(xte, xtr), flipped, yte, 3))
+    torch.testing.assert_close(
+        att.attribute(tr, te, flipped, yte),
+        knn_shapley_values(torch.cdist(xte, xtr), flipped, yte, 3),
+    )
     # a custom distance in dattri's (test_batch, train_batch) order
     manhattan = KNNShapleyAttributor(3, distance_func=lambda a, b: torch.cdist(a[0], b[0], p=1))
-    torch.testing.assert_close(manhattan.attribute(tr, te), knn_shapley_values(torch.cdist(xte, xtr, p=1), ytr, yte, 3))
+    torch.testing.assert_close(
+        manhattan.attribute(tr, te), knn_shapley_values(torch.cdist(xte, xtr, p=1), ytr, yte, 3)
+    )
     # self_attribute = diagonal of attribute(train, train), also when pieces are split by the planner
     full = att.attribute(tr, tr).diagonal()
     torch.testing.assert_close(att.self_attribute(tr), full)
@@ -101,7 +114,9 @@ def test_task_embeds_with_the_last_linear_input():
         htr, hte = model[1](model[0](xtr)), model[1](model[0](xte))
     got = KNNShapleyAttributor(2, task=task).attribute(tr, te)
     torch.testing.assert_close(got, knn_shapley_values(torch.cdist(hte, htr), ytr, yte, 2))
-    first = KNNShapleyAttributor(2, task=task, layer_name="0").attribute(tr, te)  # the input layer: raw inputs
+    first = KNNShapleyAttributor(2, task=task, layer_name="0").attribute(
+        tr, te
+    )  # the input layer: raw inputs
     torch.testing.assert_close(first, knn_shapley_values(torch.cdist(xte, xtr), ytr, yte, 2))
     with pytest.raises(ConfigError):
         KNNShapleyAttributor(2, task=task, layer_name="1")
@@ -154,7 +169,7 @@ def test_pipeline_builds_it_from_its_config():
 
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).double()
     task = AttributionTask(lambda p, d: torch.zeros(()), model, model.state_dict())
-    setting = SimpleNamespace(recipe={"lr": 0.1}, kind="classification")
+    setting = SimpleNamespace(recipe={"lr": 0.1}, kind="classification", n_train=10)
     cfg = {"method": "KNNShapleyAttributor", "params": {"k_neighbors": 3}, "layer_name": None}
     att, resolved = make_attributor(cfg, task, model, setting, 1, "cpu")
     assert isinstance(att, KNNShapleyAttributor) and att.k_neighbors == 3 and att.task is task

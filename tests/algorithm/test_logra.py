@@ -62,7 +62,15 @@ def _layer_grads(model, fn, x, y):
     params = dict(model.named_parameters())
     out: dict[str, list] = {}
     for i in range(x.shape[0]):
-        gs = dict(zip(params, torch.autograd.grad(fn(params, (x[i : i + 1], y[i : i + 1])), list(params.values())), strict=True))
+        gs = dict(
+            zip(
+                params,
+                torch.autograd.grad(
+                    fn(params, (x[i : i + 1], y[i : i + 1])), list(params.values())
+                ),
+                strict=True,
+            )
+        )
         for mod in ("conv", "fc1", "fc2"):
             if f"{mod}.weight" not in gs:
                 continue
@@ -88,7 +96,9 @@ def _dense_scores(Gtr, Gte, damping, hessian="eFIM"):
 
 
 def _loaders(x, y, bs=4):
-    return DataLoader(TensorDataset(x, y), batch_size=bs), DataLoader(TensorDataset(x[:5], y[:5]), batch_size=2)
+    return DataLoader(TensorDataset(x, y), batch_size=bs), DataLoader(
+        TensorDataset(x[:5], y[:5]), batch_size=2
+    )
 
 
 @pytest.mark.parametrize("conv", [False, True])
@@ -106,7 +116,10 @@ def test_full_rank_logra_equals_exact_per_layer_formula(conv, hessian):
     expected = _dense_scores(Gtr, Gte, 0.01, hessian)
     torch.testing.assert_close(scores, expected, rtol=1e-8, atol=1e-10)
     if hessian == "Identity":  # = the inner product of the whole per-sample gradients
-        full = torch.cat([Gtr[m].flatten(1) for m in Gtr], 1) @ torch.cat([Gte[m].flatten(1) for m in Gte], 1).T
+        full = (
+            torch.cat([Gtr[m].flatten(1) for m in Gtr], 1)
+            @ torch.cat([Gte[m].flatten(1) for m in Gte], 1).T
+        )
         torch.testing.assert_close(scores, full, rtol=1e-10, atol=1e-12)
     # the same loader object reuses the kept projections; a new loader object recomputes them
     other = DataLoader(TensorDataset(x, y), batch_size=2)
@@ -115,12 +128,18 @@ def test_full_rank_logra_equals_exact_per_layer_formula(conv, hessian):
     calls = []
     orig = att.projected
     att.projected = lambda b, which="loss", index=0: calls.append(which) or orig(b, which, index)
-    torch.testing.assert_close(att.attribute(DataLoader(train.dataset, batch_size=5), test), scores, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        att.attribute(DataLoader(train.dataset, batch_size=5), test), scores, rtol=1e-10, atol=1e-12
+    )
     assert calls == ["target"] * 3
     att.projected = orig
     Gself = _layer_grads(model, task.target_func, x, y)
-    torch.testing.assert_close(att.self_attribute(train), torch.diagonal(_dense_scores(Gtr, Gself, 0.01, hessian)),
-                               rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(
+        att.self_attribute(train),
+        torch.diagonal(_dense_scores(Gtr, Gself, 0.01, hessian)),
+        rtol=1e-8,
+        atol=1e-10,
+    )
 
 
 def test_memory_budget_too_small_to_keep_projections():
@@ -129,10 +148,14 @@ def test_memory_budget_too_small_to_keep_projections():
     ref = LoGraAttributor(task, damping=0.01, proj_dim=256)
     ref.cache(train)
     # 2 x the Fisher matrices (16² + 12² float64) fit; half the budget cannot hold 40 x 28 projections
-    small = LoGraAttributor(task, damping=0.01, proj_dim=256, memory_budget=2 * 8 * (16**2 + 12**2) + 8)
+    small = LoGraAttributor(
+        task, damping=0.01, proj_dim=256, memory_budget=2 * 8 * (16**2 + 12**2) + 8
+    )
     small.cache(train)
     assert ref._stores[0].complete and not small._stores[0].complete
-    torch.testing.assert_close(small.attribute(train, test), ref.attribute(train, test), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        small.attribute(train, test), ref.attribute(train, test), rtol=1e-10, atol=1e-12
+    )
     with pytest.raises(MemoryLimitError, match="projected Fisher"):
         LoGraAttributor(task, proj_dim=256, memory_budget=1000).cache(train)
 
@@ -150,8 +173,12 @@ def test_kronecker_projection_equals_dense_projection():
         K = torch.kron(comp.p_out, comp.p_in)  # vec_row(P_outᵀ G P_in) = (P_out ⊗ P_in)ᵀ vec_row(G)
         ptr[mod], pte[mod] = Gtr[mod].flatten(1) @ K, Gte[mod].flatten(1) @ K
     proj = torch.cat([att.projected((x, y), "loss", 0)])
-    torch.testing.assert_close(proj, torch.cat([ptr[m] for m in att.layer_names], 1), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(att.attribute(train, test), _dense_scores(ptr, pte, 0.1), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(
+        proj, torch.cat([ptr[m] for m in att.layer_names], 1), rtol=1e-10, atol=1e-12
+    )
+    torch.testing.assert_close(
+        att.attribute(train, test), _dense_scores(ptr, pte, 0.1), rtol=1e-8, atol=1e-10
+    )
     # another seed draws other factors
     other = LoGraAttributor(task, proj_dim=4, damping=0.1, seed=4)
     other.cache(train)
@@ -169,15 +196,21 @@ def test_dattri_style_loss_disk_offload_and_implicit_cache(tmp_path):
         return nn.functional.cross_entropy(m(batch[0].to(device)), batch[1].to(device))
 
     task2 = AttributionTask(f, model, {k: v.clone() for k, v in model.state_dict().items()})
-    att = LoGraAttributor(task2, proj_dim=4, damping=0.1, offload="disk", cache_dir=str(tmp_path), chunk_size=1)
+    att = LoGraAttributor(
+        task2, proj_dim=4, damping=0.1, offload="disk", cache_dir=str(tmp_path), chunk_size=1
+    )
     scores = att.attribute(train, test)  # caches the train loader first, as dattri does
     assert len(list(tmp_path.rglob("*.safetensors"))) == 3  # 9 samples in batches of 4 -> 3 shards
     # target = loss for task2, so compare with the loss-loss scores of the reference
-    task_ll = AttributionTask(task.loss_func, model, {k: v.clone() for k, v in model.state_dict().items()})
+    task_ll = AttributionTask(
+        task.loss_func, model, {k: v.clone() for k, v in model.state_dict().items()}
+    )
     ref_ll = LoGraAttributor(task_ll, proj_dim=4, damping=0.1)
     ref_ll.cache(train)
     torch.testing.assert_close(scores, ref_ll.attribute(train, test), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(att.compute_self_attribution(), ref_ll.self_attribute(train), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        att.compute_self_attribution(), ref_ll.self_attribute(train), rtol=1e-10, atol=1e-12
+    )
     assert not torch.allclose(expected, scores)  # the reference used a different target
 
 
@@ -198,6 +231,11 @@ def test_logra_arguments():
     assert att.hyperparameters()["proj_dim"] == 16
     from tdabench.algorithm.arguments import arguments_for
 
-    assert arguments_for("LoGraAttributor").from_dict({"proj_dim": 64, "damping": 0.1}).result_dict()["proj_dim"] == 64
+    assert (
+        arguments_for("LoGraAttributor")
+        .from_dict({"proj_dim": 64, "damping": 0.1})
+        .result_dict()["proj_dim"]
+        == 64
+    )
     with pytest.raises(ConfigError, match="perfect square"):
         arguments_for("LoGraAttributor").from_dict({"proj_dim": 50})

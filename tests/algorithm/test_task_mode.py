@@ -22,5 +22,7 @@ def test_training_mode_with_dropout_warns(caplog):
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="tdabench.task"):
         AttributionTask(_loss, model.eval(), model.state_dict())
-        AttributionTask(_loss, nn.Linear(3, 2), nn.Linear(3, 2).state_dict())  # nothing mode-dependent
+        AttributionTask(
+            _loss, nn.Linear(3, 2), nn.Linear(3, 2).state_dict()
+        )  # nothing mode-dependent
     assert caplog.text == ""

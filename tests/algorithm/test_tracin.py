@@ -174,7 +174,9 @@ def test_projected_gradients_in_row_pieces_give_the_same_scores(monkeypatch):
         tracin = TracInAttributor(
             task, [0.5, 0.25], projector_kwargs=kw, normalized_grad=True, memory_budget=budget
         )
-        trak = TRAKAttributor(task, prob, projector_kwargs=kw, regularization=1e-2, memory_budget=budget)
+        trak = TRAKAttributor(
+            task, prob, projector_kwargs=kw, regularization=1e-2, memory_budget=budget
+        )
         trak.cache(tr)
         return tracin.attribute(tr, te), tracin.self_attribute(tr), trak.attribute(tr, te)
 

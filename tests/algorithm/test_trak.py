@@ -145,14 +145,19 @@ def test_random_projection_uses_seed_plus_checkpoint(proj_type):
     model, ckpts, task, prob, train, test = _setup(num_ckpt=2, hidden=True)
     tr, te = _loaders(train, test)
     d = sum(p.numel() for p in model.parameters())
-    kw = {"proj_dim": 8, "seed": 11} if proj_type == "gaussian" else {"proj_dim": 8, "seed": 11, "proj_type": proj_type}
+    kw = (
+        {"proj_dim": 8, "seed": 11}
+        if proj_type == "gaussian"
+        else {"proj_dim": 8, "seed": 11, "proj_type": proj_type}
+    )
     # a CountSketch of 31 parameters into 8 buckets may leave a bucket empty (a zero feature
     # column): a small ridge keeps the kernel invertible
     lam = 0.0 if proj_type == "gaussian" else 1e-3
     att = TRAKAttributor(task, prob, projector_kwargs=kw, regularization=lam)
     att.cache(tr)
     projections = [
-        make_projector(d, 8, seed=11 + k, proj_type=proj_type, dtype=torch.float64).matrix() for k in range(2)
+        make_projector(d, 8, seed=11 + k, proj_type=proj_type, dtype=torch.float64).matrix()
+        for k in range(2)
     ]
     expected = _closed_form(True, ckpts, train, test, lam, projections)
     torch.testing.assert_close(att.attribute(tr, te), expected, rtol=1e-8, atol=1e-10)

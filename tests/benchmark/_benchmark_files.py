@@ -11,7 +11,9 @@ import numpy as np
 from tdabench.benchmark.data import Note, write_idx, write_midi
 
 
-def write_mnist_idx(root: Path, n_train: int = 40, n_test: int = 20, gz: bool = True, seed: int = 0):
+def write_mnist_idx(
+    root: Path, n_train: int = 40, n_test: int = 20, gz: bool = True, seed: int = 0
+):
     """Four MNIST-layout IDX files with random images and labels; returns the arrays."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -30,20 +32,31 @@ def cifar_batch_dict(rng: np.random.Generator, n: int, py2_keys: bool = True) ->
     data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
     labels = [int(v) for v in rng.integers(0, 10, n)]
     if py2_keys:
-        return {b"batch_label": b"fixture", b"labels": labels, b"data": data, b"filenames": [b"x.png"] * n}
+        return {
+            b"batch_label": b"fixture",
+            b"labels": labels,
+            b"data": data,
+            b"filenames": [b"x.png"] * n,
+        }
     return {"batch_label": "fixture", "labels": labels, "data": data}
 
 
-def write_cifar(root: Path, n_per_batch: int = 30, n_test: int = 40, seed: int = 0) -> dict[str, dict]:
+def write_cifar(
+    root: Path, n_per_batch: int = 30, n_test: int = 40, seed: int = 0
+) -> dict[str, dict]:
     """Six CIFAR python batches. data_batch_1 is written like the real (Python 2) files: pickle
     protocol 2 with the global ``numpy.core.multiarray._reconstruct``; the others with protocol 4."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     out = {}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        d = cifar_batch_dict(rng, n_test if name == "test_batch" else n_per_batch, py2_keys=name != "data_batch_3")
+        d = cifar_batch_dict(
+            rng, n_test if name == "test_batch" else n_per_batch, py2_keys=name != "data_batch_3"
+        )
         if name == "data_batch_1":
-            raw = pickle.dumps(d, protocol=2).replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+            raw = pickle.dumps(d, protocol=2).replace(
+                b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"
+            )
         else:
             raw = pickle.dumps(d, protocol=4)
         (root / name).write_bytes(raw)
@@ -67,11 +80,17 @@ def write_maestro(root: Path) -> dict[str, list[Note]]:
         (root / "2018").mkdir(parents=True, exist_ok=True)
         write_midi(root / rel, notes)
         pieces[rel] = notes
-        rows.append({
-            "canonical_composer": "Fixture", "canonical_title": f"Piece {i}", "split": split,
-            "year": "2018", "midi_filename": rel, "audio_filename": rel.replace(".midi", ".wav"),
-            "duration": f"{t:.3f}",
-        })
+        rows.append(
+            {
+                "canonical_composer": "Fixture",
+                "canonical_title": f"Piece {i}",
+                "split": split,
+                "year": "2018",
+                "midi_filename": rel,
+                "audio_filename": rel.replace(".midi", ".wav"),
+                "duration": f"{t:.3f}",
+            }
+        )
     with open(root / "maestro-v3.0.0.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()

@@ -49,7 +49,9 @@ def test_real_layout_batch_is_read(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("evil_cls", [_Evil, _EvilOpen])
 @pytest.mark.parametrize("protocol", [2, 4])
-def test_malicious_batch_is_refused_and_runs_nothing(tmp_path: Path, evil_cls, protocol: int) -> None:
+def test_malicious_batch_is_refused_and_runs_nothing(
+    tmp_path: Path, evil_cls, protocol: int
+) -> None:
     marker = tmp_path / "pwned"
     payload = {b"data": evil_cls(marker), b"labels": [0]}
     (tmp_path / "data_batch_1").write_bytes(pickle.dumps(payload, protocol=protocol))
@@ -66,7 +68,9 @@ def test_malformed_batches_are_data_errors(tmp_path: Path) -> None:
     (tmp_path / "a").write_bytes(pickle.dumps([1, 2, 3]))
     with pytest.raises(DataError, match="not the dict"):
         read_cifar_batch(tmp_path / "a")
-    (tmp_path / "b").write_bytes(pickle.dumps({b"data": np.zeros((2, 10), np.uint8), b"labels": [0, 1]}))
+    (tmp_path / "b").write_bytes(
+        pickle.dumps({b"data": np.zeros((2, 10), np.uint8), b"labels": [0, 1]})
+    )
     with pytest.raises(DataError, match=r"\(N, 3072\)"):
         read_cifar_batch(tmp_path / "b")
     (tmp_path / "c").write_bytes(b"not a pickle at all")
@@ -86,7 +90,9 @@ def test_cifar2_filters_relabels_and_standardises(cifar_root: Path) -> None:
     np.testing.assert_array_equal(d.train[1].numpy(), (ys[keep][:n] == 5).astype(np.int64))
     mean = np.asarray(CIFAR10_MEAN, np.float32).reshape(1, 3, 1, 1)
     std = np.asarray(CIFAR10_STD, np.float32).reshape(1, 3, 1, 1)
-    np.testing.assert_allclose(d.train[0].numpy(), (xs[keep][:n] / 255.0 - mean) / std, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        d.train[0].numpy(), (xs[keep][:n] / 255.0 - mean) / std, rtol=1e-5, atol=1e-5
+    )
     assert d.meta["class_names"] == ["cat", "dog"] and len(d.meta["files"]) == 6
     with pytest.raises(DataError, match="lower n_train"):
         load_cifar(cifar_root, n + 2, 3, classes=(3, 5))

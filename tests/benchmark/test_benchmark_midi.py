@@ -25,7 +25,7 @@ from tdabench.errors import DataError
 
 def test_exact_events_of_a_small_file(tmp_path: Path) -> None:
     notes = [
-        Note(60, 80, 0.0, 0.5),   # bin 20
+        Note(60, 80, 0.0, 0.5),  # bin 20
         Note(64, 80, 0.0, 0.5),
         Note(67, 100, 0.5, 2.25),  # bin 25, starts when the others end
     ]
@@ -33,11 +33,16 @@ def test_exact_events_of_a_small_file(tmp_path: Path) -> None:
     p = write_midi(tmp_path / "a.mid", notes, ticks_per_beat=96, tempo=750_000)
     toks = encode_midi(p)
     assert describe_tokens(toks) == [
-        "VELOCITY(20)", "NOTE_ON(60)", "NOTE_ON(64)",
+        "VELOCITY(20)",
+        "NOTE_ON(60)",
+        "NOTE_ON(64)",
         "TIME_SHIFT(50)",
-        "NOTE_OFF(60)", "NOTE_OFF(64)",  # offs before ons at one instant
-        "VELOCITY(25)", "NOTE_ON(67)",
-        "TIME_SHIFT(100)", "TIME_SHIFT(75)",  # 1.75 s = 100 + 75 steps
+        "NOTE_OFF(60)",
+        "NOTE_OFF(64)",  # offs before ons at one instant
+        "VELOCITY(25)",
+        "NOTE_ON(67)",
+        "TIME_SHIFT(100)",
+        "TIME_SHIFT(75)",  # 1.75 s = 100 + 75 steps
         "NOTE_OFF(67)",
     ]
     assert toks.dtype == np.int64 and toks.tolist()[:3] == [356 + 20, 60, 64]
@@ -50,7 +55,9 @@ def test_round_trip_recovers_notes(tmp_path: Path) -> None:
     # distinct pitches: MIDI cannot tell overlapping notes of one pitch apart
     for pitch in rng.permutation(np.arange(21, 109))[:40]:
         s = float(rng.uniform(0, 8))
-        notes.append(Note(int(pitch), int(rng.integers(1, 128)), s, s + float(rng.uniform(0.02, 3.0))))
+        notes.append(
+            Note(int(pitch), int(rng.integers(1, 128)), s, s + float(rng.uniform(0.02, 3.0)))
+        )
     p = write_midi(tmp_path / "r.mid", notes)
     back = events_to_notes(encode_midi(p, sustain=False))
     assert len(back) == len(notes)
@@ -86,7 +93,9 @@ def test_tempo_changes_and_drums(tmp_path: Path) -> None:
     ]
     mid.tracks.append(tr)
     mid.save(tmp_path / "t.mid")
-    got = [(n.pitch, round(n.start, 3), round(n.end, 3)) for n in read_midi_notes(tmp_path / "t.mid")]
+    got = [
+        (n.pitch, round(n.start, 3), round(n.end, 3)) for n in read_midi_notes(tmp_path / "t.mid")
+    ]
     assert got == [(60, 0.0, 1.0), (62, 1.25, 1.75)]
 
 
@@ -104,10 +113,15 @@ def test_maestro_layout(maestro_root: Path) -> None:
     assert d.n_test == 1  # one test piece, one window from its start
     assert torch.equal(d.train[1][:, :-1], d.train[0][:, 1:])
     first = encode_midi(maestro_root / "2018/piece_0.midi")
-    assert d.train[0][0].tolist() == first[:16].tolist() and d.train[1][0].tolist() == first[1:17].tolist()
+    assert (
+        d.train[0][0].tolist() == first[:16].tolist()
+        and d.train[1][0].tolist() == first[1:17].tolist()
+    )
     test_piece = encode_midi(maestro_root / "2018/piece_3.midi")
     assert d.test[0][0].tolist() == test_piece[:16].tolist()
-    assert d.meta["split"]["test_pieces"] == ["2018/piece_3.midi"] and d.meta["n_test_requested"] == 5
+    assert (
+        d.meta["split"]["test_pieces"] == ["2018/piece_3.midi"] and d.meta["n_test_requested"] == 5
+    )
     assert "2018/piece_2.midi" not in d.meta["midi_sha256"]  # validation piece never read
     assert int(d.train[0].max()) < VOCAB_SIZE
     s = get_setting("maestro_musictransformer_tiny", n_train=8, n_test=4, seq_len=16)
@@ -135,4 +149,6 @@ def test_bach_chorale_standin() -> None:
     assert d.meta["source"] == "music21-bach-chorales"
     assert not set(d.meta["split"]["train_pieces"]) & set(d.meta["split"]["test_pieces"])
     names = describe_tokens(d.train[0][0])
-    assert any(n.startswith("NOTE_ON") for n in names) and any(n.startswith("TIME_SHIFT") for n in names)
+    assert any(n.startswith("NOTE_ON") for n in names) and any(
+        n.startswith("TIME_SHIFT") for n in names
+    )

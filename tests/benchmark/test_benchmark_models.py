@@ -49,7 +49,9 @@ def _tiny_inputs(name: str, n: int = 3) -> torch.Tensor:
     return torch.rand(n, 784, generator=g)
 
 
-@pytest.mark.parametrize("name", [n for n in list_settings() if n.endswith("_tiny") or n.startswith(("mnist", "fmnist"))])
+@pytest.mark.parametrize(
+    "name", [n for n in list_settings() if n.endswith("_tiny") or n.startswith(("mnist", "fmnist"))]
+)
 def test_forward_of_each_small_model(name: str) -> None:
     s = get_setting(name)
     torch.manual_seed(0)
@@ -111,8 +113,11 @@ def test_relative_attention_matches_explicit_formula() -> None:
 @pytest.mark.parametrize("cls", [NanoGPT, MusicTransformer])
 def test_sequence_models_are_causal(cls) -> None:
     torch.manual_seed(0)
-    kw = {"n_embd": 16, "n_head": 2, "n_layer": 2, "block_size": 12} if cls is NanoGPT else {
-        "d_model": 16, "n_head": 2, "n_layer": 2, "d_ff": 32, "max_len": 12}
+    kw = (
+        {"n_embd": 16, "n_head": 2, "n_layer": 2, "block_size": 12}
+        if cls is NanoGPT
+        else {"d_model": 16, "n_head": 2, "n_layer": 2, "d_ff": 32, "max_len": 12}
+    )
     model = cls(vocab_size=20, dropout=0.0, **kw).eval()
     x = torch.randint(0, 20, (2, 12))
     y = x.clone()
@@ -123,7 +128,15 @@ def test_sequence_models_are_causal(cls) -> None:
         model(torch.zeros(1, 13, dtype=torch.long))
 
 
-@pytest.mark.parametrize("name", ["cifar2_resnet9_tiny", "shakespeare_nanogpt_tiny", "maestro_musictransformer_tiny", "mnist_mlp"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "cifar2_resnet9_tiny",
+        "shakespeare_nanogpt_tiny",
+        "maestro_musictransformer_tiny",
+        "mnist_mlp",
+    ],
+)
 def test_per_sample_grads_with_vmap_match_a_loop(name: str) -> None:
     s = get_setting(name)
     torch.manual_seed(0)

@@ -19,13 +19,33 @@ from tdabench.benchmark import (
 from tdabench.errors import ConfigError, DataError, ShapeError
 
 FULL = [
-    "mnist_lr", "mnist_mlp", "fmnist_lr", "fmnist_mlp", "cifar2_resnet9", "cifar10_resnet9",
-    "maestro_musictransformer", "shakespeare_nanogpt",
+    "mnist_lr",
+    "mnist_mlp",
+    "fmnist_lr",
+    "fmnist_mlp",
+    "cifar2_resnet9",
+    "cifar10_resnet9",
+    "maestro_musictransformer",
+    "shakespeare_nanogpt",
 ]
-TINY = ["cifar2_resnet9_tiny", "cifar10_resnet9_tiny", "maestro_musictransformer_tiny", "shakespeare_nanogpt_tiny"]
+TINY = [
+    "cifar2_resnet9_tiny",
+    "cifar10_resnet9_tiny",
+    "maestro_musictransformer_tiny",
+    "shakespeare_nanogpt_tiny",
+]
 CONTRACT_RECIPE_KEYS = {
-    "optimizer", "lr", "momentum", "weight_decay", "betas", "epochs", "batch_size", "max_iters",
-    "warmup_iters", "lr_min", "grad_clip",
+    "optimizer",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "betas",
+    "epochs",
+    "batch_size",
+    "max_iters",
+    "warmup_iters",
+    "lr_min",
+    "grad_clip",
 }
 
 
@@ -43,21 +63,40 @@ def test_registry_names_and_fields() -> None:
 
 def test_recipes_and_metrics_follow_the_reference() -> None:
     lr = get_setting("mnist_lr")
-    assert (lr.recipe["optimizer"], lr.recipe["lr"], lr.recipe["epochs"], lr.recipe["batch_size"]) == ("sgd", 0.01, 20, 32)
+    assert (
+        lr.recipe["optimizer"],
+        lr.recipe["lr"],
+        lr.recipe["epochs"],
+        lr.recipe["batch_size"],
+    ) == ("sgd", 0.01, 20, 32)
     mlp = get_setting("mnist_mlp").recipe
     assert (mlp["lr"], mlp["momentum"], mlp["epochs"], mlp["batch_size"]) == (0.01, 0.9, 50, 64)
     rn = get_setting("cifar2_resnet9").recipe
     assert (rn["lr"], rn["momentum"], rn["epochs"], rn["batch_size"]) == (0.01, 0.9, 10, 64)
     mt = get_setting("maestro_musictransformer")
-    assert (mt.recipe["optimizer"], mt.recipe["lr"], mt.recipe["betas"], mt.recipe["epochs"]) == ("adam", 1e-4, [0.9, 0.98], 20)
+    assert (mt.recipe["optimizer"], mt.recipe["lr"], mt.recipe["betas"], mt.recipe["epochs"]) == (
+        "adam",
+        1e-4,
+        [0.9, 0.98],
+        20,
+    )
     gpt = get_setting("shakespeare_nanogpt").recipe
-    assert (gpt["lr"], gpt["lr_min"], gpt["max_iters"], gpt["warmup_iters"], gpt["betas"][1], gpt["batch_size"]) == (
-        1e-3, 1e-4, 5000, 100, 0.99, 32)
+    assert (
+        gpt["lr"],
+        gpt["lr_min"],
+        gpt["max_iters"],
+        gpt["warmup_iters"],
+        gpt["betas"][1],
+        gpt["batch_size"],
+    ) == (1e-3, 1e-4, 5000, 100, 0.99, 32)
     assert get_setting("mnist_lr").metrics == ("lds", "loo", "auc")
     assert get_setting("cifar2_resnet9").metrics == ("lds",)
     assert get_setting("cifar10_resnet9").metrics == ("auc",)
     assert get_setting("maestro_musictransformer").metrics == ("lds",)
-    assert (get_setting("maestro_musictransformer").n_train, get_setting("shakespeare_nanogpt").n_test) == (5000, 435)
+    assert (
+        get_setting("maestro_musictransformer").n_train,
+        get_setting("shakespeare_nanogpt").n_test,
+    ) == (5000, 435)
     for t in TINY:
         s = get_setting(t)
         assert (s.n_train, s.n_test, s.recipe["epochs"], s.recipe["max_iters"]) == (64, 16, 1, None)
@@ -65,8 +104,15 @@ def test_recipes_and_metrics_follow_the_reference() -> None:
 
 
 def test_overrides() -> None:
-    s = get_setting("mnist_mlp", epochs=2, lr=0.1, n_train=100, hidden=(8,), recipe={"batch_size": 7})
-    assert (s.recipe["epochs"], s.recipe["lr"], s.recipe["batch_size"], s.recipe["momentum"]) == (2, 0.1, 7, 0.9)
+    s = get_setting(
+        "mnist_mlp", epochs=2, lr=0.1, n_train=100, hidden=(8,), recipe={"batch_size": 7}
+    )
+    assert (s.recipe["epochs"], s.recipe["lr"], s.recipe["batch_size"], s.recipe["momentum"]) == (
+        2,
+        0.1,
+        7,
+        0.9,
+    )
     assert s.n_train == 100 and s.model_config["hidden"] == (8,)
     assert get_setting("mnist_mlp").recipe["epochs"] == 50  # the registry is untouched
     assert get_setting("shakespeare_nanogpt_tiny", block_size=16).data_config["block_size"] == 16
@@ -100,7 +146,11 @@ def test_every_setting_loads_or_names_the_missing_data(name: str) -> None:
         assert x.dtype == torch.float32 and y.dtype == torch.int64 and int(y.max()) < s.num_classes
     else:
         assert x.dtype == torch.int64 and y.shape == x.shape and int(x.max()) < s.num_classes
-    assert d.meta["setting"] == name and d.meta["split_seed"] == 0 and len(d.meta["tensors_sha256"]) == 64
+    assert (
+        d.meta["setting"] == name
+        and d.meta["split_seed"] == 0
+        and len(d.meta["tensors_sha256"]) == 64
+    )
     json.dumps(d.meta)
     if name.endswith("_tiny"):
         torch.manual_seed(0)
@@ -133,7 +183,9 @@ def test_flip_labels() -> None:
 
 def test_noisy_variant_changes_identity() -> None:
     x = torch.randn(30, 4)
-    d = BenchmarkData(train=(x, torch.arange(30) % 3), test=(x[:5], torch.zeros(5, dtype=torch.long)))
+    d = BenchmarkData(
+        train=(x, torch.arange(30) % 3), test=(x[:5], torch.zeros(5, dtype=torch.long))
+    )
     n = d.with_noisy_labels(0.2, 3, seed=4)
     idx = n.meta["label_noise"]["flipped_indices"]
     assert len(idx) == 6 and (n.train[1][idx] != d.train[1][idx]).all()

@@ -26,13 +26,18 @@ def test_classification_targets() -> None:
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
     params = dict(model.named_parameters())
     logits = model(x)
-    torch.testing.assert_close(make_loss_func(model, "classification")(params, (x, y)), F.cross_entropy(logits, y))
     torch.testing.assert_close(
-        make_target_func(model, "classification", "neg_loss")(params, (x, y)), -F.cross_entropy(logits, y)
+        make_loss_func(model, "classification")(params, (x, y)), F.cross_entropy(logits, y)
+    )
+    torch.testing.assert_close(
+        make_target_func(model, "classification", "neg_loss")(params, (x, y)),
+        -F.cross_entropy(logits, y),
     )
     p = logits.softmax(-1).gather(1, y[:, None]).squeeze(1)
     expect = (p.log() - (1 - p).log()).mean()  # margin = log p - log(1 - p)
-    torch.testing.assert_close(make_target_func(model, "classification", "margin")(params, (x, y)), expect)
+    torch.testing.assert_close(
+        make_target_func(model, "classification", "margin")(params, (x, y)), expect
+    )
     # per-row margin by brute force
     m = margin_from_logits(logits, y)
     for i in range(6):

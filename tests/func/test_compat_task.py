@@ -23,7 +23,10 @@ def _setup():
 
     task = AttributionTask(loss, model, [model.state_dict(), other])
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (5,), generator=g)
+    x, y = (
+        torch.randn(5, 3, generator=g, dtype=torch.float64),
+        torch.randint(0, 2, (5,), generator=g),
+    )
     return task, model, other, loss, x, y
 
 
@@ -48,9 +51,13 @@ def test_get_param_and_grad_loss_func_match_per_sample_autograd():
     grads = task.get_grad_loss_func()(flat, (x.unsqueeze(0), y.unsqueeze(0)))
     torch.testing.assert_close(grads, _manual_grads(model, other, x, y), rtol=0, atol=1e-12)
     part, _ = task.get_param(ckpt_idx=1, layer_name=["2.weight", "2.bias"])
-    g_part = task.get_grad_loss_func(layer_name=["2.weight", "2.bias"], ckpt_idx=1)(part, (x.unsqueeze(0), y.unsqueeze(0)))
-    torch.testing.assert_close(g_part, grads[:, -part.numel():], rtol=0, atol=1e-12)
-    tgt = task.get_grad_target_func(in_dims=(None, 0))(flat, (x, y))  # per sample without the extra dim
+    g_part = task.get_grad_loss_func(layer_name=["2.weight", "2.bias"], ckpt_idx=1)(
+        part, (x.unsqueeze(0), y.unsqueeze(0))
+    )
+    torch.testing.assert_close(g_part, grads[:, -part.numel() :], rtol=0, atol=1e-12)
+    tgt = task.get_grad_target_func(in_dims=(None, 0))(
+        flat, (x, y)
+    )  # per sample without the extra dim
     assert tgt.shape == grads.shape
 
 

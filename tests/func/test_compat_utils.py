@@ -71,7 +71,11 @@ def test_flatten_func_param_num_and_errors(model):
 
 
 def test_partial_param_splices_selected_layers_without_mutating():
-    full = {"a": torch.arange(3.0), "b": torch.arange(4.0).reshape(2, 2) + 10, "c": torch.tensor([7.0])}
+    full = {
+        "a": torch.arange(3.0),
+        "b": torch.arange(4.0).reshape(2, 2) + 10,
+        "c": torch.tensor([7.0]),
+    }
     snapshot = {k: v.clone() for k, v in full.items()}
 
     @partial_param(full, ["c", "a"])

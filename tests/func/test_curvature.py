@@ -43,7 +43,9 @@ def _seq_out(flat: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     W2 = flat[H_ * P :].view(C, H_)
     h = torch.tanh(X @ W1.T)  # (B, T, H)
     T = X.shape[1]
-    mix = torch.tril(torch.ones(T, T, dtype=X.dtype)) / torch.arange(1, T + 1, dtype=X.dtype)[:, None]
+    mix = (
+        torch.tril(torch.ones(T, T, dtype=X.dtype)) / torch.arange(1, T + 1, dtype=X.dtype)[:, None]
+    )
     return (mix @ h) @ W2.T
 
 
@@ -82,7 +84,13 @@ def _ggn(kind: str, mode: str = "rev-rev", chunks: int = 2, keep: bool = True):
     parts = torch.arange(N).chunk(chunks)
     return (
         GaussNewton(
-            [(lambda f, i=i: out_fn(f, X[i])) for i in parts], [y[i] for i in parts], loss, flat, N, mode, keep
+            [(lambda f, i=i: out_fn(f, X[i])) for i in parts],
+            [y[i] for i in parts],
+            loss,
+            flat,
+            N,
+            mode,
+            keep,
         ),
         _dense_ggn(out_fn, flat, loss, X, y),
     )
@@ -116,7 +124,9 @@ def test_output_loss_reproduces_torch_losses():
         torch.testing.assert_close(loss.per_sample(out[i : i + 1], y[i : i + 1])[0], ref)
     z = torch.randn(5, C, dtype=DT)
     t = torch.randn(5, C, dtype=DT)
-    torch.testing.assert_close(OutputLoss("mse").per_sample(z, t), F.mse_loss(z, t, reduction="none").mean(1))
+    torch.testing.assert_close(
+        OutputLoss("mse").per_sample(z, t), F.mse_loss(z, t, reduction="none").mean(1)
+    )
 
 
 def test_linear_model_exact_hessian_equals_ggn():

@@ -47,7 +47,9 @@ def problem():
 def test_per_sample_grad_matrix(problem):
     W, X, y, _, G, _ = problem
     torch.testing.assert_close(per_sample_grad_matrix(loss, (W, X, y)), G, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(per_sample_grad_matrix(loss, (W, X, y), chunk_size=7), G, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(
+        per_sample_grad_matrix(loss, (W, X, y), chunk_size=7), G, rtol=1e-12, atol=1e-14
+    )
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.1])

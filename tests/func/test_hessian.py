@@ -92,7 +92,9 @@ def test_hvp_regularization_single_vector_and_at_x(problem):
     W, X, y, V, H = problem
     out = hvp(loss, regularization=0.3)((W, X, y), V[0])
     assert out.shape == (C * P,)
-    torch.testing.assert_close(out, (H + 0.3 * torch.eye(C * P, dtype=DT)) @ V[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        out, (H + 0.3 * torch.eye(C * P, dtype=DT)) @ V[0], rtol=1e-10, atol=1e-12
+    )
     f_at = hvp_at_x(loss, (W, X, y), regularization=0.3)
     torch.testing.assert_close(f_at(V[0]), out, rtol=0, atol=0)
     torch.testing.assert_close(f_at(V), hvp(loss, regularization=0.3)((W, X, y), V), rtol=0, atol=0)
@@ -202,9 +204,13 @@ def test_arnoldi_full_rank_matches_solve(problem, mode, lam):
     W, X, y, V, H = problem
     d = C * P
     ref = solve(H, V, lam)
-    out = ihvp_arnoldi(loss, max_iter=d, proj_dim=d, mode=mode, regularization=lam, tol=1e-12)((W, X, y), V)
+    out = ihvp_arnoldi(loss, max_iter=d, proj_dim=d, mode=mode, regularization=lam, tol=1e-12)(
+        (W, X, y), V
+    )
     torch.testing.assert_close(out, ref, rtol=1e-7, atol=1e-9)
-    at = ihvp_at_x_arnoldi(loss, W, X, y, max_iter=d, proj_dim=d, mode=mode, regularization=lam, tol=1e-12)
+    at = ihvp_at_x_arnoldi(
+        loss, W, X, y, max_iter=d, proj_dim=d, mode=mode, regularization=lam, tol=1e-12
+    )
     torch.testing.assert_close(at(V), out, rtol=0, atol=0)
 
 
@@ -224,8 +230,12 @@ def test_arnoldi_defaults_never_nan():
     out = ihvp_arnoldi(lambda w: 0.5 * (a @ w) ** 2)((torch.zeros(5),), v)
     assert torch.isfinite(out).all()
     # On the eigenvector direction it inverts exactly: (a aᵀ)^+ a = a / |a|^2.
-    torch.testing.assert_close(ihvp_at_x_arnoldi(lambda w: 0.5 * (a @ w) ** 2, torch.zeros(5))(a), a / (a @ a),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        ihvp_at_x_arnoldi(lambda w: 0.5 * (a @ w) ** 2, torch.zeros(5))(a),
+        a / (a @ a),
+        rtol=1e-4,
+        atol=1e-5,
+    )
     zero = ihvp_arnoldi(lambda w: (a * w).sum())((torch.zeros(5),), v)
     assert torch.isfinite(zero).all()
 
@@ -241,7 +251,9 @@ def test_lissa_full_batch_is_deterministic_solve(problem, mode):
     lo, hi = _hessian_eigs(H)
     scaling = 1.2 * hi
     depth = int(18 / (lo / scaling)) + 1  # (1 - lo/s)^depth < 1e-8
-    out = ihvp_lissa(loss, batch_size=N, recursion_depth=depth, scaling=scaling, mode=mode)((W, X, y), V)
+    out = ihvp_lissa(loss, batch_size=N, recursion_depth=depth, scaling=scaling, mode=mode)(
+        (W, X, y), V
+    )
     assert out.dtype == DT
     torch.testing.assert_close(out, solve(H, V), rtol=1e-6, atol=1e-8)
 
@@ -250,7 +262,9 @@ def test_lissa_damping_fixed_point(problem):
     W, X, y, V, H = problem
     _, hi = _hessian_eigs(H)
     scaling, damping = 1.2 * hi, 0.05
-    out = ihvp_at_x_lissa(loss, W, X, y, batch_size=N, recursion_depth=400, scaling=scaling, damping=damping)(V)
+    out = ihvp_at_x_lissa(
+        loss, W, X, y, batch_size=N, recursion_depth=400, scaling=scaling, damping=damping
+    )(V)
     torch.testing.assert_close(out, solve(H, V, damping * scaling), rtol=1e-6, atol=1e-8)
 
 
@@ -258,7 +272,9 @@ def test_lissa_stochastic_close_and_seeded(problem):
     W, X, y, V, H = problem
     _, hi = _hessian_eigs(H)
     # Bias (1 - lo/scaling)^200 < 1e-5; the rest is sampling noise of 20-of-40 mini-batches.
-    out = ihvp_at_x_lissa(loss, W, X, y, batch_size=20, recursion_depth=200, scaling=2.0 * hi, seed=3)(V)
+    out = ihvp_at_x_lissa(
+        loss, W, X, y, batch_size=20, recursion_depth=200, scaling=2.0 * hi, seed=3
+    )(V)
     ref = solve(H, V)
     rel = ((out - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
     assert rel < 0.15, rel
@@ -292,9 +308,9 @@ def test_lissa_argnums_and_collate_fn(problem):
 
 def test_lissa_float32_and_without_data():
     a = torch.tensor([1.0, 2.0, 4.0])
-    out = ihvp_at_x_lissa(lambda w: 0.5 * (a * w * w).sum(), torch.zeros(3), recursion_depth=200, scaling=5.0)(
-        torch.ones(3)
-    )
+    out = ihvp_at_x_lissa(
+        lambda w: 0.5 * (a * w * w).sum(), torch.zeros(3), recursion_depth=200, scaling=5.0
+    )(torch.ones(3))
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, 1 / a, rtol=1e-5, atol=1e-6)
 
@@ -343,8 +359,12 @@ def test_lissa_accepts_dattris_in_dims():
     v = torch.randn(1, 2, generator=g, dtype=DT)
     kw = dict(argnums=2, batch_size=40, recursion_depth=300, scaling=20.0)
     plain = ihvp_at_x_lissa(mse, xs, ys, theta, **kw)(v)
-    torch.testing.assert_close(ihvp_at_x_lissa(mse, xs, ys, theta, in_dims=(0, 0, None), **kw)(v), plain)
-    torch.testing.assert_close(ihvp_lissa(mse, **kw)((xs, ys, theta), v, in_dims=(0, 0, None)), plain)
+    torch.testing.assert_close(
+        ihvp_at_x_lissa(mse, xs, ys, theta, in_dims=(0, 0, None), **kw)(v), plain
+    )
+    torch.testing.assert_close(
+        ihvp_lissa(mse, **kw)((xs, ys, theta), v, in_dims=(0, 0, None)), plain
+    )
     exact = torch.linalg.solve(2 * xs.T @ xs / 40, v[0])
     torch.testing.assert_close(plain[0], exact, rtol=1e-6, atol=1e-8)
     with pytest.raises(ConfigError, match="in_dims"):

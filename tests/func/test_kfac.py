@@ -27,7 +27,9 @@ def _float64_default():
 
 def _task(model: nn.Module, loss) -> AttributionTask:
     model.eval()
-    return AttributionTask(lambda p, d: loss(functional_call(model, p, (d[0],)), d[1]), model, model.state_dict())
+    return AttributionTask(
+        lambda p, d: loss(functional_call(model, p, (d[0],)), d[1]), model, model.state_dict()
+    )
 
 
 def _ce(logits, y):
@@ -145,9 +147,18 @@ def test_damping_forms_match_a_dense_solve() -> None:
             lams = [lf.damping(damping, factor) for lf in op.layers]
             means = [float(lf.eigenvalues().mean()) for lf in op.layers]
             assert lams == pytest.approx([damping + (factor or 0) * m for m in means])
-            D = torch.diag(torch.cat([torch.full((lf.shape[0] * lf.shape[1],), lam) for lf, lam in zip(op.layers, lams, strict=True)]))
+            D = torch.diag(
+                torch.cat(
+                    [
+                        torch.full((lf.shape[0] * lf.shape[1],), lam)
+                        for lf, lam in zip(op.layers, lams, strict=True)
+                    ]
+                )
+            )
             want = torch.linalg.solve(dense + D, V.T).T
-            torch.testing.assert_close(op.inverse_mvp(V, damping, factor), want, rtol=1e-9, atol=1e-10)
+            torch.testing.assert_close(
+                op.inverse_mvp(V, damping, factor), want, rtol=1e-9, atol=1e-10
+            )
 
 
 def _data(n: int = 20):
@@ -160,7 +171,9 @@ def _data(n: int = 20):
 def _same(a, b) -> None:
     eye = torch.eye(a.dim)
     torch.testing.assert_close(a.mvp(eye), b.mvp(eye), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(a.inverse_mvp(eye, 1e-3), b.inverse_mvp(eye, 1e-3), rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(
+        a.inverse_mvp(eye, 1e-3), b.inverse_mvp(eye, 1e-3), rtol=1e-8, atol=1e-9
+    )
 
 
 def test_partitioned_fit_equals_one_shot_and_is_reused(tmp_path, monkeypatch) -> None:
@@ -236,7 +249,9 @@ def test_true_fisher_samples_labels_from_the_model() -> None:
     torch.testing.assert_close(S, torch.diag(p) - torch.outer(p, p), rtol=0, atol=0.02)
     emp = fit_kfac(task, loader, strategy="kfac").layers[0]  # empirical, all labels 0: g = p - e_0
     g0 = p - torch.tensor([1.0, 0.0, 0.0])
-    torch.testing.assert_close(emp.q_s @ torch.diag(emp.eig_s) @ emp.q_s.T, torch.outer(g0, g0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        emp.q_s @ torch.diag(emp.eig_s) @ emp.q_s.T, torch.outer(g0, g0), rtol=0, atol=1e-12
+    )
     again = fit_kfac(task, loader, strategy="kfac", fisher="true", seed=5).layers[0]
     torch.testing.assert_close(again.eig_s, lf.eig_s, rtol=0, atol=0)
 
@@ -276,12 +291,22 @@ def test_ggn_kfac_is_exact_when_probabilities_do_not_depend_on_the_input() -> No
         model.bias.copy_(torch.tensor([0.3, -0.2, 0.5, 0.0]))
     task = _task(model, _ce)
     x = torch.randn(7, 3)
-    op = fit_kfac(task, DataLoader(TensorDataset(x, torch.randint(0, 4, (7,))), batch_size=3), strategy="kfac", fisher="ggn")
+    op = fit_kfac(
+        task,
+        DataLoader(TensorDataset(x, torch.randint(0, 4, (7,))), batch_size=3),
+        strategy="kfac",
+        fisher="ggn",
+    )
     spec = task.param_spec()
     ggn = _dense_ggn(task, x)
     eye = torch.eye(spec.dim)
     torch.testing.assert_close(op.mvp(eye, spec=spec), ggn, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(op.inverse_mvp(eye, 0.05, spec=spec), torch.linalg.inv(ggn + 0.05 * eye), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(
+        op.inverse_mvp(eye, 0.05, spec=spec),
+        torch.linalg.inv(ggn + 0.05 * eye),
+        rtol=1e-9,
+        atol=1e-9,
+    )
 
 
 def test_ggn_ekfac_eigenvalues_are_the_dense_ggn_diagonal_in_the_kronecker_basis() -> None:
@@ -289,10 +314,14 @@ def test_ggn_ekfac_eigenvalues_are_the_dense_ggn_diagonal_in_the_kronecker_basis
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3, bias=False))
     task = _task(model, _ce)
     x = torch.randn(10, 3)
-    op = fit_kfac(task, DataLoader(TensorDataset(x, torch.randint(0, 3, (10,))), batch_size=4), fisher="ggn")
+    op = fit_kfac(
+        task, DataLoader(TensorDataset(x, torch.randint(0, 3, (10,))), batch_size=4), fisher="ggn"
+    )
     spec = task.param_spec()
     ggn = _dense_ggn(task, x)
     for lf in op.layers:
         idx = _layer_index(lf, spec)
         K = torch.kron(lf.q_s, lf.q_a)
-        torch.testing.assert_close(lf.lam.reshape(-1), torch.diagonal(K.T @ ggn[idx][:, idx] @ K), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(
+            lf.lam.reshape(-1), torch.diagonal(K.T @ ggn[idx][:, idx] @ K), rtol=1e-9, atol=1e-12
+        )

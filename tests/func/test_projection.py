@@ -135,7 +135,9 @@ def test_memory_budget_respected(monkeypatch):
     assert big.chunk_rows < 10**6
     # a tiny budget still holds one block (the smallest unit), and draws the same matrix
     tiny = make_projector(3000, 16, seed=3, dtype=torch.float64, memory_budget=1, block_rows=100)
-    whole = make_projector(3000, 16, seed=3, dtype=torch.float64, max_chunk_bytes=10**8, block_rows=100)
+    whole = make_projector(
+        3000, 16, seed=3, dtype=torch.float64, max_chunk_bytes=10**8, block_rows=100
+    )
     assert tiny.chunk_rows == 100
     x = torch.randn(4, 3000, dtype=torch.float64)
     torch.testing.assert_close(tiny.project(x), whole.project(x), rtol=1e-12, atol=1e-12)
@@ -212,7 +214,9 @@ def test_sparse_matches_its_dense_matrix_under_any_budget():
     assert torch.equal((m != 0).sum(1), torch.ones(D, dtype=torch.int64))
     ref = x @ m
     torch.testing.assert_close(full.project(x), ref, rtol=1e-13, atol=1e-13)
-    torch.testing.assert_close(full.project([x[:, :17], x[:, 17:150], x[:, 150:]]), ref, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(
+        full.project([x[:, :17], x[:, 17:150], x[:, 150:]]), ref, rtol=1e-13, atol=1e-13
+    )
     assert full.cached_matrix_bytes == D * 8  # int64 codes, not a dense matrix
     for budget in [ROWS * 8, 3 * ROWS * 8 + 5, 11 * ROWS * 8]:
         p = _proj(proj_type="sparse", max_chunk_bytes=budget)
@@ -225,7 +229,9 @@ def test_sparse_matches_its_dense_matrix_under_any_budget():
     assert torch.equal(m32.double(), m)  # integer draws: the same matrix in every dtype
     assert not torch.equal(_proj(proj_type="sparse", seed=8).matrix(), m)
     # all-zero input, empty batch
-    assert torch.equal(full.project(torch.zeros(2, D, dtype=torch.float64)), torch.zeros(2, K, dtype=torch.float64))
+    assert torch.equal(
+        full.project(torch.zeros(2, D, dtype=torch.float64)), torch.zeros(2, K, dtype=torch.float64)
+    )
     assert full.project(torch.zeros(0, D, dtype=torch.float64)).shape == (0, K)
 
 
@@ -260,7 +266,9 @@ def test_dattri_projector_key_aliases():
     from tdabench.errors import ConfigError
     from tdabench.func.projection import resolve_projector_kwargs
 
-    r = resolve_projector_kwargs({"proj_dim": 8, "proj_seed": 3, "proj_max_batch_size": 32, "device": "cpu"})
+    r = resolve_projector_kwargs(
+        {"proj_dim": 8, "proj_seed": 3, "proj_max_batch_size": 32, "device": "cpu"}
+    )
     assert r["seed"] == 3 and r["proj_dim"] == 8
     with pytest.raises(ConfigError, match="pass one"):
         resolve_projector_kwargs({"seed": 1, "proj_seed": 2})

@@ -19,7 +19,9 @@ def test_tf32_is_exact_on_the_cpu_and_the_matrix_is_shared(dtype):
     tf32 = make_projector(700, 16, seed=1, dtype=dtype, precision="tf32")
     assert torch.equal(tf32.matrix(), ref.matrix())
     x = _x(dtype)
-    torch.testing.assert_close(tf32.project(x), ref.project(x), rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+    torch.testing.assert_close(
+        tf32.project(x), ref.project(x), rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0
+    )
     assert torch.backends.cuda.matmul.allow_tf32 is False or torch.cuda.is_available()
 
 

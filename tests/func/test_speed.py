@@ -9,7 +9,11 @@ from tdabench.func.speed import backend_flags
 
 
 def _flags():
-    return (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    return (
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cuda.matmul.allow_tf32,
+    )
 
 
 def test_cuda_flags_set_inside_and_restored():

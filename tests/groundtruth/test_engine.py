@@ -68,7 +68,9 @@ def _digests(store):
 
 def test_values_equal_direct_training_and_lds_runs(tmp_path, data):
     t = _trainer(data)
-    spec = GroundTruthSpec(kind="lds", num_subsets=12, shard_size=5, targets=("margin", "loss"), seed=3)
+    spec = GroundTruthSpec(
+        kind="lds", num_subsets=12, shard_size=5, targets=("margin", "loss"), seed=3
+    )
     store = open_store(tmp_path / "s", spec, t)
     assert missing_shards(store, spec) == [0, 1, 2]
     rep = run_shards(store, spec, t, progress=False)
@@ -162,10 +164,17 @@ def test_key_mismatch_names_fields(tmp_path, data):
     with pytest.raises(KeyMismatchError, match=r"trainer\.recipe\.lr: 0\.5 -> 0\.1"):
         open_store(tmp_path, spec, _trainer(data, lr=0.1))
     with pytest.raises(KeyMismatchError, match="subset_ratio"):
-        open_store(tmp_path, GroundTruthSpec(kind="lds", subset_ratio=0.3, shard_size=4), _trainer(data))
+        open_store(
+            tmp_path, GroundTruthSpec(kind="lds", subset_ratio=0.3, shard_size=4), _trainer(data)
+        )
     store = GroundTruthStore(tmp_path)  # open without a key: trusts the manifest
     with pytest.raises(KeyMismatchError, match="num_runs"):
-        run_shard(store, GroundTruthSpec(kind="lds", num_subsets=4, shard_size=4, num_runs=2), _trainer(data), 0)
+        run_shard(
+            store,
+            GroundTruthSpec(kind="lds", num_subsets=4, shard_size=4, num_runs=2),
+            _trainer(data),
+            0,
+        )
     # A tampered manifest is refused.
     m = json.loads((tmp_path / "manifest.json").read_text())
     m["config"]["seed"] = 9
@@ -194,7 +203,11 @@ def test_truncated_and_corrupted_shards_are_detected_and_recomputed(tmp_path, da
     vals[3] += 1e-9
     import pyarrow as pa
 
-    table = table.set_column(table.column_names.index("target.loss"), "target.loss", pa.FixedSizeListArray.from_arrays(pa.array(vals), 6))
+    table = table.set_column(
+        table.column_names.index("target.loss"),
+        "target.loss",
+        pa.FixedSizeListArray.from_arrays(pa.array(vals), 6),
+    )
     pq.write_table(table, p1)
     with pytest.raises(StoreError, match=r"shard 0: .*truncated or corrupted.*shard 1: .*checksum"):
         merge(store)
@@ -348,8 +361,13 @@ def test_stale_temporaries_are_cleaned(tmp_path, data):
     t, spec, store = _complete_store(tmp_path, data)
     import socket
 
-    stale = store.shards_dir / f".{store.shard_path(0).name}.{socket.gethostname().replace('.', '_')}.999999999.tmp"
+    stale = (
+        store.shards_dir
+        / f".{store.shard_path(0).name}.{socket.gethostname().replace('.', '_')}.999999999.tmp"
+    )
     stale.write_bytes(b"partial")
     store.shard_path(0).unlink()
     run_shard(store, spec, t, 0)
-    assert not stale.exists() and sorted(os.listdir(store.shards_dir)) == [p.name for _, p in store.shard_files()]
+    assert not stale.exists() and sorted(os.listdir(store.shards_dir)) == [
+        p.name for _, p in store.shard_files()
+    ]

@@ -44,19 +44,36 @@ def lr_model():
 
 
 def deep_relu():
-    return nn.Sequential(nn.Flatten(), nn.Linear(D, 8), nn.ReLU(), nn.Identity(), nn.Linear(8, 5), nn.ReLU(),
-                         nn.Linear(5, C))
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(D, 8),
+        nn.ReLU(),
+        nn.Identity(),
+        nn.Linear(8, 5),
+        nn.ReLU(),
+        nn.Linear(5, C),
+    )
 
 
 def nobias_relu():
-    return nn.Sequential(nn.Linear(D, 6, bias=False), nn.ReLU(inplace=True), nn.Linear(6, C, bias=False))
+    return nn.Sequential(
+        nn.Linear(D, 6, bias=False), nn.ReLU(inplace=True), nn.Linear(6, C, bias=False)
+    )
 
 
 RECIPES = {
     "sgd": dict(optimizer="sgd", lr=0.2, epochs=3, batch_size=10),
     "momentum": dict(optimizer="sgd", lr=0.1, momentum=0.9, epochs=3, batch_size=10),
-    "momentum_wd_sched": dict(optimizer="sgd", lr=0.1, momentum=0.8, weight_decay=1e-2, warmup_iters=3,
-                              lr_min=1e-3, epochs=3, batch_size=10),
+    "momentum_wd_sched": dict(
+        optimizer="sgd",
+        lr=0.1,
+        momentum=0.8,
+        weight_decay=1e-2,
+        warmup_iters=3,
+        lr_min=1e-3,
+        epochs=3,
+        batch_size=10,
+    ),
     "wd": dict(optimizer="sgd", lr=0.1, weight_decay=1e-2, epochs=2, batch_size=10),
 }
 
@@ -75,8 +92,9 @@ def torch_loop(trainer, build, masks, seeds, b_stream):
     for row, seed in zip(masks, seeds, strict=True):
         torch.manual_seed(seed)
         model = build().double()
-        opt = torch.optim.SGD(model.parameters(), lr=r["lr"], momentum=r["momentum"],
-                              weight_decay=r["weight_decay"])
+        opt = torch.optim.SGD(
+            model.parameters(), lr=r["lr"], momentum=r["momentum"], weight_decay=r["weight_decay"]
+        )
         for it, _, idx in trainer._stream(b_stream):
             sel = idx[row[idx]]
             if len(sel) == 0:
@@ -98,14 +116,18 @@ def max_abs(a, b):
 
 
 @pytest.mark.parametrize("compact", [False, True], ids=["shared", "compact"])
-@pytest.mark.parametrize("build", [lr_model, deep_relu, nobias_relu], ids=["lr", "deep_relu", "nobias"])
+@pytest.mark.parametrize(
+    "build", [lr_model, deep_relu, nobias_relu], ids=["lr", "deep_relu", "nobias"]
+)
 @pytest.mark.parametrize("rname", list(RECIPES))
 def test_fast_path_matches_torch_optim_and_generic_path(data, build, rname, compact):
     train, test = data
     masks, seeds = half_masks(5), [3, 1, 4, 1, 5]
     fast = BatchedTrainer(build, train, test, RECIPES[rname], compact=compact, **F64)
     assert fast.fast_path, fast.fast_path_reason
-    generic = BatchedTrainer(build, train, test, RECIPES[rname], compact=compact, fast_path=False, **F64)
+    generic = BatchedTrainer(
+        build, train, test, RECIPES[rname], compact=compact, fast_path=False, **F64
+    )
     assert not generic.fast_path and "disabled" in generic.fast_path_reason
     a = fast.train(masks, seeds)
     oracle = torch_loop(fast, build, masks, seeds, fast.stream_batch_size(masks))
@@ -129,7 +151,9 @@ def test_fast_path_skips_empty_batches(compact):
     masks = torch.stack([torch.randperm(N, generator=g) < 6 for _ in range(4)])
     recipe = RECIPES["momentum_wd_sched"]
     for build in (lr_model, deep_relu):
-        fast = BatchedTrainer(build, train, test, recipe, stream_batch="fixed", compact=compact, **F64)
+        fast = BatchedTrainer(
+            build, train, test, recipe, stream_batch="fixed", compact=compact, **F64
+        )
         assert fast.fast_path
         n_empty = sum(int(not masks[0, idx].any()) for _, _, idx in fast._stream(10))
         assert n_empty > 5
@@ -141,7 +165,10 @@ def test_sparse_and_dense_first_layer_are_chosen_by_density():
     recipe = normalize_recipe(RECIPES["sgd"])
     layers, reason = fast_plan(lr_model(), recipe, "classification", 1, False)
     assert layers is not None and reason == "nn.Linear"
-    params = {"weight": torch.zeros(2, C, D, dtype=torch.float64), "bias": torch.zeros(2, C, dtype=torch.float64)}
+    params = {
+        "weight": torch.zeros(2, C, D, dtype=torch.float64),
+        "bias": torch.zeros(2, C, dtype=torch.float64),
+    }
     for sparse in (False, True):
         x = _data(sparse)[0][0].double()
         st = FastStack(layers, params, x, recipe, compact=False)
@@ -153,7 +180,9 @@ def test_sparse_and_dense_first_layer_are_chosen_by_density():
     st = FastStack(layers, params, x, recipe, compact=False)
     assert len(st.kept) == D - 1 and ZERO_COL not in st.kept.tolist()  # the zero column is dropped
     wd = normalize_recipe(RECIPES["wd"])
-    assert len(FastStack(layers, params, x, wd, compact=False).kept) == D  # ... but not under weight decay
+    assert (
+        len(FastStack(layers, params, x, wd, compact=False).kept) == D
+    )  # ... but not under weight decay
 
 
 class _MyLinear(nn.Linear):
@@ -161,19 +190,56 @@ class _MyLinear(nn.Linear):
         return super().forward(x) * 2.0
 
 
-@pytest.mark.parametrize("build,recipe,kw,why", [
-    (lambda: nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, C)), RECIPES["sgd"], {}, "Tanh"),
-    (lambda: nn.Sequential(nn.Linear(D, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, C)), RECIPES["sgd"], {},
-     "Dropout"),
-    (lr_model, dict(optimizer="adam", lr=0.01, epochs=1, batch_size=10), {}, "adam"),
-    (lr_model, dict(RECIPES["sgd"], grad_clip=1.0), {}, "grad_clip"),
-    (lambda: nn.Sequential(nn.ReLU(), nn.Linear(D, C)), RECIPES["sgd"], {}, "ReLU not directly after"),
-    (lambda: nn.Sequential(nn.Linear(D, C), nn.ReLU()), RECIPES["sgd"], {}, "last layer is a ReLU"),
-    (lr_model, RECIPES["sgd"], dict(fast_path=False), "disabled"),
-    (lambda: _MyLinear(D, C), RECIPES["sgd"], {}, "not a plain nn.Linear"),
-    (lambda: nn.Sequential(nn.Linear(D, C), nn.Flatten()), RECIPES["sgd"], dict(as_3d=True), "without nn.Flatten"),
-], ids=["tanh", "dropout", "adam", "grad_clip", "relu_first", "relu_last", "disabled", "linear_subclass",
-        "3d_input"])
+@pytest.mark.parametrize(
+    "build,recipe,kw,why",
+    [
+        (
+            lambda: nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, C)),
+            RECIPES["sgd"],
+            {},
+            "Tanh",
+        ),
+        (
+            lambda: nn.Sequential(nn.Linear(D, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, C)),
+            RECIPES["sgd"],
+            {},
+            "Dropout",
+        ),
+        (lr_model, dict(optimizer="adam", lr=0.01, epochs=1, batch_size=10), {}, "adam"),
+        (lr_model, dict(RECIPES["sgd"], grad_clip=1.0), {}, "grad_clip"),
+        (
+            lambda: nn.Sequential(nn.ReLU(), nn.Linear(D, C)),
+            RECIPES["sgd"],
+            {},
+            "ReLU not directly after",
+        ),
+        (
+            lambda: nn.Sequential(nn.Linear(D, C), nn.ReLU()),
+            RECIPES["sgd"],
+            {},
+            "last layer is a ReLU",
+        ),
+        (lr_model, RECIPES["sgd"], dict(fast_path=False), "disabled"),
+        (lambda: _MyLinear(D, C), RECIPES["sgd"], {}, "not a plain nn.Linear"),
+        (
+            lambda: nn.Sequential(nn.Linear(D, C), nn.Flatten()),
+            RECIPES["sgd"],
+            dict(as_3d=True),
+            "without nn.Flatten",
+        ),
+    ],
+    ids=[
+        "tanh",
+        "dropout",
+        "adam",
+        "grad_clip",
+        "relu_first",
+        "relu_last",
+        "disabled",
+        "linear_subclass",
+        "3d_input",
+    ],
+)
 def test_fallback_to_generic_path(build, recipe, kw, why):
     train, test = _data(sparse=False)
     if kw.pop("as_3d", False):  # (n, 1, D): nn.Linear acts on the last dimension
@@ -198,12 +264,16 @@ def test_fast_path_epoch_snapshots_equal_truncated_runs(compact):
             assert (epoch, r) not in seen
             seen[(epoch, r)] = unstack(stacked, i)
 
-    tr = BatchedTrainer(deep_relu, train, test, recipe, compact=compact, max_models_per_batch=2, **F64)
+    tr = BatchedTrainer(
+        deep_relu, train, test, recipe, compact=compact, max_models_per_batch=2, **F64
+    )
     assert tr.fast_path
     final = tr.train(masks, seeds, on_epoch=on_epoch)
     assert sorted(seen) == [(e, r) for e in (1, 2, 3) for r in range(3)]
     for e in (1, 2):
-        short = BatchedTrainer(deep_relu, train, test, dict(recipe, epochs=e), compact=compact, **F64).train(masks, seeds)
+        short = BatchedTrainer(
+            deep_relu, train, test, dict(recipe, epochs=e), compact=compact, **F64
+        ).train(masks, seeds)
         for r in range(3):
             assert max_abs(seen[(e, r)], unstack(short, r)) <= 1e-12
     for r in range(3):
@@ -222,7 +292,9 @@ def test_fast_path_names_the_diverged_rows(build, compact):
     masks[[0, 2], 17] = False  # rows 1 and 3 train on the outlier
     msgs = []
     for fast in (True, False):
-        tr = BatchedTrainer(build, (x, y), test, RECIPES["momentum"], stream_seed=1, compact=compact, fast_path=fast)
+        tr = BatchedTrainer(
+            build, (x, y), test, RECIPES["momentum"], stream_seed=1, compact=compact, fast_path=fast
+        )
         assert tr.fast_path == fast
         with pytest.raises(NonFiniteError, match=r"rows \[1(, 3)?\]") as err:
             tr.train(masks, [0, 1, 2, 3])
@@ -239,7 +311,9 @@ def test_fast_path_float32_matches_generic_path():
     for build, compact in ((lr_model, False), (deep_relu, True)):
         kw = dict(stream_seed=3, compact=compact)
         a = BatchedTrainer(build, train, test, RECIPES["momentum"], **kw).train(masks, seeds)
-        b = BatchedTrainer(build, train, test, RECIPES["momentum"], fast_path=False, **kw).train(masks, seeds)
+        b = BatchedTrainer(build, train, test, RECIPES["momentum"], fast_path=False, **kw).train(
+            masks, seeds
+        )
         assert max_abs(a, b) <= 1e-4
 
 
@@ -248,13 +322,17 @@ def test_fast_path_flattens_image_inputs():
     train, test = (x.view(N, 1, 3, 4), y), (xt.view(NT, 1, 3, 4), yt)
 
     def build():
-        return nn.Sequential(nn.Identity(), nn.Flatten(), nn.Linear(D, 6), nn.ReLU(), nn.Linear(6, C))
+        return nn.Sequential(
+            nn.Identity(), nn.Flatten(), nn.Linear(D, 6), nn.ReLU(), nn.Linear(6, C)
+        )
 
     masks, seeds = half_masks(3), [0, 1, 2]
     for compact in (False, True):
         fast = BatchedTrainer(build, train, test, RECIPES["momentum"], compact=compact, **F64)
         assert fast.fast_path
-        generic = BatchedTrainer(build, train, test, RECIPES["momentum"], compact=compact, fast_path=False, **F64)
+        generic = BatchedTrainer(
+            build, train, test, RECIPES["momentum"], compact=compact, fast_path=False, **F64
+        )
         assert max_abs(fast.train(masks, seeds), generic.train(masks, seeds)) <= 1e-10
 
 
@@ -282,5 +360,7 @@ def test_benchmark_models_declare_their_stack(which, compact):
     a = fast.train(masks, seeds)
     assert max_abs(a, generic.train(masks, seeds)) <= 1e-10
     assert max_abs(a, torch_loop(fast, build, masks, seeds, fast.stream_batch_size(masks))) <= 1e-10
-    dropout = BatchedTrainer(lambda: MLP(D, hidden=(8,), num_classes=C, dropout=0.1), train, test, recipe, **F64)
+    dropout = BatchedTrainer(
+        lambda: MLP(D, hidden=(8,), num_classes=C, dropout=0.1), train, test, recipe, **F64
+    )
     assert not dropout.fast_path and "declined" in dropout.fast_path_reason

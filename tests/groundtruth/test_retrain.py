@@ -33,10 +33,14 @@ N, D = 24, 3
 def loaders():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(N, D, generator=g, dtype=torch.float64)
-    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.1 * torch.randn(N, generator=g, dtype=torch.float64)
+    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.1 * torch.randn(
+        N, generator=g, dtype=torch.float64
+    )
     xt = torch.randn(5, D, generator=g, dtype=torch.float64)
     yt = xt @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
-    return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True), DataLoader(TensorDataset(xt, yt), batch_size=5)
+    return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True), DataLoader(
+        TensorDataset(xt, yt), batch_size=5
+    )
 
 
 class Recorder:
@@ -104,8 +108,12 @@ def test_retrain_lds_subsets_seeds_resume_and_ground_truth(tmp_path, loaders):
 def test_slices_reproduce_one_global_set(tmp_path, loaders):
     train, _ = loaders
     retrain_lds(Recorder(), train, tmp_path / "one", num_subsets=4, total_num_subsets=4, seed=1)
-    retrain_lds(Recorder(), train, tmp_path / "two", num_subsets=2, start_id=2, total_num_subsets=4, seed=1)
-    retrain_lds(Recorder(), train, tmp_path / "two", num_subsets=2, start_id=0, total_num_subsets=4, seed=1)
+    retrain_lds(
+        Recorder(), train, tmp_path / "two", num_subsets=2, start_id=2, total_num_subsets=4, seed=1
+    )
+    retrain_lds(
+        Recorder(), train, tmp_path / "two", num_subsets=2, start_id=0, total_num_subsets=4, seed=1
+    )
     _, a = list_retrained(tmp_path / "one")
     _, b = list_retrained(tmp_path / "two")
     assert [(i, r) for i, r, _ in a] == [(i, r) for i, r, _ in b]
@@ -113,7 +121,9 @@ def test_slices_reproduce_one_global_set(tmp_path, loaders):
         sa, sb = load_retrained_state(pa), load_retrained_state(pb)
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     with pytest.raises(ConfigError):
-        retrain_lds(Recorder(), train, tmp_path / "x", num_subsets=3, start_id=2, total_num_subsets=4)
+        retrain_lds(
+            Recorder(), train, tmp_path / "x", num_subsets=3, start_id=2, total_num_subsets=4
+        )
 
 
 def test_retrain_loo_and_ground_truth(tmp_path, loaders):
@@ -121,7 +131,10 @@ def test_retrain_loo_and_ground_truth(tmp_path, loaders):
     f = Recorder()
     retrain_loo(f, train, tmp_path, indices=[5, 2, 9], seed=0)
     x0 = train.dataset.tensors[0][:, 0]
-    assert all(x0[i].item() not in rows and len(rows) == 3 * (N - 1) for (_, rows), i in zip(f.seen, [5, 2, 9], strict=True))
+    assert all(
+        x0[i].item() not in rows and len(rows) == 3 * (N - 1)
+        for (_, rows), i in zip(f.seen, [5, 2, 9], strict=True)
+    )
     gt, removed = calculate_loo_ground_truth(target_func, tmp_path, test)
     assert removed.tolist() == [2, 5, 9] and gt.shape == (3, 5)
     _, models = list_retrained(tmp_path)

@@ -28,13 +28,21 @@ from tdabench.groundtruth import (
 def test_subsets_are_pure_and_pinned():
     key = sampling_key("lds", 0, 20, 0.5)
     a = subset_indices(key, 3, 20, 0.5)
-    assert a.dtype == np.int64 and a.shape == (10,) and np.all(np.diff(a) > 0) and a.min() >= 0 and a.max() < 20
+    assert (
+        a.dtype == np.int64
+        and a.shape == (10,)
+        and np.all(np.diff(a) > 0)
+        and a.min() >= 0
+        and a.max() < 20
+    )
     assert np.array_equal(a, subset_indices(key, 3, 20, 0.5))
     # Pinned: changing the derivation would silently change every stored ground truth.
     digest = hashlib.sha256(b"tdabench\x1fk\x1fsubset\x1f0").digest()
     assert derive_seed("k", "subset", 0) == int.from_bytes(digest[:8], "big") & (2**63 - 1)
     rng = np.random.Generator(np.random.PCG64(derive_seed(key, "subset", 0)))
-    assert subset_indices(key, 0, 20, 0.5).tolist() == sorted(rng.choice(20, 10, replace=False).tolist())
+    assert subset_indices(key, 0, 20, 0.5).tolist() == sorted(
+        rng.choice(20, 10, replace=False).tolist()
+    )
     assert key == "8d4bd053c99e1eaa3d1aaf92ef95d2a1dae071d1bd311c907c4c35eff8da523c"
     assert subset_indices(key, 0, 20, 0.5).tolist() == [0, 3, 5, 10, 13, 15, 16, 17, 18, 19]
     m = subset_mask(key, 3, 20, 0.5)
@@ -116,7 +124,10 @@ def test_key_identifies_population_not_selection():
     assert ground_truth_key(base, fp, 41) != k
     loo = GroundTruthSpec(kind="loo", indices=[1, 2])
     assert ground_truth_key(loo, fp, 40) == ground_truth_key(GroundTruthSpec(kind="loo"), fp, 40)
-    diff = config_diff(ground_truth_config(base, fp, 40), ground_truth_config(base, {"name": "t", "recipe": {"lr": 0.2}}, 40))
+    diff = config_diff(
+        ground_truth_config(base, fp, 40),
+        ground_truth_config(base, {"name": "t", "recipe": {"lr": 0.2}}, 40),
+    )
     assert diff == [("trainer.recipe.lr", 0.1, 0.2)]
 
 

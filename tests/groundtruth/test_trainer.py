@@ -64,10 +64,20 @@ def rel_err(a, b):
 
 
 RECIPES = {
-    "sgd_momentum": dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-3, epochs=3, batch_size=10),
+    "sgd_momentum": dict(
+        optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-3, epochs=3, batch_size=10
+    ),
     "adam": dict(optimizer="adam", lr=0.02, weight_decay=1e-3, epochs=3, batch_size=10),
-    "adamw_sched_clip": dict(optimizer="adamw", lr=0.02, weight_decay=0.1, warmup_iters=4, lr_min=1e-3,
-                             grad_clip=0.3, epochs=2, batch_size=10),
+    "adamw_sched_clip": dict(
+        optimizer="adamw",
+        lr=0.02,
+        weight_decay=0.1,
+        warmup_iters=4,
+        lr_min=1e-3,
+        grad_clip=0.3,
+        epochs=2,
+        batch_size=10,
+    ),
 }
 
 
@@ -87,7 +97,9 @@ def test_batched_matches_sequential(data, build, rname, compact):
     init = build().double().state_dict()
     assert max((a[k][0] - init[k]).abs().max().item() for k in init) > 1e-3
     for target in ("loss", "margin", "neg_loss"):
-        torch.testing.assert_close(bat.evaluate(b, target), seq.evaluate(a, target), rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(
+            bat.evaluate(b, target), seq.evaluate(a, target), rtol=1e-8, atol=1e-10
+        )
 
 
 def test_sequential_equals_plain_torch_loop(data):
@@ -127,8 +139,14 @@ def test_stream_is_a_permutation_per_epoch(data):
         assert sorted(idx.tolist()) == list(range(N))
     # different epochs and different stream seeds give different orders
     assert not torch.equal(batches[0][2], batches[len(batches) // 2][2])
-    other = SequentialTrainer(lr_model, train, test, dict(lr=0.1, epochs=2, batch_size=7), dtype=torch.float64,
-                              stream_seed=12)
+    other = SequentialTrainer(
+        lr_model,
+        train,
+        test,
+        dict(lr=0.1, epochs=2, batch_size=7),
+        dtype=torch.float64,
+        stream_seed=12,
+    )
     assert not torch.equal(next(other._stream(7))[2], batches[0][2])
 
 
@@ -137,8 +155,9 @@ def test_chunking_and_grouping_do_not_change_results(data):
     recipe = RECIPES["adam"]
     masks, seeds = half_masks(5), [10, 11, 12, 13, 14]
     full = BatchedTrainer(mlp_model, train, test, recipe, compact=True, **F64).train(masks, seeds)
-    chunked = BatchedTrainer(mlp_model, train, test, recipe, max_models_per_batch=2, compact=True,
-                             **F64).train(masks, seeds)
+    chunked = BatchedTrainer(
+        mlp_model, train, test, recipe, max_models_per_batch=2, compact=True, **F64
+    ).train(masks, seeds)
     alone = BatchedTrainer(mlp_model, train, test, recipe, **F64).train(masks[3:4], seeds[3:4])
     for k in full:
         torch.testing.assert_close(chunked[k], full[k], rtol=1e-12, atol=1e-14)
@@ -173,10 +192,14 @@ def test_functional_optimizer_matches_torch_optim_with_skips(kind):
     recipe = normalize_recipe(dict(recipe, epochs=1, batch_size=1))
     g = torch.Generator().manual_seed(0)
     m, steps = 3, 6
-    p0 = {"w": torch.randn(m, 4, 2, generator=g, dtype=torch.float64),
-          "b": torch.randn(m, 2, generator=g, dtype=torch.float64)}
-    grads = [{k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in p0.items()}
-             for _ in range(steps)]
+    p0 = {
+        "w": torch.randn(m, 4, 2, generator=g, dtype=torch.float64),
+        "b": torch.randn(m, 2, generator=g, dtype=torch.float64),
+    }
+    grads = [
+        {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in p0.items()}
+        for _ in range(steps)
+    ]
     active = torch.rand(steps, m, generator=g) < 0.6
     active[0] = True
     active[2, 1] = False
@@ -185,8 +208,13 @@ def test_functional_optimizer_matches_torch_optim_with_skips(kind):
     state = fo.init(params)
     for t in range(steps):
         lr = 0.1 * (t + 1)
-        fo.step(params, {k: v.clone() for k, v in grads[t].items()}, state, lr,
-                None if bool(active[t].all()) else active[t])
+        fo.step(
+            params,
+            {k: v.clone() for k, v in grads[t].items()},
+            state,
+            lr,
+            None if bool(active[t].all()) else active[t],
+        )
     for r in range(m):
         ref = {k: v[r].clone().requires_grad_(True) for k, v in p0.items()}
         opt = make_torch_optimizer(recipe, list(ref.values()))
@@ -204,8 +232,10 @@ def test_functional_optimizer_matches_torch_optim_with_skips(kind):
 
 def test_clip_grad_norms_matches_torch():
     g = torch.Generator().manual_seed(0)
-    grads = {"a": torch.randn(3, 5, generator=g, dtype=torch.float64),
-             "b": torch.randn(3, 2, 2, generator=g, dtype=torch.float64)}
+    grads = {
+        "a": torch.randn(3, 5, generator=g, dtype=torch.float64),
+        "b": torch.randn(3, 2, 2, generator=g, dtype=torch.float64),
+    }
     grads["a"][1] *= 1e-3  # model 1 below the threshold: unchanged
     ref = {k: v.clone() for k, v in grads.items()}
     clip_grad_norms_(grads, 1.0)
@@ -243,9 +273,11 @@ def test_targets_against_brute_force(data):
         for j in range(NT):
             lj, yj = logits[j], int(yt[j])
             ce = -torch.log_softmax(lj, 0)[yj]
-            others = torch.cat([lj[:yj], lj[yj + 1:]])
+            others = torch.cat([lj[:yj], lj[yj + 1 :]])
             assert loss[r, j].item() == pytest.approx(ce.item(), rel=1e-10)
-            assert margin[r, j].item() == pytest.approx((lj[yj] - torch.logsumexp(others, 0)).item(), rel=1e-10)
+            assert margin[r, j].item() == pytest.approx(
+                (lj[yj] - torch.logsumexp(others, 0)).item(), rel=1e-10
+            )
         torch.testing.assert_close(neg, -loss)
 
     template = mlp_model().double()
@@ -304,7 +336,9 @@ def test_nonfinite_names_the_diverged_rows(data):
     masks[[0, 2], 17] = False  # rows 1 and 3 train on the outlier
     for cls in (SequentialTrainer, BatchedTrainer):
         tr = cls(lr_model, (x, y), test, RECIPES["sgd_momentum"], stream_seed=1)
-        with pytest.raises(NonFiniteError, match=r"rows \[1, 3\]" if cls is BatchedTrainer else r"rows \[1\]"):
+        with pytest.raises(
+            NonFiniteError, match=r"rows \[1, 3\]" if cls is BatchedTrainer else r"rows \[1\]"
+        ):
             tr.train(masks, [0, 1, 2, 3])
         ok = tr.train(masks[[0, 2]], [0, 2])  # the clean rows train fine
         assert all(torch.isfinite(v).all() for v in ok.values())
@@ -343,13 +377,19 @@ def test_instance_norm_statistics_fall_back_to_sequential(data):
     train, test = data
 
     def in_model():
-        return nn.Sequential(nn.Linear(D, 8), nn.Unflatten(1, (2, 4)), nn.InstanceNorm1d(2, track_running_stats=True),
-                             nn.Flatten(), nn.Linear(8, C))
+        return nn.Sequential(
+            nn.Linear(D, 8),
+            nn.Unflatten(1, (2, 4)),
+            nn.InstanceNorm1d(2, track_running_stats=True),
+            nn.Flatten(),
+            nn.Linear(8, C),
+        )
 
     with pytest.raises(ConfigError, match="SequentialTrainer"):
         BatchedTrainer(in_model, train, test, RECIPES["sgd_momentum"])
-    setting = SimpleNamespace(name="toy_in", kind="classification", recipe=RECIPES["sgd_momentum"],
-                              build_model=in_model)
+    setting = SimpleNamespace(
+        name="toy_in", kind="classification", recipe=RECIPES["sgd_momentum"], build_model=in_model
+    )
     bench = SimpleNamespace(train=train, test=test, meta={"source": "toy"})
     tr = make_trainer(setting, bench, batched=True, max_models_per_batch=4)
     assert isinstance(tr, SequentialTrainer) and isinstance(tr, Trainer)
@@ -360,7 +400,9 @@ def test_instance_norm_statistics_fall_back_to_sequential(data):
 
 def test_make_trainer_and_fingerprint(data):
     train, test = data
-    setting = SimpleNamespace(name="toy_mlp", kind="classification", recipe=RECIPES["adam"], build_model=mlp_model)
+    setting = SimpleNamespace(
+        name="toy_mlp", kind="classification", recipe=RECIPES["adam"], build_model=mlp_model
+    )
     bench = SimpleNamespace(train=train, test=test, meta={"source": "toy", "seed": 0})
     rng_before = torch.get_rng_state()
     tr = make_trainer(setting, bench, batched=True, stream_seed=5)
@@ -378,8 +420,12 @@ def test_make_trainer_and_fingerprint(data):
     assert make_trainer(setting, bench, stream_seed=6).fingerprint()["stream_seed"] == 6
     changed = (train[0].clone(), train[1])
     changed[0][0, 0] += 1
-    assert (make_trainer(setting, SimpleNamespace(train=changed, test=test, meta=None), stream_seed=5)
-            .fingerprint()["data"]["sha256"] != fp["data"]["sha256"])
+    assert (
+        make_trainer(
+            setting, SimpleNamespace(train=changed, test=test, meta=None), stream_seed=5
+        ).fingerprint()["data"]["sha256"]
+        != fp["data"]["sha256"]
+    )
 
 
 def test_dropout_models_are_deterministic(data):
@@ -389,14 +435,24 @@ def test_dropout_models_are_deterministic(data):
         return nn.Sequential(nn.Linear(D, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, C))
 
     masks = half_masks(3)
-    a = BatchedTrainer(drop_mlp, train, test, RECIPES["sgd_momentum"], **F64).train(masks, [0, 1, 2])
-    b = BatchedTrainer(drop_mlp, train, test, RECIPES["sgd_momentum"], **F64).train(masks, [0, 1, 2])
+    a = BatchedTrainer(drop_mlp, train, test, RECIPES["sgd_momentum"], **F64).train(
+        masks, [0, 1, 2]
+    )
+    b = BatchedTrainer(drop_mlp, train, test, RECIPES["sgd_momentum"], **F64).train(
+        masks, [0, 1, 2]
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
-    s1 = SequentialTrainer(drop_mlp, train, test, RECIPES["sgd_momentum"], **F64).train(masks, [0, 1, 2])
-    s2 = SequentialTrainer(drop_mlp, train, test, RECIPES["sgd_momentum"], **F64).train(masks, [0, 1, 2])
+    s1 = SequentialTrainer(drop_mlp, train, test, RECIPES["sgd_momentum"], **F64).train(
+        masks, [0, 1, 2]
+    )
+    s2 = SequentialTrainer(drop_mlp, train, test, RECIPES["sgd_momentum"], **F64).train(
+        masks, [0, 1, 2]
+    )
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
     # the dropout masks differ between models inside vmap: identical masks and seeds give different models
-    c = BatchedTrainer(drop_mlp, train, test, RECIPES["sgd_momentum"], **F64).train(masks[[0, 0]], [0, 0])
+    c = BatchedTrainer(drop_mlp, train, test, RECIPES["sgd_momentum"], **F64).train(
+        masks[[0, 0]], [0, 0]
+    )
     assert not torch.equal(c["0.weight"][0], c["0.weight"][1])
 
 
@@ -410,8 +466,12 @@ def test_stacked_linear_matches_linear_under_vmap(width):
     kw = dict(generator=g, dtype=torch.float64)
     x, xb = torch.randn(B, 7, **kw), torch.randn(m, B, 7, **kw)
     y = torch.randint(0, 3, (B,), generator=g)
-    p = dict(W1=torch.randn(m, width, 7, **kw), b1=torch.randn(m, width, **kw),
-             W2=torch.randn(m, 3, width, **kw), b2=torch.randn(m, 3, **kw))
+    p = dict(
+        W1=torch.randn(m, width, 7, **kw),
+        b1=torch.randn(m, width, **kw),
+        W2=torch.randn(m, 3, width, **kw),
+        b2=torch.randn(m, 3, **kw),
+    )
     shared_b = torch.randn(width, **kw)
 
     def loss(q, inp, lin, bias1):
@@ -420,9 +480,12 @@ def test_stacked_linear_matches_linear_under_vmap(width):
 
     for inp, dims in ((x, None), (xb, 0)):
         for bias1 in (None, shared_b):
-            ref = torch.func.vmap(torch.func.grad(loss), in_dims=(0, dims, None, None))(p, inp, F.linear, bias1)
-            got = torch.func.vmap(torch.func.grad(loss), in_dims=(0, dims, None, None))(p, inp, StackedLinear.apply,
-                                                                                      bias1)
+            ref = torch.func.vmap(torch.func.grad(loss), in_dims=(0, dims, None, None))(
+                p, inp, F.linear, bias1
+            )
+            got = torch.func.vmap(torch.func.grad(loss), in_dims=(0, dims, None, None))(
+                p, inp, StackedLinear.apply, bias1
+            )
             for k in ref:
                 torch.testing.assert_close(got[k], ref[k], rtol=1e-12, atol=1e-14)
     # forward with a shared weight and batched input
@@ -446,7 +509,9 @@ def test_epoch_snapshots_equal_truncated_runs(data, cls, rname):
             seen[(epoch, r)] = unstack(stacked, i)
 
     extra = dict(max_models_per_batch=2) if cls is BatchedTrainer else {}
-    final = cls(mlp_model, train, test, recipe, **F64, **extra).train(masks, seeds, on_epoch=on_epoch)
+    final = cls(mlp_model, train, test, recipe, **F64, **extra).train(
+        masks, seeds, on_epoch=on_epoch
+    )
     assert sorted(seen) == [(e, r) for e in (1, 2, 3) for r in range(3)]
     for e in (1, 2):
         short = cls(mlp_model, train, test, dict(recipe, epochs=e), **F64).train(masks, seeds)
@@ -462,7 +527,11 @@ def test_take_equals_advanced_indexing():
     from tdabench.groundtruth.trainer import _take
 
     t = torch.randn(9, 4, 3)
-    for index in (torch.tensor([3, 0, 8, 3]), torch.tensor([[1, 2], [7, 0], [5, 5]]), torch.tensor([], dtype=torch.long)):
+    for index in (
+        torch.tensor([3, 0, 8, 3]),
+        torch.tensor([[1, 2], [7, 0], [5, 5]]),
+        torch.tensor([], dtype=torch.long),
+    ):
         assert torch.equal(_take(t, index), t[index])
     labels = torch.arange(9)
     assert torch.equal(_take(labels, torch.tensor([[4, 1]])), labels[torch.tensor([[4, 1]])])
@@ -474,8 +543,11 @@ def test_compact_steps_use_plain_linear_and_match_fast_linear_off(data):
     recipe = RECIPES["sgd_momentum"]
     fast = BatchedTrainer(mlp_model, train, test, recipe, compact=True, **F64)
     assert fast._compact_template is not fast._train_template
-    assert all(type(m).forward is m.forward.__func__ for m in fast._compact_template.modules()
-               if isinstance(m, nn.Linear))  # unpatched
+    assert all(
+        type(m).forward is m.forward.__func__
+        for m in fast._compact_template.modules()
+        if isinstance(m, nn.Linear)
+    )  # unpatched
     plain = BatchedTrainer(mlp_model, train, test, recipe, compact=True, fast_linear=False, **F64)
     a, b = fast.train(masks, seeds), plain.train(masks, seeds)
     for k in a:

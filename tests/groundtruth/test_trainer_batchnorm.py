@@ -22,7 +22,9 @@ from tdabench.groundtruth.trainer import BatchedTrainer, SequentialTrainer, make
 N, NT = 64, 12
 F64 = dict(dtype=torch.float64, stream_seed=3)
 RECIPES = {
-    "sgd_momentum_wd": dict(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-3, epochs=2, batch_size=8),
+    "sgd_momentum_wd": dict(
+        optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-3, epochs=2, batch_size=8
+    ),
     "adam": dict(optimizer="adam", lr=0.01, weight_decay=1e-3, epochs=2, batch_size=8),
 }
 
@@ -30,25 +32,44 @@ RECIPES = {
 @pytest.fixture(scope="module")
 def images():
     g = torch.Generator().manual_seed(0)
-    return ((torch.randn(N, 2, 6, 6, generator=g), torch.randint(0, 3, (N,), generator=g)),
-            (torch.randn(NT, 2, 6, 6, generator=g), torch.randint(0, 3, (NT,), generator=g)))
+    return (
+        (torch.randn(N, 2, 6, 6, generator=g), torch.randint(0, 3, (N,), generator=g)),
+        (torch.randn(NT, 2, 6, 6, generator=g), torch.randint(0, 3, (NT,), generator=g)),
+    )
 
 
 def conv_bn():
     """Conv-BN net with every BatchNorm flavour: 2d, cumulative (momentum None), 1d, no stats."""
     return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4, momentum=None), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(),
-        nn.Linear(6, 6), nn.BatchNorm1d(6, affine=False, track_running_stats=False), nn.Linear(6, 3))
+        nn.Conv2d(2, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.BatchNorm2d(4, momentum=None),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 6),
+        nn.BatchNorm1d(6),
+        nn.ReLU(),
+        nn.Linear(6, 6),
+        nn.BatchNorm1d(6, affine=False, track_running_stats=False),
+        nn.Linear(6, 3),
+    )
 
 
 def conv_bn2d():
     """Only 2d batch norm: a stream batch with a single member still has 6 x 6 values per
     channel (torch's BatchNorm1d refuses one value per channel in training)."""
-    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                         nn.Conv2d(4, 3, 3, padding=1), nn.BatchNorm2d(3, momentum=None),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 3, 3, padding=1),
+        nn.BatchNorm2d(3, momentum=None),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
 
 
 def tiny_resnet9():
@@ -61,8 +82,13 @@ def masks_of(m, size, seed=1):
 
 
 def rel_err(a, b):
-    return max(((a[k].double() - b[k].double()).abs().max() / b[k].double().abs().max().clamp(min=1e-300)).item()
-               for k in b)
+    return max(
+        (
+            (a[k].double() - b[k].double()).abs().max()
+            / b[k].double().abs().max().clamp(min=1e-300)
+        ).item()
+        for k in b
+    )
 
 
 @pytest.mark.parametrize("compact", [False, True], ids=["shared", "compact"])
@@ -79,7 +105,9 @@ def test_batched_batchnorm_equals_sequential(images, rname, compact):
     # the running statistics moved, and differ between models (their own members only)
     assert (a["1.running_var"] - 1).abs().max() > 1e-2
     assert (a["4.running_mean"][0] - a["4.running_mean"][1]).abs().max() > 1e-6
-    torch.testing.assert_close(bat.evaluate(b, "loss"), seq.evaluate(a, "loss"), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        bat.evaluate(b, "loss"), seq.evaluate(a, "loss"), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_empty_batches_leave_running_statistics_unchanged(images):
@@ -158,7 +186,9 @@ def test_tiny_resnet9_batched_equals_sequential_with_snapshots(images):
     b = bat.train(masks, seeds, on_epoch=on_epoch)
     assert rel_err(b, seq) <= 1e-10
     assert sorted(seen) == [(1, 0), (1, 1), (2, 0), (2, 1)]
-    one_epoch = SequentialTrainer(tiny_resnet9, train, test, dict(recipe, epochs=1), **F64).train(masks, seeds)
+    one_epoch = SequentialTrainer(tiny_resnet9, train, test, dict(recipe, epochs=1), **F64).train(
+        masks, seeds
+    )
     for r in range(2):
         assert rel_err(seen[(1, r)], unstack(one_epoch, r)) <= 1e-10
         assert rel_err(seen[(2, r)], unstack(seq, r)) <= 1e-10
@@ -166,7 +196,9 @@ def test_tiny_resnet9_batched_equals_sequential_with_snapshots(images):
 
 def test_make_trainer_trains_batchnorm_batched(images):
     train, test = images
-    setting = SimpleNamespace(name="toy_bn", kind="classification", recipe=RECIPES["adam"], build_model=conv_bn)
+    setting = SimpleNamespace(
+        name="toy_bn", kind="classification", recipe=RECIPES["adam"], build_model=conv_bn
+    )
     bench = SimpleNamespace(train=train, test=test, meta={"source": "toy"})
     assert isinstance(make_trainer(setting, bench, batched=True), BatchedTrainer)
 
@@ -188,9 +220,15 @@ def test_planner_sizes_chunks_without_changing_numbers(images):
     assert just.models_per_chunk(3, b_stream) == 2 and just.models_per_chunk(3, 4 * b_stream) == 1
     a, b = small.train(masks, seeds), large.train(masks, seeds)
     assert rel_err(a, b) <= 1e-12
-    torch.testing.assert_close(small.evaluate(a, "margin"), large.evaluate(a, "margin"), rtol=1e-12, atol=1e-12)
-    seq = SequentialTrainer(conv_bn2d, train, test, recipe, memory_budget=1, eval_batch_size=5, **F64)
-    torch.testing.assert_close(seq.evaluate(a, "margin"), large.evaluate(a, "margin"), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        small.evaluate(a, "margin"), large.evaluate(a, "margin"), rtol=1e-12, atol=1e-12
+    )
+    seq = SequentialTrainer(
+        conv_bn2d, train, test, recipe, memory_budget=1, eval_batch_size=5, **F64
+    )
+    torch.testing.assert_close(
+        seq.evaluate(a, "margin"), large.evaluate(a, "margin"), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_bf16_autocast_recipe(images):
@@ -202,8 +240,12 @@ def test_bf16_autocast_recipe(images):
     with pytest.raises(ConfigError, match="autocast"):
         normalize_recipe(dict(recipe, autocast="fp8"))
     plain = BatchedTrainer(conv_bn2d, train, test, recipe, stream_seed=3)
-    assert "autocast" not in plain.fingerprint()["recipe"]  # keys of existing ground truth unchanged
-    ref = plain.evaluate(SequentialTrainer(conv_bn2d, train, test, recipe, stream_seed=3).train(masks, seeds), "loss")
+    assert (
+        "autocast" not in plain.fingerprint()["recipe"]
+    )  # keys of existing ground truth unchanged
+    ref = plain.evaluate(
+        SequentialTrainer(conv_bn2d, train, test, recipe, stream_seed=3).train(masks, seeds), "loss"
+    )
     for cls in (BatchedTrainer, SequentialTrainer):
         bf16 = cls(conv_bn2d, train, test, dict(recipe, autocast="bf16"), stream_seed=3)
         assert bf16.fingerprint()["recipe"]["autocast"] == "bf16"

@@ -20,13 +20,21 @@ RECIPE = dict(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-3, epochs=
 
 def data(shape=(2, 8, 8)):
     g = torch.Generator().manual_seed(0)
-    return ((torch.randn(N, *shape, generator=g), torch.randint(0, 3, (N,), generator=g)),
-            (torch.randn(NT, *shape, generator=g), torch.randint(0, 3, (NT,), generator=g)))
+    return (
+        (torch.randn(N, *shape, generator=g), torch.randint(0, 3, (N,), generator=g)),
+        (torch.randn(NT, *shape, generator=g), torch.randint(0, 3, (NT,), generator=g)),
+    )
 
 
 def conv_bn():
-    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
 
 
 def masks(m, seed=1):
@@ -35,8 +43,13 @@ def masks(m, seed=1):
 
 
 def rel_err(a, b):
-    return max(((a[k].double().cpu() - b[k].double().cpu()).abs().max()
-                / b[k].double().cpu().abs().max().clamp(min=1e-30)).item() for k in b)
+    return max(
+        (
+            (a[k].double().cpu() - b[k].double().cpu()).abs().max()
+            / b[k].double().cpu().abs().max().clamp(min=1e-30)
+        ).item()
+        for k in b
+    )
 
 
 @pytest.mark.parametrize("compact", [False, True])

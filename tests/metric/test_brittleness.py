@@ -51,7 +51,7 @@ def _funcs(trainer, x):
         return lin
 
     def eval_func(model, test_loader):
-        (xb, _), = list(test_loader)
+        ((xb, _),) = list(test_loader)
         return model(xb).argmax(-1)
 
     return train_func, eval_func
@@ -82,11 +82,25 @@ def test_matches_brute_force_over_every_k(setup):
         s_data[perm] = s_pos  # the same scores indexed by dataset index, for the oracle
         want = _brute_force(trainer, s_data, j, yt)
         test = DataLoader(TensorDataset(xt[j : j + 1], yt[j : j + 1]))
-        got = brittleness(train_loader, test, torch.tensor(s_pos), train_func, eval_func, search_space=range(len(y) + 1))
+        got = brittleness(
+            train_loader,
+            test,
+            torch.tensor(s_pos),
+            train_func,
+            eval_func,
+            search_space=range(len(y) + 1),
+        )
         assert got == want
         found += want is not None
         coarse = [0, 3, 7, 12]
-        got_c = brittleness(train_loader, test, torch.tensor(s_pos)[:, None], train_func, eval_func, search_space=coarse)
+        got_c = brittleness(
+            train_loader,
+            test,
+            torch.tensor(s_pos)[:, None],
+            train_func,
+            eval_func,
+            search_space=coarse,
+        )
         flips = [k for k in coarse if _flips(trainer, s_data, j, yt, k)]
         assert got_c == (flips[0] if flips else None)
     assert found >= 2  # the problem is not trivial
@@ -117,7 +131,9 @@ def test_runner_equals_one_at_a_time_and_resumes(setup, tmp_path):
     tests = [0, 2, 3]
     scores = rng.normal(size=(len(y), len(tests)))
     ks = [0, 2, 5, 9, 14]
-    run = BrittlenessRunner(trainer, _predict, tmp_path / "b", search_space=ks, seed=SEED, shard_size=4)
+    run = BrittlenessRunner(
+        trainer, _predict, tmp_path / "b", search_space=ks, seed=SEED, shard_size=4
+    )
     trainer.calls.clear()
     out = run.run(torch.tensor(scores), tests)
     assert trainer.calls == [3, 3, 3, 3, 3]  # one batched call per k (equal subset sizes)
@@ -133,7 +149,9 @@ def test_runner_equals_one_at_a_time_and_resumes(setup, tmp_path):
     assert run.run(scores, tests) == out and trainer.calls == [3, 3]
     with pytest.raises(KeyMismatchError):
         run.run(scores + 1.0, tests)
-    small = BrittlenessRunner(trainer, _predict, tmp_path / "c", search_space=ks, seed=SEED, shard_size=2)
+    small = BrittlenessRunner(
+        trainer, _predict, tmp_path / "c", search_space=ks, seed=SEED, shard_size=2
+    )
     assert small.run(scores, tests)["brittleness"] == out["brittleness"]
 
 
@@ -143,7 +161,13 @@ def test_bad_inputs(setup, tmp_path):
     loader = DataLoader(TensorDataset(x, y), batch_size=4)
     one = DataLoader(TensorDataset(xt[:1], yt[:1]))
     with pytest.raises(ShapeError):
-        brittleness(loader, DataLoader(TensorDataset(xt[:2], yt[:2])), torch.zeros(len(y)), train_func, eval_func)
+        brittleness(
+            loader,
+            DataLoader(TensorDataset(xt[:2], yt[:2])),
+            torch.zeros(len(y)),
+            train_func,
+            eval_func,
+        )
     with pytest.raises(ShapeError):
         brittleness(loader, one, torch.zeros(len(y), 2), train_func, eval_func)
     with pytest.raises(ConfigError):

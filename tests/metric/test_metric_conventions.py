@@ -41,7 +41,13 @@ def test_auc_mask_and_index_agree_with_pair_counting():
     y = np.zeros(n, bool)
     y[rng.choice(n, 7, replace=False)] = True
     want = _pair_auc(s, y)
-    for noise in (y, y.astype(np.float32), y.astype(np.int8), np.flatnonzero(y), np.flatnonzero(y).astype(float)):
+    for noise in (
+        y,
+        y.astype(np.float32),
+        y.astype(np.int8),
+        np.flatnonzero(y),
+        np.flatnonzero(y).astype(float),
+    ):
         assert mislabel_detection_auc(s, noise)[0] == pytest.approx(want, abs=1e-12)
 
 
@@ -49,13 +55,17 @@ def test_auc_ambiguous_input_raises_and_can_be_disambiguated():
     s = torch.tensor([0.1, 0.9])
     with pytest.raises(ConfigError, match="ambiguous"):
         mislabel_detection_auc(s, torch.tensor([0, 1]))
-    assert mislabel_detection_auc(s, torch.tensor([0, 1]), as_mask=True)[0] == 1.0  # sample 1 flipped
+    assert (
+        mislabel_detection_auc(s, torch.tensor([0, 1]), as_mask=True)[0] == 1.0
+    )  # sample 1 flipped
     assert mislabel_detection_auc(s, torch.tensor([False, True]))[0] == 1.0
     assert mislabel_detection_auc(s, torch.tensor([1]))[0] == 1.0  # index list: not 0/1 over all n
     with pytest.raises(ConfigError):
         mislabel_detection_auc(s, torch.tensor([False, True]), as_mask=False)
     # n_train = 3: a 0/1 vector of length 3 always repeats an index, so it is a mask
-    assert mislabel_detection_auc(torch.tensor([0.1, 0.9, 0.5]), [1, 1, 0])[0] == 0.5  # flipped {0, 1}
+    assert (
+        mislabel_detection_auc(torch.tensor([0.1, 0.9, 0.5]), [1, 1, 0])[0] == 0.5
+    )  # flipped {0, 1}
 
 
 def test_auc_bad_noise_raises():
@@ -83,7 +93,13 @@ def test_lds_masks_of_any_dtype_match_indices_and_scipy():
     mask = np.zeros((s_, n), bool)
     np.put_along_axis(mask, idx, True, axis=1)
     want = _lds_oracle(score, gt, idx)
-    for sub in (idx, mask, mask.astype(np.float32), torch.tensor(mask).long(), idx.astype(np.float64)):
+    for sub in (
+        idx,
+        mask,
+        mask.astype(np.float32),
+        torch.tensor(mask).long(),
+        idx.astype(np.float64),
+    ):
         corr, _ = lds(score, (gt, sub))
         np.testing.assert_allclose(corr.numpy(), want, atol=1e-12)
 
@@ -121,7 +137,9 @@ def test_loo_mask_index_duplicates_and_floats():
     with pytest.raises(ConfigError, match="non-integer"):
         loo_corr(score, (gt, np.array([1.0, 4.0, 6.5, 9.0])))
     with pytest.raises(ConfigError):
-        loo_corr(score, (gt, mask[::-1].copy() * 2))  # values other than 0/1 at length n_train: not an index list either
+        loo_corr(
+            score, (gt, mask[::-1].copy() * 2)
+        )  # values other than 0/1 at length n_train: not an index list either
 
 
 def test_non_finite_scores_raise_or_propagate():
@@ -162,11 +180,16 @@ def test_return_dtypes_follow_score_dtype():
     loo_gt = rng.normal(size=(8, 2))
     for dt in (torch.float32, torch.float64):
         st = torch.tensor(score, dtype=dt)
-        for out in (*lds(st, (torch.tensor(gt, dtype=dt), torch.tensor(idx))), *loo_corr(st, torch.tensor(loo_gt, dtype=dt))):
+        for out in (
+            *lds(st, (torch.tensor(gt, dtype=dt), torch.tensor(idx))),
+            *loo_corr(st, torch.tensor(loo_gt, dtype=dt)),
+        ):
             assert out.dtype == dt
     assert lds(score, (gt, idx))[0].dtype == torch.float64  # numpy input: float64
     c32 = lds(torch.tensor(score, dtype=torch.float32), (gt, idx))[0]
-    np.testing.assert_allclose(c32.numpy(), _lds_oracle(score.astype(np.float32).astype(float), gt, idx), rtol=1e-6)
+    np.testing.assert_allclose(
+        c32.numpy(), _lds_oracle(score.astype(np.float32).astype(float), gt, idx), rtol=1e-6
+    )
 
 
 def test_perfect_rank_correlation_is_exactly_one_with_p_zero():

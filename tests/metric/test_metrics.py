@@ -177,9 +177,16 @@ def test_noise_ceiling_matches_simulated_oracle():
     signal = rng.normal(size=(s, n_test))
     values = signal[:, None, :] + sigma * rng.normal(size=(s, r, n_test))
     nc = noise_ceiling(torch.tensor(values))
-    best = np.array([stats.spearmanr(signal[:, j], values[:, :, j].mean(axis=1)).statistic for j in range(n_test)])
+    best = np.array(
+        [
+            stats.spearmanr(signal[:, j], values[:, :, j].mean(axis=1)).statistic
+            for j in range(n_test)
+        ]
+    )
     assert np.allclose(nc.ceiling.numpy(), best, atol=0.03)
-    run01 = np.array([stats.spearmanr(values[:, 0, j], values[:, 1, j]).statistic for j in range(n_test)])
+    run01 = np.array(
+        [stats.spearmanr(values[:, 0, j], values[:, 1, j]).statistic for j in range(n_test)]
+    )
     assert np.allclose(nc.run_corr.numpy(), run01, atol=1e-12)
     rho = np.clip(run01, 0, 1)
     assert np.allclose(nc.reliability.numpy(), 2 * rho / (1 + rho), atol=1e-12)

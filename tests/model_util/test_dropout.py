@@ -16,8 +16,12 @@ DT = torch.float64
 def mlp() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.5),
-        nn.Linear(8, 5), nn.ReLU(), nn.Dropout(0.2),
+        nn.Linear(6, 8),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(8, 5),
+        nn.ReLU(),
+        nn.Dropout(0.2),
         nn.Linear(5, 3),
     ).to(DT)
 
@@ -69,7 +73,9 @@ def test_activate_dropout_errors():
         activate_dropout(nn.Linear(3, 2))
 
 
-def _hand_forward(model: nn.Module, masks: dict[str, torch.Tensor], p: float, x: torch.Tensor) -> torch.Tensor:
+def _hand_forward(
+    model: nn.Module, masks: dict[str, torch.Tensor], p: float, x: torch.Tensor
+) -> torch.Tensor:
     """Original weights; the mask is multiplied into each selected layer's INPUT by a hook."""
     mods = dict(model.named_modules())
     handles = []
@@ -119,7 +125,9 @@ def test_conv_members_equal_hand_masked_forward():
     assert set(sds[0]) == set(m.state_dict())  # full state dict incl. BN buffers
     x = torch.randn(5, 2, 6, 6, dtype=DT)
     for sd, mk in zip(sds, masks, strict=True):
-        torch.testing.assert_close(_member_forward(m, sd, x), _hand_forward(m, mk, p, x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            _member_forward(m, sd, x), _hand_forward(m, mk, p, x), rtol=1e-12, atol=1e-12
+        )
 
 
 def test_deterministic_in_seed_and_index():

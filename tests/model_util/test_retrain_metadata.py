@@ -27,7 +27,9 @@ def loaders():
     x = torch.randn(N, D, generator=g, dtype=torch.float64)
     y = x.sum(dim=1, keepdim=True)
     xt = torch.randn(4, D, generator=g, dtype=torch.float64)
-    return DataLoader(TensorDataset(x, y), batch_size=4), DataLoader(TensorDataset(xt, xt.sum(1, keepdim=True)), batch_size=4)
+    return DataLoader(TensorDataset(x, y), batch_size=4), DataLoader(
+        TensorDataset(xt, xt.sum(1, keepdim=True)), batch_size=4
+    )
 
 
 _FAIL_AFTER: list[int | None] = [None]  # simulate an interruption after this many calls
@@ -54,7 +56,10 @@ def _dattri_style_lds(target_func, retrain_dir, test_loader):
     for i in range(meta["num_subsets"]):
         sub = Path(meta["subset_dir_map"][i])
         indices.append([int(v) for v in (sub / "indices.txt").read_text().splitlines()])
-        runs = [target_func(sub / f"model_weights_{j}.pt", test_loader) for j in range(meta["num_runs_per_subset"])]
+        runs = [
+            target_func(sub / f"model_weights_{j}.pt", test_loader)
+            for j in range(meta["num_runs_per_subset"])
+        ]
         values.append(torch.stack(runs).mean(0))
     return -torch.stack(values), torch.tensor(indices)
 
@@ -77,7 +82,11 @@ def test_lds_metadata_is_readable_the_dattri_way(tmp_path, loaders):
     retrain_lds(train_func, train, path, num_subsets=3, num_runs_per_subset=2, seed=5)
     meta = yaml.safe_load((path / "metadata.yml").read_text())
     assert meta["mode"] == "lds" and meta["data_length"] == N and meta["train_func"] == "train_func"
-    assert meta["num_subsets"] == 3 and meta["num_runs_per_subset"] == 2 and meta["subset_ratio"] == 0.5
+    assert (
+        meta["num_subsets"] == 3
+        and meta["num_runs_per_subset"] == 2
+        and meta["subset_ratio"] == 0.5
+    )
     assert meta["subset_dir_map"] == {i: str(path / str(i)) for i in range(3)}
     _, models = list_retrained(path)
     for index, run, p in models:  # the .pt copy holds exactly the safetensors weights

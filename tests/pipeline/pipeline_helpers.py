@@ -27,7 +27,11 @@ def make_workspace(
     if not (dest / "src" / "tdabench").exists():
         (dest / "src" / "tdabench").symlink_to(REPO / "src" / "tdabench")
     set_config(
-        dest, attributors=attributors, lds_subsets=lds_subsets, loo_indices=loo_indices, lr=lr,
+        dest,
+        attributors=attributors,
+        lds_subsets=lds_subsets,
+        loo_indices=loo_indices,
+        lr=lr,
         small=small,
     )
     return dest

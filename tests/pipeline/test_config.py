@@ -61,7 +61,9 @@ def test_shipped_configs_are_valid():
         params = c["attributor_configs"][a.stem]["params"]
         proj = {k: params[k] for k in ("proj_dim", "proj_type", "seed") if k in params}
         if proj:
-            assert resolve_projector_kwargs(proj)["proj_type"] == proj.get("proj_type", "gaussian"), a
+            assert resolve_projector_kwargs(proj)["proj_type"] == proj.get(
+                "proj_type", "gaussian"
+            ), a
 
 
 def test_unknown_key_names_key_and_file(configs):

@@ -19,12 +19,31 @@ from tdabench.pipeline.profile import (
 
 @pytest.mark.parametrize(
     ("flag", "value"),
-    [("--mem-gb", "-5"), ("--mem-gb", "0"), ("--timeout-min", "0"), ("--cpus-per-task", "0"),
-     ("--gpus-per-node", "-1"), ("--jobs", "0"), ("--array-parallelism", "0")],
+    [
+        ("--mem-gb", "-5"),
+        ("--mem-gb", "0"),
+        ("--timeout-min", "0"),
+        ("--cpus-per-task", "0"),
+        ("--gpus-per-node", "-1"),
+        ("--jobs", "0"),
+        ("--array-parallelism", "0"),
+    ],
 )
 def test_bad_numbers_are_refused(flag, value, tmp_path, capsys):
-    rc = main(["install-profile", "--account", "lab", "--partition", "p", "--dest", str(tmp_path),
-               "--no-cluster-check", flag, value])
+    rc = main(
+        [
+            "install-profile",
+            "--account",
+            "lab",
+            "--partition",
+            "p",
+            "--dest",
+            str(tmp_path),
+            "--no-cluster-check",
+            flag,
+            value,
+        ]
+    )
     assert rc == 2 and flag in capsys.readouterr().err
     assert not (tmp_path / "config.yaml").exists()
 
@@ -36,8 +55,16 @@ def test_good_numbers_render():
 
 @pytest.mark.parametrize(
     ("text", "minutes"),
-    [("UNLIMITED", math.inf), ("INFINITE", math.inf), ("30", 30), ("30:00", 30),
-     ("2:00:00", 120), ("1-00:00:00", 1440), ("1-2", 1560), ("1-02:30", 1590)],
+    [
+        ("UNLIMITED", math.inf),
+        ("INFINITE", math.inf),
+        ("30", 30),
+        ("30:00", 30),
+        ("2:00:00", 120),
+        ("1-00:00:00", 1440),
+        ("1-2", 1560),
+        ("1-02:30", 1590),
+    ],
 )
 def test_parse_slurm_minutes(text, minutes):
     assert parse_slurm_minutes(text) == minutes
@@ -49,6 +76,11 @@ def test_unsatisfiable_request_names_every_resource():
     with pytest.raises(ConfigError) as e:
         check_request(info, gpus_per_node=1, cpus_per_task=4, mem_gb=16, timeout_min=240)
     msg = str(e.value)
-    for part in ("--cpus-per-task 4", "--mem-gb 16", "--gpus-per-node 1", "--timeout-min 240",
-                 "PENDING"):
+    for part in (
+        "--cpus-per-task 4",
+        "--mem-gb 16",
+        "--gpus-per-node 1",
+        "--timeout-min 240",
+        "PENDING",
+    ):
         assert part in msg, msg

@@ -109,7 +109,9 @@ def test_changed_hyperparameter_reruns_the_report(ws, toy_env):
         "report",
     ]
     html = (ws / "results/report.html").read_text()
-    assert "&quot;regularization&quot;: 0.5" in html  # the report says which hyper-parameters it used
+    assert (
+        "&quot;regularization&quot;: 0.5" in html
+    )  # the report says which hyper-parameters it used
 
 
 def test_edited_metrics_file_reruns_the_report_which_refuses_it(ws, toy_env):
@@ -160,8 +162,13 @@ def test_rerun_after_sigkill_finishes_the_workflow(built, tmp_path, toy_env):
     for i, frac in enumerate(fractions):
         ws = tmp_path / f"t{i}"
         shutil.copytree(base, ws, symlinks=True)
-        proc = subprocess.Popen(cmd, cwd=ws, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ws,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(full * min(0.98, frac + rng.uniform(-0.04, 0.04)))
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)

@@ -14,7 +14,10 @@ pytestmark = pytest.mark.slow
 
 def test_real_pipeline_end_to_end(tmp_path, real_env):
     ws = make_workspace(
-        tmp_path / "ws", attributors=("grad_dot", "if_explicit", "rps"), lds_subsets=6, loo_indices=4
+        tmp_path / "ws",
+        attributors=("grad_dot", "if_explicit", "rps"),
+        lds_subsets=6,
+        loo_indices=4,
     )
     snakemake(ws, timeout=1200)
     for method in ("grad_dot", "if_explicit", "rps"):

@@ -33,19 +33,43 @@ def _inputs(tmp_path):
             mp.parent.mkdir(parents=True, exist_ok=True)
             cp.parent.mkdir(parents=True, exist_ok=True)
             prov = {"benchmark": b, "method": m, "groundtruth_keys": {"loo": f"loo-key-of-{b}"}}
-            write_json(mp, {
-                "benchmark": b, "method": m, "provenance": prov,
-                "lds": {"value": v, "ci_low": v - 0.02, "ci_high": v + 0.03, "n_test": 40,
-                        "noise_ceiling": 0.9},
-                "loo": {"value": v / 2, "ci_low": v / 2 - 0.1, "ci_high": v / 2 + 0.1, "n_test": 40},
-                "auc": {"value": 0.5 + v / 2, "num_flipped": 60},
-            })
+            write_json(
+                mp,
+                {
+                    "benchmark": b,
+                    "method": m,
+                    "provenance": prov,
+                    "lds": {
+                        "value": v,
+                        "ci_low": v - 0.02,
+                        "ci_high": v + 0.03,
+                        "n_test": 40,
+                        "noise_ceiling": 0.9,
+                    },
+                    "loo": {
+                        "value": v / 2,
+                        "ci_low": v / 2 - 0.1,
+                        "ci_high": v / 2 + 0.1,
+                        "n_test": 40,
+                    },
+                    "auc": {"value": 0.5 + v / 2, "num_flipped": 60},
+                },
+            )
             write_sidecar(mp, {"attribution_seconds": 1.5})
-            write_json(cp, {"provenance": prov,
-                "roc": {"fpr": [0, 0.5, 1], "tpr": [0, 0.7, 1]},
-                "loo_scatter": {"score": [0.1, 0.2, 0.3, 0.4], "loo_effect": [2.0, 2.1, 2.3, 2.2],
-                                "full_loss": 2.0, "test_index": 0, "first_removed": 0},
-            })
+            write_json(
+                cp,
+                {
+                    "provenance": prov,
+                    "roc": {"fpr": [0, 0.5, 1], "tpr": [0, 0.7, 1]},
+                    "loo_scatter": {
+                        "score": [0.1, 0.2, 0.3, 0.4],
+                        "loo_effect": [2.0, 2.1, 2.3, 2.2],
+                        "full_loss": 2.0,
+                        "test_index": 0,
+                        "first_removed": 0,
+                    },
+                },
+            )
             metrics.setdefault(b, {})[m] = str(mp)
             curves.setdefault(b, {})[m] = str(cp)
         rec = tmp_path / f"results/{b}/groundtruth/lds/complete-8.json"
@@ -66,8 +90,15 @@ def report(tmp_path_factory):
         "hyperparameters": {"if_cg": {"params": {"regularization": 0.01}, "chosen": "fixed"}},
     }
     render_report(
-        spec, metrics, str(r / "report.md"), str(r / "report.html"), str(r / "plots"),
-        str(r / "summary.csv"), curves=curves, groundtruth=gt, context=context,
+        spec,
+        metrics,
+        str(r / "report.md"),
+        str(r / "report.html"),
+        str(r / "plots"),
+        str(r / "summary.csv"),
+        curves=curves,
+        groundtruth=gt,
+        context=context,
     )
     return r
 
@@ -83,9 +114,15 @@ def test_html_is_self_contained_and_explained(report):
     for name in METRIC_HELP:
         assert f"<dt>{name}</dt>" in page
     assert "| 1.5 |" in (report / "report.md").read_text()  # time from the metrics' sidecar
-    for needed in ("configs/smoke.yaml", "commit", "commit_date", "key-of-bench_a",
-                   "loo-key-of-bench_b", "cpu",
-                   "&quot;regularization&quot;: 0.01"):
+    for needed in (
+        "configs/smoke.yaml",
+        "commit",
+        "commit_date",
+        "key-of-bench_a",
+        "loo-key-of-bench_b",
+        "cpu",
+        "&quot;regularization&quot;: 0.01",
+    ):
         assert needed in page, needed
     # volatile facts go to a sidecar: the page itself is the same for the same inputs
     assert json.loads((report / "report.html.run.json").read_text())["created"]
@@ -100,8 +137,17 @@ def test_report_is_byte_reproducible(report, tmp_path):
         "configfiles": ["configs/default.yaml", "configs/smoke.yaml"],
         "hyperparameters": {"if_cg": {"params": {"regularization": 0.01}, "chosen": "fixed"}},
     }
-    render_report(spec, metrics, str(r / "report.md"), str(r / "report.html"), str(r / "plots"),
-                  str(r / "summary.csv"), curves=curves, groundtruth=gt, context=context)
+    render_report(
+        spec,
+        metrics,
+        str(r / "report.md"),
+        str(r / "report.html"),
+        str(r / "plots"),
+        str(r / "summary.csv"),
+        curves=curves,
+        groundtruth=gt,
+        context=context,
+    )
     for name in ("report.html", "report.md", "summary.csv", "plots/loo_scatter.png"):
         assert (r / name).read_bytes() == (report / name).read_bytes(), name
 
@@ -126,11 +172,24 @@ def test_chromium_no_broken_image_no_horizontal_scroll(report, tmp_path):
     probed = tmp_path / "probe.html"
     probed.write_text(page.replace("</body>", probe + "</body>"))
     out = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run",
-         f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000",
-         "--virtual-time-budget=5000", "--dump-dom", probed.as_uri()],
-        capture_output=True, text=True, timeout=120,
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1400,1000",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            probed.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     m = re.search(r"PROBE (\{.*?\})", out.stdout)
     assert m, out.stdout[-2000:] + out.stderr[-2000:]
@@ -141,8 +200,15 @@ def test_chromium_no_broken_image_no_horizontal_scroll(report, tmp_path):
 
 def _render(tmp_path, metrics, curves):
     r = tmp_path / "out"
-    render_report({"report": {"plots": False}}, metrics, str(r / "report.md"),
-                  str(r / "report.html"), str(r / "plots"), str(r / "summary.csv"), curves=curves)
+    render_report(
+        {"report": {"plots": False}},
+        metrics,
+        str(r / "report.md"),
+        str(r / "report.html"),
+        str(r / "plots"),
+        str(r / "summary.csv"),
+        curves=curves,
+    )
 
 
 def test_report_refuses_edited_or_foreign_inputs(tmp_path):

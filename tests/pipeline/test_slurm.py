@@ -216,10 +216,22 @@ def test_snakemake_profile_slurm(tmp_path, toy_env, monkeypatch):
 
 def _install_profile(tmp_path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(BIN / "python"), "-m", "tdabench.pipeline", "install-profile", "--account",
-         "tdabench", "--partition", os.environ.get("TDABENCH_SLURM_PARTITION", "debug"),
-         "--dest", str(tmp_path / "prof"), *extra],
-        capture_output=True, text=True, timeout=60,
+        [
+            str(BIN / "python"),
+            "-m",
+            "tdabench.pipeline",
+            "install-profile",
+            "--account",
+            "tdabench",
+            "--partition",
+            os.environ.get("TDABENCH_SLURM_PARTITION", "debug"),
+            "--dest",
+            str(tmp_path / "prof"),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -233,8 +245,17 @@ def test_install_profile_refuses_an_unsatisfiable_request(tmp_path):
     assert not (tmp_path / "prof/config.yaml").exists()
     res = _install_profile(tmp_path, "--partition", "no_such_partition")
     assert res.returncode == 2 and "does not exist" in res.stderr and "debug" in res.stderr
-    ok = _install_profile(tmp_path, "--gpus-per-node", "0", "--cpus-per-task", "1",
-                          "--mem-gb", "0.25", "--timeout-min", "5")
+    ok = _install_profile(
+        tmp_path,
+        "--gpus-per-node",
+        "0",
+        "--cpus-per-task",
+        "1",
+        "--mem-gb",
+        "0.25",
+        "--timeout-min",
+        "5",
+    )
     assert ok.returncode == 0, ok.stderr
     assert "slurm-status-command: squeue" in (tmp_path / "prof/config.yaml").read_text()
 
@@ -247,8 +268,17 @@ def _sleepy_workflow(tmp_path):
         'rule all:\n    input: "a.txt"\n\n'
         'rule a:\n    output: "a.txt"\n    shell: "sleep 60; touch {output}"\n'
     )
-    res = _install_profile(tmp_path, "--gpus-per-node", "0", "--cpus-per-task", "1",
-                           "--mem-gb", "0.25", "--timeout-min", "5")
+    res = _install_profile(
+        tmp_path,
+        "--gpus-per-node",
+        "0",
+        "--cpus-per-task",
+        "1",
+        "--mem-gb",
+        "0.25",
+        "--timeout-min",
+        "5",
+    )
     assert res.returncode == 0, res.stderr
     prof = tmp_path / "prof/config.yaml"
     prof.write_text(prof.read_text().replace("status-checks: 20", "status-checks: 3"))
@@ -276,7 +306,10 @@ def test_scancel_of_executor_job_is_retried_then_fails_loudly(tmp_path):
     ws = _sleepy_workflow(tmp_path)
     proc = subprocess.Popen(
         [str(BIN / "snakemake"), "--profile", str(tmp_path / "prof")],
-        cwd=ws, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=ws,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         first = _wait_running()
@@ -300,7 +333,10 @@ def test_snakemake_stops_cleanly_on_a_signal(tmp_path, sig):
     ws = _sleepy_workflow(tmp_path)
     proc = subprocess.Popen(
         [str(BIN / "snakemake"), "--profile", str(tmp_path / "prof")],
-        cwd=ws, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=ws,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         job = _wait_running()

@@ -98,7 +98,9 @@ def arguments_for(method: str | type) -> type[MethodArguments]:
     """
     name = method if isinstance(method, str) else method.__name__
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown attribution method {name!r}; registered methods: {sorted(_REGISTRY)}")
+        raise ConfigError(
+            f"unknown attribution method {name!r}; registered methods: {sorted(_REGISTRY)}"
+        )
     return _REGISTRY[name]
 
 
@@ -129,7 +131,9 @@ def _check_bool(name: str, value: Any) -> bool:
     if isinstance(value, int) and value in (0, 1):  # bool is an int; 0/1 as given by YAML/JSON
         return bool(value)
     if not isinstance(value, bool):
-        raise ConfigError(f"{name} must be true or false, got {value!r}; pass {name}=True or {name}=False")
+        raise ConfigError(
+            f"{name} must be true or false, got {value!r}; pass {name}=True or {name}=False"
+        )
     return value
 
 
@@ -170,10 +174,14 @@ class MethodArguments:
             ConfigError: an unknown key (the valid keys are named) or an invalid value.
         """
         if not isinstance(values, Mapping):
-            raise ConfigError(f"{cls.__name__} needs a mapping of arguments, got {type(values).__name__}")
+            raise ConfigError(
+                f"{cls.__name__} needs a mapping of arguments, got {type(values).__name__}"
+            )
         unknown = sorted(set(values) - set(cls.keys()))
         if unknown:
-            raise ConfigError(f"unknown argument(s) {unknown} for {cls.__name__}; valid keys: {cls.keys()}")
+            raise ConfigError(
+                f"unknown argument(s) {unknown} for {cls.__name__}; valid keys: {cls.keys()}"
+            )
         required = [
             f.name
             for f in dataclasses.fields(cls)
@@ -195,7 +203,9 @@ class _IFArguments(MethodArguments):
 
     def __post_init__(self) -> None:
         self.layer_name = _check_layer_name(self.layer_name)
-        check_choice("hessian", self.hessian, HESSIANS, "the curvature: exact Hessian or Gauss-Newton")
+        check_choice(
+            "hessian", self.hessian, HESSIANS, "the curvature: exact Hessian or Gauss-Newton"
+        )
         if self.ggn_output is not None and isinstance(self.ggn_output, str):
             check_choice("ggn_output", self.ggn_output, GGN_OUTPUTS, "the output loss of the GGN")
         self.memory_budget = _check_budget(self.memory_budget)
@@ -262,7 +272,9 @@ class LiSSAArguments(_IFArguments):
         self.batch_size = check_int("batch_size", self.batch_size, 1)
         self.num_repeat = check_int("num_repeat", self.num_repeat, 1)
         self.recursion_depth = check_int("recursion_depth", self.recursion_depth, 1)
-        self.damping = check_real("damping", self.damping, 0.0, below=1.0, fix="pass e.g. damping=0.001")
+        self.damping = check_real(
+            "damping", self.damping, 0.0, below=1.0, fix="pass e.g. damping=0.001"
+        )
         self.scaling = check_real(
             "scaling",
             self.scaling,
@@ -291,10 +303,18 @@ class ArnoldiArguments(_IFArguments):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.residual = _check_bool("residual", self.residual)
-        if self.residual and not (isinstance(self.regularization, (int, float)) and self.regularization > 0):
-            raise ConfigError("residual=True divides the residual by regularization: pass regularization > 0")
+        if self.residual and not (
+            isinstance(self.regularization, (int, float)) and self.regularization > 0
+        ):
+            raise ConfigError(
+                "residual=True divides the residual by regularization: pass regularization > 0"
+            )
         self.precompute_data_ratio = check_real(
-            "precompute_data_ratio", self.precompute_data_ratio, 0.0, strict=True, at_most=1.0,
+            "precompute_data_ratio",
+            self.precompute_data_ratio,
+            0.0,
+            strict=True,
+            at_most=1.0,
             fix="pass e.g. precompute_data_ratio=1.0",
         )
         self.proj_dim = check_int("proj_dim", self.proj_dim, 1)
@@ -390,7 +410,10 @@ class RPSArguments(MethodArguments):
             )
         self.normalize_preactivate = bool(self.normalize_preactivate)
         self.l2_strength = check_real(
-            "l2_strength", self.l2_strength, 0.0, strict=True,
+            "l2_strength",
+            self.l2_strength,
+            0.0,
+            strict=True,
             fix="the representer theorem needs it: pass e.g. l2_strength=0.003",
         )
         self.epoch = check_int("epoch", self.epoch, 1)

@@ -57,12 +57,18 @@ class ReplayLoader:
     """
 
     def __init__(
-        self, attributor: BaseAttributor, loader: Iterable[Batch], what: str, max_bytes: int | None = None
+        self,
+        attributor: BaseAttributor,
+        loader: Iterable[Batch],
+        what: str,
+        max_bytes: int | None = None,
     ) -> None:
         self._attributor = attributor
         self._loader = loader
         self._what = what
-        self._max_bytes = int(max_bytes) if max_bytes is not None else attributor.planner.share(_REPLAY_FRACTION)
+        self._max_bytes = (
+            int(max_bytes) if max_bytes is not None else attributor.planner.share(_REPLAY_FRACTION)
+        )
         self._kept: list[Batch] | None = None
         self.replayable = True  # False once the content is known not to fit
 
@@ -115,7 +121,9 @@ class BaseAttributor:
         self.layer_name = layer_name
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r} requested but CUDA is not available; pass device='cpu'")
+            raise ConfigError(
+                f"device {device!r} requested but CUDA is not available; pass device='cpu'"
+            )
         self.spec = task.param_spec(layer_name)  # raises for unknown layer names
         self.memory_budget = memory_budget
         self.planner: MemoryPlanner = planner_for(self.device, memory_budget)
@@ -153,23 +161,42 @@ class BaseAttributor:
             batch_size_of(batch)
             yield batch_to(batch, self.device)
 
-    def _grads(self, loader: Iterable[Batch], which: str = "loss", index: int = 0, what: str = "data loader") -> Iterator[Tensor]:
+    def _grads(
+        self,
+        loader: Iterable[Batch],
+        which: str = "loss",
+        index: int = 0,
+        what: str = "data loader",
+    ) -> Iterator[Tensor]:
         """Per-sample gradients ``(B, d)`` of each batch of ``loader`` at checkpoint ``index``."""
         flat = self._params(index)
         for batch in self._batches(loader, what):
             with backend_flags(self.device):
-                g = self.task.per_sample_grads(flat, batch, which=which, index=index, layer_name=self.layer_name)
+                g = self.task.per_sample_grads(
+                    flat, batch, which=which, index=index, layer_name=self.layer_name
+                )
             yield g
 
-    def _projected_grads(self, flat: Tensor, batch: Batch, which: str, index: int, projector: Any) -> Tensor:
+    def _projected_grads(
+        self, flat: Tensor, batch: Batch, which: str, index: int, projector: Any
+    ) -> Tensor:
         """``projector.project`` of the per-sample gradients ``(B, d)`` of ``batch``, computed in
         row pieces sized by the memory planner (a streaming piece: 64 MiB per thread on the
         CPU, a share of the budget on a GPU): a projection keeps only ``(B, k)``, so the full
         ``(B, d)`` gradient batch never has to exist at once (same numbers: the projection is
         row by row)."""
+
         def project(piece: Batch) -> Tensor:  # per-parameter blocks: no (B, d) concatenation
-            return projector.project(self.task.per_sample_grads(
-                flat, piece, which=which, index=index, layer_name=self.layer_name, as_blocks=True))
+            return projector.project(
+                self.task.per_sample_grads(
+                    flat,
+                    piece,
+                    which=which,
+                    index=index,
+                    layer_name=self.layer_name,
+                    as_blocks=True,
+                )
+            )
 
         n = batch_size_of(batch)
         item = torch.empty((), dtype=self.dtype).element_size()
@@ -179,7 +206,13 @@ class BaseAttributor:
                 return project(batch)
             return torch.cat([project(batch_slice(batch, a, a + rows)) for a in range(0, n, rows)])
 
-    def _all_grads(self, loader: Iterable[Batch], which: str = "loss", index: int = 0, what: str = "data loader") -> Tensor:
+    def _all_grads(
+        self,
+        loader: Iterable[Batch],
+        which: str = "loss",
+        index: int = 0,
+        what: str = "data loader",
+    ) -> Tensor:
         """Stacked per-sample gradients ``(n, d)`` of every sample in ``loader``."""
         return torch.cat(list(self._grads(loader, which, index, what)), dim=0)
 

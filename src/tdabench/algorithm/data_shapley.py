@@ -66,7 +66,9 @@ def default_dist_func(batch_x: Batch, batch_y: Batch) -> Tensor:
     return torch.cdist(a.reshape(a.shape[0], -1).double(), b.reshape(b.shape[0], -1).double())
 
 
-def knn_shapley_values(dist: Tensor, train_labels: Tensor, test_labels: Tensor, k_neighbors: int) -> Tensor:
+def knn_shapley_values(
+    dist: Tensor, train_labels: Tensor, test_labels: Tensor, k_neighbors: int
+) -> Tensor:
     """Exact KNN-Shapley values of every training sample for every test point.
 
     Args:
@@ -88,9 +90,13 @@ def knn_shapley_values(dist: Tensor, train_labels: Tensor, test_labels: Tensor, 
             f"got {tuple(train_labels.shape)} and {tuple(test_labels.shape)}"
         )
     if not torch.isfinite(dist).all():
-        raise DataError("the distance matrix holds NaN or inf; check distance_func and the embeddings")
+        raise DataError(
+            "the distance matrix holds NaN or inf; check distance_func and the embeddings"
+        )
     order = torch.argsort(dist, dim=1, stable=True)  # nearest first, ties by index
-    m = (train_labels.to(dist.device)[order] == test_labels.to(dist.device)[:, None]).to(torch.float64)
+    m = (train_labels.to(dist.device)[order] == test_labels.to(dist.device)[:, None]).to(
+        torch.float64
+    )
     t = torch.arange(1, n, device=dist.device, dtype=torch.float64)  # ranks 1 .. N-1
     c = torch.clamp(t, max=k_neighbors) / (k_neighbors * t)
     inc = (m[:, :-1] - m[:, 1:]) * c  # (n_test, N-1): s_t - s_{t+1}
@@ -116,7 +122,9 @@ class KNNShapleyArguments(MethodArguments):
     def __post_init__(self) -> None:
         self.k_neighbors = check_int("k_neighbors", self.k_neighbors, 1)
         if self.memory_budget is not None:
-            parse_bytes(self.memory_budget, total=2**40)  # the form only; the device resolves fractions
+            parse_bytes(
+                self.memory_budget, total=2**40
+            )  # the form only; the device resolves fractions
 
 
 def _embedding_layer(task: Any, layer_name: str | None) -> torch.nn.Module:
@@ -127,10 +135,14 @@ def _embedding_layer(task: Any, layer_name: str | None) -> torch.nn.Module:
     linears = {n: m for n, m in task.model.named_modules() if isinstance(m, torch.nn.Linear)}
     if layer_name is None:
         if not linears:
-            raise ConfigError("the task's model has no nn.Linear layer to embed with; pass task=None and embeddings as inputs")
+            raise ConfigError(
+                "the task's model has no nn.Linear layer to embed with; pass task=None and embeddings as inputs"
+            )
         return list(linears.values())[-1]
     if layer_name not in linears:
-        raise ConfigError(f"layer_name {layer_name!r} is not an nn.Linear module of the model; linear layers: {list(linears)}")
+        raise ConfigError(
+            f"layer_name {layer_name!r} is not an nn.Linear module of the model; linear layers: {list(linears)}"
+        )
     return linears[layer_name]
 
 
@@ -138,11 +150,15 @@ def _labels(given: Sequence[Any] | Tensor | None, batches: list[Batch], what: st
     n = sum(batch_size_of(b) for b in batches)
     if given is None:
         if any(isinstance(b, Tensor) or len(b) < 2 for b in batches):
-            raise DataError(f"the {what} batches carry no labels; pass {what}_labels or yield (inputs, ..., labels)")
+            raise DataError(
+                f"the {what} batches carry no labels; pass {what}_labels or yield (inputs, ..., labels)"
+            )
         return torch.cat([torch.as_tensor(b[-1]).reshape(-1) for b in batches])
     lab = torch.as_tensor(given).reshape(-1)
     if lab.numel() != n:
-        raise ShapeError(f"{what}_labels has {lab.numel()} entries but the {what} loader holds {n} samples")
+        raise ShapeError(
+            f"{what}_labels has {lab.numel()} entries but the {what} loader holds {n} samples"
+        )
     return lab
 
 
@@ -180,7 +196,9 @@ class KNNShapleyAttributor:
         if task is not None:
             self._layer = _embedding_layer(task, layer_name)
         elif layer_name is not None:
-            raise ConfigError("layer_name selects the embedding layer of a task's model; pass a task or drop layer_name")
+            raise ConfigError(
+                "layer_name selects the embedding layer of a task's model; pass a task or drop layer_name"
+            )
         self.layer_name = layer_name
         self.distance_func = distance_func if distance_func is not None else default_dist_func
         self.device = torch.device(device)
@@ -197,7 +215,9 @@ class KNNShapleyAttributor:
         model = self.task.model
         self.task.get_params(0)  # the model holds checkpoint 0
         seen: list[Tensor] = []
-        handle = self._layer.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0].detach()))
+        handle = self._layer.register_forward_hook(
+            lambda _m, inp, _out: seen.append(inp[0].detach())
+        )
         was = model.training
         model.eval()
         out = []
@@ -212,12 +232,17 @@ class KNNShapleyAttributor:
         return out
 
     def _distances(self, test_batch: Batch, train: list[Batch]) -> Tensor:
-        rows = [torch.as_tensor(self.distance_func(test_batch, tb)).to(self.device, torch.float64) for tb in train]
+        rows = [
+            torch.as_tensor(self.distance_func(test_batch, tb)).to(self.device, torch.float64)
+            for tb in train
+        ]
         d = torch.cat(rows, dim=1)
         b = batch_size_of(test_batch)
         n = sum(batch_size_of(tb) for tb in train)
         if d.shape != (b, n):
-            raise ShapeError(f"distance_func must return (B_test, B_train); got {tuple(d.shape)} for ({b}, {n}) in all")
+            raise ShapeError(
+                f"distance_func must return (B_test, B_train); got {tuple(d.shape)} for ({b}, {n}) in all"
+            )
         return d
 
     def attribute(
@@ -247,10 +272,14 @@ class KNNShapleyAttributor:
         train, test = self._embed(train), self._embed(test)
         return torch.cat([v for _, v in self._pieces(train, test, y_train, y_test)], dim=1)
 
-    def _pieces(self, train: list[Batch], test: list[Batch], y_train: Tensor, y_test: Tensor) -> Iterator[tuple[int, Tensor]]:
+    def _pieces(
+        self, train: list[Batch], test: list[Batch], y_train: Tensor, y_test: Tensor
+    ) -> Iterator[tuple[int, Tensor]]:
         """``(first test index, (n_train, b) values)`` for pieces of test rows sized by the planner."""
         # a piece of test rows holds distances, the sort order and a few float64 temporaries
-        rows = planner_for(self.device, self.memory_budget).rows(y_train.numel() * 8 * 6, stream=True)
+        rows = planner_for(self.device, self.memory_budget).rows(
+            y_train.numel() * 8 * 6, stream=True
+        )
         start = 0
         for tb in test:
             b = batch_size_of(tb)
@@ -261,7 +290,9 @@ class KNNShapleyAttributor:
                 yield start + a, knn_shapley_values(d, y_train, lab, self.k_neighbors)
             start += b
 
-    def self_attribute(self, train_dataloader: Iterable[Batch], train_labels: Sequence[Any] | Tensor | None = None) -> Tensor:
+    def self_attribute(
+        self, train_dataloader: Iterable[Batch], train_labels: Sequence[Any] | Tensor | None = None
+    ) -> Tensor:
         """The diagonal of ``attribute(train, train)``: each sample's value for predicting itself.
 
         A sample is its own nearest neighbour, so its value is large when the neighbours that
@@ -282,8 +313,14 @@ class KNNShapleyAttributor:
     def hyperparameters(self) -> dict[str, Any]:
         """Resolved hyper-parameters, for provenance metadata."""
         return {
-            "method": type(self).__name__, **self.args.to_dict(), "layer_name": self.layer_name,
-            "embedding": "inputs" if self.task is None else "last nn.Linear input" if self.layer_name is None else f"{self.layer_name} input",
+            "method": type(self).__name__,
+            **self.args.to_dict(),
+            "layer_name": self.layer_name,
+            "embedding": "inputs"
+            if self.task is None
+            else "last nn.Linear input"
+            if self.layer_name is None
+            else f"{self.layer_name} input",
             "distance_func": getattr(self.distance_func, "__name__", "custom"),
         }
 

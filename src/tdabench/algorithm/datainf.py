@@ -85,11 +85,22 @@ class DataInfArguments(MethodArguments):
     def __post_init__(self) -> None:
         if self.regularization is not None:
             self.regularization = check_real(
-                "regularization", self.regularization, 0.0, fix="pass a value >= 0 (0 = the paper's per-layer rule)")
+                "regularization",
+                self.regularization,
+                0.0,
+                fix="pass a value >= 0 (0 = the paper's per-layer rule)",
+            )
         self.fim_estimate_data_ratio = check_real(
-            "fim_estimate_data_ratio", self.fim_estimate_data_ratio, 0.0, strict=True, at_most=1.0, fix="pass e.g. 1.0")
+            "fim_estimate_data_ratio",
+            self.fim_estimate_data_ratio,
+            0.0,
+            strict=True,
+            at_most=1.0,
+            fix="pass e.g. 1.0",
+        )
         self.regularization_scale = check_real(
-            "regularization_scale", self.regularization_scale, 0.0, strict=True, fix="pass e.g. 0.1")
+            "regularization_scale", self.regularization_scale, 0.0, strict=True, fix="pass e.g. 0.1"
+        )
         self.layer_name = _check_layer_name(self.layer_name)
         self.memory_budget = _check_budget(self.memory_budget)
 
@@ -147,8 +158,9 @@ class IFAttributorDataInf(BaseAttributor):
         memory_budget: int | str | None = None,
     ) -> None:
         super().__init__(task, layer_name=layer_name, device=device)
-        self.args = DataInfArguments(regularization, fim_estimate_data_ratio, regularization_scale, layer_name,
-                                     memory_budget)
+        self.args = DataInfArguments(
+            regularization, fim_estimate_data_ratio, regularization_scale, layer_name, memory_budget
+        )
         self.planner: MemoryPlanner = planner_for(self.device, memory_budget)
         self.layers = layer_groups(self.spec.names, self.spec.numels)
         self._fim_batches: list[Batch] = []
@@ -170,10 +182,16 @@ class IFAttributorDataInf(BaseAttributor):
         """
         start = time.perf_counter()
         self._cached = False
-        batches = [b for b in self._batches(full_train_loader, "cache (full training) loader") if batch_size_of(b)]
+        batches = [
+            b
+            for b in self._batches(full_train_loader, "cache (full training) loader")
+            if batch_size_of(b)
+        ]
         n = sum(batch_size_of(b) for b in batches)
         if n == 0:
-            raise DataError("the cache (full training) loader holds no sample; pass a DataLoader over the training set")
+            raise DataError(
+                "the cache (full training) loader holds no sample; pass a DataLoader over the training set"
+            )
         m = max(1, math.ceil(self.args.fim_estimate_data_ratio * n - 1e-9))
         self._fim_batches, left = [], m
         for b in batches:
@@ -196,8 +214,14 @@ class IFAttributorDataInf(BaseAttributor):
             if pieces:
                 self._stored = (0, torch.cat(pieces))
         self._cached = True
-        logger.info("DataInf cached %d of %d samples, %d layer(s), %d checkpoint(s) in %.2fs",
-                    m, n, len(self.layers), self.task.num_checkpoints, time.perf_counter() - start)
+        logger.info(
+            "DataInf cached %d of %d samples, %d layer(s), %d checkpoint(s) in %.2fs",
+            m,
+            n,
+            len(self.layers),
+            self.task.num_checkpoints,
+            time.perf_counter() - start,
+        )
 
     def _item(self) -> int:
         return torch.empty((), dtype=self.dtype).element_size()
@@ -210,7 +234,9 @@ class IFAttributorDataInf(BaseAttributor):
         elif reg > 0:
             lam = torch.full_like(sq, float(reg))
         else:
-            dims = torch.tensor([b - a for _, a, b in self.layers], dtype=sq.dtype, device=sq.device)
+            dims = torch.tensor(
+                [b - a for _, a, b in self.layers], dtype=sq.dtype, device=sq.device
+            )
             lam = self.args.regularization_scale * sq / (m * dims)
             if bool((lam <= 0).any()):
                 zero = [self.layers[i][0] for i in torch.nonzero(lam <= 0).flatten().tolist()]
@@ -251,8 +277,11 @@ class IFAttributorDataInf(BaseAttributor):
         out = torch.empty_like(V)
         for li, (_, a, b) in enumerate(self.layers):
             out[:, a:b] = (V[:, a:b] - acc[:, a:b] / self._m) / lam[li]
-        return check_finite(out, f"DataInf transform (checkpoint {index})",
-                            fix="pass regularization > 0 or check the gradients")
+        return check_finite(
+            out,
+            f"DataInf transform (checkpoint {index})",
+            fix="pass regularization > 0 or check the gradients",
+        )
 
     # ----------------------------------------------------------------- API
     def attribute(self, train_loader: Iterable[Batch], test_loader: Iterable[Batch]) -> Tensor:
@@ -265,8 +294,15 @@ class IFAttributorDataInf(BaseAttributor):
         K = self.task.num_checkpoints
         for k in range(K):
             Q = self.transform(k, self._all_grads(test_loader, "target", k, "test loader"))
-            blocks = [g @ Q.T for g in tqdm(self._grads(train_loader, "loss", k, "train loader"),
-                                            desc=f"DataInf attribute (ckpt {k})", disable=None, leave=False)]
+            blocks = [
+                g @ Q.T
+                for g in tqdm(
+                    self._grads(train_loader, "loss", k, "train loader"),
+                    desc=f"DataInf attribute (ckpt {k})",
+                    disable=None,
+                    leave=False,
+                )
+            ]
             total = _accumulate(total, torch.cat(blocks), "train loader")
         assert total is not None
         return total / K
@@ -283,7 +319,11 @@ class IFAttributorDataInf(BaseAttributor):
             parts = []
             for batch in self._batches(train_loader, "train loader"):
                 g = self.task.per_sample_grads(flat, batch, "loss", k, self.layer_name)
-                t = g if same else self.task.per_sample_grads(flat, batch, "target", k, self.layer_name)
+                t = (
+                    g
+                    if same
+                    else self.task.per_sample_grads(flat, batch, "target", k, self.layer_name)
+                )
                 parts.append((g * self.transform(k, t)).sum(dim=1))
             total = _accumulate(total, torch.cat(parts), "train loader")
         assert total is not None
@@ -292,7 +332,10 @@ class IFAttributorDataInf(BaseAttributor):
     def regularization_per_layer(self, index: int = 0) -> dict[str, float]:
         """``{module: λ_l}`` used at checkpoint ``index`` (after :meth:`cache`)."""
         self._require_cache()
-        return {name: float(v) for (name, _, _), v in zip(self.layers, self._lambdas[index], strict=True)}
+        return {
+            name: float(v)
+            for (name, _, _), v in zip(self.layers, self._lambdas[index], strict=True)
+        }
 
     def hyperparameters(self) -> dict[str, Any]:
         out = super().hyperparameters()

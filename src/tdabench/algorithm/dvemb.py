@@ -98,21 +98,39 @@ class DVEmbArguments(MethodArguments):
 
     def __post_init__(self) -> None:
         if self.layer_names is not None and not isinstance(self.layer_names, str):
-            if not isinstance(self.layer_names, (list, tuple)) or not self.layer_names or not all(isinstance(n, str) for n in self.layer_names):
-                raise ConfigError(f"layer_names must be None, a name or a non-empty list of names, got {self.layer_names!r}")
+            if (
+                not isinstance(self.layer_names, (list, tuple))
+                or not self.layer_names
+                or not all(isinstance(n, str) for n in self.layer_names)
+            ):
+                raise ConfigError(
+                    f"layer_names must be None, a name or a non-empty list of names, got {self.layer_names!r}"
+                )
             self.layer_names = list(self.layer_names)
         if self.memory_budget is not None:
             parse_bytes(self.memory_budget, total=2**40)
-        if self.proj_dim is not None and (isinstance(self.proj_dim, bool) or not isinstance(self.proj_dim, int) or self.proj_dim < 1):
+        if self.proj_dim is not None and (
+            isinstance(self.proj_dim, bool)
+            or not isinstance(self.proj_dim, int)
+            or self.proj_dim < 1
+        ):
             raise ConfigError(f"proj_dim must be None or an integer >= 1, got {self.proj_dim!r}")
-        if isinstance(self.proj_seed, bool) or not isinstance(self.proj_seed, int) or self.proj_seed < 0:
+        if (
+            isinstance(self.proj_seed, bool)
+            or not isinstance(self.proj_seed, int)
+            or self.proj_seed < 0
+        ):
             raise ConfigError(f"proj_seed must be a non-negative integer, got {self.proj_seed!r}")
         if self.factorization_type not in FACTORIZATIONS:
-            raise ConfigError(f"factorization_type must be one of {FACTORIZATIONS}, got {self.factorization_type!r}")
+            raise ConfigError(
+                f"factorization_type must be one of {FACTORIZATIONS}, got {self.factorization_type!r}"
+            )
         if self.proj_type not in PROJ_TYPES:
             raise ConfigError(f"proj_type must be one of {PROJ_TYPES}, got {self.proj_type!r}")
         if self.proj_type == "identity" and self.factorization_type != "none":
-            raise ConfigError("proj_type='identity' is for factorization_type='none'; pass proj_dim=None instead")
+            raise ConfigError(
+                "proj_type='identity' is for factorization_type='none'; pass proj_dim=None instead"
+            )
 
 
 def _required_args(func: Any) -> int:
@@ -155,11 +173,17 @@ class DVEmbAttributor:
     ) -> None:
         if not isinstance(task, AttributionTask):
             raise ConfigError(f"task must be an AttributionTask, got {type(task).__name__}")
-        self.args = DVEmbArguments(proj_dim, proj_seed, factorization_type or "none", layer_names, proj_type, memory_budget)
+        self.args = DVEmbArguments(
+            proj_dim, proj_seed, factorization_type or "none", layer_names, proj_type, memory_budget
+        )
         self.task = task
         self.model: nn.Module = task.model
         first = next(iter(self.model.parameters()), None)
-        self.device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
+        self.device = (
+            torch.device(device)
+            if device is not None
+            else (first.device if first is not None else torch.device("cpu"))
+        )
         self.memory_budget = memory_budget
         self.factorization_type = self.args.factorization_type
         self.use_factorization = self.factorization_type != "none"
@@ -199,13 +223,21 @@ class DVEmbAttributor:
         if self.layer_names is None:
             self._linear = [m for m in self.model.modules() if isinstance(m, nn.Linear)]
         else:
-            missing = [n for n in self.layer_names if n not in modules or not isinstance(modules[n], nn.Linear)]
+            missing = [
+                n
+                for n in self.layer_names
+                if n not in modules or not isinstance(modules[n], nn.Linear)
+            ]
             if missing:
                 linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
-                raise ConfigError(f"layer_names {missing} are not nn.Linear modules of the model; linear layers: {linear}")
+                raise ConfigError(
+                    f"layer_names {missing} are not nn.Linear modules of the model; linear layers: {linear}"
+                )
             self._linear = [modules[n] for n in self.layer_names]
         if not self._linear:
-            raise ConfigError("No Linear layers found for gradient factorization; use factorization_type='none'")
+            raise ConfigError(
+                "No Linear layers found for gradient factorization; use factorization_type='none'"
+            )
         n_layers = len(self._linear)
         if proj_dim is None:
             self.projection_dim = None
@@ -217,14 +249,21 @@ class DVEmbAttributor:
             self.projection_dim = proj_dim // n_layers
             self._grad_dim = n_layers * self.projection_dim
         if self.projection_dim is not None and self.projection_dim < 1:
-            raise ConfigError(f"proj_dim={proj_dim} leaves no dimension per layer for {n_layers} linear layers; raise it")
+            raise ConfigError(
+                f"proj_dim={proj_dim} leaves no dimension per layer for {n_layers} linear layers; raise it"
+            )
 
     def _project(self, g: Tensor) -> Tensor:
         if self.projection_dim is None and self.args.proj_type != "identity":
             return g
         if self.projector is None:
             self.projector = make_projector(
-                g.shape[1], self.projection_dim, seed=self.proj_seed, proj_type=self.args.proj_type, device=self.device, dtype=g.dtype
+                g.shape[1],
+                self.projection_dim,
+                seed=self.proj_seed,
+                proj_type=self.args.proj_type,
+                device=self.device,
+                dtype=g.dtype,
             )
         return self.projector.project(g)
 
@@ -233,8 +272,22 @@ class DVEmbAttributor:
             k, seed = self.projection_dim, self.proj_seed
             self.random_projectors = [
                 (
-                    make_projector(m.in_features, k, seed=seed + 2 * i, proj_type=self.args.proj_type, device=self.device, dtype=dtype),
-                    make_projector(m.out_features, k, seed=seed + 2 * i + 1, proj_type=self.args.proj_type, device=self.device, dtype=dtype),
+                    make_projector(
+                        m.in_features,
+                        k,
+                        seed=seed + 2 * i,
+                        proj_type=self.args.proj_type,
+                        device=self.device,
+                        dtype=dtype,
+                    ),
+                    make_projector(
+                        m.out_features,
+                        k,
+                        seed=seed + 2 * i + 1,
+                        proj_type=self.args.proj_type,
+                        device=self.device,
+                        dtype=dtype,
+                    ),
                 )
                 for i, m in enumerate(self._linear)
             ]
@@ -251,7 +304,9 @@ class DVEmbAttributor:
         def f(sel: dict[str, Tensor], data: Batch) -> Tensor:
             return user({**fixed, **sel}, data)
 
-        g = check_finite(per_sample_grads_named(f, selected, batch), "per-sample gradient of the loss")
+        g = check_finite(
+            per_sample_grads_named(f, selected, batch), "per-sample gradient of the loss"
+        )
         return self._project(g)
 
     def _factors(self, batch: Batch) -> list[tuple[Tensor, Tensor, bool]]:
@@ -259,6 +314,7 @@ class DVEmbAttributor:
         store: list[dict[str, Any]] = [{} for _ in self._linear]
         handles = []
         for i, layer in enumerate(self._linear):
+
             def fwd(_m: nn.Module, inp: tuple[Tensor, ...], out: Tensor, i: int = i) -> None:
                 store[i]["A"] = inp[0].detach()
                 if out.requires_grad:  # the gradient w.r.t. the layer's output, per sample
@@ -274,7 +330,10 @@ class DVEmbAttributor:
             for h in handles:
                 h.remove()
             self.model.zero_grad(set_to_none=True)
-        return [(s["A"], s["B"], layer.bias is not None) for s, layer in zip(store, self._linear, strict=True)]
+        return [
+            (s["A"], s["B"], layer.bias is not None)
+            for s, layer in zip(store, self._linear, strict=True)
+        ]
 
     @staticmethod
     def _reconstruct(factors: list[dict[str, Any]]) -> Tensor:
@@ -283,7 +342,11 @@ class DVEmbAttributor:
         for f in factors:
             a, b = f["A"], f["B"]
             three = a.dim() == 3
-            parts.append((torch.einsum("bli,blo->boi", a, b) if three else b[:, :, None] * a[:, None, :]).flatten(1))
+            parts.append(
+                (
+                    torch.einsum("bli,blo->boi", a, b) if three else b[:, :, None] * a[:, None, :]
+                ).flatten(1)
+            )
             if f["has_bias"]:
                 parts.append(b.sum(1) if three else b)
         return check_finite(torch.cat(parts, dim=1), "per-sample gradient of the loss")
@@ -293,22 +356,34 @@ class DVEmbAttributor:
         if self.projection_dim is None:
             return self._reconstruct([{"A": a, "B": b, "has_bias": hb} for a, b, hb in factors])
         k, parts = self.projection_dim, []
-        for (pa, pb), (a, b, _) in zip(self._layer_projectors(factors[0][0].dtype), factors, strict=True):
+        for (pa, pb), (a, b, _) in zip(
+            self._layer_projectors(factors[0][0].dtype), factors, strict=True
+        ):
             shape = a.shape[:-1]
             ap = pa.project(a.reshape(-1, a.shape[-1])).reshape(*shape, k)
             bp = pb.project(b.reshape(-1, b.shape[-1])).reshape(*shape, k)
             if self.factorization_type == "kronecker":
-                g = torch.einsum("blk,blj->bkj", ap, bp) if a.dim() == 3 else bp[:, :, None] * ap[:, None, :]
+                g = (
+                    torch.einsum("blk,blj->bkj", ap, bp)
+                    if a.dim() == 3
+                    else bp[:, :, None] * ap[:, None, :]
+                )
             else:
                 g = ((ap * bp).sum(1) if a.dim() == 3 else ap * bp) * math.sqrt(k)
             parts.append(g.flatten(1))
         return check_finite(torch.cat(parts, dim=1), "projected per-sample gradient of the loss")
 
     def _features(self, batch: Batch) -> Tensor:
-        return self._factored_gradients(batch) if self.use_factorization else self._full_gradients(batch)
+        return (
+            self._factored_gradients(batch)
+            if self.use_factorization
+            else self._full_gradients(batch)
+        )
 
     # ------------------------------------------------------------------ training-time API
-    def cache_gradients(self, epoch: int, batch_data: Batch, indices: Tensor | Sequence[int], learning_rate: float) -> None:
+    def cache_gradients(
+        self, epoch: int, batch_data: Batch, indices: Tensor | Sequence[int], learning_rate: float
+    ) -> None:
         """Record one training step (call before the optimizer step).
 
         Args:
@@ -325,8 +400,12 @@ class DVEmbAttributor:
         if not math.isfinite(float(learning_rate)):
             raise ConfigError(f"learning_rate must be finite, got {learning_rate!r}")
         batch = batch_to(batch_data, self.device)
-        if self.use_factorization and self.projection_dim is None:  # keep the factors (smaller); rebuilt in cache()
-            factors = [{"A": a.cpu(), "B": b.cpu(), "has_bias": hb} for a, b, hb in self._factors(batch)]
+        if (
+            self.use_factorization and self.projection_dim is None
+        ):  # keep the factors (smaller); rebuilt in cache()
+            factors = [
+                {"A": a.cpu(), "B": b.cpu(), "has_bias": hb} for a, b, hb in self._factors(batch)
+            ]
             self.cached_factors.setdefault(epoch, []).append(factors)
         else:
             self.cached_gradients.setdefault(epoch, []).append(self._features(batch).cpu())
@@ -362,7 +441,9 @@ class DVEmbAttributor:
             )
         if gradients is not None:
             if self.cached_factors:
-                raise ConfigError("external gradients cannot replace recorded factors; use factorization_type='none' or a proj_dim")
+                raise ConfigError(
+                    "external gradients cannot replace recorded factors; use factorization_type='none' or a proj_dim"
+                )
             self.cached_gradients = gradients
         if learning_rates is not None:
             self.learning_rates = learning_rates
@@ -388,16 +469,26 @@ class DVEmbAttributor:
     def _recorded(self, step: Tensor | list[dict[str, Any]]) -> Tensor:
         if isinstance(step, Tensor):
             return step.to(self.device)
-        return self._reconstruct([{**f, "A": f["A"].to(self.device), "B": f["B"].to(self.device)} for f in step])
+        return self._reconstruct(
+            [{**f, "A": f["A"].to(self.device), "B": f["B"].to(self.device)} for f in step]
+        )
 
     def _check_recorded(self, steps: dict[int, list[Any]]) -> tuple[int, int, torch.dtype]:
         """``(n_train, k, dtype)`` of the recorded steps; checks counts and the memory budget."""
         if not any(steps.values()):
-            raise NotCachedError("No gradients cached. Call `cache_gradients` during training first.")
+            raise NotCachedError(
+                "No gradients cached. Call `cache_gradients` during training first."
+            )
         for e in steps:
-            c = (len(steps[e]), len(self.learning_rates.get(e, [])), len(self.data_indices.get(e, [])))
+            c = (
+                len(steps[e]),
+                len(self.learning_rates.get(e, [])),
+                len(self.data_indices.get(e, [])),
+            )
             if len(set(c)) != 1:
-                raise ShapeError(f"epoch {e} has {c[0]} gradient steps, {c[1]} learning rates and {c[2]} index sets; they must match")
+                raise ShapeError(
+                    f"epoch {e} has {c[0]} gradient steps, {c[1]} learning rates and {c[2]} index sets; they must match"
+                )
         n = int(max(int(torch.cat(v).max()) for v in self.data_indices.values() if v)) + 1
         first = next(g for v in steps.values() for g in v)
         dtype = first.dtype if isinstance(first, Tensor) else first[0]["A"].dtype
@@ -413,17 +504,26 @@ class DVEmbAttributor:
         was = self.model.training
         self.model.eval()
         try:
-            return torch.cat([self._features(batch_to(b, self.device)) for b in iter_batches(loader, "test loader")])
+            return torch.cat(
+                [
+                    self._features(batch_to(b, self.device))
+                    for b in iter_batches(loader, "test loader")
+                ]
+            )
         finally:
             self.model.train(was)
 
     def _active(self, epoch: int | None) -> Tensor:
         if not self.embeddings:
-            raise NotCachedError("Embeddings not computed. Call cache() first (after cache_gradients during training).")
+            raise NotCachedError(
+                "Embeddings not computed. Call cache() first (after cache_gradients during training)."
+            )
         if epoch is None:
             return torch.stack(list(self.embeddings.values())).sum(0)
         if epoch not in self.embeddings:
-            raise ConfigError(f"Embeddings for epoch {epoch} not found; recorded epochs: {sorted(self.embeddings)}")
+            raise ConfigError(
+                f"Embeddings for epoch {epoch} not found; recorded epochs: {sorted(self.embeddings)}"
+            )
         return self.embeddings[epoch]
 
     def attribute(
@@ -447,14 +547,20 @@ class DVEmbAttributor:
             train_data_indices: only these training rows.
         """
         if isinstance(test_loader, int) and not isinstance(test_loader, bool):
-            raise ConfigError("pass epoch by keyword (attribute(test_loader, epoch=...)); the second positional argument is the test loader")
+            raise ConfigError(
+                "pass epoch by keyword (attribute(test_loader, epoch=...)); the second positional argument is the test loader"
+            )
         emb = self._active(epoch)
         if test_loader is None:
             test_loader = train_or_test_loader
         else:
-            n_train = sum(batch_size_of(b) for b in iter_batches(train_or_test_loader, "train loader"))
+            n_train = sum(
+                batch_size_of(b) for b in iter_batches(train_or_test_loader, "train loader")
+            )
             if n_train < emb.shape[0]:
-                raise ShapeError(f"the train loader holds {n_train} samples but training recorded indices up to {emb.shape[0] - 1}")
+                raise ShapeError(
+                    f"the train loader holds {n_train} samples but training recorded indices up to {emb.shape[0] - 1}"
+                )
             emb = torch.cat([emb, emb.new_zeros(n_train - emb.shape[0], emb.shape[1])])
         if train_data_indices is not None:
             emb = emb[torch.as_tensor(train_data_indices, dtype=torch.long, device=emb.device)]
@@ -466,7 +572,9 @@ class DVEmbAttributor:
         g = self._test_features(train_loader)
         emb = self._active(epoch)
         if g.shape[0] < emb.shape[0]:
-            raise ShapeError(f"the train loader holds {g.shape[0]} samples but training recorded indices up to {emb.shape[0] - 1}")
+            raise ShapeError(
+                f"the train loader holds {g.shape[0]} samples but training recorded indices up to {emb.shape[0] - 1}"
+            )
         emb = torch.cat([emb, emb.new_zeros(g.shape[0] - emb.shape[0], emb.shape[1])])
         return (emb * g.to(emb.dtype)).sum(1)
 

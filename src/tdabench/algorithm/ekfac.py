@@ -82,14 +82,24 @@ class EKFACArguments(MethodArguments):
 
     def __post_init__(self) -> None:
         m = self.module_name
-        if not (m is None or isinstance(m, str) or (isinstance(m, Sequence) and m and all(isinstance(v, str) for v in m))):
-            raise ConfigError(f"module_name must be None, a module name or a non-empty list of names, got {m!r}")
+        if not (
+            m is None
+            or isinstance(m, str)
+            or (isinstance(m, Sequence) and m and all(isinstance(v, str) for v in m))
+        ):
+            raise ConfigError(
+                f"module_name must be None, a module name or a non-empty list of names, got {m!r}"
+            )
         if isinstance(m, Sequence) and not isinstance(m, str):
             self.module_name = list(m)
         self.damping = check_real("damping", self.damping, 0.0)
         if self.damping_factor is not None:
-            self.damping_factor = check_real("damping_factor", self.damping_factor, 0.0,
-                                             fix="pass e.g. 0.1 (kronfluence's heuristic) or None")
+            self.damping_factor = check_real(
+                "damping_factor",
+                self.damping_factor,
+                0.0,
+                fix="pass e.g. 0.1 (kronfluence's heuristic) or None",
+            )
         check_choice("strategy", self.strategy, STRATEGIES, "eigenvalue-corrected or plain K-FAC")
         check_choice("fisher", self.fisher, FISHER_KINDS, "which gradients the factors use")
         self.num_partitions = check_int("num_partitions", self.num_partitions, 1)
@@ -140,8 +150,15 @@ class IFAttributorEKFAC(BaseAttributor):
         memory_budget: int | float | str | None = None,
     ) -> None:
         self.args = EKFACArguments(
-            module_name, damping, strategy or self.default_strategy, damping_factor, fisher,
-            None if factor_dir is None else str(factor_dir), num_partitions, seed, memory_budget,
+            module_name,
+            damping,
+            strategy or self.default_strategy,
+            damping_factor,
+            fisher,
+            None if factor_dir is None else str(factor_dir),
+            num_partitions,
+            seed,
+            memory_budget,
         )
         if not isinstance(task, AttributionTask):
             raise ConfigError(f"task must be an AttributionTask, got {type(task).__name__}")
@@ -168,9 +185,15 @@ class IFAttributorEKFAC(BaseAttributor):
     def _inverse_eigenvalues(self, k: int) -> Tensor:
         """``1 / (Λ + λ)`` of every layer, flattened like :meth:`_rotated`'s columns ``(D,)``."""
         a = self.args
-        inv = torch.cat([lf.inverse_eigenvalues(a.damping, a.damping_factor).reshape(-1) for lf in self.operators[k].layers])
+        inv = torch.cat(
+            [
+                lf.inverse_eigenvalues(a.damping, a.damping_factor).reshape(-1)
+                for lf in self.operators[k].layers
+            ]
+        )
         return check_finite(
-            inv, f"inverse eigenvalues (checkpoint {k})",
+            inv,
+            f"inverse eigenvalues (checkpoint {k})",
             fix="some eigenvalues are 0 (dead units, constant inputs): pass damping > 0 or damping_factor (e.g. 0.1)",
         )
 
@@ -188,7 +211,10 @@ class IFAttributorEKFAC(BaseAttributor):
     def _test_side(self, k: int, test_loader: Iterable[Batch]) -> list[Tensor]:
         """``G̃_test / (Λ + λ)`` per layer: rotated, inverted test target gradients ``[(n_test, d_out, d_in')]``."""
         inv = self._inverse_eigenvalues(k)
-        x = torch.cat([self._rotated(k, b, "target") * inv for b in self._pieces(test_loader, "test loader")], dim=0)
+        x = torch.cat(
+            [self._rotated(k, b, "target") * inv for b in self._pieces(test_loader, "test loader")],
+            dim=0,
+        )
         out, start = [], 0
         for lf in self.operators[k].layers:  # contiguous per-layer blocks: no copy per train piece
             d_out, d_in = lf.shape
@@ -208,13 +234,20 @@ class IFAttributorEKFAC(BaseAttributor):
         for lf, X in zip(self.operators[k].layers, x_test, strict=True):  # X: (q, d_out, d_in')
             d_out, d_in = lf.shape
             rec = io[lf.name]
-            g = check_finite(rec.g @ lf.q_s.to(rec.g.dtype), f"output gradients of {lf.name!r} (checkpoint {k})")
-            a = check_finite(rec.a @ lf.q_a.to(rec.a.dtype), f"inputs of {lf.name!r} (checkpoint {k})")
+            g = check_finite(
+                rec.g @ lf.q_s.to(rec.g.dtype), f"output gradients of {lf.name!r} (checkpoint {k})"
+            )
+            a = check_finite(
+                rec.a @ lf.q_a.to(rec.a.dtype), f"inputs of {lf.name!r} (checkpoint {k})"
+            )
             if g.shape[1] == 1:
                 Y = a[:, 0] @ X.reshape(-1, d_in).T  # (B, q·d_out)
                 part = torch.bmm(Y.view(g.shape[0], -1, d_out), g[:, 0, :, None]).squeeze(-1)
             else:
-                part = torch.einsum("bto,bti->boi", g, a).reshape(g.shape[0], -1) @ X.reshape(X.shape[0], -1).T
+                part = (
+                    torch.einsum("bto,bti->boi", g, a).reshape(g.shape[0], -1)
+                    @ X.reshape(X.shape[0], -1).T
+                )
             total = part if total is None else total + part
         assert total is not None
         return total
@@ -231,14 +264,28 @@ class IFAttributorEKFAC(BaseAttributor):
         a = self.args
         self.operators = [
             fit_kfac(
-                self.task, loader, list(self.modules), a.strategy, a.fisher, k, self.device,
-                self._factor_dir(k), a.num_partitions, a.seed, a.memory_budget,
+                self.task,
+                loader,
+                list(self.modules),
+                a.strategy,
+                a.fisher,
+                k,
+                self.device,
+                self._factor_dir(k),
+                a.num_partitions,
+                a.seed,
+                a.memory_budget,
             )
             for k in range(self.task.num_checkpoints)
         ]
         self._cached = True
-        logger.info("%s fitted %s factors for %d checkpoint(s) in %.2fs", type(self).__name__,
-                    a.strategy, self.task.num_checkpoints, time.perf_counter() - start)
+        logger.info(
+            "%s fitted %s factors for %d checkpoint(s) in %.2fs",
+            type(self).__name__,
+            a.strategy,
+            self.task.num_checkpoints,
+            time.perf_counter() - start,
+        )
 
     def attribute(self, train_loader: Iterable[Batch], test_loader: Iterable[Batch]) -> Tensor:
         """Scores ``(n_train, n_test)`` averaged over checkpoints; high = helpful."""
@@ -249,10 +296,20 @@ class IFAttributorEKFAC(BaseAttributor):
         K = self.task.num_checkpoints
         for k in range(K):
             x_test = self._test_side(k, test_loader)
-            self.planner.require(2 * sum(x.numel() * x.element_size() for x in x_test), "the transformed test gradients",
-                                 "attribute fewer test samples at a time")
-            blocks = [self._train_scores(k, b, x_test) for b in tqdm(
-                self._pieces(train_loader, "train loader"), desc=f"EK-FAC attribute (ckpt {k})", disable=None, leave=False)]
+            self.planner.require(
+                2 * sum(x.numel() * x.element_size() for x in x_test),
+                "the transformed test gradients",
+                "attribute fewer test samples at a time",
+            )
+            blocks = [
+                self._train_scores(k, b, x_test)
+                for b in tqdm(
+                    self._pieces(train_loader, "train loader"),
+                    desc=f"EK-FAC attribute (ckpt {k})",
+                    disable=None,
+                    leave=False,
+                )
+            ]
             total = self._add(total, torch.cat(blocks, dim=0))
         assert total is not None
         return total / K
@@ -287,12 +344,18 @@ class IFAttributorEKFAC(BaseAttributor):
         return total + scores
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {"method": type(self).__name__, **self.args.to_dict(), "num_checkpoints": self.task.num_checkpoints}
+        return {
+            "method": type(self).__name__,
+            **self.args.to_dict(),
+            "num_checkpoints": self.task.num_checkpoints,
+        }
 
     def __repr__(self) -> str:
         a = self.args
-        return (f"{type(self).__name__}(module_name={list(self.modules)}, strategy={a.strategy!r}, damping={a.damping}, "
-                f"damping_factor={a.damping_factor}, fisher={a.fisher!r}, device={str(self.device)!r})")
+        return (
+            f"{type(self).__name__}(module_name={list(self.modules)}, strategy={a.strategy!r}, damping={a.damping}, "
+            f"damping_factor={a.damping_factor}, fisher={a.fisher!r}, device={str(self.device)!r})"
+        )
 
 
 class IFAttributorKFAC(IFAttributorEKFAC):

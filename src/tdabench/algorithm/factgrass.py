@@ -40,7 +40,13 @@ from tdabench.func.capture import LayerIO
 from tdabench.func.projection import Projector, make_projector
 from tdabench.task import AttributionTask
 
-__all__ = ["FactGraSSArguments", "FactGraSSAttributor", "SparseLayerCompressor", "mask_factor", "random_mask"]
+__all__ = [
+    "FactGraSSArguments",
+    "FactGraSSAttributor",
+    "SparseLayerCompressor",
+    "mask_factor",
+    "random_mask",
+]
 
 
 def random_mask(d: int, k: int, seed: int, device: torch.device | str = "cpu") -> Tensor | None:
@@ -68,14 +74,24 @@ class FactGraSSArguments(BlockProjectedArguments):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.blowup_factor = check_int("blowup_factor", self.blowup_factor, 1)
-        _perfect_square(self.proj_dim * self.blowup_factor, "intermediate_dim (proj_dim * blowup_factor)")
+        _perfect_square(
+            self.proj_dim * self.blowup_factor, "intermediate_dim (proj_dim * blowup_factor)"
+        )
 
 
 class SparseLayerCompressor(LayerCompressor):
     """FactGraSS's per-layer compression: masks on the factors, then a CountSketch."""
 
-    def __init__(self, d_out: int, d_in: int, k: int, proj_dim: int, seed: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        d_out: int,
+        d_in: int,
+        k: int,
+        proj_dim: int,
+        seed: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
         self.d_out, self.d_in = d_out, d_in
         self.idx_out = random_mask(d_out, k, seed, device)
         self.idx_in = random_mask(d_in, k, seed + 1, device)
@@ -85,7 +101,9 @@ class SparseLayerCompressor(LayerCompressor):
         inter = self.k_out * self.k_in
         self.sketch: Projector | None = None
         if inter > proj_dim:
-            self.sketch = make_projector(inter, proj_dim, seed=seed + 2, proj_type="sparse", device=device, dtype=dtype)
+            self.sketch = make_projector(
+                inter, proj_dim, seed=seed + 2, proj_type="sparse", device=device, dtype=dtype
+            )
         self.out_dim = inter if self.sketch is None else proj_dim
 
     @property
@@ -93,7 +111,9 @@ class SparseLayerCompressor(LayerCompressor):
         return self.out_dim
 
     def factors(self, io: LayerIO) -> tuple[Tensor, Tensor]:
-        return mask_factor(io.g, self.idx_out, self.d_out), mask_factor(io.a, self.idx_in, self.d_in)
+        return mask_factor(io.g, self.idx_out, self.d_out), mask_factor(
+            io.a, self.idx_in, self.d_in
+        )
 
     def second_stage(self, x: Tensor) -> Tensor:
         return x if self.sketch is None else self.sketch.project(x)
@@ -135,14 +155,32 @@ class FactGraSSAttributor(BlockProjectedAttributor):
         seed: int = 0,
         memory_budget: int | str | None = None,
     ) -> None:
-        args = FactGraSSArguments(layer_names, hessian, damping, proj_dim, offload, cache_dir, chunk_size, seed,
-                                  memory_budget, blowup_factor)
+        args = FactGraSSArguments(
+            layer_names,
+            hessian,
+            damping,
+            proj_dim,
+            offload,
+            cache_dir,
+            chunk_size,
+            seed,
+            memory_budget,
+            blowup_factor,
+        )
         self.blowup_factor = args.blowup_factor
-        self.factor_dim = _perfect_square(args.proj_dim * args.blowup_factor, "intermediate_dim (proj_dim * blowup_factor)")
+        self.factor_dim = _perfect_square(
+            args.proj_dim * args.blowup_factor, "intermediate_dim (proj_dim * blowup_factor)"
+        )
         super().__init__(task, layer_names, device, args, memory_budget)
 
     def _make_compressor(self, index: int, name: str, module: nn.Module) -> LayerCompressor:
         d_out, d_in = factor_dims(module)
-        return SparseLayerCompressor(d_out, d_in, self.factor_dim, self.args.proj_dim,
-                                     self.args.seed + 1000 * index, self.device, self.dtype)
-
+        return SparseLayerCompressor(
+            d_out,
+            d_in,
+            self.factor_dim,
+            self.args.proj_dim,
+            self.args.seed + 1000 * index,
+            self.device,
+            self.dtype,
+        )

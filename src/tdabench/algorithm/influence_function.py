@@ -129,7 +129,9 @@ class _SampledCurvature:
     """LiSSA's view of the cached pool: ``sample(gen, b)`` is the curvature of ``b`` samples
     drawn without replacement (``torch.randperm`` with ``gen``)."""
 
-    def __init__(self, pool: Batch, n: int, build: Callable[[Batch, int], CurvatureOperator]) -> None:
+    def __init__(
+        self, pool: Batch, n: int, build: Callable[[Batch, int], CurvatureOperator]
+    ) -> None:
         self.pool, self.n, self.build = pool, n, build
 
     def sample(self, gen: torch.Generator, b: int) -> CurvatureOperator:
@@ -169,16 +171,23 @@ class _IFAttributorBase(BaseAttributor):
         solver: IHVPSolver | None = None,
     ) -> None:
         super().__init__(
-            task, layer_name=arguments.layer_name, device=device, memory_budget=arguments.memory_budget
+            task,
+            layer_name=arguments.layer_name,
+            device=device,
+            memory_budget=arguments.memory_budget,
         )
         self.arguments = arguments
         for name, value in vars(arguments).items():
             setattr(self, name, value)
         if solver is not None and not isinstance(solver, IHVPSolver):
-            raise ConfigError(f"solver must be an IHVPSolver of tdabench.func.solvers, got {type(solver).__name__}")
+            raise ConfigError(
+                f"solver must be an IHVPSolver of tdabench.func.solvers, got {type(solver).__name__}"
+            )
         self._injected = solver
         self.output_loss: OutputLoss | None = (
-            resolve_output_loss(arguments.ggn_output, task.loss_func) if arguments.hessian == "ggn" else None
+            resolve_output_loss(arguments.ggn_output, task.loss_func)
+            if arguments.hessian == "ggn"
+            else None
         )
         self._train_batches: list[Batch] = []
         self._n_cached = 0
@@ -187,13 +196,22 @@ class _IFAttributorBase(BaseAttributor):
 
     # ----------------------------------------------------------------- operators
     def _curvature(
-        self, index: int, batches: list[Batch], n: int, mode: str, keep: bool = True, samples: bool = False
+        self,
+        index: int,
+        batches: list[Batch],
+        n: int,
+        mode: str,
+        keep: bool = True,
+        samples: bool = False,
     ) -> CurvatureOperator:
         """The curvature (``hessian=``) of the mean loss over ``batches`` (``n`` samples) at
         checkpoint ``index``."""
         flat = self._params(index)
         if self.output_loss is None:
-            funcs = [self.task.summed_loss(b, index, self.layer_name, device=self.device) for b in batches]
+            funcs = [
+                self.task.summed_loss(b, index, self.layer_name, device=self.device)
+                for b in batches
+            ]
             sizes = [batch_size_of(b) for b in batches] if samples else None
             return ExactHessian(funcs, flat, n, mode, samples=sizes, keep=keep)
         out = self._flat_output(index)
@@ -204,7 +222,9 @@ class _IFAttributorBase(BaseAttributor):
     def _flat_output(self, index: int) -> Callable[[Tensor, Batch], Tensor]:
         loss = self.output_loss
         assert loss is not None
-        func = loss.output_func or (lambda params, batch: self.task.forward(params, batch[loss.input_index]))
+        func = loss.output_func or (
+            lambda params, batch: self.task.forward(params, batch[loss.input_index])
+        )
         return self.task.flat_call(func, index, self.layer_name, self.device)
 
     def _check_output_loss(self) -> None:
@@ -216,7 +236,9 @@ class _IFAttributorBase(BaseAttributor):
         flat = self._params(0)
         ours = loss.per_sample(self._flat_output(0)(flat, batch), loss.target(batch)).detach()
         theirs = self.task.per_sample_values(flat, batch, "loss", 0, self.layer_name).detach()
-        if not torch.allclose(ours, theirs, rtol=1e-4, atol=1e-6 * float(theirs.abs().max()) + 1e-12):
+        if not torch.allclose(
+            ours, theirs, rtol=1e-4, atol=1e-6 * float(theirs.abs().max()) + 1e-12
+        ):
             raise ConfigError(
                 f"hessian='ggn' with output loss {loss.kind!r} does not reproduce loss_func (max difference "
                 f"{float((ours - theirs).abs().max()):.3g} on the first samples); pass ggn_output=OutputLoss(...) "
@@ -236,7 +258,11 @@ class _IFAttributorBase(BaseAttributor):
         """The prepared solver of checkpoint ``index`` (solvers that keep calling their operator
         are kept for the current checkpoint only: they hold its linearised graphs)."""
         if index not in self._solvers:
-            solver = copy.copy(self._injected) if self._injected is not None else self._make_solver(index)
+            solver = (
+                copy.copy(self._injected)
+                if self._injected is not None
+                else self._make_solver(index)
+            )
             solver.prepare(self._operator(index), self.planner)
             if solver.holds_operator:
                 self._solvers = {k: s for k, s in self._solvers.items() if not s.holds_operator}
@@ -729,7 +755,13 @@ class IFAttributorArnoldi(_IFAttributorBase):
 
     def _make_solver(self, index: int) -> IHVPSolver:
         return ArnoldiSolver(
-            self.proj_dim, self.max_iter, self.tol, self.norm_constant, self.seed, self.regularization, self.residual
+            self.proj_dim,
+            self.max_iter,
+            self.tol,
+            self.norm_constant,
+            self.seed,
+            self.regularization,
+            self.residual,
         )
 
     def _after_prepare(self, index: int, solver: IHVPSolver) -> None:
@@ -748,7 +780,11 @@ class IFAttributorArnoldi(_IFAttributorBase):
         # (H + λI)^{-1} G_testᵀ = U C^T with C = G_test U diag(1 / (values + λ)): scoring
         # through the rank-r basis costs n_train·d·r instead of n_train·d·n_test.
         basis = getattr(self._solver_for(index), "basis", None)
-        if basis is None or self.residual or basis.values.numel() >= min(g_test.shape[0], self.spec.dim):
+        if (
+            basis is None
+            or self.residual
+            or basis.values.numel() >= min(g_test.shape[0], self.spec.dim)
+        ):
             return super()._test_factors(index, g_test)
         coeff = (g_test @ basis.vectors) / (basis.values + self.regularization)
         check_finite(

@@ -63,7 +63,14 @@ from tdabench.func.utils import Batch, batch_size_of, check_finite
 from tdabench.memory import MemoryPlanner, planner_for
 from tdabench.task import AttributionTask
 
-__all__ = ["HESSIANS", "OFFLOADS", "BlockProjectedArguments", "LoGraArguments", "LoGraAttributor", "factor_dims"]
+__all__ = [
+    "HESSIANS",
+    "OFFLOADS",
+    "BlockProjectedArguments",
+    "LoGraArguments",
+    "LoGraAttributor",
+    "factor_dims",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +109,12 @@ class BlockProjectedArguments(MethodArguments):
         memory_budget: the planner's budget.
     """
 
-    execution_keys: ClassVar[tuple[str, ...]] = ("memory_budget", "offload", "cache_dir", "chunk_size")
+    execution_keys: ClassVar[tuple[str, ...]] = (
+        "memory_budget",
+        "offload",
+        "cache_dir",
+        "chunk_size",
+    )
 
     layer_names: Any = None
     hessian: str = "eFIM"
@@ -118,13 +130,19 @@ class BlockProjectedArguments(MethodArguments):
         self.layer_names = _check_layer_name(self.layer_names)
         check_choice("hessian", self.hessian, HESSIANS, "the curvature in the projected space")
         if self.damping is not None:
-            self.damping = check_real("damping", self.damping, 0.0, fix="pass a value >= 0 or None (= 1e-5)")
+            self.damping = check_real(
+                "damping", self.damping, 0.0, fix="pass a value >= 0 or None (= 1e-5)"
+            )
         self.proj_dim = check_int("proj_dim", self.proj_dim, 1)
         self.chunk_size = check_int("chunk_size", self.chunk_size, 1)
         self.seed = check_int("seed", self.seed, 0)
-        check_choice("offload", self.offload, OFFLOADS, "where the projected training gradients are kept")
+        check_choice(
+            "offload", self.offload, OFFLOADS, "where the projected training gradients are kept"
+        )
         if self.offload == "disk" and not self.cache_dir:
-            raise ConfigError("cache_dir must be provided when offload='disk'; pass a writable directory")
+            raise ConfigError(
+                "cache_dir must be provided when offload='disk'; pass a writable directory"
+            )
         self.memory_budget = _check_budget(self.memory_budget)
 
     @property
@@ -190,8 +208,15 @@ def _gaussian(d: int, k: int, seed: int, device: torch.device, dtype: torch.dtyp
     """A ``(d, k)`` Gaussian ``N(0, 1/k)`` matrix, or ``None`` (identity) when ``d <= k``."""
     if d <= k:
         return None
-    return make_projector(d, k, seed=seed, proj_type="gaussian", device=device, dtype=dtype,
-                          max_chunk_bytes=max(2**20, 16 * d * k)).matrix()
+    return make_projector(
+        d,
+        k,
+        seed=seed,
+        proj_type="gaussian",
+        device=device,
+        dtype=dtype,
+        max_chunk_bytes=max(2**20, 16 * d * k),
+    ).matrix()
 
 
 class _GradStore:
@@ -202,8 +227,15 @@ class _GradStore:
     projections. On disk there is no limit.
     """
 
-    def __init__(self, offload: str, device: torch.device, cache_dir: str | None, chunk_size: int, tag: str,
-                 limit: int) -> None:
+    def __init__(
+        self,
+        offload: str,
+        device: torch.device,
+        cache_dir: str | None,
+        chunk_size: int,
+        tag: str,
+        limit: int,
+    ) -> None:
         self.offload, self.device, self.chunk_size, self.limit = offload, device, chunk_size, limit
         self.dir = Path(cache_dir) / tag if offload == "disk" and cache_dir else None
         self.complete = True
@@ -219,8 +251,11 @@ class _GradStore:
             self._bytes += x.numel() * x.element_size()
             if self._bytes > self.limit:
                 if self.complete:
-                    logger.info("the projected training gradients exceed %d bytes of the memory budget; "
-                                "attribute() will recompute them", self.limit)
+                    logger.info(
+                        "the projected training gradients exceed %d bytes of the memory budget; "
+                        "attribute() will recompute them",
+                        self.limit,
+                    )
                 self.complete, self._parts = False, []
             if self.complete:
                 self._parts.append(x if self.offload == "none" else x.to("cpu"))
@@ -255,7 +290,9 @@ class _GradStore:
             try:
                 yield load_file(str(path), device=str(self.device))["grads"]
             except Exception as exc:  # removed or truncated by someone else
-                raise StoreError(f"cannot read the offloaded gradients {str(path)!r} ({exc}); call cache() again") from exc
+                raise StoreError(
+                    f"cannot read the offloaded gradients {str(path)!r} ({exc}); call cache() again"
+                ) from exc
 
 
 class BlockProjectedAttributor(BaseAttributor):
@@ -288,12 +325,16 @@ class BlockProjectedAttributor(BaseAttributor):
         self._cache_loader: Any = None
 
     # ----------------------------------------------------------------- compression
-    def _make_compressor(self, index: int, name: str, module: nn.Module) -> LayerCompressor:  # pragma: no cover
+    def _make_compressor(
+        self, index: int, name: str, module: nn.Module
+    ) -> LayerCompressor:  # pragma: no cover
         raise NotImplementedError
 
     def _setup(self) -> None:
         if not self.compressors:
-            self.compressors = [self._make_compressor(i, n, m) for i, (n, m) in enumerate(self.modules.items())]
+            self.compressors = [
+                self._make_compressor(i, n, m) for i, (n, m) in enumerate(self.modules.items())
+            ]
             self.layer_dims = [c.dim for c in self.compressors]
 
     def _capture(self, batch: Batch, which: str, index: int) -> dict[str, LayerIO]:
@@ -309,9 +350,14 @@ class BlockProjectedAttributor(BaseAttributor):
         """Projected per-sample gradients ``(B, Σ_l dim_l)`` of ``batch`` (layers concatenated)."""
         self._setup()
         ios = self._capture(batch, which, index)
-        out = torch.cat([c(ios[n]) for c, n in zip(self.compressors, self.layer_names, strict=True)], dim=1)
-        return check_finite(out, f"projected per-sample gradient of the {which}",
-                            fix="check the checkpoint, the data and the loss function")
+        out = torch.cat(
+            [c(ios[n]) for c, n in zip(self.compressors, self.layer_names, strict=True)], dim=1
+        )
+        return check_finite(
+            out,
+            f"projected per-sample gradient of the {which}",
+            fix="check the checkpoint, the data and the loss function",
+        )
 
     def _slices(self) -> list[tuple[int, int]]:
         assert self.layer_dims is not None
@@ -335,15 +381,31 @@ class BlockProjectedAttributor(BaseAttributor):
         self._setup()
         self._stores, self._factors = {}, {}
         item = torch.empty((), dtype=self.dtype).element_size()
-        self.planner.require(2 * sum(d * d for d in self.layer_dims or []) * item, "the projected Fisher matrices",
-                             "lower proj_dim or select fewer layers with layer_names")
+        self.planner.require(
+            2 * sum(d * d for d in self.layer_dims or []) * item,
+            "the projected Fisher matrices",
+            "lower proj_dim or select fewer layers with layer_names",
+        )
         for k in range(self.task.num_checkpoints):
-            store = _GradStore(self.args.offload, self.device, self.args.cache_dir, self.args.chunk_size,
-                               f"{type(self).__name__}_ckpt{k}", self.planner.share(0.5 / self.task.num_checkpoints))
-            fisher = [torch.zeros(d, d, dtype=self.dtype, device=self.device) for d in self.layer_dims or []]
+            store = _GradStore(
+                self.args.offload,
+                self.device,
+                self.args.cache_dir,
+                self.args.chunk_size,
+                f"{type(self).__name__}_ckpt{k}",
+                self.planner.share(0.5 / self.task.num_checkpoints),
+            )
+            fisher = [
+                torch.zeros(d, d, dtype=self.dtype, device=self.device)
+                for d in self.layer_dims or []
+            ]
             n = 0
-            for batch in tqdm(self._batches(full_train_loader, "cache (full training) loader"),
-                              desc=f"{type(self).__name__} cache (ckpt {k})", disable=None, leave=False):
+            for batch in tqdm(
+                self._batches(full_train_loader, "cache (full training) loader"),
+                desc=f"{type(self).__name__} cache (ckpt {k})",
+                disable=None,
+                leave=False,
+            ):
                 if batch_size_of(batch) == 0:
                     continue
                 P = self.projected(batch, "loss", k)
@@ -354,13 +416,24 @@ class BlockProjectedAttributor(BaseAttributor):
                         F.addmm_(P[:, a:b].T, P[:, a:b])
             store.close()
             if n == 0:
-                raise DataError("the cache (full training) loader holds no sample; pass a DataLoader over the training set")
+                raise DataError(
+                    "the cache (full training) loader holds no sample; pass a DataLoader over the training set"
+                )
             self._stores[k] = store
-            self._factors[k] = [self._factorise(F / n) for F in fisher] if self.args.hessian == "eFIM" else []
+            self._factors[k] = (
+                [self._factorise(F / n) for F in fisher] if self.args.hessian == "eFIM" else []
+            )
         self._cache_loader = full_train_loader
         self._cached = True
-        logger.info("%s cached %d samples, %d layer(s) (dims %s), %d checkpoint(s) in %.2fs", type(self).__name__,
-                    n, len(self.layer_names), self.layer_dims, self.task.num_checkpoints, time.perf_counter() - start)
+        logger.info(
+            "%s cached %d samples, %d layer(s) (dims %s), %d checkpoint(s) in %.2fs",
+            type(self).__name__,
+            n,
+            len(self.layer_names),
+            self.layer_dims,
+            self.task.num_checkpoints,
+            time.perf_counter() - start,
+        )
 
     def _factorise(self, F: Tensor) -> Tensor:
         """Cholesky factor of ``F + λ I`` (``λ = damping · tr(F) / k``), in the attributor's dtype
@@ -368,7 +441,9 @@ class BlockProjectedAttributor(BaseAttributor):
         lam = self.args.relative_damping * float(torch.trace(F)) / F.shape[0]
         if lam <= 0:
             lam = self.args.relative_damping or 1e-12
-            logger.warning("the projected Fisher of a layer is zero; damping with an absolute %.3g", lam)
+            logger.warning(
+                "the projected Fisher of a layer is zero; damping with an absolute %.3g", lam
+            )
         F = F.clone()
         F.diagonal().add_(lam)
         L, info = torch.linalg.cholesky_ex(F)
@@ -391,7 +466,11 @@ class BlockProjectedAttributor(BaseAttributor):
         return out
 
     def _train_projected(self, train_loader: Iterable[Batch], index: int) -> Iterator[Tensor]:
-        if index in self._stores and self._stores[index].complete and same_samples(train_loader, self._cache_loader):
+        if (
+            index in self._stores
+            and self._stores[index].complete
+            and same_samples(train_loader, self._cache_loader)
+        ):
             yield from self._stores[index]
             return
         for batch in self._batches(train_loader, "train loader"):
@@ -399,8 +478,11 @@ class BlockProjectedAttributor(BaseAttributor):
 
     def _ensure_cache(self, train_loader: Iterable[Batch]) -> None:
         if not self._cached:  # dattri caches the train loader with a warning; so do we
-            logger.warning("%s.attribute was called before cache(); caching the train loader as the full "
-                           "training set", type(self).__name__)
+            logger.warning(
+                "%s.attribute was called before cache(); caching the train loader as the full "
+                "training set",
+                type(self).__name__,
+            )
             self.cache(train_loader)
 
     # ----------------------------------------------------------------- API
@@ -415,9 +497,13 @@ class BlockProjectedAttributor(BaseAttributor):
         total: Tensor | None = None
         K = self.task.num_checkpoints
         for k in range(K):
-            test = [self.projected(b, "target", k) for b in self._batches(test_loader, "test loader")]
+            test = [
+                self.projected(b, "target", k) for b in self._batches(test_loader, "test loader")
+            ]
             if not test:
-                raise DataError("the test loader holds no sample; pass a DataLoader over the test set")
+                raise DataError(
+                    "the test loader holds no sample; pass a DataLoader over the test set"
+                )
             Q = self._precondition(k, torch.cat(test))
             scores = torch.cat([P @ Q.T for P in self._train_projected(train_loader, k)])
             total = _accumulate(total, scores, "train loader")
@@ -448,8 +534,12 @@ class BlockProjectedAttributor(BaseAttributor):
 
     def hyperparameters(self) -> dict[str, Any]:
         out = super().hyperparameters()
-        out.update(self.args.result_dict(), layer_names=self.layer_names, layer_dims=self.layer_dims,
-                   num_checkpoints=self.task.num_checkpoints)
+        out.update(
+            self.args.result_dict(),
+            layer_names=self.layer_names,
+            layer_dims=self.layer_dims,
+            num_checkpoints=self.task.num_checkpoints,
+        )
         return out
 
 
@@ -463,9 +553,14 @@ def same_samples(a: Any, b: Any) -> bool:
 
     if not (isinstance(a, DataLoader) and isinstance(b, DataLoader)):
         return False
-    return (a.dataset is b.dataset and isinstance(a.sampler, SequentialSampler)
-            and isinstance(b.sampler, SequentialSampler) and not a.drop_last and not b.drop_last
-            and a.collate_fn is b.collate_fn)
+    return (
+        a.dataset is b.dataset
+        and isinstance(a.sampler, SequentialSampler)
+        and isinstance(b.sampler, SequentialSampler)
+        and not a.drop_last
+        and not b.drop_last
+        and a.collate_fn is b.collate_fn
+    )
 
 
 def _takes_model(func: Callable[..., Any]) -> bool:
@@ -475,8 +570,11 @@ def _takes_model(func: Callable[..., Any]) -> bool:
         sig = inspect.signature(func)
     except (TypeError, ValueError):
         return False
-    positional = [p for p in sig.parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    positional = [
+        p
+        for p in sig.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
     return len(positional) == 3
 
 
@@ -528,13 +626,26 @@ class LoGraAttributor(BlockProjectedAttributor):
         seed: int = 0,
         memory_budget: int | str | None = None,
     ) -> None:
-        args = LoGraArguments(layer_names, hessian, damping, proj_dim, offload, cache_dir, chunk_size, seed,
-                              memory_budget)
+        args = LoGraArguments(
+            layer_names,
+            hessian,
+            damping,
+            proj_dim,
+            offload,
+            cache_dir,
+            chunk_size,
+            seed,
+            memory_budget,
+        )
         self.factor_dim = _perfect_square(args.proj_dim, "proj_dim")
         super().__init__(task, layer_names, device, args, memory_budget)
 
     def _make_compressor(self, index: int, name: str, module: nn.Module) -> LayerCompressor:
         d_out, d_in = factor_dims(module)
         k, seed = self.factor_dim, self.args.seed + 1000 * index
-        return LayerCompressor(_gaussian(d_out, k, seed, self.device, self.dtype),
-                               _gaussian(d_in, k, seed + 1, self.device, self.dtype), d_out, d_in)
+        return LayerCompressor(
+            _gaussian(d_out, k, seed, self.device, self.dtype),
+            _gaussian(d_in, k, seed + 1, self.device, self.dtype),
+            d_out,
+            d_in,
+        )

@@ -134,7 +134,9 @@ class TracInAttributor(BaseAttributor):
         if projector is not None:
             return self._normalize(self._projected_grads(flat, batch, which, index, projector))
         return self._normalize(
-            self.task.per_sample_grads(flat, batch, which=which, index=index, layer_name=self.layer_name)
+            self.task.per_sample_grads(
+                flat, batch, which=which, index=index, layer_name=self.layer_name
+            )
         )
 
     def _target_is_loss(self) -> bool:

@@ -100,7 +100,11 @@ class TRAKAttributor(BaseAttributor):
         # one set per attributor: cache() and attribute() share the drawn matrices
         if self._projectors is None:
             self._projectors = ProjectorSet(
-                self.projector_kwargs, self.spec.dim, self.device, self.dtype, memory_budget=self.memory_budget
+                self.projector_kwargs,
+                self.spec.dim,
+                self.device,
+                self.dtype,
+                memory_budget=self.memory_budget,
             )
         proj = self._projectors.get(index)
         assert proj is not None
@@ -213,13 +217,16 @@ class TRAKAttributor(BaseAttributor):
         m = len(self._xtx_inv)
         return kernel.div_(m), q_sum.to(torch.float64) / m
 
-
     def _dattri_forms(
         self, train: Any, test: Any, test_kw: Any, train_kw: Any
     ) -> tuple[Iterable[Batch], Iterable[Batch]]:
         """``(train, test)`` from tdabench's or dattri's call forms (see :meth:`attribute`)."""
-        if (test_kw is not None and test is not None) or (train_kw is not None and train is not None and test is not None):
-            raise ConfigError("a loader was given both by position and by keyword; use attribute(train, test)")
+        if (test_kw is not None and test is not None) or (
+            train_kw is not None and train is not None and test is not None
+        ):
+            raise ConfigError(
+                "a loader was given both by position and by keyword; use attribute(train, test)"
+            )
         if test_kw is not None:  # dattri's keywords (or attribute(test_dataloader=...))
             test, train = test_kw, train_kw if train_kw is not None else train
             if not self._cached and train is not None:  # unambiguous roles: cache on demand
@@ -242,9 +249,10 @@ class TRAKAttributor(BaseAttributor):
             return self._cached_train_loader, test
         if self._cached and train is not None and test is not None:
             fp_train = self._fingerprint(self._replay(train, "train loader"))
-            if fp_train != self._train_fingerprint and self._fingerprint(
-                self._replay(test, "test loader")
-            ) == self._train_fingerprint:
+            if (
+                fp_train != self._train_fingerprint
+                and self._fingerprint(self._replay(test, "test loader")) == self._train_fingerprint
+            ):
                 raise ConfigError(
                     "attribute(a, b) got the cached training set second: tdabench's order is "
                     "attribute(train_loader, test_loader) (dattri's positional order is "
@@ -261,7 +269,10 @@ class TRAKAttributor(BaseAttributor):
         xtx.diagonal().add_(self.regularization)
         chol, info = torch.linalg.cholesky_ex(xtx)
         diag = chol.diagonal()
-        if int(info) != 0 or float(diag.min() / diag.max()) ** 2 < k * torch.finfo(torch.float64).eps:
+        if (
+            int(info) != 0
+            or float(diag.min() / diag.max()) ** 2 < k * torch.finfo(torch.float64).eps
+        ):
             raise ConfigError(
                 f"Phi^T Phi + {self.regularization} I of checkpoint {index} is singular ({count} training "
                 f"samples, {k} projected dimensions); set regularization > 0 or use proj_dim < {count}"

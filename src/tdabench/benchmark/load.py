@@ -63,7 +63,9 @@ def _find_groundtruth(root: Path, metric: str, identifier: str) -> tuple[Path, d
     base = root / "groundtruth" / metric
     stores = sorted(p for p in base.glob("*") if p.is_dir()) if base.is_dir() else []
     if not stores:
-        raise StoreError(f"no {metric} ground truth under {str(base)!r}; {_commands(identifier, root.parent)}")
+        raise StoreError(
+            f"no {metric} ground truth under {str(base)!r}; {_commands(identifier, root.parent)}"
+        )
     if len(stores) > 1:
         raise StoreError(
             f"{str(base)!r} holds {len(stores)} {metric} ground truths of different configurations "
@@ -87,7 +89,9 @@ def _prepare_spec(root: Path, data_meta: Any) -> dict[str, Any] | None:
     return None
 
 
-def _setting_and_data(identifier: str, root: Path, config: dict[str, Any]) -> tuple[BenchmarkSetting, Any, Any]:
+def _setting_and_data(
+    identifier: str, root: Path, config: dict[str, Any]
+) -> tuple[BenchmarkSetting, Any, Any]:
     data_meta = (config.get("data") or {}).get("meta")
     spec = _prepare_spec(root, data_meta)
     if spec is None:
@@ -115,7 +119,9 @@ def _model_files(root: Path, spec: dict[str, Any]) -> list[Path]:
         prep = doc.get("spec", {}).get("prepare", {})
         if all(prep.get(k) == spec.get(k) for k in ("setting", "overrides", "data", "data_root")):
             return [manifest.parent / files[-1] for files in doc["files"]["clean"]]
-    logger.warning("no reference models under %s for this split; models_full is empty", root / "models")
+    logger.warning(
+        "no reference models under %s for this split; models_full is empty", root / "models"
+    )
     return []
 
 
@@ -132,14 +138,20 @@ def _per_sample(setting: BenchmarkSetting, what: str) -> Callable[[Tensor, Tenso
     if what == "neg_loss":
         return lambda z, y: -ce(z, y)
     if what == "margin":
-        return lambda z, y: margin_from_logits(z, y).mean(dim=1) if setting.kind == "sequence" else margin_from_logits(z, y)
+        return lambda z, y: (
+            margin_from_logits(z, y).mean(dim=1)
+            if setting.kind == "sequence"
+            else margin_from_logits(z, y)
+        )
     raise ConfigError(f"unknown target {what!r}")
 
 
 def _file_func(setting: BenchmarkSetting, what: str) -> Callable[..., Tensor]:
     value_fn = _per_sample(setting, what)
 
-    def func(model_path: str | os.PathLike, dataloader: Iterable[Any], device: str = "cpu") -> Tensor:
+    def func(
+        model_path: str | os.PathLike, dataloader: Iterable[Any], device: str = "cpu"
+    ) -> Tensor:
         model = load_weights(setting.build_model(), model_path, device)
         return evaluate_per_sample(model, dataloader, device, value_fn)
 
@@ -154,7 +166,9 @@ def _train_func(setting: BenchmarkSetting) -> Callable[..., nn.Module]:
         seed_everything(seed)
         model = setting.build_model()
         opt = make_torch_optimizer(normalize_recipe(setting.recipe), model.parameters())
-        return train_epochs(model, dataloader, opt, setting.recipe["epochs"], device, lambda z, y: ce(z, y).mean())
+        return train_epochs(
+            model, dataloader, opt, setting.recipe["epochs"], device, lambda z, y: ce(z, y).mean()
+        )
 
     train_func.__name__ = f"train_{setting.name}"
     return train_func
@@ -213,10 +227,15 @@ def load_benchmark(
     gt_path, config = _find_groundtruth(root, metric, identifier)
     values, indices = load_ground_truth(gt_path, config["targets"][0])
     setting, data, spec = _setting_and_data(identifier, root, config)
-    return _details(setting, data, _model_files(root, spec), config["targets"][0]), (values, indices)
+    return _details(setting, data, _model_files(root, spec), config["targets"][0]), (
+        values,
+        indices,
+    )
 
 
-def _details(setting: BenchmarkSetting, data: Any, models: list[Path], target: str) -> dict[str, Any]:
+def _details(
+    setting: BenchmarkSetting, data: Any, models: list[Path], target: str
+) -> dict[str, Any]:
     """dattri's ``model_details`` dict (see :func:`load_benchmark`)."""
     return {
         "model": setting.build_model().eval(),
@@ -230,4 +249,3 @@ def _details(setting: BenchmarkSetting, data: Any, models: list[Path], target: s
         "target_func": _file_func(setting, target),
         "train_func": _train_func(setting),
     }
-

@@ -153,7 +153,10 @@ class ResNet9(nn.Module):
             raise ConfigError(f"ResNet9 needs 4 widths (stem + 3 stages), got {widths}")
         w0, w1, w2, w3 = (int(w) for w in widths)
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, w0, 3, padding=1, bias=False), nn.BatchNorm2d(w0), nn.ReLU(), nn.Dropout(dropout)
+            nn.Conv2d(in_channels, w0, 3, padding=1, bias=False),
+            nn.BatchNorm2d(w0),
+            nn.ReLU(),
+            nn.Dropout(dropout),
         )
         self.stage1 = _ResidualBlock(w0, w1, 1, dropout)
         self.stage2 = _ResidualBlock(w1, w2, 2, dropout)
@@ -174,7 +177,9 @@ class _CausalSelfAttention(nn.Module):
     def __init__(self, d: int, n_head: int, dropout: float, bias: bool) -> None:
         super().__init__()
         if d % n_head:
-            raise ConfigError(f"embedding size {d} must be divisible by the number of heads {n_head}")
+            raise ConfigError(
+                f"embedding size {d} must be divisible by the number of heads {n_head}"
+            )
         self.n_head = n_head
         self.qkv = nn.Linear(d, 3 * d, bias=bias)
         self.proj = nn.Linear(d, d, bias=bias)
@@ -234,11 +239,17 @@ class NanoGPT(nn.Module):
         self.tok_emb = nn.Embedding(vocab_size, n_embd)
         self.pos_emb = nn.Embedding(block_size, n_embd)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(_GPTBlock(n_embd, n_head, dropout, bias) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(
+            _GPTBlock(n_embd, n_head, dropout, bias) for _ in range(n_layer)
+        )
         self.ln_f = nn.LayerNorm(n_embd, bias=bias)
         for name, p in self.named_parameters():
             if p.dim() >= 2:
-                std = 0.02 / math.sqrt(2 * n_layer) if name.endswith(("attn.proj.weight", "out.weight")) else 0.02
+                std = (
+                    0.02 / math.sqrt(2 * n_layer)
+                    if name.endswith(("attn.proj.weight", "out.weight"))
+                    else 0.02
+                )
                 nn.init.normal_(p, mean=0.0, std=std)
             elif name.endswith("bias") and "ln" not in name:
                 nn.init.zeros_(p)
@@ -246,7 +257,9 @@ class NanoGPT(nn.Module):
     def forward(self, idx: Tensor) -> Tensor:
         T = idx.shape[-1]
         if self.block_size < T:
-            raise ShapeError(f"sequence length {T} exceeds block_size {self.block_size}; crop the input")
+            raise ShapeError(
+                f"sequence length {T} exceeds block_size {self.block_size}; crop the input"
+            )
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         for block in self.blocks:
@@ -268,7 +281,9 @@ def relative_skew(rel_logits: Tensor) -> Tensor:
     """
     *lead, T, T2 = rel_logits.shape
     if T != T2:
-        raise ShapeError(f"relative logits must be square in the last two dims, got {tuple(rel_logits.shape)}")
+        raise ShapeError(
+            f"relative logits must be square in the last two dims, got {tuple(rel_logits.shape)}"
+        )
     padded = F.pad(rel_logits, (1, 0))  # (..., T, T+1)
     return padded.reshape(*lead, T + 1, T)[..., 1:, :]
 
@@ -284,7 +299,9 @@ class RelativeSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_head: int, max_len: int, dropout: float) -> None:
         super().__init__()
         if d_model % n_head:
-            raise ConfigError(f"d_model {d_model} must be divisible by the number of heads {n_head}")
+            raise ConfigError(
+                f"d_model {d_model} must be divisible by the number of heads {n_head}"
+            )
         self.n_head = n_head
         self.d_head = d_model // n_head
         self.max_len = max_len
@@ -324,7 +341,9 @@ class _MTBlock(nn.Module):
 
 def _sinusoid(T: int, d: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     pos = torch.arange(T, device=device, dtype=torch.float32).unsqueeze(1)
-    freq = torch.exp(torch.arange(0, d, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / d))
+    freq = torch.exp(
+        torch.arange(0, d, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / d)
+    )
     pe = torch.zeros(T, d, device=device)
     pe[:, 0::2] = torch.sin(pos * freq)
     pe[:, 1::2] = torch.cos(pos * freq[: d // 2])
@@ -356,7 +375,9 @@ class MusicTransformer(nn.Module):
         self.d_model = d_model
         self.embed = nn.Embedding(vocab_size, d_model)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(_MTBlock(d_model, n_head, d_ff, max_len, dropout) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(
+            _MTBlock(d_model, n_head, d_ff, max_len, dropout) for _ in range(n_layer)
+        )
         self.ln_f = nn.LayerNorm(d_model)
         self.out = nn.Linear(d_model, vocab_size)
 

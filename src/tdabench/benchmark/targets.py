@@ -24,7 +24,14 @@ from torch.func import functional_call
 
 from tdabench.errors import ConfigError, ShapeError
 
-__all__ = ["KINDS", "TARGETS", "make_loss_func", "make_probability_func", "make_target_func", "margin_from_logits"]
+__all__ = [
+    "KINDS",
+    "TARGETS",
+    "make_loss_func",
+    "make_probability_func",
+    "make_target_func",
+    "margin_from_logits",
+]
 
 KINDS = ("classification", "sequence")
 TARGETS = ("loss", "margin", "neg_loss")

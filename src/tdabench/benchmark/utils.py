@@ -25,7 +25,11 @@ def _label_space(label: np.ndarray, label_space: Any) -> np.ndarray:
     if label_space is None:
         space = np.unique(label)
     else:
-        raw = label_space.cpu().numpy() if isinstance(label_space, Tensor) else np.asarray(list(label_space))
+        raw = (
+            label_space.cpu().numpy()
+            if isinstance(label_space, Tensor)
+            else np.asarray(list(label_space))
+        )
         space = np.unique(raw)
     if space.size < 2:
         raise ConfigError(
@@ -70,7 +74,9 @@ def flip_label(
         raise ConfigError(f"p must lie in [0, 1], got {p}")
     space = _label_space(arr, label_space)
     if label_space is not None and not np.isin(arr, space).all():
-        raise ConfigError("some labels are not in label_space; pass the full label space (or None to infer it)")
+        raise ConfigError(
+            "some labels are not in label_space; pass the full label space (or None to infer it)"
+        )
     rng = np.random.default_rng(seed)
     n = arr.shape[0]
     noise_index = rng.choice(n, size=int(float(p) * n), replace=False)

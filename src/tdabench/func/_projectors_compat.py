@@ -64,7 +64,7 @@ def _parse_type(proj_type: Any) -> tuple[ProjectionType, int | None]:
     name = proj_type.value if isinstance(proj_type, ProjectionType) else str(proj_type)
     multiplier = None
     if name.startswith("grass_"):
-        tail = name[len("grass_"):]
+        tail = name[len("grass_") :]
         if not tail.isdigit() or int(tail) < 1:
             raise ConfigError(f"proj_type {name!r}: expected 'grass_N' with an integer N >= 1")
         name, multiplier = "grass", int(tail)
@@ -79,13 +79,20 @@ def _parse_type(proj_type: Any) -> tuple[ProjectionType, int | None]:
 def _feature_blocks(features: Features) -> list[Tensor]:
     """Column blocks ``(B, d_p)`` of a ``(B, d)`` tensor or of a dict of per-sample features."""
     if isinstance(features, Mapping):
-        blocks = [t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1) for t in features.values()]
+        blocks = [
+            t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
+            for t in features.values()
+        ]
         if not blocks or len({b.shape[0] for b in blocks}) != 1:
-            raise ShapeError("a feature dict needs tensors with one common leading (batch) dimension")
+            raise ShapeError(
+                "a feature dict needs tensors with one common leading (batch) dimension"
+            )
         return blocks
     if not isinstance(features, Tensor) or features.dim() != 2:
         got = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
-        raise ShapeError(f"features must be a (batch, feature_dim) tensor or a dict of them, got {got}")
+        raise ShapeError(
+            f"features must be a (batch, feature_dim) tensor or a dict of them, got {got}"
+        )
     return [features]
 
 
@@ -96,7 +103,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _sorted_mask(d: int, k: int, seed: int, device: torch.device) -> Tensor:
     if k > d:
-        raise ConfigError(f"a random mask keeps at most feature_dim={d} coordinates, got proj_dim={k}")
+        raise ConfigError(
+            f"a random mask keeps at most feature_dim={d} coordinates, got proj_dim={k}"
+        )
     gen = torch.Generator().manual_seed(int(seed))
     return torch.randperm(d, generator=gen)[:k].sort().values.to(device)
 
@@ -104,7 +113,9 @@ def _sorted_mask(d: int, k: int, seed: int, device: torch.device) -> Tensor:
 class AbstractProjector(ABC):
     """dattri's projector interface: ``project(features, ensemble_id) -> (B, proj_dim)``."""
 
-    def __init__(self, feature_dim: int, proj_dim: int, seed: int, proj_type: Any, device: Any) -> None:
+    def __init__(
+        self, feature_dim: int, proj_dim: int, seed: int, proj_type: Any, device: Any
+    ) -> None:
         self.feature_dim = int(feature_dim)
         self.proj_dim = int(proj_dim)
         self.seed = int(seed)
@@ -152,7 +163,9 @@ class BasicProjector(AbstractProjector):
         kind, parsed = _parse_type(proj_type)
         super().__init__(feature_dim, proj_dim, seed, kind, device)
         if self.feature_dim < 1 or (kind != ProjectionType.identity and self.proj_dim < 1):
-            raise ConfigError(f"feature_dim and proj_dim must be >= 1, got {feature_dim} and {proj_dim}")
+            raise ConfigError(
+                f"feature_dim and proj_dim must be >= 1, got {feature_dim} and {proj_dim}"
+            )
         self.block_size = int(block_size)
         self.dtype = dtype
         self.grass_multiplier = parsed if parsed is not None else int(grass_multiplier)
@@ -167,7 +180,9 @@ class BasicProjector(AbstractProjector):
 
     def _sparse(self, d: int, seed: int) -> Projector:
         budget = planner_for(self.device).share(0.25)
-        return make_projector(d, self.proj_dim, seed, "sparse", self.device, _compute_dtype(self.dtype), budget)
+        return make_projector(
+            d, self.proj_dim, seed, "sparse", self.device, _compute_dtype(self.dtype), budget
+        )
 
     def _draw(self, ensemble_id: int) -> None:
         """Build the randomness of ``ensemble_id`` (the matrix is drawn lazily by :class:`Projector`)."""
@@ -176,7 +191,9 @@ class BasicProjector(AbstractProjector):
         if kind in (ProjectionType.normal, ProjectionType.rademacher):
             name = "gaussian" if kind == ProjectionType.normal else "rademacher"
             budget = planner_for(self.device).share(0.25)
-            self._projector = make_projector(d, k, seed, name, self.device, _compute_dtype(self.dtype), budget)
+            self._projector = make_projector(
+                d, k, seed, name, self.device, _compute_dtype(self.dtype), budget
+            )
         elif kind == ProjectionType.sjlt:
             self._projector = self._sparse(d, seed)
         elif kind == ProjectionType.random_mask:
@@ -191,7 +208,9 @@ class BasicProjector(AbstractProjector):
         blocks = _feature_blocks(features)
         width = sum(b.shape[1] for b in blocks)
         if width != self.feature_dim:
-            raise ShapeError(f"features have {width} columns but the projector was built for feature_dim={self.feature_dim}")
+            raise ShapeError(
+                f"features have {width} columns but the projector was built for feature_dim={self.feature_dim}"
+            )
         cdt = _compute_dtype(self.dtype)
         return [b.to(device=self.device, dtype=cdt) for b in blocks]
 
@@ -237,7 +256,15 @@ class CudaProjector(BasicProjector):
         dtype: torch.dtype = torch.float32,
         grass_multiplier: int = 4,
     ) -> None:
-        super().__init__(feature_dim, proj_dim, seed, proj_type, device, dtype=dtype, grass_multiplier=grass_multiplier)
+        super().__init__(
+            feature_dim,
+            proj_dim,
+            seed,
+            proj_type,
+            device,
+            dtype=dtype,
+            grass_multiplier=grass_multiplier,
+        )
 
 
 class ChunkedCudaProjector:
@@ -289,7 +316,9 @@ class ChunkedCudaProjector:
             raise ShapeError(
                 f"features must be (B, {sum(self.dim_per_chunk)}), got {tuple(features.shape)}"
             )
-        out = torch.zeros(features.shape[0], self.proj_dim, dtype=_compute_dtype(self.dtype), device=self.device)
+        out = torch.zeros(
+            features.shape[0], self.proj_dim, dtype=_compute_dtype(self.dtype), device=self.device
+        )
         start = 0
         for proj, width in zip(self.projector_per_chunk, self.dim_per_chunk, strict=True):
             piece = proj.project(features[:, start : start + width], ensemble_id=ensemble_id)
@@ -338,13 +367,26 @@ def make_random_projector(
     dev = torch.device(device)
     feature_dim = int(sum(int(s) for s in param_shape_list))
     if dev.type == "cpu":
-        return BasicProjector(feature_dim, proj_dim, proj_seed, proj_type, dev, dtype=dtype, grass_multiplier=grass_multiplier)
+        return BasicProjector(
+            feature_dim,
+            proj_dim,
+            proj_seed,
+            proj_type,
+            dev,
+            dtype=dtype,
+            grass_multiplier=grass_multiplier,
+        )
     max_chunk, chunks = get_parameter_chunk_sizes(param_shape_list, proj_max_batch_size)
     if len(chunks) == 1:
-        return CudaProjector(feature_dim, proj_dim, proj_seed, proj_type, dev, dtype, grass_multiplier)
+        return CudaProjector(
+            feature_dim, proj_dim, proj_seed, proj_type, dev, dtype, grass_multiplier
+        )
     gen = torch.Generator().manual_seed(int(proj_seed))
     seeds = torch.randint(0, 2**31, (len(chunks),), generator=gen).tolist()
-    per_chunk = [CudaProjector(c, proj_dim, s, proj_type, dev, dtype, grass_multiplier) for c, s in zip(chunks, seeds, strict=True)]
+    per_chunk = [
+        CudaProjector(c, proj_dim, s, proj_type, dev, dtype, grass_multiplier)
+        for c, s in zip(chunks, seeds, strict=True)
+    ]
     return ChunkedCudaProjector(per_chunk, max_chunk, chunks, feature_batch_size, dev, dtype)
 
 
@@ -381,8 +423,14 @@ def random_project(
         shapes, dtype = [int(feature.numel()) // int(feature_batch_size)], feature.dtype
     kind, parsed = _parse_type(proj_type)
     projector = make_random_projector(
-        shapes, feature_batch_size, proj_dim, proj_max_batch_size, torch.device(device), proj_seed,
-        f"grass_{parsed}" if parsed is not None else kind, dtype=dtype,
+        shapes,
+        feature_batch_size,
+        proj_dim,
+        proj_max_batch_size,
+        torch.device(device),
+        proj_seed,
+        f"grass_{parsed}" if parsed is not None else kind,
+        dtype=dtype,
     )
 
     def project(feature: Features, ensemble_id: int = 0) -> Tensor:
@@ -437,15 +485,26 @@ class ArnoldiProjector(AbstractProjector):
         args = tuple(x) if isinstance(x, (tuple, list)) else (x,)
         self._hvp = hvp_at_x(func, args, argnums=argnums, mode=mode, regularization=regularization)
         self._dtype = args[argnums].dtype if isinstance(args[argnums], Tensor) else torch.float32
-        self.max_iter, self.norm_constant, self.tol = int(max_iter), float(norm_constant), float(tol)
+        self.max_iter, self.norm_constant, self.tol = (
+            int(max_iter),
+            float(norm_constant),
+            float(tol),
+        )
         self.eigvals: Tensor | None = None
         self.eigvecs: Tensor | None = None
 
     def get_eigenspace(self) -> None:
         """Run the Arnoldi iteration; sets ``eigvals`` ``(r,)`` and ``eigvecs`` ``(r, d)``."""
         basis = arnoldi_basis(
-            self._hvp, self.feature_dim, self.proj_dim, self.max_iter, self.tol, self.norm_constant,
-            self.seed, self._dtype, self.device,
+            self._hvp,
+            self.feature_dim,
+            self.proj_dim,
+            self.max_iter,
+            self.tol,
+            self.norm_constant,
+            self.seed,
+            self._dtype,
+            self.device,
         )
         keep = basis.values > 0
         if int(keep.sum()) < self.proj_dim:
@@ -487,11 +546,21 @@ def arnoldi_project(
 ) -> Callable[[Features], Tensor]:
     """``f(features (B, d)) -> (B, proj_dim)``: an :class:`ArnoldiProjector`'s projection."""
     projector = ArnoldiProjector(
-        feature_dim, proj_dim, func, x, argnums, max_iter, norm_constant, tol, mode, regularization, seed, device
+        feature_dim,
+        proj_dim,
+        func,
+        x,
+        argnums,
+        max_iter,
+        norm_constant,
+        tol,
+        mode,
+        regularization,
+        seed,
+        device,
     )
 
     def project(feature: Features) -> Tensor:
         return projector.project(feature)
 
     return project
-

@@ -95,7 +95,9 @@ def _conv_supported(m: nn.Conv2d) -> str | None:
     return None
 
 
-def select_modules(model: nn.Module, module_name: str | Sequence[str] | None = None) -> dict[str, nn.Module]:
+def select_modules(
+    model: nn.Module, module_name: str | Sequence[str] | None = None
+) -> dict[str, nn.Module]:
     """The modules to capture, by ``model.named_modules()`` name, in model order.
 
     Args:
@@ -126,7 +128,13 @@ def select_modules(model: nn.Module, module_name: str | Sequence[str] | None = N
     params = {n for n, _ in model.named_parameters()}
     for name in wanted:
         m = named[name]
-        why = None if isinstance(m, nn.Linear) else _conv_supported(m) if isinstance(m, nn.Conv2d) else type(m).__name__
+        why = (
+            None
+            if isinstance(m, nn.Linear)
+            else _conv_supported(m)
+            if isinstance(m, nn.Conv2d)
+            else type(m).__name__
+        )
         if why is None and not set(layer_param_names(name, m)) <= params:
             why = "its weight is shared with (tied to) another module's parameter"
         if why is None:
@@ -134,7 +142,9 @@ def select_modules(model: nn.Module, module_name: str | Sequence[str] | None = N
         elif explicit or any(True for _ in m.parameters(recurse=False)):
             (logger.warning if explicit else logger.info)(
                 "module %r (%s) is skipped: only nn.Linear and nn.Conv2d (groups=1, zero padding, own parameters) "
-                "are supported", name, why
+                "are supported",
+                name,
+                why,
             )
     if not out:
         raise ConfigError(
@@ -154,7 +164,9 @@ def layer_param_names(name: str, module: nn.Module) -> list[str]:
 def _unfold(m: nn.Conv2d, x: Tensor) -> Tensor:
     """Patches of ``x`` ``(B, C, H, W)`` as ``(B, T, C·k_h·k_w)``."""
     if x.dim() != 4:
-        raise ShapeError(f"Conv2d capture expects (B, C, H, W) inputs, got {tuple(x.shape)}; pass batched images")
+        raise ShapeError(
+            f"Conv2d capture expects (B, C, H, W) inputs, got {tuple(x.shape)}; pass batched images"
+        )
     padding = 0 if isinstance(m.padding, str) else m.padding
     cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
     return cols.transpose(1, 2)
@@ -162,7 +174,9 @@ def _unfold(m: nn.Conv2d, x: Tensor) -> Tensor:
 
 def _as_positions(t: Tensor, what: str) -> Tensor:
     if t.dim() < 2:
-        raise ShapeError(f"{what} of shape {tuple(t.shape)} has no batch dimension; capture needs batched inputs")
+        raise ShapeError(
+            f"{what} of shape {tuple(t.shape)} has no batch dimension; capture needs batched inputs"
+        )
     return t.reshape(t.shape[0], -1, t.shape[-1])
 
 
@@ -215,7 +229,9 @@ class ModuleCapture:
         """
         missing = [n for n in self.modules if n not in self._outputs]
         if missing:
-            raise ConfigError(f"modules {missing} were not called by the forward pass; select modules the model uses")
+            raise ConfigError(
+                f"modules {missing} were not called by the forward pass; select modules the model uses"
+            )
         names = list(self.modules)
         outs = [s for n in names for s in self._outputs[n]]
         if not all(s.requires_grad for s in outs):
@@ -239,7 +255,9 @@ class ModuleCapture:
         return result
 
 
-def capture(modules: Mapping[str, nn.Module], closure: Callable[[], Tensor], scale: float) -> dict[str, LayerIO]:
+def capture(
+    modules: Mapping[str, nn.Module], closure: Callable[[], Tensor], scale: float
+) -> dict[str, LayerIO]:
     """Run ``closure()`` (a forward returning a scalar loss) and capture ``a``/``g`` of ``modules``.
 
     Args:

@@ -92,7 +92,12 @@ def _rows(one: Matvec, samples: int | None) -> Matvec:
     return mv
 
 
-def hvp_matvec(func: Callable[[Tensor], Tensor], flat: Tensor, mode: str = "rev-rev", samples: int | None = None) -> Matvec:
+def hvp_matvec(
+    func: Callable[[Tensor], Tensor],
+    flat: Tensor,
+    mode: str = "rev-rev",
+    samples: int | None = None,
+) -> Matvec:
     """Batched Hessian-vector products of a scalar ``func`` at ``flat``: ``(k, d) -> (k, d)``.
 
     ``"rev-rev"`` differentiates the gradient in reverse mode once (``vjp`` of ``grad``, graph
@@ -137,7 +142,9 @@ class CurvatureOperator:
         """Bytes of the dense ``(d, d)`` matrix."""
         return self.dim * self.dim * torch.empty((), dtype=self.dtype).element_size()
 
-    def check_dense(self, planner: MemoryPlanner | None = None, max_bytes: int | None = None) -> None:
+    def check_dense(
+        self, planner: MemoryPlanner | None = None, max_bytes: int | None = None
+    ) -> None:
         """Refuse (:class:`~tdabench.errors.MemoryLimitError`) a dense matrix over the limit:
         ``max_bytes`` if given, else the planner's budget (the device's by default)."""
         from tdabench.memory import MemoryPlanner, planner_for
@@ -261,7 +268,9 @@ class OutputLoss:
 
     def __post_init__(self) -> None:
         if self.kind not in ("cross_entropy", "mse"):
-            raise ConfigError(f"OutputLoss kind must be 'cross_entropy' or 'mse', got {self.kind!r}")
+            raise ConfigError(
+                f"OutputLoss kind must be 'cross_entropy' or 'mse', got {self.kind!r}"
+            )
 
     def target(self, batch: Any) -> Tensor:
         """The labels/targets of ``batch``."""

@@ -91,7 +91,9 @@ def per_sample_grad_matrix(
     return torch.cat(rows, dim=0)
 
 
-def _data_leaves(data: tuple[Any, ...]) -> tuple[tuple[Any, ...], Callable[[Sequence[Any]], tuple[Any, ...]]]:
+def _data_leaves(
+    data: tuple[Any, ...],
+) -> tuple[tuple[Any, ...], Callable[[Sequence[Any]], tuple[Any, ...]]]:
     """The data arguments as a flat tuple of leaves, and the function rebuilding the arguments
     from (sliced) leaves: an argument may be a tensor or a tuple/list of tensors."""
     sizes = [len(a) if isinstance(a, (tuple, list)) else 1 for a in data]
@@ -162,7 +164,9 @@ def ifvp_at_x_explicit(
     check_dense_size(theta.numel(), theta.dtype, max_dense_bytes, what="Fisher matrix")
     fisher = EmpiricalFisher(per_sample_grad_matrix(func, x, argnums))
     G, d = fisher.G, fisher.dim
-    inverse = DenseInverse(fisher.dense(max_bytes=max_dense_bytes), regularization, "Fisher matrix", in_place=True)
+    inverse = DenseInverse(
+        fisher.dense(max_bytes=max_dense_bytes), regularization, "Fisher matrix", in_place=True
+    )
 
     def f(v: Tensor) -> Tensor:
         V, single = _as_rows(v, d, G)

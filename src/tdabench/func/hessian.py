@@ -535,7 +535,9 @@ def _check_in_dims(in_dims: Sequence[int | None] | None, n: int, argnums: int) -
         )
 
 
-def _check_lissa(batch_size: Any, num_repeat: int, recursion_depth: int, damping: float, scaling: float) -> None:
+def _check_lissa(
+    batch_size: Any, num_repeat: int, recursion_depth: int, damping: float, scaling: float
+) -> None:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if recursion_depth < 1 or num_repeat < 1:
@@ -543,7 +545,9 @@ def _check_lissa(batch_size: Any, num_repeat: int, recursion_depth: int, damping
             f"recursion_depth and num_repeat must be >= 1, got {recursion_depth}, {num_repeat}"
         )
     if scaling <= 0:
-        raise ConfigError(f"scaling must be > 0 (above the largest Hessian eigenvalue), got {scaling}")
+        raise ConfigError(
+            f"scaling must be > 0 (above the largest Hessian eigenvalue), got {scaling}"
+        )
     if not 0.0 <= damping < 1.0:
         raise ConfigError(f"damping must be in [0, 1), got {damping}")
 
@@ -606,13 +610,18 @@ def ihvp_lissa(
     """``f(x, v, in_dims=None)`` with ``x = (θ, *data)``: LiSSA IHVPs; see :func:`ihvp_at_x_lissa`."""
     _check_mode(mode)
     kwargs = dict(
-        argnums=argnums, batch_size=batch_size, num_repeat=num_repeat,
-        recursion_depth=recursion_depth, damping=damping, scaling=scaling,
-        collate_fn=collate_fn, mode=mode, seed=seed,
+        argnums=argnums,
+        batch_size=batch_size,
+        num_repeat=num_repeat,
+        recursion_depth=recursion_depth,
+        damping=damping,
+        scaling=scaling,
+        collate_fn=collate_fn,
+        mode=mode,
+        seed=seed,
     )
 
     def f(x: Sequence[Any], v: Tensor, in_dims: Sequence[int | None] | None = None) -> Tensor:
         return ihvp_at_x_lissa(func, *_check_x_tuple(x, "ihvp_lissa"), in_dims=in_dims, **kwargs)(v)
 
     return f
-

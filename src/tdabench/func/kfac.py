@@ -87,7 +87,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-KFAC_FORMAT = "tdabench-kfac/2"  # 2: independent labels in the eigenvalue-correction pass (fisher="true")
+KFAC_FORMAT = (
+    "tdabench-kfac/2"  # 2: independent labels in the eigenvalue-correction pass (fisher="true")
+)
 STRATEGIES = ("kfac", "ekfac")
 FISHER_KINDS = ("empirical", "true", "ggn")
 
@@ -132,7 +134,11 @@ class LayerFactors:
 
     def damping(self, damping: float = 0.0, damping_factor: float | None = None) -> float:
         """``damping + damping_factor · mean(Λ)`` (the second term only when ``damping_factor`` is set)."""
-        extra = 0.0 if damping_factor is None else float(damping_factor) * float(self.eigenvalues().mean())
+        extra = (
+            0.0
+            if damping_factor is None
+            else float(damping_factor) * float(self.eigenvalues().mean())
+        )
         return float(damping) + extra
 
     def rotate(self, V: Tensor) -> Tensor:
@@ -143,13 +149,17 @@ class LayerFactors:
         """``Q_S V Q_Aᵀ`` for ``V`` ``(k, d_out, d_in')``."""
         return self.q_s @ V @ self.q_a.T
 
-    def inverse_mvp(self, V: Tensor, damping: float = 0.0, damping_factor: float | None = None) -> Tensor:
+    def inverse_mvp(
+        self, V: Tensor, damping: float = 0.0, damping_factor: float | None = None
+    ) -> Tensor:
         """``(F + λI)⁻¹ V`` for gradient matrices ``V`` ``(k, d_out, d_in')``."""
         lam = self.damping(damping, damping_factor)
         denom = self.eigenvalues().to(V.dtype) + lam
         return self.unrotate(self.rotate(V) / denom)
 
-    def inverse_eigenvalues(self, damping: float = 0.0, damping_factor: float | None = None) -> Tensor:
+    def inverse_eigenvalues(
+        self, damping: float = 0.0, damping_factor: float | None = None
+    ) -> Tensor:
         """``1 / (Λ + λ)`` ``(d_out, d_in')``: the inverse in the Kronecker eigenbasis."""
         return 1.0 / (self.eigenvalues() + self.damping(damping, damping_factor))
 
@@ -233,15 +243,27 @@ class KFACOperator:
                 pieces[lf.param_names[0]] = M.reshape(k, -1)
         missing = [n for n in spec.names if n not in pieces]
         if missing:
-            raise ConfigError(f"parameters {missing} are not covered by the K-FAC layers; restrict the spec to them")
+            raise ConfigError(
+                f"parameters {missing} are not covered by the K-FAC layers; restrict the spec to them"
+            )
         return torch.cat([pieces[n] for n in spec.names], dim=1)
 
     def inverse_mvp(
-        self, V: Tensor, damping: float = 0.0, damping_factor: float | None = None, spec: ParamSpec | None = None
+        self,
+        V: Tensor,
+        damping: float = 0.0,
+        damping_factor: float | None = None,
+        spec: ParamSpec | None = None,
     ) -> Tensor:
         """``(F + λI)⁻¹ V`` row by row for flat ``V`` ``(k, d)``; ``λ`` per layer (see :meth:`LayerFactors.damping`)."""
         mats = self.to_layers(V, spec)
-        return self.from_layers([lf.inverse_mvp(M, damping, damping_factor) for lf, M in zip(self.layers, mats, strict=True)], spec)
+        return self.from_layers(
+            [
+                lf.inverse_mvp(M, damping, damping_factor)
+                for lf, M in zip(self.layers, mats, strict=True)
+            ],
+            spec,
+        )
 
     def mvp(self, V: Tensor, spec: ParamSpec | None = None) -> Tensor:
         """``F V`` row by row for flat ``V`` ``(k, d)``."""
@@ -252,7 +274,9 @@ class KFACOperator:
         """The block-diagonal approximation as a dense ``(d, d)`` matrix in :attr:`spec` order."""
         d = self.dim
         if planner is not None:
-            planner.require(d * d * 8, f"a dense {d} x {d} K-FAC matrix", "use mvp/inverse_mvp instead")
+            planner.require(
+                d * d * 8, f"a dense {d} x {d} K-FAC matrix", "use mvp/inverse_mvp instead"
+            )
         eye = torch.eye(d, dtype=self.layers[0].q_a.dtype, device=self.layers[0].q_a.device)
         return self.mvp(eye)
 
@@ -278,21 +302,34 @@ def data_fingerprint(batches: Iterable[Batch]) -> dict[str, Any]:
 
 
 def factor_config(
-    task: Any, modules: Mapping[str, nn.Module], strategy: str, fisher: str, seed: int, index: int,
+    task: Any,
+    modules: Mapping[str, nn.Module],
+    strategy: str,
+    fisher: str,
+    seed: int,
+    index: int,
     data: Mapping[str, Any],
 ) -> dict[str, Any]:
     """The resolved configuration whose canonical JSON's sha256 is the factors' key."""
     model = task.model
-    state = {**{n: p for n, p in task.get_params(index).items()}, **{f"buffer:{n}": b for n, b in model.named_buffers()}}
-    return _jsonable({
-        "format": KFAC_FORMAT,
-        "strategy": strategy,
-        "fisher": fisher,
-        "seed": int(seed) if fisher == "true" else None,
-        "modules": [[n, type(m).__name__, list(m.weight.shape), m.bias is not None] for n, m in modules.items()],
-        "params_sha256": tensors_digest(state),
-        "data": dict(data),
-    })
+    state = {
+        **{n: p for n, p in task.get_params(index).items()},
+        **{f"buffer:{n}": b for n, b in model.named_buffers()},
+    }
+    return _jsonable(
+        {
+            "format": KFAC_FORMAT,
+            "strategy": strategy,
+            "fisher": fisher,
+            "seed": int(seed) if fisher == "true" else None,
+            "modules": [
+                [n, type(m).__name__, list(m.weight.shape), m.bias is not None]
+                for n, m in modules.items()
+            ],
+            "params_sha256": tensors_digest(state),
+            "data": dict(data),
+        }
+    )
 
 
 class _FactorStore:
@@ -312,10 +349,17 @@ class _FactorStore:
                     "pass another factor_dir (or delete this one) -- factors are never reused across keys"
                 )
         else:
-            atomic_write_bytes(manifest, json.dumps({"format": KFAC_FORMAT, "key": self.key, "config": config}, indent=1).encode())
+            atomic_write_bytes(
+                manifest,
+                json.dumps(
+                    {"format": KFAC_FORMAT, "key": self.key, "config": config}, indent=1
+                ).encode(),
+            )
 
     def path(self, stage: str, part: int | None = None, parts: int | None = None) -> Path:
-        return self.dir / (f"{stage}.safetensors" if part is None else f"{stage}-{part}-of-{parts}.safetensors")
+        return self.dir / (
+            f"{stage}.safetensors" if part is None else f"{stage}-{part}-of-{parts}.safetensors"
+        )
 
     def load(self, path: Path) -> dict[str, Tensor] | None:
         if not path.is_file():
@@ -330,7 +374,9 @@ class _FactorStore:
 def sample_labels(task: Any, batch: Batch, index: int, generator: torch.Generator) -> Batch:
     """``batch`` with its labels (second element) replaced by labels drawn from the model's softmax."""
     if isinstance(batch, Tensor) or len(batch) < 2:
-        raise ConfigError("fisher='true' needs batches (inputs, labels, ...) to replace the labels; use fisher='empirical'")
+        raise ConfigError(
+            "fisher='true' needs batches (inputs, labels, ...) to replace the labels; use fisher='empirical'"
+        )
     x, y = batch[0], batch[1]
     with torch.no_grad():
         logits = task.forward(task.get_params(index), x)
@@ -340,7 +386,11 @@ def sample_labels(task: Any, batch: Batch, index: int, generator: torch.Generato
             "use fisher='empirical'"
         )
     probs = torch.softmax(logits.reshape(-1, logits.shape[-1]).double(), dim=-1).cpu()
-    drawn = torch.multinomial(probs, 1, generator=generator).reshape(y.shape).to(device=y.device, dtype=y.dtype)
+    drawn = (
+        torch.multinomial(probs, 1, generator=generator)
+        .reshape(y.shape)
+        .to(device=y.device, dtype=y.dtype)
+    )
     return (x, drawn, *batch[2:]) if isinstance(batch, tuple) else [x, drawn, *batch[2:]]
 
 
@@ -348,12 +398,16 @@ def expand_labels(task: Any, batch: Batch, index: int) -> tuple[Batch, Tensor]:
     """``batch`` with every sample repeated once per class, labelled ``0 .. C-1``, and the model's
     probabilities ``(B, C)`` of those labels (for ``fisher="ggn"``)."""
     if isinstance(batch, Tensor) or len(batch) < 2:
-        raise ConfigError("fisher='ggn' needs batches (inputs, labels, ...); use fisher='empirical'")
+        raise ConfigError(
+            "fisher='ggn' needs batches (inputs, labels, ...); use fisher='empirical'"
+        )
     x, y = batch[0], batch[1]
     with torch.no_grad():
         logits = task.forward(task.get_params(index), x)
     if not isinstance(logits, Tensor) or logits.dim() != 2 or y.dim() != 1:
-        raise ConfigError("fisher='ggn' needs logits (B, C) and one label per sample; use fisher='true' for sequences")
+        raise ConfigError(
+            "fisher='ggn' needs logits (B, C) and one label per sample; use fisher='true' for sequences"
+        )
     B, C = logits.shape
     probs = torch.softmax(logits.double(), dim=-1)
     rep = [t.repeat_interleave(C, dim=0) if isinstance(t, Tensor) else t for t in batch]
@@ -389,7 +443,9 @@ class _Fit:
         out = {}
         for name, rec in io.items():
             if rec.a.shape[1] != 1:
-                raise ConfigError(f"fisher='ggn' needs one position per sample; module {name!r} has {rec.a.shape[1]}")
+                raise ConfigError(
+                    f"fisher='ggn' needs one position per sample; module {name!r} has {rec.a.shape[1]}"
+                )
             w = probs.sqrt().to(rec.g.dtype).reshape(B, C, 1)
             out[name] = LayerIO(a=rec.a.reshape(B, C, -1)[:, :1], g=rec.g.reshape(B, C, -1) * w)
         return out
@@ -406,22 +462,33 @@ def _covariance_sums(fit: _Fit, batches: Iterable[tuple[int, Batch]]) -> dict[st
             g = rec.g.reshape(-1, rec.g.shape[-1])
             for key, val in ((f"{name}|A", a.T @ a), (f"{name}|S", g.T @ g)):
                 out[key] = out[key] + val.double() if key in out else val.double()
-            out[f"{name}|T"] = out.get(f"{name}|T", torch.zeros((), dtype=torch.float64)) + a.shape[0]
+            out[f"{name}|T"] = (
+                out.get(f"{name}|T", torch.zeros((), dtype=torch.float64)) + a.shape[0]
+            )
     return out
 
 
-def _lambda_sums(fit: _Fit, eig: Mapping[str, LayerFactors], batches: Iterable[tuple[int, Batch]]) -> dict[str, Tensor]:
+def _lambda_sums(
+    fit: _Fit, eig: Mapping[str, LayerFactors], batches: Iterable[tuple[int, Batch]]
+) -> dict[str, Tensor]:
     """EK-FAC: ``Σ_n (Q_Sᵀ G_n Q_A)²`` per layer over ``(batch index, batch)`` pairs."""
     out: dict[str, Tensor] = {}
     for bi, batch in batches:
         for name, rec in fit.layer_io(bi, batch, stage=1).items():
             lf = eig[name]
-            ga, aa = rec.g @ lf.q_s.to(rec.g.dtype), rec.a @ lf.q_a.to(rec.a.dtype)  # (B, T, d_out), (B, T, d_in')
-            if aa.shape[1] == 1:  # rank one per sample: Σ_n (g̃_n²)(ã_n²)ᵀ is one GEMM ("ggn": Σ_c over g's axis 1)
+            ga, aa = (
+                rec.g @ lf.q_s.to(rec.g.dtype),
+                rec.a @ lf.q_a.to(rec.a.dtype),
+            )  # (B, T, d_out), (B, T, d_in')
+            if (
+                aa.shape[1] == 1
+            ):  # rank one per sample: Σ_n (g̃_n²)(ã_n²)ᵀ is one GEMM ("ggn": Σ_c over g's axis 1)
                 val = (ga**2).sum(1).T @ (aa[:, 0] ** 2)
             else:
                 d_out, d_in = lf.shape
-                rows = fit.planner.rows(d_out * d_in * ga.element_size() * 2, stream=True, maximum=ga.shape[0])
+                rows = fit.planner.rows(
+                    d_out * d_in * ga.element_size() * 2, stream=True, maximum=ga.shape[0]
+                )
                 val = sum(
                     (torch.einsum("bto,bti->boi", ga[s : s + rows], aa[s : s + rows]) ** 2).sum(0)
                     for s in range(0, ga.shape[0], rows)
@@ -449,7 +516,11 @@ def _staged(
         path = store.path(stage, p, parts) if store is not None else None
         got = store.load(path) if store is not None else None
         if got is None:
-            mine = ((bi, b) for bi, b in enumerate(batches()) if _partition_of(bi, num_batches, parts) == p)
+            mine = (
+                (bi, b)
+                for bi, b in enumerate(batches())
+                if _partition_of(bi, num_batches, parts) == p
+            )
             got = {k: v.cpu() for k, v in work(mine).items()}
             if store is not None:
                 store.save(path, got)
@@ -460,7 +531,13 @@ def _staged(
     return total
 
 
-def _eigen(name: str, module: nn.Module, sums: Mapping[str, Tensor], dtype: torch.dtype, device: torch.device) -> LayerFactors:
+def _eigen(
+    name: str,
+    module: nn.Module,
+    sums: Mapping[str, Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> LayerFactors:
     n = float(sums["n"])
     A = sums[f"{name}|A"] / float(sums[f"{name}|T"])
     S = sums[f"{name}|S"] / n
@@ -468,8 +545,13 @@ def _eigen(name: str, module: nn.Module, sums: Mapping[str, Tensor], dtype: torc
     eig_s, q_s = torch.linalg.eigh(S)
     cast = {"dtype": dtype, "device": device}
     return LayerFactors(
-        name, layer_param_names(name, module), tuple(module.weight.shape),
-        q_a.to(**cast), eig_a.to(**cast), q_s.to(**cast), eig_s.to(**cast),
+        name,
+        layer_param_names(name, module),
+        tuple(module.weight.shape),
+        q_a.to(**cast),
+        eig_a.to(**cast),
+        q_s.to(**cast),
+        eig_s.to(**cast),
     )
 
 
@@ -513,7 +595,11 @@ def fit_kfac(
         raise ConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if fisher not in FISHER_KINDS:
         raise ConfigError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")
-    if isinstance(num_partitions, bool) or not isinstance(num_partitions, int) or num_partitions < 1:
+    if (
+        isinstance(num_partitions, bool)
+        or not isinstance(num_partitions, int)
+        or num_partitions < 1
+    ):
         raise ConfigError(f"num_partitions must be an int >= 1, got {num_partitions!r}")
     dev = torch.device(device)
     modules = select_modules(task.model, module_name)
@@ -522,7 +608,15 @@ def fit_kfac(
         return (batch_to(b, dev) for b in iter_batches(loader, "K-FAC fitting loader"))
 
     fingerprint = data_fingerprint(batches())
-    config = factor_config(task, modules, strategy, fisher, seed, index, {k: v for k, v in fingerprint.items() if k != "batches"})
+    config = factor_config(
+        task,
+        modules,
+        strategy,
+        fisher,
+        seed,
+        index,
+        {k: v for k, v in fingerprint.items() if k != "batches"},
+    )
     store = _FactorStore(factor_dir, config) if factor_dir is not None else None
     final = store.load(store.path("factors")) if store is not None else None
     if final is None:
@@ -535,12 +629,21 @@ def fit_kfac(
         logger.info("K-FAC factors reused from %s", store.path("factors"))
     dtype = next(iter(task.get_params(index).values())).dtype
     layers = [_layer_from(name, m, final, dtype, dev) for name, m in modules.items()]
-    key = store.key if store is not None else hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    key = (
+        store.key
+        if store is not None
+        else hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    )
     return KFACOperator(layers, strategy, key, config)
 
 
 def _fit_tensors(
-    fit: _Fit, store: _FactorStore | None, parts: int, batches: Callable[[], Iterable[Batch]], nb: int, strategy: str
+    fit: _Fit,
+    store: _FactorStore | None,
+    parts: int,
+    batches: Callable[[], Iterable[Batch]],
+    nb: int,
+    strategy: str,
 ) -> dict[str, Tensor]:
     sums = _staged(store, "covariance", parts, batches, nb, lambda bs: _covariance_sums(fit, bs))
     out: dict[str, Tensor] = {}
@@ -548,23 +651,53 @@ def _fit_tensors(
     for name, m in fit.modules.items():
         lf = _eigen(name, m, sums, torch.float64, torch.device("cpu"))
         eig[name] = lf
-        out.update({f"{name}|q_a": lf.q_a, f"{name}|eig_a": lf.eig_a, f"{name}|q_s": lf.q_s, f"{name}|eig_s": lf.eig_s})
+        out.update(
+            {
+                f"{name}|q_a": lf.q_a,
+                f"{name}|eig_a": lf.eig_a,
+                f"{name}|q_s": lf.q_s,
+                f"{name}|eig_s": lf.eig_s,
+            }
+        )
     if strategy == "ekfac":
         dtype = next(iter(fit.task.get_params(fit.index).values())).dtype
-        cast = {n: LayerFactors(n, lf.param_names, lf.weight_shape, lf.q_a.to(fit.device, dtype), lf.eig_a,
-                                lf.q_s.to(fit.device, dtype), lf.eig_s) for n, lf in eig.items()}
+        cast = {
+            n: LayerFactors(
+                n,
+                lf.param_names,
+                lf.weight_shape,
+                lf.q_a.to(fit.device, dtype),
+                lf.eig_a,
+                lf.q_s.to(fit.device, dtype),
+                lf.eig_s,
+            )
+            for n, lf in eig.items()
+        }
         lam = _staged(store, "lambda", parts, batches, nb, lambda bs: _lambda_sums(fit, cast, bs))
         for name in fit.modules:
             out[f"{name}|lam"] = lam[name].cpu() / float(sums["n"])
     for k, v in out.items():
         if not bool(torch.isfinite(v).all()):
-            raise NonFiniteError(f"K-FAC factor {k} is not finite; check the model, the data and the loss")
+            raise NonFiniteError(
+                f"K-FAC factor {k} is not finite; check the model, the data and the loss"
+            )
     return out
 
 
-def _layer_from(name: str, m: nn.Module, t: Mapping[str, Tensor], dtype: torch.dtype, dev: torch.device) -> LayerFactors:
+def _layer_from(
+    name: str, m: nn.Module, t: Mapping[str, Tensor], dtype: torch.dtype, dev: torch.device
+) -> LayerFactors:
     def get(k: str) -> Tensor:
         return t[f"{name}|{k}"].to(device=dev, dtype=dtype)
 
     lam = get("lam") if f"{name}|lam" in t else None
-    return LayerFactors(name, layer_param_names(name, m), tuple(m.weight.shape), get("q_a"), get("eig_a"), get("q_s"), get("eig_s"), lam)
+    return LayerFactors(
+        name,
+        layer_param_names(name, m),
+        tuple(m.weight.shape),
+        get("q_a"),
+        get("eig_a"),
+        get("q_s"),
+        get("eig_s"),
+        lam,
+    )

@@ -230,7 +230,9 @@ class Projector:
                 "or lower proj_dim"
             )
         n_blocks = math.ceil(self.feature_dim / self.block_rows)
-        per_chunk = max(1, min(n_blocks, (self.max_chunk_bytes - scratch) // (self.block_rows * row_bytes)))
+        per_chunk = max(
+            1, min(n_blocks, (self.max_chunk_bytes - scratch) // (self.block_rows * row_bytes))
+        )
         return min(self.feature_dim, per_chunk * self.block_rows)
 
     # ------------------------------------------------------------------ matrix
@@ -266,7 +268,9 @@ class Projector:
             b0 = block * self.block_rows
             rows = min(self.block_rows, self.feature_dim - b0)
             self._generator.manual_seed(_block_seed(self.seed, block))
-            codes[b0 - start : b0 - start + rows].random_(0, 2 * self.proj_dim, generator=self._generator)
+            codes[b0 - start : b0 - start + rows].random_(
+                0, 2 * self.proj_dim, generator=self._generator
+            )
         self.peak_chunk_bytes = max(self.peak_chunk_bytes, codes.numel() * _SPARSE_ROW_BYTES)
         return codes
 
@@ -412,7 +416,9 @@ class Projector:
                 lo, hi = max(offset, start), min(offset + block.shape[1], stop)
                 for a in range(lo, hi, piece):
                     b = min(hi, a + piece)
-                    x, p = self._compact(block[:, a - offset : b - offset], chunk[a - start : b - start], a)
+                    x, p = self._compact(
+                        block[:, a - offset : b - offset], chunk[a - start : b - start], a
+                    )
                     if x.shape[1] == 0:
                         continue
                     if self.precision != "highest":
@@ -460,7 +466,9 @@ class Projector:
             for block in blocks:
                 lo, hi = max(offset, start), min(offset + block.shape[1], stop)
                 if lo < hi:
-                    acc.index_add_(1, codes[lo - start : hi - start], block[:, lo - offset : hi - offset])
+                    acc.index_add_(
+                        1, codes[lo - start : hi - start], block[:, lo - offset : hi - offset]
+                    )
                 offset += block.shape[1]
         return acc[:, :k] - acc[:, k:]
 
@@ -522,7 +530,15 @@ def make_projector(
         ConfigError: for a bad type, dimension or seed, or a budget below one block.
     """
     return Projector(
-        feature_dim, proj_dim, seed, proj_type, device, dtype, max_chunk_bytes, block_rows, memory_budget,
+        feature_dim,
+        proj_dim,
+        seed,
+        proj_type,
+        device,
+        dtype,
+        max_chunk_bytes,
+        block_rows,
+        memory_budget,
         precision,
     )
 
@@ -552,7 +568,9 @@ def resolve_projector_kwargs(
     # drop-in compatibility (features are projected in the loader's batches, on the attributor's device).
     if "proj_seed" in given:
         if "seed" in given:
-            raise ConfigError("projector_kwargs has both 'seed' and its dattri alias 'proj_seed'; pass one")
+            raise ConfigError(
+                "projector_kwargs has both 'seed' and its dattri alias 'proj_seed'; pass one"
+            )
         given["seed"] = given.pop("proj_seed")
     for alias in ("proj_max_batch_size", "device"):
         given.pop(alias, None)
@@ -662,7 +680,12 @@ class ProjectorSet:
         if seed_offset in self._kept:
             return self._kept[seed_offset]
         proj = projector_from_kwargs(
-            self.resolved, self.feature_dim, seed_offset, self.device, self.dtype, self.memory_budget
+            self.resolved,
+            self.feature_dim,
+            seed_offset,
+            self.device,
+            self.dtype,
+            self.memory_budget,
         )
         assert proj is not None
         if proj.proj_type == "identity":

@@ -71,8 +71,14 @@ def _as_2d(v: Tensor, d: int | None = None) -> Tensor:
     return v
 
 
-def dense_from_matvec(matvec: Matvec, d: int, dtype: torch.dtype, device: torch.device | str | None = None,
-                      chunk: int = 256, out: Tensor | None = None) -> Tensor:
+def dense_from_matvec(
+    matvec: Matvec,
+    d: int,
+    dtype: torch.dtype,
+    device: torch.device | str | None = None,
+    chunk: int = 256,
+    out: Tensor | None = None,
+) -> Tensor:
     """Materialise the ``d x d`` matrix of a symmetric ``matvec`` by applying it to the
     identity in chunks of ``chunk`` rows.
 
@@ -107,7 +113,9 @@ class DenseInverse:
         in_place: reuse ``A``'s storage (saves one ``d x d`` copy).
     """
 
-    def __init__(self, A: Tensor, regularization: float = 0.0, what: str = "Hessian", in_place: bool = False) -> None:
+    def __init__(
+        self, A: Tensor, regularization: float = 0.0, what: str = "Hessian", in_place: bool = False
+    ) -> None:
         d = A.shape[0]
         if A.dim() != 2 or A.shape != (d, d):
             raise ShapeError(f"expected a square matrix, got {tuple(A.shape)}")
@@ -122,7 +130,9 @@ class DenseInverse:
         del L
         logger.warning(
             "the %s + %.3g I is not positive definite; using an LU solve (raise regularization "
-            "for a convex local model)", what, regularization,
+            "for a convex local model)",
+            what,
+            regularization,
         )
         LU, pivots, info = torch.linalg.lu_factor_ex(A)
         if int(info) != 0:
@@ -201,17 +211,26 @@ def conjugate_gradient(
             break
         Ap = A(p)
         pAp = (p * Ap).sum(dim=1)
-        alpha = torch.where(active & (pAp.abs() > tiny), rs / pAp.where(pAp.abs() > tiny, torch.ones_like(pAp)),
-                            torch.zeros_like(rs))
+        alpha = torch.where(
+            active & (pAp.abs() > tiny),
+            rs / pAp.where(pAp.abs() > tiny, torch.ones_like(pAp)),
+            torch.zeros_like(rs),
+        )
         x = x + alpha[:, None] * p
         r = r - alpha[:, None] * Ap
         rs_new = (r * r).sum(dim=1)
-        beta = torch.where(active & (rs > tiny), rs_new / rs.where(rs > tiny, torch.ones_like(rs)), torch.zeros_like(rs))
+        beta = torch.where(
+            active & (rs > tiny),
+            rs_new / rs.where(rs > tiny, torch.ones_like(rs)),
+            torch.zeros_like(rs),
+        )
         p = torch.where(active[:, None], r + beta[:, None] * p, p)
         rs = torch.where(active, rs_new, rs)
         active = active & (rs > thresh)
     if not bool(torch.isfinite(x).all()):
-        raise NonFiniteError("CG diverged (NaN/inf): the Hessian is not positive definite; pass regularization > 0")
+        raise NonFiniteError(
+            "CG diverged (NaN/inf): the Hessian is not positive definite; pass regularization > 0"
+        )
     return x
 
 
@@ -266,7 +285,9 @@ class EigenBasis:
     values: Tensor
     vectors: Tensor
 
-    def inverse_apply(self, V: Tensor, regularization: float = 0.0, residual: bool = False) -> Tensor:
+    def inverse_apply(
+        self, V: Tensor, regularization: float = 0.0, residual: bool = False
+    ) -> Tensor:
         """Rows of ``U diag(1 / (values + λ)) Uᵀ v`` for each row ``v`` of ``V`` (``λ`` the
         regularization).
 
@@ -279,7 +300,9 @@ class EigenBasis:
         if not residual:
             return (coeff / (self.values + regularization)) @ self.vectors.T
         if not regularization > 0:
-            raise ConfigError("residual=True needs regularization > 0 (the residual is divided by it)")
+            raise ConfigError(
+                "residual=True needs regularization > 0 (the residual is divided by it)"
+            )
         inside = coeff * (1.0 / (self.values + regularization) - 1.0 / regularization)
         return inside @ self.vectors.T + V2 / regularization
 
@@ -337,7 +360,9 @@ def arnoldi_basis(
     evals, evecs = evals[keep][:proj_dim], evecs[:, keep][:, :proj_dim]
     vectors = Q[:k].T @ evecs
     if not bool(torch.isfinite(evals).all() and torch.isfinite(vectors).all()):
-        raise NonFiniteError("Arnoldi produced NaN/inf; check that the Hessian is finite (try float64)")
+        raise NonFiniteError(
+            "Arnoldi produced NaN/inf; check that the Hessian is finite (try float64)"
+        )
     return EigenBasis(values=evals * norm_constant, vectors=vectors)
 
 
@@ -390,7 +415,11 @@ class CGSolver(IHVPSolver):
     """Batched conjugate gradient on the operator's products (see :func:`conjugate_gradient`)."""
 
     def __init__(self, max_iter: int = 10, tol: float = 1e-7, regularization: float = 0.0) -> None:
-        self.max_iter, self.tol, self.regularization = int(max_iter), float(tol), float(regularization)
+        self.max_iter, self.tol, self.regularization = (
+            int(max_iter),
+            float(tol),
+            float(regularization),
+        )
 
     def solve(self, V: Tensor) -> Tensor:
         return conjugate_gradient(
@@ -415,7 +444,11 @@ class LiSSASolver(IHVPSolver):
         scaling: float = 50.0,
         seed: int = 0,
     ) -> None:
-        self.batch_size, self.num_repeat, self.recursion_depth = batch_size, num_repeat, recursion_depth
+        self.batch_size, self.num_repeat, self.recursion_depth = (
+            batch_size,
+            num_repeat,
+            recursion_depth,
+        )
         self.damping, self.scaling, self.seed = damping, scaling, seed
 
     def solve(self, V: Tensor) -> Tensor:
@@ -452,7 +485,11 @@ class ArnoldiSolver(IHVPSolver):
         residual: bool = False,
     ) -> None:
         self.proj_dim, self.max_iter, self.tol = proj_dim, max_iter, tol
-        self.norm_constant, self.seed, self.regularization = norm_constant, seed, float(regularization)
+        self.norm_constant, self.seed, self.regularization = (
+            norm_constant,
+            seed,
+            float(regularization),
+        )
         self.residual = bool(residual)
 
     def prepare(self, op: Any, planner: MemoryPlanner | None = None) -> None:

@@ -45,7 +45,9 @@ class ParamSpec:
     shapes: tuple[torch.Size, ...]
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Tensor], names: Iterable[str] | None = None) -> ParamSpec:
+    def from_params(
+        cls, params: Mapping[str, Tensor], names: Iterable[str] | None = None
+    ) -> ParamSpec:
         names = tuple(params) if names is None else tuple(names)
         return cls(names, tuple(params[n].shape for n in names))
 
@@ -96,7 +98,9 @@ def unflatten_params(vec: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tenso
     return ParamSpec.from_params(like).unflatten(vec)
 
 
-def select_param_names(all_names: Sequence[str], layer_name: str | Sequence[str] | None) -> list[str]:
+def select_param_names(
+    all_names: Sequence[str], layer_name: str | Sequence[str] | None
+) -> list[str]:
     """Resolve ``layer_name`` to parameter names.
 
     ``None`` selects every parameter. A string (or each string of a list) matches a
@@ -147,7 +151,9 @@ def batch_size_of(batch: Batch) -> int:
     return sizes.pop()
 
 
-def batch_to(batch: Batch, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Batch:
+def batch_to(
+    batch: Batch, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> Batch:
     """Move a batch to ``device``; floating tensors are cast to ``dtype`` when given."""
 
     def move(t: Any) -> Any:
@@ -159,7 +165,11 @@ def batch_to(batch: Batch, device: torch.device | str | None = None, dtype: torc
 
     if isinstance(batch, Tensor):
         return move(batch)
-    return type(batch)(move(t) for t in batch) if isinstance(batch, tuple) else [move(t) for t in batch]
+    return (
+        type(batch)(move(t) for t in batch)
+        if isinstance(batch, tuple)
+        else [move(t) for t in batch]
+    )
 
 
 def batch_slice(batch: Batch, start: int, stop: int) -> Batch:
@@ -183,9 +193,11 @@ def iter_batches(loader: Iterable[Batch], what: str = "data loader") -> Iterable
 def _in_dims(batch: Batch) -> Any:
     if isinstance(batch, Tensor):
         return 0
-    return type(batch)(0 if isinstance(t, Tensor) else None for t in batch) if isinstance(batch, tuple) else [
-        0 if isinstance(t, Tensor) else None for t in batch
-    ]
+    return (
+        type(batch)(0 if isinstance(t, Tensor) else None for t in batch)
+        if isinstance(batch, tuple)
+        else [0 if isinstance(t, Tensor) else None for t in batch]
+    )
 
 
 def _as_batch_of_one(sample: Batch) -> Batch:
@@ -195,7 +207,9 @@ def _as_batch_of_one(sample: Batch) -> Batch:
     return tuple(out) if isinstance(sample, tuple) else out
 
 
-def per_sample_values(func: Callable[[Tensor, Batch], Tensor], flat: Tensor, batch: Batch) -> Tensor:
+def per_sample_values(
+    func: Callable[[Tensor, Batch], Tensor], flat: Tensor, batch: Batch
+) -> Tensor:
     """``func(flat, sample)`` for every sample of ``batch`` (each as a batch of one): ``(B,)``."""
 
     def one(p: Tensor, sample: Batch) -> Tensor:
@@ -244,18 +258,26 @@ def per_sample_grads_named(
     def one(p: dict[str, Tensor], sample: Batch) -> Tensor:
         return func(p, _as_batch_of_one(sample)).reshape(())
 
-    grads = vmap(grad(one), in_dims=(None, _in_dims(batch)), randomness="different")(dict(params), batch)
+    grads = vmap(grad(one), in_dims=(None, _in_dims(batch)), randomness="different")(
+        dict(params), batch
+    )
     blocks = [grads[n].reshape(grads[n].shape[0], -1) for n in names]
     return blocks if as_blocks else torch.cat(blocks, dim=1)
 
 
-def check_finite(t: Tensor, what: str, fix: str = "check the model, the data and the learning rate") -> Tensor:
+def check_finite(
+    t: Tensor, what: str, fix: str = "check the model, the data and the learning rate"
+) -> Tensor:
     """Raise :class:`NonFiniteError` if ``t`` holds NaN/inf, naming the offending rows."""
     if t.is_floating_point() and bool(torch.isfinite(t.sum())):
         return t  # fast path: a NaN/inf anywhere makes the sum non-finite
     finite = torch.isfinite(t)
     if not bool(finite.all()):
-        bad = (~finite).reshape(t.shape[0], -1).any(dim=1).nonzero().flatten().tolist() if t.dim() > 0 else []
+        bad = (
+            (~finite).reshape(t.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+            if t.dim() > 0
+            else []
+        )
         raise NonFiniteError(f"{what} contains NaN or inf (rows {bad[:10]}); {fix}")
     return t
 
@@ -302,7 +324,9 @@ def _trainable_spec(model: torch.nn.Module) -> ParamSpec:
     """ParamSpec of the parameters of ``model`` that require a gradient (model order)."""
     named = {k: p for k, p in model.named_parameters() if p.requires_grad}
     if not named:
-        raise ConfigError("the model has no parameter with requires_grad=True; flatten_func has nothing to unflatten")
+        raise ConfigError(
+            "the model has no parameter with requires_grad=True; flatten_func has nothing to unflatten"
+        )
     return ParamSpec.from_params(named)
 
 
@@ -317,11 +341,15 @@ def _unflatten_arg(arg: Any, spec: ParamSpec) -> dict[str, Tensor]:
             )
         return {n: t.reshape(s) for n, t, s in zip(spec.names, arg, spec.shapes, strict=True)}
     if not isinstance(arg, Tensor):
-        raise ConfigError(f"flatten_func expected a flat parameter tensor, got {type(arg).__name__}")
+        raise ConfigError(
+            f"flatten_func expected a flat parameter tensor, got {type(arg).__name__}"
+        )
     return spec.unflatten(arg)
 
 
-def flatten_func(model: torch.nn.Module, param_num: int = 0) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def flatten_func(
+    model: torch.nn.Module, param_num: int = 0
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: let a function of named parameters take one flat parameter vector.
 
     ``flatten_func(model)(f)`` is ``g`` with ``g(flat, *rest) == f(unflatten(flat), *rest)``,
@@ -344,7 +372,9 @@ def flatten_func(model: torch.nn.Module, param_num: int = 0) -> Callable[[Callab
         @functools.wraps(function)
         def flattened(*args: Any, **kwargs: Any) -> Any:
             if param_num >= len(args):
-                raise ConfigError(f"flatten_func(param_num={param_num}) but the function got {len(args)} positional arguments")
+                raise ConfigError(
+                    f"flatten_func(param_num={param_num}) but the function got {len(args)} positional arguments"
+                )
             new_args = list(args)
             new_args[param_num] = _unflatten_arg(args[param_num], spec)
             return function(*new_args, **kwargs)
@@ -375,7 +405,9 @@ def partial_param(
     names = [layer_name] if isinstance(layer_name, str) else list(layer_name)
     missing = [n for n in names if n not in full_param]
     if missing:
-        raise ConfigError(f"partial_param: {missing} are not in full_param (available: {list(full_param)})")
+        raise ConfigError(
+            f"partial_param: {missing} are not in full_param (available: {list(full_param)})"
+        )
     base = dict(full_param)
     sizes = [int(base[n].numel()) for n in names]
     import functools
@@ -385,7 +417,9 @@ def partial_param(
         def partial(*args: Any, **kwargs: Any) -> Any:
             part = args[param_num]
             if part.dim() != 1 or part.shape[0] != sum(sizes):
-                raise ShapeError(f"partial_param expected a vector of shape ({sum(sizes)},), got {tuple(part.shape)}")
+                raise ShapeError(
+                    f"partial_param expected a vector of shape ({sum(sizes)},), got {tuple(part.shape)}"
+                )
             params = dict(base)
             for n, piece in zip(names, torch.split(part, sizes), strict=True):
                 params[n] = piece.reshape(base[n].shape)
@@ -398,7 +432,9 @@ def partial_param(
     return decorator
 
 
-def get_parameter_chunk_sizes(param_shape_list: Sequence[int], batch_size: int) -> tuple[int, list[int]]:
+def get_parameter_chunk_sizes(
+    param_shape_list: Sequence[int], batch_size: int
+) -> tuple[int, list[int]]:
     """Group parameter counts into chunks a 32-bit-indexed projection kernel can address.
 
     A chunk holds at most ``max_chunk_size = (2**32 - 1) // (2 * batch_size)`` parameters

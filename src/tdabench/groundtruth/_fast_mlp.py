@@ -64,6 +64,7 @@ def relu_backward(grad: Tensor, pre: Tensor) -> Tensor:
         return _THRESHOLD_BACKWARD(grad, pre, 0)
     return grad.masked_fill(pre <= 0, 0)
 
+
 __all__ = ["FastStack", "fast_plan"]
 
 #: shared first layer on the CPU: inputs that are non-zero in at most this fraction of the
@@ -72,8 +73,9 @@ __all__ = ["FastStack", "fast_plan"]
 _SPARSE_MAX_DENSITY = 0.3
 
 
-def fast_plan(model: nn.Module, recipe: Mapping[str, Any], kind: str, n_inputs: int,
-              has_buffers: bool) -> tuple[list[tuple[str, nn.Linear, bool]] | None, str]:
+def fast_plan(
+    model: nn.Module, recipe: Mapping[str, Any], kind: str, n_inputs: int, has_buffers: bool
+) -> tuple[list[tuple[str, nn.Linear, bool]] | None, str]:
     """``(layers, reason)``: the Linear layers (module name, layer, ReLU after it) when the fast
     path applies, else ``(None, why not)``."""
     if kind != "classification":
@@ -97,8 +99,10 @@ def fast_plan(model: nn.Module, recipe: Mapping[str, Any], kind: str, n_inputs: 
     elif type(model) is nn.Linear:  # subclasses may override forward
         return [("", model, False)], "nn.Linear"
     elif type(model) is not nn.Sequential:
-        return None, (f"{type(model).__name__} is not a plain nn.Linear or nn.Sequential and has no "
-                      "linear_relu_stack()")
+        return None, (
+            f"{type(model).__name__} is not a plain nn.Linear or nn.Sequential and has no "
+            "linear_relu_stack()"
+        )
     else:
         layers = _sequential_layers(model)
         if isinstance(layers, str):
@@ -111,7 +115,9 @@ def fast_plan(model: nn.Module, recipe: Mapping[str, Any], kind: str, n_inputs: 
         if a.out_features != b.in_features:
             return None, "layer widths do not chain"
     return [tuple(x) for x in layers], "Linear/ReLU stack " + ", ".join(
-        f"Linear({lin.in_features},{lin.out_features})" + ("+ReLU" if r else "") for _, lin, r in layers)
+        f"Linear({lin.in_features},{lin.out_features})" + ("+ReLU" if r else "")
+        for _, lin, r in layers
+    )
 
 
 def _sequential_layers(model: nn.Sequential) -> list[list[Any]] | str:
@@ -150,8 +156,14 @@ class FastStack:
         compact: first-layer mode (see the module docstring).
     """
 
-    def __init__(self, layers: list[tuple[str, nn.Linear, bool]], params: Mapping[str, Tensor], x: Tensor,
-                 recipe: Mapping[str, Any], compact: bool) -> None:
+    def __init__(
+        self,
+        layers: list[tuple[str, nn.Linear, bool]],
+        params: Mapping[str, Tensor],
+        x: Tensor,
+        recipe: Mapping[str, Any],
+        compact: bool,
+    ) -> None:
         self.layers = layers
         self.mu = float(recipe["momentum"])
         self.wd = float(recipe["weight_decay"])
@@ -178,9 +190,11 @@ class FastStack:
         cols = [x.index_select(1, kept)]
         if self.bias0:
             cols.insert(0, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device))
-        self.xa = torch.cat(cols, 1).contiguous()  # (n, [1 +] K): [bias input,] dense inputs, rare inputs
+        self.xa = torch.cat(
+            cols, 1
+        ).contiguous()  # (n, [1 +] K): [bias input,] dense inputs, rare inputs
         self.n_dense = b0 + (int((~rare).sum()) if hybrid else len(kept))
-        rest = self.xa[:, self.n_dense:]
+        rest = self.xa[:, self.n_dense :]
         nnz = (rest != 0).sum(1)
         self.sparse = bool(nnz.sum() > 0)
         if self.sparse:
@@ -201,11 +215,18 @@ class FastStack:
         self.p_bias: list[Tensor | None] = [None]
         for name, lin, _ in layers[1:]:
             self.p.append(params[_pname(name, "weight")].contiguous().clone())  # (m, out, in)
-            self.p_bias.append(params[_pname(name, "bias")].unsqueeze(2).clone() if lin.bias is not None else None)
+            self.p_bias.append(
+                params[_pname(name, "bias")].unsqueeze(2).clone() if lin.bias is not None else None
+            )
         self.buf = [torch.zeros_like(t) for t in self.p] if self.mu != 0.0 else None
-        self.buf_bias = ([None if b is None else torch.zeros_like(b) for b in self.p_bias]
-                         if self.mu != 0.0 else None)
-        if self.compact:  # per-model views of the first layer (updated in place, so they stay valid)
+        self.buf_bias = (
+            [None if b is None else torch.zeros_like(b) for b in self.p_bias]
+            if self.mu != 0.0
+            else None
+        )
+        if (
+            self.compact
+        ):  # per-model views of the first layer (updated in place, so they stay valid)
             self._p0 = self.p[0].unbind(0)
             self._buf0 = self.buf[0].unbind(0) if self.buf is not None else None
 
@@ -243,14 +264,18 @@ class FastStack:
     def _slices(self, inactive: Tensor) -> list[tuple[Tensor, Tensor, int]]:
         """(tensor, index, dim) of every state slice owned by the inactive models."""
         out = []
-        tensors = [self.p, self.p_bias] + ([self.buf, self.buf_bias] if self.buf is not None else [])
+        tensors = [self.p, self.p_bias] + (
+            [self.buf, self.buf_bias] if self.buf is not None else []
+        )
         for group in tensors:
             for i, t in enumerate(group):
                 if t is None:
                     continue
                 if i == 0 and not self.compact:  # columns h*m + r
-                    idx = (inactive.unsqueeze(0)
-                           + self.m * torch.arange(self.h0, device=inactive.device).unsqueeze(1)).flatten()
+                    idx = (
+                        inactive.unsqueeze(0)
+                        + self.m * torch.arange(self.h0, device=inactive.device).unsqueeze(1)
+                    ).flatten()
                     out.append((t, idx, 1))
                 else:
                     out.append((t, inactive, 0))
@@ -290,7 +315,9 @@ class FastStack:
         mx = logits.amax(cdim, keepdim=True)
         bad = None
         if not bool(torch.isfinite(mx.sum())):
-            bad = ~torch.isfinite(mx)  # NaN or +inf in a row; rows of finite logits give finite losses
+            bad = ~torch.isfinite(
+                mx
+            )  # NaN or +inf in a row; rows of finite logits give finite losses
         logits.sub_(mx).exp_()
         logits.mul_(coef / logits.sum(cdim, keepdim=True))
         if labels is not None:  # else the caller subtracts coef at the labels
@@ -323,9 +350,17 @@ class FastStack:
             pos = torch.arange(len(sel), device=sel.device) - starts.index_select(0, r_ids)
             yb = torch.zeros(self.m, k_max, dtype=labels.dtype, device=labels.device)
             yb[r_ids, pos] = labels.index_select(0, sel)
-            coef = (torch.arange(k_max, device=ks.device) < ks.unsqueeze(1)).to(self.dtype).mul_(scale.unsqueeze(1))
+            coef = (
+                (torch.arange(k_max, device=ks.device) < ks.unsqueeze(1))
+                .to(self.dtype)
+                .mul_(scale.unsqueeze(1))
+            )
             z = torch.zeros(self.m, k_max, self.h0, dtype=self.dtype, device=xb.device)
-            spans = [(r, xr, k) for r, (xr, k) in enumerate(zip(xb.split(k_list), k_list, strict=True)) if k]
+            spans = [
+                (r, xr, k)
+                for r, (xr, k) in enumerate(zip(xb.split(k_list), k_list, strict=True))
+                if k
+            ]
             zr = z.unbind(0)
             p0 = self._p0
             nd = self.n_dense
@@ -336,12 +371,20 @@ class FastStack:
                 ln = self._nnz.index_select(0, sel)
                 off = torch.cumsum(ln, 0) - ln
                 total = int(ln.sum())
-                at = (torch.repeat_interleave(self._indptr.index_select(0, sel) - off, ln, output_size=total)
-                      + torch.arange(total, device=ln.device))
+                at = torch.repeat_interleave(
+                    self._indptr.index_select(0, sel) - off, ln, output_size=total
+                ) + torch.arange(total, device=ln.device)
                 k1 = self.p[0].shape[1]
-                rows = self._cols.index_select(0, at) + torch.repeat_interleave(r_ids * k1 + nd, ln, output_size=total)
-                zsp = F.embedding_bag(rows, self.p[0].view(-1, self.h0), off, mode="sum",
-                                      per_sample_weights=self._vals.index_select(0, at))
+                rows = self._cols.index_select(0, at) + torch.repeat_interleave(
+                    r_ids * k1 + nd, ln, output_size=total
+                )
+                zsp = F.embedding_bag(
+                    rows,
+                    self.p[0].view(-1, self.h0),
+                    off,
+                    mode="sum",
+                    per_sample_weights=self._vals.index_select(0, at),
+                )
                 z.index_put_((r_ids, pos), zsp, accumulate=True)
             zs = [z]  # (m, k_max, H)
         else:
@@ -356,14 +399,18 @@ class FastStack:
                 ln = self._nnz.index_select(0, idx)
                 off = torch.cumsum(ln, 0) - ln
                 total = int(ln.sum())
-                pos = (torch.repeat_interleave(self._indptr.index_select(0, idx) - off, ln, output_size=total)
-                       + torch.arange(total, device=ln.device))
+                pos = torch.repeat_interleave(
+                    self._indptr.index_select(0, idx) - off, ln, output_size=total
+                ) + torch.arange(total, device=ln.device)
                 sp_cols, sp_vals = self._cols.index_select(0, pos), self._vals.index_select(0, pos)
-                zs_ = F.embedding_bag(sp_cols, self.p[0][nd:], off, mode="sum", per_sample_weights=sp_vals)
+                zs_ = F.embedding_bag(
+                    sp_cols, self.p[0][nd:], off, mode="sum", per_sample_weights=sp_vals
+                )
                 z = zs_ if z is None else z.add_(zs_)
             z = z.view(bsz, self.h0, self.m)
             # (B, H, m); later layers work per model on (m, B, H)
             zs = [z if n_layers == 1 else z.permute(2, 0, 1).contiguous()]
+
         # forward; acts[l] = input of layer l (l >= 1) as (m, b, in), zs[l] = pre-activation of
         # layer l: zs[0] (m, b, H) (compact / multi-layer) or (B, C, m); zs[l >= 1] (m, out, b)
         def rows(i: int) -> Tensor:
@@ -374,8 +421,11 @@ class FastStack:
             a = torch.relu(rows(li - 1)) if self.layers[li - 1][2] else rows(li - 1)
             acts.append(a)
             b = self.p_bias[li]
-            zs.append(torch.bmm(self.p[li], a.transpose(1, 2)) if b is None
-                      else torch.baddbmm(b, self.p[li], a.transpose(1, 2)))
+            zs.append(
+                torch.bmm(self.p[li], a.transpose(1, 2))
+                if b is None
+                else torch.baddbmm(b, self.p[li], a.transpose(1, 2))
+            )
         if n_layers > 1:  # (m, C, b)
             yl = yb.unsqueeze(1) if yb.dim() == 2 else yb.view(1, 1, bsz).expand(self.m, 1, bsz)
             cf = coef.unsqueeze(1) if self.compact else coef.t().unsqueeze(1)
@@ -387,7 +437,8 @@ class FastStack:
             bad = self._dlogits_(zs[-1], 1, None, coef.unsqueeze(1))
             # rows (b, y_b, :) of the (B * C, m) view are contiguous: one index_add_
             zs[-1].view(bsz * c, self.m).index_add_(
-                0, torch.arange(bsz, device=yb.device) * c + yb, coef, alpha=-1.0)
+                0, torch.arange(bsz, device=yb.device) * c + yb, coef, alpha=-1.0
+            )
             if bad is not None:
                 bad = bad.flatten(1).any(0)
         else:  # (m, k, C)
@@ -402,11 +453,24 @@ class FastStack:
             a = acts[li]
             d_prev = torch.bmm(g.transpose(1, 2), self.p[li])  # (m, b, in), before the update
             # (the update callbacks run inside _update, bound to this iteration's tensors)
-            self._update(li, False, lambda t, beta, alpha, g=g, a=a: t.baddbmm_(g, a, beta=beta, alpha=alpha), lr)
+            self._update(
+                li,
+                False,
+                lambda t, beta, alpha, g=g, a=a: t.baddbmm_(g, a, beta=beta, alpha=alpha),
+                lr,
+            )
             if self.p_bias[li] is not None:
                 gb = g.sum(2, keepdim=True)
-                self._update(li, True, lambda t, beta, alpha, gb=gb: t.mul_(beta).add_(gb, alpha=alpha)
-                             if beta != 1.0 else t.add_(gb, alpha=alpha), lr)
+                self._update(
+                    li,
+                    True,
+                    lambda t, beta, alpha, gb=gb: (
+                        t.mul_(beta).add_(gb, alpha=alpha)
+                        if beta != 1.0
+                        else t.add_(gb, alpha=alpha)
+                    ),
+                    lr,
+                )
             if self.layers[li - 1][2]:  # ReLU backward: keep where the pre-activation is > 0
                 d_prev = relu_backward(d_prev, rows(li - 1))
             g = d_prev if li == 1 else d_prev.transpose(1, 2)
@@ -434,17 +498,28 @@ class FastStack:
             g0 = g0.reshape(bsz, self.h0 * self.m)
             nd = self.n_dense
             if not self.sparse:
-                self._update(0, False, lambda t, beta, alpha: t.addmm_(xb.t(), g0, beta=beta, alpha=alpha), lr)
+                self._update(
+                    0,
+                    False,
+                    lambda t, beta, alpha: t.addmm_(xb.t(), g0, beta=beta, alpha=alpha),
+                    lr,
+                )
             else:
                 # rows of rare inputs: W[nd + j] += sum_i x[i, nd + j] * G[i] over the batch's
                 # non-zeros of column j, an embedding_bag over the rows of G
                 # the forward's non-zeros (sorted by sample), re-sorted by column
                 order = torch.argsort(sp_cols, stable=True)
-                r = torch.repeat_interleave(torch.arange(bsz, device=ln.device), ln,
-                                            output_size=len(sp_cols)).index_select(0, order)
+                r = torch.repeat_interleave(
+                    torch.arange(bsz, device=ln.device), ln, output_size=len(sp_cols)
+                ).index_select(0, order)
                 lc = torch.bincount(sp_cols, minlength=xb.shape[1] - nd)
-                u = F.embedding_bag(r, g0, torch.cumsum(lc, 0) - lc, mode="sum",
-                                    per_sample_weights=sp_vals.index_select(0, order))
+                u = F.embedding_bag(
+                    r,
+                    g0,
+                    torch.cumsum(lc, 0) - lc,
+                    mode="sum",
+                    per_sample_weights=sp_vals.index_select(0, order),
+                )
 
                 def acc(t: Tensor, beta: float, alpha: float) -> None:
                     if nd:

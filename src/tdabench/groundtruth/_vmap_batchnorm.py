@@ -67,7 +67,9 @@ class BatchNormContext:
         return out
 
 
-def _masked_forward(self: _BatchNorm, x: Tensor, *, ctx: BatchNormContext, prefix: str, plain: Any) -> Tensor:
+def _masked_forward(
+    self: _BatchNorm, x: Tensor, *, ctx: BatchNormContext, prefix: str, plain: Any
+) -> Tensor:
     """Batch norm of ``x`` ``(N, C, *)`` with statistics over the weighted samples (module docstring)."""
     if not self.training or ctx.weights is None:
         return plain(x)
@@ -113,7 +115,9 @@ def patch_batch_norm_layers(model: nn.Module, ctx: BatchNormContext) -> list[str
             plain = types.MethodType(type(mod).forward, mod)
             prefix = f"{name}." if name else ""
 
-            def fwd(self: _BatchNorm, x: Tensor, _prefix: str = prefix, _plain: Any = plain) -> Tensor:
+            def fwd(
+                self: _BatchNorm, x: Tensor, _prefix: str = prefix, _plain: Any = plain
+            ) -> Tensor:
                 return _masked_forward(self, x, ctx=ctx, prefix=_prefix, plain=_plain)
 
             mod.forward = types.MethodType(fwd, mod)  # type: ignore[method-assign]

@@ -47,7 +47,9 @@ class _WeightGrad(torch.autograd.Function):
         raise RuntimeError("StackedLinear does not support double backward; use torch.nn.Linear")
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple[int | None, int | None], gy: Tensor, x: Tensor) -> tuple[Tensor, int]:
+    def vmap(
+        info: Any, in_dims: tuple[int | None, int | None], gy: Tensor, x: Tensor
+    ) -> tuple[Tensor, int]:
         dg, dx = in_dims
         inn = x.shape[-1]
         if dg is not None and dx is None and gy.shape[-1] <= GEMM_MAX_OUT:  # shared input: one GEMM
@@ -78,12 +80,17 @@ class StackedLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         gx = gy @ weight if ctx.needs_input_grad[0] else None
         gw = _WeightGrad.apply(gy, x) if ctx.needs_input_grad[1] else None
-        gb = gy.reshape(-1, gy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        gb = (
+            gy.reshape(-1, gy.shape[-1]).sum(0)
+            if ctx.has_bias and ctx.needs_input_grad[2]
+            else None
+        )
         return gx, gw, gb
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple[int | None, ...], x: Tensor, weight: Tensor,
-             bias: Tensor | None) -> tuple[Tensor, int]:
+    def vmap(
+        info: Any, in_dims: tuple[int | None, ...], x: Tensor, weight: Tensor, bias: Tensor | None
+    ) -> tuple[Tensor, int]:
         dx, dw, db = in_dims
         if dx is None and dw is not None and weight.movedim(dw, 0).shape[1] <= GEMM_MAX_OUT:
             w = weight.movedim(dw, 0)  # shared input, stacked narrow weights: one GEMM
@@ -99,7 +106,9 @@ class StackedLinear(torch.autograd.Function):
             y = F.linear(x, weight, bias if db is None else None)
         else:
             w = weight.movedim(dw, 0)
-            y = torch.bmm(x.reshape(m, -1, x.shape[-1]), w.transpose(1, 2)).view(*x.shape[:-1], w.shape[1])
+            y = torch.bmm(x.reshape(m, -1, x.shape[-1]), w.transpose(1, 2)).view(
+                *x.shape[:-1], w.shape[1]
+            )
             if bias is not None and db is None:
                 y = y + bias
         if bias is not None and db is not None:

@@ -78,7 +78,10 @@ logger = logging.getLogger(__name__)
 
 
 def open_store(
-    path: str | os.PathLike, spec: GroundTruthSpec, trainer: Any, data: Mapping[str, Any] | None = None
+    path: str | os.PathLike,
+    spec: GroundTruthSpec,
+    trainer: Any,
+    data: Mapping[str, Any] | None = None,
 ) -> GroundTruthStore:
     """Open or create the store for ``spec`` and ``trainer`` (KeyMismatchError on a different key)."""
     return GroundTruthStore.for_spec(path, spec, trainer, data)
@@ -99,7 +102,9 @@ def _rows_of(spec: GroundTruthSpec, entries: Sequence[int]) -> list[tuple[int, i
     return [(int(e), r) for e in entries for r in range(spec.num_runs)]
 
 
-def missing_shards(store: GroundTruthStore, spec: GroundTruthSpec, n_train: int | None = None) -> list[int]:
+def missing_shards(
+    store: GroundTruthStore, spec: GroundTruthSpec, n_train: int | None = None
+) -> list[int]:
     """Shard ids of ``spec`` that are absent, invalid (truncated, corrupted, wrong key),
     incomplete (lack a selected entry) or lack a valid checkpoint when ``keep_checkpoints``.
 
@@ -108,10 +113,18 @@ def missing_shards(store: GroundTruthStore, spec: GroundTruthSpec, n_train: int 
         spec: what should be there.
         n_train: defaults to ``spec.n_train`` or the store's ``n_train``.
     """
-    n = int(n_train if n_train is not None else spec.n_train if spec.n_train is not None else store.config["n_train"])
+    n = int(
+        n_train
+        if n_train is not None
+        else spec.n_train
+        if spec.n_train is not None
+        else store.config["n_train"]
+    )
     out = []
     for sid in spec.shard_ids(n):
-        problem = store.shard_problem(sid, _rows_of(spec, spec.shard_entries(sid, n)), checkpoint=spec.keep_checkpoints)
+        problem = store.shard_problem(
+            sid, _rows_of(spec, spec.shard_entries(sid, n)), checkpoint=spec.keep_checkpoints
+        )
         if problem is not None:
             if problem != "absent":
                 logger.warning("shard %d of %s needs recomputing: %s", sid, store.path, problem)
@@ -121,10 +134,14 @@ def missing_shards(store: GroundTruthStore, spec: GroundTruthSpec, n_train: int 
 
 def _validate_stacked(stacked: Any, m: int) -> dict[str, Tensor]:
     if not isinstance(stacked, Mapping) or not stacked:
-        raise ShapeError(f"trainer.train must return a non-empty dict of stacked tensors, got {type(stacked).__name__}")
+        raise ShapeError(
+            f"trainer.train must return a non-empty dict of stacked tensors, got {type(stacked).__name__}"
+        )
     for name, t in stacked.items():
         if not isinstance(t, Tensor):
-            raise ShapeError(f"trainer.train returned {type(t).__name__} for {name!r}; every value must be a tensor")
+            raise ShapeError(
+                f"trainer.train returned {type(t).__name__} for {name!r}; every value must be a tensor"
+            )
         if t.dim() == 0 or t.shape[0] != m:
             raise ShapeError(
                 f"trainer.train returned {name!r} with shape {tuple(t.shape)}; the leading dimension must be the "
@@ -139,7 +156,9 @@ def _nonfinite_rows(stacked: Mapping[str, Tensor], m: int) -> list[int]:
     for t in stacked.values():
         if (t.is_floating_point() or t.is_complex()) and t.numel():
             flat = t.detach().reshape(m, -1)
-            bad |= (~torch.isfinite(flat).all(dim=1) | (flat.abs() > MAX_ABS_WEIGHT).any(dim=1)).cpu()
+            bad |= (
+                ~torch.isfinite(flat).all(dim=1) | (flat.abs() > MAX_ABS_WEIGHT).any(dim=1)
+            ).cpu()
     return bad.nonzero().flatten().tolist()
 
 
@@ -177,30 +196,46 @@ def _train_rows(
         v = trainer.evaluate(stacked, t)
         if not isinstance(v, Tensor) or v.dim() != 2 or v.shape[0] != m:
             shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-            raise ShapeError(f"trainer.evaluate(..., {t!r}) returned {shape}; expected (num_models={m}, n_test)")
+            raise ShapeError(
+                f"trainer.evaluate(..., {t!r}) returned {shape}; expected (num_models={m}, n_test)"
+            )
         if n_test is None:
             n_test = v.shape[1]
         elif v.shape[1] != n_test:
-            raise ShapeError(f"target {t!r} has {v.shape[1]} test values but the previous target had {n_test}")
+            raise ShapeError(
+                f"target {t!r} has {v.shape[1]} test values but the previous target had {n_test}"
+            )
         if v.shape[1] == 0:
-            raise ShapeError(f"trainer.evaluate(..., {t!r}) returned no test values; the test set is empty")
+            raise ShapeError(
+                f"trainer.evaluate(..., {t!r}) returned no test values; the test set is empty"
+            )
         v = v.detach().to("cpu", torch.float64)
         badv = (~torch.isfinite(v).all(dim=1)).nonzero().flatten().tolist()
         if badv:
             names = ", ".join(f"(entry {rows[i][0]}, run {rows[i][1]})" for i in badv[:10])
-            raise NonFiniteError(f"{what}: target {t!r} is NaN/inf for {len(badv)} models: {names}; nothing was written for this shard")
+            raise NonFiniteError(
+                f"{what}: target {t!r} is NaN/inf for {len(badv)} models: {names}; nothing was written for this shard"
+            )
         values[t] = v
     return stacked, values, seeds, subsets
 
 
-def _build_table(kind: str, rows: Sequence[tuple[int, int]], seeds: Sequence[int], subsets: Sequence[Any], values: Mapping[str, Tensor]) -> pa.Table:
+def _build_table(
+    kind: str,
+    rows: Sequence[tuple[int, int]],
+    seeds: Sequence[int],
+    subsets: Sequence[Any],
+    values: Mapping[str, Tensor],
+) -> pa.Table:
     cols: dict[str, pa.Array] = {
         "entry": pa.array([e for e, _ in rows], type=pa.int64()),
         "run": pa.array([r for _, r in rows], type=pa.int32()),
         "seed": pa.array(list(seeds), type=pa.int64()),
     }
     if kind == "lds":
-        cols["subset"] = pa.array([np.asarray(s, dtype=np.int32) for s in subsets], type=pa.list_(pa.int32()))
+        cols["subset"] = pa.array(
+            [np.asarray(s, dtype=np.int32) for s in subsets], type=pa.list_(pa.int32())
+        )
     else:
         cols["removed"] = pa.array(list(subsets), type=pa.int64())
     cols["status"] = pa.array(["ok"] * len(rows), type=pa.string())
@@ -212,7 +247,12 @@ def _build_table(kind: str, rows: Sequence[tuple[int, int]], seeds: Sequence[int
 
 
 def run_shard(
-    store: GroundTruthStore, spec: GroundTruthSpec, trainer: Any, shard_id: int, *, force: bool = False
+    store: GroundTruthStore,
+    spec: GroundTruthSpec,
+    trainer: Any,
+    shard_id: int,
+    *,
+    force: bool = False,
 ) -> Path:
     """Compute one shard unless it is already complete and valid.
 
@@ -235,7 +275,9 @@ def run_shard(
     n_train = _check_store(store, spec, trainer)
     entries = spec.shard_entries(shard_id, n_train)
     if not entries:
-        raise ConfigError(f"shard {shard_id} holds no selected entry (shards: {spec.shard_ids(n_train)}); check shard_id")
+        raise ConfigError(
+            f"shard {shard_id} holds no selected entry (shards: {spec.shard_ids(n_train)}); check shard_id"
+        )
     rows = _rows_of(spec, entries)
     if not force and store.shard_problem(shard_id, rows, checkpoint=spec.keep_checkpoints) is None:
         logger.info("shard %d of %s is complete; skipping", shard_id, store.path)
@@ -281,7 +323,9 @@ def run_shards(
             report["failed"][sid] = f"{type(exc).__name__}: {exc}"
     if report["failed"] and raise_on_error:
         lines = "; ".join(f"shard {k}: {v}" for k, v in report["failed"].items())
-        raise StoreError(f"{len(report['failed'])} shard(s) failed (the others were written): {lines}")
+        raise StoreError(
+            f"{len(report['failed'])} shard(s) failed (the others were written): {lines}"
+        )
     return report
 
 
@@ -305,21 +349,29 @@ def merge(store: GroundTruthStore, spec: GroundTruthSpec | None = None) -> Path:
         except StoreError as exc:
             problems.append(f"shard {sid}: {exc}")
     if problems:
-        raise StoreError(f"merge refused: {len(problems)} invalid shard(s): " + " | ".join(problems))
+        raise StoreError(
+            f"merge refused: {len(problems)} invalid shard(s): " + " | ".join(problems)
+        )
     if spec is not None:
         n_train = int(store.config["n_train"])
         miss = missing_shards(store, spec, n_train)
         if miss:
-            raise StoreError(f"merge refused: shards {miss} are missing or incomplete; run them first (run_shards)")
+            raise StoreError(
+                f"merge refused: shards {miss} are missing or incomplete; run them first (run_shards)"
+            )
     try:
         table = pa.concat_tables(tables)
     except pa.ArrowInvalid as exc:
-        raise StoreError(f"shards of {str(store.path)!r} disagree in schema (e.g. n_test) ({exc}); recompute the odd shard") from exc
+        raise StoreError(
+            f"shards of {str(store.path)!r} disagree in schema (e.g. n_test) ({exc}); recompute the odd shard"
+        ) from exc
     order = np.lexsort((table.column("run").to_numpy(), table.column("entry").to_numpy()))
     table = table.take(pa.array(order))
     pairs = np.stack([table.column("entry").to_numpy(), table.column("run").to_numpy()], axis=1)
     if len(pairs) > 1 and np.any(np.all(pairs[1:] == pairs[:-1], axis=1)):
-        raise StoreError("merge refused: the same (entry, run) appears in two shards; delete the stray shard file")
+        raise StoreError(
+            "merge refused: the same (entry, run) appears in two shards; delete the stray shard file"
+        )
     meta = {
         "key": store.key,
         "config": canonical_json(store.config),
@@ -342,7 +394,9 @@ def _read_any(path: str | os.PathLike | GroundTruthStore) -> tuple[pa.Table, dic
             try:
                 return table, json.loads(meta["config"])
             except ValueError as exc:
-                raise StoreError(f"{str(p)!r} has corrupted config metadata ({exc}); recompute it") from exc
+                raise StoreError(
+                    f"{str(p)!r} has corrupted config metadata ({exc}); recompute it"
+                ) from exc
         store = GroundTruthStore(p)
     tables = [store.read_shard(sid)[0] for sid, _ in store.shard_files()]
     if not tables:
@@ -352,7 +406,9 @@ def _read_any(path: str | os.PathLike | GroundTruthStore) -> tuple[pa.Table, dic
     return table.take(pa.array(order)), store.config
 
 
-def load_runs(path: str | os.PathLike | GroundTruthStore, target: str) -> tuple[Tensor, Tensor, Tensor]:
+def load_runs(
+    path: str | os.PathLike | GroundTruthStore, target: str
+) -> tuple[Tensor, Tensor, Tensor]:
     """All runs of a ground truth.
 
     Args:
@@ -371,13 +427,17 @@ def load_runs(path: str | os.PathLike | GroundTruthStore, target: str) -> tuple[
     table, config = _read_any(path)
     col = f"{TARGET_PREFIX}{target}"
     if col not in table.column_names:
-        raise ConfigError(f"target {target!r} is not in this ground truth; it has {list(config['targets'])}")
+        raise ConfigError(
+            f"target {target!r} is not in this ground truth; it has {list(config['targets'])}"
+        )
     entries = table.column("entry").to_numpy()
     runs = table.column("run").to_numpy()
     r = int(config["num_runs"])
     uniq, first = np.unique(entries, return_index=True)
     if len(entries) != len(uniq) * r or not np.array_equal(runs, np.tile(np.arange(r), len(uniq))):
-        raise StoreError(f"ground truth rows are not complete (entry, run) blocks of {r} runs; recompute the incomplete shards")
+        raise StoreError(
+            f"ground truth rows are not complete (entry, run) blocks of {r} runs; recompute the incomplete shards"
+        )
     arr = table.column(col).combine_chunks()
     n_test = arr.type.list_size
     values = arr.flatten().to_numpy().reshape(len(uniq), r, n_test)
@@ -390,7 +450,9 @@ def load_runs(path: str | os.PathLike | GroundTruthStore, target: str) -> tuple[
     return torch.from_numpy(values.copy()), torch.from_numpy(uniq.astype(np.int64)), subsets
 
 
-def load_ground_truth(path: str | os.PathLike | GroundTruthStore, target: str) -> tuple[Tensor, Tensor]:
+def load_ground_truth(
+    path: str | os.PathLike | GroundTruthStore, target: str
+) -> tuple[Tensor, Tensor]:
     """Ground truth in the form :func:`tdabench.metric.lds` / :func:`~tdabench.metric.loo_corr` take.
 
     Returns:
@@ -428,7 +490,9 @@ class VerifyReport:
 
 
 def _verify_groups(
-    chosen: list[tuple[int, int, int, int]], shard_tables: Mapping[int, pa.Table], whole_shards: bool
+    chosen: list[tuple[int, int, int, int]],
+    shard_tables: Mapping[int, pa.Table],
+    whole_shards: bool,
 ) -> list[tuple[list[tuple[int, int]], list[tuple[int, int, int, int]]]]:
     """``(rows trained together, chosen members among them)``: whole shards, or the rows alone."""
     if not whole_shards:
@@ -458,18 +522,46 @@ def _compare_rows(
         j = pos[(e, r)]
         t = shard_tables[sid]
         if int(t.column("seed")[i].as_py()) != seeds[j]:
-            report.differing.append({"entry": e, "run": r, "target": "seed", "max_abs_diff": float("nan"), "bitwise_equal": False})
-        stored_sub = t.column("subset")[i].as_py() if store.kind == "lds" else t.column("removed")[i].as_py()
+            report.differing.append(
+                {
+                    "entry": e,
+                    "run": r,
+                    "target": "seed",
+                    "max_abs_diff": float("nan"),
+                    "bitwise_equal": False,
+                }
+            )
+        stored_sub = (
+            t.column("subset")[i].as_py() if store.kind == "lds" else t.column("removed")[i].as_py()
+        )
         if not np.array_equal(np.asarray(stored_sub), np.asarray(subsets[j])):
-            report.differing.append({"entry": e, "run": r, "target": "subset", "max_abs_diff": float("nan"), "bitwise_equal": False})
+            report.differing.append(
+                {
+                    "entry": e,
+                    "run": r,
+                    "target": "subset",
+                    "max_abs_diff": float("nan"),
+                    "bitwise_equal": False,
+                }
+            )
         for name, v in values.items():
-            stored = torch.tensor(t.column(f"{TARGET_PREFIX}{name}")[i].as_py(), dtype=torch.float64)
+            stored = torch.tensor(
+                t.column(f"{TARGET_PREFIX}{name}")[i].as_py(), dtype=torch.float64
+            )
             diff = float((stored - v[j]).abs().max())
             report.max_abs_diff = max(report.max_abs_diff, diff)
             bitwise = bool(torch.equal(stored, v[j]))
             close = bitwise or bool(torch.isclose(v[j], stored, rtol=rtol, atol=atol).all())
             if not close:
-                report.differing.append({"entry": e, "run": r, "target": name, "max_abs_diff": diff, "bitwise_equal": bitwise})
+                report.differing.append(
+                    {
+                        "entry": e,
+                        "run": r,
+                        "target": name,
+                        "max_abs_diff": diff,
+                        "bitwise_equal": bitwise,
+                    }
+                )
 
 
 def verify(
@@ -519,7 +611,9 @@ def verify(
     all_rows = [
         (sid, i, int(e), int(r))
         for sid, t in shard_tables.items()
-        for i, (e, r) in enumerate(zip(t.column("entry").to_pylist(), t.column("run").to_pylist(), strict=True))
+        for i, (e, r) in enumerate(
+            zip(t.column("entry").to_pylist(), t.column("run").to_pylist(), strict=True)
+        )
     ]
     rng = np.random.Generator(np.random.PCG64(seed))
     pick = sorted(rng.choice(len(all_rows), size=min(k, len(all_rows)), replace=False).tolist())

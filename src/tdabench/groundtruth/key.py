@@ -88,12 +88,16 @@ class GroundTruthSpec:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
-            raise ConfigError(f"seed must be an int, got {self.seed!r}; tdabench never draws random seeds")
+            raise ConfigError(
+                f"seed must be an int, got {self.seed!r}; tdabench never draws random seeds"
+            )
         if isinstance(self.targets, str):
             object.__setattr__(self, "targets", (self.targets,))
         targets = tuple(self.targets)
         if not targets or not all(isinstance(t, str) and t for t in targets):
-            raise ConfigError(f"targets must be a non-empty sequence of names, got {self.targets!r}")
+            raise ConfigError(
+                f"targets must be a non-empty sequence of names, got {self.targets!r}"
+            )
         if len(set(targets)) != len(targets):
             raise ConfigError(f"targets contain duplicates: {targets}")
         object.__setattr__(self, "targets", targets)
@@ -102,15 +106,23 @@ class GroundTruthSpec:
             if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
                 raise ConfigError(f"num_subsets must be an int >= 1, got {n!r}")
             r = self.subset_ratio
-            if isinstance(r, bool) or not isinstance(r, (int, float, np.floating)) or not 0.0 < float(r) < 1.0:
+            if (
+                isinstance(r, bool)
+                or not isinstance(r, (int, float, np.floating))
+                or not 0.0 < float(r) < 1.0
+            ):
                 raise ConfigError(f"subset_ratio must be in the open interval (0, 1), got {r!r}")
         else:
             if self.indices is not None:
                 idx = tuple(int(i) for i in np.asarray(self.indices, dtype=np.int64).reshape(-1))
                 if len(idx) == 0:
-                    raise ConfigError("indices is an empty list; pass None for all training samples or at least one index")
+                    raise ConfigError(
+                        "indices is an empty list; pass None for all training samples or at least one index"
+                    )
                 if len(set(idx)) != len(idx):
-                    raise ConfigError("indices contain duplicates; list each removed training sample once")
+                    raise ConfigError(
+                        "indices contain duplicates; list each removed training sample once"
+                    )
                 if min(idx) < 0:
                     raise ConfigError(f"LOO indices must be >= 0, got {min(idx)}")
                 object.__setattr__(self, "indices", tuple(sorted(idx)))
@@ -154,7 +166,11 @@ class GroundTruthSpec:
 
     def shard_bounds(self, shard_id: int) -> tuple[int, int]:
         """``(start, stop)`` of shard ``shard_id``'s block of entry indices."""
-        if isinstance(shard_id, bool) or not isinstance(shard_id, (int, np.integer)) or shard_id < 0:
+        if (
+            isinstance(shard_id, bool)
+            or not isinstance(shard_id, (int, np.integer))
+            or shard_id < 0
+        ):
             raise ConfigError(f"shard_id must be an int >= 0, got {shard_id!r}")
         return int(shard_id) * self.shard_size, (int(shard_id) + 1) * self.shard_size
 
@@ -165,7 +181,12 @@ class GroundTruthSpec:
 
     def sampling_key(self, n_train: int) -> str:
         """See :func:`tdabench.groundtruth.subsets.sampling_key`."""
-        return sampling_key(self.kind, int(self.seed), int(n_train), float(self.subset_ratio) if self.kind == "lds" else None)
+        return sampling_key(
+            self.kind,
+            int(self.seed),
+            int(n_train),
+            float(self.subset_ratio) if self.kind == "lds" else None,
+        )
 
 
 def ground_truth_config(
@@ -220,7 +241,7 @@ def ground_truth_key(
     elif isinstance(spec, Mapping):
         config = dict(spec)
     else:
-        raise ConfigError(f"ground_truth_key takes a GroundTruthSpec or a config dict, got {type(spec).__name__}")
+        raise ConfigError(
+            f"ground_truth_key takes a GroundTruthSpec or a config dict, got {type(spec).__name__}"
+        )
     return _sha256(canonical_json(config))
-
-

@@ -66,28 +66,40 @@ def normalize_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
         ConfigError: unknown keys, missing required keys or out-of-range values.
     """
     if not isinstance(recipe, Mapping):
-        raise ConfigError(f"recipe must be a dict, got {type(recipe).__name__}; pass e.g. "
-                          "{'optimizer': 'sgd', 'lr': 0.01, 'epochs': 20, 'batch_size': 32}")
+        raise ConfigError(
+            f"recipe must be a dict, got {type(recipe).__name__}; pass e.g. "
+            "{'optimizer': 'sgd', 'lr': 0.01, 'epochs': 20, 'batch_size': 32}"
+        )
     unknown = sorted(set(recipe) - set(RECIPE_DEFAULTS))
     if unknown:
-        raise ConfigError(f"unknown recipe keys {unknown}; allowed keys are {sorted(RECIPE_DEFAULTS)}")
+        raise ConfigError(
+            f"unknown recipe keys {unknown}; allowed keys are {sorted(RECIPE_DEFAULTS)}"
+        )
     r = dict(RECIPE_DEFAULTS)
     r.update(recipe)
     r["optimizer"] = str(r["optimizer"]).lower()
     if r["optimizer"] not in _OPTIMIZERS:
-        raise ConfigError(f"recipe optimizer {r['optimizer']!r} is not supported; use one of {_OPTIMIZERS}")
+        raise ConfigError(
+            f"recipe optimizer {r['optimizer']!r} is not supported; use one of {_OPTIMIZERS}"
+        )
     if r["lr"] is None or not float(r["lr"]) > 0:
-        raise ConfigError(f"recipe lr must be a positive float, got {r['lr']!r}; set e.g. 'lr': 0.01")
+        raise ConfigError(
+            f"recipe lr must be a positive float, got {r['lr']!r}; set e.g. 'lr': 0.01"
+        )
     r["lr"] = float(r["lr"])
     if r["batch_size"] is None or int(r["batch_size"]) < 1:
         raise ConfigError(f"recipe batch_size must be a positive int, got {r['batch_size']!r}")
     r["batch_size"] = int(r["batch_size"])
     if r["max_iters"] is not None:
         if int(r["max_iters"]) < 1:
-            raise ConfigError(f"recipe max_iters must be a positive int or null, got {r['max_iters']!r}")
+            raise ConfigError(
+                f"recipe max_iters must be a positive int or null, got {r['max_iters']!r}"
+            )
         r["max_iters"] = int(r["max_iters"])
     elif r["epochs"] is None or int(r["epochs"]) < 1:
-        raise ConfigError(f"recipe epochs must be a positive int (or set max_iters), got {r['epochs']!r}")
+        raise ConfigError(
+            f"recipe epochs must be a positive int (or set max_iters), got {r['epochs']!r}"
+        )
     if r["epochs"] is not None:
         r["epochs"] = int(r["epochs"])
     for key in ("momentum", "weight_decay", "eps"):
@@ -95,7 +107,9 @@ def normalize_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
         if r[key] < 0:
             raise ConfigError(f"recipe {key} must be >= 0, got {r[key]}")
     if r["momentum"] > 0 and r["optimizer"] != "sgd":
-        raise ConfigError(f"recipe momentum={r['momentum']} only applies to 'sgd'; use 'betas' for {r['optimizer']!r}")
+        raise ConfigError(
+            f"recipe momentum={r['momentum']} only applies to 'sgd'; use 'betas' for {r['optimizer']!r}"
+        )
     betas = list(r["betas"])
     if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
         raise ConfigError(f"recipe betas must be two floats in [0, 1), got {r['betas']!r}")
@@ -110,9 +124,13 @@ def normalize_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
     if r["grad_clip"] is not None:
         r["grad_clip"] = float(r["grad_clip"])
         if not r["grad_clip"] > 0:
-            raise ConfigError(f"recipe grad_clip must be a positive float or null, got {r['grad_clip']}")
+            raise ConfigError(
+                f"recipe grad_clip must be a positive float or null, got {r['grad_clip']}"
+            )
     if r["autocast"] is not None and r["autocast"] not in AUTOCAST_DTYPES:
-        raise ConfigError(f"recipe autocast must be null or one of {sorted(AUTOCAST_DTYPES)}, got {r['autocast']!r}")
+        raise ConfigError(
+            f"recipe autocast must be null or one of {sorted(AUTOCAST_DTYPES)}, got {r['autocast']!r}"
+        )
     return r
 
 
@@ -139,11 +157,22 @@ def make_torch_optimizer(recipe: Mapping[str, Any], params: Any) -> torch.optim.
     """The ``torch.optim`` optimiser a recipe describes (used by the sequential trainer)."""
     opt = recipe["optimizer"]
     if opt == "sgd":
-        return torch.optim.SGD(params, lr=recipe["lr"], momentum=recipe["momentum"],
-                               weight_decay=recipe["weight_decay"], foreach=False)
+        return torch.optim.SGD(
+            params,
+            lr=recipe["lr"],
+            momentum=recipe["momentum"],
+            weight_decay=recipe["weight_decay"],
+            foreach=False,
+        )
     cls = torch.optim.Adam if opt == "adam" else torch.optim.AdamW
-    return cls(params, lr=recipe["lr"], betas=tuple(recipe["betas"]), eps=recipe["eps"],
-               weight_decay=recipe["weight_decay"], foreach=False)
+    return cls(
+        params,
+        lr=recipe["lr"],
+        betas=tuple(recipe["betas"]),
+        eps=recipe["eps"],
+        weight_decay=recipe["weight_decay"],
+        foreach=False,
+    )
 
 
 def _expand(v: Tensor, like: Tensor) -> Tensor:
@@ -195,8 +224,14 @@ class FunctionalOptimizer:
         }
 
     @torch.no_grad()
-    def step(self, params: dict[str, Tensor], grads: Mapping[str, Tensor], state: dict[str, Any],
-             lr: float, active: Tensor | None = None) -> None:
+    def step(
+        self,
+        params: dict[str, Tensor],
+        grads: Mapping[str, Tensor],
+        state: dict[str, Any],
+        lr: float,
+        active: Tensor | None = None,
+    ) -> None:
         """Update ``params`` and ``state`` in place.
 
         Args:
@@ -219,8 +254,14 @@ class FunctionalOptimizer:
         else:
             old.copy_(torch.where(_expand(active, old), new, old))
 
-    def _sgd(self, params: dict[str, Tensor], grads: Mapping[str, Tensor], state: dict[str, Any],
-             lr: float, active: Tensor | None) -> None:
+    def _sgd(
+        self,
+        params: dict[str, Tensor],
+        grads: Mapping[str, Tensor],
+        state: dict[str, Any],
+        lr: float,
+        active: Tensor | None,
+    ) -> None:
         wd, mu = self.recipe["weight_decay"], self.recipe["momentum"]
         for k, p in params.items():
             g = grads[k]
@@ -241,8 +282,14 @@ class FunctionalOptimizer:
                 g = new_buf
             self._commit(p, p.add(g, alpha=-lr), active)
 
-    def _adam(self, params: dict[str, Tensor], grads: Mapping[str, Tensor], state: dict[str, Any],
-              lr: float, active: Tensor | None) -> None:
+    def _adam(
+        self,
+        params: dict[str, Tensor],
+        grads: Mapping[str, Tensor],
+        state: dict[str, Any],
+        lr: float,
+        active: Tensor | None,
+    ) -> None:
         wd = self.recipe["weight_decay"]
         beta1, beta2 = self.recipe["betas"]
         eps = self.recipe["eps"]

@@ -150,7 +150,12 @@ class GroundTruthStore:
         StoreError: the manifest is unreadable, or ``key`` does not hash ``config``.
     """
 
-    def __init__(self, path: str | os.PathLike, key: str | None = None, config: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        key: str | None = None,
+        config: Mapping[str, Any] | None = None,
+    ):
         self.path = Path(path)
         manifest = self.path / "manifest.json"
         if config is not None:
@@ -159,12 +164,18 @@ class GroundTruthStore:
             if key is None:
                 key = computed
             elif computed != key:
-                raise StoreError(f"key {key[:12]}... is not the hash of the given config ({computed[:12]}...); pass the config the key was made from")
+                raise StoreError(
+                    f"key {key[:12]}... is not the hash of the given config ({computed[:12]}...); pass the config the key was made from"
+                )
         if manifest.exists():
             stored = self._read_manifest(manifest)
             if key is not None and stored["key"] != key:
                 diff = config_diff(stored["config"], config) if config is not None else []
-                fields = describe_diff(diff) if diff else "(no config given to compare; pass config= to see the fields)"
+                fields = (
+                    describe_diff(diff)
+                    if diff
+                    else "(no config given to compare; pass config= to see the fields)"
+                )
                 raise KeyMismatchError(
                     f"store {str(self.path)!r} holds ground truth with key {stored['key'][:12]}... but was opened with key "
                     f"{key[:12]}...; differing config fields: {fields}. Use another directory for the new configuration, "
@@ -174,12 +185,23 @@ class GroundTruthStore:
             self.config: dict[str, Any] = stored["config"]
         else:
             if key is None:
-                raise StoreError(f"{str(self.path)!r} is not a ground-truth store (no manifest.json); create it with a key and config")
+                raise StoreError(
+                    f"{str(self.path)!r} is not a ground-truth store (no manifest.json); create it with a key and config"
+                )
             if config is None:
-                raise ConfigError("creating a store needs its config (ground_truth_config(...)) as well as its key")
+                raise ConfigError(
+                    "creating a store needs its config (ground_truth_config(...)) as well as its key"
+                )
             self.key, self.config = key, dict(config)
-            doc = {"format": STORE_FORMAT, "key": key, "config": self.config, "tdabench_version": _io._version()}
-            atomic_write_bytes(manifest, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
+            doc = {
+                "format": STORE_FORMAT,
+                "key": key,
+                "config": self.config,
+                "tdabench_version": _io._version(),
+            }
+            atomic_write_bytes(
+                manifest, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+            )
 
     @staticmethod
     def _read_manifest(manifest: Path) -> dict[str, Any]:
@@ -187,13 +209,19 @@ class GroundTruthStore:
             doc = json.loads(manifest.read_text())
             key, config = doc["key"], doc["config"]
         except Exception as exc:
-            raise StoreError(f"{str(manifest)!r} is unreadable ({exc}); restore it or delete the store directory") from exc
+            raise StoreError(
+                f"{str(manifest)!r} is unreadable ({exc}); restore it or delete the store directory"
+            ) from exc
         if ground_truth_key(config) != key:
-            raise StoreError(f"{str(manifest)!r} was altered: its key is not the hash of its config; restore it or delete the store")
+            raise StoreError(
+                f"{str(manifest)!r} was altered: its key is not the hash of its config; restore it or delete the store"
+            )
         return {"key": key, "config": config}
 
     @classmethod
-    def for_spec(cls, path: str | os.PathLike, spec: Any, trainer: Any, data: Mapping[str, Any] | None = None) -> GroundTruthStore:
+    def for_spec(
+        cls, path: str | os.PathLike, spec: Any, trainer: Any, data: Mapping[str, Any] | None = None
+    ) -> GroundTruthStore:
         """Open (or create) the store for ``spec`` trained by ``trainer``."""
         from tdabench.groundtruth.key import ground_truth_config
 
@@ -254,21 +282,31 @@ class GroundTruthStore:
 
     def clean_temporaries(self) -> list[Path]:
         """Remove this host's temporary files left by writers that no longer run (e.g. killed jobs)."""
-        return clean_stale_temporaries(self.shards_dir) + clean_stale_temporaries(self.checkpoints_dir) + clean_stale_temporaries(self.path)
+        return (
+            clean_stale_temporaries(self.shards_dir)
+            + clean_stale_temporaries(self.checkpoints_dir)
+            + clean_stale_temporaries(self.path)
+        )
 
     # -- shards ---------------------------------------------------------------------------
     def read_shard(self, shard_id: int) -> tuple[pa.Table, dict[str, str]]:
         """The verified table and metadata of a shard (StoreError if absent or invalid)."""
         p = self.shard_path(shard_id)
         if not p.exists():
-            raise StoreError(f"shard {shard_id} ({p.name}) is missing from {str(self.path)!r}; run run_shard(..., {shard_id})")
+            raise StoreError(
+                f"shard {shard_id} ({p.name}) is missing from {str(self.path)!r}; run run_shard(..., {shard_id})"
+            )
         _io.safe_join(self.shards_dir, p.name, "shard file")  # no symlink out of the store
         table, meta = read_table_checked(p, self.key)
         if meta.get("shard") != self.shard_name(shard_id):
-            raise StoreError(f"{str(p)!r} records shard {meta.get('shard')!r}, not {self.shard_name(shard_id)!r}; delete it and recompute")
+            raise StoreError(
+                f"{str(p)!r} records shard {meta.get('shard')!r}, not {self.shard_name(shard_id)!r}; delete it and recompute"
+            )
         return table, meta
 
-    def shard_problem(self, shard_id: int, rows: Sequence[tuple[int, int]] | None = None, checkpoint: bool = False) -> str | None:
+    def shard_problem(
+        self, shard_id: int, rows: Sequence[tuple[int, int]] | None = None, checkpoint: bool = False
+    ) -> str | None:
         """``None`` if the shard is complete and valid, else a short reason.
 
         Args:
@@ -285,7 +323,9 @@ class GroundTruthStore:
         except StoreError as exc:
             return f"invalid: {exc}"
         if rows is not None:
-            have = set(zip(table.column("entry").to_pylist(), table.column("run").to_pylist(), strict=True))
+            have = set(
+                zip(table.column("entry").to_pylist(), table.column("run").to_pylist(), strict=True)
+            )
             lacking = [r for r in rows if tuple(r) not in have]
             if lacking:
                 return f"incomplete: lacks {len(lacking)} of {len(rows)} (entry, run) rows"
@@ -310,10 +350,22 @@ class GroundTruthStore:
     ) -> Path:
         """Write a shard (its checkpoint first, when given; the Parquet file last marks completion)."""
         name = self.shard_name(shard_id)
-        meta = {"key": self.key, "config": canonical_json(self.config), "kind": self.kind, "shard": name}
+        meta = {
+            "key": self.key,
+            "config": canonical_json(self.config),
+            "kind": self.kind,
+            "shard": name,
+        }
         if stacked is not None:
-            cmeta = {"key": self.key, "config": canonical_json(self.config), "shard": name, "rows": json.dumps([list(r) for r in rows or []])}
-            meta["checkpoint_sha256"] = write_safetensors(self.checkpoint_path(shard_id), stacked, cmeta)
+            cmeta = {
+                "key": self.key,
+                "config": canonical_json(self.config),
+                "shard": name,
+                "rows": json.dumps([list(r) for r in rows or []]),
+            }
+            meta["checkpoint_sha256"] = write_safetensors(
+                self.checkpoint_path(shard_id), stacked, cmeta
+            )
         write_table(self.shard_path(shard_id), table, meta)
         return self.shard_path(shard_id)
 
@@ -326,10 +378,14 @@ class GroundTruthStore:
         """
         c = self.checkpoint_path(shard_id)
         if not c.exists():
-            raise StoreError(f"no checkpoint for shard {shard_id} in {str(self.path)!r}; run it with keep_checkpoints=True")
+            raise StoreError(
+                f"no checkpoint for shard {shard_id} in {str(self.path)!r}; run it with keep_checkpoints=True"
+            )
         tensors, meta = read_safetensors_checked(c, self.key, IntegrityError)
         _, tmeta = self.read_shard(shard_id)
         if tmeta.get("checkpoint_sha256") != meta.get("tensors_sha256"):
-            raise StoreError(f"{str(c)!r} does not match shard {shard_id}'s table; delete both and recompute the shard")
+            raise StoreError(
+                f"{str(c)!r} does not match shard {shard_id}'s table; delete both and recompute the shard"
+            )
         rows = [tuple(r) for r in json.loads(meta.get("rows", "[]"))]
         return tensors, rows  # type: ignore[return-value]

@@ -43,6 +43,7 @@ __all__ = [
     "subset_size",
 ]
 
+
 def derive_seed(key: str, *parts: object) -> int:
     """A seed in ``[0, 2**63)`` that is a pure function of ``key`` and ``parts``.
 
@@ -95,11 +96,17 @@ def subset_size(n_train: int, ratio: float) -> int:
             0 or ``n_train``.
     """
     n_train = _check_n_train(n_train)
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float, np.floating)) or not math.isfinite(float(ratio)):
+    if (
+        isinstance(ratio, bool)
+        or not isinstance(ratio, (int, float, np.floating))
+        or not math.isfinite(float(ratio))
+    ):
         raise ConfigError(f"subset_ratio must be a float in (0, 1), got {ratio!r}")
     ratio = float(ratio)
     if not 0.0 < ratio < 1.0:
-        raise ConfigError(f"subset_ratio must be in the open interval (0, 1), got {ratio}; 0.5 is the usual choice")
+        raise ConfigError(
+            f"subset_ratio must be in the open interval (0, 1), got {ratio}; 0.5 is the usual choice"
+        )
     size = round(ratio * n_train)
     if size < 1 or size >= n_train:
         raise ConfigError(

@@ -33,7 +33,12 @@ def tensor_fingerprint(*tensors: Tensor) -> str:
 
 
 def make_toy_data(
-    n_train: int = 60, n_test: int = 8, dim: int = 5, num_classes: int = 3, seed: int = 0, noise: float = 1.0
+    n_train: int = 60,
+    n_test: int = 8,
+    dim: int = 5,
+    num_classes: int = 3,
+    seed: int = 0,
+    noise: float = 1.0,
 ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     """Gaussian class blobs: ``((x_train, y_train), (x_test, y_test))``, float64 / int64."""
     g = torch.Generator().manual_seed(seed)
@@ -118,18 +123,29 @@ class ToySoftmaxTrainer:
     def train(self, masks: Tensor, seeds: Sequence[int]) -> dict[str, Tensor]:
         """Train one model per row of ``masks`` (bool ``(m, n_train)``); stacked weights."""
         if masks.dtype != torch.bool or masks.dim() != 2 or masks.shape[1] != self.n_train:
-            raise ShapeError(f"masks must be bool (m, n_train={self.n_train}), got {masks.dtype} {tuple(masks.shape)}")
+            raise ShapeError(
+                f"masks must be bool (m, n_train={self.n_train}), got {masks.dtype} {tuple(masks.shape)}"
+            )
         if len(seeds) != masks.shape[0]:
             raise ConfigError(f"got {len(seeds)} seeds for {masks.shape[0]} masks")
-        ws, bs = zip(*(self._train_one(m, s) for m, s in zip(masks, seeds, strict=True)), strict=True)
+        ws, bs = zip(
+            *(self._train_one(m, s) for m, s in zip(masks, seeds, strict=True)), strict=True
+        )
         return {"weight": torch.stack(ws), "bias": torch.stack(bs)}
 
-    def evaluate(self, stacked: Mapping[str, Tensor], target: str | Callable[..., Tensor]) -> Tensor:
+    def evaluate(
+        self, stacked: Mapping[str, Tensor], target: str | Callable[..., Tensor]
+    ) -> Tensor:
         """``(m, n_test)`` per-test-sample target: ``"loss"`` (cross-entropy), ``"neg_loss"``,
         ``"margin"`` (true logit minus logsumexp of the others) or ``f(params, (x, y))``."""
         w, b = stacked["weight"], stacked["bias"]
         if callable(target):
-            return torch.stack([target({"weight": w[i], "bias": b[i]}, (self.xt, self.yt)) for i in range(w.shape[0])])
+            return torch.stack(
+                [
+                    target({"weight": w[i], "bias": b[i]}, (self.xt, self.yt))
+                    for i in range(w.shape[0])
+                ]
+            )
         # One model at a time, so each row is bitwise independent of the others.
         logits = torch.stack([self.xt @ w[i].T + b[i] for i in range(w.shape[0])])  # (m, n_test, c)
         true = logits.gather(2, self.yt[None, :, None].expand(w.shape[0], -1, 1)).squeeze(2)
@@ -137,6 +153,10 @@ class ToySoftmaxTrainer:
             loss = torch.logsumexp(logits, dim=2) - true
             return loss if target == "loss" else -loss
         if target == "margin":
-            others = logits.scatter(2, self.yt[None, :, None].expand(w.shape[0], -1, 1), float("-inf"))
+            others = logits.scatter(
+                2, self.yt[None, :, None].expand(w.shape[0], -1, 1), float("-inf")
+            )
             return true - torch.logsumexp(others, dim=2)
-        raise ConfigError(f"unknown target {target!r}; use 'loss', 'neg_loss', 'margin' or a callable")
+        raise ConfigError(
+            f"unknown target {target!r}; use 'loss', 'neg_loss', 'margin' or a callable"
+        )

@@ -135,7 +135,9 @@ class Trainer(Protocol):
 
     def fingerprint(self) -> dict[str, Any]: ...
 
-    def train(self, masks: Tensor, seeds: Sequence[int], on_epoch: EpochCallback | None = None) -> dict[str, Tensor]: ...
+    def train(
+        self, masks: Tensor, seeds: Sequence[int], on_epoch: EpochCallback | None = None
+    ) -> dict[str, Tensor]: ...
 
     def evaluate(self, stacked: dict[str, Tensor], target: str | Callable) -> Tensor: ...
 
@@ -144,15 +146,19 @@ def unstack(stacked: Mapping[str, Tensor], i: int) -> dict[str, Tensor]:
     """State dict of model ``i`` from a stacked state dict ``{name: (m, ...)}``."""
     m = _leading(stacked)
     if not -m <= i < m:
-        raise ShapeError(f"model index {i} is out of range for a stack of {m} models; use 0..{m - 1}")
+        raise ShapeError(
+            f"model index {i} is out of range for a stack of {m} models; use 0..{m - 1}"
+        )
     return {k: v[i] for k, v in stacked.items()}
 
 
 def _leading(stacked: Mapping[str, Tensor]) -> int:
     sizes = {int(v.shape[0]) for v in stacked.values() if v.dim() > 0}
     if len(sizes) != 1:
-        raise ShapeError(f"stacked state dict has leading dimensions {sorted(sizes)}; every tensor must "
-                         "have the same number of models in dimension 0 (use the output of Trainer.train)")
+        raise ShapeError(
+            f"stacked state dict has leading dimensions {sorted(sizes)}; every tensor must "
+            "have the same number of models in dimension 0 (use the output of Trainer.train)"
+        )
     return sizes.pop()
 
 
@@ -170,9 +176,13 @@ def _take(t: Tensor, index: Tensor) -> Tensor:
 def _unbatchable_norms(model: nn.Module) -> list[str]:
     """Modules with running statistics other than ``_BatchNorm`` (``InstanceNorm`` tracking
     statistics): the batched trainer has no functional form for them."""
-    return [n for n, mod in model.named_modules()
-            if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats
-            and not isinstance(mod, nn.modules.batchnorm._BatchNorm)]
+    return [
+        n
+        for n, mod in model.named_modules()
+        if isinstance(mod, nn.modules.batchnorm._NormBase)
+        and mod.track_running_stats
+        and not isinstance(mod, nn.modules.batchnorm._BatchNorm)
+    ]
 
 
 def _logits(out: Any) -> Tensor:
@@ -214,14 +224,21 @@ class _TrainerBase:
             raise ConfigError("build_model must be a zero-argument callable returning an nn.Module")
         if kind not in _KINDS:
             raise ConfigError(f"kind {kind!r} is not supported; use one of {_KINDS}")
-        if not (stream_batch in ("scaled", "fixed") or (isinstance(stream_batch, int) and stream_batch >= 1)):
-            raise ConfigError(f"stream_batch must be 'scaled', 'fixed' or a positive int, got {stream_batch!r}")
+        if not (
+            stream_batch in ("scaled", "fixed")
+            or (isinstance(stream_batch, int) and stream_batch >= 1)
+        ):
+            raise ConfigError(
+                f"stream_batch must be 'scaled', 'fixed' or a positive int, got {stream_batch!r}"
+            )
         if not isinstance(stream_seed, int):
             raise ConfigError(f"stream_seed must be an int, got {stream_seed!r}")
         if not dtype.is_floating_point:
             raise ConfigError(f"dtype must be a floating dtype, got {dtype}")
         if eval_batch_size is not None and int(eval_batch_size) < 1:
-            raise ConfigError(f"eval_batch_size must be a positive int or None, got {eval_batch_size}")
+            raise ConfigError(
+                f"eval_batch_size must be a positive int or None, got {eval_batch_size}"
+            )
         self.build_model = build_model
         self.kind = kind
         self.recipe = normalize_recipe(recipe)
@@ -250,34 +267,55 @@ class _TrainerBase:
 
     # ------------------------------------------------------------------ helpers
     def _check_data(self, data: Sequence[Tensor], what: str) -> tuple[Tensor, ...]:
-        if not isinstance(data, (tuple, list)) or len(data) < 2 or not all(isinstance(t, Tensor) for t in data):
-            raise ShapeError(f"{what} data must be a tuple (*inputs, labels) of at least two tensors; "
-                             "pass BenchmarkData.train / .test")
+        if (
+            not isinstance(data, (tuple, list))
+            or len(data) < 2
+            or not all(isinstance(t, Tensor) for t in data)
+        ):
+            raise ShapeError(
+                f"{what} data must be a tuple (*inputs, labels) of at least two tensors; "
+                "pass BenchmarkData.train / .test"
+            )
         n = {int(t.shape[0]) for t in data}
         if len(n) != 1 or 0 in n:
-            raise ShapeError(f"{what} tensors must share a non-empty leading dimension, got "
-                             f"{[tuple(t.shape) for t in data]}")
+            raise ShapeError(
+                f"{what} tensors must share a non-empty leading dimension, got "
+                f"{[tuple(t.shape) for t in data]}"
+            )
         for t in data:
             if t.is_floating_point():
                 bad = (~torch.isfinite(t.reshape(t.shape[0], -1))).any(1).nonzero().flatten()
                 if len(bad):
-                    raise DataError(f"{what} samples {bad[:10].tolist()} contain NaN/inf; clean or drop them "
-                                    "(one non-finite input poisons every model trained on the shared stream)")
-        out = [t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device) for t in data]
+                    raise DataError(
+                        f"{what} samples {bad[:10].tolist()} contain NaN/inf; clean or drop them "
+                        "(one non-finite input poisons every model trained on the shared stream)"
+                    )
+        out = [
+            t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device)
+            for t in data
+        ]
         labels = out[-1]
         if labels.is_floating_point():
-            raise ShapeError(f"{what} labels must be integer class / token ids, got {labels.dtype}; "
-                             "pass labels as int64")
+            raise ShapeError(
+                f"{what} labels must be integer class / token ids, got {labels.dtype}; "
+                "pass labels as int64"
+            )
         if self.kind == "sequence" and labels.dim() != 2:
-            raise ShapeError(f"sequence {what} labels must have shape (n, T), got {tuple(labels.shape)}")
+            raise ShapeError(
+                f"sequence {what} labels must have shape (n, T), got {tuple(labels.shape)}"
+            )
         if self.kind == "classification" and labels.dim() != 1:
-            raise ShapeError(f"classification {what} labels must have shape (n,), got {tuple(labels.shape)}")
+            raise ShapeError(
+                f"classification {what} labels must have shape (n,), got {tuple(labels.shape)}"
+            )
         return tuple(out)
 
     def _build(self) -> nn.Module:
         model = self.build_model()
         if not isinstance(model, nn.Module):
-            raise ConfigError(f"build_model() returned {type(model).__name__}, expected an nn.Module")
+            raise ConfigError(
+                f"build_model() returned {type(model).__name__}, expected an nn.Module"
+            )
         return model.to(device=self.device, dtype=self.dtype)
 
     @staticmethod
@@ -285,23 +323,33 @@ class _TrainerBase:
         """Map every state-dict key to the named parameter/buffer holding it (tied weights)."""
         by_id = {id(t): n for n, t in model.named_parameters()}
         by_id.update({id(t): n for n, t in model.named_buffers() if id(t) not in by_id})
-        return {k: by_id[id(v)] for k, v in model.state_dict(keep_vars=True).items() if id(v) in by_id}
+        return {
+            k: by_id[id(v)] for k, v in model.state_dict(keep_vars=True).items() if id(v) in by_id
+        }
 
     def _check_call(self, masks: Tensor, seeds: Sequence[int]) -> tuple[Tensor, list[int]]:
         if not isinstance(masks, Tensor) or masks.dim() != 2 or masks.shape[1] != self.n_train:
             shape = tuple(masks.shape) if isinstance(masks, Tensor) else type(masks).__name__
-            raise ShapeError(f"masks must be a bool tensor of shape (m, n_train={self.n_train}), got {shape}")
+            raise ShapeError(
+                f"masks must be a bool tensor of shape (m, n_train={self.n_train}), got {shape}"
+            )
         if masks.dtype != torch.bool:
-            raise ConfigError(f"masks must have dtype torch.bool, got {masks.dtype}; pass masks.bool()")
+            raise ConfigError(
+                f"masks must have dtype torch.bool, got {masks.dtype}; pass masks.bool()"
+            )
         seeds = [int(s) for s in seeds]
         if len(seeds) != masks.shape[0]:
-            raise ShapeError(f"got {len(seeds)} seeds for {masks.shape[0]} masks; pass one seed per model")
+            raise ShapeError(
+                f"got {len(seeds)} seeds for {masks.shape[0]} masks; pass one seed per model"
+            )
         if masks.shape[0] == 0:
             raise ShapeError("masks has no rows; pass at least one model to train")
         masks = masks.cpu()
         empty = (~masks.any(1)).nonzero().flatten().tolist()
         if empty:
-            raise ConfigError(f"mask rows {empty} select no training sample; every model needs a non-empty subset")
+            raise ConfigError(
+                f"mask rows {empty} select no training sample; every model needs a non-empty subset"
+            )
         return masks, seeds
 
     def stream_batch_size(self, masks: Tensor) -> int:
@@ -312,12 +360,15 @@ class _TrainerBase:
         if self.stream_batch == "fixed":
             return min(bs, self.n_train)
         sizes = sorted({int(s) for s in masks.sum(1).tolist()})
-        bvals = sorted({min(self.n_train, max(1, math.floor(bs * self.n_train / s + 0.5))) for s in sizes})
+        bvals = sorted(
+            {min(self.n_train, max(1, math.floor(bs * self.n_train / s + 0.5))) for s in sizes}
+        )
         if len(bvals) != 1:
             raise ConfigError(
                 f"stream_batch='scaled' gives different stream batch sizes {bvals} for the subset sizes "
                 f"{sizes[0]}..{sizes[-1]} of this call; train models with subsets of one size together, "
-                "or construct the trainer with stream_batch='fixed' or an int")
+                "or construct the trainer with stream_batch='fixed' or an int"
+            )
         return bvals[0]
 
     def num_iters(self, b_stream: int) -> int:
@@ -355,8 +406,12 @@ class _TrainerBase:
         logits = _logits(out)
         if self.kind == "classification":
             return F.cross_entropy(logits, labels, reduction="none")
-        tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                              reduction="none", ignore_index=-100).view(labels.shape)
+        tok = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            reduction="none",
+            ignore_index=-100,
+        ).view(labels.shape)
         valid = (labels != -100).to(tok.dtype)
         return tok.sum(-1) / valid.sum(-1).clamp(min=1.0)
 
@@ -376,13 +431,17 @@ class _TrainerBase:
         valid = (labels != -100).to(margin.dtype)
         return (margin * valid).sum(-1) / valid.sum(-1).clamp(min=1.0)
 
-    def _split_stacked(self, stacked: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor], int]:
+    def _split_stacked(
+        self, stacked: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], int]:
         m = _leading(stacked)
         names = self._param_names + self._buffer_names
         src = {v: k for k, v in self._state_keys.items()}  # source name -> one state-dict key
         missing = [n for n in names if n not in stacked and src.get(n) not in stacked]
         if missing:
-            raise ShapeError(f"stacked state dict lacks {missing[:5]}; pass the dict returned by train()")
+            raise ShapeError(
+                f"stacked state dict lacks {missing[:5]}; pass the dict returned by train()"
+            )
 
         def get(n: str) -> Tensor:
             t = stacked[n] if n in stacked else stacked[src[n]]
@@ -391,7 +450,9 @@ class _TrainerBase:
 
         return ({n: get(n) for n in self._param_names}, {n: get(n) for n in self._buffer_names}, m)
 
-    def _to_state(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def _to_state(
+        self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
         both = {**params, **buffers}
         return {k: both[src] for k, src in self._state_keys.items()}
 
@@ -399,7 +460,8 @@ class _TrainerBase:
     def _raise_nonfinite(rows: Sequence[int], where: str) -> None:
         raise NonFiniteError(
             f"training diverged (non-finite loss or parameters) for mask rows {list(rows)} {where}; "
-            "lower the learning rate, set grad_clip in the recipe, or check the data for NaN/inf")
+            "lower the learning rate, set grad_clip in the recipe, or check the data for NaN/inf"
+        )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The recipe's autocast context for training forward passes (a no-op when off)."""
@@ -425,7 +487,9 @@ class _TrainerBase:
             handles = [mod.register_forward_hook(hook) for mod in model.modules()]
             try:
                 model.eval()  # no running-statistics update
-                k = min(2, self.n_train)  # two samples: batch norm without running statistics needs them
+                k = min(
+                    2, self.n_train
+                )  # two samples: batch norm without running statistics needs them
                 with torch.no_grad(), torch.random.fork_rng(devices=[]):
                     model(*(t[:k] for t in self._train[:-1]))
             finally:
@@ -444,10 +508,14 @@ class _TrainerBase:
         with batch norm *without* running statistics normalises with the statistics of its
         evaluation batch, which is then always the whole test set (chunking must not change
         the numbers)."""
-        param_bytes = self._param_bytes() + sum(b.numel() * b.element_size() for b in self._template.buffers())
+        param_bytes = self._param_bytes() + sum(
+            b.numel() * b.element_size() for b in self._template.buffers()
+        )
         chunk_m = self._eval_models_per_chunk(m, param_bytes)
-        if any(isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.running_mean is None
-               for mod in self._template.modules()):
+        if any(
+            isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.running_mean is None
+            for mod in self._template.modules()
+        ):
             return chunk_m, self.n_test  # batch statistics in eval mode: over the whole test set
         if self.eval_batch_size is not None:
             chunk_n = self.eval_batch_size
@@ -456,7 +524,9 @@ class _TrainerBase:
             return chunk_m, chunk_n
         # live activations of a no-grad forward: about two consecutive layers' outputs, bounded
         # by the whole forward's outputs (sample_bytes) - take the bound
-        chunk_n = self.planner.rows(self.sample_bytes() * chunk_m, fraction=0.25, stream=True, maximum=self.n_test)
+        chunk_n = self.planner.rows(
+            self.sample_bytes() * chunk_m, fraction=0.25, stream=True, maximum=self.n_test
+        )
         return chunk_m, chunk_n
 
     def _eval_models_per_chunk(self, m: int, param_bytes: int) -> int:
@@ -484,8 +554,12 @@ class _TrainerBase:
             "stream_seed": self.stream_seed,
             "stream_batch": self.stream_batch,
             "dtype": str(self.dtype).replace("torch.", ""),
-            "data": {"sha256": self._data_sha256, "n_train": self.n_train, "n_test": self.n_test,
-                     "meta": self.data_meta},
+            "data": {
+                "sha256": self._data_sha256,
+                "n_train": self.n_train,
+                "n_test": self.n_test,
+                "meta": self.data_meta,
+            },
         }
 
     @torch.no_grad()
@@ -503,29 +577,41 @@ class _TrainerBase:
             Tensor of shape ``(m, n_test)`` (float, on the CPU).
         """
         if not callable(target) and target not in _TARGETS:
-            raise ConfigError(f"target {target!r} is not supported; use one of {_TARGETS} or a callable f(params, data)")
+            raise ConfigError(
+                f"target {target!r} is not supported; use one of {_TARGETS} or a callable f(params, data)"
+            )
         params, buffers, m = self._split_stacked(stacked)
         model = self._template
         was_training = model.training
         model.eval()
         out = torch.empty(m, self.n_test, dtype=self.dtype)
         chunk_m, chunk_n = self._eval_chunks(m)
-        logger.debug("evaluate: %d models x %d test samples per pass (%r)", chunk_m, chunk_n, self.planner)
+        logger.debug(
+            "evaluate: %d models x %d test samples per pass (%r)", chunk_m, chunk_n, self.planner
+        )
         try:
             for a in range(0, m, chunk_m):
-                p = {k: v[a:a + chunk_m] for k, v in params.items()}
-                b = {k: v[a:a + chunk_m] for k, v in buffers.items()}
+                p = {k: v[a : a + chunk_m] for k, v in params.items()}
+                b = {k: v[a : a + chunk_m] for k, v in buffers.items()}
                 for s in range(0, self.n_test, chunk_n):
-                    batch = tuple(t[s:s + chunk_n] for t in self._test)
-                    out[a:a + chunk_m, s:s + batch[0].shape[0]] = self._eval_chunk(p, b, batch, target).cpu()
+                    batch = tuple(t[s : s + chunk_n] for t in self._test)
+                    out[a : a + chunk_m, s : s + batch[0].shape[0]] = self._eval_chunk(
+                        p, b, batch, target
+                    ).cpu()
         finally:
             model.train(was_training)
         return out
 
-    def _eval_chunk(self, p: dict[str, Tensor], b: dict[str, Tensor], batch: tuple[Tensor, ...],
-                    target: str | Callable) -> Tensor:
+    def _eval_chunk(
+        self,
+        p: dict[str, Tensor],
+        b: dict[str, Tensor],
+        batch: tuple[Tensor, ...],
+        target: str | Callable,
+    ) -> Tensor:
         inputs, labels = batch[:-1], batch[-1]
         if callable(target):
+
             def one_model(pp: dict[str, Tensor], bb: dict[str, Tensor]) -> Tensor:
                 state = self._to_state(pp, bb)
 
@@ -569,7 +655,9 @@ class SequentialTrainer(_TrainerBase):
 
     name = "sequential"
 
-    def train(self, masks: Tensor, seeds: Sequence[int], on_epoch: EpochCallback | None = None) -> dict[str, Tensor]:
+    def train(
+        self, masks: Tensor, seeds: Sequence[int], on_epoch: EpochCallback | None = None
+    ) -> dict[str, Tensor]:
         """Train one model per mask row.
 
         Args:
@@ -623,9 +711,15 @@ class SequentialTrainer(_TrainerBase):
         return {k: torch.stack([s[k] for s in states]) for k in states[0]}
 
     @staticmethod
-    def _snapshot_one(on_epoch: EpochCallback | None, epoch: int | None, r: int, model: nn.Module) -> None:
+    def _snapshot_one(
+        on_epoch: EpochCallback | None, epoch: int | None, r: int, model: nn.Module
+    ) -> None:
         if on_epoch is not None and epoch is not None:
-            on_epoch(epoch, [r], {k: v.detach().clone().unsqueeze(0) for k, v in model.state_dict().items()})
+            on_epoch(
+                epoch,
+                [r],
+                {k: v.detach().clone().unsqueeze(0) for k, v in model.state_dict().items()},
+            )
 
 
 class BatchedTrainer(_TrainerBase):
@@ -659,22 +753,34 @@ class BatchedTrainer(_TrainerBase):
 
     name = "batched"
 
-    def __init__(self, *args: Any, max_models_per_batch: int | None = None, fast_linear: bool = True,
-                 compact: bool | None = None, fast_path: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        max_models_per_batch: int | None = None,
+        fast_linear: bool = True,
+        compact: bool | None = None,
+        fast_path: bool = True,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.fast_linear = bool(fast_linear)
         if compact is None:  # auto: worth it for compute-heavy models only
             compact = sum(p.numel() for p in self._template.parameters()) >= _COMPACT_MIN_PARAMS
         self.compact = bool(compact)
         if max_models_per_batch is not None and int(max_models_per_batch) < 1:
-            raise ConfigError(f"max_models_per_batch must be a positive int or None, got {max_models_per_batch}")
-        self.max_models_per_batch = None if max_models_per_batch is None else int(max_models_per_batch)
+            raise ConfigError(
+                f"max_models_per_batch must be a positive int or None, got {max_models_per_batch}"
+            )
+        self.max_models_per_batch = (
+            None if max_models_per_batch is None else int(max_models_per_batch)
+        )
         bad_norms = _unbatchable_norms(self._template)
         if bad_norms:
             raise ConfigError(
                 f"BatchedTrainer cannot train the modules {bad_norms[:3]} (running statistics other than "
                 "BatchNorm); use SequentialTrainer (make_trainer(..., batched=False)) or "
-                "track_running_stats=False")
+                "track_running_stats=False"
+            )
         self._bn = BatchNormContext()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -691,29 +797,39 @@ class BatchedTrainer(_TrainerBase):
             patch_linear_layers(self._train_template)
         self._fast_layers, self.fast_path_reason = self._plan_fast(bool(fast_path))
         self.fast_path = self._fast_layers is not None
-        logger.debug("BatchedTrainer fast path %s: %s", "on" if self.fast_path else "off", self.fast_path_reason)
+        logger.debug(
+            "BatchedTrainer fast path %s: %s",
+            "on" if self.fast_path else "off",
+            self.fast_path_reason,
+        )
 
     def _plan_fast(self, enabled: bool) -> tuple[Any, str]:
         if not enabled:
             return None, "disabled (fast_path=False)"
         if self.recipe["autocast"] is not None:  # the hand-written passes have no autocast form
             return None, f"autocast {self.recipe['autocast']!r}"
-        layers, reason = fast_plan(self._template, self.recipe, self.kind, len(self._train) - 1,
-                                   bool(self._buffer_names))
+        layers, reason = fast_plan(
+            self._template, self.recipe, self.kind, len(self._train) - 1, bool(self._buffer_names)
+        )
         if layers is None:
             return None, reason
         x = self._train[0]
         if not x.is_floating_point():
             return None, "integer inputs"
         first = next((c for c in self._template.children() if not isinstance(c, nn.Identity)), None)
-        flattens = type(first) is nn.Flatten or callable(getattr(self._template, "linear_relu_stack", None))
+        flattens = type(first) is nn.Flatten or callable(
+            getattr(self._template, "linear_relu_stack", None)
+        )
         if x.dim() != 2 and not flattens:  # nn.Linear would act on the last dim
             return None, f"inputs of shape {tuple(x.shape)} without nn.Flatten"
         if x[:1].reshape(1, -1).shape[1] != layers[0][1].in_features:
             return None, "input width does not match the first nn.Linear"
         names = set(self._param_names)
-        expected = {f"{n}.{w}" if n else w for n, lin, _ in layers
-                    for w in (("weight", "bias") if lin.bias is not None else ("weight",))}
+        expected = {
+            f"{n}.{w}" if n else w
+            for n, lin, _ in layers
+            for w in (("weight", "bias") if lin.bias is not None else ("weight",))
+        }
         if names != expected:
             return None, "parameters other than the Linear weights and biases"
         return layers, reason
@@ -730,27 +846,41 @@ class BatchedTrainer(_TrainerBase):
         for the backward pass and their gradients, :meth:`sample_bytes` measured)."""
         if self.max_models_per_batch is not None:
             return min(m, self.max_models_per_batch)
-        states = {"sgd": 1 if self.recipe["momentum"] else 0, "adam": 2, "adamw": 2}[self.recipe["optimizer"]]
+        states = {"sgd": 1 if self.recipe["momentum"] else 0, "adam": 2, "adamw": 2}[
+            self.recipe["optimizer"]
+        ]
         per_model = self._param_bytes() * (3 + states) + 2 * self.sample_bytes() * b_stream
         n = self.planner.rows(per_model, fraction=0.5, maximum=m)
-        logger.debug("train: %d of %d models per chunk (%d bytes each, %r)", n, m, per_model, self.planner)
+        logger.debug(
+            "train: %d of %d models per chunk (%d bytes each, %r)", n, m, per_model, self.planner
+        )
         return n
 
-    def _masked_loss(self, p: dict[str, Tensor], b: dict[str, Tensor], inputs: tuple[Tensor, ...],
-                     labels: Tensor, w: Tensor, template: nn.Module | None = None
-                     ) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
+    def _masked_loss(
+        self,
+        p: dict[str, Tensor],
+        b: dict[str, Tensor],
+        inputs: tuple[Tensor, ...],
+        labels: Tensor,
+        w: Tensor,
+        template: nn.Module | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
         """Weighted mean loss of one model; aux = (loss, new batch-norm running statistics)."""
         self._bn.begin(w)
         try:
             with self._autocast():
-                out = functional_call(self._train_template if template is None else template, (p, b), inputs)
+                out = functional_call(
+                    self._train_template if template is None else template, (p, b), inputs
+                )
                 per = self._per_sample_loss(out, labels).to(w.dtype)
         finally:
             updates = self._bn.end()
         loss = (w * per).sum() / w.sum().clamp(min=1.0)
         return loss, (loss.detach(), updates)
 
-    def train(self, masks: Tensor, seeds: Sequence[int], on_epoch: EpochCallback | None = None) -> dict[str, Tensor]:
+    def train(
+        self, masks: Tensor, seeds: Sequence[int], on_epoch: EpochCallback | None = None
+    ) -> dict[str, Tensor]:
         """Train one model per mask row (see :meth:`SequentialTrainer.train`); ``on_epoch``
         is called once per epoch and chunk of ``max_models_per_batch`` models."""
         masks, seeds = self._check_call(masks, seeds)
@@ -759,11 +889,19 @@ class BatchedTrainer(_TrainerBase):
         chunk = self.models_per_chunk(m, b_stream)
         parts = []
         for a in tqdm(range(0, m, chunk), desc="train (batched)", disable=None, leave=False):
-            parts.append(self._train_chunk(masks[a:a + chunk], seeds[a:a + chunk], a, b_stream, on_epoch))
+            parts.append(
+                self._train_chunk(masks[a : a + chunk], seeds[a : a + chunk], a, b_stream, on_epoch)
+            )
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
-    def _train_chunk(self, masks: Tensor, seeds: list[int], offset: int, b_stream: int,
-                     on_epoch: EpochCallback | None = None) -> dict[str, Tensor]:
+    def _train_chunk(
+        self,
+        masks: Tensor,
+        seeds: list[int],
+        offset: int,
+        b_stream: int,
+        on_epoch: EpochCallback | None = None,
+    ) -> dict[str, Tensor]:
         total = self.num_iters(b_stream)
         epoch_end = self._epoch_ends(b_stream)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
@@ -771,10 +909,14 @@ class BatchedTrainer(_TrainerBase):
             for s in seeds:
                 torch.manual_seed(s)
                 models.append(self._build())
-            params = {n: torch.stack([dict(md.named_parameters())[n].detach() for md in models]).clone()
-                      for n in self._param_names}
-            buffers = {n: torch.stack([dict(md.named_buffers())[n].detach() for md in models]).clone()
-                       for n in self._buffer_names}
+            params = {
+                n: torch.stack([dict(md.named_parameters())[n].detach() for md in models]).clone()
+                for n in self._param_names
+            }
+            buffers = {
+                n: torch.stack([dict(md.named_buffers())[n].detach() for md in models]).clone()
+                for n in self._buffer_names
+            }
             del models
             torch.manual_seed(_mix("dropout", self.stream_seed, seeds))
             self._train_template.train()
@@ -782,16 +924,22 @@ class BatchedTrainer(_TrainerBase):
             weights = masks.to(self.device, self.dtype)  # (mc, n_train)
             opt = FunctionalOptimizer(self.recipe)
             state = opt.init(params)
-            step_fn = vmap(grad(self._masked_loss, has_aux=True), in_dims=(0, 0, None, None, 0),
-                           randomness="different")
+            step_fn = vmap(
+                grad(self._masked_loss, has_aux=True),
+                in_dims=(0, 0, None, None, 0),
+                randomness="different",
+            )
             compact_loss = functools.partial(self._masked_loss, template=self._compact_template)
-            compact_fn = vmap(grad(compact_loss, has_aux=True), in_dims=(0, 0, 0, 0, 0),
-                              randomness="different")
+            compact_fn = vmap(
+                grad(compact_loss, has_aux=True), in_dims=(0, 0, 0, 0, 0), randomness="different"
+            )
             inputs, labels = self._train[:-1], self._train[-1]
             clip = self.recipe["grad_clip"]
             bad = torch.zeros(len(seeds), dtype=torch.bool, device=self.device)
             if self._fast_layers is not None:
-                return self._train_chunk_fast(params, buffers, masks, seeds, offset, b_stream, on_epoch, bad)
+                return self._train_chunk_fast(
+                    params, buffers, masks, seeds, offset, b_stream, on_epoch, bad
+                )
             last_epoch = 0
             for it, epoch, idx in self._stream(b_stream):
                 if epoch != last_epoch:
@@ -806,12 +954,18 @@ class BatchedTrainer(_TrainerBase):
                     order = torch.argsort((~member).to(torch.uint8), dim=1, stable=True)[:, :k_max]
                     sel = idx[order].to(self.device)  # (mc, k_max)
                     w = member.gather(1, order).to(self.device, self.dtype)
-                    grads, (losses, updates) = compact_fn(params, buffers, tuple(_take(t, sel) for t in inputs),
-                                                          _take(labels, sel), w)
+                    grads, (losses, updates) = compact_fn(
+                        params, buffers, tuple(_take(t, sel) for t in inputs), _take(labels, sel), w
+                    )
                 else:
                     idx_d = idx.to(self.device)
-                    grads, (losses, updates) = step_fn(params, buffers, tuple(_take(t, idx_d) for t in inputs),
-                                                       _take(labels, idx_d), weights.index_select(1, idx_d))
+                    grads, (losses, updates) = step_fn(
+                        params,
+                        buffers,
+                        tuple(_take(t, idx_d) for t in inputs),
+                        _take(labels, idx_d),
+                        weights.index_select(1, idx_d),
+                    )
                 bad |= ~torch.isfinite(losses)
                 if clip is not None:
                     clip_grad_norms_(grads, clip)
@@ -819,8 +973,11 @@ class BatchedTrainer(_TrainerBase):
                 _commit_buffers(buffers, updates, active)
                 done = epoch_end(it)
                 if on_epoch is not None and done is not None:
-                    on_epoch(done, list(range(offset, offset + len(seeds))),
-                             {k: v.detach().clone() for k, v in self._to_state(params, buffers).items()})
+                    on_epoch(
+                        done,
+                        list(range(offset, offset + len(seeds))),
+                        {k: v.detach().clone() for k, v in self._to_state(params, buffers).items()},
+                    )
             self._check_bad(bad, offset, f"(epoch {last_epoch})")
             final_bad = torch.zeros_like(bad)
             for p in params.values():
@@ -828,37 +985,57 @@ class BatchedTrainer(_TrainerBase):
             self._check_bad(final_bad, offset, "(final parameters)")
         return self._to_state(params, buffers)
 
-    def _train_chunk_fast(self, params: dict[str, Tensor], buffers: dict[str, Tensor], masks: Tensor,
-                          seeds: list[int], offset: int, b_stream: int, on_epoch: EpochCallback | None,
-                          bad: Tensor) -> dict[str, Tensor]:
+    def _train_chunk_fast(
+        self,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        masks: Tensor,
+        seeds: list[int],
+        offset: int,
+        b_stream: int,
+        on_epoch: EpochCallback | None,
+        bad: Tensor,
+    ) -> dict[str, Tensor]:
         """:meth:`_train_chunk` on the fast path (same stream, checks and callbacks)."""
         total = self.num_iters(b_stream)
         epoch_end = self._epoch_ends(b_stream)
         fast = FastStack(self._fast_layers, params, self._train[0], self.recipe, self.compact)
         labels = self._train[-1]
-        masks_t = masks.t().to(self.device, self.dtype).contiguous()  # (n_train, m): row gathers are cheap
+        masks_t = (
+            masks.t().to(self.device, self.dtype).contiguous()
+        )  # (n_train, m): row gathers are cheap
         last_epoch = 0
         for it, epoch, idx in self._stream(b_stream):
             if epoch != last_epoch:
                 self._check_bad(bad, offset, f"(epoch {last_epoch})")
                 last_epoch = epoch
             idx_d = idx.to(self.device)
-            b = fast.step(idx_d, masks_t.index_select(0, idx_d), labels, lr_at(self.recipe, it, total))
+            b = fast.step(
+                idx_d, masks_t.index_select(0, idx_d), labels, lr_at(self.recipe, it, total)
+            )
             if b is not None:
                 bad |= b
             done = epoch_end(it)
             if on_epoch is not None and done is not None:
-                on_epoch(done, list(range(offset, offset + len(seeds))), self._to_state(fast.state(), buffers))
+                on_epoch(
+                    done,
+                    list(range(offset, offset + len(seeds))),
+                    self._to_state(fast.state(), buffers),
+                )
         self._check_bad(bad, offset, f"(epoch {last_epoch})")
         self._check_bad(~fast.finite(), offset, "(final parameters)")
         return self._to_state(fast.state(), buffers)
 
     def _check_bad(self, bad: Tensor, offset: int, where: str) -> None:
         if bool(bad.any()):
-            self._raise_nonfinite([offset + int(i) for i in bad.nonzero().flatten().tolist()], where)
+            self._raise_nonfinite(
+                [offset + int(i) for i in bad.nonzero().flatten().tolist()], where
+            )
 
 
-def _commit_buffers(buffers: dict[str, Tensor], updates: Mapping[str, Tensor], active: Tensor | None) -> None:
+def _commit_buffers(
+    buffers: dict[str, Tensor], updates: Mapping[str, Tensor], active: Tensor | None
+) -> None:
     """Replace stacked buffers ``(m, ...)`` by their ``updates`` for the ``active`` models."""
     for k, new in updates.items():
         if active is None:
@@ -867,8 +1044,13 @@ def _commit_buffers(buffers: dict[str, Tensor], updates: Mapping[str, Tensor], a
             buffers[k] = torch.where(active.view((-1,) + (1,) * (new.dim() - 1)), new, buffers[k])
 
 
-def make_trainer(setting: Any, data: Any, batched: bool = True, device: str | torch.device = "cpu",
-                 **options: Any) -> SequentialTrainer | BatchedTrainer:
+def make_trainer(
+    setting: Any,
+    data: Any,
+    batched: bool = True,
+    device: str | torch.device = "cpu",
+    **options: Any,
+) -> SequentialTrainer | BatchedTrainer:
     """The trainer for a benchmark setting and its data (see ARCHITECTURE.md).
 
     Uses only ``setting.build_model``, ``setting.kind``, ``setting.recipe``, ``setting.name``
@@ -892,10 +1074,14 @@ def make_trainer(setting: Any, data: Any, batched: bool = True, device: str | to
             torch.manual_seed(0)
             probe = setting.build_model()
         if _unbatchable_norms(probe):
-            logger.info("setting %s has running statistics other than BatchNorm; using SequentialTrainer",
-                        setting.name)
+            logger.info(
+                "setting %s has running statistics other than BatchNorm; using SequentialTrainer",
+                setting.name,
+            )
             batched = False
     if not batched:
         kwargs.pop("max_models_per_batch", None)
-        return SequentialTrainer(setting.build_model, data.train, data.test, setting.recipe, **kwargs)
+        return SequentialTrainer(
+            setting.build_model, data.train, data.test, setting.recipe, **kwargs
+        )
     return BatchedTrainer(setting.build_model, data.train, data.test, setting.recipe, **kwargs)

@@ -57,21 +57,35 @@ def removal_order(scores: Tensor | np.ndarray) -> np.ndarray:
     Returns:
         ``(n_train,)`` int64 positions.
     """
-    s = np.asarray(scores.detach().cpu().numpy() if isinstance(scores, Tensor) else scores, dtype=np.float64).reshape(-1)
+    s = np.asarray(
+        scores.detach().cpu().numpy() if isinstance(scores, Tensor) else scores, dtype=np.float64
+    ).reshape(-1)
     if not np.all(np.isfinite(s)):
-        raise NonFiniteError(f"{int((~np.isfinite(s)).sum())} scores are NaN or inf; fix the attributor before ranking")
+        raise NonFiniteError(
+            f"{int((~np.isfinite(s)).sum())} scores are NaN or inf; fix the attributor before ranking"
+        )
     return np.lexsort((np.arange(s.size), -s)).astype(np.int64)
 
 
 def _search_space(search_space: Iterable[int] | None, n_train: int) -> list[int]:
-    ks = [k for k in DEFAULT_SEARCH_SPACE if k <= n_train] if search_space is None else list(search_space)
+    ks = (
+        [k for k in DEFAULT_SEARCH_SPACE if k <= n_train]
+        if search_space is None
+        else list(search_space)
+    )
     if not ks:
-        raise ConfigError("search_space is empty; pass ascending integers such as range(0, 200, 20)")
+        raise ConfigError(
+            "search_space is empty; pass ascending integers such as range(0, 200, 20)"
+        )
     for k in ks:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= n_train:
-            raise ConfigError(f"search_space values must be integers in [0, n_train={n_train}], got {k!r}")
+            raise ConfigError(
+                f"search_space values must be integers in [0, n_train={n_train}], got {k!r}"
+            )
     if any(b <= a for a, b in itertools.pairwise(ks)):
-        raise ConfigError(f"search_space must be strictly ascending, got {ks}; the first flipping k is the answer")
+        raise ConfigError(
+            f"search_space must be strictly ascending, got {ks}; the first flipping k is the answer"
+        )
     return [int(k) for k in ks]
 
 
@@ -129,19 +143,25 @@ def brittleness(
     ks = _search_space(search_space, len(positions))
     test = [b for b in test_loader]
     if len(test) != 1 or int(torch.as_tensor(test[0][-1]).numel()) != 1:
-        raise ShapeError("test_loader must hold exactly one test sample; call brittleness once per test sample")
+        raise ShapeError(
+            "test_loader must hold exactly one test sample; call brittleness once per test sample"
+        )
     label = torch.as_tensor(test[0][-1]).reshape(()).item()
     order = removal_order(s)
     for k in ks:
         removed = {positions[i] for i in order[:k]}
         remaining = sorted(i for i in positions if i not in removed)
-        loader = DataLoader(train_loader.dataset, batch_size=train_loader.batch_size, sampler=remaining)
+        loader = DataLoader(
+            train_loader.dataset, batch_size=train_loader.batch_size, sampler=remaining
+        )
         model = train_func(loader).to(device)
         model.eval()
         with torch.no_grad():
             pred = torch.as_tensor(eval_func(model, test_loader)).reshape(-1)
         if pred.numel() != 1:
-            raise ShapeError(f"eval_func must return one prediction for the one test sample, got {pred.numel()}")
+            raise ShapeError(
+                f"eval_func must return one prediction for the one test sample, got {pred.numel()}"
+            )
         logger.debug("brittleness: k=%d prediction %s (label %s)", k, pred.item(), label)
         if pred.item() != label:
             return k
@@ -180,7 +200,11 @@ class BrittlenessRunner:
 
     def __post_init__(self) -> None:
         self._ks = _search_space(self.search_space, int(self.trainer.n_train))
-        if isinstance(self.shard_size, bool) or not isinstance(self.shard_size, int) or self.shard_size < 1:
+        if (
+            isinstance(self.shard_size, bool)
+            or not isinstance(self.shard_size, int)
+            or self.shard_size < 1
+        ):
             raise ConfigError(f"shard_size must be an integer >= 1, got {self.shard_size!r}")
 
     def key(self, scores: np.ndarray, test_indices: Sequence[int]) -> tuple[str, dict[str, Any]]:
@@ -212,11 +236,20 @@ class BrittlenessRunner:
                 )
         else:
             d.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(manifest, json.dumps({"key": key, "config": config}, indent=1).encode())
+            atomic_write_bytes(
+                manifest, json.dumps({"key": key, "config": config}, indent=1).encode()
+            )
         (d / "shards").mkdir(exist_ok=True)
         return d
 
-    def _run_shard(self, path: Path, key: str, entries: list[tuple[int, int]], orders: np.ndarray, cols: list[int]) -> None:
+    def _run_shard(
+        self,
+        path: Path,
+        key: str,
+        entries: list[tuple[int, int]],
+        orders: np.ndarray,
+        cols: list[int],
+    ) -> None:
         import pyarrow as pa
 
         from tdabench.groundtruth.store import write_table
@@ -228,11 +261,13 @@ class BrittlenessRunner:
         stacked = self.trainer.train(masks, [int(self.seed)] * len(entries))
         correct = self.trainer.evaluate(stacked, self.predict)  # (m, n_test)
         vals = [float(correct[r, cols[jp]]) for r, (jp, _) in enumerate(entries)]
-        table = pa.table({
-            "test_pos": pa.array([e[0] for e in entries], pa.int64()),
-            "k": pa.array([self._ks[e[1]] for e in entries], pa.int64()),
-            "correct": pa.array(vals, pa.float64()),
-        })
+        table = pa.table(
+            {
+                "test_pos": pa.array([e[0] for e in entries], pa.int64()),
+                "k": pa.array([self._ks[e[1]] for e in entries], pa.int64()),
+                "correct": pa.array(vals, pa.float64()),
+            }
+        )
         write_table(path, table, {"key": key, "config": json.dumps({"entries": len(entries)})})
 
     def run(self, scores: Tensor | np.ndarray, test_indices: Sequence[int]) -> dict[str, Any]:
@@ -249,10 +284,15 @@ class BrittlenessRunner:
         """
         from tdabench.groundtruth.store import read_table_checked
 
-        s = np.asarray(scores.detach().cpu().numpy() if isinstance(scores, Tensor) else scores, dtype=np.float64)
+        s = np.asarray(
+            scores.detach().cpu().numpy() if isinstance(scores, Tensor) else scores,
+            dtype=np.float64,
+        )
         cols = [int(j) for j in test_indices]
         if s.ndim != 2 or s.shape != (int(self.trainer.n_train), len(cols)):
-            raise ShapeError(f"scores must be (n_train, len(test_indices)) = ({self.trainer.n_train}, {len(cols)}), got {s.shape}")
+            raise ShapeError(
+                f"scores must be (n_train, len(test_indices)) = ({self.trainer.n_train}, {len(cols)}), got {s.shape}"
+            )
         orders = np.stack([removal_order(s[:, c]) for c in range(len(cols))])
         key, config = self.key(s, cols)
         d = self._open(key, config)
@@ -271,13 +311,26 @@ class BrittlenessRunner:
                 try:
                     table, _ = read_table_checked(path, key)
                 except (StoreError, ConfigError, OSError) as exc:
-                    logger.warning("brittleness shard %s is damaged (%s); recomputing it", path, exc)
+                    logger.warning(
+                        "brittleness shard %s is damaged (%s); recomputing it", path, exc
+                    )
                     table = None
             if table is None or table.num_rows != len(chunk):
                 self._run_shard(path, key, chunk, orders, cols)
                 table, _ = read_table_checked(path, key)
             ks = {k: i for i, k in enumerate(self._ks)}
-            for jp, k, c in zip(*(table.column(n).to_pylist() for n in ("test_pos", "k", "correct")), strict=True):
+            for jp, k, c in zip(
+                *(table.column(n).to_pylist() for n in ("test_pos", "k", "correct")), strict=True
+            ):
                 correct[jp, ks[k]] = c
-        brit = [next((self._ks[i] for i in range(len(self._ks)) if row[i] < 0.5), None) for row in correct]
-        return {"brittleness": brit, "correct": correct.tolist(), "search_space": self._ks, "key": key, "store": str(d)}
+        brit = [
+            next((self._ks[i] for i in range(len(self._ks)) if row[i] < 0.5), None)
+            for row in correct
+        ]
+        return {
+            "brittleness": brit,
+            "correct": correct.tolist(),
+            "search_space": self._ks,
+            "key": key,
+            "store": str(d),
+        }

@@ -18,13 +18,20 @@ from tdabench.groundtruth.subsets import subset_indices
 __all__ = ["calculate_lds_ground_truth", "calculate_loo_ground_truth"]
 
 
-def _evaluate(target_func: Callable[[str, Any], Tensor], path: os.PathLike, test_dataloader: Any, n_test: int | None) -> Tensor:
+def _evaluate(
+    target_func: Callable[[str, Any], Tensor],
+    path: os.PathLike,
+    test_dataloader: Any,
+    n_test: int | None,
+) -> Tensor:
     # Verify the file (safetensors header, checksum) before handing it to user code.
     read_safetensors_checked(path, error_cls=CheckpointError, verify=True)
     v = target_func(str(path), test_dataloader)
     v = torch.as_tensor(v).detach().to("cpu", torch.float64).reshape(-1)
     if n_test is not None and v.numel() != n_test:
-        raise ShapeError(f"target_func returned {v.numel()} values for {path}, but {n_test} for the previous model; it must return (n_test,)")
+        raise ShapeError(
+            f"target_func returned {v.numel()} values for {path}, but {n_test} for the previous model; it must return (n_test,)"
+        )
     return v
 
 
@@ -51,7 +58,9 @@ def calculate_loo_ground_truth(
 
     manifest, models = list_retrained(retrain_dir)
     if manifest.get("kind") != "loo":
-        raise ConfigError(f"{str(retrain_dir)!r} holds {manifest.get('kind')!r} models; use calculate_lds_ground_truth for it")
+        raise ConfigError(
+            f"{str(retrain_dir)!r} holds {manifest.get('kind')!r} models; use calculate_lds_ground_truth for it"
+        )
     if not models:
         raise StoreError(f"{str(retrain_dir)!r} holds no models; run retrain_loo first")
     values, idx, n_test = [], [], None
@@ -97,15 +106,23 @@ def calculate_lds_ground_truth(
 
     manifest, models = list_retrained(retrain_dir)
     if manifest.get("kind") != "lds":
-        raise ConfigError(f"{str(retrain_dir)!r} holds {manifest.get('kind')!r} models; use calculate_loo_ground_truth for it")
+        raise ConfigError(
+            f"{str(retrain_dir)!r} holds {manifest.get('kind')!r} models; use calculate_loo_ground_truth for it"
+        )
     if not models:
         raise StoreError(f"{str(retrain_dir)!r} holds no models; run retrain_lds first")
     runs = int(manifest["num_runs_per_subset"])
-    n_train, ratio, skey = int(manifest["n_train"]), float(manifest["subset_ratio"]), manifest["sampling_key"]
+    n_train, ratio, skey = (
+        int(manifest["n_train"]),
+        float(manifest["subset_ratio"]),
+        manifest["sampling_key"],
+    )
     by_index: dict[int, list[Any]] = {}
     for index, run, path in models:
         by_index.setdefault(index, []).append((run, path))
-    incomplete = [i for i, lst in by_index.items() if sorted(r for r, _ in lst) != list(range(runs))]
+    incomplete = [
+        i for i, lst in by_index.items() if sorted(r for r, _ in lst) != list(range(runs))
+    ]
     if incomplete:
         raise StoreError(
             f"subsets {sorted(incomplete)[:10]} lack some of their {runs} runs; rerun retrain_lds with the same arguments to finish them"
@@ -117,7 +134,9 @@ def calculate_lds_ground_truth(
         for _, path in sorted(by_index[index]):
             _, meta = read_safetensors_checked(path, error_cls=CheckpointError, verify=False)
             if not np.array_equal(np.asarray(json.loads(meta.get("subset", "[]"))), expected):
-                raise StoreError(f"{path} records a subset that differs from subset {index} of this directory's seed; the directory is mixed up")
+                raise StoreError(
+                    f"{path} records a subset that differs from subset {index} of this directory's seed; the directory is mixed up"
+                )
             v = _evaluate(target_func, path, test_dataloader, n_test)
             n_test = v.numel()
             vals.append(v)

@@ -82,7 +82,9 @@ def _np(x: ArrayLike, what: str, dtype: Any = np.float64) -> np.ndarray:
     try:
         return np.asarray(x, dtype=dtype)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{what} cannot be converted to a {np.dtype(dtype).name} array ({exc}); pass a tensor") from exc
+        raise ConfigError(
+            f"{what} cannot be converted to a {np.dtype(dtype).name} array ({exc}); pass a tensor"
+        ) from exc
 
 
 def _rank_columns(a: np.ndarray) -> np.ndarray:
@@ -104,7 +106,9 @@ def pearson_columns(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarra
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 2:
-        raise ShapeError(f"pearson_columns needs two (S, n) arrays of the same shape, got {x.shape} and {y.shape}")
+        raise ShapeError(
+            f"pearson_columns needs two (S, n) arrays of the same shape, got {x.shape} and {y.shape}"
+        )
     s = x.shape[0]
     xc = x - x.mean(axis=0, keepdims=True)
     yc = y - y.mean(axis=0, keepdims=True)
@@ -116,7 +120,9 @@ def pearson_columns(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarra
         yc = yc / np.max(np.abs(yc), axis=0, initial=0.0)
         r = np.sum(xc * yc, axis=0) / np.sqrt(np.sum(xc * xc, axis=0) * np.sum(yc * yc, axis=0))
     # A constant column has no defined correlation (as in scipy).
-    const = np.all(x == x[:1], axis=0) | np.all(y == y[:1], axis=0) if s else np.ones(x.shape[1], bool)
+    const = (
+        np.all(x == x[:1], axis=0) | np.all(y == y[:1], axis=0) if s else np.ones(x.shape[1], bool)
+    )
     r = np.where(const | (s < 2), np.nan, np.clip(r, -1.0, 1.0))
     p = _corr_pvalue(r, s)
     return r, p
@@ -147,7 +153,9 @@ def spearman_columns(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarr
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 2:
-        raise ShapeError(f"spearman_columns needs two (S, n) arrays of the same shape, got {x.shape} and {y.shape}")
+        raise ShapeError(
+            f"spearman_columns needs two (S, n) arrays of the same shape, got {x.shape} and {y.shape}"
+        )
     if x.shape[0] == 0:
         return np.full(x.shape[1], np.nan), np.full(x.shape[1], np.nan)
     return pearson_columns(_rank_columns(x), _rank_columns(y))
@@ -156,7 +164,9 @@ def spearman_columns(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarr
 def _score_matrix(score: ArrayLike) -> np.ndarray:
     s = _np(score, "score")
     if s.ndim != 2:
-        raise ShapeError(f"score must have shape (n_train, n_test), got {tuple(s.shape)}; attribute() returns this shape")
+        raise ShapeError(
+            f"score must have shape (n_train, n_test), got {tuple(s.shape)}; attribute() returns this shape"
+        )
     return s
 
 
@@ -197,7 +207,9 @@ def _index_problem(idx: np.ndarray, n: int, count: int | None) -> str | None:
     if count is not None and idx.shape[-1] != count:
         return f"it has {idx.shape[-1]} entries where {count} are needed"
     if idx.size and (idx.min() < 0 or idx.max() >= n):
-        return f"its values span [{idx.min()}, {idx.max()}], outside [0, {n}) (n_train of the score)"
+        return (
+            f"its values span [{idx.min()}, {idx.max()}], outside [0, {n}) (n_train of the score)"
+        )
     srt = np.sort(idx, axis=-1)
     if idx.shape[-1] > 1 and np.any(srt[..., 1:] == srt[..., :-1]):
         return "it repeats an index (each sample may be listed once)"
@@ -216,7 +228,12 @@ def _mask_problem(a: np.ndarray, n: int, count: int | None) -> str | None:
 
 
 def _selection(
-    x: ArrayLike, n: int, what: str, ndim: int, as_mask: bool | None = None, count: int | None = None
+    x: ArrayLike,
+    n: int,
+    what: str,
+    ndim: int,
+    as_mask: bool | None = None,
+    count: int | None = None,
 ) -> tuple[str, np.ndarray]:
     """Read ``x`` as a 0/1 mask or an index list (see the module docstring for the rule).
 
@@ -235,14 +252,18 @@ def _selection(
     if ndim == 1:
         a = a.reshape(-1)
     elif a.ndim != ndim:
-        raise ShapeError(f"{what} must be (S, subset_size) indices or an (S, n_train) mask, got shape {tuple(a.shape)}")
+        raise ShapeError(
+            f"{what} must be (S, subset_size) indices or an (S, n_train) mask, got shape {tuple(a.shape)}"
+        )
     if count is not None and a.shape[-1] not in (count, n):
         raise ShapeError(
             f"{what} has {a.shape[-1]} entries, but the ground truth has {count} rows (an index list needs {count}, "
             f"a 0/1 mask n_train = {n}); they must match"
         )
     if is_bool and as_mask is False:
-        raise ConfigError(f"{what} is a bool tensor, which is always a mask; pass integers to give indices")
+        raise ConfigError(
+            f"{what} is a bool tensor, which is always a mask; pass integers to give indices"
+        )
     why_mask = _mask_problem(a, n, count)
     why_index = "a bool tensor is a mask" if is_bool else _index_problem(a, n, count)
     if as_mask is None and why_mask is None and why_index is None:
@@ -263,7 +284,9 @@ def _selection(
     )
 
 
-def _subset_masks(subsets: ArrayLike, n_train: int, num_subsets: int, as_mask: bool | None) -> np.ndarray:
+def _subset_masks(
+    subsets: ArrayLike, n_train: int, num_subsets: int, as_mask: bool | None
+) -> np.ndarray:
     """Float ``(S, n_train)`` membership mask from ``(S, k)`` indices or an ``(S, n_train)`` 0/1 mask."""
     kind, a = _selection(subsets, n_train, "subset indices", 2, as_mask)
     if a.shape[0] != num_subsets:
@@ -299,7 +322,9 @@ def _finite_columns(s: np.ndarray, gt: np.ndarray, nan_policy: str) -> np.ndarra
     if not ok.any():
         raise NonFiniteError(msg + "; no test point is finite")
     if nan_policy == "raise":
-        raise NonFiniteError(msg + ", or pass nan_policy='propagate' to get NaN for those test points")
+        raise NonFiniteError(
+            msg + ", or pass nan_policy='propagate' to get NaN for those test points"
+        )
     return ok
 
 
@@ -341,11 +366,15 @@ def lds(
         1.0
     """
     if not isinstance(ground_truth, (tuple, list)) or len(ground_truth) != 2:
-        raise ConfigError("ground_truth must be a pair (gt_values[S, n_test], subset_indices[S, k]); see calculate_lds_ground_truth")
+        raise ConfigError(
+            "ground_truth must be a pair (gt_values[S, n_test], subset_indices[S, k]); see calculate_lds_ground_truth"
+        )
     s = _score_matrix(score)
     gt = _np(ground_truth[0], "gt_values")
     if gt.ndim != 2 or gt.shape[1] != s.shape[1]:
-        raise ShapeError(f"gt_values must have shape (S, n_test={s.shape[1]}), got {tuple(gt.shape)}")
+        raise ShapeError(
+            f"gt_values must have shape (S, n_test={s.shape[1]}), got {tuple(gt.shape)}"
+        )
     if gt.shape[0] < 2:
         raise DataError(f"LDS needs at least 2 subsets, got {gt.shape[0]}; retrain more subsets")
     masks = _subset_masks(ground_truth[1], s.shape[0], gt.shape[0], as_mask)
@@ -363,10 +392,14 @@ def _loo_ground_truth(
     """``(gt (n_removed, n_test), removed_idx (n_removed,))`` from either accepted form."""
     if isinstance(ground_truth, (tuple, list)):
         if len(ground_truth) != 2:
-            raise ConfigError("ground_truth must be (gt[n_removed, n_test], removed_idx[n_removed]) or a (n_train, n_test) tensor")
+            raise ConfigError(
+                "ground_truth must be (gt[n_removed, n_test], removed_idx[n_removed]) or a (n_train, n_test) tensor"
+            )
         gt = _np(ground_truth[0], "gt")
         if gt.ndim != 2:
-            raise ShapeError(f"LOO ground truth must have shape (n_removed, n_test), got {tuple(gt.shape)}")
+            raise ShapeError(
+                f"LOO ground truth must have shape (n_removed, n_test), got {tuple(gt.shape)}"
+            )
         kind, a = _selection(ground_truth[1], n_train, "removed_idx", 1, as_mask, count=gt.shape[0])
         idx = np.flatnonzero(a) if kind == "mask" else a
         return gt, idx
@@ -409,9 +442,13 @@ def loo_corr(
     s = _score_matrix(score)
     gt, idx = _loo_ground_truth(ground_truth, s.shape[0], as_mask)
     if gt.ndim != 2 or gt.shape[1] != s.shape[1]:
-        raise ShapeError(f"LOO ground truth must have shape (n_removed, n_test={s.shape[1]}), got {tuple(gt.shape)}")
+        raise ShapeError(
+            f"LOO ground truth must have shape (n_removed, n_test={s.shape[1]}), got {tuple(gt.shape)}"
+        )
     if idx.shape[0] != gt.shape[0]:
-        raise ShapeError(f"removed_idx has {idx.shape[0]} entries but gt has {gt.shape[0]} rows; they must match")
+        raise ShapeError(
+            f"removed_idx has {idx.shape[0]} entries but gt has {gt.shape[0]} rows; they must match"
+        )
     if idx.size == 0:
         raise DataError("the LOO ground truth is empty; retrain at least 3 leave-one-out models")
     sub = s[idx]
@@ -443,7 +480,9 @@ def _self_scores(score: ArrayLike) -> np.ndarray:
     s = _np(score, "score")
     if s.ndim == 2:
         if s.shape[0] != s.shape[1]:
-            raise ShapeError(f"a 2-d score must be square (n_train, n_train) to use its diagonal, got {tuple(s.shape)}")
+            raise ShapeError(
+                f"a 2-d score must be square (n_train, n_train) to use its diagonal, got {tuple(s.shape)}"
+            )
         s = np.diagonal(s).copy()
     if s.ndim != 1 or s.size == 0:
         raise ShapeError(f"self-influence scores must have shape (n_train,), got {tuple(s.shape)}")
@@ -546,7 +585,9 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
-def summarize(values: ArrayLike, num_resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict[str, Any]:
+def summarize(
+    values: ArrayLike, num_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> dict[str, Any]:
     """JSON-able summary of per-test-point metric values.
 
     Returns:
@@ -614,10 +655,14 @@ def noise_ceiling(values: ArrayLike) -> NoiseCeiling:
     """
     v = _np(values, "values")
     if v.ndim != 3:
-        raise ShapeError(f"values must have shape (S, R, n_test), got {tuple(v.shape)}; use load_runs()")
+        raise ShapeError(
+            f"values must have shape (S, R, n_test), got {tuple(v.shape)}; use load_runs()"
+        )
     s, r, _ = v.shape
     if r < 2:
-        raise ConfigError(f"the noise ceiling needs num_runs >= 2 independent runs per subset, got {r}")
+        raise ConfigError(
+            f"the noise ceiling needs num_runs >= 2 independent runs per subset, got {r}"
+        )
     if s < 3:
         raise DataError(f"the noise ceiling needs at least 3 subsets, got {s}")
     corrs = []

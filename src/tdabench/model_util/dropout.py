@@ -78,11 +78,15 @@ def activate_dropout(
     if layer_positions is None:
         selected = list(range(len(drops)))
     else:
-        wanted = [layer_positions] if isinstance(layer_positions, (int, str)) else list(layer_positions)
+        wanted = (
+            [layer_positions] if isinstance(layer_positions, (int, str)) else list(layer_positions)
+        )
         selected = []
         for w in wanted:
             if isinstance(w, bool) or not isinstance(w, (int, str)):
-                raise ConfigError(f"layer_positions entries must be ints or module names, got {w!r}")
+                raise ConfigError(
+                    f"layer_positions entries must be ints or module names, got {w!r}"
+                )
             if isinstance(w, int):
                 if not -len(drops) <= w < len(drops):
                     raise ConfigError(
@@ -91,7 +95,9 @@ def activate_dropout(
                 selected.append(w % len(drops))
             else:
                 if w not in names:
-                    raise ConfigError(f"{w!r} is not a dropout module of the model; dropout modules: {names}")
+                    raise ConfigError(
+                        f"{w!r} is not a dropout module of the model; dropout modules: {names}"
+                    )
                 selected.append(names.index(w))
     model.eval()
     for i in sorted(set(selected)):
@@ -154,21 +160,28 @@ def dropout_masks(
     else:
         names = [layer_names] if isinstance(layer_names, str) else list(layer_names)
         if not names:
-            raise ConfigError("layer_names is empty; pass None for the default selection or a list of layer names")
+            raise ConfigError(
+                "layer_names is empty; pass None for the default selection or a list of layer names"
+            )
         for n in names:
             if n not in modules:
-                raise ConfigError(f"layer {n!r} is not a module of the model; modules: {[m for m in modules if m][:30]}")
+                raise ConfigError(
+                    f"layer {n!r} is not a module of the model; modules: {[m for m in modules if m][:30]}"
+                )
             if not isinstance(modules[n], _MASKABLE):
                 raise ConfigError(
                     f"layer {n!r} is a {type(modules[n]).__name__}; only nn.Linear and nn.Conv2d inputs can be masked"
                 )
     sizes = {
-        n: (modules[n].in_features if isinstance(modules[n], nn.Linear) else modules[n].in_channels) for n in names
+        n: (modules[n].in_features if isinstance(modules[n], nn.Linear) else modules[n].in_channels)
+        for n in names
     }
     out = []
     for k in range(num_models):
         gen = _member_generator(seed, k)
-        out.append({n: torch.rand(sizes[n], generator=gen, dtype=torch.float64) >= p for n in names})
+        out.append(
+            {n: torch.rand(sizes[n], generator=gen, dtype=torch.float64) >= p for n in names}
+        )
     return out
 
 
@@ -180,7 +193,9 @@ def _apply_mask(weight: Tensor, module: nn.Module, mask: Tensor, scale: float) -
     # channels g * (in / groups) + j.
     groups = module.groups
     out_c, in_per_group = weight.shape[0], weight.shape[1]
-    per_out = m.reshape(groups, in_per_group).repeat_interleave(out_c // groups, dim=0)  # (out, in/groups)
+    per_out = m.reshape(groups, in_per_group).repeat_interleave(
+        out_c // groups, dim=0
+    )  # (out, in/groups)
     return weight * per_out[:, :, None, None]
 
 

@@ -92,7 +92,9 @@ _MODEL_RE = re.compile(r"^(loo|lds)-(\d{7,})-run(\d+)\.safetensors$")
 def _n_train(dataloader: Any) -> int:
     ds = getattr(dataloader, "dataset", None)
     if ds is None:
-        raise DataError("dataloader must be a torch DataLoader with a .dataset (it is subset per retrained model)")
+        raise DataError(
+            "dataloader must be a torch DataLoader with a .dataset (it is subset per retrained model)"
+        )
     try:
         n = len(ds)
     except TypeError as exc:
@@ -123,7 +125,9 @@ def _open_dir(path: str | os.PathLike, manifest: dict[str, Any]) -> Path:
         try:
             old = json.loads(mpath.read_text())
         except Exception as exc:
-            raise StoreError(f"{str(mpath)!r} is unreadable ({exc}); restore it or use a new directory") from exc
+            raise StoreError(
+                f"{str(mpath)!r} is unreadable ({exc}); restore it or use a new directory"
+            ) from exc
         diff = config_diff({k: v for k, v in old.items() if k != "created"}, manifest)
         if diff:
             raise KeyMismatchError(
@@ -173,7 +177,9 @@ def _reference_shapes(root: Path) -> dict[str, list[int]] | None:
 def _subset_loader(dataloader: DataLoader, indices: np.ndarray, seed: int) -> DataLoader:
     shuffle = isinstance(getattr(dataloader, "sampler", None), RandomSampler)
     if dataloader.batch_size is None:
-        raise ConfigError("the dataloader must use batch_size= (not a custom batch_sampler) so it can be subset")
+        raise ConfigError(
+            "the dataloader must use batch_size= (not a custom batch_sampler) so it can be subset"
+        )
     return DataLoader(
         Subset(dataloader.dataset, indices.tolist()),
         batch_size=dataloader.batch_size,
@@ -206,7 +212,9 @@ def _train_and_save(
     elif isinstance(out, Mapping):
         state = dict(out)
     else:
-        raise ConfigError(f"train_func must return an nn.Module (or a state dict), got {type(out).__name__}")
+        raise ConfigError(
+            f"train_func must return an nn.Module (or a state dict), got {type(out).__name__}"
+        )
     if not state or not all(isinstance(v, Tensor) for v in state.values()):
         raise ConfigError("train_func returned a model without tensors in its state dict")
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -222,7 +230,9 @@ def _train_and_save(
             f"train_func returned a model of a different shape for {kind} index {index} ({diff}) than the models "
             "already saved; every retrained model must have the same architecture"
         )
-    write_safetensors(_model_path(root, kind, index, run), state, {**meta, "run": str(run), "seed": str(seed)})
+    write_safetensors(
+        _model_path(root, kind, index, run), state, {**meta, "run": str(run), "seed": str(seed)}
+    )
     return shapes
 
 
@@ -258,7 +268,9 @@ def _complete_dattri(root: Path, kind: str, runs: int) -> list[int]:
         by_index.setdefault(index, set()).add(run)
     done = []
     for index, have in sorted(by_index.items()):
-        if not all(r in have and _dattri_weights(root, kind, index, r).exists() for r in range(runs)):
+        if not all(
+            r in have and _dattri_weights(root, kind, index, r).exists() for r in range(runs)
+        ):
             continue
         if kind == "lds" and not (root / str(index) / "indices.txt").exists():
             continue
@@ -266,7 +278,9 @@ def _complete_dattri(root: Path, kind: str, runs: int) -> list[int]:
     return done
 
 
-def _write_dattri_metadata(path: str | os.PathLike, manifest: Mapping[str, Any], train_func: Callable[..., Any]) -> None:
+def _write_dattri_metadata(
+    path: str | os.PathLike, manifest: Mapping[str, Any], train_func: Callable[..., Any]
+) -> None:
     """(Re)write ``<path>/metadata.yml`` in dattri's format from what is complete on disk."""
     root, kind = Path(path), manifest["kind"]
     runs = int(manifest["num_runs_per_subset"])
@@ -302,7 +316,9 @@ def _loo_indices(indices: Sequence[int] | None, n: int) -> list[int]:
         return list(range(n))
     idx = [int(i) for i in np.asarray(list(indices), dtype=np.int64).reshape(-1)]
     if not idx:
-        raise ConfigError("indices is empty; pass None to leave out every sample, or at least one index")
+        raise ConfigError(
+            "indices is empty; pass None to leave out every sample, or at least one index"
+        )
     if len(set(idx)) != len(idx):
         raise ConfigError("indices contain duplicates; list each left-out sample once")
     if min(idx) < 0 or max(idx) >= n:
@@ -315,7 +331,9 @@ def _check_seed(seed: Any) -> None:
         raise ConfigError(f"seed must be an int, got {seed!r}")
 
 
-def _check_lds_counts(num_subsets: Any, num_runs_per_subset: Any, start_id: Any, total_num_subsets: Any) -> None:
+def _check_lds_counts(
+    num_subsets: Any, num_runs_per_subset: Any, start_id: Any, total_num_subsets: Any
+) -> None:
     for name, v, lo in (
         ("num_subsets", num_subsets, 1),
         ("num_runs_per_subset", num_runs_per_subset, 1),
@@ -332,8 +350,14 @@ def _check_lds_counts(num_subsets: Any, num_runs_per_subset: Any, start_id: Any,
 
 
 def _manifest(
-    kind: str, seed: int, n: int, ratio: float | None, runs: int, skey: str,
-    train_func: Callable[..., Any], kwargs: Mapping[str, Any],
+    kind: str,
+    seed: int,
+    n: int,
+    ratio: float | None,
+    runs: int,
+    skey: str,
+    train_func: Callable[..., Any],
+    kwargs: Mapping[str, Any],
 ) -> dict[str, Any]:
     return {
         "format": RETRAIN_FORMAT,
@@ -386,8 +410,26 @@ def retrain_loo(
     try:
         for i in idx:
             if _saved_ok(_model_path(root, "loo", i, 0)) is None:
-                meta = {"format": RETRAIN_FORMAT, "kind": "loo", "index": str(i), "removed": str(i), "sampling_key": skey}
-                ref = _train_and_save(train_func, dataloader, root, "loo", i, 0, everything[everything != i], skey, meta, ref, kwargs)
+                meta = {
+                    "format": RETRAIN_FORMAT,
+                    "kind": "loo",
+                    "index": str(i),
+                    "removed": str(i),
+                    "sampling_key": skey,
+                }
+                ref = _train_and_save(
+                    train_func,
+                    dataloader,
+                    root,
+                    "loo",
+                    i,
+                    0,
+                    everything[everything != i],
+                    skey,
+                    meta,
+                    ref,
+                    kwargs,
+                )
             if dattri_layout:
                 _export_dattri_model(root, "loo", i, 0)
     finally:
@@ -431,16 +473,26 @@ def retrain_lds(
     _check_seed(seed)
     subset_size(n, subset_ratio)  # validates the ratio
     skey = sampling_key("lds", int(seed), n, float(subset_ratio))
-    manifest = _manifest("lds", seed, n, float(subset_ratio), int(num_runs_per_subset), skey, train_func, kwargs)
+    manifest = _manifest(
+        "lds", seed, n, float(subset_ratio), int(num_runs_per_subset), skey, train_func, kwargs
+    )
     root = _open_dir(path, manifest)
     ref = _reference_shapes(root)
     try:
         for i in range(int(start_id), int(start_id) + int(num_subsets)):
             sub = subset_indices(skey, i, n, float(subset_ratio))
-            meta = {"format": RETRAIN_FORMAT, "kind": "lds", "index": str(i), "subset": json.dumps(sub.tolist()), "sampling_key": skey}
+            meta = {
+                "format": RETRAIN_FORMAT,
+                "kind": "lds",
+                "index": str(i),
+                "subset": json.dumps(sub.tolist()),
+                "sampling_key": skey,
+            }
             for r in range(int(num_runs_per_subset)):
                 if _saved_ok(_model_path(root, "lds", i, r)) is None:
-                    ref = _train_and_save(train_func, dataloader, root, "lds", i, r, sub, skey, meta, ref, kwargs)
+                    ref = _train_and_save(
+                        train_func, dataloader, root, "lds", i, r, sub, skey, meta, ref, kwargs
+                    )
                 if dattri_layout:
                     _export_dattri_model(root, "lds", i, r)
             if dattri_layout:
@@ -463,12 +515,16 @@ def load_retrained_state(ckpt_path: str | os.PathLike, verify: bool = True) -> d
     return read_safetensors_checked(ckpt_path, error_cls=CheckpointError, verify=verify)[0]
 
 
-def list_retrained(retrain_dir: str | os.PathLike) -> tuple[dict[str, Any], list[tuple[int, int, Path]]]:
+def list_retrained(
+    retrain_dir: str | os.PathLike,
+) -> tuple[dict[str, Any], list[tuple[int, int, Path]]]:
     """The manifest and the ``(index, run, path)`` of every saved model, sorted."""
     root = Path(retrain_dir)
     mpath = root / "manifest.json"
     if not mpath.exists():
-        raise StoreError(f"{str(root)!r} has no manifest.json; it was not written by retrain_loo/retrain_lds")
+        raise StoreError(
+            f"{str(root)!r} has no manifest.json; it was not written by retrain_loo/retrain_lds"
+        )
     try:
         manifest = json.loads(mpath.read_text())
     except Exception as exc:

@@ -545,7 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out")
     s.add_argument("--curves-out")
     s = stage(
-        "brittleness", cmd_brittleness, "fewest top-attributed removals that flip a prediction (retrains)"
+        "brittleness",
+        cmd_brittleness,
+        "fewest top-attributed removals that flip a prediction (retrains)",
     )
     s.add_argument("--method")
     s.add_argument("--scores")

@@ -44,7 +44,16 @@ __all__ = [
     "validate",
 ]
 
-STAGES = ("prepare", "train", "groundtruth", "merge", "attribute", "evaluate", "brittleness", "report")
+STAGES = (
+    "prepare",
+    "train",
+    "groundtruth",
+    "merge",
+    "attribute",
+    "evaluate",
+    "brittleness",
+    "report",
+)
 
 #: Metrics evaluated when a benchmark file says ``metrics: null`` (mirrors BenchmarkSetting.metrics
 #: of tdabench.benchmark without importing torch at workflow-parse time).

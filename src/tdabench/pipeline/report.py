@@ -143,7 +143,9 @@ def _rows(
         for m, path in per_method.items():
             r = _read_checked(path, b, m, "metrics")
             side = read_sidecar(path)
-            secs = side.get("attribution_seconds", (side.get("facts") or {}).get("attribution_seconds"))
+            secs = side.get(
+                "attribution_seconds", (side.get("facts") or {}).get("attribution_seconds")
+            )
             r.setdefault("attribution_seconds", secs)
             cpath = (curves or {}).get(b, {}).get(m)
             if cpath is None:  # results/metrics/<b>/<m>.json -> results/<b>/plots/<m>.json
@@ -270,7 +272,9 @@ def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def _html(rows: Sequence[Mapping[str, Any]], images: Sequence[Path], prov: Mapping[str, Any]) -> str:
+def _html(
+    rows: Sequence[Mapping[str, Any]], images: Sequence[Path], prov: Mapping[str, Any]
+) -> str:
     esc = html.escape
     head = "".join(f"<th>{esc(h)}</th>" for h in _COLUMNS)
     body = "".join(
@@ -303,16 +307,26 @@ def _bars(rows: Sequence[Mapping[str, Any]], metric: str, title: str, path: Path
     if not data:
         return False
     benches = sorted({r["benchmark"] for r in data})
-    fig, axes = plt.subplots(1, len(benches), figsize=(min(12, 4.5 * len(benches)), 3.6), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(benches), figsize=(min(12, 4.5 * len(benches)), 3.6), squeeze=False
+    )
     for ax, b in zip(axes[0], benches, strict=False):
         rs = [r for r in data if r["benchmark"] == b]
         vals = [r[metric]["value"] for r in rs]
         err = [
-            [max(0.0, r[metric]["value"] - r[metric].get("ci_low", r[metric]["value"])) for r in rs],
-            [max(0.0, r[metric].get("ci_high", r[metric]["value"]) - r[metric]["value"]) for r in rs],
+            [
+                max(0.0, r[metric]["value"] - r[metric].get("ci_low", r[metric]["value"]))
+                for r in rs
+            ],
+            [
+                max(0.0, r[metric].get("ci_high", r[metric]["value"]) - r[metric]["value"])
+                for r in rs
+            ],
         ]
         ax.bar([r["method"] for r in rs], vals, yerr=err, capsize=3, color="tab:blue")
-        ceil = [r[metric]["noise_ceiling"] for r in rs if r[metric].get("noise_ceiling") is not None]
+        ceil = [
+            r[metric]["noise_ceiling"] for r in rs if r[metric].get("noise_ceiling") is not None
+        ]
         if ceil:
             ax.axhline(ceil[0], color="k", ls="--", lw=1, label="noise ceiling")
             ax.legend(fontsize=7)
@@ -332,7 +346,9 @@ def _roc(rows: Sequence[Mapping[str, Any]], path: Path) -> bool:
     if not roc:
         return False
     benches = sorted({r["benchmark"] for r in roc})
-    fig, axes = plt.subplots(1, len(benches), figsize=(min(12, 4.5 * len(benches)), 3.8), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(benches), figsize=(min(12, 4.5 * len(benches)), 3.8), squeeze=False
+    )
     for ax, b in zip(axes[0], benches, strict=False):
         for r in (r for r in roc if r["benchmark"] == b):
             c = r["_curves"]["roc"]

@@ -33,7 +33,18 @@ __all__ = [
 ]
 
 #: Class names of CIFAR-10, index = label.
-CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 #: Per-channel mean / std of the CIFAR-10 training set, used to standardise inputs.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -87,7 +98,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return obj
 
     def persistent_load(self, pid: Any) -> Any:
-        raise UnsafeFileError(f"{self._path!r} uses pickle persistent ids; a CIFAR batch never does, so it is refused")
+        raise UnsafeFileError(
+            f"{self._path!r} uses pickle persistent ids; a CIFAR batch never does, so it is refused"
+        )
 
 
 def read_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -102,28 +115,41 @@ def read_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"CIFAR batch {str(p)!r} not found; pass the cifar-10-batches-py folder as data_root")
+        raise DataError(
+            f"CIFAR batch {str(p)!r} not found; pass the cifar-10-batches-py folder as data_root"
+        )
     with open(p, "rb") as fh:
         try:
             obj = _RestrictedUnpickler(fh, str(p)).load()
         except UnsafeFileError:
             raise
         except Exception as exc:
-            raise DataError(f"{str(p)!r} is not a readable CIFAR batch ({type(exc).__name__}: {exc})") from exc
+            raise DataError(
+                f"{str(p)!r} is not a readable CIFAR batch ({type(exc).__name__}: {exc})"
+            ) from exc
     if not isinstance(obj, dict):
         raise DataError(f"{str(p)!r} holds a {type(obj).__name__}, not the dict of a CIFAR batch")
     d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
     if "data" not in d or not ("labels" in d or "fine_labels" in d):
-        raise DataError(f"{str(p)!r} lacks 'data' or 'labels' (keys: {sorted(map(str, d))}); is it a CIFAR-10 batch?")
+        raise DataError(
+            f"{str(p)!r} lacks 'data' or 'labels' (keys: {sorted(map(str, d))}); is it a CIFAR-10 batch?"
+        )
     data = d["data"]
     labels = np.asarray(d.get("labels", d.get("fine_labels")))
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+    if (
+        not isinstance(data, np.ndarray)
+        or data.dtype != np.uint8
+        or data.ndim != 2
+        or data.shape[1] != 3072
+    ):
         raise DataError(
             f"{str(p)!r}: 'data' must be a uint8 array (N, 3072), got "
             f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}"
         )
     if labels.ndim != 1 or labels.shape[0] != data.shape[0] or labels.dtype.kind not in "iu":
-        raise DataError(f"{str(p)!r}: 'labels' must be {data.shape[0]} integers, got {labels.dtype} {labels.shape}")
+        raise DataError(
+            f"{str(p)!r}: 'labels' must be {data.shape[0]} integers, got {labels.dtype} {labels.shape}"
+        )
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
@@ -185,15 +211,24 @@ def load_cifar(
         keep_tr, keep_te = np.isin(y_tr, classes), np.isin(y_te, classes)
         x_tr, y_tr = x_tr[keep_tr], remap[y_tr[keep_tr]]
         x_te, y_te = x_te[keep_te], remap[y_te[keep_te]]
-    tr = select_indices(x_tr.shape[0], n_train, subset, seed, "CIFAR training batches (after the class filter)")
-    te = select_indices(x_te.shape[0], n_test, subset, seed + 1, "CIFAR test batch (after the class filter)")
+    tr = select_indices(
+        x_tr.shape[0], n_train, subset, seed, "CIFAR training batches (after the class filter)"
+    )
+    te = select_indices(
+        x_te.shape[0], n_test, subset, seed + 1, "CIFAR test batch (after the class filter)"
+    )
     meta = {
         "source": "cifar10-python-batches",
         "root": str(Path(root)),
         "files": describe_files(files),
         "classes": list(classes) if classes is not None else list(range(10)),
         "class_names": [CIFAR_CLASSES[c] for c in (classes if classes is not None else range(10))],
-        "split": {"method": subset, "seed": int(seed), "train_from": "data_batch_1..5", "test_from": "test_batch"},
+        "split": {
+            "method": subset,
+            "seed": int(seed),
+            "train_from": "data_batch_1..5",
+            "test_from": "test_batch",
+        },
         "input_transform": {"scale": "1/255", "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)},
     }
     return BenchmarkData(

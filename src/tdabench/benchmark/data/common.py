@@ -55,7 +55,9 @@ def require_path(path: str | os.PathLike, what: str, setting: str | None = None)
         how = (
             f"get_setting({setting!r}).load(data_root=...)" if setting else "the data_root argument"
         )
-        raise DataError(f"{what} not found at {str(p)!r}; put the files there or pass their folder with {how}")
+        raise DataError(
+            f"{what} not found at {str(p)!r}; put the files there or pass their folder with {how}"
+        )
     return p
 
 
@@ -81,7 +83,9 @@ class BenchmarkData:
     def __post_init__(self) -> None:
         for name, split in (("train", self.train), ("test", self.test)):
             if len(split) < 2:
-                raise ShapeError(f"BenchmarkData.{name} must be (inputs, labels); got {len(split)} tensors")
+                raise ShapeError(
+                    f"BenchmarkData.{name} must be (inputs, labels); got {len(split)} tensors"
+                )
             n = split[0].shape[0]
             if any(t.shape[0] != n for t in split):
                 raise ShapeError(
@@ -89,7 +93,9 @@ class BenchmarkData:
                     f"{[tuple(t.shape) for t in split]}; every tensor needs one row per sample"
                 )
             if n == 0:
-                raise DataError(f"BenchmarkData.{name} is empty; check data_root and the requested sizes")
+                raise DataError(
+                    f"BenchmarkData.{name} is empty; check data_root and the requested sizes"
+                )
         self.meta.setdefault("n_train", int(self.train[0].shape[0]))
         self.meta.setdefault("n_test", int(self.test[0].shape[0]))
         self.meta.setdefault("tensors_sha256", sha256_tensors((*self.train, *self.test)))
@@ -119,11 +125,17 @@ class BenchmarkData:
         inputs, labels, *rest = self.train
         noisy, idx = flip_labels(labels, fraction, num_classes, seed)
         meta = {k: v for k, v in self.meta.items() if k != "tensors_sha256"}
-        meta["label_noise"] = {"fraction": float(fraction), "seed": int(seed), "flipped_indices": idx.tolist()}
+        meta["label_noise"] = {
+            "fraction": float(fraction),
+            "seed": int(seed),
+            "flipped_indices": idx.tolist(),
+        }
         return BenchmarkData(train=(inputs, noisy, *rest), test=self.test, meta=meta)
 
 
-def flip_labels(labels: Tensor, fraction: float, num_classes: int, seed: int) -> tuple[Tensor, Tensor]:
+def flip_labels(
+    labels: Tensor, fraction: float, num_classes: int, seed: int
+) -> tuple[Tensor, Tensor]:
     """Flip a fraction of class labels to a different class, reproducibly.
 
     ``round(fraction * n)`` indices are drawn without replacement; each chosen label is
@@ -146,7 +158,9 @@ def flip_labels(labels: Tensor, fraction: float, num_classes: int, seed: int) ->
         raise ConfigError(f"num_classes must be >= 2 to flip labels, got {num_classes}")
     labels = labels.to(torch.int64)
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise DataError(f"labels must lie in [0, {num_classes}); got range [{int(labels.min())}, {int(labels.max())}]")
+        raise DataError(
+            f"labels must lie in [0, {num_classes}); got range [{int(labels.min())}, {int(labels.max())}]"
+        )
     n = labels.numel()
     k = round(float(fraction) * n)
     gen = torch.Generator().manual_seed(int(seed))
@@ -170,4 +184,6 @@ def take_first(arr: np.ndarray, n: int, what: str, setting: str | None) -> np.nd
 
 def describe_files(files: Mapping[str, Path]) -> dict[str, dict[str, str]]:
     """``{key: {"name": file name, "sha256": hex}}`` of the raw files read, sorted by key."""
-    return {key: {"name": Path(p).name, "sha256": sha256_file(p)} for key, p in sorted(files.items())}
+    return {
+        key: {"name": Path(p).name, "sha256": sha256_file(p)} for key, p in sorted(files.items())
+    }

@@ -37,7 +37,9 @@ def _read_bytes(path: Path) -> bytes:
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError) as exc:
-            raise DataError(f"{str(path)!r} is a damaged gzip file ({exc}); download it again") from exc
+            raise DataError(
+                f"{str(path)!r} is a damaged gzip file ({exc}); download it again"
+            ) from exc
     return raw
 
 
@@ -55,10 +57,14 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"IDX file {str(p)!r} not found; pass the folder that holds it as data_root")
+        raise DataError(
+            f"IDX file {str(p)!r} not found; pass the folder that holds it as data_root"
+        )
     raw = _read_bytes(p)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _TYPES:
-        raise DataError(f"{str(p)!r} is not an IDX file (bad magic {raw[:4].hex()}); check the file")
+        raise DataError(
+            f"{str(p)!r} is not an IDX file (bad magic {raw[:4].hex()}); check the file"
+        )
     dtype = _TYPES[raw[2]]
     ndim = raw[3]
     header = 4 + 4 * ndim
@@ -84,7 +90,9 @@ def write_idx(path: str | os.PathLike, array: np.ndarray, compress: bool | None 
     a = np.asarray(array)
     code = _CODES.get(a.dtype.str) or _CODES.get(a.dtype.newbyteorder("=").str)
     if code is None:
-        raise DataError(f"IDX cannot store dtype {a.dtype}; use uint8, int8, int16, int32, float32 or float64")
+        raise DataError(
+            f"IDX cannot store dtype {a.dtype}; use uint8, int8, int16, int32, float32 or float64"
+        )
     be = a.astype(_TYPES[code], copy=False)
     head = bytes([0, 0, code, a.ndim]) + np.asarray(a.shape, dtype=">u4").tobytes()
     payload = head + np.ascontiguousarray(be).tobytes()

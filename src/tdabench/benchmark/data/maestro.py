@@ -31,7 +31,9 @@ __all__ = ["bach_chorale_paths", "load_bach_chorales", "load_maestro", "read_mae
 logger = logging.getLogger(__name__)
 
 
-def read_maestro_csv(root: str | os.PathLike, setting: str | None = None) -> tuple[Path, list[dict[str, str]]]:
+def read_maestro_csv(
+    root: str | os.PathLike, setting: str | None = None
+) -> tuple[Path, list[dict[str, str]]]:
     """The MAESTRO metadata csv under ``root`` (``maestro-v*.csv``) and its rows.
 
     Rows need the columns ``split`` (train / validation / test) and ``midi_filename``
@@ -49,7 +51,9 @@ def read_maestro_csv(root: str | os.PathLike, setting: str | None = None) -> tup
     with open(path, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     if not rows or not {"split", "midi_filename"} <= set(rows[0]):
-        raise DataError(f"{str(path)!r} lacks the columns 'split' and 'midi_filename'; is it the MAESTRO csv?")
+        raise DataError(
+            f"{str(path)!r} lacks the columns 'split' and 'midi_filename'; is it the MAESTRO csv?"
+        )
     return path, rows
 
 
@@ -95,7 +99,13 @@ def _finish(
     if not test:
         raise DataError(f"{what} gives no test sequence; add test pieces or lower seq_len")
     if len(test) < n_test:
-        logger.warning("%s gives %d test sequences (%d requested); using %d", what, len(test), n_test, len(test))
+        logger.warning(
+            "%s gives %d test sequences (%d requested); using %d",
+            what,
+            len(test),
+            n_test,
+            len(test),
+        )
         meta["n_test_requested"] = n_test
     x_tr, y_tr = _stack(train)
     x_te, y_te = _stack(test)
@@ -172,7 +182,9 @@ def bach_chorale_paths() -> list[Path]:
         ) from exc
     paths = sorted((Path(p) for p in corpus.getComposer("bach")), key=lambda p: p.name)
     if not paths:
-        raise DataError("music21 ships no Bach corpus here; reinstall music21 or pass a MAESTRO folder with data_root")
+        raise DataError(
+            "music21 ships no Bach corpus here; reinstall music21 or pass a MAESTRO folder with data_root"
+        )
     return paths
 
 

@@ -95,17 +95,23 @@ def read_midi_notes(source: str | os.PathLike | bytes, sustain: bool = True) -> 
         else:
             name = str(source)
             if not Path(source).is_file():
-                raise DataError(f"MIDI file {name!r} not found; check data_root and the csv's midi_filename column")
+                raise DataError(
+                    f"MIDI file {name!r} not found; check data_root and the csv's midi_filename column"
+                )
             mid = mido.MidiFile(str(source))
         messages = list(mid)  # merged tracks, msg.time = seconds since the previous message
     except DataError:
         raise
     except Exception as exc:
-        raise DataError(f"cannot parse MIDI {name!r} ({type(exc).__name__}: {exc}); is it a valid .mid file?") from exc
+        raise DataError(
+            f"cannot parse MIDI {name!r} ({type(exc).__name__}: {exc}); is it a valid .mid file?"
+        ) from exc
 
     notes: list[Note] = []
     open_notes: dict[tuple[int, int], deque[tuple[float, int]]] = defaultdict(deque)
-    held: dict[int, list[tuple[int, float, int]]] = defaultdict(list)  # channel -> (pitch, start, vel)
+    held: dict[int, list[tuple[int, float, int]]] = defaultdict(
+        list
+    )  # channel -> (pitch, start, vel)
     pedal: dict[int, bool] = defaultdict(bool)
     now = 0.0
 
@@ -248,10 +254,20 @@ def write_midi(
     per_sec = ticks_per_beat * 1_000_000 / tempo
     timed: list[tuple[int, int, object]] = []
     for n in notes:
-        timed.append((round(n.start * per_sec), 2, mido.Message("note_on", note=n.pitch, velocity=n.velocity)))
-        timed.append((round(n.end * per_sec), 1, mido.Message("note_off", note=n.pitch, velocity=0)))
+        timed.append(
+            (
+                round(n.start * per_sec),
+                2,
+                mido.Message("note_on", note=n.pitch, velocity=n.velocity),
+            )
+        )
+        timed.append(
+            (round(n.end * per_sec), 1, mido.Message("note_off", note=n.pitch, velocity=0))
+        )
     for down, up in pedal or []:
-        timed.append((round(down * per_sec), 0, mido.Message("control_change", control=64, value=127)))
+        timed.append(
+            (round(down * per_sec), 0, mido.Message("control_change", control=64, value=127))
+        )
         timed.append((round(up * per_sec), 0, mido.Message("control_change", control=64, value=0)))
     timed.sort(key=lambda x: (x[0], x[1]))
     track = mido.MidiTrack()

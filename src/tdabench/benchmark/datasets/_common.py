@@ -17,7 +17,14 @@ from tdabench.errors import DataError
 from tdabench.groundtruth.optim import make_torch_optimizer, normalize_recipe
 from tdabench.task import load_state_dict
 
-__all__ = ["LabelledDataset", "evaluate_per_sample", "load_weights", "seed_everything", "setting_optimizer", "train_epochs"]
+__all__ = [
+    "LabelledDataset",
+    "evaluate_per_sample",
+    "load_weights",
+    "seed_everything",
+    "setting_optimizer",
+    "train_epochs",
+]
 
 
 class LabelledDataset(TensorDataset):
@@ -78,7 +85,9 @@ def train_epochs(
     return model
 
 
-def load_weights(model: nn.Module, model_path: str | os.PathLike, device: str | torch.device) -> nn.Module:
+def load_weights(
+    model: nn.Module, model_path: str | os.PathLike, device: str | torch.device
+) -> nn.Module:
     """Load a state dict file (safetensors, or torch with ``weights_only=True``) into ``model``; eval mode."""
     model.load_state_dict(load_state_dict(model_path))
     model.to(device)

@@ -38,6 +38,7 @@ __all__ = [
     "train_cifar_resnet9",
 ]
 
+
 def _require(path: str | os.PathLike) -> Path:
     root = Path(path)
     if not root.exists():
@@ -54,7 +55,9 @@ def _count(files: dict[str, Path], names: tuple[str, ...], classes: tuple[int, .
     return int(labels.size if classes is None else np.isin(labels, classes).sum())
 
 
-def _datasets(path: str | os.PathLike, classes: tuple[int, ...] | None) -> tuple[LabelledDataset, LabelledDataset]:
+def _datasets(
+    path: str | os.PathLike, classes: tuple[int, ...] | None
+) -> tuple[LabelledDataset, LabelledDataset]:
     """Every image of the batches (after the class filter), in file order."""
     files = find_cifar_batches(_require(path))
     n_train = _count(files, tuple(f"data_batch_{i}" for i in range(1, 6)), classes)
@@ -91,7 +94,11 @@ def create_resnet9_model(num_classes: int = 2) -> ResNet9:
 
 
 def train_cifar_resnet9(
-    dataloader: Iterable[Any], seed: int = 0, device: str = "cpu", num_classes: int = 2, num_epochs: int = 10
+    dataloader: Iterable[Any],
+    seed: int = 0,
+    device: str = "cpu",
+    num_classes: int = 2,
+    num_epochs: int = 10,
 ) -> ResNet9:
     """Train :func:`create_resnet9_model` with the ``cifar2_resnet9`` recipe.
 
@@ -112,8 +119,13 @@ def train_cifar_resnet9(
 
 
 def loss_cifar_resnet9(
-    model_path: str | os.PathLike, dataloader: Iterable[Any], device: str = "cpu", num_classes: int = 2
+    model_path: str | os.PathLike,
+    dataloader: Iterable[Any],
+    device: str = "cpu",
+    num_classes: int = 2,
 ) -> Tensor:
     """Per-sample cross-entropy ``(n,)`` of the saved ResNet-9 (eval mode) over ``dataloader``."""
     model = load_weights(create_resnet9_model(num_classes), model_path, device)
-    return evaluate_per_sample(model, dataloader, device, lambda z, y: F.cross_entropy(z, y, reduction="none"))
+    return evaluate_per_sample(
+        model, dataloader, device, lambda z, y: F.cross_entropy(z, y, reduction="none")
+    )

@@ -79,7 +79,9 @@ class ImageFolderDataset(Dataset):
             img = im.convert("RGB")
         w, h = img.size
         scale = self.resize / min(w, h)
-        img = img.resize((max(self.crop, round(w * scale)), max(self.crop, round(h * scale))), Image.BILINEAR)
+        img = img.resize(
+            (max(self.crop, round(w * scale)), max(self.crop, round(h * scale))), Image.BILINEAR
+        )
         w, h = img.size
         left, top = (w - self.crop) // 2, (h - self.crop) // 2
         img = img.crop((left, top, left + self.crop, top + self.crop))
@@ -88,7 +90,9 @@ class ImageFolderDataset(Dataset):
         return x, label
 
 
-def create_imagenet_dataset(path: str | os.PathLike) -> tuple[ImageFolderDataset, ImageFolderDataset]:
+def create_imagenet_dataset(
+    path: str | os.PathLike,
+) -> tuple[ImageFolderDataset, ImageFolderDataset]:
     """The ImageNet training and validation sets from ``path/train`` and ``path/val`` (class folders).
 
     Raises:
@@ -113,7 +117,9 @@ class _BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.downsample = None
         if stride != 1 or c_in != c_out:
-            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         h = F.relu(self.bn1(self.conv1(x)))
@@ -136,7 +142,9 @@ class ResNet18(nn.Module):
         c_in = 64
         for i, w in enumerate(widths, start=1):
             stride = 1 if i == 1 else 2
-            setattr(self, f"layer{i}", nn.Sequential(_BasicBlock(c_in, w, stride), _BasicBlock(w, w, 1)))
+            setattr(
+                self, f"layer{i}", nn.Sequential(_BasicBlock(c_in, w, stride), _BasicBlock(w, w, 1))
+            )
             c_in = w
         self.fc = nn.Linear(512, num_classes)
         for m in self.modules():
@@ -174,12 +182,16 @@ def train_imagenet_resnet18(
     return train_epochs(model, dataloader, opt, num_epochs, device, F.cross_entropy)
 
 
-def loss_imagenet_resnet18(model_path: str | os.PathLike, dataloader: Iterable[Any], device: str = "cpu") -> float:
+def loss_imagenet_resnet18(
+    model_path: str | os.PathLike, dataloader: Iterable[Any], device: str = "cpu"
+) -> float:
     """Mean cross-entropy over every sample of ``dataloader`` (eval mode), as a float.
 
     (dattri multiplies each batch's summed loss by its batch size before dividing by the number
     of samples; that equals this mean only for batches of one.)
     """
     model = load_weights(create_resnet18_model(), model_path, device)
-    losses = evaluate_per_sample(model, dataloader, device, lambda z, y: F.cross_entropy(z, y, reduction="none"))
+    losses = evaluate_per_sample(
+        model, dataloader, device, lambda z, y: F.cross_entropy(z, y, reduction="none")
+    )
     return float(losses.mean())

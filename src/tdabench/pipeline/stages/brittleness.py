@@ -26,7 +26,9 @@ from tdabench.pipeline.stages._common import device as resolve_device
 __all__ = ["brittleness"]
 
 
-def _correct_columns(setting: Any, data: Any, trainer: Any, seed: int, n_cols: int, want: int) -> list[int]:
+def _correct_columns(
+    setting: Any, data: Any, trainer: Any, seed: int, n_cols: int, want: int
+) -> list[int]:
     """The first ``want`` of the ``n_cols`` test points the full model of ``seed`` gets right."""
     state = unstack(trainer.train(torch.ones(1, trainer.n_train, dtype=torch.bool), [seed]), 0)
     model = setting.build_model()
@@ -36,7 +38,9 @@ def _correct_columns(setting: Any, data: Any, trainer: Any, seed: int, n_cols: i
         pred = model(*[t[:n_cols] for t in data.test[:-1]]).argmax(-1)
     ok = torch.nonzero(pred == data.test[-1][:n_cols]).flatten()[:want]
     if ok.numel() == 0:
-        raise DataError("the full model classifies none of the scored test points correctly; nothing can flip")
+        raise DataError(
+            "the full model classifies none of the scored test points correctly; nothing can flip"
+        )
     return [int(j) for j in ok]
 
 
@@ -55,12 +59,18 @@ def brittleness(
     setting, data = load(spec["attribute"]["train"])
     fp = data_fingerprint(data.meta)
     if meta["provenance"].get("data") != fp:
-        raise DataError(f"{scores!r} was computed on other data than is loaded now; rerun attribute for this data")
+        raise DataError(
+            f"{scores!r} was computed on other data than is loaded now; rerun attribute for this data"
+        )
     if setting.kind != "classification":
-        raise ConfigError(f"{setting.name} is a {setting.kind} setting: brittleness needs predicted class labels")
+        raise ConfigError(
+            f"{setting.name} is a {setting.kind} setting: brittleness needs predicted class labels"
+        )
     br = spec["brittleness"]
     trainer = make_trainer(setting, data, batched=True, device=resolve_device(device))
-    cols = _correct_columns(setting, data, trainer, int(br["seed"]), s.shape[1], int(br["num_test"]))
+    cols = _correct_columns(
+        setting, data, trainer, int(br["seed"]), s.shape[1], int(br["num_test"])
+    )
     template = setting.build_model()
 
     def predict(state: dict[str, torch.Tensor], batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -68,14 +78,31 @@ def brittleness(
         return (logits.argmax(-1) == batch[-1]).to(torch.float32).reshape(())
 
     runner = BrittlenessRunner(
-        trainer, predict, store, search_space=list(br["search_space"]), seed=int(br["seed"]),
+        trainer,
+        predict,
+        store,
+        search_space=list(br["search_space"]),
+        seed=int(br["seed"]),
         shard_size=int(br["shard_size"]),
     )
     res = runner.run(np.asarray(s, dtype=np.float64)[:, cols], cols)
     found = [k for k in res["brittleness"] if k is not None]
     entry = {
-        "test_indices": cols, "brittleness": res["brittleness"], "search_space": res["search_space"],
-        "n_flipped": len(found), "median_flipped_k": float(np.median(found)) if found else None,
+        "test_indices": cols,
+        "brittleness": res["brittleness"],
+        "search_space": res["search_space"],
+        "n_flipped": len(found),
+        "median_flipped_k": float(np.median(found)) if found else None,
     }
-    prov = provenance(benchmark, "brittleness", spec, data=fp, scores=meta.get("sha256"), store_key=res["key"])
-    write_json(out, {"benchmark": benchmark, "method": spec["method"], "brittleness": entry, "provenance": prov})
+    prov = provenance(
+        benchmark, "brittleness", spec, data=fp, scores=meta.get("sha256"), store_key=res["key"]
+    )
+    write_json(
+        out,
+        {
+            "benchmark": benchmark,
+            "method": spec["method"],
+            "brittleness": entry,
+            "provenance": prov,
+        },
+    )
