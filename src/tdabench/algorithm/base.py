@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tdabench.errors import ConfigError, NotCachedError
+from tdabench.errors import ConfigError, DataError, NotCachedError, TdabenchError
 from tdabench.func.speed import backend_flags
 from tdabench.func.utils import Batch, batch_size_of, batch_slice, batch_to, iter_batches
 from tdabench.memory import MemoryPlanner, planner_for
@@ -157,9 +157,53 @@ class BaseAttributor:
         if isinstance(loader, ReplayLoader):
             yield from loader  # already validated and moved
             return
+        first = True
         for batch in iter_batches(loader, what):
             batch_size_of(batch)
-            yield batch_to(batch, self.device)
+            batch = batch_to(batch, self.device)
+            if first:
+                self._check_first_batch(batch, what)
+                first = False
+            yield batch
+
+    def _check_first_batch(self, batch: Batch, what: str) -> None:
+        """Run the task's loss and target once on the loader's first batch, before any gradient
+        work, so a loader that does not fit the model fails with an error naming the loader and
+        the fix instead of a traceback from inside ``vmap`` (one forward pass; later batches
+        are not re-checked).
+
+        Raises:
+            DataError: the loss or target raises on the batch (wrong input width or dtype, a
+                batch without labels, labels out of range, ...).
+            ConfigError: the loss or target does not return a scalar, or its convention is
+                ambiguous (see ``AttributionTask(sample_mode=...)``).
+        """
+        if not hasattr(self.task.loss_func, "resolve"):
+            return  # not an f(params, data) loss (e.g. dattri's LoGra f(model, data, device))
+        self.task.resolve_sample_mode(batch)
+        params = {n: t.to(self.device) for n, t in self.task.get_params(0).items()}
+        funcs = {"loss_func": self.task.loss_func, "target_func": self.task.target_func}
+        for name, func in funcs.items():
+            try:
+                with torch.no_grad():
+                    out = func(params, batch)
+            except TdabenchError:
+                raise
+            except Exception as exc:
+                raise DataError(
+                    f"the {what}'s first batch fails in the task's {name} ({type(exc).__name__}: "
+                    f"{exc}); it must yield batches like the training data: (inputs, labels) with "
+                    "the model's input shape and dtype (float inputs, not int64) and labels within "
+                    "the model's classes"
+                ) from exc
+            if not isinstance(out, Tensor) or out.numel() != 1:
+                shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise ConfigError(
+                    f"the task's {name} returns {shape} on a batch of the {what}; it must return "
+                    "the batch's mean as a scalar (e.g. reduction='mean')"
+                )
+            if func is self.task.target_func:
+                break
 
     def _grads(
         self,
