@@ -60,3 +60,18 @@ def test_smoke_config_runs_to_the_end(tmp_path, real_env):
         assert report.count(f"| {b} |") == n
     res = snakemake(ws, "-n", "--quiet", "rules", "--configfile", "configs/smoke.yaml")
     assert "Nothing to be done" in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+def test_memory_budget_in_the_run_config(tmp_path):
+    """`memory_budget` in the run config is validated before any job and reaches the jobs through
+    TDABENCH_MEMORY_BUDGET (like the launcher settings, it never changes an output's hash)."""
+    ws = make_workspace(tmp_path / "ws")
+
+    def jobs(*extra: str) -> list[str]:
+        res = snakemake(ws, "-n", "--printshellcmds", *extra)
+        return sorted(line for line in res.stdout.splitlines() if "-m tdabench.pipeline" in line)
+
+    before = jobs()
+    assert before and jobs("--config", "memory_budget=2GiB") == before  # same jobs, same hashes
+    with pytest.raises(AssertionError, match="memory_budget"):
+        snakemake(ws, "-n", "--quiet", "rules", "--config", "memory_budget=lots")

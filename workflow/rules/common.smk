@@ -34,6 +34,12 @@ LAUNCHER_RESOURCES = dict(
     shard_mem_mb=int(_S["mem_gb"] * 1024),
     shard_runtime=_S["timeout_min"],
 )
+# How much memory a job may plan with is not a property of any result either (same channel).
+if CFG.get("memory_budget") is not None:
+    from tdabench.memory import parse_bytes
+
+    parse_bytes(CFG["memory_budget"], total=1)  # a malformed budget fails before any job starts
+    os.environ["TDABENCH_MEMORY_BUDGET"] = str(CFG["memory_budget"])
 TDABENCH = f"{sys.executable} -m tdabench.pipeline"
 
 REPORT = [f"{R}/report.md", f"{R}/report.html", f"{R}/summary.csv"]
