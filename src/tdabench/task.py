@@ -173,6 +173,11 @@ class AttributionTask(DattriTaskMethods):
         """``"batch"``, ``"sample"``, or ``"auto"`` until the first batch decided it."""
         return self._sample_state[0]
 
+    def adapt(self, func: Callable[..., Tensor], what: str) -> Callable[..., Tensor]:
+        """Another ``f(params, data)`` of the user's (e.g. TRAK's probability function) with batch
+        semantics under the same convention as the loss (``sample_mode``)."""
+        return _batch_semantics(func, self._sample_state, what)
+
     def resolve_sample_mode(self, batch: Batch, index: int = 0) -> str:
         """Decide ``sample_mode`` on a concrete ``batch`` (no-op once decided)."""
         if self._sample_state[0] != "auto" or not isinstance(self.loss_func, BatchLoss):

@@ -279,6 +279,10 @@ def test_dattri_call_forms_give_the_same_scores():
         trak.attribute(test_loader)
     with pytest.raises(NotCachedError, match=r"dattri's\s+positional order"):
         trak.attribute(train_loader, test_loader)
+    # the same samples in both roles (other batching): unambiguous, cached on demand
+    same = TRAKAttributor(task, prob, projector_kwargs={"proj_dim": 8, "proj_type": "gaussian"})
+    both = same.attribute(train_loader, DataLoader(train, batch_size=3))
+    assert both.shape == (N_TRAIN, N_TRAIN)
     fresh = TRAKAttributor(task, prob, projector_kwargs={"proj_dim": 8, "proj_type": "gaussian"})
     on_demand = fresh.attribute(test_dataloader=test_loader, train_dataloader=train_loader)
     trak.cache(train_loader)
@@ -289,5 +293,6 @@ def test_dattri_call_forms_give_the_same_scores():
     torch.testing.assert_close(kw, ours, rtol=0, atol=0)
     torch.testing.assert_close(trak.attribute(test_dataloader=test_loader), ours, rtol=0, atol=0)
     torch.testing.assert_close(on_demand, ours, rtol=0, atol=0)
+    torch.testing.assert_close(both, trak.attribute(train_loader, train_loader), rtol=0, atol=0)
     with pytest.raises(ConfigError, match=r"dattri's positional order is \(test, train\)"):
         trak.attribute(test_loader, train_loader)

@@ -117,7 +117,7 @@ class TRAKAttributor(BaseAttributor):
             for n, t in self.task.get_params(index).items()
             if n not in spec.names
         }
-        user = self.correct_probability_func
+        user = self.task.adapt(self.correct_probability_func, "correct_probability_func")
 
         def f(flat: Tensor, data: Batch) -> Tensor:
             params = dict(fixed)
@@ -232,6 +232,9 @@ class TRAKAttributor(BaseAttributor):
             if not self._cached and train is not None:  # unambiguous roles: cache on demand
                 self.cache(train)
         elif not self._cached and train is not None and test is not None:
+            if self._same_samples(train, test):  # roles interchangeable: cache on demand
+                self.cache(train)
+                return train, test
             raise NotCachedError(
                 "TRAKAttributor.attribute(a, b) needs cache(train_loader) first; without a cache the "
                 "roles of a and b are ambiguous (tdabench's order is (train, test), dattri's "
@@ -260,6 +263,20 @@ class TRAKAttributor(BaseAttributor):
                     "attribute(test_loader) or attribute(test_dataloader=..., train_dataloader=...)"
                 )
         return train, test
+
+    def _same_samples(self, a: Iterable[Batch], b: Iterable[Batch]) -> bool:
+        """Whether two loaders yield the same samples in the same order (any batching)."""
+
+        def stacked(loader: Iterable[Batch]) -> list[Tensor]:
+            batches = list(self._batches(loader, "loader"))
+            parts = [t if isinstance(t, (tuple, list)) else (t,) for t in batches]
+            return [torch.cat([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+        xa, xb = stacked(a), stacked(b)
+        return len(xa) == len(xb) and all(
+            u.shape == v.shape and u.dtype == v.dtype and torch.equal(u, v)
+            for u, v in zip(xa, xb, strict=True)
+        )
 
     # ------------------------------------------------------------------ API
     def _kernel_inverse(self, xtx: Tensor, index: int, count: int) -> Tensor:
