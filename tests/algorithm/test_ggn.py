@@ -170,3 +170,37 @@ def test_tiny_memory_budget_gives_the_same_scores(cls, kw):
     att = cls(_task(model), regularization=LAM, memory_budget=1, **ggn, **kw)
     assert att._chunk_rows() == 1
     torch.testing.assert_close(_scores(att), base, rtol=1e-12, atol=1e-12 * float(base.abs().max()))
+
+
+@pytest.mark.parametrize("cls", ["IFAttributorExplicit", "IFAttributorCG"])
+def test_test_side_split_by_the_memory_budget(cls, caplog):
+    """A budget too small for all test gradients splits the test loader into parts (the training
+    loader streamed once per part); the scores are those of one part."""
+    import logging
+
+    import tdabench.algorithm as alg
+
+    g = torch.Generator().manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,), generator=g)
+
+    def loss(params, data):
+        return F.cross_entropy(functional_call(model, params, (data[0],)), data[1])
+
+    task = AttributionTask(loss, model, model.state_dict())
+    train = DataLoader(TensorDataset(x[:14], y[:14]), batch_size=5)
+    test = DataLoader(TensorDataset(x[14:], y[14:]), batch_size=2)
+    kw = (
+        {"regularization": 0.1, "max_dense_bytes": 10**6}
+        if cls == "IFAttributorExplicit"
+        else {"regularization": 0.1, "max_iter": 8, "tol": 0.0}
+    )
+    out = []
+    for budget in (None, 1):
+        a = getattr(alg, cls)(task, memory_budget=budget, **kw)
+        a.cache(train)
+        with caplog.at_level(logging.INFO, logger="tdabench.algorithm.influence_function"):
+            out.append(a.attribute(train, test))
+    assert "3 test parts" in caplog.text
+    torch.testing.assert_close(out[0], out[1], rtol=1e-8, atol=1e-10)  # batched CG: other sums

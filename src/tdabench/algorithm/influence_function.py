@@ -111,6 +111,8 @@ logger = logging.getLogger(__name__)
 _MAX_RHS_ROWS = 1024
 #: Share of the memory budget for the solver's vectors (about 6 per right-hand side).
 _SOLVER_FRACTION = 0.1
+#: Share of the memory budget for the test side of ``attribute`` (gradients + solver vectors).
+_TEST_FRACTION = 0.25
 #: Samples used to check that a declared GGN output loss reproduces ``loss_func``.
 _GGN_CHECK_SAMPLES = 32
 
@@ -386,22 +388,51 @@ class _IFAttributorBase(BaseAttributor):
         self._require_cache()
         total: Tensor | None = None
         K = self.task.num_checkpoints
+        parts = self._test_parts(test_loader)
         for k in range(K):
-            g_test = self._all_grads(test_loader, "target", k, "test loader")
-            left, x_test = self._test_factors(k, g_test)
-            blocks = [
-                (g_train if left is None else g_train @ left) @ x_test.T
-                for g_train in tqdm(
-                    self._grads(train_loader, "loss", k, "train loader"),
-                    desc=f"IF attribute (ckpt {k})",
-                    disable=None,
-                    leave=False,
-                )
-            ]
-            scores = torch.cat(blocks, dim=0)
+            columns = []
+            for part in parts:  # one part unless the test gradients exceed their budget share
+                g_test = self._all_grads(part, "target", k, "test loader")
+                left, x_test = self._test_factors(k, g_test)
+                blocks = [
+                    (g_train if left is None else g_train @ left) @ x_test.T
+                    for g_train in tqdm(
+                        self._grads(train_loader, "loss", k, "train loader"),
+                        desc=f"IF attribute (ckpt {k})",
+                        disable=None,
+                        leave=False,
+                    )
+                ]
+                columns.append(torch.cat(blocks, dim=0))
+            scores = torch.cat(columns, dim=1)
             total = self._accumulate(total, scores, "train loader")
         assert total is not None
         return total / K
+
+    def _test_parts(self, test_loader: Iterable[Batch]) -> list[Iterable[Batch]]:
+        """The test loader as groups of whole batches whose gradients (and solver vectors) fit
+        :data:`_TEST_FRACTION` of the memory budget: one group (the loader itself) when they all
+        fit, so the training gradients are computed once per checkpoint; otherwise the training
+        loader is streamed once per group (time traded for memory, logged)."""
+        per_row = 8 * self.spec.dim * torch.empty((), dtype=self.dtype).element_size()
+        rows = self.planner.rows(per_row, fraction=_TEST_FRACTION)
+        parts: list[list[Batch]] = [[]]
+        count = 0
+        for batch in self._batches(test_loader, "test loader"):
+            n = batch_size_of(batch)
+            if parts[-1] and count + n > rows:
+                parts.append([])
+                count = 0
+            parts[-1].append(batch)
+            count += n
+        if len(parts) > 1:
+            logger.info(
+                "IF test gradients exceed the memory budget: %d test parts of <= %d rows, the "
+                "training loader is streamed once per part",
+                len(parts),
+                rows,
+            )
+        return list(parts)
 
     def self_attribute(self, train_loader: Iterable[Batch]) -> Tensor:
         """Self-influence ``∇t(z_i)ᵀ (H + λI)^{-1} ∇L(z_i)`` of each training sample.
