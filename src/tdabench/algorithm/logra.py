@@ -59,7 +59,7 @@ from tdabench.algorithm.base import BaseAttributor
 from tdabench.errors import ConfigError, DataError, StoreError
 from tdabench.func.capture import LayerIO, capture, capture_task, layer_param_names, select_modules
 from tdabench.func.projection import make_projector
-from tdabench.func.utils import Batch, batch_size_of, check_finite
+from tdabench.func.utils import Batch, batch_size_of, check_finite, same_samples
 from tdabench.memory import MemoryPlanner, planner_for
 from tdabench.task import AttributionTask
 
@@ -541,26 +541,6 @@ class BlockProjectedAttributor(BaseAttributor):
             num_checkpoints=self.task.num_checkpoints,
         )
         return out
-
-
-def same_samples(a: Any, b: Any) -> bool:
-    """Whether two loaders yield the same samples in the same order: the same object, or two
-    ``DataLoader`` s over the same dataset object, both sequential (unshuffled), neither dropping
-    a last batch, with the same collate function (their batch sizes may differ)."""
-    if a is b:
-        return True
-    from torch.utils.data import DataLoader, SequentialSampler
-
-    if not (isinstance(a, DataLoader) and isinstance(b, DataLoader)):
-        return False
-    return (
-        a.dataset is b.dataset
-        and isinstance(a.sampler, SequentialSampler)
-        and isinstance(b.sampler, SequentialSampler)
-        and not a.drop_last
-        and not b.drop_last
-        and a.collate_fn is b.collate_fn
-    )
 
 
 def _takes_model(func: Callable[..., Any]) -> bool:

@@ -34,7 +34,7 @@ from tdabench.algorithm.arguments import TRAK_DEFAULT_PROJECTOR, TRAKArguments
 from tdabench.algorithm.base import BaseAttributor
 from tdabench.errors import ConfigError, DataError, NonFiniteError, NotCachedError
 from tdabench.func.projection import Projector, ProjectorSet, resolve_projector_kwargs
-from tdabench.func.utils import Batch, check_finite, per_sample_values
+from tdabench.func.utils import Batch, check_finite, per_sample_values, same_samples
 from tdabench.task import AttributionTask, LayerName
 
 __all__ = ["TRAKAttributor"]
@@ -232,7 +232,7 @@ class TRAKAttributor(BaseAttributor):
             if not self._cached and train is not None:  # unambiguous roles: cache on demand
                 self.cache(train)
         elif not self._cached and train is not None and test is not None:
-            if self._same_samples(train, test):  # roles interchangeable: cache on demand
+            if same_samples(train, test):  # roles interchangeable: cache on demand
                 self.cache(train)
                 return train, test
             raise NotCachedError(
@@ -263,20 +263,6 @@ class TRAKAttributor(BaseAttributor):
                     "attribute(test_loader) or attribute(test_dataloader=..., train_dataloader=...)"
                 )
         return train, test
-
-    def _same_samples(self, a: Iterable[Batch], b: Iterable[Batch]) -> bool:
-        """Whether two loaders yield the same samples in the same order (any batching)."""
-
-        def stacked(loader: Iterable[Batch]) -> list[Tensor]:
-            batches = list(self._batches(loader, "loader"))
-            parts = [t if isinstance(t, (tuple, list)) else (t,) for t in batches]
-            return [torch.cat([p[i] for p in parts]) for i in range(len(parts[0]))]
-
-        xa, xb = stacked(a), stacked(b)
-        return len(xa) == len(xb) and all(
-            u.shape == v.shape and u.dtype == v.dtype and torch.equal(u, v)
-            for u, v in zip(xa, xb, strict=True)
-        )
 
     # ------------------------------------------------------------------ API
     def _kernel_inverse(self, xtx: Tensor, index: int, count: int) -> Tensor:

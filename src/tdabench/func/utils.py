@@ -190,6 +190,26 @@ def iter_batches(loader: Iterable[Batch], what: str = "data loader") -> Iterable
         raise DataError(f"the {what} is empty; pass a DataLoader over at least one sample")
 
 
+def same_samples(a: Any, b: Any) -> bool:
+    """Whether two loaders yield the same samples in the same order: the same object, or two
+    ``DataLoader`` s over the same dataset object, both sequential (unshuffled), neither dropping
+    a last batch, with the same collate function (their batch sizes may differ)."""
+    if a is b:
+        return True
+    from torch.utils.data import DataLoader, SequentialSampler
+
+    if not (isinstance(a, DataLoader) and isinstance(b, DataLoader)):
+        return False
+    return (
+        a.dataset is b.dataset
+        and isinstance(a.sampler, SequentialSampler)
+        and isinstance(b.sampler, SequentialSampler)
+        and not a.drop_last
+        and not b.drop_last
+        and a.collate_fn is b.collate_fn
+    )
+
+
 def _in_dims(batch: Batch) -> Any:
     if isinstance(batch, Tensor):
         return 0
