@@ -41,8 +41,11 @@ class CheckpointError(TdabenchError, ValueError):
     """A checkpoint does not fit the model or cannot be read."""
 
 
-class NotCachedError(TdabenchError, RuntimeError):
-    """A method that needs ``cache()`` was called before it."""
+class NotCachedError(TdabenchError, RuntimeError, ValueError):
+    """A method that needs ``cache()`` was called before it.
+
+    Also a ``ValueError``: dattri raises ``ValueError`` for this misuse, so code written for
+    dattri catches it unchanged."""
 
 
 class NonFiniteError(TdabenchError, FloatingPointError):

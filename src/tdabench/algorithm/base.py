@@ -15,11 +15,12 @@ diagonal of ``attribute(loader, loader)``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from tdabench.errors import ConfigError, DataError, NotCachedError, TdabenchError
 from tdabench.func.speed import backend_flags
@@ -27,7 +28,7 @@ from tdabench.func.utils import Batch, batch_size_of, batch_slice, batch_to, ite
 from tdabench.memory import MemoryPlanner, planner_for
 from tdabench.task import AttributionTask, LayerName
 
-__all__ = ["BaseAttributor", "ReplayLoader"]
+__all__ = ["BaseAttributor", "ReplayLoader", "accumulate_scores", "arguments_from"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,40 @@ _GRAD_FRACTION = 0.25
 def _batch_bytes(batch: Batch) -> int:
     ts = [batch] if isinstance(batch, Tensor) else [t for t in batch if isinstance(t, Tensor)]
     return sum(t.numel() * t.element_size() for t in ts)
+
+
+A = TypeVar("A")
+
+
+def arguments_from(cls: type[A], values: Mapping[str, Any]) -> A:
+    """``cls.from_dict`` of the entries of ``values`` that are fields of the arguments dataclass
+    ``cls`` (a :class:`~tdabench.algorithm.arguments.MethodArguments`): an attributor builds its
+    arguments from its ``__init__``'s ``locals()`` without listing every keyword again.
+
+    Raises:
+        ConfigError: an invalid value (the dataclass's validation).
+    """
+    keys = set(cls.keys())  # type: ignore[attr-defined]
+    return cls.from_dict({k: v for k, v in values.items() if k in keys})  # type: ignore[attr-defined]
+
+
+def accumulate_scores(total: Tensor | None, scores: Tensor, what: str) -> Tensor:
+    """``total + scores`` (``scores`` when ``total`` is ``None``): one checkpoint's scores
+    ``(n_train, ...)`` added to the running sum of the previous checkpoints'.
+
+    Raises:
+        DataError: the shapes differ, i.e. the loader yielded another number of samples on
+            this pass (a generator, or a loader in random order).
+    """
+    if total is None:
+        return scores
+    if total.shape != scores.shape:
+        raise DataError(
+            f"the {what} yielded {scores.shape[0]} samples on one pass and {total.shape[0]} on another; "
+            "with several checkpoints the loaders are iterated once per checkpoint: pass re-iterable "
+            "DataLoaders (not generators) in a fixed order"
+        )
+    return total + scores
 
 
 class ReplayLoader:
@@ -205,20 +240,31 @@ class BaseAttributor:
             if func is self.task.target_func:
                 break
 
-    def _grads(
+    def _batch_grads(
         self,
         loader: Iterable[Batch],
         which: str = "loss",
         index: int = 0,
         what: str = "data loader",
-    ) -> Iterator[Tensor]:
-        """Per-sample gradients ``(B, d)`` of each batch of ``loader`` at checkpoint ``index``."""
+        desc: str | None = None,
+    ) -> Iterator[tuple[Batch, Tensor]]:
+        """``(batch, per-sample gradients (B, d))`` of each batch of ``loader`` at checkpoint
+        ``index``; with ``desc``, a progress bar of that name (tqdm, ``disable=None``)."""
         flat = self._params(index)
-        for batch in self._batches(loader, what):
+        batches = self._batches(loader, what)
+        if desc is not None:
+            batches = tqdm(batches, desc=desc, disable=None, leave=False)
+        for batch in batches:
             with backend_flags(self.device):
                 g = self.task.per_sample_grads(
                     flat, batch, which=which, index=index, layer_name=self.layer_name
                 )
+            yield batch, g
+
+    def _grads(self, loader: Iterable[Batch], *args: Any) -> Iterator[Tensor]:
+        """Per-sample gradients ``(B, d)`` of each batch of ``loader`` (the arguments of
+        :meth:`_batch_grads`: ``which``, ``index``, ``what``, ``desc``)."""
+        for _, g in self._batch_grads(loader, *args):
             yield g
 
     def _projected_grads(
@@ -250,15 +296,10 @@ class BaseAttributor:
                 return project(batch)
             return torch.cat([project(batch_slice(batch, a, a + rows)) for a in range(0, n, rows)])
 
-    def _all_grads(
-        self,
-        loader: Iterable[Batch],
-        which: str = "loss",
-        index: int = 0,
-        what: str = "data loader",
-    ) -> Tensor:
-        """Stacked per-sample gradients ``(n, d)`` of every sample in ``loader``."""
-        return torch.cat(list(self._grads(loader, which, index, what)), dim=0)
+    def _all_grads(self, loader: Iterable[Batch], *args: Any) -> Tensor:
+        """Stacked per-sample gradients ``(n, d)`` of every sample in ``loader`` (the arguments
+        of :meth:`_batch_grads`)."""
+        return torch.cat(list(self._grads(loader, *args)), dim=0)
 
     # ------------------------------------------------------------------ API
     def cache(self, full_train_loader: Iterable[Batch]) -> None:  # pragma: no cover - overridden

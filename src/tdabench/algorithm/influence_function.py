@@ -71,8 +71,8 @@ from tdabench.algorithm.arguments import (
     LiSSAArguments,
     MethodArguments,
 )
-from tdabench.algorithm.base import BaseAttributor
-from tdabench.errors import ConfigError, DataError
+from tdabench.algorithm.base import BaseAttributor, accumulate_scores, arguments_from
+from tdabench.errors import ConfigError, DataError, NotCachedError
 from tdabench.func.curvature import (
     CurvatureOperator,
     ExactHessian,
@@ -115,6 +115,18 @@ _SOLVER_FRACTION = 0.1
 _TEST_FRACTION = 0.25
 #: Samples used to check that a declared GGN output loss reproduces ``loss_func``.
 _GGN_CHECK_SAMPLES = 32
+
+
+_RELATIF_METHODS = (None, "l", "theta")
+
+
+def _check_relatif(relatif_method: str | None) -> str | None:
+    if relatif_method not in _RELATIF_METHODS:
+        raise ConfigError(
+            f"Unknown relatif_method {relatif_method!r}; pass None, 'l' (divide by "
+            "sqrt(g_i^T H^-1 g_i)) or 'theta' (divide by ||H^-1 g_i||)"
+        )
+    return relatif_method
 
 
 def _check_tensor_batch(batch: Batch) -> None:
@@ -164,6 +176,8 @@ class _IFAttributorBase(BaseAttributor):
     mode: str = "rev-rev"
     #: Prepare every checkpoint's solver in :meth:`cache` (a factor or basis) rather than lazily.
     prepare_at_cache: bool = False
+    #: ``attribute``/``self_attribute`` before :meth:`cache` cache the training loader (dattri).
+    cache_on_demand: bool = True
 
     def __init__(
         self,
@@ -371,43 +385,90 @@ class _IFAttributorBase(BaseAttributor):
         self._n_cached = n
         return batches
 
-    def attribute(self, train_loader: Iterable[Batch], test_loader: Iterable[Batch]) -> Tensor:
+    def attribute(
+        self,
+        train_loader: Iterable[Batch],
+        test_loader: Iterable[Batch],
+        relatif_method: str | None = None,
+    ) -> Tensor:
         """Influence scores of every training sample on every test sample.
 
         The test side is transformed once per checkpoint (target gradients, then one batched
-        inverse-HVP), and the training loader is streamed once per checkpoint.
+        inverse-HVP), and the training loader is streamed once per checkpoint. Called before
+        :meth:`cache`, the training loader is cached as the full training set first (dattri's
+        behaviour; logged as a warning), except by :class:`IFAttributorArnoldi`.
 
         Args:
             train_loader: training samples to score (need not be the cache loader).
             test_loader: test samples.
+            relatif_method: RelatIF normalisation of each training row (dattri's third
+                argument), per checkpoint: ``None`` (none), ``"theta"`` (divide by
+                ``max(||(H + λI)^{-1} ∇L(z_i)||, 1e-12)``) or ``"l"`` (divide by
+                ``sqrt(max(∇t(z_i)ᵀ (H + λI)^{-1} ∇L(z_i), 1e-12))``).
 
         Returns:
             Tensor ``(n_train, n_test)`` on ``device``, averaged over checkpoints; high = the
             training sample helps the test sample.
+
+        Raises:
+            ConfigError: an unknown ``relatif_method``.
+            NotCachedError: :class:`IFAttributorArnoldi` before :meth:`cache`.
         """
-        self._require_cache()
+        relatif = _check_relatif(relatif_method)
+        self._cache_on_demand(train_loader)
         total: Tensor | None = None
         K = self.task.num_checkpoints
         parts = self._test_parts(test_loader)
         for k in range(K):
-            columns = []
-            for part in parts:  # one part unless the test gradients exceed their budget share
-                g_test = self._all_grads(part, "target", k, "test loader")
-                left, x_test = self._test_factors(k, g_test)
-                blocks = [
-                    (g_train if left is None else g_train @ left) @ x_test.T
-                    for g_train in tqdm(
-                        self._grads(train_loader, "loss", k, "train loader"),
-                        desc=f"IF attribute (ckpt {k})",
-                        disable=None,
-                        leave=False,
-                    )
-                ]
-                columns.append(torch.cat(blocks, dim=0))
-            scores = torch.cat(columns, dim=1)
-            total = self._accumulate(total, scores, "train loader")
+            # one part unless the test gradients exceed their budget share
+            columns = [self._score_part(k, part, train_loader, relatif) for part in parts]
+            total = accumulate_scores(total, torch.cat(columns, dim=1), "train loader")
         assert total is not None
         return total / K
+
+    def _score_part(
+        self, k: int, part: Iterable[Batch], train_loader: Iterable[Batch], relatif: str | None
+    ) -> Tensor:
+        """Scores ``(n_train, n_part)`` of one part of the test loader at checkpoint ``k``."""
+        g_test = self._all_grads(part, "target", k, "test loader")
+        left, x_test = self._test_factors(k, g_test)
+        blocks = []
+        for batch, g_train in self._batch_grads(
+            train_loader, "loss", k, "train loader", f"IF attribute (ckpt {k})"
+        ):
+            block = (g_train if left is None else g_train @ left) @ x_test.T
+            if relatif is not None:
+                block = block / self._relatif_denominator(k, batch, g_train, relatif).unsqueeze(1)
+            blocks.append(block)
+        return torch.cat(blocks, dim=0)
+
+    def _relatif_denominator(self, k: int, batch: Batch, g_loss: Tensor, relatif: str) -> Tensor:
+        """RelatIF's per-row denominator ``(B,)`` of the training rows ``g_loss`` ``(B, d)``."""
+        x = self._ihvp(k, g_loss)
+        if relatif == "theta":
+            return x.norm(dim=1).clamp_min(1e-12)
+        g_tgt = self._target_grads(k, batch, g_loss)
+        return (g_tgt * x).sum(dim=1).clamp_min(1e-12).sqrt()
+
+    def _target_grads(self, k: int, batch: Batch, g_loss: Tensor) -> Tensor:
+        """Target gradients ``(B, d)`` of ``batch`` (``g_loss`` when the target is the loss)."""
+        if self.task.target_func is self.task.loss_func:
+            return g_loss
+        return self.task.per_sample_grads(self._params(k), batch, "target", k, self.layer_name)
+
+    def _cache_on_demand(self, train_loader: Iterable[Batch]) -> None:
+        """dattri's behaviour when ``cache`` was not called: the training loader is cached as the
+        full training set (warned). Methods that cannot (``cache_on_demand = False``) raise."""
+        if self._cached:
+            return
+        if not self.cache_on_demand:
+            self._require_cache()
+        logger.warning(
+            "%s: attribute/self_attribute called before cache(); caching the train loader as the "
+            "full training set (as dattri does). Call cache(full_train_loader) to choose it.",
+            type(self).__name__,
+        )
+        self.cache(train_loader)
 
     def _test_parts(self, test_loader: Iterable[Batch]) -> list[Iterable[Batch]]:
         """The test loader as groups of whole batches whose gradients (and solver vectors) fit
@@ -434,51 +495,38 @@ class _IFAttributorBase(BaseAttributor):
             )
         return list(parts)
 
-    def self_attribute(self, train_loader: Iterable[Batch]) -> Tensor:
+    def self_attribute(
+        self, train_loader: Iterable[Batch], relatif_method: str | None = None
+    ) -> Tensor:
         """Self-influence ``∇t(z_i)ᵀ (H + λI)^{-1} ∇L(z_i)`` of each training sample.
 
-        Equals the diagonal of ``attribute(train_loader, train_loader)`` (the target
-        gradient plays the test side, as there). Works batch by batch, so any number of
-        batches is fine.
+        Equals the diagonal of ``attribute(train_loader, train_loader, relatif_method)`` (the
+        target gradient plays the test side, as there). Works batch by batch, so any number of
+        batches is fine. Caches on demand as :meth:`attribute`.
+
+        Args:
+            train_loader: training samples.
+            relatif_method: ``None``, ``"theta"`` or ``"l"``, as in :meth:`attribute`.
 
         Returns:
             Tensor ``(n_train,)``, averaged over checkpoints.
         """
-        self._require_cache()
+        relatif = _check_relatif(relatif_method)
+        self._cache_on_demand(train_loader)
         total: Tensor | None = None
         K = self.task.num_checkpoints
-        same = self.task.target_func is self.task.loss_func
         for k in range(K):
-            flat = self._params(k)
             parts = []
-            for batch in tqdm(
-                self._batches(train_loader, "train loader"),
-                desc=f"IF self-attribute (ckpt {k})",
-                disable=None,
-                leave=False,
+            for batch, g_loss in self._batch_grads(
+                train_loader, "loss", k, "train loader", f"IF self-attribute (ckpt {k})"
             ):
-                g_loss = self.task.per_sample_grads(flat, batch, "loss", k, self.layer_name)
-                g_tgt = (
-                    g_loss
-                    if same
-                    else self.task.per_sample_grads(flat, batch, "target", k, self.layer_name)
-                )
-                parts.append((g_loss * self._ihvp(k, g_tgt)).sum(dim=1))
-            total = self._accumulate(total, torch.cat(parts), "train loader")
+                own = (g_loss * self._ihvp(k, self._target_grads(k, batch, g_loss))).sum(dim=1)
+                if relatif is not None:
+                    own = own / self._relatif_denominator(k, batch, g_loss, relatif)
+                parts.append(own)
+            total = accumulate_scores(total, torch.cat(parts), "train loader")
         assert total is not None
         return total / K
-
-    @staticmethod
-    def _accumulate(total: Tensor | None, scores: Tensor, what: str) -> Tensor:
-        if total is None:
-            return scores
-        if total.shape != scores.shape:
-            raise DataError(
-                f"the {what} yielded {scores.shape[0]} samples on one pass and {total.shape[0]} on another; "
-                "with several checkpoints the loaders are iterated once per checkpoint: pass re-iterable "
-                "DataLoaders (not generators) in a fixed order"
-            )
-        return total + scores
 
     def hyperparameters(self) -> dict[str, Any]:
         out = {"method": type(self).__name__, **self.arguments.result_dict()}
@@ -527,15 +575,7 @@ class IFAttributorExplicit(_IFAttributorBase):
         solver: IHVPSolver | None = None,
         memory_budget: int | float | str | None = None,
     ) -> None:
-        args = IFExplicitArguments(
-            layer_name=layer_name,
-            regularization=regularization,
-            max_dense_bytes=max_dense_bytes,
-            hessian=hessian,
-            ggn_output=ggn_output,
-            memory_budget=memory_budget,
-        )
-        super().__init__(task, args, device, solver)
+        super().__init__(task, arguments_from(IFExplicitArguments, locals()), device, solver)
         if solver is None:
             check_dense_size(self.spec.dim, self.dtype, max_dense_bytes, planner=self.planner)
 
@@ -584,17 +624,7 @@ class IFAttributorCG(_IFAttributorBase):
         solver: IHVPSolver | None = None,
         memory_budget: int | float | str | None = None,
     ) -> None:
-        args = IFCGArguments(
-            layer_name=layer_name,
-            max_iter=max_iter,
-            tol=tol,
-            mode=mode,
-            regularization=regularization,
-            hessian=hessian,
-            ggn_output=ggn_output,
-            memory_budget=memory_budget,
-        )
-        super().__init__(task, args, device, solver)
+        super().__init__(task, arguments_from(IFCGArguments, locals()), device, solver)
 
     def _operator(self, index: int) -> CurvatureOperator:
         return self._curvature(index, self._train_batches, self._n_cached, self.mode)
@@ -648,20 +678,7 @@ class IFAttributorLiSSA(_IFAttributorBase):
         solver: IHVPSolver | None = None,
         memory_budget: int | float | str | None = None,
     ) -> None:
-        args = LiSSAArguments(
-            layer_name=layer_name,
-            batch_size=batch_size,
-            num_repeat=num_repeat,
-            recursion_depth=recursion_depth,
-            damping=damping,
-            scaling=scaling,
-            mode=mode,
-            seed=seed,
-            hessian=hessian,
-            ggn_output=ggn_output,
-            memory_budget=memory_budget,
-        )
-        super().__init__(task, args, device, solver)
+        super().__init__(task, arguments_from(LiSSAArguments, locals()), device, solver)
 
     def _validate_cache(self) -> None:
         if self.batch_size > self._n_cached:
@@ -725,6 +742,7 @@ class IFAttributorArnoldi(_IFAttributorBase):
     #: graphs of all chunks are kept either way): chunks are 8x those of the other methods.
     hvp_batch_size: int = 8192
     prepare_at_cache = True
+    cache_on_demand = False  # dattri's Arnoldi refuses too (ValueError)
 
     def __init__(
         self,
@@ -744,27 +762,20 @@ class IFAttributorArnoldi(_IFAttributorBase):
         solver: IHVPSolver | None = None,
         memory_budget: int | float | str | None = None,
     ) -> None:
-        args = ArnoldiArguments(
-            layer_name=layer_name,
-            precompute_data_ratio=precompute_data_ratio,
-            proj_dim=proj_dim,
-            max_iter=max_iter,
-            norm_constant=norm_constant,
-            tol=tol,
-            regularization=regularization,
-            seed=seed,
-            hessian=hessian,
-            ggn_output=ggn_output,
-            residual=residual,
-            memory_budget=memory_budget,
-        )
-        super().__init__(task, args, device, solver)
+        super().__init__(task, arguments_from(ArnoldiArguments, locals()), device, solver)
         if self.max_iter < self.proj_dim:
             logger.warning(
                 "IFAttributorArnoldi: max_iter=%d < proj_dim=%d keeps at most %d eigenpairs",
                 self.max_iter,
                 self.proj_dim,
                 self.max_iter,
+            )
+
+    def _require_cache(self) -> None:
+        if not self._cached:
+            raise NotCachedError(
+                "The Arnoldi projector has not been cached: IFAttributorArnoldi.attribute/"
+                "self_attribute needs cache(full_train_loader) first; call attributor.cache(train_loader)"
             )
 
     def _precompute_batches(self) -> tuple[list[Batch], int]:
