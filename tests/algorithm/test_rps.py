@@ -12,7 +12,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 from tdabench.algorithm import RPSAttributor
-from tdabench.errors import ConfigError, NotCachedError
+from tdabench.errors import ConfigError
 from tdabench.task import AttributionTask
 
 N_TRAIN, N_TEST, N_IN, N_HID, N_CLS = 24, 6, 4, 5, 3
@@ -152,13 +152,8 @@ def test_self_attribute_matches_diag_multi_batch():
 
 
 def test_bad_input():
-    _, task, train, test, _, _ = _setup()
-    tr, te = DataLoader(train, batch_size=8), DataLoader(test, batch_size=8)
-    att = RPSAttributor(task, "fc2")
-    with pytest.raises(NotCachedError):
-        att.attribute(tr, te)
-    with pytest.raises(NotCachedError):
-        att.self_attribute(tr)
+    # (before cache(): refit on demand, tests/algorithm/test_rps_parity.py)
+    _, task, _, _, _, _ = _setup()
     with pytest.raises(ConfigError, match="fc9"):
         RPSAttributor(task, "fc9")
     with pytest.raises(ConfigError, match=r"nn\.Linear"):
