@@ -563,6 +563,7 @@ class IFAttributorExplicit(_IFAttributorBase):
 
     prepare_at_cache = True
 
+    # Spelled out: dattri's constructor signature, then tdabench's keywords (hessian=, solver=, ...).
     def __init__(
         self,
         task: AttributionTask,
@@ -610,6 +611,7 @@ class IFAttributorCG(_IFAttributorBase):
         memory_budget: bytes the method may hold (see :func:`tdabench.memory.planner_for`).
     """
 
+    # Spelled out: dattri's constructor signature, then tdabench's keywords (hessian=, solver=, ...).
     def __init__(
         self,
         task: AttributionTask,
@@ -661,6 +663,7 @@ class IFAttributorLiSSA(_IFAttributorBase):
         memory_budget: bytes the method may hold.
     """
 
+    # Spelled out: dattri's constructor signature, then tdabench's keywords (hessian=, solver=, ...).
     def __init__(
         self,
         task: AttributionTask,
@@ -744,6 +747,7 @@ class IFAttributorArnoldi(_IFAttributorBase):
     prepare_at_cache = True
     cache_on_demand = False  # dattri's Arnoldi refuses too (ValueError)
 
+    # Spelled out: dattri's constructor signature, then tdabench's keywords (hessian=, solver=, ...).
     def __init__(
         self,
         task: AttributionTask,
