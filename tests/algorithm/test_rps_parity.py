@@ -21,7 +21,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from tdabench.algorithm import RPSAttributor
-from tdabench.errors import ConfigError
+from tdabench.errors import ConfigError, DataError
 from tdabench.task import AttributionTask
 
 N_TRAIN, N_TEST, N_IN, N_HID = 20, 6, 4, 5
@@ -206,3 +206,19 @@ def test_refit_loss_argument():
     auto.cache(tr)
     assert auto.convention == "outputs"
     assert torch.equal(auto.attribute(tr, te), forced.attribute(tr, te))
+
+
+def test_labels_refit_ignores_the_target_and_bad_batches_fail_clearly():
+    model, train, test, *_ = _setup(3)
+    tr, te = _loaders(train, test)
+    plain = RPSAttributor(_labels_task(model), "2", l2_strength=LAM)
+    plain.cache(tr)
+    both = AttributionTask(
+        _labels_task(model).original_loss_func, model, model.state_dict(), target_func=_soft_ce
+    )
+    labels = RPSAttributor(both, "2", l2_strength=LAM, refit_loss="labels")
+    labels.cache(tr)
+    assert torch.equal(labels.attribute(tr, te), plain.attribute(tr, te))
+    wide = TensorDataset(torch.randn(4, N_IN + 1, dtype=torch.float64), torch.zeros(4).long())
+    with pytest.raises(DataError, match="input shape"):
+        plain.attribute(tr, DataLoader(wide, batch_size=2))

@@ -264,6 +264,11 @@ class RPSAttributor(BaseAttributor):
         try:
             with torch.no_grad():
                 functional_call(self.task.model, {**buffers, **params}, (batch[0],))
+        except Exception as exc:
+            raise DataError(
+                f"the model fails on a batch's inputs ({type(exc).__name__}: {exc}); RPS needs batches "
+                "(inputs, labels, ...) with the model's input shape and dtype"
+            ) from exc
         finally:
             handle.remove()
         if len(captured) != 1:
@@ -274,13 +279,11 @@ class RPSAttributor(BaseAttributor):
         return captured[0]
 
     def _check_first_batch(self, batch: Batch, what: str) -> None:
-        """Decide ``"auto"`` on the first batch; the task's ``f(params, data)`` checks apply to
-        ``"labels"`` only (``"outputs"`` calls the target on layer outputs)."""
+        """Decide ``"auto"`` on the first batch (RPS never calls the task's functions on
+        ``(params, data)``; a batch the model cannot take fails in :meth:`_batch_io`)."""
         if self.convention is None:
             self.convention = self._decide(batch)
             logger.info("RPSAttributor: refit_loss='auto' resolved to %r", self.convention)
-        if self.convention == "labels":
-            super()._check_first_batch(batch, what)
 
     def _decide(self, batch: Batch) -> str:
         def probe() -> Tensor:
