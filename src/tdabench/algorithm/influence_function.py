@@ -404,7 +404,8 @@ class _IFAttributorBase(BaseAttributor):
             relatif_method: RelatIF normalisation of each training row (dattri's third
                 argument), per checkpoint: ``None`` (none), ``"theta"`` (divide by
                 ``max(||(H + λI)^{-1} ∇L(z_i)||, 1e-12)``) or ``"l"`` (divide by
-                ``sqrt(max(∇t(z_i)ᵀ (H + λI)^{-1} ∇L(z_i), 1e-12))``).
+                ``sqrt(max(∇t(z_i)ᵀ (H + λI)^{-1} ∇L(z_i), 1e-12))``). dattri 0.3.0's Arnoldi
+                silently ignores it; ours applies it with the Arnoldi inverse.
 
         Returns:
             Tensor ``(n_train, n_test)`` on ``device``, averaged over checkpoints; high = the
