@@ -169,7 +169,15 @@ def build_and_run(job: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         task = AttributionTask(
             loss_func=loss, model=model, checkpoints=ckpt_arg, target_func=common.rps_target_func
         )
-        att = cls(task, final_linear_layer_name=common.FINAL_LAYER[model_name], device=dev, **hp)
+        # Our refit against the labels (the method the README's RPS rows measure); "auto" would
+        # pick dattri's refit on predicted probabilities, since this target takes (outputs, targets).
+        att = cls(
+            task,
+            final_linear_layer_name=common.FINAL_LAYER[model_name],
+            device=dev,
+            refit_loss="labels",
+            **hp,
+        )
         t0 = start()
         att.cache(dl["cache"])
         t1 = time.perf_counter()
