@@ -35,6 +35,45 @@ def _evaluate(
     return v
 
 
+def _retrained(retrain_dir: str | os.PathLike, kind: str) -> tuple[dict[str, Any], list[Any]]:
+    """``(manifest, models)`` of a ``retrain_<kind>`` directory, checked to hold ``kind`` models."""
+    from tdabench.model_util.retrain import list_retrained
+
+    manifest, models = list_retrained(retrain_dir)
+    if manifest.get("kind") != kind:
+        other = {"loo": "lds", "lds": "loo"}[kind]
+        raise ConfigError(
+            f"{str(retrain_dir)!r} holds {manifest.get('kind')!r} models; use calculate_{other}_ground_truth for it"
+        )
+    if not models:
+        raise StoreError(f"{str(retrain_dir)!r} holds no models; run retrain_{kind} first")
+    return manifest, models
+
+
+def _runs_by_subset(models: list[Any], runs: int) -> dict[int, list[Any]]:
+    """``{subset index: [(run, path), ...]}``; every subset must have runs ``0..runs-1``."""
+    by_index: dict[int, list[Any]] = {}
+    for index, run, path in models:
+        by_index.setdefault(index, []).append((run, path))
+    incomplete = [
+        i for i, lst in by_index.items() if sorted(r for r, _ in lst) != list(range(runs))
+    ]
+    if incomplete:
+        raise StoreError(
+            f"subsets {sorted(incomplete)[:10]} lack some of their {runs} runs; rerun retrain_lds with the same arguments to finish them"
+        )
+    return by_index
+
+
+def _check_subset(path: os.PathLike, index: int, expected: np.ndarray) -> None:
+    """The model at ``path`` records ``expected`` (int64 ``(subset_size,)``) as its subset."""
+    _, meta = read_safetensors_checked(path, error_cls=CheckpointError, verify=False)
+    if not np.array_equal(np.asarray(json.loads(meta.get("subset", "[]"))), expected):
+        raise StoreError(
+            f"{path} records a subset that differs from subset {index} of this directory's seed; the directory is mixed up"
+        )
+
+
 def calculate_loo_ground_truth(
     target_func: Callable[[str, Any], Tensor], retrain_dir: str | os.PathLike, test_dataloader: Any
 ) -> tuple[Tensor, Tensor]:
@@ -54,15 +93,7 @@ def calculate_loo_ground_truth(
         (no sign change: with the loss, a good attribution correlates positively);
         ``removed_idx`` int64 ``(n_removed,)``, sorted. This is what :func:`loo_corr` takes.
     """
-    from tdabench.model_util.retrain import list_retrained
-
-    manifest, models = list_retrained(retrain_dir)
-    if manifest.get("kind") != "loo":
-        raise ConfigError(
-            f"{str(retrain_dir)!r} holds {manifest.get('kind')!r} models; use calculate_lds_ground_truth for it"
-        )
-    if not models:
-        raise StoreError(f"{str(retrain_dir)!r} holds no models; run retrain_loo first")
+    _, models = _retrained(retrain_dir, "loo")
     values, idx, n_test = [], [], None
     for index, _, path in models:
         v = _evaluate(target_func, path, test_dataloader, n_test)
@@ -102,41 +133,17 @@ def calculate_lds_ground_truth(
         StoreError: a subset lacks some of its runs, or a model's recorded subset does not
             match its derivation from the seed (a mixed-up directory).
     """
-    from tdabench.model_util.retrain import list_retrained
-
-    manifest, models = list_retrained(retrain_dir)
-    if manifest.get("kind") != "lds":
-        raise ConfigError(
-            f"{str(retrain_dir)!r} holds {manifest.get('kind')!r} models; use calculate_loo_ground_truth for it"
-        )
-    if not models:
-        raise StoreError(f"{str(retrain_dir)!r} holds no models; run retrain_lds first")
+    manifest, models = _retrained(retrain_dir, "lds")
     runs = int(manifest["num_runs_per_subset"])
-    n_train, ratio, skey = (
-        int(manifest["n_train"]),
-        float(manifest["subset_ratio"]),
-        manifest["sampling_key"],
-    )
-    by_index: dict[int, list[Any]] = {}
-    for index, run, path in models:
-        by_index.setdefault(index, []).append((run, path))
-    incomplete = [
-        i for i, lst in by_index.items() if sorted(r for r, _ in lst) != list(range(runs))
-    ]
-    if incomplete:
-        raise StoreError(
-            f"subsets {sorted(incomplete)[:10]} lack some of their {runs} runs; rerun retrain_lds with the same arguments to finish them"
-        )
+    n_train, ratio = int(manifest["n_train"]), float(manifest["subset_ratio"])
+    skey = manifest["sampling_key"]
+    by_index = _runs_by_subset(models, runs)
     gt, subsets, n_test = [], [], None
     for index in sorted(by_index):
         expected = subset_indices(skey, index, n_train, ratio)
         vals = []
         for _, path in sorted(by_index[index]):
-            _, meta = read_safetensors_checked(path, error_cls=CheckpointError, verify=False)
-            if not np.array_equal(np.asarray(json.loads(meta.get("subset", "[]"))), expected):
-                raise StoreError(
-                    f"{path} records a subset that differs from subset {index} of this directory's seed; the directory is mixed up"
-                )
+            _check_subset(path, index, expected)
             v = _evaluate(target_func, path, test_dataloader, n_test)
             n_test = v.numel()
             vals.append(v)
