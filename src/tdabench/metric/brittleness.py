@@ -270,6 +270,29 @@ class BrittlenessRunner:
         )
         write_table(path, table, {"key": key, "config": json.dumps({"entries": len(entries)})})
 
+    def _shard_table(
+        self,
+        path: Path,
+        key: str,
+        chunk: list[tuple[int, int]],
+        orders: np.ndarray,
+        cols: list[int],
+    ) -> Any:
+        """The stored table of one shard, (re)computed when missing, damaged or incomplete."""
+        from tdabench.groundtruth.store import read_table_checked
+
+        table = None
+        if path.is_file():
+            try:
+                table, _ = read_table_checked(path, key)
+            except (StoreError, ConfigError, OSError) as exc:
+                logger.warning("brittleness shard %s is damaged (%s); recomputing it", path, exc)
+                table = None
+        if table is None or table.num_rows != len(chunk):
+            self._run_shard(path, key, chunk, orders, cols)
+            table, _ = read_table_checked(path, key)
+        return table
+
     def run(self, scores: Tensor | np.ndarray, test_indices: Sequence[int]) -> dict[str, Any]:
         """Brittleness of each test sample (trains only the shards not already stored).
 
@@ -282,7 +305,6 @@ class BrittlenessRunner:
             ``{"brittleness": [k or None per test sample], "correct": (n_test_sel, n_k)
             list of 0/1 predictions-correct, "search_space": [...], "key": ...}``.
         """
-        from tdabench.groundtruth.store import read_table_checked
 
         s = np.asarray(
             scores.detach().cpu().numpy() if isinstance(scores, Tensor) else scores,
@@ -306,18 +328,7 @@ class BrittlenessRunner:
         correct = np.full((len(cols), len(self._ks)), np.nan)
         for sid, chunk in enumerate(shards):
             path = d / "shards" / f"shard-{sid:05d}.parquet"
-            table = None
-            if path.is_file():
-                try:
-                    table, _ = read_table_checked(path, key)
-                except (StoreError, ConfigError, OSError) as exc:
-                    logger.warning(
-                        "brittleness shard %s is damaged (%s); recomputing it", path, exc
-                    )
-                    table = None
-            if table is None or table.num_rows != len(chunk):
-                self._run_shard(path, key, chunk, orders, cols)
-                table, _ = read_table_checked(path, key)
+            table = self._shard_table(path, key, chunk, orders, cols)
             ks = {k: i for i, k in enumerate(self._ks)}
             for jp, k, c in zip(
                 *(table.column(n).to_pylist() for n in ("test_pos", "k", "correct")), strict=True
