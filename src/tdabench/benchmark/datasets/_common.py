@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
@@ -21,9 +22,12 @@ __all__ = [
     "LabelledDataset",
     "evaluate_per_sample",
     "load_weights",
+    "per_sample_ce",
+    "saved_model_values",
     "seed_everything",
     "setting_optimizer",
     "train_epochs",
+    "train_seeded",
 ]
 
 
@@ -110,3 +114,38 @@ def evaluate_per_sample(
     if not out:
         raise DataError("the dataloader is empty; pass a loader over at least one sample")
     return torch.cat(out)
+
+
+def per_sample_ce(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy of each sample: logits ``(B, C)``, labels ``(B,)`` -> ``(B,)``."""
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def train_seeded(
+    make_model: Callable[[], nn.Module],
+    seed: int,
+    setting: str,
+    dataloader: Iterable[Any],
+    epochs: int,
+    device: str | torch.device,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+) -> nn.Module:
+    """Seed (:func:`seed_everything`), create the model, then :func:`train_epochs` it with the
+    optimiser of ``setting``'s recipe (:func:`setting_optimizer`), as dattri's ``train_*`` do."""
+    seed_everything(seed)
+    model = make_model()
+    opt = setting_optimizer(setting, model.parameters())
+    return train_epochs(model, dataloader, opt, epochs, device, loss_fn)
+
+
+def saved_model_values(
+    model: nn.Module,
+    model_path: str | os.PathLike,
+    dataloader: Iterable[Any],
+    device: str | torch.device,
+    value_fn: Callable[[Tensor, Tensor], Tensor],
+) -> Tensor:
+    """:func:`evaluate_per_sample` ``(n,)`` of ``model`` with the weights at ``model_path``."""
+    return evaluate_per_sample(
+        load_weights(model, model_path, device), dataloader, device, value_fn
+    )

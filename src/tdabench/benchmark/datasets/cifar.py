@@ -20,11 +20,9 @@ from torch import Tensor
 from tdabench.benchmark.data import find_cifar_batches, load_cifar, read_cifar_batch
 from tdabench.benchmark.datasets._common import (
     LabelledDataset,
-    evaluate_per_sample,
-    load_weights,
-    seed_everything,
-    setting_optimizer,
-    train_epochs,
+    per_sample_ce,
+    saved_model_values,
+    train_seeded,
 )
 from tdabench.benchmark.models import ResNet9
 from tdabench.benchmark.settings import get_setting
@@ -112,10 +110,15 @@ def train_cifar_resnet9(
     Returns:
         The trained model (train mode, on ``device``).
     """
-    seed_everything(seed)
-    model = create_resnet9_model(num_classes)
-    opt = setting_optimizer("cifar2_resnet9", model.parameters())
-    return train_epochs(model, dataloader, opt, num_epochs, device, F.cross_entropy)
+    return train_seeded(
+        lambda: create_resnet9_model(num_classes),
+        seed,
+        "cifar2_resnet9",
+        dataloader,
+        num_epochs,
+        device,
+        F.cross_entropy,
+    )
 
 
 def loss_cifar_resnet9(
@@ -125,7 +128,5 @@ def loss_cifar_resnet9(
     num_classes: int = 2,
 ) -> Tensor:
     """Per-sample cross-entropy ``(n,)`` of the saved ResNet-9 (eval mode) over ``dataloader``."""
-    model = load_weights(create_resnet9_model(num_classes), model_path, device)
-    return evaluate_per_sample(
-        model, dataloader, device, lambda z, y: F.cross_entropy(z, y, reduction="none")
-    )
+    model = create_resnet9_model(num_classes)
+    return saved_model_values(model, model_path, dataloader, device, per_sample_ce)

