@@ -21,6 +21,7 @@ from tdabench.metric.metrics import (
 )
 from tdabench.metric.noise import stored_noise_ceiling
 
+# Spelled out (ruff checks re-exports against a literal list), so it repeats metrics.__all__.
 __all__ = [
     "BrittlenessRunner",
     "NoiseCeiling",
