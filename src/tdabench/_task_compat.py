@@ -96,12 +96,9 @@ class DattriTaskMethods:
         With dattri's default ``in_dims=(None, 1)`` the data tensors are mapped over their
         dimension 1 (callers pass ``data.unsqueeze(0)``-style batches, as in dattri).
         """
-        return vmap(
-            grad(self.get_loss_func(True, layer_name, ckpt_idx)),
-            in_dims=in_dims,
-            randomness="different",
-        )
+        return _vmap_grad(self.get_loss_func(True, layer_name, ckpt_idx), in_dims)
 
+    # Spelled out: dattri's signature (the same as get_grad_loss_func's).
     def get_grad_target_func(
         self,
         in_dims: tuple[int | None, ...] = (None, 1),
@@ -109,11 +106,7 @@ class DattriTaskMethods:
         ckpt_idx: int | None = None,
     ) -> Callable[..., Tensor]:
         """As :meth:`get_grad_loss_func` for the target function."""
-        return vmap(
-            grad(self.get_target_func(True, layer_name, ckpt_idx)),
-            in_dims=in_dims,
-            randomness="different",
-        )
+        return _vmap_grad(self.get_target_func(True, layer_name, ckpt_idx), in_dims)
 
     def get_param(
         self,
@@ -167,3 +160,10 @@ def _layer_map(names: Sequence[str]) -> list[int]:
             index, current = index + 1, module
         out.append(index)
     return out
+
+
+def _vmap_grad(
+    func: Callable[..., Tensor], in_dims: tuple[int | None, ...]
+) -> Callable[..., Tensor]:
+    """``vmap(grad(func), in_dims)`` with independent randomness per sample (dropout)."""
+    return vmap(grad(func), in_dims=in_dims, randomness="different")

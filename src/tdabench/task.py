@@ -334,6 +334,7 @@ class AttributionTask(DattriTaskMethods):
             return [check_finite(b, what) for b in g]
         return check_finite(g, what)
 
+    # Spelled out: per_sample_grads' arguments (without as_blocks), typed for callers.
     def per_sample_values(
         self,
         flat: Tensor,

