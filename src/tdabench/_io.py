@@ -550,6 +550,7 @@ def _provenance_of(meta: Mapping[str, str], path: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- Parquet
 
 
+# pipeline.io.write_table re-spells this signature (a documented wrapper; owned there).
 def write_parquet(
     path: PathLike,
     table: Any,

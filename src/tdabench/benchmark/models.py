@@ -169,6 +169,11 @@ class ResNet9(nn.Module):
 
 
 # --------------------------------------------------------------------------- sequence models
+def _check_heads(d: int, n_head: int, what: str) -> None:
+    if d % n_head:
+        raise ConfigError(f"{what} {d} must be divisible by the number of heads {n_head}")
+
+
 def _causal_mask(T: int, device: torch.device) -> Tensor:
     return torch.ones(T, T, dtype=torch.bool, device=device).tril()
 
@@ -176,10 +181,7 @@ def _causal_mask(T: int, device: torch.device) -> Tensor:
 class _CausalSelfAttention(nn.Module):
     def __init__(self, d: int, n_head: int, dropout: float, bias: bool) -> None:
         super().__init__()
-        if d % n_head:
-            raise ConfigError(
-                f"embedding size {d} must be divisible by the number of heads {n_head}"
-            )
+        _check_heads(d, n_head, "embedding size")
         self.n_head = n_head
         self.qkv = nn.Linear(d, 3 * d, bias=bias)
         self.proj = nn.Linear(d, d, bias=bias)
@@ -224,6 +226,7 @@ class NanoGPT(nn.Module):
     Input token ids ``(B, T)`` int64 with ``T <= block_size``; output logits ``(B, T, vocab_size)``.
     """
 
+    # Spelled out: the model's hyper-parameters, named as in nanoGPT.
     def __init__(
         self,
         vocab_size: int = 96,
@@ -298,10 +301,7 @@ class RelativeSelfAttention(nn.Module):
 
     def __init__(self, d_model: int, n_head: int, max_len: int, dropout: float) -> None:
         super().__init__()
-        if d_model % n_head:
-            raise ConfigError(
-                f"d_model {d_model} must be divisible by the number of heads {n_head}"
-            )
+        _check_heads(d_model, n_head, "d_model")
         self.n_head = n_head
         self.d_head = d_model // n_head
         self.max_len = max_len
@@ -361,6 +361,7 @@ class MusicTransformer(nn.Module):
     Input token ids ``(B, T)`` int64, ``T <= max_len``; output logits ``(B, T, vocab_size)``.
     """
 
+    # Spelled out: the model's hyper-parameters, named as in Music Transformer.
     def __init__(
         self,
         vocab_size: int = 388,
