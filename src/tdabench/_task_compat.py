@@ -82,7 +82,7 @@ class DattriTaskMethods:
     def get_target_func(
         self, flatten: bool = True, layer_name: LayerNames = None, ckpt_idx: int | None = None
     ) -> Callable[..., Tensor]:
-        """As :meth:`get_loss_func` for the target function."""
+        """As :meth:`get_loss_func` for the target function: ``f(flat_params (d,), data) -> target``."""
         return self._dattri_func(self._dattri_user("target"), flatten, layer_name, ckpt_idx)
 
     def get_grad_loss_func(
@@ -105,7 +105,7 @@ class DattriTaskMethods:
         layer_name: LayerNames = None,
         ckpt_idx: int | None = None,
     ) -> Callable[..., Tensor]:
-        """As :meth:`get_grad_loss_func` for the target function."""
+        """As :meth:`get_grad_loss_func` for the target: per-sample gradients ``(B, d)``."""
         return _vmap_grad(self.get_target_func(True, layer_name, ckpt_idx), in_dims)
 
     def get_param(

@@ -45,7 +45,7 @@ _PICKLE_MAGIC = (b"\x80",)  # protocol 2+ pickles start with PROTO opcode
 def load_state_dict(
     path: str | os.PathLike, map_location: str | torch.device = "cpu"
 ) -> dict[str, Tensor]:
-    """Load a state dict without executing code.
+    """Load a state dict (name -> tensor of the parameter's shape) without executing code.
 
     ``.safetensors`` files are read with safetensors; anything else with
     ``torch.load(weights_only=True)``, which refuses pickled code. A raw pickle is refused
@@ -200,6 +200,7 @@ class AttributionTask(DattriTaskMethods):
 
     @property
     def num_checkpoints(self) -> int:
+        """How many checkpoints the task holds."""
         return len(self.checkpoints)
 
     def _load(self, index: int) -> None:

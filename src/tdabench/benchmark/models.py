@@ -55,6 +55,7 @@ class LogisticRegression(nn.Module):
         self.linear = nn.Linear(in_features, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, num_classes)`` of inputs ``(B, ...)`` (flattened)."""
         return self.linear(x.flatten(1))
 
     def linear_relu_stack(self) -> list[tuple[str, nn.Linear, bool]]:
@@ -86,6 +87,7 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, num_classes)`` of inputs ``(B, ...)`` (flattened)."""
         return self.net(x.flatten(1))
 
     def linear_relu_stack(self) -> list[tuple[str, nn.Linear, bool]] | None:
@@ -164,6 +166,7 @@ class ResNet9(nn.Module):
         self.fc = nn.Linear(w3, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, num_classes)`` of images ``(B, 3, H, W)``."""
         h = self.stage3(self.stage2(self.stage1(self.stem(x))))
         return self.fc(h.mean(dim=(-2, -1)))
 
@@ -258,6 +261,7 @@ class NanoGPT(nn.Module):
                 nn.init.zeros_(p)
 
     def forward(self, idx: Tensor) -> Tensor:
+        """Logits ``(B, T, vocab_size)`` of token ids ``(B, T)``."""
         T = idx.shape[-1]
         if self.block_size < T:
             raise ShapeError(
@@ -312,6 +316,7 @@ class RelativeSelfAttention(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Attention output ``(B, T, d_model)`` of ``x`` ``(B, T, d_model)``."""
         B, T, d = x.shape
         if self.max_len < T:
             raise ShapeError(f"sequence length {T} exceeds max_len {self.max_len}; crop the input")
@@ -383,6 +388,7 @@ class MusicTransformer(nn.Module):
         self.out = nn.Linear(d_model, vocab_size)
 
     def forward(self, idx: Tensor) -> Tensor:
+        """Logits ``(B, T, vocab_size)`` of token ids ``(B, T)``."""
         T = idx.shape[-1]
         x = self.embed(idx) * math.sqrt(self.d_model)
         x = self.drop(x + _sinusoid(T, self.d_model, idx.device, x.dtype))

@@ -54,7 +54,7 @@ from tdabench.benchmark.data import (
 )
 from tdabench.benchmark.data.midi import VOCAB_SIZE as MIDI_VOCAB_SIZE
 from tdabench.benchmark.data.text import CHAR_VOCAB
-from tdabench.benchmark.targets import KINDS, TARGETS, make_loss_func, make_target_func
+from tdabench.benchmark.targets import KINDS, TARGETS, Func, make_loss_func, make_target_func
 from tdabench.errors import ConfigError, DataError
 from tdabench.groundtruth.optim import AUTOCAST_DTYPES
 
@@ -210,11 +210,11 @@ class BenchmarkSetting:
             raise ConfigError(f"{self.name}: model max_len {cfg['max_len']} < data seq_len")
         return M.MusicTransformer(vocab_size=self.num_classes, **cfg)
 
-    def loss_func(self, model: nn.Module):
+    def loss_func(self, model: nn.Module) -> Func:
         """:func:`~tdabench.benchmark.targets.make_loss_func` for this setting's kind."""
         return make_loss_func(model, self.kind)
 
-    def target_func(self, model: nn.Module, name: str | None = None):
+    def target_func(self, model: nn.Module, name: str | None = None) -> Func:
         """:func:`~tdabench.benchmark.targets.make_target_func` (default: ``self.target``)."""
         return make_target_func(model, self.kind, name or self.target)
 

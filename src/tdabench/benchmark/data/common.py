@@ -53,7 +53,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def sha256_tensors(tensors: Iterable[Tensor]) -> str:
-    """Hex SHA-256 over the dtype, shape and bytes of each tensor, in order."""
+    """Hex SHA-256 over the dtype, shape and bytes of each tensor (any shape), in order."""
     h = hashlib.sha256()
     for t in tensors:
         t = t.detach().cpu().contiguous()
@@ -117,18 +117,21 @@ class BenchmarkData:
 
     @property
     def n_train(self) -> int:
+        """Training samples: ``train[0].shape[0]``."""
         return int(self.train[0].shape[0])
 
     @property
     def n_test(self) -> int:
+        """Test samples: ``test[0].shape[0]``."""
         return int(self.test[0].shape[0])
 
     def train_dataset(self) -> torch.utils.data.TensorDataset:
-        """The training split as a ``TensorDataset`` (index order = sample index)."""
+        """The training split as a ``TensorDataset`` of ``(inputs (n, ...), labels (n, ...))``
+        (index order = sample index)."""
         return torch.utils.data.TensorDataset(*self.train)
 
     def test_dataset(self) -> torch.utils.data.TensorDataset:
-        """The test split as a ``TensorDataset``."""
+        """The test split as a ``TensorDataset`` of ``(inputs (n, ...), labels (n, ...))``."""
         return torch.utils.data.TensorDataset(*self.test)
 
     def with_noisy_labels(self, fraction: float, num_classes: int, seed: int) -> BenchmarkData:

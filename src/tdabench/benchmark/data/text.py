@@ -57,7 +57,7 @@ def encode_chars(text: str) -> tuple[np.ndarray, int]:
 
 
 def decode_chars(ids: np.ndarray | torch.Tensor) -> str:
-    """Inverse of :func:`encode_chars` for in-vocabulary text."""
+    """Inverse of :func:`encode_chars` for in-vocabulary text: ids of any shape ``(...)``, read flat."""
     return "".join(CHAR_VOCAB[int(i)] for i in np.asarray(ids).reshape(-1))
 
 

@@ -131,7 +131,8 @@ def train_seeded(
     loss_fn: Callable[[Tensor, Tensor], Tensor],
 ) -> nn.Module:
     """Seed (:func:`seed_everything`), create the model, then :func:`train_epochs` it with the
-    optimiser of ``setting``'s recipe (:func:`setting_optimizer`), as dattri's ``train_*`` do."""
+    optimiser of ``setting``'s recipe (:func:`setting_optimizer`), as dattri's ``train_*`` do.
+    ``loss_fn(outputs (B, ...), labels (B, ...)) -> scalar``."""
     seed_everything(seed)
     model = make_model()
     opt = setting_optimizer(setting, model.parameters())

@@ -152,6 +152,7 @@ class ResNet18(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, num_classes)`` of images ``(B, 3, H, W)``."""
         h = self.maxpool(F.relu(self.bn1(self.conv1(x))))
         h = self.layer4(self.layer3(self.layer2(self.layer1(h))))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))

@@ -109,6 +109,7 @@ class MLPMnist(nn.Module):
         self.fc3 = nn.Linear(64, 10)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, 10)`` of images ``(B, 1, 28, 28)`` or ``(B, 784)``."""
         h = self.dropout1(F.relu(self.fc1(x.reshape(-1, 28 * 28))))
         h = self.dropout2(F.relu(self.fc2(h)))
         return self.fc3(h)
