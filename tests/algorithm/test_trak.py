@@ -114,15 +114,78 @@ def test_identity_projection_closed_form_single_model_no_regularization():
     )
 
 
-def test_singular_kernel_is_refused():
+def _pinv_closed_form(ckpt, train, test, projection=None):
+    """Scores with the pseudo-inverse of Phi^T Phi, formed from the SVD of Phi (float64)."""
+    phi_tr, p_tr = _brute(False, ckpt, train)
+    phi_te, _ = _brute(False, ckpt, test)
+    if projection is not None:
+        phi_tr, phi_te = phi_tr @ projection, phi_te @ projection
+    return (phi_te @ torch.linalg.pinv(phi_tr.T @ phi_tr, hermitian=True) @ phi_tr.T).T * (
+        1 - p_tr
+    )[:, None]
+
+
+def test_singular_kernel_uses_the_minimum_norm_limit(caplog):
     # a linear softmax model: margin gradients sum to zero over classes, so Phi^T Phi is singular
-    _, _, task, prob, train, _ = _setup(num_ckpt=1, hidden=False)
+    _, ckpts, task, prob, train, test = _setup(num_ckpt=1, hidden=False)
+    tr, te = _loaders(train, test)
     att = TRAKAttributor(task, prob, projector_kwargs={"proj_type": "identity"})
-    with pytest.raises(ConfigError, match="singular"):
-        att.cache(DataLoader(train, batch_size=7))
-    TRAKAttributor(
+    with caplog.at_level("WARNING", logger="tdabench.algorithm.trak"):
+        att.cache(tr)
+    assert "singular" in caplog.text and "regularization > 0" in caplog.text
+    assert "rank 8" in caplog.text  # 12 parameters, 4 of them the softmax shift directions
+    scores = att.attribute(tr, te)
+    torch.testing.assert_close(
+        scores, _pinv_closed_form(ckpts[0], train, test), rtol=1e-8, atol=1e-10
+    )
+    torch.testing.assert_close(
+        att.self_attribute(tr), torch.diagonal(att.attribute(tr, tr)), rtol=1e-9, atol=1e-11
+    )
+    # the limit regularization -> 0+ of the regularized closed form (error O(lambda))
+    errors = [
+        float((_closed_form(False, ckpts, train, test, lam) - scores).abs().max())
+        for lam in (1e-4, 1e-6)
+    ]
+    assert errors[1] < 1e-7 and errors[1] < errors[0] / 50
+    # a ridge below the kernel's float64 precision is refused, a real one is used as given
+    with pytest.raises(ConfigError, match="below the kernel's precision"):
+        TRAKAttributor(
+            task, prob, projector_kwargs={"proj_type": "identity"}, regularization=1e-300
+        ).cache(tr)
+    ridge = TRAKAttributor(
         task, prob, projector_kwargs={"proj_type": "identity"}, regularization=1e-3
-    ).cache(DataLoader(train, batch_size=7))
+    )
+    ridge.cache(tr)
+    torch.testing.assert_close(
+        ridge.attribute(tr, te),
+        _closed_form(False, ckpts, train, test, 1e-3),
+        rtol=1e-8,
+        atol=1e-10,
+    )
+
+
+def test_more_projected_dimensions_than_samples_is_the_pseudo_inverse(caplog):
+    _, ckpts, task, prob, train, test = _setup(num_ckpt=1, hidden=False)
+    tr, te = _loaders(train, test)
+    att = TRAKAttributor(task, prob, projector_kwargs={"proj_dim": 64, "seed": 3})
+    with caplog.at_level("WARNING", logger="tdabench.algorithm.trak"):
+        att.cache(tr)
+    assert "64 projected dimensions" in caplog.text
+    projection = make_projector(12, 64, seed=3, dtype=torch.float64).matrix()
+    expected = _pinv_closed_form(ckpts[0], train, test, projection)
+    torch.testing.assert_close(att.attribute(tr, te), expected, rtol=1e-7, atol=1e-9)
+
+
+def test_regular_kernel_is_the_plain_solve_without_warning(caplog):
+    _model, ckpts, task, prob, train, test = _setup(num_ckpt=1, hidden=True)
+    tr, te = _loaders(train, test)
+    att = TRAKAttributor(task, prob, projector_kwargs={"proj_dim": 8, "seed": 5})
+    with caplog.at_level("WARNING", logger="tdabench.algorithm.trak"):
+        att.cache(tr)
+    assert "singular" not in caplog.text
+    projection = make_projector(31, 8, seed=5, dtype=torch.float64).matrix()
+    expected = _closed_form(True, ckpts, train, test, 0.0, [projection])
+    torch.testing.assert_close(att.attribute(tr, te), expected, rtol=1e-8, atol=1e-10)
 
 
 def test_ensemble_average_identity_projection_with_regularization():
@@ -181,10 +244,6 @@ def test_bad_input():
         TRAKAttributor(task, prob, regularization=-1.0)
     with pytest.raises(ConfigError, match="callable"):
         TRAKAttributor(task, "prob")
-    # more projected dimensions than training samples and no regularization: singular
-    singular = TRAKAttributor(task, prob, projector_kwargs={"proj_dim": 64})
-    with pytest.raises(ConfigError, match="singular"):
-        singular.cache(tr)
 
     def logit_not_prob(params, data):
         logits = functional_call(model, params, (data[0],))

@@ -60,8 +60,9 @@ class TRAKAttributor(BaseAttributor):
             checkpoint ``k`` uses ``seed + k``), ``max_chunk_bytes``. ``None`` uses the defaults.
         layer_name: restrict gradients to these parameters.
         device: where gradients, solves and scores live (scores are returned there).
-        regularization: ``lambda >= 0`` added to ``Phi^T Phi``. With ``lambda = 0`` the
-            training set must have at least ``proj_dim`` samples of independent features.
+        regularization: ``lambda >= 0`` added to ``Phi^T Phi``. With ``lambda = 0`` and a
+            singular kernel (fewer independent training samples than ``proj_dim``) the
+            pseudo-inverse is used (the limit ``lambda -> 0+``, logged as a warning).
         memory_budget: bytes (or ``"8GiB"``, or a fraction of the device) the method may hold;
             gradient pieces and projection chunks are sized from it (results do not depend on it).
     """
@@ -266,8 +267,12 @@ class TRAKAttributor(BaseAttributor):
 
     # ------------------------------------------------------------------ API
     def _kernel_inverse(self, xtx: Tensor, index: int, count: int) -> Tensor:
-        """``(xtx + lambda I)^{-1}`` (float64, Cholesky), refusing a kernel singular to float64
-        precision (its Cholesky pivots span more than ``1 / (proj_dim * eps)``)."""
+        """``(xtx + lambda I)^{-1}`` (float64, Cholesky) of a ``(k, k)`` kernel.
+
+        A kernel singular to float64 precision (its Cholesky pivots span more than
+        ``1 / (k * eps)``) is inverted by :meth:`_minimum_norm_inverse` when ``lambda = 0``
+        and refused when ``lambda > 0`` (then ``lambda`` is below the kernel's precision).
+        """
         k = xtx.shape[0]
         xtx.diagonal().add_(self.regularization)
         chol, info = torch.linalg.cholesky_ex(xtx)
@@ -276,9 +281,13 @@ class TRAKAttributor(BaseAttributor):
             int(info) != 0
             or float(diag.min() / diag.max()) ** 2 < k * torch.finfo(torch.float64).eps
         ):
+            if self.regularization == 0:
+                return self._minimum_norm_inverse(xtx, index, count)
             raise ConfigError(
-                f"Phi^T Phi + {self.regularization} I of checkpoint {index} is singular ({count} training "
-                f"samples, {k} projected dimensions); set regularization > 0 or use proj_dim < {count}"
+                f"Phi^T Phi + {self.regularization} I of checkpoint {index} is singular to float64 "
+                f"precision ({count} training samples, {k} projected dimensions): regularization "
+                f"{self.regularization} is below the kernel's precision; raise it, or set 0 for the "
+                "minimum-norm (pseudo-inverse) solution"
             )
         inv = torch.cholesky_inverse(chol)
         if not bool(torch.isfinite(inv).all()):
@@ -287,6 +296,35 @@ class TRAKAttributor(BaseAttributor):
             )
         return inv
 
+    @staticmethod
+    def _minimum_norm_inverse(xtx: Tensor, index: int, count: int) -> Tensor:
+        """Pseudo-inverse of a singular PSD kernel ``xtx`` ``(k, k)`` (float64, by ``eigh``;
+        eigenvalues at most ``k * eps * max`` count as zero), logged as a warning.
+
+        For every training feature row ``phi`` (a row of ``Phi``, so in the range of
+        ``Phi^T Phi``) ``phi (Phi^T Phi + lambda I)^{-1} v -> phi (Phi^T Phi)^+ v`` as
+        ``lambda -> 0+``: the scores are the limit of the regularized ones (the minimum-norm
+        least-squares solution), where the reference library solves the singular system.
+        """
+        k = xtx.shape[0]
+        evals, evecs = torch.linalg.eigh(xtx)
+        top = float(evals.max().clamp(min=0.0))
+        keep = evals > k * torch.finfo(torch.float64).eps * top
+        rank = int(keep.sum())
+        logger.warning(
+            "TRAK: Phi^T Phi of checkpoint %d is singular (%d training samples, %d projected "
+            "dimensions, rank %d); using its pseudo-inverse, the minimum-norm solution (the limit "
+            "of regularization -> 0+). Set regularization > 0 (or proj_dim < %d) for a "
+            "well-conditioned kernel",
+            index,
+            count,
+            k,
+            rank,
+            count,
+        )
+        basis = evecs[:, keep]
+        return (basis / evals[keep]) @ basis.T
+
     def cache(self, full_train_loader: Iterable[Batch]) -> None:
         """Compute ``(Phi_k^T Phi_k + lambda I)^{-1}`` for every checkpoint from the full
         training set (``proj_dim x proj_dim`` each, accumulated and inverted in float64 by
@@ -294,9 +332,13 @@ class TRAKAttributor(BaseAttributor):
         training features in their own dtype (the model's), accumulating the ensemble in float64;
         ``self_attribute`` works in float64. Scores are cast back to the model dtype.
 
+        A kernel singular to float64 precision (fewer independent training samples than
+        ``proj_dim``) with ``regularization = 0`` is pseudo-inverted: the minimum-norm solution,
+        the limit ``regularization -> 0+`` of the scores, with a logged warning.
+
         Raises:
-            ConfigError: if a kernel is singular to float64 precision (its Cholesky pivots
-                span more than ``1 / (proj_dim * eps)``): set ``regularization > 0`` or lower ``proj_dim``.
+            ConfigError: if ``regularization > 0`` is too small for a kernel singular to float64
+                precision (its Cholesky pivots span more than ``1 / (proj_dim * eps)``).
         """
         inverses = []
         features: list[tuple[Tensor, Tensor]] = []
