@@ -56,7 +56,8 @@ def _scores(
         g = torch.Generator().manual_seed(0)
         return torch.rand(len(ytr), len(cols), generator=g, dtype=torch.float64)
     if name == "knn_shapley":
-        return KNNShapleyAttributor(5, device=device).attribute(train, test)
+        # KNN-Shapley returns dattri's (n_test, n_train) (KNNShapleyAttributor.score_layout)
+        return KNNShapleyAttributor(5, device=device).attribute(train, test).T
     task = AttributionTask(make_loss_func(model, "classification"), model, state)
     if name == "grad_dot":
         att = GradDotAttributor(task, device=device)

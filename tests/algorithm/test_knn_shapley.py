@@ -44,12 +44,12 @@ def test_matches_brute_force_shapley(n, k, seed):
     y_train = rng.integers(0, 2, n)
     y_test = rng.integers(0, 2, n_test)
     got = knn_shapley_values(torch.tensor(dist), torch.tensor(y_train), torch.tensor(y_test), k)
-    assert got.shape == (n, n_test) and got.dtype == torch.float64
+    assert got.shape == (n_test, n) and got.dtype == torch.float64  # laid out like dist
     for j in range(n_test):
         want = _brute_force(dist[j], y_train, int(y_test[j]), k)
-        np.testing.assert_allclose(got[:, j].numpy(), want, atol=1e-12)
+        np.testing.assert_allclose(got[j].numpy(), want, atol=1e-12)
         # efficiency: the values sum to the utility of the full set
-        assert got[:, j].sum().item() == pytest.approx(
+        assert got[j].sum().item() == pytest.approx(
             _utility(list(range(n)), dist[j], y_train, int(y_test[j]), k), abs=1e-12
         )
 
@@ -58,7 +58,7 @@ def test_ties_broken_by_index_like_the_oracle():
     dist = np.array([0.5, 0.2, 0.5, 0.2, 0.9, 0.5])
     y_train = np.array([1, 0, 1, 1, 0, 0])
     got = knn_shapley_values(torch.tensor(dist[None]), torch.tensor(y_train), torch.tensor([1]), 2)
-    np.testing.assert_allclose(got[:, 0].numpy(), _brute_force(dist, y_train, 1, 2), atol=1e-12)
+    np.testing.assert_allclose(got[0].numpy(), _brute_force(dist, y_train, 1, 2), atol=1e-12)
 
 
 def _loaders(rng, n, m, d, bs):
@@ -81,7 +81,8 @@ def test_attributor_loaders_labels_and_self_attribute():
     att.cache(tr)
     got = att.attribute(tr, te)
     want = knn_shapley_values(torch.cdist(xte, xtr), ytr, yte, 3)
-    assert got.shape == (13, 6)
+    assert got.shape == (6, 13)  # (n_test, n_train): dattri's layout, declared by the class
+    assert KNNShapleyAttributor.score_layout == "test_train"
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
     # explicit labels (dattri's 3rd/4th arguments) override the batches' last element
     flipped = (ytr + 1) % 3
@@ -128,7 +129,19 @@ def test_train_permutation_permutes_values():
     perm = torch.tensor(rng.permutation(11))
     tr_p = DataLoader(TensorDataset(xtr[perm], ytr[perm]), batch_size=3)
     att = KNNShapleyAttributor(k_neighbors=2)
-    torch.testing.assert_close(att.attribute(tr_p, te), att.attribute(tr, te)[perm])
+    torch.testing.assert_close(att.attribute(tr_p, te), att.attribute(tr, te)[:, perm])
+
+
+def test_square_case_is_laid_out_test_by_train_against_brute_force():
+    # n_train == n_test: a transposed result would have the right shape, so check entries
+    rng = np.random.default_rng(8)
+    tr, te, xtr, xte, ytr, yte = _loaders(rng, 6, 6, 2, 4)
+    got = KNNShapleyAttributor(2).attribute(tr, te)
+    dist = torch.cdist(xte, xtr).numpy()
+    for j in range(6):
+        want = _brute_force(dist[j], ytr.numpy(), int(yte[j]), 2)
+        np.testing.assert_allclose(got[j].numpy(), want, atol=1e-12)
+    assert not torch.allclose(got, got.T)  # the check above distinguishes the layouts
 
 
 def test_bad_arguments():
@@ -176,3 +189,26 @@ def test_pipeline_builds_it_from_its_config():
     assert resolved["k_neighbors"] == 3
     with pytest.raises(ConfigError, match="valid keys"):
         make_attributor({**cfg, "params": {"k": 3}}, task, model, setting, 1, "cpu")
+
+
+@pytest.mark.parametrize("n_test", [4, 9])
+def test_pipeline_attribute_stage_stores_train_by_test(n_test):
+    from types import SimpleNamespace
+
+    from tdabench.pipeline.stages.attribute import _loaders as stage_loaders
+    from tdabench.pipeline.stages.attribute import _run
+
+    rng = np.random.default_rng(9)
+    xtr, xte = torch.tensor(rng.normal(size=(9, 3))), torch.tensor(rng.normal(size=(n_test, 3)))
+    ytr, yte = torch.tensor(rng.integers(0, 2, 9)), torch.tensor(rng.integers(0, 2, n_test))
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    setting = SimpleNamespace(
+        recipe={"lr": 0.1}, kind="classification", n_train=9, build_model=lambda: model
+    )
+    data = SimpleNamespace(train=(xtr, ytr), test=(xte, yte))
+    cfg = {"method": "KNNShapleyAttributor", "params": {"k_neighbors": 2}, "layer_name": "0"}
+    cfg.update(target="loss", batch_size=4)
+    loaders = stage_loaders(data, ytr, n_test, 4)
+    scores, _, _ = _run(cfg, setting, [model.state_dict()], loaders, False, "cpu")
+    want = knn_shapley_values(torch.cdist(xte, xtr), ytr, yte, 2).T  # (n_train, n_test)
+    torch.testing.assert_close(scores, want, atol=1e-12, rtol=0)

@@ -15,10 +15,18 @@ We evaluate it for every test point at once as a reversed cumulative sum (no Pyt
 training samples). Distance ties are broken by training index (the lower index is nearer),
 the same order a stable sort gives.
 
-Differences from dattri 0.3.0's ``KNNShapleyAttributor`` (same constructor and ``attribute``
-arguments): ours returns ``(n_train, n_test)`` as its docstring and every other attributor
-promise (dattri's implementation returns ``(n_test, n_train)``; a square result would be
-transposed silently, so mind it when porting); values are float64; dattri raises
+Layout: ``(n_test, n_train)``, the one exception to tdabench's ``(n_train, n_test)``
+convention. dattri 0.3.0's ``KNNShapleyAttributor.attribute`` returns ``(n_test, n_train)``
+(its code and its own test, which indexes ``values[:, train_permutation]``; only its docstring
+says ``(n_train, n_test)``). A dattri user who renames the import must get dattri's result, and
+a square matrix in the other layout would be silently transposed, so this module follows
+dattri's real layout everywhere (``knn_shapley_values`` too, laid out like its distance matrix)
+and the class declares it as ``KNNShapleyAttributor.score_layout = "test_train"``: the
+pipeline's attribute stage and the benchmark scripts transpose explicitly on that declaration.
+``self_attribute`` returns ``(n_train,)`` as everywhere.
+
+Other differences from dattri 0.3.0's ``KNNShapleyAttributor`` (same constructor and
+``attribute`` arguments): values are float64 (dattri's are float32); dattri raises
 ``NotImplementedError`` for a ``task``, we accept one: the embeddings are then the inputs of the
 model's last ``nn.Linear`` layer (or of the ``nn.Linear`` named by ``layer_name``) at the task's
 first checkpoint, and the distance is Euclidean between those (unless ``distance_func`` is given,
@@ -30,7 +38,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -78,8 +86,9 @@ def knn_shapley_values(
         k_neighbors: ``K`` of the KNN classifier (``>= 1``).
 
     Returns:
-        ``(n_train, n_test)`` float64 Shapley values; column ``j`` sums to ``v(all) =``
-        the KNN accuracy of the full training set on test point ``j`` (efficiency).
+        ``(n_test, n_train)`` float64 Shapley values, laid out like ``dist``; row ``j`` sums
+        to ``v(all) =`` the KNN accuracy of the full training set on test point ``j``
+        (efficiency).
     """
     if dist.ndim != 2:
         raise ShapeError(f"dist must be (n_test, n_train), got {tuple(dist.shape)}")
@@ -102,8 +111,7 @@ def knn_shapley_values(
     inc = (m[:, :-1] - m[:, 1:]) * c  # (n_test, N-1): s_t - s_{t+1}
     s = (m[:, -1:] / n).expand(n_test, n).clone()
     s[:, :-1] += inc.flip(1).cumsum(1).flip(1)
-    values = torch.empty_like(s).scatter_(1, order, s)
-    return values.T.contiguous()
+    return torch.empty_like(s).scatter_(1, order, s)
 
 
 @register_arguments("KNNShapleyAttributor")
@@ -165,6 +173,10 @@ def _labels(given: Sequence[Any] | Tensor | None, batches: list[Batch], what: st
 class KNNShapleyAttributor:
     """Exact KNN-Shapley values of training samples for test points (Jia et al., 2019).
 
+    ``attribute`` returns ``(n_test, n_train)``, dattri 0.3.0's actual layout (the one
+    exception to tdabench's ``(n_train, n_test)``; declared by ``score_layout``): transpose
+    it for the tdabench layout, ``attribute(train, test).T``.
+
     Args:
         k_neighbors: ``K`` of the KNN classifier whose accuracy is the utility.
         task: ``None`` (dattri's only option: the batches' first tensors are the embeddings),
@@ -178,6 +190,9 @@ class KNNShapleyAttributor:
     """
 
     requires_cache = False
+    #: ``attribute`` returns ``(n_test, n_train)`` (dattri's layout); every other attributor
+    #: returns ``(n_train, n_test)``. Generic callers transpose on this declaration.
+    score_layout: ClassVar[str] = "test_train"
 
     def __init__(
         self,
@@ -262,20 +277,21 @@ class KNNShapleyAttributor:
             test_labels: ``(n_test,)`` labels in loader order, optional.
 
         Returns:
-            ``(n_train, n_test)`` float64 values (higher = the sample helps the KNN predict
-            the test label).
+            ``(n_test, n_train)`` float64 values, dattri's layout (higher = the training
+            sample helps the KNN predict the test label); ``.T`` gives tdabench's
+            ``(n_train, n_test)``.
         """
         train = list(iter_batches(train_dataloader, "train loader"))
         test = list(iter_batches(test_dataloader, "test loader"))
         y_train = _labels(train_labels, train, "train")
         y_test = _labels(test_labels, test, "test")
         train, test = self._embed(train), self._embed(test)
-        return torch.cat([v for _, v in self._pieces(train, test, y_train, y_test)], dim=1)
+        return torch.cat([v for _, v in self._pieces(train, test, y_train, y_test)])
 
     def _pieces(
         self, train: list[Batch], test: list[Batch], y_train: Tensor, y_test: Tensor
     ) -> Iterator[tuple[int, Tensor]]:
-        """``(first test index, (n_train, b) values)`` for pieces of test rows sized by the planner."""
+        """``(first test index, (b, n_train) values)`` for pieces of test rows sized by the planner."""
         # a piece of test rows holds distances, the sort order and a few float64 temporaries
         rows = planner_for(self.device, self.memory_budget).rows(
             y_train.numel() * 8 * 6, stream=True
@@ -306,8 +322,8 @@ class KNNShapleyAttributor:
         train = self._embed(train)
         out = torch.empty(y.numel(), dtype=torch.float64, device=self.device)
         for a, v in self._pieces(train, train, y, y):
-            idx = torch.arange(a, a + v.shape[1], device=v.device)
-            out[idx] = v[idx, torch.arange(v.shape[1], device=v.device)]
+            rows = torch.arange(v.shape[0], device=v.device)
+            out[a : a + v.shape[0]] = v[rows, rows + a]
         return out
 
     def hyperparameters(self) -> dict[str, Any]:

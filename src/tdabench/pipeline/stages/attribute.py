@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tdabench._io import read_json_checked, read_safetensors, safe_join
 from tdabench.benchmark.targets import make_loss_func, make_target_func
-from tdabench.errors import ConfigError, IntegrityError
+from tdabench.errors import ConfigError, IntegrityError, ShapeError
 from tdabench.pipeline.config import spec_hash
 from tdabench.pipeline.io import write_scores, write_self_scores, write_sidecar
 from tdabench.pipeline.stages._common import check_data, load, provenance, read_noisy, threads
@@ -92,7 +92,18 @@ def _run(
     tl, vl = loaders
     t0 = time.perf_counter()
     attributor.cache(tl)
-    result = attributor.self_attribute(tl) if self_only else attributor.attribute(tl, vl)
+    if self_only:
+        result = attributor.self_attribute(tl)
+    else:
+        result = attributor.attribute(tl, vl)
+        if getattr(attributor, "score_layout", "train_test") == "test_train":
+            result = result.T  # declared (n_test, n_train): dattri's KNN-Shapley layout
+        want = (len(tl.dataset), len(vl.dataset))
+        if tuple(result.shape) != want:
+            raise ShapeError(
+                f"{a['method']} returned {tuple(result.shape)} scores, not (n_train, n_test) = "
+                f"{want}; an attributor returns (n_train, n_test) or declares score_layout = 'test_train'"
+            )
     return result.detach().cpu(), time.perf_counter() - t0, resolved
 
 
