@@ -141,14 +141,49 @@ def test_arnoldi_projector_inner_products_equal_inverse_hessian():
     assert f(g).shape == (4, 3)
 
 
-def test_arnoldi_projector_drops_non_positive_eigenvalues_with_a_warning():
-    x = torch.tensor(
-        [1.0, 2.0, -1.0, -2.0], dtype=torch.float64
-    )  # -sin x: two negative, two positive
-    p = ArnoldiProjector(4, 4, lambda v: torch.sin(v).sum(), x, mode="rev-rev")
-    with pytest.warns(UserWarning, match="positive"):
-        out = p.project(torch.eye(4, dtype=torch.float64))
-    assert p.proj_dim == 2 and out.shape == (4, 2)
-    torch.testing.assert_close(
-        p.eigvals.sort().values, (-torch.sin(x[2:])).sort().values, rtol=1e-10, atol=1e-12
+def _indefinite(evals, seed=0):
+    """A symmetric float64 matrix with the given eigenvalues and a random orthogonal basis."""
+    d = len(evals)
+    q, _ = torch.linalg.qr(
+        torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     )
+    return q @ torch.diag(torch.tensor(evals, dtype=torch.float64)) @ q.T
+
+
+def test_arnoldi_projector_zero_columns_beyond_the_positive_eigenvalues(caplog):
+    # dominant |λ|: 5, -4, 3, -2 -> two positive directions, two zero columns
+    a = _indefinite([5.0, -4.0, 3.0, -2.0, 1.0, 0.5])
+    x0 = torch.zeros(6, dtype=torch.float64)
+    p = ArnoldiProjector(6, 4, lambda v: 0.5 * v @ a @ v, x0, mode="rev-rev", max_iter=6)
+    g = torch.randn(7, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    h = torch.randn(3, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    with caplog.at_level("WARNING", logger="tdabench.func._projectors_compat"):
+        pg = p.project(g)
+    assert "2 of the 4 requested directions are zero columns" in caplog.text
+    assert "2 of the dominant eigenvalues are not positive" in caplog.text
+    assert pg.shape == (7, 4) and p.proj_dim == 4 and torch.isfinite(pg).all()
+    assert (pg[:, 2:] == 0).all()
+    # oracle: the dense eigendecomposition's positive dominant part, g U diag(1/λ) U^T h^T
+    evals, evecs = torch.linalg.eigh(a)
+    pos = torch.tensor([5.0, 3.0], dtype=torch.float64)
+    u = evecs[:, [int((evals - v).abs().argmin()) for v in pos]]
+    torch.testing.assert_close(p.eigvals, pos, rtol=1e-10, atol=1e-12)
+    oracle = g @ u @ torch.diag(1 / pos) @ u.T @ h.T
+    torch.testing.assert_close(pg @ p.project(h).T, oracle, rtol=1e-9, atol=1e-11)
+    # each nonzero column is ± the oracle's column (eigenvectors have no sign)
+    cols = g @ u / pos.sqrt()
+    torch.testing.assert_close(pg[:, :2].abs(), cols.abs(), rtol=1e-9, atol=1e-11)
+
+
+def test_arnoldi_project_keeps_the_requested_shape_and_no_warning_when_definite(caplog):
+    x = torch.tensor([1.0, 2.0, -1.0, -2.0], dtype=torch.float64)  # -sin x: two of each sign
+    f = arnoldi_project(4, lambda v: torch.sin(v).sum(), x, proj_dim=3, mode="rev-rev")
+    out = f(torch.eye(4, dtype=torch.float64))
+    assert out.shape == (4, 3) and torch.isfinite(out).all()
+    caplog.clear()
+    a = _indefinite([4.0, 3.0, 2.0, 1.0], seed=3)
+    p = ArnoldiProjector(4, 4, lambda v: 0.5 * v @ a @ v, torch.zeros(4, dtype=torch.float64))
+    with caplog.at_level("WARNING", logger="tdabench.func._projectors_compat"):
+        pe = p.project(torch.eye(4, dtype=torch.float64))
+    assert "zero columns" not in caplog.text
+    torch.testing.assert_close(pe @ pe.T, torch.linalg.inv(a), rtol=1e-9, atol=1e-11)

@@ -19,7 +19,7 @@ same projection as ``BasicProjector`` (dattri refuses a non-CUDA device).
 
 from __future__ import annotations
 
-import warnings
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
@@ -44,6 +44,8 @@ __all__ = [
     "make_random_projector",
     "random_project",
 ]
+
+logger = logging.getLogger(__name__)
 
 Features = Tensor | Mapping[str, Tensor]
 
@@ -446,8 +448,11 @@ class ArnoldiProjector(AbstractProjector):
 
     ``project(g) = g U diag(λ)^(-1/2)`` with the top-``proj_dim`` eigenpairs ``(λ, U)`` of
     ``H + regularization I`` (``H`` the Hessian of ``func`` at ``x``, found by Arnoldi
-    iteration), so ``project(g1) @ project(g2).T ≈ g1 H⁻¹ g2ᵀ``. Non-positive eigenvalues are
-    dropped (``proj_dim`` shrinks, with a warning), as dattri does.
+    iteration), so ``project(g1) @ project(g2).T ≈ g1 H⁻¹ g2ᵀ``. The eigenpairs are the
+    ``proj_dim`` dominant ones (largest ``|λ|``); those with ``λ <= 0`` (an indefinite
+    ``H + regularization I``), or not found (fewer than ``proj_dim`` above ``tol``), give zero
+    columns at the end, with a logged warning: the output keeps dattri's shape ``(B, proj_dim)``
+    and its inner products are those of the positive part (dattri's columns there are NaN).
 
     Args:
         feature_dim: ``d``, the number of entries of ``x[argnums]``.
@@ -485,6 +490,7 @@ class ArnoldiProjector(AbstractProjector):
         args = tuple(x) if isinstance(x, (tuple, list)) else (x,)
         self._hvp = hvp_at_x(func, args, argnums=argnums, mode=mode, regularization=regularization)
         self._dtype = args[argnums].dtype if isinstance(args[argnums], Tensor) else torch.float32
+        self.regularization = float(regularization)
         self.max_iter, self.norm_constant, self.tol = (
             int(max_iter),
             float(norm_constant),
@@ -494,7 +500,8 @@ class ArnoldiProjector(AbstractProjector):
         self.eigvecs: Tensor | None = None
 
     def get_eigenspace(self) -> None:
-        """Run the Arnoldi iteration; sets ``eigvals`` ``(r,)`` and ``eigvecs`` ``(r, d)``."""
+        """Run the Arnoldi iteration; sets ``eigvals`` ``(r,)`` and ``eigvecs`` ``(r, d)`` of
+        the ``r <= proj_dim`` dominant eigenpairs with a positive eigenvalue."""
         basis = arnoldi_basis(
             self._hvp,
             self.feature_dim,
@@ -507,24 +514,39 @@ class ArnoldiProjector(AbstractProjector):
             self.device,
         )
         keep = basis.values > 0
-        if int(keep.sum()) < self.proj_dim:
-            warnings.warn(
-                f"ArnoldiProjector: only {int(keep.sum())} of the requested {self.proj_dim} eigenvalues are "
-                "positive; proj_dim is lowered to that. Raise regularization to keep more",
-                stacklevel=2,
+        positive, found = int(keep.sum()), int(basis.values.numel())
+        if positive < self.proj_dim:
+            logger.warning(
+                "ArnoldiProjector: %d of the %d requested directions are zero columns: %d of the "
+                "dominant eigenvalues are not positive (the Hessian plus regularization %g is "
+                "indefinite) and %d were not found (below tol %g or beyond the Krylov dimension). "
+                "Raise regularization for more positive directions",
+                self.proj_dim - positive,
+                self.proj_dim,
+                found - positive,
+                self.regularization,
+                self.proj_dim - found,
+                self.tol,
             )
         self.eigvals = basis.values[keep]
         self.eigvecs = basis.vectors[:, keep].T.contiguous()
-        self.proj_dim = int(self.eigvals.numel())
 
     def project(self, features: Features, ensemble_id: int = 0) -> Tensor:
-        """``features (B, d) -> (B, proj_dim)``; the eigenspace is computed on the first call."""
+        """``features (B, d) -> (B, proj_dim)``; the eigenspace is computed on the first call.
+
+        Column ``i < r`` is ``features @ u_i / sqrt(λ_i)`` for the ``r`` positive dominant
+        eigenpairs; columns ``r .. proj_dim - 1`` are zero (see the class docstring).
+        """
         if self.eigvals is None or self.eigvecs is None:
             self.get_eigenspace()
+        assert self.eigvals is not None and self.eigvecs is not None
         blocks = _feature_blocks(features)
         x = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
         x = x.to(device=self.device, dtype=self.eigvecs.dtype)
-        return (x @ self.eigvecs.T) / torch.sqrt(self.eigvals).unsqueeze(0)
+        out = x.new_zeros(x.shape[0], self.proj_dim)
+        r = self.eigvals.numel()
+        out[:, :r] = (x @ self.eigvecs.T) / torch.sqrt(self.eigvals).unsqueeze(0)
+        return out
 
     def free_memory(self) -> None:
         """A no-op (the eigenspace is small)."""
