@@ -29,21 +29,12 @@ import torch
 from torch import Tensor
 
 from tdabench.errors import ConfigError, ShapeError
-from tdabench.func.projection import Projector, make_projector
+from tdabench.func.projection import _DATTRI_PROJECTOR_NAMES, Projector, make_projector
 from tdabench.func.solvers import arnoldi_basis
 from tdabench.memory import planner_for
 
-__all__ = [
-    "AbstractProjector",
-    "ArnoldiProjector",
-    "BasicProjector",
-    "ChunkedCudaProjector",
-    "CudaProjector",
-    "ProjectionType",
-    "arnoldi_project",
-    "make_random_projector",
-    "random_project",
-]
+# the names are listed once, in tdabench.func.projection (which resolves them lazily from here)
+__all__ = list(_DATTRI_PROJECTOR_NAMES)
 
 logger = logging.getLogger(__name__)
 
@@ -469,6 +460,8 @@ class ArnoldiProjector(AbstractProjector):
         device: device of the eigenvectors.
     """
 
+    # Spelled out: dattri's ArnoldiProjector signature (arnoldi_project repeats it, and its
+    # func/x/argnums/mode/regularization run has the shape of func.hessian's hvp_at_x).
     def __init__(
         self,
         feature_dim: int,
@@ -552,6 +545,7 @@ class ArnoldiProjector(AbstractProjector):
         """A no-op (the eigenspace is small)."""
 
 
+# Spelled out: dattri's arnoldi_project signature, forwarded positionally to ArnoldiProjector.
 def arnoldi_project(
     feature_dim: int,
     func: Callable[..., Tensor],

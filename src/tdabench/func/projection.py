@@ -494,6 +494,7 @@ class Projector:
         )
 
 
+# Spelled out: the typed public factory takes exactly Projector's arguments (same order).
 def make_projector(
     feature_dim: int,
     proj_dim: int | None,
