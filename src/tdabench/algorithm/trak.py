@@ -5,7 +5,8 @@ one model), with ``f`` the task's ``target_func`` (the "model output function", 
 margin ``log p / (1 - p)``) and ``P_k`` a random projection with seed ``seed + k``:
 
 - ``Phi_k``: rows ``P_k grad f(train_i)`` for the *full* training set (``cache``),
-- ``X_k = (Phi_k^T Phi_k + lambda I)^{-1}``  (``proj_dim x proj_dim``),
+- ``X_k = (Phi_k^T Phi_k + lambda I)^{-1}``  (``proj_dim x proj_dim``; with ``lambda = 0``
+  and a singular kernel, its pseudo-inverse: the limit ``lambda -> 0+`` of the scores),
 - ``Q_k = diag(1 - p_k(train_i))`` with ``p`` from ``correct_probability_func``.
 
 Scores, following Algorithm 1 of the TRAK paper (and the reference library), average the
@@ -451,6 +452,7 @@ class TRAKAttributor(BaseAttributor):
         return check_finite(scores.to(self.dtype), "TRAK self-influence")
 
     def hyperparameters(self) -> dict[str, Any]:
+        """Resolved arguments (JSON-able), for the scores' provenance metadata."""
         out = {"method": type(self).__name__, **self.arguments.result_dict()}
         out.update(
             projector_kwargs=dict(self.projector_kwargs or {}),

@@ -238,6 +238,7 @@ class Projector:
     # ------------------------------------------------------------------ matrix
     @property
     def num_blocks(self) -> int:
+        """Generator blocks of ``block_rows`` rows that make up ``P`` ``(d, k)``."""
         return math.ceil(self.feature_dim / self.block_rows)
 
     @property
