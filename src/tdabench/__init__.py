@@ -3,9 +3,11 @@
 Sub-packages are imported lazily so that ``import tdabench`` stays cheap and never
 imports optional dependencies (snakemake, dvc, submitit).
 
-Score convention (every method): ``attribute(train_loader, test_loader)`` returns a
-tensor of shape ``(n_train, n_test)``; a high score means that training sample *helps*
-the test prediction, i.e. removing it would *raise* the test loss.
+Score convention (every method but one): ``attribute(train_loader, test_loader)`` returns
+a tensor of shape ``(n_train, n_test)``; a high score means that training sample *helps*
+the test prediction, i.e. removing it would *raise* the test loss. The exception is
+``KNNShapleyAttributor``, which returns dattri's ``(n_test, n_train)`` and declares it
+(``score_layout = "test_train"``).
 """
 
 from __future__ import annotations
