@@ -212,3 +212,16 @@ def test_pipeline_attribute_stage_stores_train_by_test(n_test):
     scores, _, _ = _run(cfg, setting, [model.state_dict()], loaders, False, "cpu")
     want = knn_shapley_values(torch.cdist(xte, xtr), ytr, yte, 2).T  # (n_train, n_test)
     torch.testing.assert_close(scores, want, atol=1e-12, rtol=0)
+    # a method with tdabench's layout passes through untransposed (same stage, same check)
+    grad_dot = {"method": "GradDotAttributor", "params": {}, "layer_name": None}
+    grad_dot.update(target="loss", batch_size=4)
+    dots, _, _ = _run(grad_dot, setting, [model.state_dict()], loaders, False, "cpu")
+    g = {}
+    for name, xs, ys in (("train", xtr, ytr), ("test", xte, yte)):
+        rows = []
+        for x, y in zip(xs, ys, strict=True):
+            model.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[None]), y[None]).backward()
+            rows.append(torch.cat([q.grad.reshape(-1) for q in model.parameters()]))
+        g[name] = torch.stack(rows)
+    torch.testing.assert_close(dots, g["train"] @ g["test"].T, rtol=1e-10, atol=1e-12)
