@@ -55,6 +55,7 @@ from tdabench.memory import MemoryPlanner
 
 __all__ = [
     "FOLD_MIN_WORK",
+    "MODES",
     "ChunkedCurvature",
     "CurvatureOperator",
     "EmpiricalFisher",
@@ -67,6 +68,9 @@ __all__ = [
 ]
 
 Matvec = Callable[[Tensor], Tensor]
+
+MODES = ("rev-rev", "rev-fwd")
+"""How products are differentiated: reverse-over-reverse or forward-over-reverse."""
 
 FOLD_MIN_WORK = 16384
 """Fold broadcast ``bmm`` calls (:func:`~tdabench.func.batching.fold_broadcast_bmm`) only when
@@ -110,7 +114,7 @@ def hvp_matvec(
         return _rows(lambda v: vjp_fn(v)[0], samples)
     if mode == "rev-fwd":
         return _rows(lambda v: jvp(grad(func), (flat,), (v,))[1], samples)
-    raise ConfigError(f"mode must be one of ('rev-rev', 'rev-fwd'), got {mode!r}")
+    raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
 
 
 class CurvatureOperator:
@@ -147,17 +151,9 @@ class CurvatureOperator:
     ) -> None:
         """Refuse (:class:`~tdabench.errors.MemoryLimitError`) a dense matrix over the limit:
         ``max_bytes`` if given, else the planner's budget (the device's by default)."""
-        from tdabench.memory import MemoryPlanner, planner_for
+        from tdabench.func.solvers import check_dense_size  # solvers imports this module
 
-        if max_bytes is not None:
-            planner = MemoryPlanner(device=self.device, budget=int(max_bytes))
-        planner = planner or planner_for(self.device)
-        planner.require(
-            self.dense_bytes(),
-            f"the explicit {self.name} of {self.dim} parameters",
-            "restrict parameters with layer_name=..., use an iterative method (CG, LiSSA, Arnoldi) "
-            "or raise max_dense_bytes",
-        )
+        check_dense_size(self.dim, self.dtype, max_bytes, self.name, planner, self.device)
 
     def dense(self, planner: MemoryPlanner | None = None, max_bytes: int | None = None) -> Tensor:
         """The symmetrised ``(d, d)`` matrix, from products with the identity.
@@ -165,7 +161,7 @@ class CurvatureOperator:
         Raises:
             MemoryLimitError: it does not fit (see :meth:`check_dense`).
         """
-        from tdabench.func.solvers import dense_from_matvec
+        from tdabench.func.solvers import dense_from_matvec  # solvers imports this module
 
         self.check_dense(planner, max_bytes)
         C = dense_from_matvec(self.mvp, self.dim, self.dtype, self.device)
@@ -201,7 +197,7 @@ class ChunkedCurvature(CurvatureOperator):
 
     def dense(self, planner: MemoryPlanner | None = None, max_bytes: int | None = None) -> Tensor:
         """The symmetrised ``(d, d)`` mean, assembled chunk by chunk."""
-        from tdabench.func.solvers import dense_from_matvec
+        from tdabench.func.solvers import dense_from_matvec  # solvers imports this module
 
         self.check_dense(planner, max_bytes)
         C = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=self.device)
@@ -359,7 +355,7 @@ def ggn_matvec(
         def J(v: Tensor) -> Tensor:
             return jvp(out_fn, (flat,), (v,))[1]
     else:
-        raise ConfigError(f"mode must be one of ('rev-rev', 'rev-fwd'), got {mode!r}")
+        raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
 
     def one(v: Tensor) -> Tensor:
         return vjp_fn(loss.hessian_product(out0, target, J(v)))[0]

@@ -32,16 +32,17 @@ from torch import Tensor
 from tdabench.errors import ConfigError
 from tdabench.func.curvature import EmpiricalFisher
 from tdabench.func.hessian import (
-    _as_rows,
+    PointMap,
+    VectorMap,
     _at_any_x,
-    _check_argnums,
-    _check_nonneg,
     _check_x_tuple,
-    _detach,
     _num_samples,
-    _out,
+    _settings,
+    _solved,
+    _split,
+    _vector_map,
 )
-from tdabench.func.solvers import CGSolver, DenseInverse, check_dense_size
+from tdabench.func.solvers import CGSolver, DenseSolver, check_dense_size, check_options
 from tdabench.func.utils import per_sample_grads
 
 __all__ = [
@@ -60,14 +61,19 @@ def per_sample_grad_matrix(
 ) -> Tensor:
     """The ``(n, d)`` matrix ``G`` of per-sample gradients of ``func`` w.r.t. ``x[argnums]``.
 
-    Row ``i`` is the gradient of ``func(θ, *[t[i:i+1] for t in data])`` (a batch of one),
-    flattened like ``θ.reshape(-1)``. Samples are processed ``chunk_size`` at a time.
+    Args:
+        func: ``func(*x)``, a scalar on a batch of samples.
+        x: ``(θ, *data)``: ``θ = x[argnums]`` (``d`` entries), data tensors (or tuples of
+            tensors) with a common leading sample dimension ``n``.
+        argnums: index of ``θ`` in ``x``.
+        chunk_size: samples per vectorised gradient call.
+
+    Returns:
+        ``(n, d)``: row ``i`` is the gradient of ``func(θ, *[t[i:i+1] for t in data])`` (a
+        batch of one), flattened like ``θ.reshape(-1)``.
     """
-    x = _check_x_tuple(x, "per_sample_grad_matrix")
-    theta = _check_argnums(x, argnums)
-    pos = argnums % len(x)
-    xs = _detach(x)
-    data = xs[:pos] + xs[pos + 1 :]
+    check_options({"chunk_size": chunk_size})
+    theta, pos, data = _split(_check_x_tuple(x, "per_sample_grad_matrix"), argnums)
     if not data:
         raise ConfigError(
             "the empirical Fisher needs data arguments: x must be (θ, *data) with data tensors of a "
@@ -75,8 +81,6 @@ def per_sample_grad_matrix(
         )
     leaves, rebuild = _data_leaves(data)  # dattri passes (θ, (inputs, labels)): nested data
     n = _num_samples(leaves)
-    if chunk_size < 1:
-        raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
     shape = theta.shape
 
     def flat_func(flat: Tensor, batch: tuple[Tensor, ...]) -> Tensor:
@@ -109,39 +113,42 @@ def _data_leaves(
     return leaves, rebuild
 
 
+def _fisher(func: Callable[..., Tensor], x: Sequence[Any], argnums: int) -> EmpiricalFisher:
+    return EmpiricalFisher(per_sample_grad_matrix(func, x, argnums))
+
+
 def fvp_at_x(
     func: Callable[..., Tensor], x: Sequence[Any], argnums: int = 0, regularization: float = 0.0
-) -> Callable[[Tensor], Tensor]:
+) -> VectorMap:
     """Fisher-vector products at ``x``: ``f(v) = (1/n) Gᵀ (G v) + λ v``.
 
-    ``G`` (``(n, d)``) is computed once; ``F`` is never formed. ``v``: ``(k, d)`` or ``(d,)``.
+    Args:
+        func, x, argnums: as in :func:`per_sample_grad_matrix`.
+        regularization: ``λ >= 0``.
+
+    Returns:
+        ``f(v)``: ``v`` ``(k, d)`` or ``(d,)`` -> the same shape. ``G`` ``(n, d)`` is computed
+        once; ``F`` is never formed.
     """
-    _check_nonneg("regularization", regularization)
-    fisher = EmpiricalFisher(per_sample_grad_matrix(func, x, argnums))
-    G, d = fisher.G, fisher.dim
-
-    def f(v: Tensor) -> Tensor:
-        V, single = _as_rows(v, d, G)
-        out = fisher.mvp(V)
-        if regularization:
-            out = out + regularization * V
-        return _out(out, single)
-
-    return f
+    check_options({"regularization": regularization})
+    fisher = _fisher(func, x, argnums)
+    return _vector_map(fisher.mvp, fisher.G, regularization)
 
 
-def fvp(
-    func: Callable[..., Tensor], argnums: int = 0, regularization: float = 0.0
-) -> Callable[[Sequence[Any], Tensor], Tensor]:
-    """``f(x, v) = (F(x) + λI) v``; see :func:`fvp_at_x`."""
-    _check_nonneg("regularization", regularization)
+def _fvp_at(func: Callable[..., Tensor], *x: Any, **settings: Any) -> VectorMap:
+    return fvp_at_x(func, x, **settings)
 
-    def f(x: Sequence[Any], v: Tensor) -> Tensor:
-        return fvp_at_x(
-            func, _check_x_tuple(x, "fvp"), argnums=argnums, regularization=regularization
-        )(v)
 
-    return f
+def fvp(func: Callable[..., Tensor], argnums: int = 0, regularization: float = 0.0) -> PointMap:
+    """Fisher-vector products at any point.
+
+    Args:
+        func, argnums, regularization: as in :func:`fvp_at_x`.
+
+    Returns:
+        ``f(x, v) = (F(x) + λI) v``: ``v`` ``(k, d)`` or ``(d,)`` -> the same shape.
+    """
+    return _at_any_x(_fvp_at, "fvp", func, _settings(locals()))
 
 
 def ifvp_at_x_explicit(
@@ -150,29 +157,27 @@ def ifvp_at_x_explicit(
     argnums: int = 0,
     regularization: float = 0.0,
     max_dense_bytes: int | None = None,
-) -> Callable[[Tensor], Tensor]:
+) -> VectorMap:
     """Exact inverse-Fisher-vector products at ``x``: ``f(v) = (F + λI)^{-1} v``.
 
     ``F = (1/n) Gᵀ G`` is formed (refused above ``max_dense_bytes``, see
-    :func:`tdabench.func.solvers.check_dense_size`) and factorised once. ``F`` has rank at
-    most ``n``: with ``n < d`` it is singular and ``regularization > 0`` is required
-    (otherwise ``NonFiniteError``). ``v``: ``(k, d)`` or ``(d,)``, result of the same shape.
+    :func:`tdabench.func.solvers.check_dense_size`, before any gradient is computed) and
+    factorised once. ``F`` has rank at most ``n``: with ``n < d`` it is singular and
+    ``regularization > 0`` is required (otherwise ``NonFiniteError``).
+
+    Args:
+        func, *x, argnums: as in :func:`per_sample_grad_matrix`.
+        regularization: ``λ >= 0``.
+        max_dense_bytes: limit on the ``(d, d)`` matrix (default: the memory planner's budget).
+
+    Returns:
+        ``f(v)``: ``v`` ``(k, d)`` or ``(d,)`` -> the same shape.
     """
-    _check_nonneg("regularization", regularization)
-    x = tuple(x)
-    theta = _check_argnums(x, argnums)
+    solver = DenseSolver(regularization, max_dense_bytes)
+    theta, _, _ = _split(x, argnums)
     check_dense_size(theta.numel(), theta.dtype, max_dense_bytes, what="Fisher matrix")
-    fisher = EmpiricalFisher(per_sample_grad_matrix(func, x, argnums))
-    G, d = fisher.G, fisher.dim
-    inverse = DenseInverse(
-        fisher.dense(max_bytes=max_dense_bytes), regularization, "Fisher matrix", in_place=True
-    )
-
-    def f(v: Tensor) -> Tensor:
-        V, single = _as_rows(v, d, G)
-        return _out(inverse(V), single)
-
-    return f
+    fisher = _fisher(func, x, argnums)
+    return _solved(fisher, solver, fisher.G)
 
 
 def ifvp_explicit(
@@ -180,18 +185,17 @@ def ifvp_explicit(
     argnums: int = 0,
     regularization: float = 0.0,
     max_dense_bytes: int | None = None,
-) -> Callable[[Sequence[Any], Tensor], Tensor]:
-    """``f(x, v) = (F(x) + λI)^{-1} v`` with ``x = (θ, *data)``; see :func:`ifvp_at_x_explicit`."""
-    _check_nonneg("regularization", regularization)
+) -> PointMap:
+    """Exact inverse-Fisher-vector products at any point.
 
-    return _at_any_x(
-        ifvp_at_x_explicit,
-        func,
-        "ifvp_explicit",
-        argnums=argnums,
-        regularization=regularization,
-        max_dense_bytes=max_dense_bytes,
-    )
+    Args:
+        func, argnums, regularization, max_dense_bytes: as in :func:`ifvp_at_x_explicit`.
+
+    Returns:
+        ``f(x, v) = (F(x) + λI)^{-1} v`` with ``x = (θ, *data)``: ``v`` ``(k, d)`` or ``(d,)``
+        -> the same shape.
+    """
+    return _at_any_x(ifvp_at_x_explicit, "ifvp_explicit", func, _settings(locals()))
 
 
 def ifvp_at_x_cg(
@@ -201,27 +205,21 @@ def ifvp_at_x_cg(
     max_iter: int = 10,
     tol: float = 1e-7,
     regularization: float = 0.0,
-) -> Callable[[Tensor], Tensor]:
+) -> VectorMap:
     """Inverse-Fisher-vector products at ``x`` by batched CG on :func:`fvp_at_x`.
 
-    ``tol`` is relative per row (``||v - (F + λI) y|| <= tol ||v||``); ``max_iter`` bounds
-    the iterations. ``v``: ``(k, d)`` or ``(d,)``, result of the same shape.
+    Args:
+        func, *x, argnums: as in :func:`per_sample_grad_matrix`.
+        max_iter: at most this many iterations.
+        tol: relative per row: ``||v - (F + λI) y|| <= tol ||v||``.
+        regularization: ``λ >= 0``.
+
+    Returns:
+        ``f(v)``: ``v`` ``(k, d)`` or ``(d,)`` -> the same shape.
     """
-    _check_nonneg("regularization", regularization)
-    _check_nonneg("tol", tol)
-    if max_iter < 1:
-        raise ConfigError(f"max_iter must be >= 1, got {max_iter}")
-    theta = _check_argnums(tuple(x), argnums)
     solver = CGSolver(max_iter, tol, regularization)
-    solver.prepare(EmpiricalFisher(per_sample_grad_matrix(func, tuple(x), argnums)))
-    d = theta.numel()
-    like = theta.detach().reshape(-1)
-
-    def f(v: Tensor) -> Tensor:
-        V, single = _as_rows(v, d, like)
-        return _out(solver.solve(V.to(solver.op.dtype)), single)
-
-    return f
+    fisher = _fisher(func, x, argnums)
+    return _solved(fisher, solver, fisher.G)
 
 
 def ifvp_cg(
@@ -230,16 +228,13 @@ def ifvp_cg(
     max_iter: int = 10,
     tol: float = 1e-7,
     regularization: float = 0.0,
-) -> Callable[[Sequence[Any], Tensor], Tensor]:
-    """``f(x, v)``: CG inverse-Fisher-vector products at any point; see :func:`ifvp_at_x_cg`."""
-    _check_nonneg("regularization", regularization)
+) -> PointMap:
+    """CG inverse-Fisher-vector products at any point.
 
-    return _at_any_x(
-        ifvp_at_x_cg,
-        func,
-        "ifvp_cg",
-        argnums=argnums,
-        max_iter=max_iter,
-        tol=tol,
-        regularization=regularization,
-    )
+    Args:
+        func, argnums, max_iter, tol, regularization: as in :func:`ifvp_at_x_cg`.
+
+    Returns:
+        ``f(x, v)``: ``v`` ``(k, d)`` or ``(d,)`` -> the same shape.
+    """
+    return _at_any_x(ifvp_at_x_cg, "ifvp_cg", func, _settings(locals()))

@@ -33,15 +33,22 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from tdabench.errors import ConfigError, NonFiniteError, ShapeError
-from tdabench.func.curvature import ExactHessian
-from tdabench.func.solvers import ArnoldiSolver, CGSolver, DenseInverse, LiSSASolver
+from tdabench.func.curvature import MODES, ExactHessian
+from tdabench.func.solvers import (
+    ArnoldiSolver,
+    CGSolver,
+    DenseSolver,
+    IHVPSolver,
+    LiSSASolver,
+    check_options,
+)
 
 __all__ = [
     "MODES",
@@ -57,23 +64,15 @@ __all__ = [
     "ihvp_lissa",
 ]
 
-MODES = ("rev-rev", "rev-fwd")
-"""Supported differentiation modes of Hessian-vector products."""
-
-Matvec = Callable[[Tensor], Tensor]
+VectorMap = Callable[[Tensor], Tensor]
+PointMap = Callable[..., Tensor]
 
 
-# ---------------------------------------------------------------------------- helpers
-def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ConfigError(f"unknown HVP mode {mode!r}; use one of {list(MODES)}")
-
-
-def _check_nonneg(name: str, value: float) -> None:
-    if not value >= 0:
-        raise ConfigError(f"{name} must be >= 0, got {value}")
-
-
+# ---------------------------------------------------------------------------- adapters
+# The functions of this module and of :mod:`tdabench.func.fisher` are dattri-signature
+# adapters: they check the point ``x`` and the vectors ``v``, build a curvature operator
+# (:mod:`tdabench.func.curvature`) and a solver (:mod:`tdabench.func.solvers`, which also
+# validates every setting, :func:`~tdabench.func.solvers.check_options`), and reshape.
 def _check_x_tuple(x: Any, fname: str) -> tuple[Any, ...]:
     if not isinstance(x, (tuple, list)):
         raise ShapeError(
@@ -83,16 +82,20 @@ def _check_x_tuple(x: Any, fname: str) -> tuple[Any, ...]:
     return tuple(x)
 
 
-def _at_any_x(
-    at_x: Callable[..., Callable[[Tensor], Tensor]],
-    func: Callable[..., Tensor],
-    name: str,
-    **kwargs: Any,
-) -> Callable[[Sequence[Any], Tensor], Tensor]:
-    """The dattri "any point" form ``f(x, v) = at_x(func, *x, **kwargs)(v)`` of an ``*_at_x`` factory."""
+def _settings(local_vars: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword settings of a factory, from its ``locals()`` taken first thing."""
+    return {k: v for k, v in local_vars.items() if k not in ("func", "x")}
 
-    def f(x: Sequence[Any], v: Tensor) -> Tensor:
-        return at_x(func, *_check_x_tuple(x, name), **kwargs)(v)
+
+def _at_any_x(
+    at_x: Callable[..., VectorMap], name: str, func: Callable[..., Tensor], settings: dict[str, Any]
+) -> Callable[..., Tensor]:
+    """The dattri "any point" form ``f(x, v) = at_x(func, *x, **settings)(v)`` of an
+    ``*_at_x`` factory; the settings are checked now, before any point is seen."""
+    check_options(settings)
+
+    def f(x: Sequence[Any], v: Tensor, **call: Any) -> Tensor:
+        return at_x(func, *_check_x_tuple(x, name), **settings, **call)(v)
 
     return f
 
@@ -117,22 +120,21 @@ def _check_argnums(x: tuple[Any, ...], argnums: int) -> Tensor:
     return theta
 
 
-def _detach(x: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple(a.detach() if isinstance(a, Tensor) else a for a in x)
-
-
-def _flat_function(
-    func: Callable[..., Tensor], x: tuple[Any, ...], argnums: int
-) -> tuple[Callable[[Tensor], Tensor], Tensor]:
-    """``g(flat)`` = ``func`` with ``x[argnums]`` replaced by ``flat.view(shape)``, and ``flat0``."""
+def _split(x: tuple[Any, ...], argnums: int) -> tuple[Tensor, int, tuple[Any, ...]]:
+    """``(θ, its position, the other arguments detached)`` of ``x``, with ``θ`` checked."""
     theta = _check_argnums(x, argnums)
     pos = argnums % len(x)
-    shape = theta.shape
-    xs = _detach(x)
+    rest = tuple(a.detach() if isinstance(a, Tensor) else a for a in x[:pos] + x[pos + 1 :])
+    return theta, pos, rest
+
+
+def _bind(
+    func: Callable[..., Tensor], pos: int, shape: torch.Size, data: tuple[Any, ...]
+) -> Callable[[Tensor], Tensor]:
+    """``g(flat)`` = ``func`` with ``flat.reshape(shape)`` inserted at ``pos`` among ``data``."""
 
     def g(flat: Tensor) -> Tensor:
-        args = (*xs[:pos], flat.reshape(shape), *xs[pos + 1 :])
-        out = func(*args)
+        out = func(*data[:pos], flat.reshape(shape), *data[pos:])
         if not isinstance(out, Tensor) or out.numel() != 1:
             raise ShapeError(
                 "func must return a scalar (a tensor with one element), got "
@@ -140,7 +142,15 @@ def _flat_function(
             )
         return out.reshape(())
 
-    return g, theta.detach().reshape(-1)
+    return g
+
+
+def _hessian(
+    func: Callable[..., Tensor], x: Sequence[Any], argnums: int, mode: str
+) -> ExactHessian:
+    """The :class:`ExactHessian` of ``func`` w.r.t. ``x[argnums]`` flattened, at ``x``."""
+    theta, pos, rest = _split(tuple(x), argnums)
+    return ExactHessian([_bind(func, pos, theta.shape, rest)], theta.detach().reshape(-1), 1, mode)
 
 
 def _as_rows(v: Any, d: int, like: Tensor) -> tuple[Tensor, bool]:
@@ -157,15 +167,25 @@ def _as_rows(v: Any, d: int, like: Tensor) -> tuple[Tensor, bool]:
     )
 
 
-def _out(rows: Tensor, single: bool) -> Tensor:
-    return rows[0] if single else rows
+def _vector_map(apply: VectorMap, like: Tensor, regularization: float = 0.0) -> VectorMap:
+    """``f(v)``: ``v`` ``(k, d)`` or ``(d,)`` -> rows of ``apply(V) + regularization V`` in
+    ``v``'s shape, ``V`` cast to the dtype/device of ``like`` (``(d,)`` or ``(n, d)``)."""
+    d = like.shape[-1]
+
+    def f(v: Tensor) -> Tensor:
+        V, single = _as_rows(v, d, like)
+        out = apply(V)
+        if regularization:
+            out = out + regularization * V
+        return out[0] if single else out
+
+    return f
 
 
-def _matvec(g: Callable[[Tensor], Tensor], flat0: Tensor, mode: str) -> Matvec:
-    """Batched ``V (k, d) -> (k, d)``: rows of ``H v`` for the Hessian of ``g`` at ``flat0``
-    (an :class:`~tdabench.func.curvature.ExactHessian` of one function)."""
-    _check_mode(mode)
-    return ExactHessian([g], flat0, 1, mode).mvp
+def _solved(op: Any, solver: IHVPSolver, like: Tensor) -> VectorMap:
+    """``f(v)``: ``solver`` prepared on ``op`` applied to ``v`` (see :func:`_vector_map`)."""
+    solver.prepare(op)
+    return _vector_map(solver.solve, like)
 
 
 # ---------------------------------------------------------------------------- HVP
@@ -175,7 +195,7 @@ def hvp_at_x(
     argnums: int = 0,
     mode: str = "rev-rev",
     regularization: float = 0.0,
-) -> Callable[[Tensor], Tensor]:
+) -> VectorMap:
     """Hessian-vector products at the fixed point ``x``.
 
     Args:
@@ -188,21 +208,13 @@ def hvp_at_x(
     Returns:
         ``f(v)``: ``v`` ``(k, d)`` or ``(d,)`` -> ``(H + λI) v`` of the same shape.
     """
-    _check_mode(mode)
-    _check_nonneg("regularization", regularization)
-    x = _check_x_tuple(x, "hvp_at_x")
-    g, flat0 = _flat_function(func, x, argnums)
-    mv = _matvec(g, flat0, mode)
-    d = flat0.numel()
+    check_options(_settings(locals()))
+    op = _hessian(func, _check_x_tuple(x, "hvp_at_x"), argnums, mode)
+    return _vector_map(op.mvp, op.flat, regularization)
 
-    def f(v: Tensor) -> Tensor:
-        V, single = _as_rows(v, d, flat0)
-        out = mv(V)
-        if regularization:
-            out = out + regularization * V
-        return _out(out, single)
 
-    return f
+def _hvp_at(func: Callable[..., Tensor], *x: Any, **settings: Any) -> VectorMap:
+    return hvp_at_x(func, x, **settings)
 
 
 def hvp(
@@ -210,36 +222,28 @@ def hvp(
     argnums: int = 0,
     mode: str = "rev-rev",
     regularization: float = 0.0,
-) -> Callable[[Sequence[Any], Tensor], Tensor]:
+) -> PointMap:
     """Hessian-vector products at any point: ``f(x, v) = (H(x) + λI) v``.
 
-    ``x`` is the tuple of ``func``'s positional arguments, ``v`` is ``(k, d)`` or ``(d,)``
-    with ``d = x[argnums].numel()``; the result has ``v``'s shape. See :func:`hvp_at_x`.
+    Args:
+        func, argnums, mode, regularization: as in :func:`hvp_at_x`.
+
+    Returns:
+        ``f(x, v)``: ``x`` the tuple of ``func``'s positional arguments, ``v`` ``(k, d)`` or
+        ``(d,)`` with ``d = x[argnums].numel()`` -> ``(H(x) + λI) v`` of ``v``'s shape.
     """
-    _check_mode(mode)
-    _check_nonneg("regularization", regularization)
-
-    def f(x: Sequence[Any], v: Tensor) -> Tensor:
-        return hvp_at_x(
-            func,
-            _check_x_tuple(x, "hvp"),
-            argnums=argnums,
-            mode=mode,
-            regularization=regularization,
-        )(v)
-
-    return f
+    return _at_any_x(_hvp_at, "hvp", func, _settings(locals()))
 
 
-# ---------------------------------------------------------------------------- explicit
+# ---------------------------------------------------------------------------- dense
 def ihvp_at_x_explicit(
     func: Callable[..., Tensor],
     *x: Any,
     argnums: int = 0,
     regularization: float = 0.0,
     max_dense_bytes: int | None = None,
-) -> Callable[[Tensor], Tensor]:
-    """Exact IHVPs at ``x`` from the dense Hessian, formed and factorised once.
+) -> VectorMap:
+    """Exact IHVPs at ``x`` from the dense ``(d, d)`` Hessian, formed and factorised once.
 
     Args:
         func: scalar function ``func(*x)``.
@@ -254,17 +258,9 @@ def ihvp_at_x_explicit(
         A positive-definite matrix is Cholesky-factorised, anything else LU-factorised;
         a singular one raises ``NonFiniteError``.
     """
-    _check_nonneg("regularization", regularization)
-    g, flat0 = _flat_function(func, tuple(x), argnums)
-    H = ExactHessian([g], flat0, 1, "rev-rev").dense(max_bytes=max_dense_bytes)
-    inverse = DenseInverse(H, regularization, in_place=True)
-    d = flat0.numel()
-
-    def f(v: Tensor) -> Tensor:
-        V, single = _as_rows(v, d, flat0)
-        return _out(inverse(V), single)
-
-    return f
+    solver = DenseSolver(regularization, max_dense_bytes)
+    op = _hessian(func, x, argnums, "rev-rev")
+    return _solved(op, solver, op.flat)
 
 
 def ihvp_explicit(
@@ -272,18 +268,16 @@ def ihvp_explicit(
     argnums: int = 0,
     regularization: float = 0.0,
     max_dense_bytes: int | None = None,
-) -> Callable[[Sequence[Any], Tensor], Tensor]:
-    """``f(x, v) = (H(x) + λI)^{-1} v`` from the dense Hessian; see :func:`ihvp_at_x_explicit`."""
-    _check_nonneg("regularization", regularization)
+) -> PointMap:
+    """``f(x, v) = (H(x) + λI)^{-1} v`` from the dense Hessian at any point.
 
-    return _at_any_x(
-        ihvp_at_x_explicit,
-        func,
-        "ihvp_explicit",
-        argnums=argnums,
-        regularization=regularization,
-        max_dense_bytes=max_dense_bytes,
-    )
+    Args:
+        func, argnums, regularization, max_dense_bytes: as in :func:`ihvp_at_x_explicit`.
+
+    Returns:
+        ``f(x, v)``: ``v`` ``(k, d)`` or ``(d,)`` -> the same shape.
+    """
+    return _at_any_x(ihvp_at_x_explicit, "ihvp_explicit", func, _settings(locals()))
 
 
 # ---------------------------------------------------------------------------- CG
@@ -295,7 +289,7 @@ def ihvp_at_x_cg(
     tol: float = 1e-7,
     mode: str = "rev-rev",
     regularization: float = 0.0,
-) -> Callable[[Tensor], Tensor]:
+) -> VectorMap:
     """IHVPs at ``x`` by batched conjugate gradient on HVPs.
 
     Args:
@@ -309,21 +303,10 @@ def ihvp_at_x_cg(
     Returns:
         ``f(v)``: ``v`` ``(k, d)`` or ``(d,)`` -> approximate ``(H + λI)^{-1} v``, same shape.
     """
-    _check_mode(mode)
-    _check_nonneg("regularization", regularization)
-    if max_iter < 1:
-        raise ConfigError(f"max_iter must be >= 1, got {max_iter}")
-    _check_nonneg("tol", tol)
-    g, flat0 = _flat_function(func, tuple(x), argnums)
     solver = CGSolver(max_iter, tol, regularization)
-    solver.prepare(ExactHessian([g], flat0, 1, mode))
-    d = flat0.numel()
-
-    def f(v: Tensor) -> Tensor:
-        V, single = _as_rows(v, d, flat0)
-        return _out(solver.solve(V), single)
-
-    return f
+    check_options({"mode": mode})
+    op = _hessian(func, x, argnums, mode)
+    return _solved(op, solver, op.flat)
 
 
 def ihvp_cg(
@@ -333,24 +316,16 @@ def ihvp_cg(
     tol: float = 1e-7,
     mode: str = "rev-rev",
     regularization: float = 0.0,
-) -> Callable[[Sequence[Any], Tensor], Tensor]:
-    """``f(x, v)``: CG inverse-HVPs at any point; see :func:`ihvp_at_x_cg`."""
-    _check_mode(mode)
-    _check_nonneg("regularization", regularization)
-    if max_iter < 1:
-        raise ConfigError(f"max_iter must be >= 1, got {max_iter}")
-    _check_nonneg("tol", tol)
+) -> PointMap:
+    """CG inverse-HVPs at any point.
 
-    return _at_any_x(
-        ihvp_at_x_cg,
-        func,
-        "ihvp_cg",
-        argnums=argnums,
-        max_iter=max_iter,
-        tol=tol,
-        mode=mode,
-        regularization=regularization,
-    )
+    Args:
+        func, argnums, max_iter, tol, mode, regularization: as in :func:`ihvp_at_x_cg`.
+
+    Returns:
+        ``f(x, v)``: ``v`` ``(k, d)`` or ``(d,)`` -> the same shape.
+    """
+    return _at_any_x(ihvp_at_x_cg, "ihvp_cg", func, _settings(locals()))
 
 
 # ---------------------------------------------------------------------------- Arnoldi
@@ -365,7 +340,7 @@ def ihvp_at_x_arnoldi(
     proj_dim: int = 100,
     norm_constant: float = 1.0,
     seed: int = 0,
-) -> Callable[[Tensor], Tensor]:
+) -> VectorMap:
     """IHVPs at ``x`` in the dominant eigenspace of ``H`` found by Arnoldi iteration.
 
     The eigenbasis (``H ≈ U diag(λ) Uᵀ`` with at most ``proj_dim`` pairs, from a Krylov
@@ -388,28 +363,22 @@ def ihvp_at_x_arnoldi(
         ``f(v)``: ``(k, d)`` or ``(d,)`` -> same shape. ``f.basis`` is the
         :class:`tdabench.func.solvers.EigenBasis` (``values`` ``(r,)``, ``vectors`` ``(d, r)``).
     """
-    _check_mode(mode)
-    _check_nonneg("regularization", regularization)
-    g, flat0 = _flat_function(func, tuple(x), argnums)
-    d = flat0.numel()
-    _check_nonneg("tol", tol)
-    if proj_dim < 1 or max_iter < 1:
-        raise ConfigError(f"proj_dim and max_iter must be >= 1, got {proj_dim}, {max_iter}")
     solver = ArnoldiSolver(proj_dim, max_iter, tol, norm_constant, seed, regularization)
-    solver.prepare(ExactHessian([g], flat0, 1, mode))
-    basis = solver.basis
+    check_options({"mode": mode})
 
-    def f(v: Tensor) -> Tensor:
-        V, single = _as_rows(v, d, flat0)
-        out = basis.inverse_apply(V, regularization)
+    def finite(V: Tensor) -> Tensor:
+        out = solver.solve(V)
         if not bool(torch.isfinite(out).all()):
             raise NonFiniteError(
                 "Arnoldi IHVP is not finite: a kept eigenvalue plus regularization is 0; "
                 "change regularization or raise tol"
             )
-        return _out(out, single)
+        return out
 
-    f.basis = basis  # type: ignore[attr-defined]
+    op = _hessian(func, x, argnums, mode)
+    solver.prepare(op)
+    f = _vector_map(finite, op.flat)
+    f.basis = solver.basis  # type: ignore[attr-defined]
     return f
 
 
@@ -423,24 +392,17 @@ def ihvp_arnoldi(
     proj_dim: int = 100,
     norm_constant: float = 1.0,
     seed: int = 0,
-) -> Callable[[Sequence[Any], Tensor], Tensor]:
-    """``f(x, v)``: Arnoldi IHVPs at any point (a new basis per call); see :func:`ihvp_at_x_arnoldi`."""
-    _check_mode(mode)
-    _check_nonneg("regularization", regularization)
+) -> PointMap:
+    """Arnoldi IHVPs at any point (a new basis per call).
 
-    return _at_any_x(
-        ihvp_at_x_arnoldi,
-        func,
-        "ihvp_arnoldi",
-        argnums=argnums,
-        max_iter=max_iter,
-        tol=tol,
-        mode=mode,
-        regularization=regularization,
-        proj_dim=proj_dim,
-        norm_constant=norm_constant,
-        seed=seed,
-    )
+    Args:
+        func, argnums, max_iter, tol, mode, regularization, proj_dim, norm_constant, seed:
+            as in :func:`ihvp_at_x_arnoldi`.
+
+    Returns:
+        ``f(x, v)``: ``v`` ``(k, d)`` or ``(d,)`` -> the same shape.
+    """
+    return _at_any_x(ihvp_at_x_arnoldi, "ihvp_arnoldi", func, _settings(locals()))
 
 
 # ---------------------------------------------------------------------------- LiSSA
@@ -469,7 +431,7 @@ def ihvp_at_x_lissa(
     mode: str = "rev-rev",
     seed: int = 0,
     in_dims: Sequence[int | None] | None = None,
-) -> Callable[[Tensor], Tensor]:
+) -> VectorMap:
     """Stochastic IHVPs at ``x`` by the LiSSA recursion.
 
     ``x = (θ, *data)`` (``θ = x[argnums]``; the other arguments, in order, are data
@@ -499,27 +461,11 @@ def ihvp_at_x_lissa(
     Returns:
         ``f(v)``: ``(k, d)`` or ``(d,)`` -> same shape. Works in any floating dtype.
     """
-    _check_mode(mode)
-    x = tuple(x)
+    check_options({"mode": mode})
     _check_in_dims(in_dims, len(x), argnums)
-    theta = _check_argnums(x, argnums)
-    _check_lissa(batch_size, num_repeat, recursion_depth, damping, scaling)
-    sampled = _SampledTupleHessian(func, x, argnums, mode, collate_fn)
-    if sampled.data and batch_size > sampled.n:
-        raise ConfigError(
-            f"batch_size={batch_size} exceeds the {sampled.n} samples in the data arguments; "
-            f"pass batch_size <= {sampled.n}"
-        )
     solver = LiSSASolver(batch_size, num_repeat, recursion_depth, damping, scaling, seed=int(seed))
-    solver.prepare(sampled)
-    flat0 = theta.detach().reshape(-1)
-    d = flat0.numel()
-
-    def f(v: Tensor) -> Tensor:
-        V, single = _as_rows(v, d, flat0)
-        return _out(solver.solve(V), single)
-
-    return f
+    op = _SampledTupleHessian(func, x, argnums, mode, collate_fn, batch_size)
+    return _solved(op, solver, op.flat)
 
 
 def _check_in_dims(in_dims: Sequence[int | None] | None, n: int, argnums: int) -> None:
@@ -535,23 +481,6 @@ def _check_in_dims(in_dims: Sequence[int | None] | None, n: int, argnums: int) -
         )
 
 
-def _check_lissa(
-    batch_size: Any, num_repeat: int, recursion_depth: int, damping: float, scaling: float
-) -> None:
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if recursion_depth < 1 or num_repeat < 1:
-        raise ConfigError(
-            f"recursion_depth and num_repeat must be >= 1, got {recursion_depth}, {num_repeat}"
-        )
-    if scaling <= 0:
-        raise ConfigError(
-            f"scaling must be > 0 (above the largest Hessian eigenvalue), got {scaling}"
-        )
-    if not 0.0 <= damping < 1.0:
-        raise ConfigError(f"damping must be in [0, 1), got {damping}")
-
-
 class _SampledTupleHessian:
     """LiSSA's operator family for ``x = (θ, *data)``: ``sample(gen, b)`` is the Hessian of
     ``func(θ, *data[idx])`` on ``b`` samples drawn with ``torch.randperm`` (``collate_fn``
@@ -564,35 +493,31 @@ class _SampledTupleHessian:
         argnums: int,
         mode: str,
         collate_fn: Callable[[tuple[Tensor, ...]], Any] | None,
+        batch_size: int,
     ) -> None:
         self.func, self.mode, self.collate_fn = func, mode, collate_fn
-        self.pos = argnums % len(x)
-        xs = _detach(x)
-        self.data = xs[: self.pos] + xs[self.pos + 1 :]
-        theta = x[argnums]
-        self.shape, self.flat0 = theta.shape, theta.detach().reshape(-1)
+        theta, self.pos, self.data = _split(x, argnums)
+        self.shape, self.flat = theta.shape, theta.detach().reshape(-1)
         self.n = _num_samples(self.data) if self.data else 0
-        self.full = None if self.data else ExactHessian([self._g(())], self.flat0, 1, mode)
+        if self.data and batch_size > self.n:
+            raise ConfigError(
+                f"batch_size={batch_size} exceeds the {self.n} samples in the data arguments; "
+                f"pass batch_size <= {self.n}"
+            )
+        self.full = None if self.data else self._hessian(())
 
-    def _g(self, data_args: tuple[Any, ...]) -> Callable[[Tensor], Tensor]:
-        def g(flat: Tensor) -> Tensor:
-            args = (*data_args[: self.pos], flat.reshape(self.shape), *data_args[self.pos :])
-            out = self.func(*args)
-            if not isinstance(out, Tensor) or out.numel() != 1:
-                raise ShapeError("func must return a scalar (one element); reduce it with .mean()")
-            return out.reshape(())
-
-        return g
+    def _hessian(self, data: tuple[Any, ...]) -> ExactHessian:
+        g = _bind(self.func, self.pos, self.shape, data)
+        return ExactHessian([g], self.flat, 1, self.mode)
 
     def sample(self, gen: torch.Generator, b: int) -> ExactHessian:
+        """The Hessian on ``b`` samples drawn with ``gen`` (the full one without data)."""
         if self.full is not None:
             return self.full
         idx = torch.randperm(self.n, generator=gen)[:b]
         sampled = tuple(t[idx.to(t.device)] for t in self.data)
         args = self.collate_fn(sampled) if self.collate_fn is not None else sampled
-        if not isinstance(args, tuple):
-            args = (args,)
-        return ExactHessian([self._g(args)], self.flat0, 1, self.mode)
+        return self._hessian(args if isinstance(args, tuple) else (args,))
 
 
 def ihvp_lissa(
@@ -606,22 +531,20 @@ def ihvp_lissa(
     collate_fn: Callable[[tuple[Tensor, ...]], Any] | None = None,
     mode: str = "rev-rev",
     seed: int = 0,
-) -> Callable[[Sequence[Any], Tensor], Tensor]:
-    """``f(x, v, in_dims=None)`` with ``x = (θ, *data)``: LiSSA IHVPs; see :func:`ihvp_at_x_lissa`."""
-    _check_mode(mode)
-    kwargs = dict(
-        argnums=argnums,
-        batch_size=batch_size,
-        num_repeat=num_repeat,
-        recursion_depth=recursion_depth,
-        damping=damping,
-        scaling=scaling,
-        collate_fn=collate_fn,
-        mode=mode,
-        seed=seed,
-    )
+) -> PointMap:
+    """LiSSA IHVPs at any point.
 
-    def f(x: Sequence[Any], v: Tensor, in_dims: Sequence[int | None] | None = None) -> Tensor:
-        return ihvp_at_x_lissa(func, *_check_x_tuple(x, "ihvp_lissa"), in_dims=in_dims, **kwargs)(v)
+    Args:
+        func, argnums, batch_size, num_repeat, recursion_depth, damping, scaling, collate_fn,
+            mode, seed: as in :func:`ihvp_at_x_lissa`.
 
-    return f
+    Returns:
+        ``f(x, v, in_dims=None)`` with ``x = (θ, *data)``: ``v`` ``(k, d)`` or ``(d,)`` -> the
+        same shape.
+    """
+    f = _at_any_x(ihvp_at_x_lissa, "ihvp_lissa", func, _settings(locals()))
+
+    def lissa(x: Sequence[Any], v: Tensor, in_dims: Sequence[int | None] | None = None) -> Tensor:
+        return f(x, v, in_dims=in_dims)
+
+    return lissa

@@ -9,14 +9,16 @@ one solver run. They are shared by :mod:`tdabench.func.hessian`,
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from tdabench._validate import check_choice, check_int, check_real
 from tdabench.errors import ConfigError, NonFiniteError, ShapeError
+from tdabench.func.curvature import MODES
 from tdabench.memory import MemoryPlanner, planner_for
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "LiSSASolver",
     "arnoldi_basis",
     "check_dense_size",
+    "check_options",
     "conjugate_gradient",
     "dense_from_matvec",
     "lissa_recursion",
@@ -39,6 +42,44 @@ logger = logging.getLogger(__name__)
 
 Matvec = Callable[[Tensor], Tensor]
 
+_RULES: dict[str, Callable[[str, Any], Any]] = {
+    "mode": lambda n, v: check_choice(n, v, MODES, "how Hessian-vector products are computed"),
+    "regularization": lambda n, v: check_real(n, v, 0.0),
+    "tol": lambda n, v: check_real(n, v, 0.0),
+    "max_iter": lambda n, v: check_int(n, v, 1),
+    "proj_dim": lambda n, v: check_int(n, v, 1),
+    "norm_constant": lambda n, v: check_real(n, v, 0.0, strict=True),
+    "batch_size": lambda n, v: check_int(n, v, 1),
+    "num_repeat": lambda n, v: check_int(n, v, 1),
+    "recursion_depth": lambda n, v: check_int(n, v, 1),
+    "damping": lambda n, v: check_real(n, v, 0.0, below=1.0),
+    "scaling": lambda n, v: check_real(
+        n, v, 0.0, strict=True, fix="pass a scaling above the largest Hessian eigenvalue"
+    ),
+    "chunk_size": lambda n, v: check_int(n, v, 1),
+}
+
+
+def check_options(options: Mapping[str, Any]) -> None:
+    """Validate every solver or product setting in ``options`` that has a rule.
+
+    The one argument check of the solvers and of the dattri-shaped functions of
+    :mod:`tdabench.func.hessian` / :mod:`tdabench.func.fisher`: ``mode`` in :data:`MODES`;
+    ``regularization``, ``tol`` ``>= 0``; ``max_iter``, ``proj_dim``, ``batch_size``,
+    ``num_repeat``, ``recursion_depth``, ``chunk_size`` integers ``>= 1``; ``norm_constant``,
+    ``scaling`` ``> 0``; ``damping`` in ``[0, 1)``. Other names are not checked here.
+
+    Args:
+        options: ``{name: value}``, e.g. a function's ``locals()``.
+
+    Raises:
+        ConfigError: naming the setting, its value and the accepted range.
+    """
+    for name, value in options.items():
+        rule = _RULES.get(name)
+        if rule is not None:
+            rule(name, value)
+
 
 def check_dense_size(
     d: int,
@@ -46,12 +87,24 @@ def check_dense_size(
     max_bytes: int | None = None,
     what: str = "Hessian",
     planner: MemoryPlanner | None = None,
+    device: torch.device | str = "cpu",
 ) -> None:
-    """Refuse (:class:`~tdabench.errors.MemoryLimitError`) a dense ``d x d`` matrix over
-    ``max_bytes`` when given, else over the planner's budget (the CPU's by default)."""
+    """Refuse a dense ``d x d`` matrix that does not fit.
+
+    Args:
+        d: the matrix has ``d x d`` entries.
+        dtype: its dtype.
+        max_bytes: the limit, if given; else ``planner``'s budget (``device``'s by default).
+        what: name of the matrix in the message.
+        planner: the memory planner to ask when ``max_bytes`` is ``None``.
+        device: the device of the default planner.
+
+    Raises:
+        MemoryLimitError: naming the matrix and the fixes.
+    """
     if max_bytes is not None:
-        planner = MemoryPlanner(device=torch.device("cpu"), budget=int(max_bytes))
-    planner = planner or planner_for("cpu")
+        planner = MemoryPlanner(device=torch.device(device), budget=int(max_bytes))
+    planner = planner or planner_for(device)
     need = d * d * torch.empty((), dtype=dtype).element_size()
     planner.require(
         need,
@@ -188,10 +241,7 @@ def conjugate_gradient(
     Returns:
         ``(k, d)`` approximate solutions.
     """
-    if max_iter < 1:
-        raise ConfigError(f"max_iter must be >= 1, got {max_iter}")
-    if tol < 0:
-        raise ConfigError(f"tol must be >= 0, got {tol}")
+    check_options({"max_iter": max_iter, "tol": tol, "regularization": regularization})
     B = _as_2d(B)
 
     def A(v: Tensor) -> Tensor:
@@ -202,36 +252,46 @@ def conjugate_gradient(
     r = B - A(x) if x0 is not None else B.clone()
     p = r.clone()
     rs = (r * r).sum(dim=1)
-    bnorm = B.norm(dim=1)
-    thresh = (tol * bnorm) ** 2
+    thresh = (tol * B.norm(dim=1)) ** 2
     active = rs > thresh
-    tiny = torch.finfo(B.dtype).tiny
     for _ in range(max_iter):
         if not bool(active.any()):
             break
-        Ap = A(p)
-        pAp = (p * Ap).sum(dim=1)
-        alpha = torch.where(
-            active & (pAp.abs() > tiny),
-            rs / pAp.where(pAp.abs() > tiny, torch.ones_like(pAp)),
-            torch.zeros_like(rs),
-        )
-        x = x + alpha[:, None] * p
-        r = r - alpha[:, None] * Ap
-        rs_new = (r * r).sum(dim=1)
-        beta = torch.where(
-            active & (rs > tiny),
-            rs_new / rs.where(rs > tiny, torch.ones_like(rs)),
-            torch.zeros_like(rs),
-        )
-        p = torch.where(active[:, None], r + beta[:, None] * p, p)
-        rs = torch.where(active, rs_new, rs)
+        x, r, p, rs = _cg_step(A, x, r, p, rs, active)
         active = active & (rs > thresh)
     if not bool(torch.isfinite(x).all()):
         raise NonFiniteError(
             "CG diverged (NaN/inf): the Hessian is not positive definite; pass regularization > 0"
         )
     return x
+
+
+def _cg_step(
+    A: Matvec, x: Tensor, r: Tensor, p: Tensor, rs: Tensor, active: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One batched CG iteration on the ``active`` rows (the others keep their values).
+
+    ``x``, ``r``, ``p`` ``(k, d)``: iterates, residuals, directions; ``rs`` ``(k,)``: squared
+    residual norms; ``active`` ``(k,)`` bool. Returns the new ``x, r, p, rs``.
+    """
+    tiny = torch.finfo(r.dtype).tiny
+    Ap = A(p)
+    pAp = (p * Ap).sum(dim=1)
+    alpha = torch.where(
+        active & (pAp.abs() > tiny),
+        rs / pAp.where(pAp.abs() > tiny, torch.ones_like(pAp)),
+        torch.zeros_like(rs),
+    )
+    x = x + alpha[:, None] * p
+    r = r - alpha[:, None] * Ap
+    rs_new = (r * r).sum(dim=1)
+    beta = torch.where(
+        active & (rs > tiny),
+        rs_new / rs.where(rs > tiny, torch.ones_like(rs)),
+        torch.zeros_like(rs),
+    )
+    p = torch.where(active[:, None], r + beta[:, None] * p, p)
+    return x, r, p, torch.where(active, rs_new, rs)
 
 
 def lissa_recursion(
@@ -251,12 +311,10 @@ def lissa_recursion(
     eigenvalues of ``H / scaling + damping I`` lie in ``(0, 2)``, so ``scaling`` must
     exceed half the largest Hessian eigenvalue.
     """
-    if recursion_depth < 1 or num_repeat < 1:
-        raise ConfigError("recursion_depth and num_repeat must be >= 1")
-    if scaling <= 0:
-        raise ConfigError(f"scaling must be > 0, got {scaling}")
-    if not 0.0 <= damping < 1.0:
-        raise ConfigError(f"damping must be in [0, 1), got {damping}")
+    check_options(
+        {"recursion_depth": recursion_depth, "num_repeat": num_repeat}
+        | {"damping": damping, "scaling": scaling}
+    )
     V = _as_2d(V)
     total = torch.zeros_like(V)
     step = 0
@@ -327,10 +385,9 @@ def arnoldi_basis(
     inverse is always finite. ``norm_constant`` divides ``H`` during the iteration for
     numerical range and is undone on the returned eigenvalues.
     """
-    if proj_dim < 1 or max_iter < 1:
-        raise ConfigError("proj_dim and max_iter must be >= 1")
-    if norm_constant <= 0:
-        raise ConfigError(f"norm_constant must be > 0, got {norm_constant}")
+    check_options(
+        {"proj_dim": proj_dim, "max_iter": max_iter, "tol": tol, "norm_constant": norm_constant}
+    )
     n_iter = min(max_iter, d)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     q = torch.randn(d, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
@@ -380,9 +437,11 @@ class IHVPSolver:
     regularization: float = 0.0
 
     def prepare(self, op: Any, planner: MemoryPlanner | None = None) -> None:
+        """Once per operator ``op`` (``dim`` ``d``): keep it, or precompute a factor or basis."""
         self.op = op
 
     def solve(self, V: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """Rows of ``(C + λI)^{-1} v``: ``V`` ``(k, d)`` -> ``(k, d)``."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
@@ -390,16 +449,26 @@ class IHVPSolver:
         return {"solver": type(self).__name__}
 
 
+@dataclass(eq=False)
 class DenseSolver(IHVPSolver):
     """Forms the dense operator (refused over ``max_dense_bytes`` or the planner's budget) and
-    factorises ``C + λI`` once (:class:`DenseInverse`)."""
+    factorises ``C + λI`` once (:class:`DenseInverse`).
 
+    Args:
+        regularization: ``λ >= 0``.
+        max_dense_bytes: explicit limit on the ``(d, d)`` matrix (default: the planner's budget).
+    """
+
+    regularization: float = 0.0
+    max_dense_bytes: int | None = None
     holds_operator = False
 
-    def __init__(self, regularization: float = 0.0, max_dense_bytes: int | None = None) -> None:
-        self.regularization, self.max_dense_bytes = float(regularization), max_dense_bytes
+    def __post_init__(self) -> None:
+        check_options(vars(self))
+        self.regularization = float(self.regularization)
 
     def prepare(self, op: Any, planner: MemoryPlanner | None = None) -> None:
+        """Form and factorise ``C + λI`` of ``op`` (a ``(d, d)`` matrix)."""
         A = op.dense(planner, self.max_dense_bytes)
         if not bool(torch.isfinite(A.sum())):
             raise NonFiniteError(
@@ -408,50 +477,65 @@ class DenseSolver(IHVPSolver):
         self.inverse = DenseInverse(A, self.regularization, op.name, in_place=True)
 
     def solve(self, V: Tensor) -> Tensor:
+        """Rows of ``(C + λI)^{-1} v``: ``V`` ``(k, d)`` -> ``(k, d)``."""
         return self.inverse(V)
 
 
+@dataclass(eq=False)
 class CGSolver(IHVPSolver):
-    """Batched conjugate gradient on the operator's products (see :func:`conjugate_gradient`)."""
+    """Batched conjugate gradient on the operator's products (see :func:`conjugate_gradient`).
 
-    def __init__(self, max_iter: int = 10, tol: float = 1e-7, regularization: float = 0.0) -> None:
-        self.max_iter, self.tol, self.regularization = (
-            int(max_iter),
-            float(tol),
-            float(regularization),
-        )
+    Args:
+        max_iter: at most this many iterations (one batched product each).
+        tol: relative residual tolerance per row.
+        regularization: ``λ >= 0``.
+    """
+
+    max_iter: int = 10
+    tol: float = 1e-7
+    regularization: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_options(vars(self))
+        self.max_iter, self.tol = int(self.max_iter), float(self.tol)
+        self.regularization = float(self.regularization)
 
     def solve(self, V: Tensor) -> Tensor:
+        """Rows of ``(C + λI)^{-1} v`` by CG: ``V`` ``(k, d)`` -> ``(k, d)``."""
         return conjugate_gradient(
             self.op.mvp, V, max_iter=self.max_iter, tol=self.tol, regularization=self.regularization
         )
 
 
+@dataclass(eq=False)
 class LiSSASolver(IHVPSolver):
     """The LiSSA recursion (:func:`lissa_recursion`) on mini-batch operators.
 
     The operator must offer ``sample(generator, batch_size) -> operator`` (the curvature of
     ``batch_size`` samples drawn with ``generator``). Every :meth:`solve` restarts a CPU
     generator seeded with ``seed``, so results do not depend on how right-hand sides are chunked.
+
+    Args:
+        batch_size: samples per recursion step.
+        num_repeat: independent recursions averaged.
+        recursion_depth: steps per recursion.
+        damping: in ``[0, 1)``.
+        scaling: ``> 0``, above half the largest eigenvalue.
+        seed: seed of the sampling generator.
     """
 
-    def __init__(
-        self,
-        batch_size: int = 1,
-        num_repeat: int = 1,
-        recursion_depth: int = 5000,
-        damping: float = 0.0,
-        scaling: float = 50.0,
-        seed: int = 0,
-    ) -> None:
-        self.batch_size, self.num_repeat, self.recursion_depth = (
-            batch_size,
-            num_repeat,
-            recursion_depth,
-        )
-        self.damping, self.scaling, self.seed = damping, scaling, seed
+    batch_size: int = 1
+    num_repeat: int = 1
+    recursion_depth: int = 5000
+    damping: float = 0.0
+    scaling: float = 50.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_options(vars(self))
 
     def solve(self, V: Tensor) -> Tensor:
+        """Rows of ``≈ (C + damping·scaling·I)^{-1} v``: ``V`` ``(k, d)`` -> ``(k, d)``."""
         gen = torch.Generator(device="cpu").manual_seed(int(self.seed))
 
         def sampler(_step: int) -> Matvec:
@@ -467,43 +551,36 @@ class LiSSASolver(IHVPSolver):
         )
 
 
+@dataclass(eq=False)
 class ArnoldiSolver(IHVPSolver):
     """A low-rank eigenbasis by Arnoldi (:func:`arnoldi_basis`); ``solve`` is
     ``U diag(1 / (values + λ)) Uᵀ v`` (zero outside the basis), or with ``residual=True`` the
-    exact inverse of the rank-``r`` truncation plus ``λI`` (the rest of ``v`` divided by ``λ``)."""
+    exact inverse of the rank-``r`` truncation plus ``λI`` (the rest of ``v`` divided by ``λ``).
 
+    Args:
+        proj_dim, max_iter, tol, norm_constant, seed: as in :func:`arnoldi_basis`.
+        regularization: ``λ >= 0`` added to each kept eigenvalue.
+        residual: keep (and damp by ``1 / λ``) the part of ``v`` outside the basis.
+    """
+
+    proj_dim: int = 100
+    max_iter: int = 100
+    tol: float = 1e-7
+    norm_constant: float = 1.0
+    seed: int = 0
+    regularization: float = 0.0
+    residual: bool = False
     holds_operator = False
 
-    def __init__(
-        self,
-        proj_dim: int = 100,
-        max_iter: int = 100,
-        tol: float = 1e-7,
-        norm_constant: float = 1.0,
-        seed: int = 0,
-        regularization: float = 0.0,
-        residual: bool = False,
-    ) -> None:
-        self.proj_dim, self.max_iter, self.tol = proj_dim, max_iter, tol
-        self.norm_constant, self.seed, self.regularization = (
-            norm_constant,
-            seed,
-            float(regularization),
-        )
-        self.residual = bool(residual)
+    def __post_init__(self) -> None:
+        check_options(vars(self))
+        self.regularization, self.residual = float(self.regularization), bool(self.residual)
 
     def prepare(self, op: Any, planner: MemoryPlanner | None = None) -> None:
-        self.basis = arnoldi_basis(
-            op.mvp,
-            op.dim,
-            proj_dim=self.proj_dim,
-            max_iter=self.max_iter,
-            tol=self.tol,
-            norm_constant=self.norm_constant,
-            seed=self.seed,
-            dtype=op.dtype,
-            device=op.device,
-        )
+        """Run Arnoldi on ``op``'s products; sets ``basis`` (an :class:`EigenBasis`)."""
+        settings = (self.proj_dim, self.max_iter, self.tol, self.norm_constant, self.seed)
+        self.basis = arnoldi_basis(op.mvp, op.dim, *settings, dtype=op.dtype, device=op.device)
 
     def solve(self, V: Tensor) -> Tensor:
+        """Rows of the basis inverse: ``V`` ``(k, d)`` -> ``(k, d)``."""
         return self.basis.inverse_apply(V, self.regularization, self.residual)
