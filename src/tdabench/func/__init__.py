@@ -50,6 +50,7 @@ from tdabench.func.utils import (
     unflatten_params,
 )
 
+# Spelled out: a re-export needs a literal __all__ (ruff F401); it repeats the submodules' lists.
 __all__ = [
     "ArnoldiSolver",
     "CGSolver",

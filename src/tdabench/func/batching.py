@@ -46,8 +46,9 @@ def folding_available() -> bool:
 
 
 def folded_bmm(a: Tensor, b: Tensor) -> Tensor | None:
-    """``bmm(a, b)`` as one ``mm`` when exactly one operand is a matrix broadcast over the
-    batch (stride 0 on dimension 0); ``None`` when the rewrite does not apply."""
+    """``bmm(a, b)`` (``a`` ``(k, n, m)``, ``b`` ``(k, m, p)`` -> ``(k, n, p)``) as one ``mm``
+    when exactly one operand is a matrix broadcast over the batch (stride 0 on dimension 0);
+    ``None`` when the rewrite does not apply."""
     if a.dim() != 3 or b.dim() != 3 or a.layout != torch.strided or b.layout != torch.strided:
         return None
     k, n, m = a.shape

@@ -118,9 +118,9 @@ def hvp_matvec(
 
 
 class CurvatureOperator:
-    """A symmetric ``d x d`` operator known through batched products.
+    """A symmetric ``(d, d)`` operator known through batched products ``(k, d) -> (k, d)``.
 
-    Subclasses set ``dim``, ``dtype``, ``device`` and implement :meth:`mvp`.
+    Subclasses set ``dim`` (``d``), ``dtype``, ``device`` and implement :meth:`mvp`.
     """
 
     dim: int
@@ -170,7 +170,7 @@ class CurvatureOperator:
 
 # ---------------------------------------------------------------------- chunked operators
 class ChunkedCurvature(CurvatureOperator):
-    """``C = (1/n) Σ_c C_c``: a mean over chunks of samples, each chunk's product from
+    """``C = (1/n) Σ_c C_c`` ``(d, d)``: a mean over chunks of samples, each chunk's product from
     :meth:`_op` (subclasses). With ``keep`` every chunk is linearised once and kept (iterative
     solvers); otherwise it is rebuilt per product (one-shot use). :meth:`dense` assembles
     ``C`` chunk by chunk, so only one chunk's graph lives at a time when not kept.
@@ -269,7 +269,7 @@ class OutputLoss:
             )
 
     def target(self, batch: Any) -> Tensor:
-        """The labels/targets of ``batch``."""
+        """The labels/targets ``(B, ...)`` of ``batch`` (a tuple/list holding them)."""
         if isinstance(batch, Tensor):
             raise ShapeError("the GGN needs batches holding (inputs, targets); got a single tensor")
         return batch[self.target_index]

@@ -139,6 +139,7 @@ def _fvp_at(func: Callable[..., Tensor], *x: Any, **settings: Any) -> VectorMap:
     return fvp_at_x(func, x, **settings)
 
 
+# Spelled out: dattri's signature (the settings of fvp_at_x, for any point)
 def fvp(func: Callable[..., Tensor], argnums: int = 0, regularization: float = 0.0) -> PointMap:
     """Fisher-vector products at any point.
 
@@ -151,6 +152,7 @@ def fvp(func: Callable[..., Tensor], argnums: int = 0, regularization: float = 0
     return _at_any_x(_fvp_at, "fvp", func, _settings(locals()))
 
 
+# Spelled out: dattri's signature (as its Hessian twin ifvp_at_x_explicit)
 def ifvp_at_x_explicit(
     func: Callable[..., Tensor],
     *x: Any,
@@ -180,6 +182,7 @@ def ifvp_at_x_explicit(
     return _solved(fisher, solver, fisher.G)
 
 
+# Spelled out: dattri's signature (the settings of ifvp_at_x_explicit, for any point)
 def ifvp_explicit(
     func: Callable[..., Tensor],
     argnums: int = 0,
@@ -198,6 +201,7 @@ def ifvp_explicit(
     return _at_any_x(ifvp_at_x_explicit, "ifvp_explicit", func, _settings(locals()))
 
 
+# Spelled out: dattri's signature (as its Hessian twin ifvp_at_x_cg)
 def ifvp_at_x_cg(
     func: Callable[..., Tensor],
     *x: Any,
@@ -222,6 +226,7 @@ def ifvp_at_x_cg(
     return _solved(fisher, solver, fisher.G)
 
 
+# Spelled out: dattri's signature (the settings of ifvp_at_x_cg, for any point)
 def ifvp_cg(
     func: Callable[..., Tensor],
     argnums: int = 0,

@@ -217,6 +217,7 @@ def _hvp_at(func: Callable[..., Tensor], *x: Any, **settings: Any) -> VectorMap:
     return hvp_at_x(func, x, **settings)
 
 
+# Spelled out: dattri's signature (the settings of hvp_at_x, for any point)
 def hvp(
     func: Callable[..., Tensor],
     argnums: int = 0,
@@ -263,6 +264,7 @@ def ihvp_at_x_explicit(
     return _solved(op, solver, op.flat)
 
 
+# Spelled out: dattri's signature (the settings of ihvp_at_x_explicit, for any point)
 def ihvp_explicit(
     func: Callable[..., Tensor],
     argnums: int = 0,
@@ -309,6 +311,7 @@ def ihvp_at_x_cg(
     return _solved(op, solver, op.flat)
 
 
+# Spelled out: dattri's signature (the settings of ihvp_at_x_cg, for any point)
 def ihvp_cg(
     func: Callable[..., Tensor],
     argnums: int = 0,
@@ -382,6 +385,7 @@ def ihvp_at_x_arnoldi(
     return f
 
 
+# Spelled out: dattri's signature (the settings of ihvp_at_x_arnoldi, for any point)
 def ihvp_arnoldi(
     func: Callable[..., Tensor],
     argnums: int = 0,
@@ -520,6 +524,7 @@ class _SampledTupleHessian:
         return self._hessian(args if isinstance(args, tuple) else (args,))
 
 
+# Spelled out: dattri's signature (the settings of ihvp_at_x_lissa, for any point)
 def ihvp_lissa(
     func: Callable[..., Tensor],
     argnums: int = 0,

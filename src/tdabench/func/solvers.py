@@ -132,8 +132,8 @@ def dense_from_matvec(
     chunk: int = 256,
     out: Tensor | None = None,
 ) -> Tensor:
-    """Materialise the ``d x d`` matrix of a symmetric ``matvec`` by applying it to the
-    identity in chunks of ``chunk`` rows.
+    """Materialise the ``(d, d)`` matrix of a symmetric ``matvec`` (``(c, d) -> (c, d)``) by
+    applying it to the identity in chunks of ``chunk`` rows.
 
     With ``out`` (a ``d x d`` tensor), the matrix is *added* into ``out`` block by block
     (no ``d x d`` temporary) and ``out`` is returned.
@@ -346,8 +346,8 @@ class EigenBasis:
     def inverse_apply(
         self, V: Tensor, regularization: float = 0.0, residual: bool = False
     ) -> Tensor:
-        """Rows of ``U diag(1 / (values + λ)) Uᵀ v`` for each row ``v`` of ``V`` (``λ`` the
-        regularization).
+        """Rows of ``U diag(1 / (values + λ)) Uᵀ v`` for each row ``v`` of ``V`` ``(k, d)`` or
+        ``(d,)`` (``λ`` the regularization); returns ``(k, d)``.
 
         With ``residual=True`` (needs ``λ > 0``), the exact inverse of the truncated operator
         plus ``λI``, ``U diag(1 / (values + λ)) Uᵀ v + (v - U Uᵀ v) / λ``: the part of ``v``

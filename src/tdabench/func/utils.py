@@ -48,11 +48,13 @@ class ParamSpec:
     def from_params(
         cls, params: Mapping[str, Tensor], names: Iterable[str] | None = None
     ) -> ParamSpec:
+        """The spec of ``params`` (``{name: tensor}``), in ``names``' order (default: theirs)."""
         names = tuple(params) if names is None else tuple(names)
         return cls(names, tuple(params[n].shape for n in names))
 
     @property
     def numels(self) -> tuple[int, ...]:
+        """Number of entries of each parameter, in order."""
         return tuple(int(torch.Size(s).numel()) for s in self.shapes)
 
     @property
@@ -89,12 +91,13 @@ class ParamSpec:
 
 
 def flatten_params(params: Mapping[str, Tensor]) -> Tensor:
-    """Flatten a ``{name: tensor}`` dict into one vector (in dict order)."""
+    """Flatten a ``{name: tensor}`` dict into one vector ``(d,)`` (in dict order), ``d`` the
+    total number of entries."""
     return ParamSpec.from_params(params).flatten(params)
 
 
 def unflatten_params(vec: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Inverse of :func:`flatten_params` given a dict with the target shapes."""
+    """Inverse of :func:`flatten_params`: ``vec`` ``(d,)`` -> ``{name: tensor}`` shaped like ``like``."""
     return ParamSpec.from_params(like).unflatten(vec)
 
 
@@ -288,7 +291,11 @@ def per_sample_grads_named(
 def check_finite(
     t: Tensor, what: str, fix: str = "check the model, the data and the learning rate"
 ) -> Tensor:
-    """Raise :class:`NonFiniteError` if ``t`` holds NaN/inf, naming the offending rows."""
+    """``t`` (any shape, rows along dim 0) unchanged if finite.
+
+    Raises:
+        NonFiniteError: ``t`` holds NaN/inf; names ``what``, the offending rows and ``fix``.
+    """
     if t.is_floating_point() and bool(torch.isfinite(t.sum())):
         return t  # fast path: a NaN/inf anywhere makes the sum non-finite
     finite = torch.isfinite(t)
@@ -303,7 +310,7 @@ def check_finite(
 
 
 def take_rows(batch: Batch, index: Tensor | slice) -> Batch:
-    """Rows ``index`` of every tensor of ``batch`` (same structure)."""
+    """Rows ``index`` of every tensor of ``batch`` (same structure): ``(B, ...)`` -> ``(b, ...)``."""
     if isinstance(batch, Tensor):
         return batch[index]
     rows = [t[index] for t in batch]
