@@ -73,6 +73,8 @@ PointMap = Callable[..., Tensor]
 # adapters: they check the point ``x`` and the vectors ``v``, build a curvature operator
 # (:mod:`tdabench.func.curvature`) and a solver (:mod:`tdabench.func.solvers`, which also
 # validates every setting, :func:`~tdabench.func.solvers.check_options`), and reshape.
+# Spelled out: the public signatures are dattri's, so their parameter lists repeat across
+# the forms (and in tdabench.func.fisher) on purpose.
 def _check_x_tuple(x: Any, fname: str) -> tuple[Any, ...]:
     if not isinstance(x, (tuple, list)):
         raise ShapeError(
