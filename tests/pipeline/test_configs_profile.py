@@ -9,11 +9,13 @@ import pytest
 
 from tdabench.errors import ConfigError
 from tdabench.pipeline.cli import main
+from tdabench.pipeline.launcher import SlurmSettings
 from tdabench.pipeline.profile import (
     PartitionInfo,
     check_request,
     parse_slurm_minutes,
     render_slurm_profile,
+    shard_request,
 )
 
 
@@ -49,8 +51,10 @@ def test_bad_numbers_are_refused(flag, value, tmp_path, capsys):
 
 
 def test_good_numbers_render():
-    text = render_slurm_profile("lab", "gpu", gpus_per_node=0, mem_gb=0.5, timeout_min=5)
+    request = shard_request("lab", "gpu", gpus_per_node=0, mem_gb=0.5, timeout_min=5)
+    text = render_slurm_profile(request)
     assert "mem_mb: 512" in text and "runtime: 5" in text
+    assert "shard_mem_mb: 512" in text and "shard_runtime: 5" in text
 
 
 @pytest.mark.parametrize(
@@ -72,9 +76,12 @@ def test_parse_slurm_minutes(text, minutes):
 
 def test_unsatisfiable_request_names_every_resource():
     info = PartitionInfo("debug", max_cpus=2, max_mem_mb=4096, max_gpus=0, max_time_min=60)
-    check_request(info, gpus_per_node=0, cpus_per_task=2, mem_gb=4, timeout_min=60)  # fits
+    fits = SlurmSettings(gpus_per_node=0, cpus_per_task=2, mem_mb=4096, timeout_min=60)
+    check_request(info, fits)
     with pytest.raises(ConfigError) as e:
-        check_request(info, gpus_per_node=1, cpus_per_task=4, mem_gb=16, timeout_min=240)
+        check_request(
+            info, SlurmSettings(gpus_per_node=1, cpus_per_task=4, mem_mb=16384, timeout_min=240)
+        )
     msg = str(e.value)
     for part in (
         "--cpus-per-task 4",

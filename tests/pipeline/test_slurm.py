@@ -58,7 +58,7 @@ def test_job_array_skip_and_scancel_resubmit(tmp_path, monkeypatch):
         "poll_s": 1,
         "array_parallelism": 2,
         "max_retries": 2,
-        "slurm": {"mem_gb": 0.25, "timeout_min": 5, "cpus_per_task": 1},
+        "slurm": {"mem_mb": 256, "timeout_min": 5, "cpus_per_task": 1},
     }
     cancel: dict = {}
     detected: dict = {}
@@ -113,7 +113,7 @@ def test_groundtruth_stage_scancel_matches_undisturbed(tmp_path, real_env, monke
         "--set",
         "launcher.poll_s=1",
         "--set",
-        "launcher.slurm.mem_gb=0.25",
+        "launcher.slurm.mem_mb=256",
         "--set",
         "launcher.array_parallelism=2",
     ]

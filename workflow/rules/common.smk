@@ -4,6 +4,15 @@ import os
 import sys
 
 from tdabench.pipeline.config import paths, resolve_config, spec_hash, stage_spec
+from tdabench.pipeline.profile import launcher_settings, shard_resources
+
+
+def profile_overrides(workflow, rule):
+    """The profile's (or --set-resources') concrete values for ``rule``: numbers are checked now,
+    before any job starts; string values are Snakemake expressions, checked when the job runs."""
+    given = workflow.resource_settings.overwrite_resources.get(rule, {})
+    return {k: r.value for k, r in given.items() if not r.is_evaluable()}
+
 
 # Validate configs/default.yaml (+ --config / --configfile overrides) and every benchmark and
 # attributor file it names, against workflow/schemas/, before any job is scheduled.
@@ -15,26 +24,18 @@ P = {b: paths(CFG, b) for b in BENCHMARKS}
 for _b, _p in P.items():  # evaluate's ROC / LOO-scatter data, read by the report
     _p["curves"] = {m: f"{_p['root']}/plots/{m}.json" for m in _p["metrics"]}
 
-# Jobs run this checkout's code with this interpreter (installed or not). Where shards run is not a
-# property of any result, so the launcher settings reach the ground-truth stage through the
-# environment instead of params: changing partition or account never reruns a job.
+# Jobs run this checkout's code with this interpreter (installed or not).
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(Path(workflow.basedir) / "src")] + [p for p in [os.environ.get("PYTHONPATH")] if p]
 )
-os.environ["TDABENCH_LAUNCHER"] = json.dumps(CFG["launcher"])
-_L, _S = CFG["launcher"], CFG["launcher"]["slurm"]
-LAUNCHER_RESOURCES = dict(
-    launcher=_L["kind"],
-    launcher_parallelism=_L["array_parallelism"],
-    launcher_retries=_L["max_retries"],
-    shard_partition=_S["partition"] or "",
-    shard_account=_S["account"] or "",
-    shard_gpus=_S["gpus_per_node"],
-    shard_cpus=_S["cpus_per_task"],
-    shard_mem_mb=int(_S["mem_gb"] * 1024),
-    shard_runtime=_S["timeout_min"],
-)
-# How much memory a job may plan with is not a property of any result either (same channel).
+# Where shards run is not a property of any result, so launcher settings never enter params or a
+# spec (changing partition or account never reruns a job). One settings object, validated here
+# before any job starts: the config's `launcher` block, overridden per run by the profile's
+# `set-resources: groundtruth:` (profile.SHARD_RESOURCES); the groundtruth rule passes it to the
+# stage as one argument, `--launcher JSON`.
+LAUNCHER = launcher_settings(CFG["launcher"], profile_overrides(workflow, "groundtruth"))
+# How much memory a job may plan with is not a property of any result either: it reaches the
+# jobs through the environment.
 if CFG.get("memory_budget") is not None:
     from tdabench.memory import parse_bytes
 

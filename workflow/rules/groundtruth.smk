@@ -14,25 +14,19 @@ rule groundtruth:
         store=lambda w: f"{R}/{w.b}/groundtruth/{w.kind}/{w.h}",
     log:
         f"{LOGS}/{{b}}/groundtruth-{{kind}}-{{h}}-{{n}}.log",
-    # Where the shards run. Defaults come from the config's `launcher` block; a profile overrides
-    # them with `set-resources: groundtruth: {launcher: slurm, shard_partition: ..., ...}`.
-    # Resources (unlike params) never trigger reruns, and `--config` on the command line does not
-    # replace them.
+    # Where the shards run: the config's `launcher` block (LAUNCHER); a profile overrides it with
+    # `set-resources: groundtruth: {launcher: slurm, shard_partition: ..., shard_mem_mb: ...}`.
+    # Resources (unlike params) never trigger reruns; the stage gets all of it as one JSON.
     resources:
-        **LAUNCHER_RESOURCES,
+        **shard_resources(LAUNCHER),
     localrule: True
-    shell:
-        "{TDABENCH} groundtruth --benchmark {wildcards.b} --spec {params.spec:q} "
-        "--count {wildcards.n} --store {params.store} --out {output} --log {log} "
-        "--launcher-set kind={resources.launcher} "
-        "--launcher-set array_parallelism={resources.launcher_parallelism} "
-        "--launcher-set max_retries={resources.launcher_retries} "
-        "--launcher-set slurm.partition={resources.shard_partition:q} "
-        "--launcher-set slurm.account={resources.shard_account:q} "
-        "--launcher-set slurm.gpus_per_node={resources.shard_gpus} "
-        "--launcher-set slurm.cpus_per_task={resources.shard_cpus} "
-        "--launcher-set slurm.mem_gb={resources.shard_mem_mb}/1024 "
-        "--launcher-set slurm.timeout_min={resources.shard_runtime}"
+    run:
+        launcher = launcher_settings(LAUNCHER, dict(resources.items())).to_json()
+        shell(
+            "{TDABENCH} groundtruth --benchmark {wildcards.b} --spec {params.spec:q} "
+            "--count {wildcards.n} --store {params.store} --out {output} --log {log} "
+            "--launcher {launcher:q}"
+        )
 
 
 rule merge:

@@ -18,9 +18,9 @@ the rules call it) or derives them from the configuration (``--config`` + ``--be
 ``python -m tdabench.pipeline`` is the same program. ``--log FILE`` writes the stage's log there
 (and to stderr). ``TDABENCH_STAGES`` selects the module with the stage bodies (default
 ``tdabench.pipeline.stages``; ``toy_stages`` of ``tests/pipeline`` for the pipeline's own tests).
-``TDABENCH_LAUNCHER`` (JSON) replaces the config's ``launcher`` block and ``--launcher-set``
-overrides single settings: the Snakefile passes the launcher this way (from the config and the
-profile's resources), never as params, so where shards run never changes what a rule computes.
+``groundtruth --launcher JSON`` is where its shards run (``LauncherSettings.to_json()``: the
+Snakefile builds it from the config and the profile's resources, never as params, so where shards
+run never changes what a rule computes); without it, the config's ``launcher`` block applies.
 """
 
 from __future__ import annotations
@@ -77,37 +77,6 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = yaml.safe_load(value)
-    return out
-
-
-def _launcher_sets(items: list[str]) -> dict[str, Any]:
-    """``--launcher-set slurm.mem_gb=2048/1024``: dotted key, YAML value; '' = None; a/b divides."""
-    import yaml
-
-    from tdabench.errors import ConfigError
-
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(
-                f"--launcher-set {item!r}: expected KEY=VALUE (e.g. slurm.partition=gpu)"
-            )
-        key, text = item.split("=", 1)
-        value: Any
-        if text == "":
-            value = None
-        elif "/" in text and all(
-            p.strip().replace(".", "", 1).isdigit() for p in text.split("/", 1)
-        ):
-            num, den = text.split("/", 1)
-            value = float(num) / float(den)
-        else:
-            value = yaml.safe_load(text)
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
     return out
 
 
@@ -177,12 +146,13 @@ class _Ctx:
 
         return paths(self.cfg, self.need("benchmark"))
 
-    def launcher(self) -> dict[str, Any]:
-        from tdabench.pipeline.config import deep_merge
+    def launcher(self) -> Any:
+        """``--launcher JSON`` (the rules pass it), else the config's ``launcher`` block."""
+        from tdabench.pipeline.launcher import LauncherSettings
 
-        env = os.environ.get("TDABENCH_LAUNCHER")
-        base = json.loads(env) if env else self.cfg["launcher"]
-        return deep_merge(base, _launcher_sets(self.args.launcher_set))
+        if self.args.launcher is not None:
+            return LauncherSettings.from_json(self.args.launcher)
+        return LauncherSettings.from_dict(self.cfg["launcher"])
 
     def device(self) -> str:
         """``--device``, checked before any work (ConfigError for an unknown device)."""
@@ -287,32 +257,31 @@ def _gt_paths(ctx: _Ctx, kind: str | None) -> dict[str, Any]:
     return gts[kind]
 
 
+def _gt_stage(ctx: _Ctx, stage: str) -> tuple[dict[str, Any], Any]:
+    """``(spec, paths getter)`` of a ground-truth stage (``--kind`` needed without ``--spec``)."""
+    kind = ctx.need("kind") if not ctx.args.spec else None
+    return ctx.spec(stage, kind=kind), lambda name: _gt_paths(ctx, kind)[name]
+
+
 def cmd_groundtruth(ctx: _Ctx) -> int:
-    a = ctx.args
-    kind = ctx.need("kind") if not a.spec else None
-    spec = ctx.spec("groundtruth", kind=kind)
-    count = ctx.path("count", lambda: _gt_paths(ctx, kind)["count"])
-    store = ctx.path("store", lambda: _gt_paths(ctx, kind)["dir"])
-    out = ctx.path("out", lambda: _gt_paths(ctx, kind)["complete"])
+    spec, gt = _gt_stage(ctx, "groundtruth")
     _stages().groundtruth(
         spec,
-        int(count),
-        store,
-        out,
+        int(ctx.path("count", lambda: gt("count"))),
+        ctx.path("store", lambda: gt("dir")),
+        ctx.path("out", lambda: gt("complete")),
         launcher=ctx.launcher(),
         device=ctx.device(),
-        benchmark=a.benchmark,
+        benchmark=ctx.args.benchmark,
     )
     return 0
 
 
 def cmd_merge(ctx: _Ctx) -> int:
-    a = ctx.args
-    kind = ctx.need("kind") if not a.spec else None
-    spec = ctx.spec("merge", kind=kind)
-    complete = ctx.path("complete", lambda: _gt_paths(ctx, kind)["complete"])
-    out = ctx.path("out", lambda: _gt_paths(ctx, kind)["merged"])
-    _stages().merge(spec, complete, out, benchmark=a.benchmark)
+    spec, gt = _gt_stage(ctx, "merge")
+    complete = ctx.path("complete", lambda: gt("complete"))
+    out = ctx.path("out", lambda: gt("merged"))
+    _stages().merge(spec, complete, out, benchmark=ctx.args.benchmark)
     return 0
 
 
@@ -352,11 +321,14 @@ def _gt_args(ctx: _Ctx) -> dict[str, str]:
     return out
 
 
+def _method_stage(ctx: _Ctx, stage: str) -> tuple[dict[str, Any], str]:
+    """``(spec, method)`` of a per-method stage (``--method`` needed without ``--spec``)."""
+    spec = ctx.spec(stage, method=ctx.need("method") if not ctx.args.spec else None)
+    return spec, spec["method"]
+
+
 def cmd_evaluate(ctx: _Ctx) -> int:
-    a = ctx.args
-    method = ctx.need("method") if not a.spec else None
-    spec = ctx.spec("evaluate", method=method)
-    method = spec["method"]
+    spec, method = _method_stage(ctx, "evaluate")
     p = ctx.paths
     _stages().evaluate(
         spec,
@@ -372,10 +344,7 @@ def cmd_evaluate(ctx: _Ctx) -> int:
 
 
 def cmd_brittleness(ctx: _Ctx) -> int:
-    a = ctx.args
-    method = ctx.need("method") if not a.spec else None
-    spec = ctx.spec("brittleness", method=method)
-    method = spec["method"]
+    spec, method = _method_stage(ctx, "brittleness")
     p = ctx.paths
 
     def planned() -> dict[str, str]:
@@ -442,18 +411,15 @@ def cmd_install_profile(ctx: _Ctx) -> int:
     from tdabench.pipeline.profile import install_profile
 
     a = ctx.args
+    options = ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "array_parallelism")
     dest = install_profile(
-        account=a.account,
-        partition=a.partition,
-        dest=a.dest,
-        gpus_per_node=a.gpus_per_node,
-        cpus_per_task=a.cpus_per_task,
-        mem_gb=a.mem_gb,
-        timeout_min=a.timeout_min,
-        array_parallelism=a.array_parallelism,
+        a.account,
+        a.partition,
+        a.dest,
         jobs=a.jobs,
         force=a.force,
         cluster_check=not a.no_cluster_check,
+        **{k: getattr(a, k) for k in options},
     )
     print(f"installed the slurm profile in {dest}; run: snakemake --profile slurm")
     return 0
@@ -483,21 +449,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tdabench", description="tdabench pipeline stages")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def stage(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
+    def command(name: str, fn: Any, help: str, repeat: str, metavar: str, what: str) -> Any:
+        """A sub-command with ``--log``, ``--verbose`` and one repeatable option."""
         s = sub.add_parser(name, help=help)
-        s.add_argument("--config", default="configs/default.yaml", help="run configuration file")
-        s.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a config value (dotted key, YAML value); repeatable",
-        )
-        s.add_argument("--spec", help="the stage spec as JSON (or @file); the rules pass it")
-        s.add_argument("--benchmark", help="benchmark name (configs/benchmarks/<name>.yaml)")
+        s.add_argument(repeat, action="append", default=[], metavar=metavar, help=what)
         s.add_argument("--log", help="also write the log to this file")
         s.add_argument("--verbose", action="store_true")
         s.set_defaults(fn=fn)
+        return s
+
+    def stage(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
+        what = "override a config value (dotted key, YAML value); repeatable"
+        s = command(name, fn, help, "--set", "KEY=VALUE", what)
+        s.add_argument("--config", default="configs/default.yaml", help="run configuration file")
+        s.add_argument("--spec", help="the stage spec as JSON (or @file); the rules pass it")
+        s.add_argument("--benchmark", help="benchmark name (configs/benchmarks/<name>.yaml)")
         return s
 
     stage("check-config", cmd_check_config, "validate the configuration and print what it computes")
@@ -516,11 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="complete-<n>.json, written when every shard is done")
     s.add_argument("--device", default="auto")
     s.add_argument(
-        "--launcher-set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a launcher setting (e.g. kind=slurm, slurm.partition=gpu)",
+        "--launcher",
+        metavar="JSON",
+        help="where shards run, as LauncherSettings.to_json() (default: the config's launcher)",
     )
     s = stage("merge", cmd_merge, "merge a store's shards into one Parquet file")
     s.add_argument("--kind", choices=["lds", "loo"])
@@ -583,20 +547,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not check the request against the partition (sinfo / scontrol)",
     )
-    s = sub.add_parser(
-        "verify", help="verify stage outputs' checksums and provenance (non-zero exit on a problem)"
+    s = command(
+        "verify",
+        cmd_verify,
+        "verify stage outputs' checksums and provenance (non-zero exit on a problem)",
+        "--expect-key",
+        "FIELD=VALUE",
+        "provenance field every file must carry (e.g. benchmark=mnist_lr); repeatable",
     )
     s.add_argument("paths", nargs="+", metavar="PATH", help="output files or directories")
-    s.add_argument(
-        "--expect-key",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="provenance field every file must carry (e.g. benchmark=mnist_lr); repeatable",
-    )
-    s.add_argument("--log", help="also write the log to this file")
-    s.add_argument("--verbose", action="store_true")
-    s.set_defaults(fn=cmd_verify)
     return p
 
 

@@ -219,32 +219,35 @@ def _check_model_counts(
 ) -> None:
     """Every benchmark trains at least the models and checkpoints its attributors use."""
     for bname, b in benches.items():
-        need = max(
-            (
-                a["checkpoints"]["count"]
-                for n, a in attrs.items()
-                if n in b["attributors"] and a["checkpoints"]["kind"] == "final"
-            ),
-            default=1,
-        )
-        if need > b["train"]["ensemble"]:
-            raise ConfigError(
-                f"{configs_dir / 'benchmarks' / (bname + '.yaml')}: key 'train.ensemble' is "
-                f"{b['train']['ensemble']} but an attributor needs {need} final models; raise it."
+        for kind, key, what in (
+            ("final", "ensemble", "final models"),
+            ("epochs", "checkpoints", "checkpoints"),
+        ):
+            need = max(
+                (
+                    a["checkpoints"]["count"]
+                    for n, a in attrs.items()
+                    if n in b["attributors"] and a["checkpoints"]["kind"] == kind
+                ),
+                default=1,
             )
-        need = max(
-            (
-                a["checkpoints"]["count"]
-                for n, a in attrs.items()
-                if n in b["attributors"] and a["checkpoints"]["kind"] == "epochs"
-            ),
-            default=1,
+            if need > b["train"][key]:
+                raise ConfigError(
+                    f"{configs_dir / 'benchmarks' / (bname + '.yaml')}: key 'train.{key}' is "
+                    f"{b['train'][key]} but an attributor needs {need} {what}; raise it."
+                )
+
+
+def _named_file(configs_dir: Path, what: str, name: str, source: str) -> Path:
+    """``configs/<what>s/<name>.yaml``, or ConfigError naming the known ones and the fix."""
+    path = configs_dir / f"{what}s" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (configs_dir / f"{what}s").glob("*.yaml"))
+        raise ConfigError(
+            f"{source}: key '{what}s': no file {path} for {what} {name!r}; "
+            f"known {what}s: {', '.join(known) or 'none'}. Add the file or fix the name."
         )
-        if need > b["train"]["checkpoints"]:
-            raise ConfigError(
-                f"{configs_dir / 'benchmarks' / (bname + '.yaml')}: key 'train.checkpoints' is "
-                f"{b['train']['checkpoints']} but an attributor needs {need} checkpoints; raise it."
-            )
+    return path
 
 
 def resolve_config(
@@ -268,13 +271,7 @@ def resolve_config(
     configs_dir = Path(base_dir) / cfg["configs_dir"]
     benches: dict[str, Any] = {}
     for name in cfg["benchmarks"]:
-        path = configs_dir / "benchmarks" / f"{name}.yaml"
-        if not path.is_file():
-            known = sorted(p.stem for p in (configs_dir / "benchmarks").glob("*.yaml"))
-            raise ConfigError(
-                f"{source}: key 'benchmarks': no file {path} for benchmark {name!r}; "
-                f"known benchmarks: {', '.join(known) or 'none'}. Add the file or fix the name."
-            )
+        path = _named_file(configs_dir, "benchmark", name, source)
         b = validate(load_yaml(path), "benchmark", str(path))
         if b["metrics"] is None:
             b["metrics"] = list(SETTING_METRICS.get(b["setting"], ("lds",)))
@@ -285,15 +282,12 @@ def resolve_config(
     for name in sorted(
         {a for b in benches.values() for a in b["attributors"]} | set(cfg["attributors"])
     ):
-        path = configs_dir / "attributors" / f"{name}.yaml"
-        if not path.is_file():
-            known = sorted(p.stem for p in (configs_dir / "attributors").glob("*.yaml"))
-            raise ConfigError(
-                f"{source}: key 'attributors': no file {path} for attributor {name!r}; "
-                f"known attributors: {', '.join(known) or 'none'}. Add the file or fix the name."
-            )
+        path = _named_file(configs_dir, "attributor", name, source)
         attrs[name] = validate(load_yaml(path), "attributor", str(path))
     _check_model_counts(benches, attrs, configs_dir)
+    from tdabench.pipeline.launcher import LauncherSettings
+
+    LauncherSettings.from_dict(cfg["launcher"])  # the class the stage uses checks it too
     out = dict(cfg)
     out["benchmark_configs"] = benches
     out["attributor_configs"] = attrs

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tdabench._validate import check_int, check_real
 from tdabench.errors import ConfigError, DiskFullError, TdabenchError
 
 __all__ = [
@@ -54,10 +56,35 @@ class LaunchError(TdabenchError, RuntimeError):
     """Some shards still failed after every retry."""
 
 
+def _unknown_keys(d: Mapping[str, Any], cls: type, where: str) -> None:
+    """Refuse keys that are not fields of ``cls``, naming them, the allowed ones and the fix."""
+    names = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        hint = (
+            " (memory is mem_mb, an integer in MB: mem_gb: 4 is mem_mb: 4096)"
+            if "mem_gb" in unknown
+            else ""
+        )
+        raise ConfigError(
+            f"unknown {where} setting(s) {unknown}; allowed: {names}{hint}. "
+            "Fix the key in the config or the profile."
+        )
+
+
+def _name_or_none(where: str, value: Any) -> str | None:
+    if value is None or value == "":
+        return None  # "let the cluster decide" ('' is the profile's empty placeholder)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string or null, got {value!r}; quote it")
+    return value
+
+
 @dataclass(frozen=True)
 class SlurmSettings:
     """Where and how array tasks run on SLURM (all from the config/profile, never hard-coded).
 
+    Units are fixed: memory ``mem_mb`` in MB (an integer), time ``timeout_min`` in minutes.
     ``None`` means "let the cluster's defaults decide" (e.g. the default partition).
     """
 
@@ -66,32 +93,45 @@ class SlurmSettings:
     qos: str | None = None
     gpus_per_node: int = 0
     cpus_per_task: int = 1
-    mem_gb: float = 4.0
+    mem_mb: int = 4096
     timeout_min: int = 60
     constraint: str | None = None
     setup: tuple[str, ...] = ()  # shell lines run before the task (module load ..., source venv)
     additional: Mapping[str, Any] = field(default_factory=dict)  # extra #SBATCH options
 
+    def __post_init__(self) -> None:
+        for name in ("partition", "account", "qos", "constraint"):
+            value = _name_or_none(f"launcher.slurm.{name}", getattr(self, name))
+            object.__setattr__(self, name, value)
+        check_int("launcher.slurm.gpus_per_node", self.gpus_per_node, 0)
+        check_int("launcher.slurm.cpus_per_task", self.cpus_per_task, 1)
+        check_int("launcher.slurm.mem_mb", self.mem_mb, 1)
+        check_int("launcher.slurm.timeout_min", self.timeout_min, 1)
+        object.__setattr__(self, "setup", tuple(self.setup or ()))
+        object.__setattr__(self, "additional", dict(self.additional or {}))
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> SlurmSettings:
+        """From the config's ``launcher.slurm`` block (unknown keys raise ConfigError)."""
         d = dict(d or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(
-                f"unknown launcher.slurm setting(s) {unknown}; allowed: {sorted(names)}. "
-                "Fix the key in the config or the profile."
-            )
-        if "setup" in d:
-            d["setup"] = tuple(d["setup"] or ())
-        if "additional" in d:
-            d["additional"] = dict(d["additional"] or {})
+        _unknown_keys(d, cls, "launcher.slurm")
         return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form; ``from_dict(to_dict())`` gives an equal object."""
+        d = dataclasses.asdict(self)
+        d["setup"], d["additional"] = list(self.setup), dict(self.additional)
+        return d
 
 
 @dataclass(frozen=True)
 class LauncherSettings:
-    """Everything :func:`launch_shards` needs besides the work itself."""
+    """Everything :func:`launch_shards` needs besides the work itself.
+
+    Built once (from the run config's ``launcher`` block and the profile's ``groundtruth``
+    resources, :func:`tdabench.pipeline.profile.launcher_settings`), validated here, and handed
+    to the ground-truth stage as one JSON argument (``tdabench groundtruth --launcher JSON``).
+    """
 
     kind: str = "local"
     folder: str = "logs/submitit"
@@ -105,25 +145,41 @@ class LauncherSettings:
             raise ConfigError(
                 f"launcher.kind={self.kind!r} is not one of {KINDS}; pick one of them."
             )
-        if self.max_retries < 0:
-            raise ConfigError(f"launcher.max_retries={self.max_retries} must be >= 0.")
-        if self.array_parallelism < 1:
-            raise ConfigError(f"launcher.array_parallelism={self.array_parallelism} must be >= 1.")
-        if self.poll_s <= 0:
-            raise ConfigError(f"launcher.poll_s={self.poll_s} must be > 0.")
+        if not isinstance(self.folder, str) or not self.folder:
+            raise ConfigError(f"launcher.folder={self.folder!r} must be a directory path")
+        check_int("launcher.max_retries", self.max_retries, 0)
+        check_int("launcher.array_parallelism", self.array_parallelism, 1)
+        check_real("launcher.poll_s", self.poll_s, 0.0, strict=True)
+        if not isinstance(self.slurm, SlurmSettings):
+            raise ConfigError("launcher.slurm must be a SlurmSettings; use from_dict for mappings")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> LauncherSettings:
+        """From the config's ``launcher`` block or :meth:`to_dict` (unknown keys raise)."""
         d = dict(d or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(
-                f"unknown launcher setting(s) {unknown}; allowed: {sorted(names)}. "
-                "Fix the key in the config or the profile."
-            )
+        _unknown_keys(d, cls, "launcher")
         d["slurm"] = SlurmSettings.from_dict(d.get("slurm"))
         return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form; ``from_dict(to_dict())`` gives an equal object."""
+        return {**dataclasses.asdict(self), "slurm": self.slurm.to_dict()}
+
+    def to_json(self) -> str:
+        """The one form that travels from the Snakefile to the stage (sorted keys)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> LauncherSettings:
+        """Inverse of :meth:`to_json`; ConfigError when ``text`` is not a JSON object."""
+        d: Any = None
+        with contextlib.suppress(ValueError):
+            d = json.loads(text)
+        if not isinstance(d, dict):
+            raise ConfigError(
+                f"--launcher {text[:80]!r} is not a JSON object; pass LauncherSettings.to_json()"
+            )
+        return cls.from_dict(d)
 
 
 @dataclass
@@ -205,7 +261,8 @@ def _make_executor(settings: LauncherSettings, folder: Path, name: str) -> Any:
         "name": name,
         "timeout_min": s.timeout_min,
         "cpus_per_task": s.cpus_per_task,
-        "mem_gb": s.mem_gb,
+        "mem_gb": s.mem_mb
+        / 1024,  # submitit's unit; exact (a power-of-two divisor), MB again in sbatch
         "slurm_array_parallelism": settings.array_parallelism,
     }
     if s.gpus_per_node:
@@ -302,6 +359,104 @@ def _job_done(job: Any) -> bool:
         return False
 
 
+class _ArrayRun:
+    """The state of one :func:`launch_shards` call: what waits, what runs, what gave up."""
+
+    def __init__(
+        self,
+        settings: LauncherSettings,
+        fn: Callable[[int], Any],
+        todo: list[int],
+        name: str,
+        report: LaunchReport,
+        on_submit: Callable[[list[Any]], None] | None,
+    ) -> None:
+        self.settings, self.name, self.report, self.on_submit = settings, name, report, on_submit
+        self.folder = Path(settings.folder).resolve()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        debug = settings.kind == "debug"
+        self.executor = None if debug else _make_executor(settings, self.folder, name)
+        self.call = ShardCall(fn) if debug else _checkpointable(fn)
+        # SLURM throttles a whole array itself (slurm_array_parallelism), so everything goes out
+        # at once; local/debug keep at most `array_parallelism` processes alive.
+        self.slots = len(todo) if settings.kind == "slurm" else settings.array_parallelism
+        self.queue = list(todo)  # shards waiting for submission (first attempts and retries)
+        self.running: dict[int, Any] = {}
+        self.last_job: dict[int, Any] = {}
+        self.gave_up: list[int] = []
+
+    def submit(self) -> None:
+        """Submit as many waiting shards as there are free slots (all of them on SLURM)."""
+        free = max(0, self.slots - len(self.running))
+        chunk = list(self.queue) if self.settings.kind == "slurm" else self.queue[:free]
+        if not chunk:
+            return
+        del self.queue[: len(chunk)]
+        jobs = _submit(self.executor, self.call, chunk, self.folder)
+        for shard_id, job in zip(chunk, jobs, strict=True):
+            self.running[shard_id] = self.last_job[shard_id] = job
+            self.report.attempts[shard_id] = self.report.attempts.get(shard_id, 0) + 1
+        array_ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
+        self.report.job_ids.extend(array_ids)
+        logger.info("%s: submitted shard(s) %s as job(s) %s", self.name, chunk, array_ids)
+        if self.on_submit is not None:
+            self.on_submit(jobs)
+
+    def poll(self, is_complete: Callable[[int], bool], progress: Any) -> None:
+        """Collect finished tasks: complete ones count, others are queued again or given up."""
+        if self.settings.kind == "slurm":
+            # one sacct call per round for all tasks (the watcher is shared by all jobs)
+            next(iter(self.running.values())).watcher.update()
+        for shard_id, job in list(self.running.items()):
+            if not _job_done(job):
+                continue
+            del self.running[shard_id]
+            if is_complete(shard_id):
+                self.report.completed.append(shard_id)
+                progress.update(1)
+                continue
+            fatal = _fatal_error(job)
+            if fatal is not None:  # deterministic: retrying cannot succeed
+                raise fatal
+            tries = self.report.attempts[shard_id]
+            logger.warning(
+                "%s: shard %d did not complete (job %s, state %s, attempt %d/%d); log: %s",
+                self.name,
+                shard_id,
+                job.job_id,
+                _job_state(job),
+                tries,
+                self.settings.max_retries + 1,
+                _log_paths(job),
+            )
+            (self.queue if tries <= self.settings.max_retries else self.gave_up).append(shard_id)
+
+    def wait(self, is_complete: Callable[[int], bool], total: int) -> None:
+        """Submit, then poll every ``poll_s`` until no task runs (retries included)."""
+        from tqdm.auto import tqdm
+
+        with tqdm(total=total, desc=self.name, unit="shard", disable=None) as progress:
+            self.submit()
+            while self.running:
+                self.poll(is_complete, progress)
+                self.submit()
+                if self.running and self.settings.kind != "debug":
+                    time.sleep(self.settings.poll_s)
+
+    def error(self) -> LaunchError:
+        """The error naming every shard that gave up, with its last job and log."""
+        lines = "\n".join(
+            f"  shard {i}: job {self.last_job[i].job_id}, log {_log_paths(self.last_job[i])}"
+            for i in sorted(self.gave_up)
+        )
+        return LaunchError(
+            f"{self.name}: {len(self.gave_up)} shard(s) still incomplete after "
+            f"{self.settings.max_retries + 1} submission(s):\n{lines}\nRead the logs, fix the "
+            "cause, and rerun: complete shards are skipped, so only these run again (raise "
+            "launcher.max_retries for flaky nodes)."
+        )
+
+
 def launch_shards(
     fn: Callable[[int], Any],
     shard_ids: Iterable[int],
@@ -317,15 +472,13 @@ def launch_shards(
         fn: picklable callable (module-level function or object) computing one shard and writing
             its output atomically. Its return value is ignored; success is ``is_complete``.
         shard_ids: every shard of the work (complete ones are skipped).
-        is_complete: ``is_complete(shard_id) -> bool``, read on the submit host before submission
-            and after every task ends (e.g. "the shard's Parquet file exists").
-        settings: :class:`LauncherSettings` or its dict form (``kind``, ``folder``,
-            ``max_retries``, ``array_parallelism``, ``poll_s``, ``slurm: {partition, account,
-            gpus_per_node, cpus_per_task, mem_gb, timeout_min, ...}``). ``kind="debug"`` runs in
-            this process (pdb-friendly), ``"local"`` in subprocesses, ``"slurm"`` as a job array.
+        is_complete: ``is_complete(shard_id) -> bool`` ("its Parquet file exists"), read on the
+            submit host before submission and after every task ends.
+        settings: :class:`LauncherSettings` or its dict form (:meth:`LauncherSettings.to_dict`).
+            ``kind="debug"`` runs in this process (pdb-friendly), ``"local"`` in subprocesses,
+            ``"slurm"`` as a job array.
         name: job name shown by ``squeue``.
-        on_submit: called with the list of submitted jobs after each submission (tests use it
-            to disturb a running array).
+        on_submit: called with each submission's list of jobs (tests disturb arrays with it).
 
     Returns:
         A :class:`LaunchReport`.
@@ -334,11 +487,7 @@ def launch_shards(
         LaunchError: some shards are still incomplete after ``1 + max_retries`` submissions; the
             message names them with their log files.
     """
-    from tqdm.auto import tqdm
-
-    if settings is None:
-        settings = LauncherSettings()
-    elif not isinstance(settings, LauncherSettings):
+    if not isinstance(settings, LauncherSettings):
         settings = LauncherSettings.from_dict(settings)
     t0 = time.perf_counter()
     ids = sorted({int(i) for i in shard_ids})
@@ -348,90 +497,17 @@ def launch_shards(
     report = LaunchReport(skipped=skipped, completed=[], attempts={}, job_ids=[], seconds=0.0)
     logger.info(
         "%s: %d shards, %d already complete, %d to run (launcher kind=%s)",
-        name,
-        len(ids),
-        len(skipped),
-        len(todo),
-        settings.kind,
+        *(name, len(ids), len(skipped), len(todo), settings.kind),
     )
-    if not todo:
-        report.seconds = time.perf_counter() - t0
-        return report
-
-    folder = Path(settings.folder).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    executor = None if settings.kind == "debug" else _make_executor(settings, folder, name)
-    call = ShardCall(fn) if settings.kind == "debug" else _checkpointable(fn)
-    # SLURM throttles a whole array itself (slurm_array_parallelism), so everything goes out at
-    # once; local/debug keep at most `array_parallelism` processes alive.
-    slots = len(todo) if settings.kind == "slurm" else settings.array_parallelism
-    queue = list(todo)  # shards waiting for submission (first attempts and retries)
-    running: dict[int, Any] = {}
-    last_job: dict[int, Any] = {}
-    gave_up: list[int] = []
-
-    def submit() -> None:
-        chunk = queue[: max(0, slots - len(running))] if settings.kind != "slurm" else list(queue)
-        if not chunk:
-            return
-        del queue[: len(chunk)]
-        jobs = _submit(executor, call, chunk, folder)
-        for shard_id, job in zip(chunk, jobs, strict=True):
-            running[shard_id] = last_job[shard_id] = job
-            report.attempts[shard_id] = report.attempts.get(shard_id, 0) + 1
-        array_ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
-        report.job_ids.extend(array_ids)
-        logger.info("%s: submitted shard(s) %s as job(s) %s", name, chunk, array_ids)
-        if on_submit is not None:
-            on_submit(jobs)
-
-    with tqdm(total=len(todo), desc=name, unit="shard", disable=None) as progress:
-        submit()
-        while running:
-            if settings.kind == "slurm":
-                # one sacct call per round for all tasks (the watcher is shared by all jobs)
-                next(iter(running.values())).watcher.update()
-            for shard_id, job in list(running.items()):
-                if not _job_done(job):
-                    continue
-                del running[shard_id]
-                if is_complete(shard_id):
-                    report.completed.append(shard_id)
-                    progress.update(1)
-                    continue
-                fatal = _fatal_error(job)
-                if fatal is not None:  # deterministic: retrying cannot succeed
-                    raise fatal
-                state = _job_state(job)
-                tries = report.attempts[shard_id]
-                logger.warning(
-                    "%s: shard %d did not complete (job %s, state %s, attempt %d/%d); log: %s",
-                    name,
-                    shard_id,
-                    job.job_id,
-                    state,
-                    tries,
-                    settings.max_retries + 1,
-                    _log_paths(job),
-                )
-                if tries <= settings.max_retries:
-                    queue.append(shard_id)
-                else:
-                    gave_up.append(shard_id)
-            submit()
-            if running and settings.kind != "debug":
-                time.sleep(settings.poll_s)
+    if todo:
+        run = _ArrayRun(settings, fn, todo, name, report, on_submit)
+        run.wait(is_complete, len(todo))
+        report.completed.sort()
+        if run.gave_up:
+            report.seconds = time.perf_counter() - t0
+            raise run.error()
+        logger.info(
+            "%s: all %d shards complete in %.1f s", name, len(ids), time.perf_counter() - t0
+        )
     report.seconds = time.perf_counter() - t0
-    report.completed.sort()
-    if gave_up:
-        gave_up.sort()
-        lines = "\n".join(
-            f"  shard {i}: job {last_job[i].job_id}, log {_log_paths(last_job[i])}" for i in gave_up
-        )
-        raise LaunchError(
-            f"{name}: {len(gave_up)} shard(s) still incomplete after {settings.max_retries + 1} "
-            f"submission(s):\n{lines}\nRead the logs, fix the cause, and rerun: complete shards "
-            "are skipped, so only these run again (raise launcher.max_retries for flaky nodes)."
-        )
-    logger.info("%s: all %d shards complete in %.1f s", name, len(ids), report.seconds)
     return report

@@ -15,45 +15,118 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tdabench._io import atomic_write_bytes
+from tdabench._validate import check_int, check_real
 from tdabench.errors import ConfigError
+from tdabench.pipeline.launcher import LauncherSettings, SlurmSettings
 
 __all__ = [
+    "SHARD_RESOURCES",
     "PartitionInfo",
     "check_request",
     "install_profile",
+    "launcher_settings",
     "parse_slurm_minutes",
     "partition_info",
     "render_slurm_profile",
-    "validate_request",
+    "shard_request",
+    "shard_resources",
 ]
 
 logger = logging.getLogger(__name__)
 
 
-def validate_request(
-    gpus_per_node: int,
-    cpus_per_task: int,
-    mem_gb: float,
-    timeout_min: int,
-    array_parallelism: int,
-    jobs: int,
-) -> None:
-    """Refuse non-positive (or negative GPU) requests, naming the option and the fix."""
-    for name, value, least in (
+#: The ground-truth rule's resources in a Snakemake profile (``set-resources: groundtruth:``) and
+#: the launcher setting each one sets, in the settings' own units (MB, minutes). Resources, unlike
+#: params, never rerun a job: where shards run is not a property of any result.
+SHARD_RESOURCES = {
+    "launcher": "kind",
+    "launcher_parallelism": "array_parallelism",
+    "launcher_retries": "max_retries",
+    "shard_partition": "slurm.partition",
+    "shard_account": "slurm.account",
+    "shard_gpus": "slurm.gpus_per_node",
+    "shard_cpus": "slurm.cpus_per_task",
+    "shard_mem_mb": "slurm.mem_mb",
+    "shard_runtime": "slurm.timeout_min",
+}
+
+
+def shard_resources(settings: LauncherSettings) -> dict[str, int | str]:
+    """The :data:`SHARD_RESOURCES` of ``settings`` (``None`` names as ``""``)."""
+    flat = {**settings.to_dict(), **{f"slurm.{k}": v for k, v in settings.slurm.to_dict().items()}}
+    return {res: "" if flat[key] is None else flat[key] for res, key in SHARD_RESOURCES.items()}
+
+
+def launcher_settings(
+    config: Mapping[str, Any] | LauncherSettings, resources: Mapping[str, Any] | None = None
+) -> LauncherSettings:
+    """The one launcher settings object: the run config's ``launcher`` block, overridden by the
+    profile's ``groundtruth`` resources (:data:`SHARD_RESOURCES`; other resources are ignored).
+
+    Raises:
+        ConfigError: an unknown ``shard_*``/``launcher*`` resource, or a bad value, naming the
+            key and the fix.
+    """
+    base = config if isinstance(config, LauncherSettings) else LauncherSettings.from_dict(config)
+    d = base.to_dict()
+    for res, value in dict(resources or {}).items():
+        if res not in SHARD_RESOURCES:
+            if res.startswith(("shard_", "launcher")):
+                raise ConfigError(
+                    f"unknown groundtruth resource {res!r} in the profile; allowed: "
+                    f"{sorted(SHARD_RESOURCES)}. Fix the key under set-resources: groundtruth:"
+                )
+            continue
+        *outer, key = SHARD_RESOURCES[res].split(".")
+        (d[outer[0]] if outer else d)[key] = value
+    return LauncherSettings.from_dict(d)
+
+
+# Spelled out: install-profile's options, one typed keyword each (defaults = the CLI's).
+def shard_request(
+    account: str,
+    partition: str,
+    *,
+    gpus_per_node: int = 1,
+    cpus_per_task: int = 4,
+    mem_gb: float = 16,
+    timeout_min: int = 240,
+    array_parallelism: int = 32,
+) -> LauncherSettings:
+    """``install-profile``'s options as launcher settings (``--mem-gb`` becomes ``mem_mb`` here,
+    once).
+
+    Raises:
+        ConfigError: naming the option (``--mem-gb -5``, ``--partition 'a b'``, ...) and the fix.
+    """
+    for name, value in (("account", account), ("partition", partition)):
+        if not value or any(c.isspace() or c in "\"'{}:," for c in value):
+            raise ConfigError(
+                f"--{name} {value!r} is not a valid SLURM name; pass e.g. --{name} mylab"
+            )
+    for opt, value, least in (
         ("--gpus-per-node", gpus_per_node, 0),
         ("--cpus-per-task", cpus_per_task, 1),
         ("--timeout-min", timeout_min, 1),
         ("--array-parallelism", array_parallelism, 1),
-        ("--jobs", jobs, 1),
     ):
-        if not isinstance(value, int) or value < least:
-            raise ConfigError(f"{name} {value!r} is invalid; pass an integer >= {least}")
-    if not mem_gb > 0:
-        raise ConfigError(f"--mem-gb {mem_gb!r} is invalid; pass a memory size > 0 (in GB)")
+        check_int(opt, value, least)
+    check_real("--mem-gb", mem_gb, 0.0, strict=True, fix="pass a memory size in GB, e.g. 16")
+    slurm = SlurmSettings(
+        account=account,
+        partition=partition,
+        gpus_per_node=gpus_per_node,
+        cpus_per_task=cpus_per_task,
+        mem_mb=max(1, int(mem_gb * 1024)),
+        timeout_min=timeout_min,
+    )
+    return LauncherSettings(kind="slurm", array_parallelism=array_parallelism, slurm=slurm)
 
 
 @dataclass(frozen=True)
@@ -143,27 +216,28 @@ def _gpus(gres: str) -> int:
     return sum(int(m.group(1)) for m in re.finditer(r"gpu(?::[^:,()]+)?:(\d+)", gres))
 
 
-def check_request(
-    info: PartitionInfo, gpus_per_node: int, cpus_per_task: int, mem_gb: float, timeout_min: int
-) -> None:
+def check_request(info: PartitionInfo, request: SlurmSettings) -> None:
     """Refuse a request no node of the partition can satisfy (SLURM would keep it PENDING).
 
     Raises:
-        ConfigError: listing every unsatisfiable resource, what the partition offers, and the fix.
+        ConfigError: listing every unsatisfiable resource (as ``install-profile``'s options),
+            what the partition offers, and the fix.
     """
-    problems = []
-    if cpus_per_task > info.max_cpus:
+    r, problems = request, []
+    if r.cpus_per_task > info.max_cpus:
         problems.append(
-            f"--cpus-per-task {cpus_per_task} > {info.max_cpus} CPUs on its largest node"
+            f"--cpus-per-task {r.cpus_per_task} > {info.max_cpus} CPUs on its largest node"
         )
-    if mem_gb * 1024 > info.max_mem_mb:
+    if r.mem_mb > info.max_mem_mb:
         problems.append(
-            f"--mem-gb {mem_gb:g} > {info.max_mem_mb / 1024:.1f} GB on its largest node"
+            f"--mem-gb {r.mem_mb / 1024:g} > {info.max_mem_mb / 1024:.1f} GB on its largest node"
         )
-    if gpus_per_node > info.max_gpus:
-        problems.append(f"--gpus-per-node {gpus_per_node} > {info.max_gpus} GPUs on its best node")
-    if timeout_min > info.max_time_min:
-        problems.append(f"--timeout-min {timeout_min} > its MaxTime of {info.max_time_min:g} min")
+    if r.gpus_per_node > info.max_gpus:
+        problems.append(
+            f"--gpus-per-node {r.gpus_per_node} > {info.max_gpus} GPUs on its best node"
+        )
+    if r.timeout_min > info.max_time_min:
+        problems.append(f"--timeout-min {r.timeout_min} > its MaxTime of {info.max_time_min:g} min")
     if problems:
         raise ConfigError(
             f"partition {info.name!r} cannot run the requested jobs (they would stay PENDING): "
@@ -172,35 +246,7 @@ def check_request(
         )
 
 
-def render_slurm_profile(
-    account: str,
-    partition: str,
-    gpus_per_node: int = 1,
-    cpus_per_task: int = 4,
-    mem_gb: float = 16,
-    timeout_min: int = 240,
-    array_parallelism: int = 32,
-    jobs: int = 50,
-) -> str:
-    """Text of a ``config.yaml`` for ``snakemake --profile slurm`` with the lab's settings.
-
-    GPU-bound rules (train, attribute, evaluate) go to SLURM through Snakemake's slurm executor;
-    the ground-truth rule is a local rule on the submit host that sends its retraining shards to
-    SLURM as one submitit job array (launcher kind ``slurm``), with the same account/partition.
-    """
-    for name, value in (("account", account), ("partition", partition)):
-        if not value or any(c.isspace() or c in "\"'{}:," for c in value):
-            raise ConfigError(
-                f"--{name} {value!r} is not a valid SLURM name; pass e.g. --{name} mylab"
-            )
-    validate_request(gpus_per_node, cpus_per_task, mem_gb, timeout_min, array_parallelism, jobs)
-    mem_mb = int(mem_gb * 1024)
-    gpu_rules = (
-        f"  train:\n    gpu: {gpus_per_node}\n  attribute:\n    gpu: {gpus_per_node}\n"
-        if gpus_per_node
-        else ""
-    )
-    return f"""\
+_PROFILE = """\
 # Snakemake profile "slurm" for tdabench (installed by `tdabench install-profile`).
 # GPU-bound rules run as SLURM jobs (snakemake-executor-plugin-slurm); the ground-truth rule runs
 # on this host and submits its retraining shards as one submitit job array (launcher kind slurm).
@@ -224,15 +270,36 @@ default-resources:
   cpus_per_task: {cpus_per_task}
 set-resources:
   groundtruth:              # local job; its retraining shards go out as one submitit job array
-    launcher: slurm
-    launcher_parallelism: {array_parallelism}
-    shard_account: "{account}"
-    shard_partition: "{partition}"
-    shard_gpus: {gpus_per_node}
-    shard_cpus: {cpus_per_task}
-    shard_mem_mb: {mem_mb}
-    shard_runtime: {timeout_min}
-{gpu_rules}"""
+{groundtruth}{gpu_rules}"""
+
+
+def render_slurm_profile(settings: LauncherSettings, jobs: int = 50) -> str:
+    """Text of a ``config.yaml`` for ``snakemake --profile slurm`` with the lab's settings.
+
+    GPU-bound rules (train, attribute, evaluate) go to SLURM through Snakemake's slurm executor
+    with ``settings.slurm``'s account, partition and resources; the ground-truth rule is a local
+    rule on the submit host that sends its retraining shards to SLURM as one submitit job array
+    with all of ``settings`` (its :data:`SHARD_RESOURCES`, read back by :func:`launcher_settings`).
+    """
+    check_int("--jobs", jobs, 1)
+    s = settings.slurm
+    gt = "".join(
+        f'    {k}: "{v}"\n' if isinstance(v, str) else f"    {k}: {v}\n"
+        for k, v in shard_resources(settings).items()
+        if k != "launcher_retries"  # the run config's max_retries applies
+    )
+    gpu = s.gpus_per_node
+    gpu_rules = f"  train:\n    gpu: {gpu}\n  attribute:\n    gpu: {gpu}\n" if gpu else ""
+    return _PROFILE.format(
+        jobs=jobs,
+        account=s.account,
+        partition=s.partition,
+        timeout_min=s.timeout_min,
+        mem_mb=s.mem_mb,
+        cpus_per_task=s.cpus_per_task,
+        groundtruth=gt,
+        gpu_rules=gpu_rules,
+    )
 
 
 def install_profile(
@@ -240,35 +307,21 @@ def install_profile(
     partition: str,
     dest: str | os.PathLike[str] | None = None,
     *,
+    jobs: int = 50,
     force: bool = False,
     cluster_check: bool = True,
-    **settings: object,
+    **request: Any,
 ) -> Path:
     """Write ``<dest>/config.yaml`` (default ``~/.config/snakemake/slurm``); returns ``dest``.
 
-    With ``cluster_check`` (default), the request is checked against the partition first
+    ``request`` holds :func:`shard_request`'s options (``gpus_per_node``, ``mem_gb``, ...). With
+    ``cluster_check`` (default), the request is checked against the partition first
     (:func:`check_request`); where SLURM's commands are absent, a warning says it was not.
     """
-    text = render_slurm_profile(account, partition, **settings)  # type: ignore[arg-type]
+    settings = shard_request(account, partition, **request)
+    text = render_slurm_profile(settings, jobs)
     if cluster_check:
-        info = partition_info(partition)
-        if info is None:
-            logger.warning(
-                "scontrol/sinfo not found: the request was not checked against partition %r",
-                partition,
-            )
-        else:
-            keys = ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min")
-            defaults = {"gpus_per_node": 1, "cpus_per_task": 4, "mem_gb": 16, "timeout_min": 240}
-            check_request(info, **{k: settings.get(k, defaults[k]) for k in keys})  # type: ignore[arg-type]
-            age = min_job_age()
-            if age is not None and age < MIN_JOB_AGE_S:
-                logger.warning(
-                    "this cluster's MinJobAge is %d s (< %d s): squeue may forget a finished job "
-                    "before Snakemake polls it; ask the admins to raise MinJobAge",
-                    age,
-                    MIN_JOB_AGE_S,
-                )
+        _check_cluster(settings.slurm)
     target = Path(dest) if dest else Path.home() / ".config" / "snakemake" / "slurm"
     path = target / "config.yaml"
     if path.exists() and not force:
@@ -278,3 +331,24 @@ def install_profile(
     target.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, text.encode())
     return target
+
+
+def _check_cluster(request: SlurmSettings) -> None:
+    """:func:`check_request` against the partition, and the cluster's ``MinJobAge``."""
+    assert request.partition is not None  # shard_request requires it
+    info = partition_info(request.partition)
+    if info is None:
+        logger.warning(
+            "scontrol/sinfo not found: the request was not checked against partition %r",
+            request.partition,
+        )
+        return
+    check_request(info, request)
+    age = min_job_age()
+    if age is not None and age < MIN_JOB_AGE_S:
+        logger.warning(
+            "this cluster's MinJobAge is %d s (< %d s): squeue may forget a finished job "
+            "before Snakemake polls it; ask the admins to raise MinJobAge",
+            age,
+            MIN_JOB_AGE_S,
+        )
