@@ -151,8 +151,11 @@ class _Ctx:
         from tdabench.pipeline.launcher import LauncherSettings
 
         if self.args.launcher is not None:
-            return LauncherSettings.from_json(self.args.launcher)
-        return LauncherSettings.from_dict(self.cfg["launcher"])
+            settings = LauncherSettings.from_json(self.args.launcher)
+        else:
+            settings = LauncherSettings.from_dict(self.cfg["launcher"])
+        logger.info("launcher settings: %s", settings.to_json())
+        return settings
 
     def device(self) -> str:
         """``--device``, checked before any work (ConfigError for an unknown device)."""
