@@ -210,7 +210,6 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env.update(
         PYTHONPATH=os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")]),
         OMP_NUM_THREADS="1",
-        TDABENCH_LAUNCHER=json.dumps({"kind": "debug", "folder": "submitit", "max_retries": 0}),
     )
     env.pop("TDABENCH_STAGES", None)
     env.update(extra or {})
@@ -240,6 +239,8 @@ def stage_argv(run: Run, stage: str) -> list[str]:
             g["dir"],
             "--out",
             g["complete"],
+            "--launcher",
+            json.dumps({"kind": "debug", "folder": "submitit", "max_retries": 0}),
             *dev,
         ]
     spec = json.dumps(run.spec("attribute", method=METHOD))

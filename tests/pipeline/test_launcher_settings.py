@@ -65,6 +65,16 @@ def test_install_profile_options_become_the_same_settings():
     assert launcher_settings({}, block).slurm == req.slurm  # the profile reads back exactly
 
 
+@pytest.mark.parametrize("name", ["local", "slurm"])
+def test_shipped_profiles_read_back(name):
+    prof = yaml.safe_load((REPO / f"workflow/profiles/{name}/config.yaml").read_text())
+    block = prof["set-resources"]["groundtruth"]
+    s = launcher_settings({"folder": "f"}, block)
+    assert s.kind == name and s.folder == "f"
+    if name == "slurm":  # the template's numbers, in the settings' own units
+        assert (s.slurm.mem_mb, s.slurm.timeout_min, s.array_parallelism) == (16384, 240, 32)
+
+
 @pytest.mark.parametrize(
     ("settings", "resources", "names"),
     [
