@@ -171,3 +171,52 @@ def test_default_selection_errors_and_task_integration():
     assert task.num_checkpoints == 3
     for i in range(3):
         assert torch.equal(task.get_params(i)["6.weight"], sds[i]["6.weight"])
+
+
+DROPOUT_ERRORS = [
+    (dict(layer_positions=[2]), "dropout position 2 out of range: the model has 2 dropout layers ['2', '5']"),
+    (dict(layer_positions=[-3]), "dropout position -3 out of range: the model has 2 dropout layers ['2', '5']"),
+    (dict(layer_positions=["0"]), "'0' is not a dropout module of the model; dropout modules: ['2', '5']"),
+    (dict(layer_positions=["nope", 9]), "'nope' is not a dropout module of the model; dropout modules: ['2', '5']"),
+    (dict(layer_positions=[True]), "layer_positions entries must be ints or module names, got True"),
+    (dict(layer_positions=[0, 1.0]), "layer_positions entries must be ints or module names, got 1.0"),
+    (dict(layer_positions=[0, 5]), "dropout position 5 out of range: the model has 2 dropout layers ['2', '5']"),
+    (dict(dropout_prob=True), "dropout_prob must be a float in [0, 1), got True"),
+    (dict(layer_positions=[9], dropout_prob=2.0), "dropout_prob must be a float in [0, 1), got 2.0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kwargs", "message"), DROPOUT_ERRORS)
+def test_activate_dropout_error_messages_and_their_order(kwargs, message):
+    """Pinned (issue 15's split of activate_dropout keeps every message and which fault wins)."""
+    m = mlp().train()
+    with pytest.raises(ConfigError) as err:
+        activate_dropout(m, **kwargs)
+    assert str(err.value) == message
+    assert m.training  # nothing was changed
+
+
+@pytest.mark.parametrize(
+    ("positions", "active"),
+    [
+        (None, {2, 5}),
+        (0, {2}),
+        (-1, {5}),
+        (-2, {2}),
+        ("5", {5}),
+        ([0, 0], {2}),
+        (["5", 0, -1], {2, 5}),
+        ((1, "2"), {2, 5}),
+        ([], set()),
+    ],
+)
+def test_activate_dropout_selection(positions, active):
+    """Brute-force oracle: exactly the listed Sequential slots train, only they get the new p."""
+    m = mlp().train()
+    activate_dropout(m, layer_positions=positions, dropout_prob=0.25)
+    assert [i for i, x in enumerate(m) if x.training] == sorted(active)
+    assert [getattr(x, "p", None) for x in m] == [
+        None, None, 0.25 if 2 in active else 0.5, None, None, 0.25 if 5 in active else 0.2, None
+    ]  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^model must be an nn\.Module, got str$"):
+        activate_dropout("x", dropout_prob=2.0)
