@@ -39,9 +39,11 @@ against it and against a per-model ``torch.optim`` loop).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -145,6 +147,33 @@ def _pname(mod: str, what: str) -> str:
     return f"{mod}.{what}" if mod else what
 
 
+#: ``acc(t, beta, alpha)`` sets ``t = beta * t + alpha * grad`` in place for one parameter's
+#: gradient ``grad`` (never materialised: a GEMM or embedding_bag accumulates into ``t``)
+_Accumulate = Callable[[Tensor, float, float], Any]
+
+
+@dataclass
+class _Batch:
+    """One stream batch of ``B`` samples as the first layer sees it (``m`` models).
+
+    Shared mode: ``xb`` ``(B, [1 +] K)``, ``yb`` ``(B,)``, ``coef`` ``(B, m)`` (each sample's
+    weight in each model's masked mean loss), and when there are rare inputs the batch's
+    non-zeros: ``ln`` ``(B,)`` per sample, their columns ``sp_cols`` and values ``sp_vals``
+    (sample order). Compact mode: ``xb`` ``(sum k, [1 +] K)`` (each model's members in turn),
+    ``yb`` and ``coef`` ``(m, k_max)`` (zero-padded), ``spans`` the ``(model, its rows of xb,
+    k)`` of the models with members.
+    """
+
+    bsz: int
+    xb: Tensor
+    yb: Tensor
+    coef: Tensor
+    spans: list[tuple[int, Tensor, int]] = field(default_factory=list)
+    ln: Tensor | None = None
+    sp_cols: Tensor | None = None
+    sp_vals: Tensor | None = None
+
+
 class FastStack:
     """Training state and step of ``m`` stacked Linear/ReLU models (see the module docstring).
 
@@ -172,38 +201,51 @@ class FastStack:
         name0, lin0, _ = layers[0]
         self.m = int(params[_pname(name0, "weight")].shape[0])
         self.dtype = x.dtype
+        self.init_params = params  # untouched; the dropped columns are read from here
+        self.bias0 = lin0.bias is not None
+        self._index_inputs(x)
+        self._stack_params(params)
+
+    def _index_inputs(self, x: Tensor) -> None:
+        """Kept input columns (dense first, then rare) and the first-layer inputs ``xa``
+        ``(n, [1 +] K)``: [bias input,] dense inputs, rare inputs."""
         freq = (x != 0).to(x.dtype).mean(0)  # fraction of samples where each input is non-zero
         if self.wd == 0.0:
             kept = (freq > 0).nonzero().flatten()
         else:
             kept = torch.arange(x.shape[1], device=x.device)
+        n_dense = len(kept)
         # shared mode on the CPU: rarely non-zero inputs (e.g. MNIST's outer pixels) go through a
         # weighted embedding_bag over each sample's non-zeros (rows of W), the others through a GEMM
-        hybrid = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-        if hybrid:
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
             rare = freq.index_select(0, kept) <= _SPARSE_MAX_DENSITY
             kept = torch.cat([kept[~rare], kept[rare]])
+            n_dense = int((~rare).sum())
         self.kept = kept  # input column of each weight row after the bias row
-        self.init_params = params  # untouched; the dropped columns are read from here
-        self.bias0 = lin0.bias is not None
-        b0 = int(self.bias0)
         cols = [x.index_select(1, kept)]
         if self.bias0:
             cols.insert(0, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device))
-        self.xa = torch.cat(
-            cols, 1
-        ).contiguous()  # (n, [1 +] K): [bias input,] dense inputs, rare inputs
-        self.n_dense = b0 + (int((~rare).sum()) if hybrid else len(kept))
-        rest = self.xa[:, self.n_dense :]
+        self.xa = torch.cat(cols, 1).contiguous()
+        self.n_dense = int(self.bias0) + n_dense
+        self._index_rare(self.xa[:, self.n_dense :])
+
+    def _index_rare(self, rest: Tensor) -> None:
+        """The non-zeros of the rare inputs ``rest`` ``(n, K_rare)`` in CSR form (sample order):
+        ``_nnz`` per sample, ``_indptr`` its first, ``_cols`` (row of ``W[n_dense:]``), ``_vals``."""
         nnz = (rest != 0).sum(1)
         self.sparse = bool(nnz.sum() > 0)
         if self.sparse:
             r, c = rest.nonzero(as_tuple=True)
             self._nnz = nnz
             self._indptr = torch.cumsum(nnz, 0) - nnz
-            self._cols = c  # row of W[n_dense:]
+            self._cols = c
             self._vals = rest[r, c]
-        w0 = params[_pname(name0, "weight")].index_select(2, kept)  # (m, H, K)
+
+    def _stack_params(self, params: Mapping[str, Tensor]) -> None:
+        """Working copies of the parameters in the layouts of the module docstring, and zero
+        momentum buffers when the recipe has momentum."""
+        name0 = self.layers[0][0]
+        w0 = params[_pname(name0, "weight")].index_select(2, self.kept)  # (m, H, K)
         parts = [w0.transpose(1, 2)]  # (m, K, H)
         if self.bias0:
             parts.insert(0, params[_pname(name0, "bias")].unsqueeze(1))  # (m, 1, H)
@@ -213,31 +255,37 @@ class FastStack:
             w0 = w0.permute(1, 2, 0).reshape(w0.shape[1], self.h0 * self.m)  # (K [+1], H * m)
         self.p: list[Tensor] = [w0.contiguous().clone()]
         self.p_bias: list[Tensor | None] = [None]
-        for name, lin, _ in layers[1:]:
+        for name, lin, _ in self.layers[1:]:
             self.p.append(params[_pname(name, "weight")].contiguous().clone())  # (m, out, in)
             self.p_bias.append(
                 params[_pname(name, "bias")].unsqueeze(2).clone() if lin.bias is not None else None
             )
-        self.buf = [torch.zeros_like(t) for t in self.p] if self.mu != 0.0 else None
+        momentum = self.mu != 0.0
+        self.buf = [torch.zeros_like(t) for t in self.p] if momentum else None
         self.buf_bias = (
-            [None if b is None else torch.zeros_like(b) for b in self.p_bias]
-            if self.mu != 0.0
-            else None
+            [None if b is None else torch.zeros_like(b) for b in self.p_bias] if momentum else None
         )
-        if (
-            self.compact
-        ):  # per-model views of the first layer (updated in place, so they stay valid)
+        if self.compact:  # per-model views of the first layer (updated in place: stay valid)
             self._p0 = self.p[0].unbind(0)
             self._buf0 = self.buf[0].unbind(0) if self.buf is not None else None
 
     # ------------------------------------------------------------------ state
-    def state(self) -> dict[str, Tensor]:
-        """Stacked parameters ``{name: (m, ...)}`` in ``nn.Linear`` layout (copies)."""
-        out: dict[str, Tensor] = {}
-        name0, _, _ = self.layers[0]
+    def _first_weight(self) -> Tensor:
+        """The first layer's working weights per model, ``(m, [1 +] K, H)`` (a view)."""
         w0 = self.p[0]
         if not self.compact:
-            w0 = w0.view(w0.shape[0], self.h0, self.m).permute(2, 0, 1)  # (m, K [+1], H)
+            w0 = w0.view(w0.shape[0], self.h0, self.m).permute(2, 0, 1)
+        return w0
+
+    def state(self) -> dict[str, Tensor]:
+        """The current parameters.
+
+        Returns:
+            Stacked parameters ``{name: (m, ...)}`` in ``nn.Linear`` layout (copies).
+        """
+        out: dict[str, Tensor] = {}
+        name0, _, _ = self.layers[0]
+        w0 = self._first_weight()
         b0 = int(self.bias0)
         full = self.init_params[_pname(name0, "weight")].clone()
         full.index_copy_(2, self.kept, w0[:, b0:].transpose(1, 2))
@@ -251,16 +299,266 @@ class FastStack:
         return out
 
     def finite(self) -> Tensor:
-        """bool ``(m,)``: all parameters of the model are finite."""
+        """Which models are intact.
+
+        Returns:
+            bool ``(m,)``: all parameters of the model are finite.
+        """
         ok = torch.ones(self.m, dtype=torch.bool, device=self.xa.device)
-        w0 = self.p[0]
-        if not self.compact:
-            w0 = w0.view(w0.shape[0], self.h0, self.m).permute(2, 0, 1)
-        for t in [w0, *self.p[1:], *(b for b in self.p_bias if b is not None)]:
+        for t in [self._first_weight(), *self.p[1:], *(b for b in self.p_bias if b is not None)]:
             ok &= torch.isfinite(t.reshape(self.m, -1)).all(1)
         return ok
 
     # ------------------------------------------------------------------ step
+    def step(self, idx: Tensor, w_t: Tensor, labels: Tensor, lr: float) -> Tensor | None:
+        """One SGD step of every model on one stream batch.
+
+        Args:
+            idx: int64 ``(B,)`` device indices of the stream batch's training samples.
+            w_t: float 0/1 ``(B, m)``: which samples belong to which model.
+            labels: int64 ``(n,)`` labels of all training samples.
+            lr: learning rate of this step.
+
+        Returns:
+            None, or a bool ``(m,)`` of models whose logits were not finite on this batch.
+        """
+        counts = w_t.sum(0)  # (m,) exact small integers
+        active = counts > 0
+        if not bool(active.any()):  # every model skips this step
+            return None
+        inactive = None if bool(active.all()) else (~active).nonzero().flatten()
+        scale = 1.0 / counts.clamp(min=1.0)
+        if self.compact:
+            batch, z0 = self._first_forward_compact(idx, w_t, labels, counts, scale)
+        else:
+            batch, z0 = self._first_forward_shared(idx, w_t, labels, scale)
+        zs, acts = self._forward(batch, z0)
+        bad = self._logit_grads(batch, zs[-1])
+        saved = None
+        if inactive is not None and (self.mu != 0.0 or self.wd != 0.0):
+            saved = [(t, ix, d, t.index_select(d, ix)) for t, ix, d in self._slices(inactive)]
+        g = self._backward_hidden(zs, acts, lr)
+        if self.compact:
+            self._update_first_compact(batch, g, lr)
+        else:
+            self._update_first_shared(batch, g, lr)
+        if saved is not None:
+            for t, ix, d, old in saved:
+                t.index_copy_(d, ix, old)
+        return bad
+
+    def _first_forward_compact(
+        self, idx: Tensor, w_t: Tensor, labels: Tensor, counts: Tensor, scale: Tensor
+    ) -> tuple[_Batch, Tensor]:
+        """Compact first layer: each model's members (stream order) concatenated, one gather,
+        then one GEMM per model (a loop of mm beats a bmm padded to the largest member count);
+        later layers work on ``(m, k_max, .)`` tensors padded with zero rows of zero weight.
+        Returns the batch and the pre-activations ``(m, k_max, H)``."""
+        r_ids, j = (w_t.t() > 0).nonzero(as_tuple=True)  # sorted by model, then stream position
+        ks = counts.long()
+        k_list = ks.tolist()
+        k_max = max(k_list)
+        starts = torch.cumsum(ks, 0) - ks
+        sel = idx.index_select(0, j)
+        xb = self.xa.index_select(0, sel)  # (sum k, K+1)
+        pos = torch.arange(len(sel), device=sel.device) - starts.index_select(0, r_ids)
+        yb = torch.zeros(self.m, k_max, dtype=labels.dtype, device=labels.device)
+        yb[r_ids, pos] = labels.index_select(0, sel)
+        coef = (
+            (torch.arange(k_max, device=ks.device) < ks.unsqueeze(1))
+            .to(self.dtype)
+            .mul_(scale.unsqueeze(1))
+        )
+        z = torch.zeros(self.m, k_max, self.h0, dtype=self.dtype, device=xb.device)
+        spans = [
+            (r, xr, k) for r, (xr, k) in enumerate(zip(xb.split(k_list), k_list, strict=True)) if k
+        ]
+        zr = z.unbind(0)
+        nd = self.n_dense
+        if nd:
+            for r, xr, k in spans:
+                torch.mm(xr[:, :nd], self._p0[r][:nd], out=zr[r][:k])
+        if self.sparse:  # rare inputs: one embedding_bag over the rows of all models' weights
+            ln, off, at, total = self._nonzeros(sel)
+            k1 = self.p[0].shape[1]
+            rows = self._cols.index_select(0, at) + torch.repeat_interleave(
+                r_ids * k1 + nd, ln, output_size=total
+            )
+            zsp = F.embedding_bag(
+                rows,
+                self.p[0].view(-1, self.h0),
+                off,
+                mode="sum",
+                per_sample_weights=self._vals.index_select(0, at),
+            )
+            z.index_put_((r_ids, pos), zsp, accumulate=True)
+        return _Batch(len(idx), xb, yb, coef, spans), z
+
+    def _first_forward_shared(
+        self, idx: Tensor, w_t: Tensor, labels: Tensor, scale: Tensor
+    ) -> tuple[_Batch, Tensor]:
+        """Shared first layer: one wide GEMM over the dense inputs plus, for the rare ones,
+        ``sum_j x[i, j] W[j]`` over the non-zero inputs ``j`` of sample ``i`` (embedding_bag).
+        Returns the batch and the pre-activations, ``(B, H, m)`` for a one-layer model, else
+        ``(m, B, H)`` (later layers work per model)."""
+        bsz = len(idx)
+        batch = _Batch(bsz, self.xa.index_select(0, idx), labels.index_select(0, idx), w_t * scale)
+        nd = self.n_dense
+        z = None
+        if nd:
+            out = self._out((bsz, self.h0 * self.m))
+            z = torch.mm(batch.xb[:, :nd], self.p[0][:nd], out=out)
+        if self.sparse:
+            batch.ln, off, pos, _ = self._nonzeros(idx)
+            batch.sp_cols, batch.sp_vals = (
+                self._cols.index_select(0, pos),
+                self._vals.index_select(0, pos),
+            )
+            zs_ = F.embedding_bag(
+                batch.sp_cols, self.p[0][nd:], off, mode="sum", per_sample_weights=batch.sp_vals
+            )
+            z = zs_ if z is None else z.add_(zs_)
+        z = z.view(bsz, self.h0, self.m)
+        return batch, (z if len(self.layers) == 1 else z.permute(2, 0, 1).contiguous())
+
+    def _nonzeros(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+        """The rare inputs' non-zeros of the samples ``rows`` ``(b,)``, in that order:
+        ``(count per sample (b,), offset of each sample's first, positions in _cols/_vals,
+        total)``."""
+        ln = self._nnz.index_select(0, rows)
+        off = torch.cumsum(ln, 0) - ln
+        total = int(ln.sum())
+        at = torch.repeat_interleave(
+            self._indptr.index_select(0, rows) - off, ln, output_size=total
+        ) + torch.arange(total, device=ln.device)
+        return ln, off, at, total
+
+    @staticmethod
+    def _rows(zs: list[Tensor], i: int) -> Tensor:
+        """Pre-activation of layer ``i`` as ``(m, b, features)``."""
+        return zs[i] if i == 0 else zs[i].transpose(1, 2)
+
+    def _forward(self, batch: _Batch, z0: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Later layers' forward: ``(zs, acts)`` with ``acts[l]`` the input of layer ``l >= 1``
+        ``(m, b, in)`` and ``zs[l]`` the pre-activation of layer ``l``: ``zs[0]`` as returned
+        by the first layer, ``zs[l >= 1]`` ``(m, out, b)``."""
+        zs, acts = [z0], [batch.xb]
+        for li in range(1, len(self.layers)):
+            prev = self._rows(zs, li - 1)
+            a = torch.relu(prev) if self.layers[li - 1][2] else prev
+            acts.append(a)
+            b = self.p_bias[li]
+            zs.append(
+                torch.bmm(self.p[li], a.transpose(1, 2))
+                if b is None
+                else torch.baddbmm(b, self.p[li], a.transpose(1, 2))
+            )
+        return zs, acts
+
+    def _logit_grads(self, batch: _Batch, logits: Tensor) -> Tensor | None:
+        """Turn ``logits`` in place into d(masked mean CE)/d logits; returns None or the bool
+        ``(m,)`` of models with non-finite logits. ``logits``: ``(m, C, b)`` (several layers),
+        ``(B, C, m)`` (one layer, shared) or ``(m, k, C)`` (one layer, compact)."""
+        yb, bsz, coef = batch.yb, batch.bsz, batch.coef
+        if len(self.layers) > 1:
+            yl = yb.unsqueeze(1) if yb.dim() == 2 else yb.view(1, 1, bsz).expand(self.m, 1, bsz)
+            cf = coef.unsqueeze(1) if self.compact else coef.t().unsqueeze(1)
+            bad = self._dlogits_(logits, 1, yl, cf)
+            return None if bad is None else bad.flatten(1).any(1)
+        if not self.compact:
+            c = logits.shape[1]
+            bad = self._dlogits_(logits, 1, None, coef.unsqueeze(1))
+            # rows (b, y_b, :) of the (B * C, m) view are contiguous: one index_add_
+            logits.view(bsz * c, self.m).index_add_(
+                0, torch.arange(bsz, device=yb.device) * c + yb, coef, alpha=-1.0
+            )
+            return None if bad is None else bad.flatten(1).any(0)
+        bad = self._dlogits_(logits, 2, yb.unsqueeze(-1), coef.unsqueeze(-1))
+        return None if bad is None else bad.flatten(1).any(1)
+
+    @staticmethod
+    def _dlogits_(logits: Tensor, cdim: int, labels: Tensor | None, coef: Tensor) -> Tensor | None:
+        """Turn ``logits`` in place into d(masked mean CE)/d logits = ``coef * (softmax - onehot)``
+        along class axis ``cdim``; ``labels`` and ``coef`` have size 1 at ``cdim``. Returns
+        None, or the bool mask (shape of ``coef``) of rows whose logits are not all finite."""
+        mx = logits.amax(cdim, keepdim=True)
+        bad = None
+        if not bool(torch.isfinite(mx.sum())):
+            # NaN or +inf in a row; rows of finite logits give finite losses
+            bad = ~torch.isfinite(mx)
+        logits.sub_(mx).exp_()
+        logits.mul_(coef / logits.sum(cdim, keepdim=True))
+        if labels is not None:  # else the caller subtracts coef at the labels
+            logits.scatter_add_(cdim, labels, -coef)
+        return bad
+
+    def _backward_hidden(self, zs: list[Tensor], acts: list[Tensor], lr: float) -> Tensor:
+        """Backward through layers ``L-1 .. 1`` from the logit gradients ``zs[-1]``, updating
+        each layer's weights and biases after its input gradient is taken. Returns the gradient
+        of the first layer's pre-activations in the layout of ``zs[0]``."""
+        g = zs[-1]
+        for li in range(len(self.layers) - 1, 0, -1):  # g: (m, out, b)
+            a = acts[li]
+            d_prev = torch.bmm(g.transpose(1, 2), self.p[li])  # (m, b, in), before the update
+            self._update(li, False, functools.partial(_baddbmm_, g, a), lr)
+            if self.p_bias[li] is not None:
+                gb = g.sum(2, keepdim=True)
+                self._update(li, True, functools.partial(_add_scaled_, gb), lr)
+            if self.layers[li - 1][2]:  # ReLU backward: keep where the pre-activation is > 0
+                d_prev = relu_backward(d_prev, self._rows(zs, li - 1))
+            g = d_prev if li == 1 else d_prev.transpose(1, 2)
+        return g
+
+    def _update_first_compact(self, batch: _Batch, g: Tensor, lr: float) -> None:
+        """First-layer step per model, so that each model's weights and momentum stay in cache
+        between the gradient GEMM and the parameter update; models without members are not
+        touched. ``g``: ``(m, k_max, H)``."""
+        gs = g.unbind(0)
+        for r, xr, k in batch.spans:
+            buf = None if self._buf0 is None else self._buf0[r]
+            acc = functools.partial(_addmm_, xr.t(), gs[r][:k])
+            self._sgd_(self._p0[r], buf, acc, lr)
+
+    def _update_first_shared(self, batch: _Batch, g: Tensor, lr: float) -> None:
+        """First-layer step of all models at once: ``W.addmm_(x.T, G)`` over the dense rows,
+        an embedding_bag over the rows of ``G`` for the rare ones. ``g``: ``(B, H, m)`` for a
+        one-layer model, else ``(m, B, H)``."""
+        xb, nd = batch.xb, self.n_dense
+        g0 = g if len(self.layers) == 1 else g.permute(1, 2, 0)  # (B, H, m)
+        g0 = g0.reshape(batch.bsz, self.h0 * self.m)
+        if not self.sparse:
+            self._update(0, False, functools.partial(_addmm_, xb.t(), g0), lr)
+            return
+        u = self._rare_rows_grad(batch, g0)
+
+        def acc(t: Tensor, beta: float, alpha: float) -> None:
+            if nd:
+                t[:nd].addmm_(xb[:, :nd].t(), g0, beta=beta, alpha=alpha)
+            rest = t[nd:]
+            if beta != 1.0:
+                rest.mul_(beta)
+            rest.add_(u, alpha=alpha)
+
+        self._update(0, False, acc, lr)
+
+    def _rare_rows_grad(self, batch: _Batch, g0: Tensor) -> Tensor:
+        """Gradient rows of the rare inputs, ``(K_rare, H * m)``: ``sum_i x[i, nd + j] * G[i]``
+        over the batch's non-zeros of column ``j``, an embedding_bag over the rows of ``G``
+        ``(B, H * m)`` (the forward's non-zeros, sorted by sample, re-sorted by column)."""
+        sp_cols, ln = batch.sp_cols, batch.ln
+        order = torch.argsort(sp_cols, stable=True)
+        r = torch.repeat_interleave(
+            torch.arange(batch.bsz, device=ln.device), ln, output_size=len(sp_cols)
+        ).index_select(0, order)
+        lc = torch.bincount(sp_cols, minlength=batch.xb.shape[1] - self.n_dense)
+        return F.embedding_bag(
+            r,
+            g0,
+            torch.cumsum(lc, 0) - lc,
+            mode="sum",
+            per_sample_weights=batch.sp_vals.index_select(0, order),
+        )
+
     def _slices(self, inactive: Tensor) -> list[tuple[Tensor, Tensor, int]]:
         """(tensor, index, dim) of every state slice owned by the inactive models."""
         out = []
@@ -281,17 +579,22 @@ class FastStack:
                     out.append((t, inactive, 0))
         return out
 
-    def _update(self, i: int, bias: bool, acc: Any, lr: float) -> None:
-        """SGD step of parameter ``i`` (weight or bias) where ``acc(t, beta, alpha)`` sets
-        ``t = beta * t + alpha * grad`` in place (torch.optim.SGD: ``g += wd * p``,
-        ``buf = mu * buf + g``, ``p -= lr * buf``)."""
-        p = (self.p_bias if bias else self.p)[i]
-        if self.mu == 0.0:
+    def _update(self, i: int, bias: bool, acc: _Accumulate, lr: float) -> None:
+        """SGD step of parameter ``i`` (weight or bias) of the stacked state."""
+        buf = None
+        if self.buf is not None:
+            buf = (self.buf_bias if bias else self.buf)[i]
+        self._sgd_((self.p_bias if bias else self.p)[i], buf, acc, lr)
+
+    def _sgd_(self, p: Tensor, buf: Tensor | None, acc: _Accumulate, lr: float) -> None:
+        """SGD step of ``p`` with momentum buffer ``buf`` (None without momentum) where
+        ``acc(t, beta, alpha)`` sets ``t = beta * t + alpha * grad`` in place (torch.optim.SGD:
+        ``g += wd * p``, ``buf = mu * buf + g``, ``p -= lr * buf``)."""
+        if buf is None:
             if self.wd != 0.0:
                 p.mul_(1.0 - lr * self.wd)
             acc(p, 1.0, -lr)
             return
-        buf = (self.buf_bias if bias else self.buf)[i]
         if self.wd != 0.0:
             buf.mul_(self.mu).add_(p, alpha=self.wd)
             acc(buf, 1.0, 1.0)
@@ -307,230 +610,20 @@ class FastStack:
             buf = self._mm_buf = torch.empty(n, dtype=self.dtype, device=self.xa.device)
         return buf[:n].view(shape)
 
-    @staticmethod
-    def _dlogits_(logits: Tensor, cdim: int, labels: Tensor | None, coef: Tensor) -> Tensor | None:
-        """Turn ``logits`` in place into d(masked mean CE)/d logits = ``coef * (softmax - onehot)``
-        along class axis ``cdim``; ``labels`` and ``coef`` have size 1 at ``cdim``. Returns
-        None, or the bool mask (shape of ``coef``) of rows whose logits are not all finite."""
-        mx = logits.amax(cdim, keepdim=True)
-        bad = None
-        if not bool(torch.isfinite(mx.sum())):
-            bad = ~torch.isfinite(
-                mx
-            )  # NaN or +inf in a row; rows of finite logits give finite losses
-        logits.sub_(mx).exp_()
-        logits.mul_(coef / logits.sum(cdim, keepdim=True))
-        if labels is not None:  # else the caller subtracts coef at the labels
-            logits.scatter_add_(cdim, labels, -coef)
-        return bad
 
-    def step(self, idx: Tensor, w_t: Tensor, labels: Tensor, lr: float) -> Tensor | None:
-        """One SGD step on stream batch ``idx`` (device indices, ``B``). ``w_t`` (``(B, m)``,
-        float 0/1) says which samples belong to which model. Returns None, or a bool ``(m,)`` of
-        models whose logits were not finite on this batch."""
-        counts = w_t.sum(0)  # (m,) exact small integers
-        active = counts > 0
-        if not bool(active.any()):  # every model skips this step
-            return None
-        inactive = None if bool(active.all()) else (~active).nonzero().flatten()
-        scale = 1.0 / counts.clamp(min=1.0)
-        n_layers = len(self.layers)
-        bsz = len(idx)
-        if self.compact:
-            # each model's members (stream order) concatenated: one gather, then one GEMM per
-            # model (a loop of mm beats a bmm padded to the largest member count); later layers
-            # work on (m, k_max, .) tensors padded with zero rows of zero weight
-            r_ids, j = (w_t.t() > 0).nonzero(as_tuple=True)  # sorted by model, then stream position
-            ks = counts.long()
-            k_list = ks.tolist()
-            k_max = max(k_list)
-            starts = torch.cumsum(ks, 0) - ks
-            sel = idx.index_select(0, j)
-            xb = self.xa.index_select(0, sel)  # (sum k, K+1)
-            pos = torch.arange(len(sel), device=sel.device) - starts.index_select(0, r_ids)
-            yb = torch.zeros(self.m, k_max, dtype=labels.dtype, device=labels.device)
-            yb[r_ids, pos] = labels.index_select(0, sel)
-            coef = (
-                (torch.arange(k_max, device=ks.device) < ks.unsqueeze(1))
-                .to(self.dtype)
-                .mul_(scale.unsqueeze(1))
-            )
-            z = torch.zeros(self.m, k_max, self.h0, dtype=self.dtype, device=xb.device)
-            spans = [
-                (r, xr, k)
-                for r, (xr, k) in enumerate(zip(xb.split(k_list), k_list, strict=True))
-                if k
-            ]
-            zr = z.unbind(0)
-            p0 = self._p0
-            nd = self.n_dense
-            if nd:
-                for r, xr, k in spans:
-                    torch.mm(xr[:, :nd], p0[r][:nd], out=zr[r][:k])
-            if self.sparse:  # rare inputs: one embedding_bag over the rows of all models' weights
-                ln = self._nnz.index_select(0, sel)
-                off = torch.cumsum(ln, 0) - ln
-                total = int(ln.sum())
-                at = torch.repeat_interleave(
-                    self._indptr.index_select(0, sel) - off, ln, output_size=total
-                ) + torch.arange(total, device=ln.device)
-                k1 = self.p[0].shape[1]
-                rows = self._cols.index_select(0, at) + torch.repeat_interleave(
-                    r_ids * k1 + nd, ln, output_size=total
-                )
-                zsp = F.embedding_bag(
-                    rows,
-                    self.p[0].view(-1, self.h0),
-                    off,
-                    mode="sum",
-                    per_sample_weights=self._vals.index_select(0, at),
-                )
-                z.index_put_((r_ids, pos), zsp, accumulate=True)
-            zs = [z]  # (m, k_max, H)
-        else:
-            coef = w_t * scale  # (B, m)
-            xb = self.xa.index_select(0, idx)  # (B, K+1)
-            yb = labels.index_select(0, idx)
-            nd = self.n_dense
-            z = None
-            if nd:
-                z = torch.mm(xb[:, :nd], self.p[0][:nd], out=self._out((bsz, self.h0 * self.m)))
-            if self.sparse:  # + sum_j x[i, j] W[j] over the non-zero rare inputs j of sample i
-                ln = self._nnz.index_select(0, idx)
-                off = torch.cumsum(ln, 0) - ln
-                total = int(ln.sum())
-                pos = torch.repeat_interleave(
-                    self._indptr.index_select(0, idx) - off, ln, output_size=total
-                ) + torch.arange(total, device=ln.device)
-                sp_cols, sp_vals = self._cols.index_select(0, pos), self._vals.index_select(0, pos)
-                zs_ = F.embedding_bag(
-                    sp_cols, self.p[0][nd:], off, mode="sum", per_sample_weights=sp_vals
-                )
-                z = zs_ if z is None else z.add_(zs_)
-            z = z.view(bsz, self.h0, self.m)
-            # (B, H, m); later layers work per model on (m, B, H)
-            zs = [z if n_layers == 1 else z.permute(2, 0, 1).contiguous()]
+def _baddbmm_(g: Tensor, a: Tensor, t: Tensor, beta: float, alpha: float) -> None:
+    """``t = beta * t + alpha * g @ a`` in place (stacked weight gradients ``(m, out, in)``)."""
+    t.baddbmm_(g, a, beta=beta, alpha=alpha)
 
-        # forward; acts[l] = input of layer l (l >= 1) as (m, b, in), zs[l] = pre-activation of
-        # layer l: zs[0] (m, b, H) (compact / multi-layer) or (B, C, m); zs[l >= 1] (m, out, b)
-        def rows(i: int) -> Tensor:
-            return zs[i] if i == 0 else zs[i].transpose(1, 2)  # (m, b, features)
 
-        acts: list[Tensor] = [xb]
-        for li in range(1, n_layers):
-            a = torch.relu(rows(li - 1)) if self.layers[li - 1][2] else rows(li - 1)
-            acts.append(a)
-            b = self.p_bias[li]
-            zs.append(
-                torch.bmm(self.p[li], a.transpose(1, 2))
-                if b is None
-                else torch.baddbmm(b, self.p[li], a.transpose(1, 2))
-            )
-        if n_layers > 1:  # (m, C, b)
-            yl = yb.unsqueeze(1) if yb.dim() == 2 else yb.view(1, 1, bsz).expand(self.m, 1, bsz)
-            cf = coef.unsqueeze(1) if self.compact else coef.t().unsqueeze(1)
-            bad = self._dlogits_(zs[-1], 1, yl, cf)
-            if bad is not None:
-                bad = bad.flatten(1).any(1)
-        elif not self.compact:  # (B, C, m)
-            c = zs[-1].shape[1]
-            bad = self._dlogits_(zs[-1], 1, None, coef.unsqueeze(1))
-            # rows (b, y_b, :) of the (B * C, m) view are contiguous: one index_add_
-            zs[-1].view(bsz * c, self.m).index_add_(
-                0, torch.arange(bsz, device=yb.device) * c + yb, coef, alpha=-1.0
-            )
-            if bad is not None:
-                bad = bad.flatten(1).any(0)
-        else:  # (m, k, C)
-            bad = self._dlogits_(zs[-1], 2, yb.unsqueeze(-1), coef.unsqueeze(-1))
-            if bad is not None:
-                bad = bad.flatten(1).any(1)
-        g = zs[-1]
-        saved = None
-        if inactive is not None and (self.mu != 0.0 or self.wd != 0.0):
-            saved = [(t, ix, d, t.index_select(d, ix)) for t, ix, d in self._slices(inactive)]
-        for li in range(n_layers - 1, 0, -1):  # g: (m, out, b)
-            a = acts[li]
-            d_prev = torch.bmm(g.transpose(1, 2), self.p[li])  # (m, b, in), before the update
-            # (the update callbacks run inside _update, bound to this iteration's tensors)
-            self._update(
-                li,
-                False,
-                lambda t, beta, alpha, g=g, a=a: t.baddbmm_(g, a, beta=beta, alpha=alpha),
-                lr,
-            )
-            if self.p_bias[li] is not None:
-                gb = g.sum(2, keepdim=True)
-                self._update(
-                    li,
-                    True,
-                    lambda t, beta, alpha, gb=gb: (
-                        t.mul_(beta).add_(gb, alpha=alpha)
-                        if beta != 1.0
-                        else t.add_(gb, alpha=alpha)
-                    ),
-                    lr,
-                )
-            if self.layers[li - 1][2]:  # ReLU backward: keep where the pre-activation is > 0
-                d_prev = relu_backward(d_prev, rows(li - 1))
-            g = d_prev if li == 1 else d_prev.transpose(1, 2)
-        if self.compact:
-            # per model, so that each model's weights and momentum stay in cache between the
-            # gradient GEMM and the parameter update; models without members are not touched
-            p0, buf0, gs = self._p0, self._buf0, g.unbind(0)
-            for r, xr, k in spans:
-                pr = p0[r]
-                xr, gr = xr.t(), gs[r][:k]
-                if buf0 is None:
-                    if self.wd != 0.0:
-                        pr.mul_(1.0 - lr * self.wd)
-                    pr.addmm_(xr, gr, alpha=-lr)
-                    continue
-                br = buf0[r]
-                if self.wd != 0.0:
-                    br.mul_(self.mu).add_(pr, alpha=self.wd)
-                    br.addmm_(xr, gr)
-                else:
-                    br.addmm_(xr, gr, beta=self.mu)
-                pr.add_(br, alpha=-lr)
-        else:
-            g0 = g if n_layers == 1 else g.permute(1, 2, 0)  # (B, H, m)
-            g0 = g0.reshape(bsz, self.h0 * self.m)
-            nd = self.n_dense
-            if not self.sparse:
-                self._update(
-                    0,
-                    False,
-                    lambda t, beta, alpha: t.addmm_(xb.t(), g0, beta=beta, alpha=alpha),
-                    lr,
-                )
-            else:
-                # rows of rare inputs: W[nd + j] += sum_i x[i, nd + j] * G[i] over the batch's
-                # non-zeros of column j, an embedding_bag over the rows of G
-                # the forward's non-zeros (sorted by sample), re-sorted by column
-                order = torch.argsort(sp_cols, stable=True)
-                r = torch.repeat_interleave(
-                    torch.arange(bsz, device=ln.device), ln, output_size=len(sp_cols)
-                ).index_select(0, order)
-                lc = torch.bincount(sp_cols, minlength=xb.shape[1] - nd)
-                u = F.embedding_bag(
-                    r,
-                    g0,
-                    torch.cumsum(lc, 0) - lc,
-                    mode="sum",
-                    per_sample_weights=sp_vals.index_select(0, order),
-                )
+def _addmm_(x_t: Tensor, g: Tensor, t: Tensor, beta: float, alpha: float) -> None:
+    """``t = beta * t + alpha * x_t @ g`` in place (a weight gradient accumulated by a GEMM)."""
+    t.addmm_(x_t, g, beta=beta, alpha=alpha)
 
-                def acc(t: Tensor, beta: float, alpha: float) -> None:
-                    if nd:
-                        t[:nd].addmm_(xb[:, :nd].t(), g0, beta=beta, alpha=alpha)
-                    rest = t[nd:]
-                    if beta != 1.0:
-                        rest.mul_(beta)
-                    rest.add_(u, alpha=alpha)
 
-                self._update(0, False, acc, lr)
-        if saved is not None:
-            for t, ix, d, old in saved:
-                t.index_copy_(d, ix, old)
-        return bad
+def _add_scaled_(g: Tensor, t: Tensor, beta: float, alpha: float) -> None:
+    """``t = beta * t + alpha * g`` in place (a bias gradient)."""
+    if beta != 1.0:
+        t.mul_(beta).add_(g, alpha=alpha)
+    else:
+        t.add_(g, alpha=alpha)
