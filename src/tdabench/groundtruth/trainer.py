@@ -81,6 +81,7 @@ import hashlib
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -133,17 +134,32 @@ _KINDS = ("classification", "sequence")
 class Trainer(Protocol):
     """What the ground-truth engine needs from a trainer."""
 
-    def fingerprint(self) -> dict[str, Any]: ...
+    def fingerprint(self) -> dict[str, Any]:
+        """JSON-able description of everything that determines the trained numbers."""
+        ...
 
     def train(
         self, masks: Tensor, seeds: Sequence[int], on_epoch: EpochCallback | None = None
-    ) -> dict[str, Tensor]: ...
+    ) -> dict[str, Tensor]:
+        """Train one model per bool mask row ``(m, n_train)`` (``m`` seeds); returns the
+        stacked state dict ``{name: (m, ...)}``."""
+        ...
 
-    def evaluate(self, stacked: dict[str, Tensor], target: str | Callable) -> Tensor: ...
+    def evaluate(self, stacked: dict[str, Tensor], target: str | Callable) -> Tensor:
+        """Target values ``(m, n_test)`` of the stacked models ``{name: (m, ...)}``."""
+        ...
 
 
 def unstack(stacked: Mapping[str, Tensor], i: int) -> dict[str, Tensor]:
-    """State dict of model ``i`` from a stacked state dict ``{name: (m, ...)}``."""
+    """State dict of model ``i`` from a stacked state dict.
+
+    Args:
+        stacked: ``{name: (m, ...)}`` as returned by :meth:`Trainer.train`.
+        i: model index in ``-m .. m - 1``.
+
+    Returns:
+        ``{name: (...)}``, views into ``stacked``.
+    """
     m = _leading(stacked)
     if not -m <= i < m:
         raise ShapeError(
@@ -198,6 +214,33 @@ def _tensor_digest(tensors: Sequence[Tensor]) -> str:
     return h.hexdigest()
 
 
+def _check_options(
+    build_model: Any,
+    kind: str,
+    stream_seed: Any,
+    stream_batch: Any,
+    dtype: torch.dtype,
+    eval_batch_size: Any,
+) -> None:
+    """Raise ``ConfigError`` for the first invalid trainer option (see :class:`SequentialTrainer`)."""
+    if not callable(build_model):
+        raise ConfigError("build_model must be a zero-argument callable returning an nn.Module")
+    if kind not in _KINDS:
+        raise ConfigError(f"kind {kind!r} is not supported; use one of {_KINDS}")
+    if not (
+        stream_batch in ("scaled", "fixed") or (isinstance(stream_batch, int) and stream_batch >= 1)
+    ):
+        raise ConfigError(
+            f"stream_batch must be 'scaled', 'fixed' or a positive int, got {stream_batch!r}"
+        )
+    if not isinstance(stream_seed, int):
+        raise ConfigError(f"stream_seed must be an int, got {stream_seed!r}")
+    if not dtype.is_floating_point:
+        raise ConfigError(f"dtype must be a floating dtype, got {dtype}")
+    if eval_batch_size is not None and int(eval_batch_size) < 1:
+        raise ConfigError(f"eval_batch_size must be a positive int or None, got {eval_batch_size}")
+
+
 class _TrainerBase:
     """Shared validation, stream, loss, evaluation and fingerprint of both trainers."""
 
@@ -220,25 +263,7 @@ class _TrainerBase:
         eval_batch_size: int | None = None,
         memory_budget: int | float | str | None = None,
     ) -> None:
-        if not callable(build_model):
-            raise ConfigError("build_model must be a zero-argument callable returning an nn.Module")
-        if kind not in _KINDS:
-            raise ConfigError(f"kind {kind!r} is not supported; use one of {_KINDS}")
-        if not (
-            stream_batch in ("scaled", "fixed")
-            or (isinstance(stream_batch, int) and stream_batch >= 1)
-        ):
-            raise ConfigError(
-                f"stream_batch must be 'scaled', 'fixed' or a positive int, got {stream_batch!r}"
-            )
-        if not isinstance(stream_seed, int):
-            raise ConfigError(f"stream_seed must be an int, got {stream_seed!r}")
-        if not dtype.is_floating_point:
-            raise ConfigError(f"dtype must be a floating dtype, got {dtype}")
-        if eval_batch_size is not None and int(eval_batch_size) < 1:
-            raise ConfigError(
-                f"eval_batch_size must be a positive int or None, got {eval_batch_size}"
-            )
+        _check_options(build_model, kind, stream_seed, stream_batch, dtype, eval_batch_size)
         self.build_model = build_model
         self.kind = kind
         self.recipe = normalize_recipe(recipe)
@@ -353,7 +378,7 @@ class _TrainerBase:
         return masks, seeds
 
     def stream_batch_size(self, masks: Tensor) -> int:
-        """``B_stream`` for a call with these masks (see the module docstring)."""
+        """``B_stream`` for a call with these bool ``(m, n_train)`` masks (module docstring)."""
         bs = self.recipe["batch_size"]
         if isinstance(self.stream_batch, int):
             return min(self.stream_batch, self.n_train)
@@ -596,7 +621,7 @@ class _TrainerBase:
                 for s in range(0, self.n_test, chunk_n):
                     batch = tuple(t[s : s + chunk_n] for t in self._test)
                     out[a : a + chunk_m, s : s + batch[0].shape[0]] = self._eval_chunk(
-                        p, b, batch, target
+                        batch, target, p, b
                     ).cpu()
         finally:
             model.train(was_training)
@@ -604,11 +629,13 @@ class _TrainerBase:
 
     def _eval_chunk(
         self,
-        p: dict[str, Tensor],
-        b: dict[str, Tensor],
         batch: tuple[Tensor, ...],
         target: str | Callable,
+        p: dict[str, Tensor],
+        b: dict[str, Tensor],
     ) -> Tensor:
+        """Target values ``(mc, k)`` of the test ``batch`` (``(*inputs, labels)``, ``k`` rows)
+        for the stacked parameters ``p`` and buffers ``b`` (``{name: (mc, ...)}``)."""
         inputs, labels = batch[:-1], batch[-1]
         if callable(target):
 
@@ -881,8 +908,17 @@ class BatchedTrainer(_TrainerBase):
     def train(
         self, masks: Tensor, seeds: Sequence[int], on_epoch: EpochCallback | None = None
     ) -> dict[str, Tensor]:
-        """Train one model per mask row (see :meth:`SequentialTrainer.train`); ``on_epoch``
-        is called once per epoch and chunk of ``max_models_per_batch`` models."""
+        """Train one model per mask row (see :meth:`SequentialTrainer.train`).
+
+        Args:
+            masks: bool ``(m, n_train)``; row ``r`` is the training subset of model ``r``.
+            seeds: ``m`` ints, the initialisation seeds.
+            on_epoch: optional :data:`EpochCallback`, called once per epoch and chunk of
+                models trained together (:meth:`models_per_chunk`).
+
+        Returns:
+            Stacked state dict ``{name: (m, ...)}``.
+        """
         masks, seeds = self._check_call(masks, seeds)
         b_stream = self.stream_batch_size(masks)
         m = len(seeds)
@@ -902,135 +938,177 @@ class BatchedTrainer(_TrainerBase):
         b_stream: int,
         on_epoch: EpochCallback | None = None,
     ) -> dict[str, Tensor]:
-        total = self.num_iters(b_stream)
-        epoch_end = self._epoch_ends(b_stream)
+        """Train the models of mask rows ``offset ..`` together (``masks`` bool
+        ``(mc, n_train)`` on the CPU, one seed each); returns their stacked state."""
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            models = []
-            for s in seeds:
-                torch.manual_seed(s)
-                models.append(self._build())
-            params = {
-                n: torch.stack([dict(md.named_parameters())[n].detach() for md in models]).clone()
-                for n in self._param_names
-            }
-            buffers = {
-                n: torch.stack([dict(md.named_buffers())[n].detach() for md in models]).clone()
-                for n in self._buffer_names
-            }
-            del models
+            params, buffers = self._init_stacked(seeds)
             torch.manual_seed(_mix("dropout", self.stream_seed, seeds))
-            self._train_template.train()
-            self._compact_template.train()
-            weights = masks.to(self.device, self.dtype)  # (mc, n_train)
-            opt = FunctionalOptimizer(self.recipe)
-            state = opt.init(params)
-            step_fn = vmap(
-                grad(self._masked_loss, has_aux=True),
-                in_dims=(0, 0, None, None, 0),
-                randomness="different",
-            )
-            compact_loss = functools.partial(self._masked_loss, template=self._compact_template)
-            compact_fn = vmap(
-                grad(compact_loss, has_aux=True), in_dims=(0, 0, 0, 0, 0), randomness="different"
-            )
-            inputs, labels = self._train[:-1], self._train[-1]
-            clip = self.recipe["grad_clip"]
             bad = torch.zeros(len(seeds), dtype=torch.bool, device=self.device)
+            chunk = _Chunk(masks, offset, b_stream, on_epoch, bad)
             if self._fast_layers is not None:
-                return self._train_chunk_fast(
-                    params, buffers, masks, seeds, offset, b_stream, on_epoch, bad
-                )
-            last_epoch = 0
-            for it, epoch, idx in self._stream(b_stream):
-                if epoch != last_epoch:
-                    self._check_bad(bad, offset, f"(epoch {last_epoch})")
-                    last_epoch = epoch
-                member = masks[:, idx]  # (mc, B) bool, CPU
-                act = member.any(1)
-                active = None if bool(act.all()) else act.to(self.device)
-                k_max = int(member.sum(1).max())
-                if self.compact and k_max <= _COMPACT_MAX_FILL * len(idx):
-                    # members first (stream order kept), padded with zero-weight non-members
-                    order = torch.argsort((~member).to(torch.uint8), dim=1, stable=True)[:, :k_max]
-                    sel = idx[order].to(self.device)  # (mc, k_max)
-                    w = member.gather(1, order).to(self.device, self.dtype)
-                    grads, (losses, updates) = compact_fn(
-                        params, buffers, tuple(_take(t, sel) for t in inputs), _take(labels, sel), w
-                    )
-                else:
-                    idx_d = idx.to(self.device)
-                    grads, (losses, updates) = step_fn(
-                        params,
-                        buffers,
-                        tuple(_take(t, idx_d) for t in inputs),
-                        _take(labels, idx_d),
-                        weights.index_select(1, idx_d),
-                    )
-                bad |= ~torch.isfinite(losses)
-                if clip is not None:
-                    clip_grad_norms_(grads, clip)
-                opt.step(params, grads, state, lr_at(self.recipe, it, total), active)
-                _commit_buffers(buffers, updates, active)
-                done = epoch_end(it)
-                if on_epoch is not None and done is not None:
-                    on_epoch(
-                        done,
-                        list(range(offset, offset + len(seeds))),
-                        {k: v.detach().clone() for k, v in self._to_state(params, buffers).items()},
-                    )
-            self._check_bad(bad, offset, f"(epoch {last_epoch})")
-            final_bad = torch.zeros_like(bad)
-            for p in params.values():
-                final_bad |= ~torch.isfinite(p.flatten(1)).all(1)
-            self._check_bad(final_bad, offset, "(final parameters)")
+                return self._train_chunk_fast(params, buffers, chunk)
+            self._train_chunk_vmap(params, buffers, chunk)
         return self._to_state(params, buffers)
 
-    def _train_chunk_fast(
+    def _init_stacked(self, seeds: list[int]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Stacked initial parameters and buffers ``{name: (mc, ...)}``: model ``r`` built under
+        ``torch.manual_seed(seeds[r])`` (the caller forks the RNG)."""
+        models = []
+        for s in seeds:
+            torch.manual_seed(s)
+            models.append(self._build())
+        params = {
+            n: torch.stack([dict(md.named_parameters())[n].detach() for md in models]).clone()
+            for n in self._param_names
+        }
+        buffers = {
+            n: torch.stack([dict(md.named_buffers())[n].detach() for md in models]).clone()
+            for n in self._buffer_names
+        }
+        return params, buffers
+
+    def _train_chunk_vmap(
+        self, params: dict[str, Tensor], buffers: dict[str, Tensor], chunk: _Chunk
+    ) -> None:
+        """:meth:`_train_chunk` on the generic ``vmap(grad(...))`` path (updates in place)."""
+        total = self.num_iters(chunk.b_stream)
+        epoch_end = self._epoch_ends(chunk.b_stream)
+        self._train_template.train()
+        self._compact_template.train()
+        weights = chunk.masks.to(self.device, self.dtype)  # (mc, n_train)
+        opt = FunctionalOptimizer(self.recipe)
+        state = opt.init(params)
+        grad_fns = self._grad_fns()
+        clip = self.recipe["grad_clip"]
+        for it, idx in self._chunk_stream(chunk):
+            member = chunk.masks[:, idx]  # (mc, B) bool, CPU
+            act = member.any(1)
+            active = None if bool(act.all()) else act.to(self.device)
+            grads, (losses, updates) = self._batch_grads(
+                grad_fns, params, buffers, weights, idx, member
+            )
+            chunk.bad |= ~torch.isfinite(losses)
+            if clip is not None:
+                clip_grad_norms_(grads, clip)
+            opt.step(params, grads, state, lr_at(self.recipe, it, total), active)
+            _commit_buffers(buffers, updates, active)
+            chunk.snapshot(epoch_end(it), lambda: _detached(self._to_state(params, buffers)))
+        final_bad = torch.zeros_like(chunk.bad)
+        for p in params.values():
+            final_bad |= ~torch.isfinite(p.flatten(1)).all(1)
+        self._check_bad(final_bad, chunk.offset, "(final parameters)")
+
+    def _grad_fns(self) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        """Per-model gradients of the masked mean loss, ``vmap``-ed over the models: on the
+        shared stream batch, and on each model's own (compact) batch."""
+        step_fn = vmap(
+            grad(self._masked_loss, has_aux=True),
+            in_dims=(0, 0, None, None, 0),
+            randomness="different",
+        )
+        compact_loss = functools.partial(self._masked_loss, template=self._compact_template)
+        compact_fn = vmap(
+            grad(compact_loss, has_aux=True), in_dims=(0, 0, 0, 0, 0), randomness="different"
+        )
+        return step_fn, compact_fn
+
+    def _batch_grads(
         self,
+        grad_fns: tuple[Callable[..., Any], Callable[..., Any]],
         params: dict[str, Tensor],
         buffers: dict[str, Tensor],
-        masks: Tensor,
-        seeds: list[int],
-        offset: int,
-        b_stream: int,
-        on_epoch: EpochCallback | None,
-        bad: Tensor,
+        weights: Tensor,
+        idx: Tensor,
+        member: Tensor,
+    ) -> tuple[dict[str, Tensor], tuple[Tensor, dict[str, Tensor]]]:
+        """``(grads, (losses, buffer updates))`` of every model on stream batch ``idx`` ``(B,)``
+        (``member`` bool ``(mc, B)``): each model's own members when the largest member count
+        is at most 80% of the batch (``compact``), else the whole batch with 0/1 weights."""
+        step_fn, compact_fn = grad_fns
+        inputs, labels = self._train[:-1], self._train[-1]
+        k_max = int(member.sum(1).max())
+        if self.compact and k_max <= _COMPACT_MAX_FILL * len(idx):
+            # members first (stream order kept), padded with zero-weight non-members
+            order = torch.argsort((~member).to(torch.uint8), dim=1, stable=True)[:, :k_max]
+            sel = idx[order].to(self.device)  # (mc, k_max)
+            w = member.gather(1, order).to(self.device, self.dtype)
+            return compact_fn(
+                params, buffers, tuple(_take(t, sel) for t in inputs), _take(labels, sel), w
+            )
+        idx_d = idx.to(self.device)
+        return step_fn(
+            params,
+            buffers,
+            tuple(_take(t, idx_d) for t in inputs),
+            _take(labels, idx_d),
+            weights.index_select(1, idx_d),
+        )
+
+    def _train_chunk_fast(
+        self, params: dict[str, Tensor], buffers: dict[str, Tensor], chunk: _Chunk
     ) -> dict[str, Tensor]:
         """:meth:`_train_chunk` on the fast path (same stream, checks and callbacks)."""
-        total = self.num_iters(b_stream)
-        epoch_end = self._epoch_ends(b_stream)
+        total = self.num_iters(chunk.b_stream)
+        epoch_end = self._epoch_ends(chunk.b_stream)
         fast = FastStack(self._fast_layers, params, self._train[0], self.recipe, self.compact)
         labels = self._train[-1]
-        masks_t = (
-            masks.t().to(self.device, self.dtype).contiguous()
-        )  # (n_train, m): row gathers are cheap
-        last_epoch = 0
-        for it, epoch, idx in self._stream(b_stream):
-            if epoch != last_epoch:
-                self._check_bad(bad, offset, f"(epoch {last_epoch})")
-                last_epoch = epoch
+        # (n_train, mc): row gathers are cheap
+        masks_t = chunk.masks.t().to(self.device, self.dtype).contiguous()
+        for it, idx in self._chunk_stream(chunk):
             idx_d = idx.to(self.device)
             b = fast.step(
                 idx_d, masks_t.index_select(0, idx_d), labels, lr_at(self.recipe, it, total)
             )
             if b is not None:
-                bad |= b
-            done = epoch_end(it)
-            if on_epoch is not None and done is not None:
-                on_epoch(
-                    done,
-                    list(range(offset, offset + len(seeds))),
-                    self._to_state(fast.state(), buffers),
-                )
-        self._check_bad(bad, offset, f"(epoch {last_epoch})")
-        self._check_bad(~fast.finite(), offset, "(final parameters)")
+                chunk.bad |= b
+            chunk.snapshot(epoch_end(it), lambda: self._to_state(fast.state(), buffers))
+        self._check_bad(~fast.finite(), chunk.offset, "(final parameters)")
         return self._to_state(fast.state(), buffers)
+
+    def _chunk_stream(self, chunk: _Chunk) -> Iterator[tuple[int, Tensor]]:
+        """``(iteration, indices)`` of the shared stream; raises for the models of
+        ``chunk.bad`` (diverged so far) at the end of every epoch and of the stream."""
+        last_epoch = 0
+        for it, epoch, idx in self._stream(chunk.b_stream):
+            if epoch != last_epoch:
+                self._check_bad(chunk.bad, chunk.offset, f"(epoch {last_epoch})")
+                last_epoch = epoch
+            yield it, idx
+        self._check_bad(chunk.bad, chunk.offset, f"(epoch {last_epoch})")
 
     def _check_bad(self, bad: Tensor, offset: int, where: str) -> None:
         if bool(bad.any()):
             self._raise_nonfinite(
                 [offset + int(i) for i in bad.nonzero().flatten().tolist()], where
             )
+
+
+@dataclass
+class _Chunk:
+    """The models of one :meth:`BatchedTrainer._train_chunk` call.
+
+    Attributes:
+        masks: bool ``(mc, n_train)`` on the CPU, mask rows ``offset .. offset + mc - 1``.
+        offset: the mask row of the chunk's first model.
+        b_stream: stream batch size.
+        on_epoch: the caller's :data:`EpochCallback`, or None.
+        bad: bool ``(mc,)`` on the device: the models whose loss was not finite so far.
+    """
+
+    masks: Tensor
+    offset: int
+    b_stream: int
+    on_epoch: EpochCallback | None
+    bad: Tensor
+
+    def snapshot(self, epoch: int | None, state: Callable[[], dict[str, Tensor]]) -> None:
+        """Report ``state()`` to ``on_epoch`` if an epoch ended (``epoch`` is not None)."""
+        if self.on_epoch is not None and epoch is not None:
+            self.on_epoch(epoch, list(range(self.offset, self.offset + len(self.masks))), state())
+
+
+def _detached(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def _commit_buffers(
