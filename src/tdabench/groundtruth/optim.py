@@ -77,6 +77,15 @@ def normalize_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
         )
     r = dict(RECIPE_DEFAULTS)
     r.update(recipe)
+    # in this order: which fault a recipe with several reports is part of the behaviour
+    _normalize_schedule(r)
+    _normalize_optimizer(r)
+    _normalize_extras(r)
+    return r
+
+
+def _normalize_schedule(r: dict[str, Any]) -> None:
+    """Check and coerce ``optimizer``, ``lr``, ``batch_size``, ``max_iters`` / ``epochs``."""
     r["optimizer"] = str(r["optimizer"]).lower()
     if r["optimizer"] not in _OPTIMIZERS:
         raise ConfigError(
@@ -102,6 +111,10 @@ def normalize_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
         )
     if r["epochs"] is not None:
         r["epochs"] = int(r["epochs"])
+
+
+def _normalize_optimizer(r: dict[str, Any]) -> None:
+    """Check and coerce ``momentum``, ``weight_decay``, ``eps`` and ``betas``."""
     for key in ("momentum", "weight_decay", "eps"):
         r[key] = float(r[key])
         if r[key] < 0:
@@ -114,6 +127,10 @@ def normalize_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
     if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
         raise ConfigError(f"recipe betas must be two floats in [0, 1), got {r['betas']!r}")
     r["betas"] = [float(b) for b in betas]
+
+
+def _normalize_extras(r: dict[str, Any]) -> None:
+    """Check and coerce ``warmup_iters``, ``lr_min``, ``grad_clip`` and ``autocast``."""
     r["warmup_iters"] = int(r["warmup_iters"])
     if r["warmup_iters"] < 0:
         raise ConfigError(f"recipe warmup_iters must be >= 0, got {r['warmup_iters']}")
@@ -131,7 +148,6 @@ def normalize_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             f"recipe autocast must be null or one of {sorted(AUTOCAST_DTYPES)}, got {r['autocast']!r}"
         )
-    return r
 
 
 def lr_at(recipe: Mapping[str, Any], it: int, total_iters: int) -> float:
@@ -243,9 +259,20 @@ class FunctionalOptimizer:
                 ``None`` means every model is active.
         """
         if self.kind == "sgd":
-            self._sgd(params, grads, state, lr, active)
-        else:
-            self._adam(params, grads, state, lr, active)
+            bufs = state.get("buf", {})
+            for k, p in params.items():
+                self._sgd(p, grads[k], bufs.get(k), lr, active)
+            return
+        step = state["step"] + (1.0 if active is None else active.to(torch.float64))
+        state["step"] = step
+        # bias corrections per model (a model that skipped steps has a smaller count)
+        safe = step.clamp(min=1.0)
+        beta1, beta2 = self.recipe["betas"]
+        bc1 = 1.0 - torch.pow(beta1, safe)
+        bc2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, safe))
+        for k, p in params.items():
+            moments = (state["exp_avg"][k], state["exp_avg_sq"][k])
+            self._adam(p, grads[k], moments, (bc1, bc2_sqrt), lr, active)
 
     @staticmethod
     def _commit(old: Tensor, new: Tensor, active: Tensor | None) -> None:
@@ -255,65 +282,54 @@ class FunctionalOptimizer:
             old.copy_(torch.where(_expand(active, old), new, old))
 
     def _sgd(
-        self,
-        params: dict[str, Tensor],
-        grads: Mapping[str, Tensor],
-        state: dict[str, Any],
-        lr: float,
-        active: Tensor | None,
+        self, p: Tensor, g: Tensor, buf: Tensor | None, lr: float, active: Tensor | None
     ) -> None:
+        """torch.optim.SGD on one stacked parameter ``p`` ``(m, ...)`` (``g`` may be overwritten;
+        ``buf`` its momentum buffer, None without momentum)."""
         wd, mu = self.recipe["weight_decay"], self.recipe["momentum"]
-        for k, p in params.items():
-            g = grads[k]
-            if active is None:  # fast path: every model steps, update in place
-                if wd != 0.0:
-                    g = g.add_(p, alpha=wd)
-                if mu != 0.0:  # buf = mu * buf + g in one pass (torch.optim: mul_ then add_)
-                    buf = state["buf"][k]
-                    g = torch.add(g, buf, alpha=mu, out=buf)
-                p.add_(g, alpha=-lr)
-                continue
+        if active is None:  # fast path: every model steps, update in place
             if wd != 0.0:
-                g = g.add(p, alpha=wd)
-            if mu != 0.0:
-                buf = state["buf"][k]
-                new_buf = buf.mul(mu).add_(g)
-                self._commit(buf, new_buf, active)
-                g = new_buf
-            self._commit(p, p.add(g, alpha=-lr), active)
+                g = g.add_(p, alpha=wd)
+            if mu != 0.0:  # buf = mu * buf + g in one pass (torch.optim: mul_ then add_)
+                g = torch.add(g, buf, alpha=mu, out=buf)
+            p.add_(g, alpha=-lr)
+            return
+        if wd != 0.0:
+            g = g.add(p, alpha=wd)
+        if mu != 0.0:
+            new_buf = buf.mul(mu).add_(g)
+            self._commit(buf, new_buf, active)
+            g = new_buf
+        self._commit(p, p.add(g, alpha=-lr), active)
 
     def _adam(
         self,
-        params: dict[str, Tensor],
-        grads: Mapping[str, Tensor],
-        state: dict[str, Any],
+        p: Tensor,
+        g: Tensor,
+        moments: tuple[Tensor, Tensor],
+        corrections: tuple[Tensor, Tensor],
         lr: float,
         active: Tensor | None,
     ) -> None:
-        wd = self.recipe["weight_decay"]
+        """torch.optim.Adam / AdamW on one stacked parameter ``p`` ``(m, ...)``: ``moments``
+        its first and second moments (updated in place), ``corrections`` the per-model bias
+        corrections ``1 - beta1**t`` and ``sqrt(1 - beta2**t)``, ``(m,)`` each."""
+        wd, eps = self.recipe["weight_decay"], self.recipe["eps"]
         beta1, beta2 = self.recipe["betas"]
-        eps = self.recipe["eps"]
-        step = state["step"] + (1.0 if active is None else active.to(torch.float64))
-        state["step"] = step
-        # bias corrections per model (a model that skipped steps has a smaller count)
-        safe = step.clamp(min=1.0)
-        bc1 = 1.0 - torch.pow(beta1, safe)
-        bc2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, safe))
-        for k, p in params.items():
-            g = grads[k]
-            dt = p.dtype
-            if self.kind == "adamw" and wd != 0.0:
-                p_dec = p.mul(1.0 - lr * wd)
-            else:
-                p_dec = p
-                if wd != 0.0:
-                    g = g.add(p, alpha=wd)
-            m_old, v_old = state["exp_avg"][k], state["exp_avg_sq"][k]
-            m_new = m_old.lerp(g, 1.0 - beta1)
-            v_new = v_old.mul(beta2).addcmul_(g, g, value=1.0 - beta2)
-            step_size = _expand((lr / bc1).to(dt), p)
-            denom = (v_new.sqrt() / _expand(bc2_sqrt.to(dt), p)).add_(eps)
-            p_new = p_dec - step_size * (m_new / denom)
-            self._commit(m_old, m_new, active)
-            self._commit(v_old, v_new, active)
-            self._commit(p, p_new, active)
+        bc1, bc2_sqrt = corrections
+        dt = p.dtype
+        if self.kind == "adamw" and wd != 0.0:
+            p_dec = p.mul(1.0 - lr * wd)
+        else:
+            p_dec = p
+            if wd != 0.0:
+                g = g.add(p, alpha=wd)
+        m_old, v_old = moments
+        m_new = m_old.lerp(g, 1.0 - beta1)
+        v_new = v_old.mul(beta2).addcmul_(g, g, value=1.0 - beta2)
+        step_size = _expand((lr / bc1).to(dt), p)
+        denom = (v_new.sqrt() / _expand(bc2_sqrt.to(dt), p)).add_(eps)
+        p_new = p_dec - step_size * (m_new / denom)
+        self._commit(m_old, m_new, active)
+        self._commit(v_old, v_new, active)
+        self._commit(p, p_new, active)
