@@ -24,7 +24,7 @@ import os
 
 from torch import nn
 
-__all__ = ["PUBLIC_ONLY_ENV", "mode_dependent_layer_types", "public_only"]
+__all__ = ["PUBLIC_DROPOUT_TYPES", "PUBLIC_ONLY_ENV", "mode_dependent_layer_types", "public_only"]
 
 PUBLIC_ONLY_ENV = "TDABENCH_PUBLIC_TORCH_ONLY"
 
@@ -34,13 +34,18 @@ def public_only() -> bool:
     return os.environ.get(PUBLIC_ONLY_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
-_PUBLIC_MODE_DEPENDENT: tuple[type[nn.Module], ...] = (
+#: The public dropout classes (the subclasses of the private ``_DropoutNd`` that torch ships).
+PUBLIC_DROPOUT_TYPES: tuple[type[nn.Module], ...] = (
     nn.Dropout,
     nn.Dropout1d,
     nn.Dropout2d,
     nn.Dropout3d,
     nn.AlphaDropout,
     nn.FeatureAlphaDropout,
+)
+
+_PUBLIC_MODE_DEPENDENT: tuple[type[nn.Module], ...] = (
+    *PUBLIC_DROPOUT_TYPES,
     nn.BatchNorm1d,
     nn.BatchNorm2d,
     nn.BatchNorm3d,

@@ -908,17 +908,10 @@ class BatchedTrainer(_TrainerBase):
     def train(
         self, masks: Tensor, seeds: Sequence[int], on_epoch: EpochCallback | None = None
     ) -> dict[str, Tensor]:
-        """Train one model per mask row (see :meth:`SequentialTrainer.train`).
-
-        Args:
-            masks: bool ``(m, n_train)``; row ``r`` is the training subset of model ``r``.
-            seeds: ``m`` ints, the initialisation seeds.
-            on_epoch: optional :data:`EpochCallback`, called once per epoch and chunk of
-                models trained together (:meth:`models_per_chunk`).
-
-        Returns:
-            Stacked state dict ``{name: (m, ...)}``.
-        """
+        """Train one model per mask row: the arguments and result of
+        :meth:`SequentialTrainer.train` (bool masks ``(m, n_train)``, ``m`` seeds, stacked state
+        ``{name: (m, ...)}``), :meth:`models_per_chunk` models at a time; ``on_epoch`` is called
+        once per epoch and chunk."""
         masks, seeds = self._check_call(masks, seeds)
         b_stream = self.stream_batch_size(masks)
         m = len(seeds)

@@ -17,19 +17,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from tdabench._compat import PUBLIC_DROPOUT_TYPES
 from tdabench.errors import ConfigError
 
 __all__ = ["DROPOUT_TYPES", "activate_dropout", "dropout_checkpoints", "dropout_masks"]
 
-DROPOUT_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-)
-"""Module types treated as dropout layers."""
+DROPOUT_TYPES: tuple[type[nn.Module], ...] = PUBLIC_DROPOUT_TYPES
+"""Module types treated as dropout layers (torch's public dropout classes)."""
 
 _MASKABLE = (nn.Linear, nn.Conv2d)
 
@@ -77,28 +71,10 @@ def activate_dropout(
     names = [n for n, _ in drops]
     if layer_positions is None:
         selected = list(range(len(drops)))
+    elif isinstance(layer_positions, (int, str)):
+        selected = [_dropout_position(layer_positions, names)]
     else:
-        wanted = (
-            [layer_positions] if isinstance(layer_positions, (int, str)) else list(layer_positions)
-        )
-        selected = []
-        for w in wanted:
-            if isinstance(w, bool) or not isinstance(w, (int, str)):
-                raise ConfigError(
-                    f"layer_positions entries must be ints or module names, got {w!r}"
-                )
-            if isinstance(w, int):
-                if not -len(drops) <= w < len(drops):
-                    raise ConfigError(
-                        f"dropout position {w} out of range: the model has {len(drops)} dropout layers {names}"
-                    )
-                selected.append(w % len(drops))
-            else:
-                if w not in names:
-                    raise ConfigError(
-                        f"{w!r} is not a dropout module of the model; dropout modules: {names}"
-                    )
-                selected.append(names.index(w))
+        selected = [_dropout_position(w, names) for w in layer_positions]
     model.eval()
     for i in sorted(set(selected)):
         m = drops[i][1]
@@ -106,6 +82,21 @@ def activate_dropout(
         if dropout_prob is not None:
             m.p = dropout_prob
     return model
+
+
+def _dropout_position(w: int | str, names: list[str]) -> int:
+    """Index into ``names`` (the dropout modules in order) of a position or module name."""
+    if isinstance(w, bool) or not isinstance(w, (int, str)):
+        raise ConfigError(f"layer_positions entries must be ints or module names, got {w!r}")
+    if isinstance(w, int):
+        if not -len(names) <= w < len(names):
+            raise ConfigError(
+                f"dropout position {w} out of range: the model has {len(names)} dropout layers {names}"
+            )
+        return w % len(names)
+    if w not in names:
+        raise ConfigError(f"{w!r} is not a dropout module of the model; dropout modules: {names}")
+    return names.index(w)
 
 
 def _default_layers(model: nn.Module) -> list[str]:
@@ -199,6 +190,7 @@ def _apply_mask(weight: Tensor, module: nn.Module, mask: Tensor, scale: float) -
     return weight * per_out[:, :, None, None]
 
 
+# Spelled out: the arguments of dropout_masks, which it calls (each a public function)
 def dropout_checkpoints(
     model: nn.Module,
     num_models: int,

@@ -46,12 +46,15 @@ seeded by the model seed.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import json
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -191,22 +194,75 @@ def _subset_loader(dataloader: DataLoader, indices: np.ndarray, seed: int) -> Da
     )
 
 
-def _train_and_save(
-    train_func: Callable[..., Any],
-    dataloader: DataLoader,
-    root: Path,
-    kind: str,
-    index: int,
-    run: int,
-    keep: np.ndarray,
-    skey: str,
-    meta: dict[str, str],
-    ref_shapes: dict[str, list[int]] | None,
-    kwargs: Mapping[str, Any],
-) -> dict[str, list[int]]:
-    seed = entry_model_seed(kind, skey, index, run)
-    torch.manual_seed(seed)
-    out = train_func(_subset_loader(dataloader, keep, seed), seed=seed, **kwargs)
+@dataclass
+class _Job:
+    """One :func:`retrain_loo` / :func:`retrain_lds` call: what every model of it shares."""
+
+    train_func: Callable[..., Any]
+    dataloader: DataLoader
+    path: str | os.PathLike
+    manifest: dict[str, Any]
+    kwargs: Mapping[str, Any]
+    dattri_layout: bool
+    root: Path = field(init=False)
+    ref: dict[str, list[int]] | None = field(init=False)  # shapes of the models saved so far
+
+    def __post_init__(self) -> None:
+        self.root = _open_dir(self.path, self.manifest)
+        self.ref = _reference_shapes(self.root)
+
+    @contextlib.contextmanager
+    def dattri_metadata(self) -> Iterator[None]:
+        """Rewrite dattri's ``metadata.yml`` on the way out, also after an interruption (it
+        lists what is complete)."""
+        try:
+            yield
+        finally:
+            if self.dattri_layout:
+                _write_dattri_metadata(self.path, self.manifest, self.train_func)
+
+    def model(
+        self, index: int, run: int, keep: Callable[[], np.ndarray], meta: dict[str, str]
+    ) -> None:
+        """Train and save model ``(index, run)`` on the training indices ``keep()`` unless it
+        is saved already; then export dattri's copy of it."""
+        kind = self.manifest["kind"]
+        if _saved_ok(_model_path(self.root, kind, index, run)) is None:
+            self.ref = self._train_and_save(index, run, keep(), meta)
+        if self.dattri_layout:
+            _export_dattri_model(self.root, kind, index, run)
+
+    def _train_and_save(
+        self, index: int, run: int, keep: np.ndarray, meta: dict[str, str]
+    ) -> dict[str, list[int]]:
+        kind = self.manifest["kind"]
+        seed = entry_model_seed(kind, self.manifest["sampling_key"], index, run)
+        torch.manual_seed(seed)
+        loader = _subset_loader(self.dataloader, keep, seed)
+        state = _state_of(self.train_func(loader, seed=seed, **self.kwargs))
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise NonFiniteError(
+                f"{kind} model {index} run {run}: NaN/inf in {bad[:5]} after training; lower the learning rate. "
+                "Models already saved are kept; nothing was saved for this one"
+            )
+        shapes = _shapes(state)
+        if self.ref is not None and shapes != self.ref:
+            diff = describe_diff(config_diff(self.ref, shapes))
+            raise ShapeError(
+                f"train_func returned a model of a different shape for {kind} index {index} ({diff}) than the models "
+                "already saved; every retrained model must have the same architecture"
+            )
+        write_safetensors(
+            _model_path(self.root, kind, index, run),
+            state,
+            {**meta, "run": str(run), "seed": str(seed)},
+        )
+        return shapes
+
+
+def _state_of(out: Any) -> dict[str, Tensor]:
+    """The state dict of what ``train_func`` returned (a module or a state dict)."""
     if isinstance(out, nn.Module):
         state = out.state_dict()
     elif isinstance(out, Mapping):
@@ -217,23 +273,7 @@ def _train_and_save(
         )
     if not state or not all(isinstance(v, Tensor) for v in state.values()):
         raise ConfigError("train_func returned a model without tensors in its state dict")
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise NonFiniteError(
-            f"{kind} model {index} run {run}: NaN/inf in {bad[:5]} after training; lower the learning rate. "
-            "Models already saved are kept; nothing was saved for this one"
-        )
-    shapes = _shapes(state)
-    if ref_shapes is not None and shapes != ref_shapes:
-        diff = describe_diff(config_diff(ref_shapes, shapes))
-        raise ShapeError(
-            f"train_func returned a model of a different shape for {kind} index {index} ({diff}) than the models "
-            "already saved; every retrained model must have the same architecture"
-        )
-    write_safetensors(
-        _model_path(root, kind, index, run), state, {**meta, "run": str(run), "seed": str(seed)}
-    )
-    return shapes
+    return state
 
 
 # ------------------------------------------------------------------ dattri's layout
@@ -331,15 +371,15 @@ def _check_seed(seed: Any) -> None:
         raise ConfigError(f"seed must be an int, got {seed!r}")
 
 
+#: the least value of each count argument of retrain_lds
+_LEAST_COUNTS = {"num_subsets": 1, "num_runs_per_subset": 1, "start_id": 0, "total_num_subsets": 0}
+
+
 def _check_lds_counts(
     num_subsets: Any, num_runs_per_subset: Any, start_id: Any, total_num_subsets: Any
 ) -> None:
-    for name, v, lo in (
-        ("num_subsets", num_subsets, 1),
-        ("num_runs_per_subset", num_runs_per_subset, 1),
-        ("start_id", start_id, 0),
-        ("total_num_subsets", total_num_subsets, 0),
-    ):
+    values = (num_subsets, num_runs_per_subset, start_id, total_num_subsets)
+    for (name, lo), v in zip(_LEAST_COUNTS.items(), values, strict=True):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
             raise ConfigError(f"{name} must be an int >= {lo}, got {v!r}")
     if total_num_subsets and start_id + num_subsets > total_num_subsets:
@@ -404,39 +444,15 @@ def retrain_loo(
     _check_seed(seed)
     skey = sampling_key("loo", int(seed), n)
     manifest = _manifest("loo", seed, n, None, 1, skey, train_func, kwargs)
-    root = _open_dir(path, manifest)
-    ref = _reference_shapes(root)
+    job = _Job(train_func, dataloader, path, manifest, kwargs, dattri_layout)
     everything = np.arange(n)
-    try:
+    with job.dattri_metadata():
         for i in idx:
-            if _saved_ok(_model_path(root, "loo", i, 0)) is None:
-                meta = {
-                    "format": RETRAIN_FORMAT,
-                    "kind": "loo",
-                    "index": str(i),
-                    "removed": str(i),
-                    "sampling_key": skey,
-                }
-                ref = _train_and_save(
-                    train_func,
-                    dataloader,
-                    root,
-                    "loo",
-                    i,
-                    0,
-                    everything[everything != i],
-                    skey,
-                    meta,
-                    ref,
-                    kwargs,
-                )
-            if dattri_layout:
-                _export_dattri_model(root, "loo", i, 0)
-    finally:
-        if dattri_layout:  # also after an interruption: it lists what is complete
-            _write_dattri_metadata(path, manifest, train_func)
+            meta = _model_meta("loo", i, skey, removed=str(i))
+            job.model(i, 0, functools.partial(_without, everything, i), meta)
 
 
+# Spelled out: dattri's retrain_lds signature (same names, defaults and positional order)
 def retrain_lds(
     train_func: Callable[..., Any],
     dataloader: DataLoader,
@@ -476,30 +492,31 @@ def retrain_lds(
     manifest = _manifest(
         "lds", seed, n, float(subset_ratio), int(num_runs_per_subset), skey, train_func, kwargs
     )
-    root = _open_dir(path, manifest)
-    ref = _reference_shapes(root)
-    try:
+    job = _Job(train_func, dataloader, path, manifest, kwargs, dattri_layout)
+    with job.dattri_metadata():
         for i in range(int(start_id), int(start_id) + int(num_subsets)):
             sub = subset_indices(skey, i, n, float(subset_ratio))
-            meta = {
-                "format": RETRAIN_FORMAT,
-                "kind": "lds",
-                "index": str(i),
-                "subset": json.dumps(sub.tolist()),
-                "sampling_key": skey,
-            }
+            meta = _model_meta("lds", i, skey, subset=json.dumps(sub.tolist()))
             for r in range(int(num_runs_per_subset)):
-                if _saved_ok(_model_path(root, "lds", i, r)) is None:
-                    ref = _train_and_save(
-                        train_func, dataloader, root, "lds", i, r, sub, skey, meta, ref, kwargs
-                    )
-                if dattri_layout:
-                    _export_dattri_model(root, "lds", i, r)
+                job.model(i, r, lambda sub=sub: sub, meta)
             if dattri_layout:
-                _export_dattri_indices(root, i, sub)
-    finally:
-        if dattri_layout:  # also after an interruption: it lists what is complete
-            _write_dattri_metadata(path, manifest, train_func)
+                _export_dattri_indices(job.root, i, sub)
+
+
+def _without(everything: np.ndarray, i: int) -> np.ndarray:
+    return everything[everything != i]
+
+
+def _model_meta(kind: str, index: int, skey: str, **what: str) -> dict[str, str]:
+    """A saved model's metadata: format, kind, index, ``what`` (its subset or removed
+    sample) and the sampling key (the run and seed are added when it is saved)."""
+    return {
+        "format": RETRAIN_FORMAT,
+        "kind": kind,
+        "index": str(index),
+        **what,
+        "sampling_key": skey,
+    }
 
 
 def load_retrained_state(ckpt_path: str | os.PathLike, verify: bool = True) -> dict[str, Tensor]:
