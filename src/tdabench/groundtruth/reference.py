@@ -121,6 +121,7 @@ def _train_variant(
         emit(variant, k, len(stops) - 1, unstack(stacked, k), stops[-1])
 
 
+# Alike in shape only (a typed keyword signature) to engine.verify and render_slurm_profile
 def train_reference_models(
     setting: Any,
     data: Any,
