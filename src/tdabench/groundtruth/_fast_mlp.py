@@ -61,6 +61,13 @@ def relu_backward(grad: Tensor, pre: Tensor) -> Tensor:
 
     One kernel through the private ``torch.ops.aten.threshold_backward`` when it exists (see
     :mod:`tdabench._compat`); otherwise the public ``masked_fill`` with the same result.
+
+    Args:
+        grad: gradient of the ReLU output, any shape ``(*)``.
+        pre: the pre-activation, same shape as ``grad``.
+
+    Returns:
+        The gradient of the pre-activation, shape ``(*)``.
     """
     if _THRESHOLD_BACKWARD is not None and not public_only():
         return _THRESHOLD_BACKWARD(grad, pre, 0)
@@ -78,8 +85,19 @@ _SPARSE_MAX_DENSITY = 0.3
 def fast_plan(
     model: nn.Module, recipe: Mapping[str, Any], kind: str, n_inputs: int, has_buffers: bool
 ) -> tuple[list[tuple[str, nn.Linear, bool]] | None, str]:
-    """``(layers, reason)``: the Linear layers (module name, layer, ReLU after it) when the fast
-    path applies, else ``(None, why not)``."""
+    """Whether the fast path can train ``model``, and how.
+
+    Args:
+        model: the trainer's template model.
+        recipe: normalised recipe (:func:`tdabench.groundtruth.optim.normalize_recipe`).
+        kind: the trainer's loss kind (``"classification"`` or ``"sequence"``).
+        n_inputs: number of input tensors of a training sample.
+        has_buffers: whether the model has buffers.
+
+    Returns:
+        ``(layers, reason)``: the Linear layers as ``(module name, layer, ReLU after it)`` when
+        the fast path applies (``reason`` describes the stack), else ``(None, why not)``.
+    """
     if kind != "classification":
         return None, f"kind {kind!r} (fast path: classification only)"
     if recipe["optimizer"] != "sgd":

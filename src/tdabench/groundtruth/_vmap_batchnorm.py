@@ -61,7 +61,8 @@ class BatchNormContext:
         self.updates = {}
 
     def end(self) -> dict[str, Tensor]:
-        """Finish the call; returns the recorded running-statistics updates (detached)."""
+        """Finish the call; returns the recorded running-statistics updates (detached),
+        ``{state-dict name: (C,) running mean / variance, () batch count}``."""
         out = {k: v.detach() for k, v in self.updates.items()}
         self.weights, self.updates = None, {}
         return out

@@ -61,6 +61,10 @@ class ReferenceModels:
 def check_weights(state: Mapping[str, Tensor], what: str) -> None:
     """Refuse a diverged model: NaN/inf or a parameter beyond :data:`MAX_ABS_WEIGHT`.
 
+    Args:
+        state: a state dict ``{name: tensor}`` (non-floating and empty tensors are skipped).
+        what: the model, as the message names it.
+
     Raises:
         NonFiniteError: naming ``what``, the offending tensor and the fix.
     """

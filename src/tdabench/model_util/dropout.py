@@ -129,6 +129,14 @@ def dropout_masks(
 ) -> list[dict[str, Tensor]]:
     """The input-feature masks used by :func:`dropout_checkpoints`.
 
+    Args:
+        model: the trained model (only its module structure is read).
+        num_models: ensemble size.
+        dropout_prob: ``p`` in ``[0, 1)``: the chance that a feature is dropped.
+        seed: member ``k``'s masks depend only on ``(seed, k)``.
+        layer_names: module names of the ``nn.Linear``/``nn.Conv2d`` layers to mask (``None``:
+            the default selection of :func:`dropout_checkpoints`).
+
     Returns:
         ``num_models`` dicts ``{layer name: bool mask}``; the mask of an ``nn.Linear`` has
         shape ``(in_features,)``, of an ``nn.Conv2d`` ``(in_channels,)``. ``True`` = kept.

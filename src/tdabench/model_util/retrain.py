@@ -525,6 +525,13 @@ def load_retrained_state(ckpt_path: str | os.PathLike, verify: bool = True) -> d
     Use it inside a ``target_func(ckpt_path, dataloader)``:
     ``model.load_state_dict(load_retrained_state(ckpt_path))``.
 
+    Args:
+        ckpt_path: a ``models/<kind>-<index>-run<r>.safetensors`` file.
+        verify: check the tensors against the ``tensors_sha256`` of the metadata.
+
+    Returns:
+        The state dict ``{name: tensor}`` with the shapes the model had.
+
     Raises:
         UnsafeFileError: not a safetensors file (e.g. a pickle); it is never unpickled.
         CheckpointError: truncated or altered.
@@ -535,7 +542,18 @@ def load_retrained_state(ckpt_path: str | os.PathLike, verify: bool = True) -> d
 def list_retrained(
     retrain_dir: str | os.PathLike,
 ) -> tuple[dict[str, Any], list[tuple[int, int, Path]]]:
-    """The manifest and the ``(index, run, path)`` of every saved model, sorted."""
+    """What a retraining directory holds.
+
+    Args:
+        retrain_dir: the ``path`` of :func:`retrain_loo` / :func:`retrain_lds`.
+
+    Returns:
+        ``(manifest, models)``: the manifest dict and the ``(index, run, path)`` of every saved
+        model, sorted.
+
+    Raises:
+        StoreError: no readable ``manifest.json``.
+    """
     root = Path(retrain_dir)
     mpath = root / "manifest.json"
     if not mpath.exists():
