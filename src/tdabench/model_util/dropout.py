@@ -148,6 +148,24 @@ def dropout_masks(
         raise ConfigError(f"num_models must be an int >= 1, got {num_models!r}")
     p = _check_prob(dropout_prob)
     modules = dict(model.named_modules())
+    names = _masked_layers(model, modules, layer_names)
+    sizes = {
+        n: (modules[n].in_features if isinstance(modules[n], nn.Linear) else modules[n].in_channels)
+        for n in names
+    }
+    out = []
+    for k in range(num_models):
+        gen = _member_generator(seed, k)
+        out.append(
+            {n: torch.rand(sizes[n], generator=gen, dtype=torch.float64) >= p for n in names}
+        )
+    return out
+
+
+def _masked_layers(
+    model: nn.Module, modules: dict[str, nn.Module], layer_names: Sequence[str] | str | None
+) -> list[str]:
+    """The names of the layers :func:`dropout_masks` masks (checked), in mask-drawing order."""
     if layer_names is None:
         names = _default_layers(model)
         if not names:
@@ -171,17 +189,7 @@ def dropout_masks(
                 raise ConfigError(
                     f"layer {n!r} is a {type(modules[n]).__name__}; only nn.Linear and nn.Conv2d inputs can be masked"
                 )
-    sizes = {
-        n: (modules[n].in_features if isinstance(modules[n], nn.Linear) else modules[n].in_channels)
-        for n in names
-    }
-    out = []
-    for k in range(num_models):
-        gen = _member_generator(seed, k)
-        out.append(
-            {n: torch.rand(sizes[n], generator=gen, dtype=torch.float64) >= p for n in names}
-        )
-    return out
+    return names
 
 
 def _apply_mask(weight: Tensor, module: nn.Module, mask: Tensor, scale: float) -> Tensor:
