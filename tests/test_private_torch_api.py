@@ -10,7 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, vjp, vmap
 
-from tdabench._compat import PUBLIC_ONLY_ENV, mode_dependent_layer_types
+from tdabench._compat import (
+    PUBLIC_ONLY_ENV,
+    batch_norm_types,
+    mode_dependent_layer_types,
+    running_stat_norm_types,
+)
 from tdabench.func import batching
 from tdabench.func.curvature import hvp_matvec
 from tdabench.groundtruth import _fast_mlp, _vmap_linear
@@ -159,3 +164,39 @@ def test_linear_forward_fallback(public):
     model = nn.Sequential(nn.Linear(4, 3))
     assert _vmap_linear.patch_linear_layers(model) == 0
     assert "forward" not in vars(model[0])  # untouched: a plain nn.Linear
+
+
+# ------------------------------------------------- _BatchNorm / _NormBase for the batched trainers
+NORMS = [
+    nn.BatchNorm1d(3),
+    nn.BatchNorm2d(3),
+    nn.BatchNorm3d(3),
+    nn.SyncBatchNorm(3),
+    nn.LazyBatchNorm1d(),
+    nn.InstanceNorm1d(3, track_running_stats=True),
+    nn.InstanceNorm2d(3),
+    nn.LazyInstanceNorm3d(),
+]
+
+
+def _is_batch_norm(m: nn.Module) -> bool:
+    return "BatchNorm" in type(m).__name__
+
+
+def test_private_batch_norm_bases():
+    from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+
+    assert batch_norm_types() == (_BatchNorm,)
+    assert running_stat_norm_types() == (_NormBase,)
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_batch_norm_types_agree_with_and_without_private_api(private, monkeypatch):
+    if not private:
+        monkeypatch.setenv("TDABENCH_PUBLIC_TORCH_ONLY", "1")
+        assert all(not t.__name__.startswith("_") for t in batch_norm_types())
+    for m in NORMS:
+        assert isinstance(m, batch_norm_types()) == _is_batch_norm(m), type(m).__name__
+        assert isinstance(m, running_stat_norm_types()), type(m).__name__
+    for m in (nn.LayerNorm(3), nn.GroupNorm(1, 3), nn.Dropout(0.1)):
+        assert not isinstance(m, batch_norm_types() + running_stat_norm_types())

@@ -5,7 +5,7 @@
 input, which is wrong when a model of the batched trainer sees samples that are not its own
 (the zero-weight non-members of a shared stream batch, or the padding of a compact batch).
 
-:func:`patch_batch_norm_layers` reroutes every ``_BatchNorm`` of a *training template* through
+:func:`patch_batch_norm_layers` reroutes every batch-norm layer of a *training template* through
 :func:`_masked_forward`, which reads the per-sample weights of the current call from a shared
 :class:`BatchNormContext` and
 
@@ -37,7 +37,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
+
+from tdabench._compat import batch_norm_types
 
 __all__ = ["BatchNormContext", "patch_batch_norm_layers"]
 
@@ -69,7 +70,7 @@ class BatchNormContext:
 
 
 def _masked_forward(
-    self: _BatchNorm, x: Tensor, *, ctx: BatchNormContext, prefix: str, plain: Any
+    self: nn.Module, x: Tensor, *, ctx: BatchNormContext, prefix: str, plain: Any
 ) -> Tensor:
     """Batch norm of ``x`` ``(N, C, *)`` with statistics over the weighted samples (module docstring)."""
     if not self.training or ctx.weights is None:
@@ -101,7 +102,8 @@ def _masked_forward(
 
 
 def patch_batch_norm_layers(model: nn.Module, ctx: BatchNormContext) -> list[str]:
-    """Route every ``_BatchNorm`` of ``model`` through the masked functional form (in place).
+    """Route every batch-norm layer of ``model`` (:func:`tdabench._compat.batch_norm_types`)
+    through the masked functional form (in place).
 
     Args:
         model: a training template (its own parameters are never used under ``functional_call``).
@@ -112,12 +114,12 @@ def patch_batch_norm_layers(model: nn.Module, ctx: BatchNormContext) -> list[str
     """
     names = []
     for name, mod in model.named_modules():
-        if isinstance(mod, _BatchNorm):
+        if isinstance(mod, batch_norm_types()):
             plain = types.MethodType(type(mod).forward, mod)
             prefix = f"{name}." if name else ""
 
             def fwd(
-                self: _BatchNorm, x: Tensor, _prefix: str = prefix, _plain: Any = plain
+                self: nn.Module, x: Tensor, _prefix: str = prefix, _plain: Any = plain
             ) -> Tensor:
                 return _masked_forward(self, x, ctx=ctx, prefix=_prefix, plain=_plain)
 

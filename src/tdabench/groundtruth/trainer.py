@@ -90,6 +90,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
+from tdabench._compat import batch_norm_types, running_stat_norm_types
 from tdabench._io import mix_seed
 from tdabench.errors import ConfigError, DataError, NonFiniteError, ShapeError
 from tdabench.groundtruth._fast_mlp import FastStack, fast_plan
@@ -195,9 +196,9 @@ def _unbatchable_norms(model: nn.Module) -> list[str]:
     return [
         n
         for n, mod in model.named_modules()
-        if isinstance(mod, nn.modules.batchnorm._NormBase)
+        if isinstance(mod, running_stat_norm_types())
         and mod.track_running_stats
-        and not isinstance(mod, nn.modules.batchnorm._BatchNorm)
+        and not isinstance(mod, batch_norm_types())
     ]
 
 
@@ -538,7 +539,7 @@ class _TrainerBase:
         )
         chunk_m = self._eval_models_per_chunk(m, param_bytes)
         if any(
-            isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.running_mean is None
+            isinstance(mod, batch_norm_types()) and mod.running_mean is None
             for mod in self._template.modules()
         ):
             return chunk_m, self.n_test  # batch statistics in eval mode: over the whole test set
