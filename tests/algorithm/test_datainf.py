@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tdabench.algorithm import IFAttributorDataInf
 from tdabench.algorithm.datainf import DataInfArguments, layer_groups
-from tdabench.errors import ConfigError, NotCachedError
+from tdabench.errors import ConfigError, NotCachedError, ShapeError
 from tdabench.task import AttributionTask
 
 
@@ -110,7 +110,8 @@ def test_datainf_matches_dense_formula(regularization):
 
 def test_datainf_ratio_layer_selection_and_batching():
     model, task, x, y = _problem(1)
-    # ratio 0.5 of 11 samples -> the first 6; only the last layer
+    # ratio 0.5 of 3 batches of 4 (dattri: a ratio of batches) -> the first 2 batches, 8 samples;
+    # only the last layer
     att = IFAttributorDataInf(
         task, layer_name="2", regularization=0.05, fim_estimate_data_ratio=0.5
     )
@@ -118,13 +119,15 @@ def test_datainf_ratio_layer_selection_and_batching():
     att.cache(train)
     G_all = _dense_grads(model, task.loss_func, x, y)[:, 16:]
     T = _dense_grads(model, task.target_func, x[:4], y[:4])[:, 16:]
-    M = _dense_datainf(G_all[:6], [0.05], [("2", 0, 15)])
+    M = _dense_datainf(G_all[:8], [0.05], [("2", 0, 15)])
     torch.testing.assert_close(att.attribute(train, test), G_all @ M @ T.T, rtol=1e-9, atol=1e-11)
-    # the result does not depend on the cache loader's batching, nor on keeping the gradients
+    # the same Fisher samples from another batching, and without keeping the gradients
     other = IFAttributorDataInf(
-        task, layer_name="2", regularization=0.05, fim_estimate_data_ratio=0.5, memory_budget=64
+        task, layer_name="2", regularization=0.05, fim_estimate_data_ratio=0.6, memory_budget=64
     )
-    other.cache(DataLoader(TensorDataset(x, y), batch_size=5))
+    other.cache(
+        DataLoader(TensorDataset(x, y), batch_size=2)
+    )  # ceil(0.6 * 6) = 4 batches, 8 samples
     assert other._stored is None  # recomputed in pieces, not kept
     torch.testing.assert_close(
         other.attribute(train, test), att.attribute(train, test), rtol=1e-10, atol=1e-12
@@ -177,3 +180,24 @@ def test_datainf_arguments_and_errors():
         ("b", 3, 6),
         ("", 6, 7),
     ]
+
+
+def test_datainf_transform_test_rep_and_dattri_internals():
+    """dattri's ``transform_test_rep`` is the dense ``M V`` per layer; ``_cached_train_reps`` holds
+    the per-sample gradients of the first ``ceil(ratio * batches)`` batches."""
+    model, task, x, y = _problem(3)
+    att = IFAttributorDataInf(task, regularization=1e-3, fim_estimate_data_ratio=0.5)
+    att.cache(_loaders(x, y, bs=2)[0])  # 6 batches -> 3 -> 6 samples
+    G = _dense_grads(model, task.loss_func, x, y)
+    reps = att._cached_train_reps[0]
+    torch.testing.assert_close(reps, G[:6], rtol=1e-10, atol=1e-12)
+    layers = [("0", 0, 16), ("2", 16, 31)]
+    V = torch.randn(5, 31, generator=torch.Generator().manual_seed(4))
+    want = V @ _dense_datainf(G[:6], [1e-3, 1e-3], layers).T
+    torch.testing.assert_close(att.transform_test_rep(0, V), want, rtol=1e-8, atol=1e-9)
+    parts = att._get_layer_wise_reps(0, V)
+    assert [p.shape[1] for p in parts] == [16, 15] and torch.equal(torch.cat(parts, dim=1), V)
+    with pytest.raises(ConfigError, match="ckpt_idx"):
+        att.transform_test_rep(2, V)
+    with pytest.raises(ShapeError):
+        att.transform_test_rep(0, V[:, :30])

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import tdabench.func.kfac as kfac_mod
 from tdabench.algorithm import IFAttributorEKFAC, IFAttributorKFAC
 from tdabench.algorithm.ekfac import EKFACArguments
-from tdabench.errors import ConfigError, NonFiniteError
+from tdabench.errors import ConfigError, NonFiniteError, ShapeError
 from tdabench.task import AttributionTask
 
 
@@ -191,3 +191,40 @@ def test_zero_eigenvalues_without_damping_raise() -> None:
     att.cache([(x, torch.tensor([0, 1, 0, 1]))])
     with pytest.raises(NonFiniteError, match="damping"):
         att.attribute([(x, torch.tensor([0, 1, 0, 1]))], [(x[:1], torch.tensor([0]))])
+
+
+def test_transform_test_rep_is_the_damped_inverse_in_layer_name_order() -> None:
+    """dattri's ``transform_test_rep``: ``(F + λI)⁻¹ V`` with ``F`` dense, columns in ``layer_name``
+    order; scores are ``G_train · transform(G_test)ᵀ`` with torch.func gradients."""
+    torch.manual_seed(2)
+    task = _task(_Net())
+    att = IFAttributorEKFAC(task, damping=0.02, damping_factor=0.05)
+    att.cache(DataLoader(TensorDataset(*_data(13, 7)), batch_size=5))
+    op, names = att.operators[0], att.layer_name
+    assert names == ["c.weight", "c.bias", "fc1.weight", "fc2.weight", "fc2.bias"]
+    V = torch.randn(6, att.spec.dim, generator=torch.Generator().manual_seed(3))
+    lams = [lf.damping(0.02, 0.05) for lf in op.layers]
+    D = torch.diag(
+        torch.cat(
+            [
+                torch.full((lf.shape[0] * lf.shape[1],), x)
+                for lf, x in zip(op.layers, lams, strict=True)
+            ]
+        )
+    )
+    want = torch.linalg.solve(op.dense() + D, V.T).T  # op.spec order == layer_name order here
+    assert list(op.spec.names) == names
+    torch.testing.assert_close(att.transform_test_rep(0, V), want, rtol=1e-9, atol=1e-11)
+    train, test = _data(7, 8), _data(3, 9)
+    g_train = _grads(task, task.loss_func, *train, names)
+    g_test = _grads(task, task.target_func, *test, names)
+    torch.testing.assert_close(
+        att.attribute([train], [test]),
+        g_train @ att.transform_test_rep(0, g_test).T,
+        rtol=1e-9,
+        atol=1e-11,
+    )
+    with pytest.raises(ConfigError, match="ckpt_idx"):
+        att.transform_test_rep(1, V)
+    with pytest.raises(ShapeError):
+        att.transform_test_rep(0, V[:, :-1])

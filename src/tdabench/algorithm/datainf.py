@@ -47,7 +47,8 @@ from tdabench.algorithm.arguments import (
     register_arguments,
 )
 from tdabench.algorithm.base import BaseAttributor
-from tdabench.errors import DataError
+from tdabench.algorithm.logra import average_over_checkpoints
+from tdabench.errors import ConfigError, DataError, ShapeError
 from tdabench.func.utils import Batch, batch_size_of, batch_slice, check_finite
 from tdabench.memory import MemoryPlanner, planner_for
 from tdabench.task import AttributionTask, LayerName
@@ -68,8 +69,9 @@ class DataInfArguments(MethodArguments):
     Attributes:
         regularization: ``λ_l`` for every layer when ``> 0``; ``0.0`` selects the paper's
             per-layer rule (see the module docstring); ``None`` is dattri's constant 0.1.
-        fim_estimate_data_ratio: fraction in ``(0, 1]`` of the cache loader's samples (the
-            first ones, in loader order) whose gradients define ``M_l``.
+        fim_estimate_data_ratio: fraction in ``(0, 1]`` of the cache loader's batches (the
+            first ``ceil(ratio · batches)``, in loader order, as dattri) whose samples' gradients
+            define ``M_l``.
         regularization_scale: the factor of the paper's rule (0.1), used when
             ``regularization == 0``.
         layer_name: parameters (names or module prefixes) to attribute; ``None`` = all.
@@ -136,7 +138,7 @@ class IFAttributorDataInf(BaseAttributor):
             Layers are the modules the selected parameters belong to.
         device: where gradients and products run.
         regularization: see :class:`DataInfArguments` (``0.0``: the paper's per-layer rule).
-        fim_estimate_data_ratio: fraction of the cache loader's samples used for ``M_l``.
+        fim_estimate_data_ratio: fraction of the cache loader's batches used for ``M_l``.
         regularization_scale: factor of the per-layer rule (keyword only, tdabench extension).
         memory_budget: bytes (or ``"2GiB"``) for the planner; ``None`` = the device's.
 
@@ -173,8 +175,8 @@ class IFAttributorDataInf(BaseAttributor):
         """Select the Fisher samples and compute each layer's ``λ_l`` at every checkpoint.
 
         Args:
-            full_train_loader: loader over the training set; its first
-                ``ceil(fim_estimate_data_ratio * n)`` samples define ``M_l``.
+            full_train_loader: loader over the training set; the samples of its first
+                ``ceil(fim_estimate_data_ratio * number of batches)`` batches define ``M_l``.
 
         Raises:
             DataError: the loader holds no sample.
@@ -192,14 +194,10 @@ class IFAttributorDataInf(BaseAttributor):
             raise DataError(
                 "the cache (full training) loader holds no sample; pass a DataLoader over the training set"
             )
-        m = max(1, math.ceil(self.args.fim_estimate_data_ratio * n - 1e-9))
-        self._fim_batches, left = [], m
-        for b in batches:
-            if left <= 0:
-                break
-            size = batch_size_of(b)
-            self._fim_batches.append(b if size <= left else batch_slice(b, 0, left))
-            left -= size
+        # dattri's semantics: the ratio counts loader batches (the first ceil(ratio * batches))
+        nb = max(1, math.ceil(self.args.fim_estimate_data_ratio * len(batches) - 1e-9))
+        self._fim_batches = batches[:nb]
+        m = sum(batch_size_of(b) for b in self._fim_batches)
         self._m = m
         self._stored = None
         keep = self.planner.fits(m * self.spec.dim * self._item(), fraction=0.5)
@@ -283,6 +281,30 @@ class IFAttributorDataInf(BaseAttributor):
             fix="pass regularization > 0 or check the gradients",
         )
 
+    # ----------------------------------------------------------------- dattri's internals
+    # Spelled out: dattri 0.3.0's own tests call these three members of its IFAttributorDataInf.
+    def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
+        """dattri's name for :meth:`transform`: ``M V`` for test representations ``(k, d)``."""
+        if not 0 <= int(ckpt_idx) < self.task.num_checkpoints:
+            raise ConfigError(
+                f"ckpt_idx {ckpt_idx} is out of range: the task has {self.task.num_checkpoints} checkpoint(s)"
+            )
+        if test_rep.dim() != 2 or test_rep.shape[1] != self.spec.dim:
+            raise ShapeError(
+                f"test_rep must be (k, {self.spec.dim}) (the selected parameters, flat), got {tuple(test_rep.shape)}"
+            )
+        return self.transform(int(ckpt_idx), test_rep.to(device=self.device, dtype=self.dtype))
+
+    @property
+    def _cached_train_reps(self) -> dict[int, Tensor]:
+        """``{checkpoint: (m, d)}`` per-sample loss gradients of the Fisher samples (computed on access)."""
+        self._require_cache()
+        return {k: torch.cat(list(self._fim_pieces(k))) for k in range(self.task.num_checkpoints)}
+
+    def _get_layer_wise_reps(self, ckpt_idx: int, query: Tensor) -> tuple[Tensor, ...]:
+        """``query`` ``(k, d)`` split into its layers' columns ``((k, d_0), (k, d_1), ...)``."""
+        return tuple(query[:, a:b] for _, a, b in self.layers)
+
     # ----------------------------------------------------------------- API
     def attribute(self, train_loader: Iterable[Batch], test_loader: Iterable[Batch]) -> Tensor:
         """DataInf scores ``(n_train, n_test)``, averaged over checkpoints.
@@ -290,9 +312,8 @@ class IFAttributorDataInf(BaseAttributor):
         The test side is transformed once per checkpoint; the training loader is streamed.
         """
         self._require_cache()
-        total: Tensor | None = None
-        K = self.task.num_checkpoints
-        for k in range(K):
+
+        def scores_of(k: int) -> Tensor:
             Q = self.transform(k, self._all_grads(test_loader, "target", k, "test loader"))
             blocks = [
                 g @ Q.T
@@ -303,18 +324,17 @@ class IFAttributorDataInf(BaseAttributor):
                     leave=False,
                 )
             ]
-            total = _accumulate(total, torch.cat(blocks), "train loader")
-        assert total is not None
-        return total / K
+            return torch.cat(blocks)
+
+        return average_over_checkpoints(self.task.num_checkpoints, scores_of)
 
     def self_attribute(self, train_loader: Iterable[Batch]) -> Tensor:
         """``Σ_l ∇_l t(z_i)ᵀ M_l ∇_l L(z_i)`` per training sample ``(n_train,)``: the diagonal
         of ``attribute(train_loader, train_loader)``."""
         self._require_cache()
-        total: Tensor | None = None
-        K = self.task.num_checkpoints
         same = self.task.target_func is self.task.loss_func
-        for k in range(K):
+
+        def diagonal(k: int) -> Tensor:
             flat = self._params(k)
             parts = []
             for batch in self._batches(train_loader, "train loader"):
@@ -325,9 +345,9 @@ class IFAttributorDataInf(BaseAttributor):
                     else self.task.per_sample_grads(flat, batch, "target", k, self.layer_name)
                 )
                 parts.append((g * self.transform(k, t)).sum(dim=1))
-            total = _accumulate(total, torch.cat(parts), "train loader")
-        assert total is not None
-        return total / K
+            return torch.cat(parts)
+
+        return average_over_checkpoints(self.task.num_checkpoints, diagonal)
 
     def regularization_per_layer(self, index: int = 0) -> dict[str, float]:
         """``{module: λ_l}`` used at checkpoint ``index`` (after :meth:`cache`)."""
@@ -341,15 +361,3 @@ class IFAttributorDataInf(BaseAttributor):
         out = super().hyperparameters()
         out.update(self.args.result_dict(), num_checkpoints=self.task.num_checkpoints)
         return out
-
-
-def _accumulate(total: Tensor | None, scores: Tensor, what: str) -> Tensor:
-    if total is None:
-        return scores
-    if total.shape != scores.shape:
-        raise DataError(
-            f"the {what} yielded {scores.shape[0]} samples on one pass and {total.shape[0]} on another; "
-            "with several checkpoints the loaders are iterated once per checkpoint: pass re-iterable "
-            "DataLoaders in a fixed order"
-        )
-    return total + scores

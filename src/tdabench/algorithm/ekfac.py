@@ -50,7 +50,8 @@ from tqdm.auto import tqdm
 from tdabench._validate import check_choice, check_int, check_real
 from tdabench.algorithm.arguments import MethodArguments, register_arguments
 from tdabench.algorithm.base import BaseAttributor
-from tdabench.errors import ConfigError, DataError
+from tdabench.algorithm.logra import average_over_checkpoints
+from tdabench.errors import ConfigError
 from tdabench.func.capture import capture_task, layer_param_names, select_modules
 from tdabench.func.kfac import FISHER_KINDS, STRATEGIES, KFACOperator, fit_kfac
 from tdabench.func.utils import Batch, batch_size_of, batch_slice, check_finite
@@ -287,14 +288,32 @@ class IFAttributorEKFAC(BaseAttributor):
             time.perf_counter() - start,
         )
 
+    def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
+        """``(F + λI)⁻¹ V`` for test representations ``V`` ``(k, d)`` of checkpoint ``ckpt_idx``.
+
+        ``d`` and the column order are those of :attr:`layer_name` (each module's ``weight`` then
+        ``bias``); the result ``(k, d)`` has the same order. dattri 0.3.0's method of this name
+        returns its ``[W | b]`` reshaping instead (see the module docstring) and only checkpoint 0.
+
+        Raises:
+            ConfigError: ``ckpt_idx`` out of range. ShapeError: ``test_rep`` is not ``(k, d)``.
+        """
+        self._require_cache()
+        if not 0 <= int(ckpt_idx) < len(self.operators):
+            raise ConfigError(
+                f"ckpt_idx {ckpt_idx} is out of range: the task has {len(self.operators)} checkpoint(s)"
+            )
+        a, op = self.args, self.operators[int(ckpt_idx)]
+        V = test_rep.to(device=self.device, dtype=self.dtype)
+        return op.inverse_mvp(V, a.damping, a.damping_factor, spec=self.spec)
+
     def attribute(self, train_loader: Iterable[Batch], test_loader: Iterable[Batch]) -> Tensor:
         """Scores ``(n_train, n_test)`` averaged over checkpoints; high = helpful."""
         self._require_cache()
         train_loader = self._replay(train_loader, "train loader")
         test_loader = self._replay(test_loader, "test loader")
-        total: Tensor | None = None
-        K = self.task.num_checkpoints
-        for k in range(K):
+
+        def scores_of(k: int) -> Tensor:
             x_test = self._test_side(k, test_loader)
             self.planner.require(
                 2 * sum(x.numel() * x.element_size() for x in x_test),
@@ -310,38 +329,26 @@ class IFAttributorEKFAC(BaseAttributor):
                     leave=False,
                 )
             ]
-            total = self._add(total, torch.cat(blocks, dim=0))
-        assert total is not None
-        return total / K
+            return torch.cat(blocks, dim=0)
+
+        return average_over_checkpoints(self.task.num_checkpoints, scores_of)
 
     def self_attribute(self, train_loader: Iterable[Batch]) -> Tensor:
         """Self-influence ``∇t(z_i)ᵀ (F + λI)⁻¹ ∇L(z_i)`` ``(n_train,)``: the diagonal of ``attribute(train, train)``."""
         self._require_cache()
         train_loader = self._replay(train_loader, "train loader")
-        total: Tensor | None = None
-        K = self.task.num_checkpoints
         same = self.task.target_func is self.task.loss_func
-        for k in range(K):
+
+        def diagonal(k: int) -> Tensor:
             inv = self._inverse_eigenvalues(k)
             parts = []
             for b in self._pieces(train_loader, "train loader"):
                 g = self._rotated(k, b, "loss")
                 t = g if same else self._rotated(k, b, "target")
                 parts.append((g * t * inv).sum(dim=1))
-            total = self._add(total, torch.cat(parts))
-        assert total is not None
-        return total / K
+            return torch.cat(parts)
 
-    @staticmethod
-    def _add(total: Tensor | None, scores: Tensor) -> Tensor:
-        if total is None:
-            return scores
-        if total.shape != scores.shape:
-            raise DataError(
-                "a loader yielded a different number of samples for another checkpoint; pass re-iterable "
-                "DataLoaders (not generators) in a fixed order"
-            )
-        return total + scores
+        return average_over_checkpoints(self.task.num_checkpoints, diagonal)
 
     def hyperparameters(self) -> dict[str, Any]:
         return {

@@ -69,6 +69,7 @@ __all__ = [
     "BlockProjectedArguments",
     "LoGraArguments",
     "LoGraAttributor",
+    "average_over_checkpoints",
     "factor_dims",
 ]
 
@@ -387,42 +388,7 @@ class BlockProjectedAttributor(BaseAttributor):
             "lower proj_dim or select fewer layers with layer_names",
         )
         for k in range(self.task.num_checkpoints):
-            store = _GradStore(
-                self.args.offload,
-                self.device,
-                self.args.cache_dir,
-                self.args.chunk_size,
-                f"{type(self).__name__}_ckpt{k}",
-                self.planner.share(0.5 / self.task.num_checkpoints),
-            )
-            fisher = [
-                torch.zeros(d, d, dtype=self.dtype, device=self.device)
-                for d in self.layer_dims or []
-            ]
-            n = 0
-            for batch in tqdm(
-                self._batches(full_train_loader, "cache (full training) loader"),
-                desc=f"{type(self).__name__} cache (ckpt {k})",
-                disable=None,
-                leave=False,
-            ):
-                if batch_size_of(batch) == 0:
-                    continue
-                P = self.projected(batch, "loss", k)
-                n += P.shape[0]
-                store.append(P)
-                if self.args.hessian == "eFIM":
-                    for F, (a, b) in zip(fisher, self._slices(), strict=True):
-                        F.addmm_(P[:, a:b].T, P[:, a:b])
-            store.close()
-            if n == 0:
-                raise DataError(
-                    "the cache (full training) loader holds no sample; pass a DataLoader over the training set"
-                )
-            self._stores[k] = store
-            self._factors[k] = (
-                [self._factorise(F / n) for F in fisher] if self.args.hessian == "eFIM" else []
-            )
+            n = self._cache_checkpoint(k, full_train_loader)
         self._cache_loader = full_train_loader
         self._cached = True
         logger.info(
@@ -434,6 +400,46 @@ class BlockProjectedAttributor(BaseAttributor):
             self.task.num_checkpoints,
             time.perf_counter() - start,
         )
+
+    def _cache_checkpoint(self, k: int, full_train_loader: Iterable[Batch]) -> int:
+        """Store checkpoint ``k``'s projected training gradients and factorise its per-layer
+        Fisher ``F_l + λ_l I``; returns the number of samples."""
+        store = _GradStore(
+            self.args.offload,
+            self.device,
+            self.args.cache_dir,
+            self.args.chunk_size,
+            f"{type(self).__name__}_ckpt{k}",
+            self.planner.share(0.5 / self.task.num_checkpoints),
+        )
+        fisher = [
+            torch.zeros(d, d, dtype=self.dtype, device=self.device) for d in self.layer_dims or []
+        ]
+        n = 0
+        for batch in tqdm(
+            self._batches(full_train_loader, "cache (full training) loader"),
+            desc=f"{type(self).__name__} cache (ckpt {k})",
+            disable=None,
+            leave=False,
+        ):
+            if batch_size_of(batch) == 0:
+                continue
+            P = self.projected(batch, "loss", k)
+            n += P.shape[0]
+            store.append(P)
+            if self.args.hessian == "eFIM":
+                for F, (a, b) in zip(fisher, self._slices(), strict=True):
+                    F.addmm_(P[:, a:b].T, P[:, a:b])
+        store.close()
+        if n == 0:
+            raise DataError(
+                "the cache (full training) loader holds no sample; pass a DataLoader over the training set"
+            )
+        self._stores[k] = store
+        self._factors[k] = (
+            [self._factorise(F / n) for F in fisher] if self.args.hessian == "eFIM" else []
+        )
+        return n
 
     def _factorise(self, F: Tensor) -> Tensor:
         """Cholesky factor of ``F + λ I`` (``λ = damping · tr(F) / k``), in the attributor's dtype
@@ -494,9 +500,8 @@ class BlockProjectedAttributor(BaseAttributor):
         in the same order (:func:`same_samples`), and are computed batch by batch otherwise.
         """
         self._ensure_cache(train_loader)
-        total: Tensor | None = None
-        K = self.task.num_checkpoints
-        for k in range(K):
+
+        def scores_of(k: int) -> Tensor:
             test = [
                 self.projected(b, "target", k) for b in self._batches(test_loader, "test loader")
             ]
@@ -505,27 +510,25 @@ class BlockProjectedAttributor(BaseAttributor):
                     "the test loader holds no sample; pass a DataLoader over the test set"
                 )
             Q = self._precondition(k, torch.cat(test))
-            scores = torch.cat([P @ Q.T for P in self._train_projected(train_loader, k)])
-            total = _accumulate(total, scores, "train loader")
-        assert total is not None
-        return total / K
+            return torch.cat([P @ Q.T for P in self._train_projected(train_loader, k)])
+
+        return average_over_checkpoints(self.task.num_checkpoints, scores_of)
 
     def self_attribute(self, train_loader: Iterable[Batch]) -> Tensor:
         """``Σ_l p^t_ilᵀ (F_l + λ_l I)^{-1} p_il`` per training sample ``(n_train,)``: the
         diagonal of ``attribute(train_loader, train_loader)``."""
         self._ensure_cache(train_loader)
-        total: Tensor | None = None
-        K = self.task.num_checkpoints
         same = self.task.target_func is self.task.loss_func
-        for k in range(K):
+
+        def diagonal(k: int) -> Tensor:
             parts = []
             for batch in self._batches(train_loader, "train loader"):
                 P = self.projected(batch, "loss", k)
                 T = P if same else self.projected(batch, "target", k)
                 parts.append((P * self._precondition(k, T)).sum(dim=1))
-            total = _accumulate(total, torch.cat(parts), "train loader")
-        assert total is not None
-        return total / K
+            return torch.cat(parts)
+
+        return average_over_checkpoints(self.task.num_checkpoints, diagonal)
 
     def compute_self_attribution(self) -> Tensor:
         """dattri's name: self-influence ``(n_cache,)`` of the cached training loader."""
@@ -558,15 +561,28 @@ def _takes_model(func: Callable[..., Any]) -> bool:
     return len(positional) == 3
 
 
-def _accumulate(total: Tensor | None, scores: Tensor, what: str) -> Tensor:
+def average_over_checkpoints(
+    num_checkpoints: int, scores_of: Callable[[int], Tensor], what: str = "train loader"
+) -> Tensor:
+    """``(1/K) Σ_k scores_of(k)`` for the ``K`` checkpoints of a task (scores of any shape).
+
+    Raises:
+        DataError: two checkpoints' scores differ in shape (``what`` yielded another number of
+            samples on another pass: a generator, or a loader that is not re-iterable).
+    """
+    total: Tensor | None = None
+    for k in range(num_checkpoints):
+        scores = scores_of(k)
+        if total is not None and total.shape != scores.shape:
+            raise DataError(
+                f"the {what} yielded {scores.shape[0]} samples on one pass and {total.shape[0]} on another; "
+                "with several checkpoints the loaders are iterated once per checkpoint: pass re-iterable "
+                "DataLoaders (not generators) in a fixed order"
+            )
+        total = scores if total is None else total + scores
     if total is None:
-        return scores
-    if total.shape != scores.shape:
-        raise DataError(
-            f"the {what} yielded {scores.shape[0]} samples on one pass and {total.shape[0]} on another; "
-            "pass re-iterable DataLoaders in a fixed order"
-        )
-    return total + scores
+        raise DataError("the task has no checkpoint; pass at least one")
+    return total / num_checkpoints
 
 
 class LoGraAttributor(BlockProjectedAttributor):

@@ -460,11 +460,9 @@ def _covariance_sums(fit: _Fit, batches: Iterable[tuple[int, Batch]]) -> dict[st
         for name, rec in io.items():
             a = rec.a.reshape(-1, rec.a.shape[-1])
             g = rec.g.reshape(-1, rec.g.shape[-1])
-            for key, val in ((f"{name}|A", a.T @ a), (f"{name}|S", g.T @ g)):
-                out[key] = out[key] + val.double() if key in out else val.double()
-            out[f"{name}|T"] = (
-                out.get(f"{name}|T", torch.zeros((), dtype=torch.float64)) + a.shape[0]
-            )
+            _add_sum(out, f"{name}|A", a.T @ a)
+            _add_sum(out, f"{name}|S", g.T @ g)
+            _add_sum(out, f"{name}|T", torch.tensor(float(a.shape[0]), dtype=torch.float64))
     return out
 
 
@@ -493,8 +491,13 @@ def _lambda_sums(
                     (torch.einsum("bto,bti->boi", ga[s : s + rows], aa[s : s + rows]) ** 2).sum(0)
                     for s in range(0, ga.shape[0], rows)
                 )
-            out[name] = out[name] + val.double() if name in out else val.double()
+            _add_sum(out, name, val)
     return out
+
+
+def _add_sum(sums: dict[str, Tensor], key: str, value: Tensor) -> None:
+    """``sums[key] += value`` in float64 (created on first use)."""
+    sums[key] = sums[key] + value.double() if key in sums else value.double()
 
 
 def _partition_of(bi: int, num_batches: int, parts: int) -> int:
@@ -591,16 +594,7 @@ def fit_kfac(
     """
     from tdabench.memory import planner_for
 
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if fisher not in FISHER_KINDS:
-        raise ConfigError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")
-    if (
-        isinstance(num_partitions, bool)
-        or not isinstance(num_partitions, int)
-        or num_partitions < 1
-    ):
-        raise ConfigError(f"num_partitions must be an int >= 1, got {num_partitions!r}")
+    _check_fit_arguments(strategy, fisher, num_partitions)
     dev = torch.device(device)
     modules = select_modules(task.model, module_name)
 
@@ -629,12 +623,22 @@ def fit_kfac(
         logger.info("K-FAC factors reused from %s", store.path("factors"))
     dtype = next(iter(task.get_params(index).values())).dtype
     layers = [_layer_from(name, m, final, dtype, dev) for name, m in modules.items()]
-    key = (
-        store.key
-        if store is not None
-        else hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-    )
-    return KFACOperator(layers, strategy, key, config)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    return KFACOperator(layers, strategy, store.key if store is not None else digest, config)
+
+
+def _check_fit_arguments(strategy: str, fisher: str, num_partitions: int) -> None:
+    """Raise :class:`ConfigError` for an unknown strategy or Fisher kind, or a bad partition count."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if fisher not in FISHER_KINDS:
+        raise ConfigError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")
+    if (
+        isinstance(num_partitions, bool)
+        or not isinstance(num_partitions, int)
+        or num_partitions < 1
+    ):
+        raise ConfigError(f"num_partitions must be an int >= 1, got {num_partitions!r}")
 
 
 def _fit_tensors(
