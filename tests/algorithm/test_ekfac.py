@@ -228,3 +228,24 @@ def test_transform_test_rep_is_the_damped_inverse_in_layer_name_order() -> None:
         att.transform_test_rep(1, V)
     with pytest.raises(ShapeError):
         att.transform_test_rep(0, V[:, :-1])
+
+
+def test_per_layer_damping_factors_match_the_dense_formula() -> None:
+    """``damping_factor={module: f}`` damps each layer by its own ``f · mean(Λ_l)``."""
+    torch.manual_seed(4)
+    task = _task(_Net())
+    factors = {"c": 0.5, "fc1": 2.0, "fc2": 0.05}
+    att = IFAttributorEKFAC(task, damping=1e-3, damping_factor=factors)
+    att.cache(DataLoader(TensorDataset(*_data(14, 10)), batch_size=5))
+    train, test = _data(6, 11), _data(3, 12)
+    want = _dense_scores(att, task, train, test)  # uses lf.damping(1e-3, factors) per layer
+    lams = [lf.damping(1e-3, factors) for lf in att.operators[0].layers]
+    means = [float(lf.eigenvalues().mean()) for lf in att.operators[0].layers]
+    assert lams == pytest.approx(
+        [1e-3 + f * m for f, m in zip(factors.values(), means, strict=True)]
+    )
+    torch.testing.assert_close(att.attribute([train], [test]), want, rtol=1e-9, atol=1e-11)
+    with pytest.raises(ConfigError, match="selected modules"):
+        IFAttributorEKFAC(task, damping_factor={"c": 0.5, "fc1": 2.0})
+    with pytest.raises(ConfigError, match="damping_factor"):
+        EKFACArguments(damping_factor={"c": -1.0})

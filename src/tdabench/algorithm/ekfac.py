@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -74,7 +74,7 @@ class EKFACArguments(MethodArguments):
     module_name: str | list[str] | None = None
     damping: float = 0.0
     strategy: str = "ekfac"
-    damping_factor: float | None = None
+    damping_factor: float | dict[str, float] | None = None
     fisher: str = "empirical"
     factor_dir: str | None = None
     num_partitions: int = 1
@@ -94,13 +94,14 @@ class EKFACArguments(MethodArguments):
         if isinstance(m, Sequence) and not isinstance(m, str):
             self.module_name = list(m)
         self.damping = check_real("damping", self.damping, 0.0)
-        if self.damping_factor is not None:
-            self.damping_factor = check_real(
-                "damping_factor",
-                self.damping_factor,
-                0.0,
-                fix="pass e.g. 0.1 (kronfluence's heuristic) or None",
-            )
+        fix = "pass e.g. 0.1 (kronfluence's heuristic), {module: factor} or None"
+        if isinstance(self.damping_factor, Mapping):
+            self.damping_factor = {
+                str(k): check_real(f"damping_factor[{k!r}]", v, 0.0, fix=fix)
+                for k, v in self.damping_factor.items()
+            }
+        elif self.damping_factor is not None:
+            self.damping_factor = check_real("damping_factor", self.damping_factor, 0.0, fix=fix)
         check_choice("strategy", self.strategy, STRATEGIES, "eigenvalue-corrected or plain K-FAC")
         check_choice("fisher", self.fisher, FISHER_KINDS, "which gradients the factors use")
         self.num_partitions = check_int("num_partitions", self.num_partitions, 1)
@@ -121,7 +122,8 @@ class IFAttributorEKFAC(BaseAttributor):
         damping: explicit damping ``λ`` added to every eigenvalue (dattri's argument).
         strategy: ``"ekfac"`` (eigenvalue-corrected) or ``"kfac"``.
         damping_factor: also add ``damping_factor · mean(Λ)`` per layer (``0.1`` = kronfluence's
-            heuristic); ``None``: only ``damping``.
+            heuristic), or ``{module name: factor}`` for every selected module; ``None``: only
+            ``damping``.
         fisher: ``"empirical"`` (each sample's loss gradient), ``"true"`` (labels sampled from
             the model; classification batches ``(x, y, ...)``) or ``"ggn"`` (expectation over the
             labels, logits ``(B, C)``), see :mod:`tdabench.func.kfac`.
@@ -143,7 +145,7 @@ class IFAttributorEKFAC(BaseAttributor):
         damping: float = 0.0,
         *,
         strategy: str | None = None,
-        damping_factor: float | None = None,
+        damping_factor: float | dict[str, float] | None = None,
         fisher: str = "empirical",
         factor_dir: str | Path | None = None,
         num_partitions: int = 1,
@@ -164,6 +166,12 @@ class IFAttributorEKFAC(BaseAttributor):
         if not isinstance(task, AttributionTask):
             raise ConfigError(f"task must be an AttributionTask, got {type(task).__name__}")
         self.modules = select_modules(task.model, self.args.module_name)
+        factors = self.args.damping_factor
+        if isinstance(factors, dict) and set(factors) != set(self.modules):
+            raise ConfigError(
+                f"damping_factor names modules {sorted(factors)} but the selected modules are "
+                f"{sorted(self.modules)}; give one factor per selected module"
+            )
         names = [p for n, m in self.modules.items() for p in layer_param_names(n, m)]
         super().__init__(task, layer_name=names, device=device)
         self.planner = planner_for(self.device, memory_budget)

@@ -19,7 +19,8 @@ eigendecompositions ``A = Q_A diag(λ_A) Q_Aᵀ`` and ``S = Q_S diag(λ_S) Q_S�
 
 So ``F⁻¹ V = Q_S ((Q_Sᵀ V Q_A) / (Λ + λ)) Q_Aᵀ`` for a gradient matrix ``V``. The damping ``λ`` of a
 layer is ``damping + damping_factor · mean(Λ)``: an explicit value, a fraction of the layer's mean
-eigenvalue (kronfluence's heuristic is ``0.1 · mean``), or both.
+eigenvalue (kronfluence's heuristic is ``0.1 · mean``; one fraction for every layer, or one per
+module name), or both.
 
 **Which gradients** (``fisher=``): ``"empirical"`` uses each training sample's own loss gradient
 (the task's ``loss_func`` on its labels: the empirical Fisher, as dattri 0.3.0); ``"true"`` replaces
@@ -76,6 +77,7 @@ __all__ = [
     "FISHER_KINDS",
     "KFAC_FORMAT",
     "STRATEGIES",
+    "DampingFactor",
     "KFACOperator",
     "LayerFactors",
     "data_fingerprint",
@@ -91,6 +93,8 @@ KFAC_FORMAT = (
     "tdabench-kfac/2"  # 2: independent labels in the eigenvalue-correction pass (fisher="true")
 )
 STRATEGIES = ("kfac", "ekfac")
+#: a fraction of each layer's mean eigenvalue: one for every layer, or per module name
+DampingFactor = float | Mapping[str, float] | None
 FISHER_KINDS = ("empirical", "true", "ggn")
 
 
@@ -132,8 +136,16 @@ class LayerFactors:
             return self.lam
         return self.eig_s.clamp_min(0)[:, None] * self.eig_a.clamp_min(0)[None, :]
 
-    def damping(self, damping: float = 0.0, damping_factor: float | None = None) -> float:
-        """``damping + damping_factor · mean(Λ)`` (the second term only when ``damping_factor`` is set)."""
+    def damping(self, damping: float = 0.0, damping_factor: DampingFactor = None) -> float:
+        """``damping + damping_factor · mean(Λ)`` (the second term only when ``damping_factor`` is
+        set; a mapping gives each layer its own factor, by module name)."""
+        if isinstance(damping_factor, Mapping):
+            if self.name not in damping_factor:
+                raise ConfigError(
+                    f"damping_factor has no entry for layer {self.name!r}; give every layer a factor "
+                    "or pass one number for all"
+                )
+            damping_factor = damping_factor[self.name]
         extra = (
             0.0
             if damping_factor is None
@@ -150,7 +162,7 @@ class LayerFactors:
         return self.q_s @ V @ self.q_a.T
 
     def inverse_mvp(
-        self, V: Tensor, damping: float = 0.0, damping_factor: float | None = None
+        self, V: Tensor, damping: float = 0.0, damping_factor: DampingFactor = None
     ) -> Tensor:
         """``(F + λI)⁻¹ V`` for gradient matrices ``V`` ``(k, d_out, d_in')``."""
         lam = self.damping(damping, damping_factor)
@@ -158,7 +170,7 @@ class LayerFactors:
         return self.unrotate(self.rotate(V) / denom)
 
     def inverse_eigenvalues(
-        self, damping: float = 0.0, damping_factor: float | None = None
+        self, damping: float = 0.0, damping_factor: DampingFactor = None
     ) -> Tensor:
         """``1 / (Λ + λ)`` ``(d_out, d_in')``: the inverse in the Kronecker eigenbasis."""
         return 1.0 / (self.eigenvalues() + self.damping(damping, damping_factor))
@@ -252,7 +264,7 @@ class KFACOperator:
         self,
         V: Tensor,
         damping: float = 0.0,
-        damping_factor: float | None = None,
+        damping_factor: DampingFactor = None,
         spec: ParamSpec | None = None,
     ) -> Tensor:
         """``(F + λI)⁻¹ V`` row by row for flat ``V`` ``(k, d)``; ``λ`` per layer (see :meth:`LayerFactors.damping`)."""
