@@ -197,14 +197,14 @@ METHODS: dict[str, dict[str, Any]] = {
         "peer": "trak_10",
     },
     # DataInf / LoGra / FactGraSS (issue 12). DataInf: dattri's default regularization=0.0
-    # returns NaN, so both sides get an explicit lambda; the MLP uses the last layer like the IF
-    # rows (dattri's transform holds test_batch^2 x d floats per step and recomputes the test side
-    # per train batch: one train batch, test batches of 50). LoGra / FactGraSS: dattri's defaults
+    # returns NaN, so both sides get an explicit lambda; every layer (per-layer inverses, dattri's
+    # layer_name=None; dattri's transform holds test_batch^2 x d_l floats per step and recomputes
+    # the test side per train batch: one train batch, test batches of 50). LoGra / FactGraSS: dattri's defaults
     # (every Linear layer, eFIM, damping None = 1e-5 x mean eigenvalue, proj_dim 4096, blowup 4).
     "datainf": {
         "kind": "datainf",
         "hparams": {"regularization": 0.1, "fim_estimate_data_ratio": 1.0},
-        "layer": {"lr": None, "mlp": "last"},
+        "layer": {"lr": None, "mlp": None},
         "checkpoints": "final",
         "batches": {"cache": 500, "train": N_TRAIN, "test": 50},
     },
@@ -234,7 +234,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "datainf_default": {
         "kind": "datainf",
         "hparams": {"regularization": 0.0, "fim_estimate_data_ratio": 1.0},
-        "layer": {"lr": None, "mlp": "last"},
+        "layer": {"lr": None, "mlp": None},
         "checkpoints": "final",
         "batches": {"cache": 500, "train": N_TRAIN, "test": 50},
         "peer": "datainf",

@@ -40,12 +40,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tdabench._validate import check_real
-from tdabench.algorithm.arguments import (
-    MethodArguments,
-    _check_budget,
-    _check_layer_name,
-    register_arguments,
-)
+from tdabench.algorithm import arguments as _arguments
 from tdabench.algorithm.base import BaseAttributor
 from tdabench.algorithm.logra import average_over_checkpoints
 from tdabench.errors import ConfigError, DataError, ShapeError
@@ -61,9 +56,9 @@ logger = logging.getLogger(__name__)
 DATTRI_NONE_REGULARIZATION = 0.1
 
 
-@register_arguments("IFAttributorDataInf")
+@_arguments.register_arguments("IFAttributorDataInf")
 @dataclass
-class DataInfArguments(MethodArguments):
+class DataInfArguments(_arguments.MethodArguments):
     """Hyper-parameters of :class:`IFAttributorDataInf` (validated on construction).
 
     Attributes:
@@ -103,8 +98,8 @@ class DataInfArguments(MethodArguments):
         self.regularization_scale = check_real(
             "regularization_scale", self.regularization_scale, 0.0, strict=True, fix="pass e.g. 0.1"
         )
-        self.layer_name = _check_layer_name(self.layer_name)
-        self.memory_budget = _check_budget(self.memory_budget)
+        self.layer_name = _arguments._check_layer_name(self.layer_name)
+        self.memory_budget = _arguments._check_budget(self.memory_budget)
 
 
 def layer_groups(names: Iterable[str], numels: Iterable[int]) -> list[tuple[str, int, int]]:
@@ -148,6 +143,7 @@ class IFAttributorDataInf(BaseAttributor):
 
     requires_cache = True
 
+    # Spelled out: dattri 0.3.0's constructor signature (positional order and defaults)
     def __init__(
         self,
         task: AttributionTask,

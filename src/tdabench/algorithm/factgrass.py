@@ -139,6 +139,7 @@ class FactGraSSAttributor(BlockProjectedAttributor):
         ConfigError: ``proj_dim · blowup_factor`` not a perfect square, or another invalid argument.
     """
 
+    # Spelled out: dattri 0.3.0's constructor signature (positional order and defaults)
     def __init__(
         self,
         task: AttributionTask,

@@ -304,6 +304,7 @@ class BlockProjectedAttributor(BaseAttributor):
 
     requires_cache = True
 
+    # Spelled out: dattri 0.3.0's constructor signature (positional order and defaults)
     def __init__(
         self,
         task: AttributionTask,

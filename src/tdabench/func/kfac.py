@@ -383,15 +383,22 @@ class _FactorStore:
 
 
 # ----------------------------------------------------------------------------- fitting
-def sample_labels(task: Any, batch: Batch, index: int, generator: torch.Generator) -> Batch:
-    """``batch`` with its labels (second element) replaced by labels drawn from the model's softmax."""
+def _labels_and_logits(
+    task: Any, batch: Batch, index: int, fisher: str
+) -> tuple[Tensor, Tensor, Any]:
+    """``(inputs, labels, logits)`` of a classification batch ``(inputs, labels, ...)``."""
     if isinstance(batch, Tensor) or len(batch) < 2:
         raise ConfigError(
-            "fisher='true' needs batches (inputs, labels, ...) to replace the labels; use fisher='empirical'"
+            f"fisher={fisher!r} needs batches (inputs, labels, ...) to replace the labels; use fisher='empirical'"
         )
-    x, y = batch[0], batch[1]
     with torch.no_grad():
-        logits = task.forward(task.get_params(index), x)
+        logits = task.forward(task.get_params(index), batch[0])
+    return batch[0], batch[1], logits
+
+
+def sample_labels(task: Any, batch: Batch, index: int, generator: torch.Generator) -> Batch:
+    """``batch`` with its labels (second element) replaced by labels drawn from the model's softmax."""
+    x, y, logits = _labels_and_logits(task, batch, index, "true")
     if not isinstance(logits, Tensor) or logits.shape[: y.dim()] != y.shape:
         raise ConfigError(
             "fisher='true' needs model(inputs) to return logits (B, C) or (B, T, C) matching the labels' shape; "
@@ -409,13 +416,7 @@ def sample_labels(task: Any, batch: Batch, index: int, generator: torch.Generato
 def expand_labels(task: Any, batch: Batch, index: int) -> tuple[Batch, Tensor]:
     """``batch`` with every sample repeated once per class, labelled ``0 .. C-1``, and the model's
     probabilities ``(B, C)`` of those labels (for ``fisher="ggn"``)."""
-    if isinstance(batch, Tensor) or len(batch) < 2:
-        raise ConfigError(
-            "fisher='ggn' needs batches (inputs, labels, ...); use fisher='empirical'"
-        )
-    x, y = batch[0], batch[1]
-    with torch.no_grad():
-        logits = task.forward(task.get_params(index), x)
+    _, y, logits = _labels_and_logits(task, batch, index, "ggn")
     if not isinstance(logits, Tensor) or logits.dim() != 2 or y.dim() != 1:
         raise ConfigError(
             "fisher='ggn' needs logits (B, C) and one label per sample; use fisher='true' for sequences"
@@ -614,15 +615,8 @@ def fit_kfac(
         return (batch_to(b, dev) for b in iter_batches(loader, "K-FAC fitting loader"))
 
     fingerprint = data_fingerprint(batches())
-    config = factor_config(
-        task,
-        modules,
-        strategy,
-        fisher,
-        seed,
-        index,
-        {k: v for k, v in fingerprint.items() if k != "batches"},
-    )
+    data = {k: v for k, v in fingerprint.items() if k != "batches"}
+    config = factor_config(task, modules, strategy, fisher, seed, index, data)
     store = _FactorStore(factor_dir, config) if factor_dir is not None else None
     final = store.load(store.path("factors")) if store is not None else None
     if final is None:
