@@ -99,7 +99,10 @@ def _our_task(job: dict[str, Any]):
 
     model = common.build_model(job["model"])
     model.eval()
-    return AttributionTask(common.make_loss_func(model), model, common.load_checkpoints(job)[0])
+    ckpts = common.load_checkpoints(job)  # several: scores averaged over checkpoints
+    return AttributionTask(
+        common.make_loss_func(model), model, ckpts[0] if len(ckpts) == 1 else ckpts
+    )
 
 
 def run_our_job(job: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -275,7 +278,9 @@ def _job(
         "hparams": hp,
         "layer": None,
         "batches": DATTRI_BATCHES if side == "dattri" else BATCHES,
-        "checkpoint_paths": [paths["final"]],
+        "checkpoint_paths": paths["halves"]
+        if hp.get("checkpoints") == "halves"
+        else [paths["final"]],
         "checkpoint_weights": [1.0],
         "cache_dir": str(common.CACHE_DIR),
         "n_test": None,
@@ -308,6 +313,15 @@ def plan(
                     "ekfac",
                 )
             )
+            # the same damping on TRAK-10's ten half-data models (scores averaged): the stretch row
+            tuned = out[-1][2]
+            out.append(
+                ("ours", f"{strategy}_tuned_halves10", {**tuned, "checkpoints": "halves"}, "ekfac")
+            )
+        u = best.get(f"{strategy}_uniform")  # one factor for every layer (the configs' default)
+        if u is not None and "ours" in sides:
+            hp = {k: u[k] for k in ("fisher", "damping", "damping_factor")}
+            out.append(("ours", f"{strategy}_tuned_uniform", {"strategy": strategy, **hp}, "ekfac"))
         for label, d, f in (("1e-8", 1e-8, None), ("heuristic", 0.0, 0.1)):
             for fisher in fishers:
                 if "ours" in sides:
@@ -420,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     for strategy in ("ekfac", "kfac"):
         rows = [r for r in tuning if r["strategy"] == strategy]
         best[strategy] = max(rows, key=lambda r: r["heldout_lds"])
+        uniform = [r for r in rows if not isinstance(r["damping_factor"], dict)]
+        if uniform and uniform != rows:
+            best[f"{strategy}_uniform"] = max(uniform, key=lambda r: r["heldout_lds"])
     log(f"chosen on held-out ground truth: {best}")
     gt = common.load_ground_truth(gt_eval)
     jobs_dir = common.new_jobs_dir("ekfac")

@@ -79,6 +79,30 @@ def render(rows: dict[tuple[str, str], dict[str, Any]], tuning: dict[tuple[str, 
     return "\n".join(head)
 
 
+def _seeds_section(path: Path) -> str:
+    """The projection-seed spread of benchmarks/factgrass_seeds.py (mean +- sd per side), if run."""
+    if not path.is_file():
+        return ""
+    out = json.loads(path.read_text())
+    lines = [
+        "",
+        "Over projection seeds (benchmarks/results/factgrass_seeds.md, dattri's defaults on both sides):",
+    ]
+    for r in out["rows"]:
+        lines.append(
+            f"- {r['model']} {r['method']} {r['side']}: LDS {_f(r['lds_mean'], '.3f')} +- {_f(r['lds_sd'], '.3f')} "
+            f"over {len(r['lds'])} seeds; agreement between two seeds {_f(r['seed_agreement'], '.3f')}"
+        )
+    for c in out["cross"]:
+        ok = c["gap"] is not None and c["gap"] <= 0.01
+        lines.append(
+            f"- {c['model']} {c['method']}: dattri - ours {_f(c['gap'], '.3f')} (sd {_f(c['gap_sd'], '.3f')}): "
+            + ("within" if ok else "outside")
+            + " the goal's 0.01"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str]) -> int:
     paths = [Path(a) for a in argv] or [common.RESULTS_DIR / "compare.json"]
     rows = load_rows(paths)
@@ -104,6 +128,7 @@ def main(argv: list[str]) -> int:
         "The grad_dot / trak_10 reference rows are those of the compare.json given (earlier runs, see compare.md).\n"
     )
     text += "".join(f"- {n}\n" for n in notes if n)
+    text += _seeds_section(common.RESULTS_DIR / "factgrass_seeds.json")
     (common.RESULTS_DIR / "lowrank_compare.md").write_text(text)
     (common.RESULTS_DIR / "lowrank_compare.json").write_text(
         json.dumps({"rows": list(rows.values()), "sources": [str(p) for p in paths]}, indent=1)
