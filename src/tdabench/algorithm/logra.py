@@ -55,7 +55,7 @@ from tdabench.algorithm.arguments import (
     _check_layer_name,
     register_arguments,
 )
-from tdabench.algorithm.base import BaseAttributor
+from tdabench.algorithm.base import BaseAttributor, accumulate_scores
 from tdabench.errors import ConfigError, DataError, StoreError
 from tdabench.func.capture import LayerIO, capture, capture_task, layer_param_names, select_modules
 from tdabench.func.projection import make_projector
@@ -573,14 +573,7 @@ def average_over_checkpoints(
     """
     total: Tensor | None = None
     for k in range(num_checkpoints):
-        scores = scores_of(k)
-        if total is not None and total.shape != scores.shape:
-            raise DataError(
-                f"the {what} yielded {scores.shape[0]} samples on one pass and {total.shape[0]} on another; "
-                "with several checkpoints the loaders are iterated once per checkpoint: pass re-iterable "
-                "DataLoaders (not generators) in a fixed order"
-            )
-        total = scores if total is None else total + scores
+        total = accumulate_scores(total, scores_of(k), what)
     if total is None:
         raise DataError("the task has no checkpoint; pass at least one")
     return total / num_checkpoints
