@@ -21,7 +21,7 @@ from tdabench.algorithm.influence_function import (
     IFAttributorExplicit,
     IFAttributorLiSSA,
 )
-from tdabench.errors import ConfigError, NotCachedError
+from tdabench.errors import ConfigError, NotCachedError, ShapeError
 from tdabench.task import AttributionTask
 
 REG = 0.1
@@ -161,3 +161,33 @@ def test_relatif_lissa_positional_and_unknown(problem):
         att.attribute(tr, te, "L2")
     with pytest.raises(ValueError):
         att.self_attribute(tr, "x")
+
+
+@pytest.mark.parametrize("cls", [IFAttributorExplicit, IFAttributorCG, IFAttributorArnoldi])
+def test_transform_test_rep_is_the_dense_inverse(problem, cls):
+    """dattri's ``transform_test_rep(ckpt_idx, V)``: rows of ``(H + λI)^{-1} V``; with the
+    test gradients as ``V`` it reproduces ``attribute`` (``G_train @ transform(G_test)ᵀ``)."""
+    model, xtr, ytr, xte, yte = problem
+    grads, loss, _, flat0 = _dense(model, xtr, ytr)
+    H = torch.autograd.functional.hessian(lambda f: loss(f, xtr, ytr), flat0.detach())
+    A = H + REG * torch.eye(H.shape[0], dtype=H.dtype)
+    kw = {"regularization": REG}
+    if cls is IFAttributorCG:
+        kw.update(max_iter=200, tol=1e-14)
+    if cls is IFAttributorArnoldi:
+        kw.update(proj_dim=flat0.numel(), max_iter=flat0.numel(), tol=0.0)
+    att = cls(_task(model), **kw)
+    tr, te = _loader(xtr, ytr, 5), _loader(xte, yte, 2)
+    with pytest.raises(NotCachedError, match="cache"):
+        att.transform_test_rep(0, torch.zeros(1, flat0.numel(), dtype=torch.float64))
+    att.cache(tr)
+    V = torch.randn(
+        4, flat0.numel(), generator=torch.Generator().manual_seed(5), dtype=torch.float64
+    )
+    torch.testing.assert_close(att.transform_test_rep(0, V), torch.linalg.solve(A, V.T).T)
+    g_tr, g_te = grads(loss, xtr, ytr), grads(loss, xte, yte)
+    torch.testing.assert_close(g_tr @ att.transform_test_rep(0, g_te).T, att.attribute(tr, te))
+    with pytest.raises(ConfigError, match="ckpt_idx 1"):
+        att.transform_test_rep(1, V)
+    with pytest.raises(ShapeError, match="test_rep must be"):
+        att.transform_test_rep(0, V[:, :-1])

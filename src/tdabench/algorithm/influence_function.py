@@ -72,7 +72,7 @@ from tdabench.algorithm.arguments import (
     MethodArguments,
 )
 from tdabench.algorithm.base import BaseAttributor, accumulate_scores, arguments_from
-from tdabench.errors import ConfigError, DataError, NotCachedError
+from tdabench.errors import ConfigError, DataError, NotCachedError, ShapeError
 from tdabench.func.curvature import (
     CurvatureOperator,
     ExactHessian,
@@ -362,6 +362,39 @@ class _IFAttributorBase(BaseAttributor):
             self.task.num_checkpoints,
             time.perf_counter() - start,
         )
+
+    def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
+        """``(H + λI)^{-1} v`` for every row ``v`` of ``test_rep`` at checkpoint ``ckpt_idx``
+        (dattri's name for the test-side transform of an inner-product attributor).
+
+        Args:
+            ckpt_idx: the checkpoint whose cached curvature is inverted.
+            test_rep: ``(k, d)`` vectors over the parameters of :attr:`layer_name` (``d`` =
+                their total size, in the model's parameter order).
+
+        Returns:
+            ``(k, d)``: the inverse-curvature products, on ``device`` in the task's dtype.
+
+        Raises:
+            NotCachedError: before :meth:`cache`. ConfigError: ``ckpt_idx`` out of range.
+            ShapeError: ``test_rep`` is not ``(k, d)``.
+        """
+        if not self._cached:
+            raise NotCachedError(
+                f"{type(self).__name__}.transform_test_rep needs the cached curvature: "
+                "call attributor.cache(train_loader) first"
+            )
+        n_ckpt = self.task.num_checkpoints
+        if not 0 <= int(ckpt_idx) < n_ckpt:
+            raise ConfigError(
+                f"ckpt_idx {ckpt_idx} is out of range: the task has {n_ckpt} checkpoint(s)"
+            )
+        if test_rep.dim() != 2 or test_rep.shape[1] != self.spec.dim:
+            raise ShapeError(
+                f"test_rep must be (k, {self.spec.dim}) (the parameters of layer_name), got "
+                f"{tuple(test_rep.shape)}; flatten each test gradient over those parameters"
+            )
+        return self._ihvp(int(ckpt_idx), test_rep.to(device=self.device, dtype=self.dtype))
 
     def _read_cache_loader(self, loader: Iterable[Batch]) -> list[Batch]:
         batches: list[Batch] = []
