@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tdabench.errors import (
     ConfigError,
@@ -48,6 +48,7 @@ from tdabench.groundtruth.key import (
     ground_truth_config,
     ground_truth_key,
 )
+from tdabench.groundtruth.progress import Progress
 from tdabench.groundtruth.reference import MAX_ABS_WEIGHT
 from tdabench.groundtruth.store import (
     TARGET_PREFIX,
@@ -64,11 +65,13 @@ from tdabench.groundtruth.subsets import (
 
 __all__ = [
     "VerifyReport",
+    "load_full",
     "load_ground_truth",
     "load_runs",
     "merge",
     "missing_shards",
     "open_store",
+    "run_full",
     "run_shard",
     "run_shards",
     "verify",
@@ -162,11 +165,10 @@ def _nonfinite_rows(stacked: Mapping[str, Tensor], m: int) -> list[int]:
     return bad.nonzero().flatten().tolist()
 
 
-def _train_rows(
-    store: GroundTruthStore, trainer: Any, rows: Sequence[tuple[int, int]], n_train: int, what: str
-) -> tuple[dict[str, Tensor], dict[str, Tensor], list[int], list[np.ndarray | int]]:
-    """Train and evaluate ``rows``; returns (stacked, values per target, seeds, subsets)."""
-    cfg = store.config
+def _masks(
+    cfg: Mapping[str, Any], rows: Sequence[tuple[int, int]], n_train: int
+) -> tuple[Tensor, list[int], list[np.ndarray | int]]:
+    """``(masks bool (m, n_train), seeds, subsets)`` of ``rows``: LDS subsets or LOO removals."""
     skey = sampling_key(cfg["kind"], int(cfg["seed"]), n_train, cfg.get("subset_ratio"))
     masks, seeds, subsets = [], [], []
     for e, r in rows:
@@ -180,8 +182,30 @@ def _train_rows(
             subsets.append(int(e))
             masks.append(removal_mask(e, n_train))
         seeds.append(entry_model_seed(cfg["kind"], skey, e, r))
+    return torch.stack(masks), seeds, subsets
+
+
+def _train_rows(
+    store: GroundTruthStore, trainer: Any, rows: Sequence[tuple[int, int]], n_train: int, what: str
+) -> tuple[dict[str, Tensor], dict[str, Tensor], list[int], list[np.ndarray | int]]:
+    """Train and evaluate ``rows``; returns (stacked, values per target, seeds, subsets)."""
+    masks, seeds, subsets = _masks(store.config, rows, n_train)
+    stacked, values = _train_masks(store, trainer, masks, seeds, rows, what)
+    return stacked, values, seeds, subsets
+
+
+def _train_masks(
+    store: GroundTruthStore,
+    trainer: Any,
+    masks: Tensor,
+    seeds: list[int],
+    rows: Sequence[tuple[int, int]],
+    what: str,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Train one model per ``masks`` row (bool ``(m, n_train)``) and evaluate every target;
+    returns ``(stacked weights, {target: float64 (m, n_test)})``."""
     m = len(rows)
-    stacked = _validate_stacked(trainer.train(torch.stack(masks), seeds), m)
+    stacked = _validate_stacked(trainer.train(masks, seeds), m)
     bad = _nonfinite_rows(stacked, m)
     if bad:
         names = ", ".join(f"(entry {rows[i][0]}, run {rows[i][1]})" for i in bad[:10])
@@ -191,33 +215,43 @@ def _train_rows(
             "written for this shard"
         )
     values: dict[str, Tensor] = {}
-    n_test = None
-    for t in cfg["targets"]:
-        v = trainer.evaluate(stacked, t)
-        if not isinstance(v, Tensor) or v.dim() != 2 or v.shape[0] != m:
-            shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+    for t in store.config["targets"]:
+        values[t] = _target_values(trainer, stacked, t, m, rows, what)
+        if values[t].shape[1] != next(iter(values.values())).shape[1]:
             raise ShapeError(
-                f"trainer.evaluate(..., {t!r}) returned {shape}; expected (num_models={m}, n_test)"
+                f"target {t!r} has {values[t].shape[1]} test values but the previous target had "
+                f"{next(iter(values.values())).shape[1]}"
             )
-        if n_test is None:
-            n_test = v.shape[1]
-        elif v.shape[1] != n_test:
-            raise ShapeError(
-                f"target {t!r} has {v.shape[1]} test values but the previous target had {n_test}"
-            )
-        if v.shape[1] == 0:
-            raise ShapeError(
-                f"trainer.evaluate(..., {t!r}) returned no test values; the test set is empty"
-            )
-        v = v.detach().to("cpu", torch.float64)
-        badv = (~torch.isfinite(v).all(dim=1)).nonzero().flatten().tolist()
-        if badv:
-            names = ", ".join(f"(entry {rows[i][0]}, run {rows[i][1]})" for i in badv[:10])
-            raise NonFiniteError(
-                f"{what}: target {t!r} is NaN/inf for {len(badv)} models: {names}; nothing was written for this shard"
-            )
-        values[t] = v
-    return stacked, values, seeds, subsets
+    return stacked, values
+
+
+def _target_values(
+    trainer: Any,
+    stacked: Mapping[str, Tensor],
+    t: str,
+    m: int,
+    rows: Sequence[tuple[int, int]],
+    what: str,
+) -> Tensor:
+    """``trainer.evaluate(stacked, t)`` checked: float64 ``(m, n_test)``, finite, non-empty."""
+    v = trainer.evaluate(stacked, t)
+    if not isinstance(v, Tensor) or v.dim() != 2 or v.shape[0] != m:
+        shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+        raise ShapeError(
+            f"trainer.evaluate(..., {t!r}) returned {shape}; expected (num_models={m}, n_test)"
+        )
+    if v.shape[1] == 0:
+        raise ShapeError(
+            f"trainer.evaluate(..., {t!r}) returned no test values; the test set is empty"
+        )
+    v = v.detach().to("cpu", torch.float64)
+    badv = (~torch.isfinite(v).all(dim=1)).nonzero().flatten().tolist()
+    if badv:
+        names = ", ".join(f"(entry {rows[i][0]}, run {rows[i][1]})" for i in badv[:10])
+        raise NonFiniteError(
+            f"{what}: target {t!r} is NaN/inf for {len(badv)} models: {names}; nothing was written for this shard"
+        )
+    return v
 
 
 def _build_table(
@@ -284,9 +318,80 @@ def run_shard(
         return store.shard_path(shard_id)
     store.clean_temporaries()
     what = f"shard {shard_id} ({store.shard_name(shard_id)})"
+    t0 = time.perf_counter()
+    logger.info("%s of %s: training %d models", what, store.path, len(rows))
     stacked, values, seeds, subsets = _train_rows(store, trainer, rows, n_train, what)
     table = _build_table(store.kind, rows, seeds, subsets, values)
-    return store.write_shard(shard_id, table, stacked if spec.keep_checkpoints else None, rows)
+    path = store.write_shard(shard_id, table, stacked if spec.keep_checkpoints else None, rows)
+    logger.info("%s done: %d rows in %.1f s -> %s", what, len(rows), time.perf_counter() - t0, path)
+    return path
+
+
+def run_full(
+    store: GroundTruthStore, spec: GroundTruthSpec, trainer: Any, *, force: bool = False
+) -> Path:
+    """Train LOO's full model(s) unless valid: one per run, on every training sample, with the
+    seed that run's LOO models share (so a LOO model differs from it only by the removed
+    sample), evaluated on every target. Writes ``<store>/full.parquet`` (one row per run, entry
+    ``-1``) and its stacked weights ``<store>/checkpoints/full.safetensors``.
+
+    The LOO *effect* of removing sample i is then ``load_runs(...)`` minus :func:`load_full`.
+
+    Raises:
+        ConfigError: an LDS store (LDS subsets have no full model).
+        NonFiniteError / ShapeError: as :func:`run_shard`.
+    """
+    n_train = _check_store(store, spec, trainer)
+    if store.kind != "loo":
+        raise ConfigError(f"store {str(store.path)!r} is {store.kind}: only LOO has a full model")
+    if not force and store.full_problem() is None:
+        logger.info("full model of %s is complete; skipping", store.path)
+        return store.full_path
+    rows = [(-1, r) for r in range(store.num_runs)]
+    cfg = store.config
+    skey = sampling_key("loo", int(cfg["seed"]), n_train)
+    seeds = [entry_model_seed("loo", skey, 0, r) for _, r in rows]  # the runs' shared LOO seeds
+    masks = torch.ones(len(rows), n_train, dtype=torch.bool)
+    t0 = time.perf_counter()
+    logger.info("full model of %s: training %d run(s)", store.path, len(rows))
+    stacked, values = _train_masks(store, trainer, masks, seeds, rows, "full model")
+    table = _build_table("loo", rows, seeds, [-1] * len(rows), values)
+    path = store.write_full(table, stacked, rows)
+    logger.info("full model done in %.1f s -> %s", time.perf_counter() - t0, path)
+    return path
+
+
+def load_full(path: str | os.PathLike | GroundTruthStore, target: str) -> Tensor:
+    """The full model's ``target`` values of a LOO store (or store directory): float64
+    ``(num_runs, n_test)``, verified (key, checksum, every run present)."""
+    store = path if isinstance(path, GroundTruthStore) else GroundTruthStore(path)
+    problem = store.full_problem()
+    if problem is not None:
+        raise StoreError(f"the full model of {str(store.path)!r} is {problem}; run run_full")
+    table, _ = store.read_full()
+    col = f"{TARGET_PREFIX}{target}"
+    if col not in table.column_names:
+        raise ConfigError(f"target {target!r} is not in this ground truth; it has {store.targets}")
+    order = np.argsort(table.column("run").to_numpy())
+    arr = table.column(col).combine_chunks()
+    values = arr.flatten().to_numpy().reshape(table.num_rows, arr.type.list_size)[order]
+    return torch.from_numpy(values.copy())
+
+
+def _full_meta(store: GroundTruthStore) -> dict[str, str]:
+    """The merged file's ``full_model`` stamp: every target's full-model values per run, the
+    run seeds and the checksums of the full table and its checkpoint (LOO stores that have it)."""
+    if store.kind != "loo" or not store.full_path.exists():
+        return {}
+    table, meta = store.read_full()
+    values = {t: load_full(store, t).tolist() for t in store.targets}
+    doc = {
+        "values": values,
+        "seeds": table.column("seed").to_pylist(),
+        "sha256": meta["sha256"],
+        "checkpoint_sha256": meta.get("checkpoint_sha256"),
+    }
+    return {"full_model": canonical_json(doc)}
 
 
 def run_shards(
@@ -311,16 +416,17 @@ def run_shards(
     todo = list(shard_ids) if shard_ids is not None else spec.shard_ids(n_train)
     missing = set(missing_shards(store, spec, n_train))
     report: dict[str, Any] = {"done": [], "skipped": [], "failed": {}}
-    for sid in tqdm(todo, desc="shards", disable=None if progress is None else not progress):
-        if sid not in missing:
-            report["skipped"].append(sid)
-            continue
-        try:
-            run_shard(store, spec, trainer, sid, force=True)
-            report["done"].append(sid)
-        except TdabenchError as exc:
-            logger.error("shard %d failed: %s", sid, exc)
-            report["failed"][sid] = f"{type(exc).__name__}: {exc}"
+    with Progress(len(todo), "shards", logger, terminal=progress) as bar:
+        for sid in bar.wrap(todo):
+            if sid not in missing:
+                report["skipped"].append(sid)
+                continue
+            try:
+                run_shard(store, spec, trainer, sid, force=True)
+                report["done"].append(sid)
+            except TdabenchError as exc:
+                logger.error("shard %d failed: %s", sid, exc)
+                report["failed"][sid] = f"{type(exc).__name__}: {exc}"
     if report["failed"] and raise_on_error:
         lines = "; ".join(f"shard {k}: {v}" for k, v in report["failed"].items())
         raise StoreError(
@@ -378,6 +484,7 @@ def merge(store: GroundTruthStore, spec: GroundTruthSpec | None = None) -> Path:
         "kind": store.kind,
         "shard": "merged",
         "shards": ",".join(p.name for _, p in files),
+        **_full_meta(store),
     }
     write_table(store.merged_path, table, meta)
     return store.merged_path

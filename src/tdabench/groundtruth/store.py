@@ -288,21 +288,62 @@ class GroundTruthStore:
             + clean_stale_temporaries(self.path)
         )
 
-    # -- shards ---------------------------------------------------------------------------
-    def read_shard(self, shard_id: int) -> tuple[pa.Table, dict[str, str]]:
-        """The verified table and metadata of a shard (StoreError if absent or invalid)."""
-        p = self.shard_path(shard_id)
+    # -- shards and the full model (LOO) ----------------------------------------------------
+    @property
+    def full_path(self) -> Path:
+        """LOO's full model(s): one row per run, trained on every sample with the runs' seeds."""
+        return self.path / "full.parquet"
+
+    @property
+    def full_checkpoint_path(self) -> Path:
+        return self.checkpoints_dir / "full.safetensors"
+
+    def _read(self, name: str, p: Path, what: str, fix: str) -> tuple[pa.Table, dict[str, str]]:
         if not p.exists():
-            raise StoreError(
-                f"shard {shard_id} ({p.name}) is missing from {str(self.path)!r}; run run_shard(..., {shard_id})"
-            )
-        _io.safe_join(self.shards_dir, p.name, "shard file")  # no symlink out of the store
+            raise StoreError(f"{what} ({p.name}) is missing from {str(self.path)!r}; {fix}")
+        _io.safe_join(p.parent, p.name, "shard file")  # no symlink out of the store
         table, meta = read_table_checked(p, self.key)
-        if meta.get("shard") != self.shard_name(shard_id):
+        if meta.get("shard") != name:
             raise StoreError(
-                f"{str(p)!r} records shard {meta.get('shard')!r}, not {self.shard_name(shard_id)!r}; delete it and recompute"
+                f"{str(p)!r} records shard {meta.get('shard')!r}, not {name!r}; delete it and recompute"
             )
         return table, meta
+
+    def read_shard(self, shard_id: int) -> tuple[pa.Table, dict[str, str]]:
+        """The verified table and metadata of a shard (StoreError if absent or invalid)."""
+        name, p = self.shard_name(shard_id), self.shard_path(shard_id)
+        return self._read(name, p, f"shard {shard_id}", f"run run_shard(..., {shard_id})")
+
+    def read_full(self) -> tuple[pa.Table, dict[str, str]]:
+        """The verified table of LOO's full model(s) (StoreError if absent or invalid)."""
+        return self._read("full", self.full_path, "the full model", "run run_full(...)")
+
+    def _problem(
+        self, name: str, p: Path, c: Path, rows: Sequence[tuple[int, int]] | None, checkpoint: bool
+    ) -> str | None:
+        if not p.exists():
+            return "absent"
+        try:
+            table, meta = self._read(name, p, name, "recompute it")
+        except StoreError as exc:
+            return f"invalid: {exc}"
+        if rows is not None:
+            have = set(
+                zip(table.column("entry").to_pylist(), table.column("run").to_pylist(), strict=True)
+            )
+            lacking = [r for r in rows if tuple(r) not in have]
+            if lacking:
+                return f"incomplete: lacks {len(lacking)} of {len(rows)} (entry, run) rows"
+        if checkpoint:
+            if not c.exists():
+                return "checkpoint absent"
+            try:
+                _, cmeta = read_safetensors_checked(c, self.key, IntegrityError)
+            except (StoreError, UnsafeFileError) as exc:
+                return f"checkpoint invalid: {exc}"
+            if cmeta.get("tensors_sha256") != meta.get("checkpoint_sha256"):
+                return "checkpoint does not belong to this shard table"
+        return None
 
     def shard_problem(
         self, shard_id: int, rows: Sequence[tuple[int, int]] | None = None, checkpoint: bool = False
@@ -315,31 +356,31 @@ class GroundTruthStore:
             checkpoint: also require a valid checkpoint: header, size, the digest link to the
                 table, and the weights re-hashed, so a damaged checkpoint is recomputed on resume.
         """
-        p = self.shard_path(shard_id)
-        if not p.exists():
-            return "absent"
-        try:
-            table, meta = self.read_shard(shard_id)
-        except StoreError as exc:
-            return f"invalid: {exc}"
-        if rows is not None:
-            have = set(
-                zip(table.column("entry").to_pylist(), table.column("run").to_pylist(), strict=True)
-            )
-            lacking = [r for r in rows if tuple(r) not in have]
-            if lacking:
-                return f"incomplete: lacks {len(lacking)} of {len(rows)} (entry, run) rows"
-        if checkpoint:
-            c = self.checkpoint_path(shard_id)
-            if not c.exists():
-                return "checkpoint absent"
-            try:
-                _, cmeta = read_safetensors_checked(c, self.key, IntegrityError)
-            except (StoreError, UnsafeFileError) as exc:
-                return f"checkpoint invalid: {exc}"
-            if cmeta.get("tensors_sha256") != meta.get("checkpoint_sha256"):
-                return "checkpoint does not belong to this shard table"
-        return None
+        name, p = self.shard_name(shard_id), self.shard_path(shard_id)
+        return self._problem(name, p, self.checkpoint_path(shard_id), rows, checkpoint)
+
+    def full_problem(self) -> str | None:
+        """``None`` if LOO's full-model table (every run) and its checkpoint are valid."""
+        rows = [(-1, r) for r in range(self.num_runs)]
+        return self._problem("full", self.full_path, self.full_checkpoint_path, rows, True)
+
+    def _write(
+        self,
+        name: str,
+        path: Path,
+        ckpt: Path,
+        table: pa.Table,
+        stacked: Mapping[str, Tensor] | None,
+        rows: Sequence[tuple[int, int]] | None,
+    ) -> Path:
+        meta = {"key": self.key, "config": canonical_json(self.config), "kind": self.kind}
+        meta["shard"] = name
+        if stacked is not None:
+            cmeta = {**meta, "rows": json.dumps([list(r) for r in rows or []])}
+            del cmeta["kind"]
+            meta["checkpoint_sha256"] = write_safetensors(ckpt, stacked, cmeta)
+        write_table(path, table, meta)
+        return path
 
     def write_shard(
         self,
@@ -349,25 +390,14 @@ class GroundTruthStore:
         rows: Sequence[tuple[int, int]] | None = None,
     ) -> Path:
         """Write a shard (its checkpoint first, when given; the Parquet file last marks completion)."""
-        name = self.shard_name(shard_id)
-        meta = {
-            "key": self.key,
-            "config": canonical_json(self.config),
-            "kind": self.kind,
-            "shard": name,
-        }
-        if stacked is not None:
-            cmeta = {
-                "key": self.key,
-                "config": canonical_json(self.config),
-                "shard": name,
-                "rows": json.dumps([list(r) for r in rows or []]),
-            }
-            meta["checkpoint_sha256"] = write_safetensors(
-                self.checkpoint_path(shard_id), stacked, cmeta
-            )
-        write_table(self.shard_path(shard_id), table, meta)
-        return self.shard_path(shard_id)
+        name, path = self.shard_name(shard_id), self.shard_path(shard_id)
+        return self._write(name, path, self.checkpoint_path(shard_id), table, stacked, rows)
+
+    def write_full(
+        self, table: pa.Table, stacked: Mapping[str, Tensor], rows: Sequence[tuple[int, int]]
+    ) -> Path:
+        """Write LOO's full model(s): checkpoint first, then the table (marks completion)."""
+        return self._write("full", self.full_path, self.full_checkpoint_path, table, stacked, rows)
 
     def load_checkpoint(self, shard_id: int) -> tuple[dict[str, Tensor], list[tuple[int, int]]]:
         """Stacked weights of a shard and the ``(entry, run)`` of each leading index.

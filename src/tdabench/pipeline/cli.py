@@ -46,20 +46,10 @@ def _stages() -> Any:
 
 
 def _setup_logging(log: str | None, verbose: bool) -> None:
-    root = logging.getLogger()
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for h in [h for h in root.handlers if getattr(h, "_tdabench_cli", False)]:
-        root.removeHandler(h)  # a second main() in one process (tests) replaces them
-        h.close()
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log:
-        Path(log).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log, mode="w"))
-    for h in handlers:
-        h.setFormatter(fmt)
-        h._tdabench_cli = True  # type: ignore[attr-defined]
-        root.addHandler(h)
+    # the rule's log file gets the whole story (tdabench.pipeline.logs; pipelogs engineer)
+    from tdabench.pipeline.logs import setup_logging
+
+    setup_logging(log, verbose)
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
@@ -569,16 +559,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "log", None), getattr(args, "verbose", False))
     t0 = time.perf_counter()
+    logger.info("tdabench %s started: %s", args.command, " ".join(argv or sys.argv[1:]))
     try:
         rc = args.fn(_Ctx(args))
-    except TdabenchError as exc:
-        logger.error("%s: %s", type(exc).__name__, exc)
+    except TdabenchError as exc:  # the log file keeps the traceback, the console one line
+        logger.error("%s: %s", type(exc).__name__, exc, exc_info=exc)
         return 2
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            logger.error("tdabench %s failed: %r", args.command, exc, exc_info=exc)
             raise
         logger.error("DiskFullError: disk full at %r (%s); free space and rerun", exc.filename, exc)
         return 2
+    except Exception as exc:
+        logger.error("tdabench %s failed: %r", args.command, exc, exc_info=exc)
+        raise
     logger.info("tdabench %s done in %.1f s", args.command, time.perf_counter() - t0)
     return rc
 

@@ -371,7 +371,7 @@ def loo_effect(curve: Mapping[str, Any]) -> tuple[list[float], str]:
     (``full_loss``, when evaluate recorded it). Without it, the losses are shown relative to
     their median, which moves every point by one constant and says so on the axis.
     """
-    losses = [float(v) for v in curve.get("loo_effect", [])]
+    losses = [float(v) for v in curve.get("loo_loss", curve.get("loo_effect", []))]
     full = curve.get("full_loss")
     if full is not None:
         return [v - float(full) for v in losses], "loss without i - full model's loss"

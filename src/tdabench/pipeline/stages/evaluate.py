@@ -7,6 +7,7 @@ benchmark, same data fingerprint, the scores' method), and their shapes must fit
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -66,8 +67,8 @@ def _ground_truth(
     shape: tuple[int, int],
     num_test: int | None,
     scores: str,
-) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Verified ``(values (S, n_test), index, key)`` whose shape fits the scores exactly."""
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
+    """Verified ``(values (S, n_test), index, metadata)`` whose shape fits the scores exactly."""
     fix = f"pass this benchmark's merged {kind} ground truth (or rerun merge)"
     _, meta = read_parquet(path, {**expect, "kind": kind}, fix=fix)
     values, index = load_ground_truth(path, target)
@@ -84,7 +85,7 @@ def _ground_truth(
             f"{path!r} indexes training point {int(index.max())}, but {scores!r} has "
             f"{n_train} rows; {fix}"
         )
-    return values[..., :n_test], index, meta["key"]
+    return values[..., :n_test], index, meta
 
 
 def _correlation(
@@ -133,6 +134,34 @@ def _auc(
     return entry, {"fpr": [float(x) for x in fpr], "tpr": [float(x) for x in tpr]}
 
 
+def _loo_scatter(
+    s: np.ndarray,
+    values: torch.Tensor,
+    index: torch.Tensor,
+    cols: np.ndarray,
+    gt_meta: Mapping[str, str],
+    target: str,
+) -> dict[str, Any]:
+    """The report's LOO scatter of one test point ``j``: the scores of the removed samples, the
+    LOO models' ``target`` (loss), and the full model's (mean over runs, as the LOO values are)
+    from the merged file's verified ``full_model`` stamp, with its checksums; the report plots
+    LOO loss minus full loss. Without the stamp (a store from before it), ``full_loss`` is absent.
+    """
+    j = int(cols[0]) if len(cols) else 0
+    out: dict[str, Any] = {
+        "score": s[index.numpy(), j].tolist(),
+        "loo_loss": values[:, j].tolist(),
+        "test_index": j,
+        "first_removed": int(index[0]),
+    }
+    if "full_model" in gt_meta:
+        full = json.loads(gt_meta["full_model"])
+        per_run = np.asarray(full["values"][target], dtype=np.float64)  # (runs, n_test)
+        out["full_loss"] = float(per_run[:, j].mean())
+        out["full_model"] = {k: full[k] for k in ("seeds", "sha256", "checkpoint_sha256")}
+    return out
+
+
 def evaluate(
     spec: Mapping[str, Any],
     benchmark: str,
@@ -162,9 +191,10 @@ def evaluate(
     keys = {}
     for kind in (k for k in ("lds", "loo") if k in spec["metrics"]):
         target = spec["targets"][kind]
-        values, index, keys[kind] = _ground_truth(
+        values, index, gt_meta = _ground_truth(
             groundtruth[kind], kind, target, expect, s.shape, spec.get("num_test"), scores
         )
+        keys[kind] = gt_meta["key"]
         corr = _correlation(kind, s, values, index, cols)
         mean, lo, hi = _ci(corr, ev)
         entry = {"value": mean, "ci_low": lo, "ci_high": hi, "n_test": len(cols)}
@@ -173,13 +203,7 @@ def evaluate(
         if kind == "lds":
             entry.update(_lds_ceiling(groundtruth[kind], target))
         elif len(index):
-            j = int(cols[0]) if len(cols) else 0
-            curves["loo_scatter"] = {
-                "score": s[index.numpy(), j].tolist(),
-                "loo_effect": values[:, j].tolist(),
-                "test_index": j,
-                "first_removed": int(index[0]),
-            }
+            curves["loo_scatter"] = _loo_scatter(s, values, index, cols, gt_meta, target)
         result[kind] = entry
     if "auc" in spec["metrics"]:
         sm = {**expect, "method": spec["method"]}

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tdabench.groundtruth import GroundTruthSpec, missing_shards, open_store, run_shard
+from tdabench.groundtruth.engine import run_full
+from tdabench.groundtruth.progress import Progress
 from tdabench.groundtruth.trainer import make_trainer
 from tdabench.pipeline.io import write_json, write_sidecar
 from tdabench.pipeline.launcher import LauncherSettings, launch_shards
+from tdabench.pipeline.logs import worker_logging
 from tdabench.pipeline.stages._common import data_fingerprint, device, load, provenance, threads
 
-__all__ = ["GroundTruthShard", "groundtruth", "num_shards", "run_shards"]
+__all__ = ["FULL", "GroundTruthShard", "groundtruth", "num_shards", "run_shards", "worker_logs"]
+
+#: Task id of LOO's full model(s) (:func:`tdabench.groundtruth.engine.run_full`), launched with
+#: the shards so it runs where they run (a SLURM node, not the submit host).
+FULL = -1
+
+logger = logging.getLogger(__name__)
 
 
 def num_shards(count: int, shard_size: int) -> int:
@@ -63,8 +73,12 @@ class GroundTruthShard:
 
     def __call__(self, shard_id: int) -> None:
         threads()
+        worker_logging()  # a submitit worker's story goes to its *_log.err, named in the rule log
         gspec, trainer, store, _ = self.objects()
-        run_shard(store, gspec, trainer, shard_id)
+        if shard_id == FULL:
+            run_full(store, gspec, trainer)
+        else:
+            run_shard(store, gspec, trainer, shard_id)
 
 
 def run_shards(
@@ -77,11 +91,13 @@ def run_shards(
     launcher: Mapping[str, Any] | LauncherSettings | None,
     name: str,
     provenance: Mapping[str, Any],
+    extra: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Launch every incomplete shard, then write ``out`` (complete-<n>.json).
 
     ``out`` is written only when every shard succeeded (the launcher raises otherwise), so
-    Snakemake sees the ground truth as done exactly when it is. It holds what determines the
+    Snakemake sees the ground truth as done exactly when it is; ``extra`` task ids (e.g.
+    :data:`FULL`) are launched with the shards. ``out`` holds what determines the
     content (count, shard size, key, provenance); the run's facts (shards skipped and run, job
     ids, attempts, seconds) go to its sidecar ``<out>.run.json``.
     """
@@ -89,7 +105,7 @@ def run_shards(
         launcher if isinstance(launcher, LauncherSettings) else LauncherSettings.from_dict(launcher)
     )
     ids = list(range(num_shards(count, shard_size)))
-    rep = launch_shards(fn, ids, is_complete, settings=settings, name=name)
+    rep = launch_shards(fn, [*extra, *ids], is_complete, settings=settings, name=name)
     summary = {
         "key": provenance.get("groundtruth_key", ""),
         "count": count,
@@ -111,6 +127,17 @@ def run_shards(
     return {**summary, **facts}
 
 
+def worker_logs(folder: str | os.PathLike[str], job_ids: list[str]) -> list[str]:
+    """The stdout/stderr files submitit wrote for ``job_ids`` under the launcher's ``folder``."""
+    root = Path(folder)
+    return sorted(
+        str(p)
+        for j in job_ids
+        for p in root.glob(f"{j}*/{j}*_log.*")
+        if p.suffix in (".out", ".err")
+    )
+
+
 def groundtruth(
     spec: Mapping[str, Any],
     count: int,
@@ -121,27 +148,50 @@ def groundtruth(
     benchmark: str | None = None,
 ) -> None:
     """Retrain every missing shard of the store through the launcher; write ``out`` when all
-    are done (it records the store's place relative to itself, for ``merge``)."""
+    are done (it records the store's place relative to itself, for ``merge``).
+
+    The log tells the whole story: the parameters and ground-truth key, how many shards are
+    missing, progress as they complete (a bar on a terminal, lines otherwise), the worker log
+    files of every submitted job, and a "done" line with counts and time.
+    """
     task = GroundTruthShard(spec, count, store_dir, device)
     gspec, _trainer, store, fp = task.objects()
-    missing = set(missing_shards(store, gspec))
+    extra = [FULL] if spec["kind"] == "loo" else []  # the LOO effect's reference
+
+    def incomplete() -> set[int]:
+        return set(missing_shards(store, gspec)) | {
+            i for i in extra if store.full_problem() is not None
+        }
+
+    missing = incomplete()
+    name = f"gt-{spec['kind']}"
+    n = num_shards(count, spec["spec"]["shard_size"])
+    logger.info(
+        "%s of %s: %d %s, %d shards of %d in %s (key %s); %d shards to train",
+        name, benchmark, count, "subsets" if spec["kind"] == "lds" else "removals", n,
+        spec["spec"]["shard_size"], store_dir, store.key[:16], len(missing),
+    )  # fmt: skip
+    progress = Progress(len(missing), f"{name} shards", logger, terminal=False)
+    counted: set[int] = set()
 
     def is_complete(shard_id: int) -> bool:
         if shard_id in missing:  # re-check: another worker may have finished it meanwhile
-            return shard_id not in set(missing_shards(store, gspec))
+            done = shard_id not in incomplete()
+            if done and shard_id not in counted:
+                counted.add(shard_id)
+                progress.update()
+            return done
         return True
 
     prov = provenance(
         benchmark, "groundtruth", spec, kind=spec["kind"], groundtruth_key=store.key, data=fp
     )
-    run_shards(
-        task,
-        count,
-        spec["spec"]["shard_size"],
-        is_complete,
-        store_dir,
-        out,
-        launcher,
-        name=f"gt-{spec['kind']}",
-        provenance=prov,
-    )
+    size = spec["spec"]["shard_size"]
+    res = run_shards(task, count, size, is_complete, store_dir, out, launcher, name, prov, extra)
+    folder = LauncherSettings.from_dict(launcher).folder if launcher else "logs/submitit"
+    for path in worker_logs(folder, res["job_ids"]):
+        logger.info("%s: worker log %s", name, path)
+    logger.info(
+        "%s done: %d shards complete (%d trained, %d already complete) in %.1f s; wrote %s",
+        name, res["num_shards"], len(res["ran"]), len(res["skipped"]), res["seconds"], out,
+    )  # fmt: skip

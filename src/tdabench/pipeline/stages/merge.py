@@ -44,6 +44,7 @@ def merge(spec: Mapping[str, Any], complete: str, out: str, benchmark: str | Non
     prov = provenance(
         benchmark, "merge", spec, kind=spec["kind"], groundtruth_key=store.key, data=fp
     )
-    keep = {k: v for k, v in meta.items() if k in ("key", "config", "kind", "shard", "shards")}
+    fields = ("key", "config", "kind", "shard", "shards", "full_model")  # full: LOO's reference
+    keep = {k: v for k, v in meta.items() if k in fields}
     write_table(out, table, keep, prov)
     write_sidecar(out)
