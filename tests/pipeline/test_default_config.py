@@ -48,7 +48,7 @@ def test_default_config_runs_to_the_end(tmp_path, real_env):
     snakemake(ws, timeout=3000)
     rows = _table((ws / "results/report.md").read_text())
     assert set(rows) == _expected_rows(), sorted(set(rows) ^ _expected_rows())
-    readme = README_TABLE()
+    readme = _readme_table()
     for (b, m), cells in rows.items():
         lds, ci, ceiling, loo, auc = (cells[0], cells[1], cells[2], cells[3], cells[4])
         lo, hi = (float(x) for x in ci.strip("[]").split(","))
@@ -61,7 +61,7 @@ def test_default_config_runs_to_the_end(tmp_path, real_env):
     assert "Nothing to be done" in res.stdout + res.stderr, res.stdout + res.stderr
 
 
-def README_TABLE() -> dict[tuple[str, str], list[str]]:  # noqa: N802 - reads like a constant
+def _readme_table() -> dict[tuple[str, str], list[str]]:
     text = (REPO / "README.md").read_text()
     block = text.split("<!-- RESULTS:BEGIN", 1)[1].split("<!-- RESULTS:END", 1)[0]
     return _table(block)
@@ -69,4 +69,4 @@ def README_TABLE() -> dict[tuple[str, str], list[str]]:  # noqa: N802 - reads li
 
 def test_readme_table_lists_the_default_run():
     """The README's default-run table has exactly the rows the default config computes."""
-    assert set(README_TABLE()) == _expected_rows()
+    assert set(_readme_table()) == _expected_rows()
