@@ -167,9 +167,10 @@ def groundtruth(
     name = f"gt-{spec['kind']}"
     n = num_shards(count, spec["spec"]["shard_size"])
     logger.info(
-        "%s of %s: %d %s, %d shards of %d in %s (key %s); %d shards to train",
+        "%s of %s: %d %s, %d shards of %d in %s (key %s); to train: %d shard(s)%s",
         name, benchmark, count, "subsets" if spec["kind"] == "lds" else "removals", n,
-        spec["spec"]["shard_size"], store_dir, store.key[:16], len(missing),
+        spec["spec"]["shard_size"], store_dir, store.key[:16], len(missing - {FULL}),
+        " and the full model" if FULL in missing else "",
     )  # fmt: skip
     progress = Progress(len(missing), f"{name} shards", logger, terminal=False)
     counted: set[int] = set()
