@@ -612,6 +612,11 @@ def _verify_groups(
     return groups
 
 
+def _difference(e: int, r: int, target: str, diff: float, bitwise: bool) -> dict[str, Any]:
+    """One :attr:`VerifyReport.differing` record."""
+    return {"entry": e, "run": r, "target": target, "max_abs_diff": diff, "bitwise_equal": bitwise}
+
+
 def _compare_rows(
     store: GroundTruthStore,
     trainer: Any,
@@ -629,28 +634,12 @@ def _compare_rows(
         j = pos[(e, r)]
         t = shard_tables[sid]
         if int(t.column("seed")[i].as_py()) != seeds[j]:
-            report.differing.append(
-                {
-                    "entry": e,
-                    "run": r,
-                    "target": "seed",
-                    "max_abs_diff": float("nan"),
-                    "bitwise_equal": False,
-                }
-            )
+            report.differing.append(_difference(e, r, "seed", float("nan"), False))
         stored_sub = (
             t.column("subset")[i].as_py() if store.kind == "lds" else t.column("removed")[i].as_py()
         )
         if not np.array_equal(np.asarray(stored_sub), np.asarray(subsets[j])):
-            report.differing.append(
-                {
-                    "entry": e,
-                    "run": r,
-                    "target": "subset",
-                    "max_abs_diff": float("nan"),
-                    "bitwise_equal": False,
-                }
-            )
+            report.differing.append(_difference(e, r, "subset", float("nan"), False))
         for name, v in values.items():
             stored = torch.tensor(
                 t.column(f"{TARGET_PREFIX}{name}")[i].as_py(), dtype=torch.float64
@@ -660,15 +649,7 @@ def _compare_rows(
             bitwise = bool(torch.equal(stored, v[j]))
             close = bitwise or bool(torch.isclose(v[j], stored, rtol=rtol, atol=atol).all())
             if not close:
-                report.differing.append(
-                    {
-                        "entry": e,
-                        "run": r,
-                        "target": name,
-                        "max_abs_diff": diff,
-                        "bitwise_equal": bitwise,
-                    }
-                )
+                report.differing.append(_difference(e, r, name, diff, bitwise))
 
 
 def verify(

@@ -157,6 +157,9 @@ class GroundTruthStore:
         config: Mapping[str, Any] | None = None,
     ):
         self.path = Path(path)
+        # LOO's full model(s): one row per run, trained on every sample with the runs' seeds
+        self.full_path = self.path / "full.parquet"
+        self.full_checkpoint_path = self.path / "checkpoints" / "full.safetensors"
         manifest = self.path / "manifest.json"
         if config is not None:
             config = json.loads(canonical_json(config))
@@ -289,15 +292,6 @@ class GroundTruthStore:
         )
 
     # -- shards and the full model (LOO) ----------------------------------------------------
-    @property
-    def full_path(self) -> Path:
-        """LOO's full model(s): one row per run, trained on every sample with the runs' seeds."""
-        return self.path / "full.parquet"
-
-    @property
-    def full_checkpoint_path(self) -> Path:
-        return self.checkpoints_dir / "full.safetensors"
-
     def _read(self, name: str, p: Path, what: str, fix: str) -> tuple[pa.Table, dict[str, str]]:
         if not p.exists():
             raise StoreError(f"{what} ({p.name}) is missing from {str(self.path)!r}; {fix}")

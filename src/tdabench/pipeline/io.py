@@ -49,14 +49,9 @@ __all__ = [
 PathLike = str | os.PathLike[str]
 
 
-def write_table(
-    path: PathLike,
-    table: Any,
-    meta: Mapping[str, Any] | None = None,
-    provenance: Mapping[str, Any] | None = None,
-) -> str:
-    """Write a ``pyarrow.Table`` atomically, stamped (see :func:`tdabench._io.write_parquet`)."""
-    return write_parquet(path, table, meta, provenance)
+#: A ``pyarrow.Table`` written atomically, stamped (the stage outputs' name for
+#: :func:`tdabench._io.write_parquet`).
+write_table = write_parquet
 
 
 def _decode(meta: Mapping[str, str]) -> dict[str, Any]:
@@ -87,6 +82,24 @@ def _as_numpy(scores: Any) -> Any:
     )
 
 
+def _write_by_train_index(
+    path: PathLike,
+    column: str,
+    values: Any,
+    meta: Mapping[str, Any],
+    provenance: Mapping[str, Any] | None,
+) -> str:
+    """A table of ``train_index`` (0 .. n - 1) and ``column``: float32 scalars for a ``(n,)``
+    array, fixed-size lists of float32 for an ``(n, k)`` one."""
+    import numpy as np
+    import pyarrow as pa
+
+    flat = pa.array(values.ravel(), pa.float32())
+    col = flat if values.ndim == 1 else pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+    index = pa.array(np.arange(values.shape[0]), pa.int64())
+    return write_table(path, pa.table({"train_index": index, column: col}), meta, provenance)
+
+
 def write_scores(
     path: PathLike,
     scores: Any,
@@ -94,22 +107,15 @@ def write_scores(
     provenance: Mapping[str, Any] | None = None,
 ) -> str:
     """Write a ``(n_train, n_test)`` score matrix (tensor or array) as wide, stamped Parquet."""
-    import numpy as np
-    import pyarrow as pa
-
     s = _as_numpy(scores)
     if s.ndim != 2:
         raise ShapeError(
             f"scores must be (n_train, n_test), got shape {s.shape}; pass the full matrix."
         )
     n_train, n_test = s.shape
-    table = pa.table(
-        {
-            "train_index": pa.array(np.arange(n_train), pa.int64()),
-            "scores": pa.FixedSizeListArray.from_arrays(pa.array(s.ravel(), pa.float32()), n_test),
-        }
+    return _write_by_train_index(
+        path, "scores", s, {**meta, "n_train": n_train, "n_test": n_test}, provenance
     )
-    return write_table(path, table, {**meta, "n_train": n_train, "n_test": n_test}, provenance)
 
 
 def write_self_scores(
@@ -119,17 +125,7 @@ def write_self_scores(
     provenance: Mapping[str, Any] | None = None,
 ) -> str:
     """Write ``(n_train,)`` self-influence scores (may be empty when AUC is not evaluated)."""
-    import numpy as np
-    import pyarrow as pa
-
-    s = _as_numpy(scores)
-    table = pa.table(
-        {
-            "train_index": pa.array(np.arange(len(s)), pa.int64()),
-            "score": pa.array(s.ravel(), pa.float32()),
-        }
-    )
-    return write_table(path, table, dict(meta), provenance)
+    return _write_by_train_index(path, "score", _as_numpy(scores).ravel(), dict(meta), provenance)
 
 
 def _check_index(path: PathLike, table: Any) -> None:

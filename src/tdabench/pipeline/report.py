@@ -300,18 +300,33 @@ def _html(
     )
 
 
-def _bars(rows: Sequence[Mapping[str, Any]], metric: str, title: str, path: Path) -> bool:
+def _panels(rows: Sequence[Mapping[str, Any]], height: float) -> tuple[Any, list[Any]]:
+    """One panel per benchmark: ``(figure, [(axes, benchmark, its rows), ...])``."""
     import matplotlib.pyplot as plt
 
+    benches = sorted({r["benchmark"] for r in rows})
+    fig, axes = plt.subplots(
+        1, len(benches), figsize=(min(12, 4.5 * len(benches)), height), squeeze=False
+    )
+    per = [[r for r in rows if r["benchmark"] == b] for b in benches]
+    return fig, list(zip(axes[0], benches, per, strict=False))
+
+
+def _save(fig: Any, path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return True
+
+
+def _bars(rows: Sequence[Mapping[str, Any]], metric: str, title: str, path: Path) -> bool:
     data = [r for r in rows if metric in r]
     if not data:
         return False
-    benches = sorted({r["benchmark"] for r in data})
-    fig, axes = plt.subplots(
-        1, len(benches), figsize=(min(12, 4.5 * len(benches)), 3.6), squeeze=False
-    )
-    for ax, b in zip(axes[0], benches, strict=False):
-        rs = [r for r in data if r["benchmark"] == b]
+    fig, panels = _panels(data, 3.6)
+    for ax, b, rs in panels:
         vals = [r[metric]["value"] for r in rs]
         err = [
             [
@@ -333,24 +348,16 @@ def _bars(rows: Sequence[Mapping[str, Any]], metric: str, title: str, path: Path
         ax.set_title(b, fontsize=9)
         ax.tick_params(axis="x", rotation=60, labelsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def _roc(rows: Sequence[Mapping[str, Any]], path: Path) -> bool:
-    import matplotlib.pyplot as plt
-
     roc = [r for r in rows if "roc" in r["_curves"] and "auc" in r]
     if not roc:
         return False
-    benches = sorted({r["benchmark"] for r in roc})
-    fig, axes = plt.subplots(
-        1, len(benches), figsize=(min(12, 4.5 * len(benches)), 3.8), squeeze=False
-    )
-    for ax, b in zip(axes[0], benches, strict=False):
-        for r in (r for r in roc if r["benchmark"] == b):
+    fig, panels = _panels(roc, 3.8)
+    for ax, b, rs in panels:
+        for r in rs:
             c = r["_curves"]["roc"]
             ax.plot(c["fpr"], c["tpr"], lw=1, label=f"{r['method']} ({r['auc']['value']:.2f})")
         ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
@@ -358,10 +365,7 @@ def _roc(rows: Sequence[Mapping[str, Any]], path: Path) -> bool:
         ax.set_ylabel("true positive rate")
         ax.set_title(f"{b}: mislabel detection", fontsize=9)
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def loo_effect(curve: Mapping[str, Any]) -> tuple[list[float], str]:
@@ -401,10 +405,7 @@ def _scatter(rows: Sequence[Mapping[str, Any]], path: Path) -> bool:
         ax.tick_params(labelsize=6)
     for ax in axes.ravel()[len(scatter) :]:
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def _plots(rows: Sequence[Mapping[str, Any]], plots: Path) -> list[Path]:

@@ -44,6 +44,25 @@ def _correct_columns(
     return [int(j) for j in ok]
 
 
+def _runner(setting: Any, trainer: Any, store: str, br: Mapping[str, Any]) -> BrittlenessRunner:
+    """The runner: retrains with ``trainer``; a test point counts as right while the retrained
+    model's predicted class is its label."""
+    template = setting.build_model()
+
+    def predict(state: dict[str, torch.Tensor], batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        logits = functional_call(template, state, tuple(batch[:-1]))
+        return (logits.argmax(-1) == batch[-1]).to(torch.float32).reshape(())
+
+    return BrittlenessRunner(
+        trainer,
+        predict,
+        store,
+        search_space=list(br["search_space"]),
+        seed=int(br["seed"]),
+        shard_size=int(br["shard_size"]),
+    )
+
+
 def brittleness(
     spec: Mapping[str, Any], benchmark: str, scores: str, out: str, store: str, device: str = "auto"
 ) -> None:
@@ -71,21 +90,7 @@ def brittleness(
     cols = _correct_columns(
         setting, data, trainer, int(br["seed"]), s.shape[1], int(br["num_test"])
     )
-    template = setting.build_model()
-
-    def predict(state: dict[str, torch.Tensor], batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        logits = functional_call(template, state, tuple(batch[:-1]))
-        return (logits.argmax(-1) == batch[-1]).to(torch.float32).reshape(())
-
-    runner = BrittlenessRunner(
-        trainer,
-        predict,
-        store,
-        search_space=list(br["search_space"]),
-        seed=int(br["seed"]),
-        shard_size=int(br["shard_size"]),
-    )
-    res = runner.run(np.asarray(s, dtype=np.float64)[:, cols], cols)
+    res = _runner(setting, trainer, store, br).run(np.asarray(s, dtype=np.float64)[:, cols], cols)
     found = [k for k in res["brittleness"] if k is not None]
     entry = {
         "test_indices": cols,

@@ -1,23 +1,8 @@
-"""``tdabench report``: a thin call into the report renderer (:mod:`tdabench.pipeline.report`)."""
+"""``tdabench report``: the report renderer itself (:func:`tdabench.pipeline.report.render_report`),
+under the stage's name; the stage adds nothing to it."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
-from tdabench.pipeline.report import render_report
+from tdabench.pipeline.report import render_report as report
 
 __all__ = ["report"]
-
-
-def report(
-    spec: Mapping[str, Any],
-    metrics: Mapping[str, Mapping[str, str]],
-    out_md: str,
-    out_html: str,
-    plots_dir: str,
-    summary_csv: str,
-    **inputs: Any,
-) -> None:
-    """Write the report (see :func:`tdabench.pipeline.report.render_report`)."""
-    render_report(spec, metrics, out_md, out_html, plots_dir, summary_csv, **inputs)
