@@ -652,6 +652,7 @@ def _compare_rows(
                 report.differing.append(_difference(e, r, name, diff, bitwise))
 
 
+# Spelled out: a public signature (keyword-only tolerances), alike in shape to other public ones.
 def verify(
     store: GroundTruthStore,
     trainer: Any,

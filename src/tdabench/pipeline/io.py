@@ -118,6 +118,7 @@ def write_scores(
     )
 
 
+# Spelled out: the public writers share their signature; the work is in _write_by_train_index.
 def write_self_scores(
     path: PathLike,
     scores: Any,
