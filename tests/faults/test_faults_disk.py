@@ -12,7 +12,7 @@ from fault_helpers import METHOD, REPO, B
 
 from tdabench.errors import DiskFullError
 from tdabench.pipeline.cli import main
-from tdabench.pipeline.stages.groundtruth import GroundTruthShard
+from tdabench.pipeline.stages.groundtruth import FULL, GroundTruthShard
 
 
 def _full_disk(monkeypatch):
@@ -75,7 +75,8 @@ def test_groundtruth_disk_full_is_not_retried(tiny, monkeypatch):
             launcher=launcher,
             benchmark=B,
         )
-    assert calls == [0]  # the first shard failed once; no retry, no other shard started
+    # the first task (LOO's full model, id FULL = -1) failed once; no retry, no other task started
+    assert calls == [FULL]
     assert not os.path.exists(g["complete"])
 
 
