@@ -47,33 +47,54 @@ def restore_logging():
                 h.close()
 
 
-def test_groundtruth_rule_log_holds_the_whole_story(tmp_path):
-    """The real ground-truth stage through the local (submitit) launcher, as the rule runs it."""
-    ws = make_workspace(tmp_path / "ws")  # mnist_lr, 600 digits, 6 subsets in 2 shards
+_CASES = {
+    # launcher, kind: (--set options, the stage's line, tasks (shards + LOO's full model))
+    ("local", "lds"): (["launcher.array_parallelism=2"], "6 subsets, 2 shards of 3", 2),
+    ("slurm", "loo"): (
+        ["launcher.slurm.mem_gb=0.25", "launcher.poll_s=1", "launcher.array_parallelism=3"],
+        "4 removals, 2 shards of 2",
+        3,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "launcher,kind",
+    [("local", "lds"), pytest.param("slurm", "loo", marks=pytest.mark.slurm)],
+)
+def test_groundtruth_rule_log_holds_the_whole_story(launcher, kind, tmp_path):
+    """The real ground-truth stage through submitit (local processes, or a SLURM job array on
+    the CI cluster), as the rule runs it: the rule log tells the story and names each worker's
+    stdout/stderr, which hold the worker's own story."""
+    sets, what, tasks = _CASES[(launcher, kind)]
+    ws = make_workspace(tmp_path / "ws")  # mnist_lr, 600 digits, LDS 6 in 2 shards, LOO 4 in 2
     log = ws / "logs/gt.log"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     env.pop("TDABENCH_STAGES", None)
     cmd = [sys.executable, "-m", "tdabench.pipeline", "groundtruth", "--benchmark", "mnist_lr"]
-    cmd += ["--kind", "lds", "--log", str(log), "--set", "launcher.kind=local"]
-    cmd += ["--set", "launcher.array_parallelism=2", "--set", "launcher.poll_s=0.2"]
+    cmd += ["--kind", kind, "--log", str(log), "--set", f"launcher.kind={launcher}"]
+    for item in ["launcher.poll_s=0.2", *sets]:
+        cmd += ["--set", item]
     res = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     text = log.read_text()
+    name = f"gt-{kind}"
     for line in (
         "tdabench groundtruth started",  # start, with the parameters
-        "gt-lds of mnist_lr: 6 subsets, 2 shards of 3",  # what it computes, and the key
-        "gt-lds: submitted shard(s)",  # the launcher's records (after submitit's import)
-        "gt-lds shards: 1/2 (50%)",  # progress
-        "gt-lds shards: 2/2 (100%)",
-        "gt-lds done: 2 shards complete (2 trained, 0 already complete)",  # done, with counts
+        f"{name} of mnist_lr: {what}",  # what it computes, and the key
+        f"{name}: submitted shard(s)",  # the launcher's records (after submitit's import)
+        f"{name} shards: {tasks}/{tasks} (100%)",  # progress
+        f"{name} done: 2 shards complete ({tasks} trained, 0 already complete)",  # counts
         "tdabench groundtruth done in",
     ):
         assert line in text, (line, text)
+    assert f"{name} shards: 1/{tasks} (" in text, text
     workers = [ln.rsplit(" ", 1)[1] for ln in text.splitlines() if "worker log" in ln]
     errs = [ws / p for p in workers if p.endswith(".err")]
-    assert len(errs) == 2, text
+    assert len(errs) == tasks, text
     stories = "".join(p.read_text() for p in errs)  # each worker's own story, named in the log
-    assert "shard 0 (lds-0000000-0000003)" in stories and "done: 6 rows" in stories, stories
+    assert f"shard 0 ({kind}-0000000-" in stories and "done: " in stories, stories
+    assert ("full model done" in stories) == (kind == "loo"), stories
 
 
 def test_log_file_survives_submitit_logging_config(tmp_path, restore_logging):
