@@ -105,3 +105,31 @@ def test_report_plots_loo_loss_minus_full_loss(loo, tmp_path, monkeypatch):
     assert report_mod._scatter([row], tmp_path / "loo.png")
     assert drawn == [(c["score"], [v - full for v in c["loo_loss"]])]
     assert "minus the full model's" in report_mod.PLOT_CAPTIONS["loo_scatter"]
+
+
+def test_score_writers_write_the_documented_tables(tmp_path):
+    """write_scores / write_self_scores (one shared writer since #15's clean-up) store exactly the
+    tables of pipeline.io's docstring: checked against tables built by hand."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tdabench._io import table_digest
+    from tdabench.pipeline.io import read_self_scores, write_self_scores
+
+    s = np.random.default_rng(0).standard_normal((5, 3))
+    write_scores(tmp_path / "s.parquet", s, {"method": "m"}, {"benchmark": "b"})
+    flat = pa.array(s.astype(np.float32).ravel(), pa.float32())
+    want = pa.table(
+        {
+            "train_index": pa.array(np.arange(5), pa.int64()),
+            "scores": pa.FixedSizeListArray.from_arrays(flat, 3),
+        }
+    )
+    got = pq.read_table(tmp_path / "s.parquet")
+    assert got.replace_schema_metadata(None).equals(want)
+    assert got.schema.metadata[b"tdabench.sha256"].decode() == table_digest(want)
+    write_self_scores(tmp_path / "self.parquet", torch.arange(4.0), {"method": "m"})
+    values, _ = read_self_scores(tmp_path / "self.parquet")
+    want = pa.table({"train_index": pa.array(np.arange(4), pa.int64()), "score": pa.array(values)})
+    got = pq.read_table(tmp_path / "self.parquet").replace_schema_metadata(None)
+    assert got.equals(want) and values.tolist() == [0.0, 1.0, 2.0, 3.0]

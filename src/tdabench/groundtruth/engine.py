@@ -405,6 +405,13 @@ def run_shards(
 ) -> dict[str, Any]:
     """Run several shards (default: all missing ones), continuing past failing shards.
 
+    Args:
+        store, spec, trainer: as :func:`run_shard`.
+        shard_ids: the shards to run (default: all of ``spec``; complete ones are skipped).
+        raise_on_error: raise after all were attempted if any failed.
+        progress: a tqdm bar (``True``), log lines every 10% / 30 s (``False``), or a bar on a
+            terminal and lines otherwise (``None``, :class:`~tdabench.groundtruth.progress.Progress`).
+
     Returns:
         ``{"done": [ids], "skipped": [ids], "failed": {id: message}}``.
 
