@@ -336,6 +336,10 @@ def run_full(
     ``-1``) and its stacked weights ``<store>/checkpoints/full.safetensors``.
 
     The LOO *effect* of removing sample i is then ``load_runs(...)`` minus :func:`load_full`.
+    It is exactly paired for models without random ops in training. With dropout, the batched
+    trainer's masks depend on the grouping of models (see :mod:`~tdabench.groundtruth.trainer`),
+    so the full model, trained in its own call, differs from each LOO model by that noise too
+    (on the demo MLP about as much as the removal itself): as the LOO values themselves do.
 
     Raises:
         ConfigError: an LDS store (LDS subsets have no full model).
