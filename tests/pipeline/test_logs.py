@@ -51,7 +51,7 @@ _CASES = {
     # launcher, kind: (--set options, the stage's line, tasks (shards + LOO's full model))
     ("local", "lds"): (["launcher.array_parallelism=2"], "6 subsets, 2 shards of 3", 2),
     ("slurm", "loo"): (
-        ["launcher.slurm.mem_gb=0.25", "launcher.poll_s=1", "launcher.array_parallelism=3"],
+        ["launcher.slurm.mem_mb=256", "launcher.poll_s=1", "launcher.array_parallelism=3"],
         "4 removals, 2 shards of 2",
         3,
     ),

@@ -143,7 +143,7 @@ def groundtruth(
     count: int,
     store_dir: str,
     out: str,
-    launcher: Mapping[str, Any] | None = None,
+    launcher: Mapping[str, Any] | LauncherSettings | None = None,
     device: str = "auto",
     benchmark: str | None = None,
 ) -> None:
@@ -188,9 +188,10 @@ def groundtruth(
         benchmark, "groundtruth", spec, kind=spec["kind"], groundtruth_key=store.key, data=fp
     )
     size = spec["spec"]["shard_size"]
+    if not isinstance(launcher, LauncherSettings):
+        launcher = LauncherSettings.from_dict(launcher)
     res = run_shards(task, count, size, is_complete, store_dir, out, launcher, name, prov, extra)
-    folder = LauncherSettings.from_dict(launcher).folder if launcher else "logs/submitit"
-    for path in worker_logs(folder, res["job_ids"]):
+    for path in worker_logs(launcher.folder, res["job_ids"]):
         logger.info("%s: worker log %s", name, path)
     logger.info(
         "%s done: %d shards complete (%d trained, %d already complete) in %.1f s; wrote %s",
