@@ -286,6 +286,8 @@ class LiSSAArguments(_IFArguments):
         self.seed = check_int("seed", self.seed, 0)
 
 
+# Spelled out: each class lists dattri's own defaults for its solver (CG and Arnoldi share names,
+# not defaults: max_iter 10 vs 100), so the fields and their checks repeat per class.
 @register_arguments("IFAttributorArnoldi")
 @dataclass
 class ArnoldiArguments(_IFArguments):
