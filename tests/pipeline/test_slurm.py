@@ -310,6 +310,10 @@ def test_scancel_of_executor_job_is_retried_then_fails_loudly(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # A suite started in the background of a non-interactive shell inherits SIGINT ignored,
+        # and Python then never turns SIGINT into KeyboardInterrupt: give Snakemake the signal
+        # disposition a user's terminal gives it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         first = _wait_running()
@@ -337,6 +341,10 @@ def test_snakemake_stops_cleanly_on_a_signal(tmp_path, sig):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # A suite started in the background of a non-interactive shell inherits SIGINT ignored,
+        # and Python then never turns SIGINT into KeyboardInterrupt: give Snakemake the signal
+        # disposition a user's terminal gives it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         job = _wait_running()
