@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tdabench.errors import ConfigError, DataError, NotCachedError, TdabenchError
+from tdabench.errors import ConfigError, DataError, NotCachedError, ShapeError, TdabenchError
 from tdabench.func.speed import backend_flags
 from tdabench.func.utils import Batch, batch_size_of, batch_slice, batch_to, iter_batches
 from tdabench.memory import MemoryPlanner, planner_for
@@ -173,6 +173,33 @@ class BaseAttributor:
         if self._dtype is None:
             self._dtype = self.task.flat_params(0, self.layer_name).dtype
         return self._dtype
+
+    def _checkpoint_index(self, ckpt_idx: int) -> int:
+        """``ckpt_idx`` as an int, checked against the task's checkpoints.
+
+        Raises:
+            ConfigError: ``ckpt_idx`` is not in ``[0, num_checkpoints)``.
+        """
+        n = self.task.num_checkpoints
+        if not 0 <= int(ckpt_idx) < n:
+            raise ConfigError(
+                f"ckpt_idx {ckpt_idx} is out of range: the task has {n} checkpoint(s)"
+            )
+        return int(ckpt_idx)
+
+    def _test_rep(self, test_rep: Tensor) -> Tensor:
+        """dattri's test representations ``(k, d)`` (``d`` = :attr:`spec`'s size) on ``device``
+        in the task's dtype.
+
+        Raises:
+            ShapeError: ``test_rep`` is not ``(k, d)``.
+        """
+        if test_rep.dim() != 2 or test_rep.shape[1] != self.spec.dim:
+            raise ShapeError(
+                f"test_rep must be (k, {self.spec.dim}) (the selected parameters, flat), got "
+                f"{tuple(test_rep.shape)}; flatten each test gradient over those parameters"
+            )
+        return test_rep.to(device=self.device, dtype=self.dtype)
 
     def _params(self, index: int = 0) -> Tensor:
         return self.task.flat_params(index, self.layer_name, device=self.device)

@@ -43,7 +43,7 @@ from tdabench._validate import check_real
 from tdabench.algorithm import arguments as _arguments
 from tdabench.algorithm.base import BaseAttributor
 from tdabench.algorithm.logra import average_over_checkpoints
-from tdabench.errors import ConfigError, DataError, ShapeError
+from tdabench.errors import DataError
 from tdabench.func.utils import Batch, batch_size_of, batch_slice, check_finite
 from tdabench.memory import MemoryPlanner, planner_for
 from tdabench.task import AttributionTask, LayerName
@@ -281,15 +281,7 @@ class IFAttributorDataInf(BaseAttributor):
     # Spelled out: dattri 0.3.0's own tests call these three members of its IFAttributorDataInf.
     def transform_test_rep(self, ckpt_idx: int, test_rep: Tensor) -> Tensor:
         """dattri's name for :meth:`transform`: ``M V`` for test representations ``(k, d)``."""
-        if not 0 <= int(ckpt_idx) < self.task.num_checkpoints:
-            raise ConfigError(
-                f"ckpt_idx {ckpt_idx} is out of range: the task has {self.task.num_checkpoints} checkpoint(s)"
-            )
-        if test_rep.dim() != 2 or test_rep.shape[1] != self.spec.dim:
-            raise ShapeError(
-                f"test_rep must be (k, {self.spec.dim}) (the selected parameters, flat), got {tuple(test_rep.shape)}"
-            )
-        return self.transform(int(ckpt_idx), test_rep.to(device=self.device, dtype=self.dtype))
+        return self.transform(self._checkpoint_index(ckpt_idx), self._test_rep(test_rep))
 
     @property
     def _cached_train_reps(self) -> dict[int, Tensor]:

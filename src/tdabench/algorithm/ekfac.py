@@ -307,11 +307,7 @@ class IFAttributorEKFAC(BaseAttributor):
             ConfigError: ``ckpt_idx`` out of range. ShapeError: ``test_rep`` is not ``(k, d)``.
         """
         self._require_cache()
-        if not 0 <= int(ckpt_idx) < len(self.operators):
-            raise ConfigError(
-                f"ckpt_idx {ckpt_idx} is out of range: the task has {len(self.operators)} checkpoint(s)"
-            )
-        a, op = self.args, self.operators[int(ckpt_idx)]
+        a, op = self.args, self.operators[self._checkpoint_index(ckpt_idx)]
         V = test_rep.to(device=self.device, dtype=self.dtype)
         return op.inverse_mvp(V, a.damping, a.damping_factor, spec=self.spec)
 

@@ -72,7 +72,7 @@ from tdabench.algorithm.arguments import (
     MethodArguments,
 )
 from tdabench.algorithm.base import BaseAttributor, accumulate_scores, arguments_from
-from tdabench.errors import ConfigError, DataError, NotCachedError, ShapeError
+from tdabench.errors import ConfigError, DataError, NotCachedError
 from tdabench.func.curvature import (
     CurvatureOperator,
     ExactHessian,
@@ -384,17 +384,7 @@ class _IFAttributorBase(BaseAttributor):
                 f"{type(self).__name__}.transform_test_rep needs the cached curvature: "
                 "call attributor.cache(train_loader) first"
             )
-        n_ckpt = self.task.num_checkpoints
-        if not 0 <= int(ckpt_idx) < n_ckpt:
-            raise ConfigError(
-                f"ckpt_idx {ckpt_idx} is out of range: the task has {n_ckpt} checkpoint(s)"
-            )
-        if test_rep.dim() != 2 or test_rep.shape[1] != self.spec.dim:
-            raise ShapeError(
-                f"test_rep must be (k, {self.spec.dim}) (the parameters of layer_name), got "
-                f"{tuple(test_rep.shape)}; flatten each test gradient over those parameters"
-            )
-        return self._ihvp(int(ckpt_idx), test_rep.to(device=self.device, dtype=self.dtype))
+        return self._ihvp(self._checkpoint_index(ckpt_idx), self._test_rep(test_rep))
 
     def _read_cache_loader(self, loader: Iterable[Batch]) -> list[Batch]:
         batches: list[Batch] = []
